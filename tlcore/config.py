@@ -1,0 +1,89 @@
+"""A run's full recipe: one frozen dataclass that the CLI, the dashboard and the worker share.
+
+`config.json` in a run folder is `asdict(TrainConfig)`; it reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast", "translate")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What to train and how. Defaults are the fast offline recipe (EfficientNet-Lite0, head only)."""
+
+    dataset: str  # dataset id or name
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"  # "imagenet" or "none"
+    image_size: int | None = None  # None: the backbone's default size
+    head_epochs: int = 10
+    finetune_epochs: int = 0
+    finetune_layers: int = 20  # trainable layers from the top of the backbone in phase 2
+    augment: tuple[str, ...] = ()  # used by the fine-tune phase (and head phase if head_augment)
+    head_augment: bool = False  # augment in phase 1 too: features can then not be cached
+    lr: float = 1e-3  # head learning rate; fine-tuning uses lr * finetune_lr_scale
+    finetune_lr_scale: float = 0.1
+    batch_size: int = 32
+    dropout: float = 0.2
+    label_smoothing: float = 0.0
+    early_stopping_patience: int = 3
+    seed: int = 0
+    # (train, val, test) fractions to re-split a dataset imported without given splits;
+    # None keeps the dataset's own split. Given splits are always kept.
+    split: tuple[float, float, float] | None = None
+    name: str | None = None
+    mixed_precision: bool | None = None  # None: on when a GPU is present
+    xla: bool | None = None  # None: on when a GPU is present
+
+    def __post_init__(self):
+        bad = [a for a in self.augment if a not in AUGMENTATIONS]
+        if bad:
+            raise ValueError(f"`augment` entries must be among {', '.join(AUGMENTATIONS)}. Received: {bad}")
+        if self.weights not in ("imagenet", "none"):
+            raise ValueError(f"`weights` must be 'imagenet' or 'none'. Received: weights={self.weights!r}")
+        if self.image_size is not None and not 32 <= self.image_size <= 1024:
+            raise ValueError(f"`image_size` must be between 32 and 1024. Received: image_size={self.image_size}")
+        for field in ("head_epochs", "finetune_epochs", "finetune_layers"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"`{field}` must be 0 or more. Received: {field}={getattr(self, field)}")
+        if self.head_epochs + self.finetune_epochs == 0:
+            raise ValueError("At least one of `head_epochs` and `finetune_epochs` must be positive.")
+        if not 1 <= self.batch_size <= 4096:
+            raise ValueError(f"`batch_size` must be between 1 and 4096. Received: batch_size={self.batch_size}")
+        if self.split is not None and (len(self.split) != 3 or abs(sum(self.split) - 1) > 1e-6
+                                       or min(self.split) < 0 or self.split[0] == 0):
+            raise ValueError(f"`split` must be three fractions (train, val, test) summing to 1. "
+                             f"Received: split={self.split}")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"`lr` must be between 0 and 1. Received: lr={self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["augment"] = list(self.augment)
+        data["split"] = list(self.split) if self.split else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["augment"] = tuple(kwargs.get("augment") or ())
+        if kwargs.get("split") is not None:
+            kwargs["split"] = tuple(kwargs["split"])
+        return cls(**kwargs)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast-offline": dict(backbone="efficientnet_lite0", weights="imagenet", head_epochs=10,
+                         finetune_epochs=0, lr=1e-3, batch_size=32),
+    "lite0-finetune": dict(backbone="efficientnet_lite0", weights="imagenet", head_epochs=8,
+                           finetune_epochs=4, finetune_layers=30, augment=("flip", "rotate", "zoom"),
+                           lr=1e-3, batch_size=32),
+    # The seed project's recipe: VGG16, ImageNet weights, flip/rotate/zoom, Adam 1e-4.
+    "seed-vgg16": dict(backbone="vgg16", weights="imagenet", image_size=224, head_epochs=10,
+                       finetune_epochs=5, finetune_layers=4, augment=("flip", "rotate", "zoom"),
+                       head_augment=True, split=(0.8, 0.1, 0.1), lr=1e-4, finetune_lr_scale=0.1, batch_size=32),
+}

@@ -1,0 +1,466 @@
+"""The embedded store: datasets, runs, epoch metrics and run logs in one SQLite file (WAL).
+
+Everything above this module sees plain dataclasses; nothing above it knows SQL. Every
+public method opens its own short connection, so one `Store` is safe to share across
+threads and processes (Streamlit sessions, the worker, the CLI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import json
+import os
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from tlcore import home
+
+
+class RunStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    id: str
+    name: str
+    version: int
+    created_at: float
+    source: str
+    classes: list[str]
+    counts: dict[str, dict[str, int]]  # split -> class -> images
+    num_images: int
+    has_test: bool
+    report: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    id: str
+    name: str
+    status: RunStatus
+    dataset_id: str
+    backbone: str
+    weights: str
+    config: dict[str, Any]
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    heartbeat_at: float | None
+    worker: str | None
+    error: str | None
+    cancel_requested: bool
+    progress: dict[str, Any]  # phase, epoch, epochs, batch, batches, eta_s, ...
+    summary: dict[str, Any]  # metrics, timings, model path ... once finished
+    tags: list[str]
+    note: str
+
+    @property
+    def accuracy(self) -> float | None:
+        return (self.summary.get("metrics") or {}).get("accuracy")
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochRecord:
+    run_id: str
+    phase: str  # "head" or "finetune"
+    epoch: int  # 1-based within the phase
+    step: int  # 1-based across phases, the x axis of a run's curves
+    metrics: dict[str, float]  # loss, accuracy, val_loss, val_accuracy, lr, seconds
+    at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LogLine:
+    run_id: str
+    at: float
+    message: str
+
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS datasets (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    source TEXT NOT NULL,
+    classes TEXT NOT NULL,
+    counts TEXT NOT NULL,
+    num_images INTEGER NOT NULL,
+    has_test INTEGER NOT NULL,
+    report TEXT NOT NULL,
+    UNIQUE (name, version)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ({", ".join(repr(s.value) for s in RunStatus)})),
+    dataset_id TEXT NOT NULL,
+    backbone TEXT NOT NULL,
+    weights TEXT NOT NULL,
+    config TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    heartbeat_at REAL,
+    worker TEXT,
+    error TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    progress TEXT NOT NULL DEFAULT '{{}}',
+    summary TEXT NOT NULL DEFAULT '{{}}',
+    tags TEXT NOT NULL DEFAULT '[]',
+    note TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs (status, seq);
+CREATE TABLE IF NOT EXISTS epochs (
+    run_id TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (run_id, step)
+);
+CREATE TABLE IF NOT EXISTS logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, id);
+"""
+
+_RUN_JSON_FIELDS = ("config", "progress", "summary", "tags")
+
+
+def new_id(prefix: str) -> str:
+    """A short, sortable, unique id such as `run-20261129-143000-1a2b3c`."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+class Store:
+    """Typed access to the SQLite store at `path` (defaults to the data home's `store.db`)."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path else home.store_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # busy_timeout makes readers and the writer wait for each other instead of failing
+        # with "database is locked"; WAL lets pages read while a run writes.
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.row_factory = sqlite3.Row
+            yield db
+        finally:
+            db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    # ---------------------------------------------------------------- datasets
+
+    def add_dataset(
+        self,
+        name: str,
+        source: str,
+        classes: list[str],
+        counts: dict[str, dict[str, int]],
+        report: dict[str, Any],
+        dataset_id: str | None = None,
+    ) -> Dataset:
+        """Record a new immutable dataset version; the version number is the next for `name`."""
+        dataset_id = dataset_id or new_id("ds")
+        num_images = sum(sum(c.values()) for c in counts.values())
+        with self._transaction() as db:
+            (version,) = db.execute(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM datasets WHERE name = ?", (name,)
+            ).fetchone()
+            db.execute(
+                "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    dataset_id,
+                    name,
+                    version,
+                    time.time(),
+                    source,
+                    json.dumps(classes),
+                    json.dumps(counts),
+                    num_images,
+                    int("test" in counts and sum(counts["test"].values()) > 0),
+                    json.dumps(report),
+                ),
+            )
+        return self.get_dataset(dataset_id)
+
+    def get_dataset(self, ref: str) -> Dataset:
+        """A dataset by id, by `name` (latest version) or by `name@version` / `name v2`."""
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM datasets WHERE id = ?", (ref,)).fetchone()
+            if row is None:
+                name, version = _split_version(ref)
+                if version is None:
+                    row = db.execute(
+                        "SELECT * FROM datasets WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+                    ).fetchone()
+                else:
+                    row = db.execute(
+                        "SELECT * FROM datasets WHERE name = ? AND version = ?", (name, version)
+                    ).fetchone()
+        if row is None:
+            known = ", ".join(d.label for d in self.list_datasets()) or "none yet"
+            raise KeyError(f"No dataset named {ref!r}. Known datasets: {known}.")
+        return _dataset_from_row(row)
+
+    def list_datasets(self) -> list[Dataset]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM datasets ORDER BY created_at DESC").fetchall()
+        return [_dataset_from_row(r) for r in rows]
+
+    # -------------------------------------------------------------------- runs
+
+    def create_run(
+        self,
+        name: str,
+        dataset_id: str,
+        backbone: str,
+        weights: str,
+        config: dict[str, Any],
+        status: RunStatus = RunStatus.QUEUED,
+        run_id: str | None = None,
+    ) -> Run:
+        run_id = run_id or new_id("run")
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO runs (id, name, status, dataset_id, backbone, weights, config, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, name, RunStatus(status).value, dataset_id, backbone, weights,
+                 json.dumps(config), time.time()),
+            )
+        return self.get_run(run_id)
+
+    def get_run(self, run_id: str) -> Run:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM runs WHERE id = ? OR name = ? ORDER BY seq DESC",
+                             (run_id, run_id)).fetchone()
+        if row is None:
+            raise KeyError(f"No run {run_id!r}. `python -m tlcore runs list` shows the runs.")
+        return _run_from_row(row)
+
+    def list_runs(self, statuses: set[RunStatus] | None = None, limit: int | None = None) -> list[Run]:
+        """Runs, newest first, optionally only those in `statuses`."""
+        query, args = "SELECT * FROM runs", []
+        if statuses:
+            query += f" WHERE status IN ({', '.join('?' * len(statuses))})"
+            args += [RunStatus(s).value for s in statuses]
+        query += " ORDER BY seq DESC"
+        if limit:
+            query += f" LIMIT {int(limit)}"
+        with self._connect() as db:
+            rows = db.execute(query, args).fetchall()
+        return [_run_from_row(r) for r in rows]
+
+    def queue(self) -> list[Run]:
+        """Queued runs in the order the worker takes them (oldest first)."""
+        return list(reversed(self.list_runs({RunStatus.QUEUED})))
+
+    def claim_next(self, worker: str) -> Run | None:
+        """Atomically move the oldest queued run to running for `worker`; None if the queue is empty."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id FROM runs WHERE status = 'queued' ORDER BY seq LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE runs SET status = 'running', worker = ?, started_at = ?, heartbeat_at = ?"
+                " WHERE id = ?",
+                (worker, now, now, row["id"]),
+            )
+        return self.get_run(row["id"])
+
+    def update_run(self, run_id: str, **fields: Any) -> Run:
+        """Set columns of a run: JSON fields take Python objects, status takes a RunStatus."""
+        if not fields:
+            return self.get_run(run_id)
+        sets, args = [], []
+        for key, value in fields.items():
+            if key in _RUN_JSON_FIELDS:
+                value = json.dumps(value)
+            elif key == "status":
+                value = RunStatus(value).value
+            elif key == "cancel_requested":
+                value = int(bool(value))
+            sets.append(f"{key} = ?")
+            args.append(value)
+        with self._transaction() as db:
+            db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*args, run_id))
+        return self.get_run(run_id)
+
+    def heartbeat(self, run_id: str, progress: dict[str, Any] | None = None) -> bool:
+        """Renew a running run's lease; returns True if a cancel was requested."""
+        with self._transaction() as db:
+            if progress is None:
+                db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", (time.time(), run_id))
+            else:
+                db.execute("UPDATE runs SET heartbeat_at = ?, progress = ? WHERE id = ?",
+                           (time.time(), json.dumps(progress), run_id))
+            row = db.execute("SELECT cancel_requested FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return bool(row and row[0])
+
+    def finish_run(self, run_id: str, status: RunStatus, error: str | None = None,
+                   summary: dict[str, Any] | None = None) -> Run:
+        fields: dict[str, Any] = {"status": status, "finished_at": time.time(), "error": error}
+        if summary is not None:
+            fields["summary"] = summary
+        return self.update_run(run_id, **fields)
+
+    def request_cancel(self, run_id: str) -> Run:
+        """Cancel a queued run at once; ask a running one to stop between batches."""
+        run = self.get_run(run_id)
+        with self._transaction() as db:
+            db.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", (run.id,))
+            db.execute(
+                "UPDATE runs SET status = 'cancelled', finished_at = ?, error = 'Cancelled before it started.'"
+                " WHERE id = ? AND status = 'queued'",
+                (time.time(), run.id),
+            )
+        return self.get_run(run.id)
+
+    def reap_stale(self, lease_s: float, is_alive=None) -> list[Run]:
+        """Mark running runs failed whose heartbeat is older than `lease_s` seconds, or whose
+        worker `is_alive(worker)` says is gone. Returns the runs it marked."""
+        now = time.time()
+        reaped = []
+        for run in self.list_runs({RunStatus.RUNNING}):
+            beat = run.heartbeat_at or run.started_at or run.created_at
+            if now - beat > lease_s:
+                reason = (f"The worker stopped responding (no heartbeat for {now - beat:.0f} s). "
+                          "Epochs logged so far are kept; resume or relaunch the run.")
+            elif is_alive is not None and run.worker and not is_alive(run.worker):
+                reason = (f"The worker process ({run.worker}) is gone. "
+                          "Epochs logged so far are kept; resume or relaunch the run.")
+            else:
+                continue
+            with self._transaction() as db:
+                changed = db.execute(
+                    "UPDATE runs SET status = 'failed', finished_at = ?, error = ?"
+                    " WHERE id = ? AND status = 'running'",
+                    (now, reason, run.id),
+                ).rowcount
+            if changed:
+                reaped.append(self.get_run(run.id))
+        return reaped
+
+    # ---------------------------------------------------------- epochs and logs
+
+    def log_epoch(self, run_id: str, phase: str, epoch: int, step: int,
+                  metrics: dict[str, float]) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, phase, epoch, step, json.dumps(metrics), time.time()),
+            )
+
+    def epochs(self, run_id: str) -> list[EpochRecord]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM epochs WHERE run_id = ? ORDER BY step", (run_id,)).fetchall()
+        return [EpochRecord(r["run_id"], r["phase"], r["epoch"], r["step"], json.loads(r["metrics"]), r["at"])
+                for r in rows]
+
+    def log(self, run_id: str, message: str) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT INTO logs (run_id, at, message) VALUES (?, ?, ?)",
+                       (run_id, time.time(), message))
+
+    def logs(self, run_id: str, tail: int | None = None) -> list[LogLine]:
+        with self._connect() as db:
+            if tail:
+                rows = db.execute(
+                    "SELECT * FROM (SELECT * FROM logs WHERE run_id = ? ORDER BY id DESC LIMIT ?)"
+                    " ORDER BY id", (run_id, tail)).fetchall()
+            else:
+                rows = db.execute("SELECT * FROM logs WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()
+        return [LogLine(r["run_id"], r["at"], r["message"]) for r in rows]
+
+
+def _split_version(ref: str) -> tuple[str, int | None]:
+    for sep in ("@", " v"):
+        name, found, version = ref.rpartition(sep)
+        if found and version.isdigit():
+            return name, int(version)
+    return ref, None
+
+
+def _dataset_from_row(row: sqlite3.Row) -> Dataset:
+    return Dataset(
+        id=row["id"],
+        name=row["name"],
+        version=row["version"],
+        created_at=row["created_at"],
+        source=row["source"],
+        classes=json.loads(row["classes"]),
+        counts=json.loads(row["counts"]),
+        num_images=row["num_images"],
+        has_test=bool(row["has_test"]),
+        report=json.loads(row["report"]),
+    )
+
+
+def _run_from_row(row: sqlite3.Row) -> Run:
+    return Run(
+        id=row["id"],
+        name=row["name"],
+        status=RunStatus(row["status"]),
+        dataset_id=row["dataset_id"],
+        backbone=row["backbone"],
+        weights=row["weights"],
+        config=json.loads(row["config"]),
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        heartbeat_at=row["heartbeat_at"],
+        worker=row["worker"],
+        error=row["error"],
+        cancel_requested=bool(row["cancel_requested"]),
+        progress=json.loads(row["progress"]),
+        summary=json.loads(row["summary"]),
+        tags=json.loads(row["tags"]),
+        note=row["note"],
+    )
