@@ -28,7 +28,6 @@ class TrainConfig:
     finetune_lr_scale: float = 0.1
     batch_size: int = 32
     dropout: float = 0.2
-    label_smoothing: float = 0.0
     early_stopping_patience: int = 3
     seed: int = 0
     # (train, val, test) fractions to re-split a dataset imported without given splits;
