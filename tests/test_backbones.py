@@ -1,0 +1,58 @@
+"""The backbone registry: every entry builds, preprocessing matches Keras, offline failure is one sentence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tlcore.backbones import WeightsUnavailable, get_backbone, list_backbones, resolve_weights
+from tlcore.backbones.preprocessing import BackbonePreprocessing
+
+REQUIRED = {"vgg16", "resnet50", "inception_v3", "xception", "mobilenet_v2", "mobilenet_v3_small",
+            "mobilenet_v3_large", "efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny", "efficientnet_lite0"}
+
+
+def test_registry_has_the_required_backbones_offline_one_first():
+    specs = list_backbones()
+    assert REQUIRED <= {s.name for s in specs}
+    assert specs[0].name == "efficientnet_lite0" and specs[0].offline and specs[0].weights_available()
+
+
+def test_unknown_backbone_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"Known backbones: .*resnet50.*Received: backbone='resnet18'"):
+        get_backbone("resnet18")
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED - {"efficientnet_lite0"}))
+def test_each_keras_backbone_builds_a_feature_map_without_weights(name):
+    spec = get_backbone(name)
+    size = max(spec.min_size, 75)
+    features = spec.build(size, None)(np.zeros((1, size, size, 3), "float32"))
+    assert features.ndim == 4 and features.shape[0] == 1
+
+
+@pytest.mark.parametrize("mode, reference", [
+    ("caffe", "keras.applications.vgg16.preprocess_input"),
+    ("tf", "keras.applications.mobilenet_v2.preprocess_input"),
+    ("torch", "keras.applications.densenet.preprocess_input"),
+])
+def test_preprocessing_layer_matches_the_keras_reference(mode, reference):
+    import keras  # noqa: F401  (the reference path is evaluated below)
+
+    rgb = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    expected = eval(reference)(rgb.copy())
+    got = np.asarray(BackbonePreprocessing(mode)(rgb))
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+
+
+def test_missing_keras_weights_offline_fail_with_one_sentence_naming_file_and_folder(monkeypatch, tmp_path):
+    import dataclasses
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    spec = dataclasses.replace(get_backbone("resnet50"), weights_url="http://127.0.0.1:9/resnet50_notop.h5")
+    with pytest.raises(WeightsUnavailable) as caught:
+        resolve_weights(spec, "imagenet")
+    message = str(caught.value)
+    assert spec.weights_file in message and "weights" in message and "--weights none" in message
+    assert "\n" not in message
+    assert resolve_weights(spec, "none") is None
