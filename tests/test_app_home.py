@@ -1,0 +1,88 @@
+"""AppTest: the frame (navigation, sidebar, access gate) and the Home page."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import app_seed as seed
+from tlcore.store import RunStatus
+
+
+@pytest.fixture(autouse=True)
+def _no_device_probe(monkeypatch):
+    monkeypatch.setenv("TLAB_DEVICE_PROBE", "off")
+
+
+def test_empty_home_says_what_to_do_first(store):
+    at = seed.app().run()
+    assert not at.exception
+    text = seed.texts(at)
+    assert "No runs yet" in text
+    assert "Nothing is training" in text
+    assert "Worker:" in text and "stopped" in text
+    # The worker can be started from the sidebar.
+    assert at.button(key="sidebar.start_worker")
+
+
+def test_home_shows_training_now_queue_and_recent_runs(store):
+    ds = seed.dataset(store)
+    for i in range(3):
+        seed.run(store, ds, f"done-{i}", accuracy=0.7 + i / 10)
+    seed.run(store, ds, "broken", RunStatus.FAILED, error="Out of memory.")
+    live = seed.run(store, ds, "live-run", RunStatus.RUNNING, epochs=2, config={"head_epochs": 5},
+                    progress={"phase": "head", "epoch": 3, "epochs": 5, "batch": 4, "batches": 8, "eta_s": 75})
+    store.create_run("waiting-run", ds.id, "vgg16", "imagenet", {"head_epochs": 3})
+
+    at = seed.app().run()
+    assert not at.exception
+    text = seed.texts(at)
+    assert "live-run" in text
+    assert "ETA: 1 min 15 s" in text
+    assert "Runs: 6" in text and "Finished: 3" in text
+    assert "Best accuracy: 90.0 %" in text
+    assert "queued but the worker is not running" not in text  # something is training
+    queue = seed.table(at, "#")
+    assert list(queue["name"]) == ["waiting-run"]
+    recent = seed.table(at, "accuracy")
+    assert {"done-0", "done-2", "broken", "live-run"} <= set(recent["name"])
+    assert at.sidebar.progress and live.id  # the sidebar shows the live run's progress
+
+
+def test_queue_without_worker_offers_to_start_it(store):
+    ds = seed.dataset(store)
+    store.create_run("waiting-run", ds.id, "efficientnet_lite0", "imagenet", {"head_epochs": 3})
+    at = seed.app().run()
+    assert not at.exception
+    assert "queued but the worker is not running" in seed.texts(at)
+    assert at.button(key="home.start_worker")
+
+
+def test_home_first_script_run_is_fast_with_50_runs(store):
+    ds = seed.dataset(store)
+    for i in range(50):
+        seed.run(store, ds, f"run-{i}", accuracy=0.5 + i / 100, predictions=False)
+    at = seed.app()
+    start = time.perf_counter()
+    at.run()
+    elapsed = time.perf_counter() - start
+    assert not at.exception
+    assert elapsed < 3.0, f"Home took {elapsed:.2f} s to run with 50 runs"
+
+
+def test_password_gate_keeps_strangers_out(store):
+    at = seed.app()
+    at.secrets["access"] = {"password": "s3cret"}
+    at.run()
+    assert not at.exception
+    assert not at.dataframe and "No runs yet" not in seed.texts(at)
+    at.text_input(key="gate.password").input("wrong")
+    at.button[0].click()
+    at.run()
+    assert "not right" in seed.texts(at)
+    at.text_input(key="gate.password").input("s3cret")
+    at.button[0].click()
+    at.run()
+    assert not at.exception
+    assert "No runs yet" in seed.texts(at)

@@ -1,0 +1,161 @@
+"""Plain-data formatting for the pages: times, durations, progress, run tables."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+import pandas as pd
+
+from tlcore.store import Dataset, Run, RunStatus
+
+STATUS_ICON = {
+    RunStatus.QUEUED: "⏳ queued",
+    RunStatus.RUNNING: "🔄 running",
+    RunStatus.SUCCEEDED: "✅ succeeded",
+    RunStatus.FAILED: "❌ failed",
+    RunStatus.CANCELLED: "⏹ cancelled",
+}
+
+
+def ago(ts: float | None, now: float | None = None) -> str:
+    """'12 s ago', '5 min ago', '3 h ago', '2 d ago'; '—' for None."""
+    if not ts:
+        return "—"
+    delta = max(0.0, (now or time.time()) - ts)
+    if delta < 60:
+        return f"{delta:.0f} s ago"
+    if delta < 3600:
+        return f"{delta / 60:.0f} min ago"
+    if delta < 86400:
+        return f"{delta / 3600:.0f} h ago"
+    return f"{delta / 86400:.0f} d ago"
+
+
+def duration(seconds: float | None) -> str:
+    """'42 s', '3 min 05 s', '1 h 02 min'; '—' for None."""
+    if seconds is None:
+        return "—"
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{100 * value:.{digits}f} %"
+
+
+def run_duration(run: Run, now: float | None = None) -> float | None:
+    if not run.started_at:
+        return None
+    return (run.finished_at or now or time.time()) - run.started_at
+
+
+def total_epochs(run: Run) -> int:
+    cfg = run.config or {}
+    return int(cfg.get("head_epochs") or 0) + int(cfg.get("finetune_epochs") or 0)
+
+
+def progress_fraction(run: Run) -> float:
+    """How far a run is, 0..1, from its progress dict (tolerant of missing keys)."""
+    if run.status == RunStatus.SUCCEEDED:
+        return 1.0
+    p = run.progress or {}
+    if isinstance(p.get("fraction"), (int, float)):
+        return float(min(1.0, max(0.0, p["fraction"])))
+    total = total_epochs(run) or int(p.get("epochs") or 0)
+    if not total:
+        return 0.0
+    done = int(p.get("step") or 0)
+    if not done:
+        epoch = int(p.get("epoch") or 0)
+        offset = int((run.config or {}).get("head_epochs") or 0) if p.get("phase") == "finetune" else 0
+        done = offset + max(0, epoch - 1)
+    else:
+        done = max(0, done - 1)
+    batches = p.get("batches") or 0
+    within = (p.get("batch") or 0) / batches if batches else 0.0
+    return float(min(1.0, max(0.0, (done + within) / total)))
+
+
+def progress_text(run: Run) -> str:
+    """'head phase · epoch 3/10 · batch 12/40 · ETA 1 min 05 s'."""
+    p = run.progress or {}
+    bits = []
+    if p.get("phase"):
+        bits.append(f"{p['phase']} phase")
+    if p.get("epoch"):
+        bits.append(f"epoch {p['epoch']}/{p.get('epochs') or '?'}")
+    if p.get("batches"):
+        bits.append(f"batch {p.get('batch') or 0}/{p['batches']}")
+    if p.get("message"):
+        bits.append(str(p["message"]))
+    eta = p.get("eta_s")
+    if isinstance(eta, (int, float)):
+        bits.append(f"ETA {duration(eta)}")
+    return " · ".join(bits) or ("waiting for the worker" if run.status == RunStatus.QUEUED else "starting…")
+
+
+def headline(run: Run) -> float | None:
+    """The run's headline metric: test (or val) accuracy from its summary."""
+    metrics = (run.summary or {}).get("metrics") or {}
+    for key in ("accuracy", "test_accuracy", "val_accuracy"):
+        if isinstance(metrics.get(key), (int, float)):
+            return float(metrics[key])
+    return None
+
+
+def summary_metric(run: Run, key: str) -> float | None:
+    value = ((run.summary or {}).get("metrics") or {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def runs_frame(runs: Iterable[Run], datasets: dict[str, Dataset] | None = None) -> pd.DataFrame:
+    """One row per run, the columns the runs tables show."""
+    datasets = datasets or {}
+    rows = []
+    for run in runs:
+        ds = datasets.get(run.dataset_id)
+        rows.append({
+            "name": run.name,
+            "status": STATUS_ICON.get(run.status, run.status.value),
+            "accuracy": headline(run),
+            "macro F1": summary_metric(run, "macro_f1"),
+            "dataset": ds.label if ds else run.dataset_id,
+            "backbone": run.backbone,
+            "weights": run.weights,
+            "epochs": total_epochs(run),
+            "image size": (run.config or {}).get("image_size"),
+            "lr": (run.config or {}).get("lr"),
+            "duration": duration(run_duration(run)),
+            "created": pd.Timestamp(run.created_at, unit="s").floor("s"),
+            "tags": ", ".join(run.tags),
+            "note": run.note,
+            "id": run.id,
+        })
+    columns = ["name", "status", "accuracy", "macro F1", "dataset", "backbone", "weights", "epochs",
+               "image size", "lr", "duration", "created", "tags", "note", "id"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def config_diff(configs: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Rows: config keys whose values differ between runs; columns: run names."""
+    keys = sorted({k for cfg in configs.values() for k in cfg})
+    rows = {}
+    for key in keys:
+        values = [configs[name].get(key) for name in configs]
+        shown = [_show(v) for v in values]
+        if len(set(shown)) > 1:
+            rows[key] = shown
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(configs)) if rows else pd.DataFrame()
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value) or "—"
+    return str(value)

@@ -1,0 +1,83 @@
+"""The shared sidebar: the worker (start it), the job training now, the device, the data home.
+
+Lives in a fragment that polls the store every few seconds, so every page shows the same
+live state without rerunning the page under it.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from tlcore import home
+from tlcore.store import RunStatus
+from ui import format as fmt
+from ui import state
+from ui.engine import maybe
+
+POLL_S = 3
+
+
+def worker_status():
+    """`tlcore.jobs.worker_status()` or None when the jobs module is missing or fails."""
+    jobs = maybe("jobs")
+    if jobs is None:
+        return None
+    try:
+        return jobs.worker_status()
+    except Exception:  # noqa: BLE001 - the sidebar must never break a page
+        return None
+
+
+def start_worker(key: str) -> None:
+    """A 'Start worker' button; starting it is the only thing it does."""
+    jobs = maybe("jobs")
+    if jobs is None:
+        st.caption("The jobs module is not installed; start a worker with `python -m tlcore worker`.")
+        return
+    if st.button("Start worker", key=key, type="primary", icon=":material/play_arrow:",
+                 help="Starts `python -m tlcore worker` in the background; it trains queued runs one by one."):
+        try:
+            pid = jobs.start_worker_process()
+        except Exception as exc:  # noqa: BLE001 - shown in words
+            st.error(f"The worker did not start: {exc}")
+        else:
+            st.session_state["worker.started_pid"] = pid
+            st.toast(f"Worker started (pid {pid}).", icon=":material/check:")
+
+
+def worker_line(status) -> None:
+    if status is None:
+        st.markdown("**Worker:** unknown")
+    elif status.alive:
+        current = f" · training `{status.current_run_id}`" if getattr(status, "current_run_id", None) else " · idle"
+        st.markdown(f"**Worker:** :green[● running] (pid {status.pid}){current}")
+    else:
+        st.markdown("**Worker:** :red[● stopped] — queued runs wait until it starts.")
+
+
+@st.fragment(run_every=POLL_S)
+def _live() -> None:
+    store = state.store()
+    status = worker_status()
+    worker_line(status)
+    if status is not None and not status.alive:
+        start_worker("sidebar.start_worker")
+
+    running = store.list_runs({RunStatus.RUNNING})
+    queued = store.queue()
+    for run in running[:2]:
+        st.markdown(f"**Training:** {run.name}")
+        st.progress(fmt.progress_fraction(run), text=fmt.progress_text(run))
+    if not running:
+        st.caption("Nothing is training.")
+    if queued:
+        st.caption(f"{len(queued)} run(s) queued.")
+
+
+def draw() -> None:
+    with st.sidebar:
+        _live()
+        st.divider()
+        probe = state.device_probe()
+        st.caption(f"**Device:** {state.device_summary(probe)}")
+        st.caption(f"**Data home:** `{home.data_home()}`")

@@ -1,0 +1,178 @@
+"""Cached resources shared by every session: the store, the device probe and loaded models.
+
+`st.cache_resource` objects are shared across sessions and threads, so each one here is safe
+to use concurrently: `Store` opens a connection per call, the device probe is written once by
+its own thread, and each loaded model carries a lock that serialises its predictions.
+TensorFlow is imported only when a model is loaded (Demo page), never at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import streamlit as st
+
+from tlcore import home
+from tlcore.store import Store
+
+IMAGENET_REF = "imagenet:efficientnet_lite0"
+
+
+# ------------------------------------------------------------------- the store
+
+@st.cache_resource(show_spinner=False)
+def _store_at(path: str) -> Store:
+    return Store(path)
+
+
+def store() -> Store:
+    """The store of the current data home (one cached `Store` per `$TLCORE_HOME`)."""
+    return _store_at(str(home.store_path()))
+
+
+# ------------------------------------------------------------------ the device
+
+@dataclasses.dataclass
+class DeviceProbe:
+    """`tlcore.devices.describe()` run once in a child process, so that no page waits for
+    TensorFlow to import just to say which device the server has."""
+
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    started_at: float = dataclasses.field(default_factory=time.time)
+
+    def start(self) -> "DeviceProbe":
+        threading.Thread(target=self._run, name="tlab-device-probe", daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        code = ("import json; from tlcore.devices import describe; "
+                "print('TLAB-DEVICE ' + json.dumps(describe(), default=str))")
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        try:
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 timeout=300, env=env, cwd=_project_root())
+        except Exception as exc:  # noqa: BLE001 - any failure is just "unknown device"
+            self.error = f"The device check did not finish ({type(exc).__name__})."
+            return
+        for line in out.stdout.splitlines():
+            if line.startswith("TLAB-DEVICE "):
+                self.result = json.loads(line[len("TLAB-DEVICE "):])
+                return
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        self.error = f"The device check failed: {last[:200]}"
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+def _project_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@st.cache_resource(show_spinner=False)
+def _device_probe() -> DeviceProbe:
+    if os.environ.get("TLAB_DEVICE_PROBE", "on") == "off":
+        return DeviceProbe(error="Device check switched off (TLAB_DEVICE_PROBE=off).")
+    return DeviceProbe().start()
+
+
+def device_probe() -> DeviceProbe:
+    return _device_probe()
+
+
+def device_summary(probe: DeviceProbe) -> str:
+    """One line: 'GPU · 1 × NVIDIA A10 · mixed precision' or 'CPU · 2 cores'."""
+    if probe.result is None:
+        return probe.error or "checking…"
+    info = probe.result
+    kind = str(info.get("kind") or "?")
+    devices = info.get("devices") or []
+    names = []
+    for d in devices:
+        names.append(d.get("name") if isinstance(d, dict) else str(d))
+    bits = [kind]
+    if kind.upper() == "GPU" and names:
+        bits.append(f"{len(names)} × {names[0]}")
+    elif kind.upper() == "CPU":
+        bits.append(f"{os.cpu_count()} cores")
+    if info.get("mixed_precision"):
+        bits.append("mixed precision")
+    if info.get("xla"):
+        bits.append("XLA")
+    return " · ".join(str(b) for b in bits)
+
+
+# ---------------------------------------------------------------------- models
+
+_GPU_LOCK = threading.Lock()
+_GPU_READY = False
+
+
+def enable_gpu_memory_growth() -> None:
+    """Let TensorFlow in this (UI) process take GPU memory as it needs it, not all at once,
+    so the worker training next to it keeps its share. Idempotent; must run before any
+    model is built in this process."""
+    global _GPU_READY
+    with _GPU_LOCK:
+        if _GPU_READY:
+            return
+        import tensorflow as tf
+
+        for gpu in tf.config.list_physical_devices("GPU"):
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError:
+                pass  # already initialised by someone else; nothing more to do
+        _GPU_READY = True
+
+
+@dataclasses.dataclass
+class CachedModel:
+    """A loaded model plus the lock that serialises its predictions across sessions."""
+
+    ref: str
+    loaded: Any
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    loaded_in_s: float = 0.0
+
+    def predict(self, image: Any, top_k: int):
+        with self.lock:
+            return self.loaded.predict_image(image, top_k)
+
+    def gradcam(self, image_uint8: Any):
+        from tlcore import inference
+
+        with self.lock:
+            return inference.gradcam(self.loaded, image_uint8)
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+@st.cache_resource(show_spinner=False, max_entries=6)
+def _load_model(data_home: str, ref: str) -> CachedModel:
+    # One model load at a time: two sessions asking for the same run wait for one load.
+    with _LOAD_LOCK:
+        enable_gpu_memory_growth()
+        from tlcore import inference
+
+        start = time.perf_counter()
+        if ref.startswith("imagenet:"):
+            loaded = inference.load_imagenet_model(ref.split(":", 1)[1])
+        else:
+            loaded = inference.load_run_model(ref)
+        return CachedModel(ref=ref, loaded=loaded, loaded_in_s=time.perf_counter() - start)
+
+
+def load_model(ref: str) -> CachedModel:
+    """The model for a run id (or `IMAGENET_REF`), loaded once per data home and cached."""
+    return _load_model(str(home.data_home()), ref)
