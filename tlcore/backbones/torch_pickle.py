@@ -69,7 +69,7 @@ class _TensorRef:
             _, view_offset, view_size = self.storage.view
             flat = flat[view_offset:view_offset + view_size]
         if not self.size:
-            return flat[offset].copy()
+            return np.array(flat[offset])
         needed = offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) + 1
         if min(self.size) > 0 and needed > flat.size:
             raise pickle.UnpicklingError(f"Tensor reaches past its storage {self.storage.key!r}.")
