@@ -1,0 +1,60 @@
+"""Export: keras copy, SavedModel and float32 TFLite give the same answers as the run's model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.test_inference import save_fake_run
+
+
+def _probe():
+    return np.random.default_rng(1).integers(0, 255, (2, 32, 32, 3)).astype("float32")
+
+
+def test_export_keras_copy_and_unknown_format(tmp_path):
+    from tlcore import inference
+    from tlcore.export import export_run
+
+    model, folder = save_fake_run()
+    out = export_run("run-fake", "keras", tmp_path / "out")  # a new path: `.keras` is added
+    assert out.name == "out.keras"
+    assert out.read_bytes() == (folder / "model.keras").read_bytes()
+    assert json.loads(out.with_name(out.stem + ".labels.json").read_text()) == ["ants", "bees"]
+    (tmp_path / "dir").mkdir()
+    assert export_run("run-fake", "keras", tmp_path / "dir") == (tmp_path / "dir" / "model.keras").resolve()
+    assert export_run("run-fake", "Keras").parent == folder.resolve() / "export"
+    with pytest.raises(ValueError, match="format` must be one of keras, savedmodel, tflite"):
+        export_run("run-fake", "onnx")
+    assert inference.load_model_file(out) is not None
+
+
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
+def test_export_savedmodel_and_tflite_match_keras(tmp_path):
+    import tensorflow as tf
+
+    from tlcore.export import export_run
+
+    model, _ = save_fake_run()
+    x = _probe()
+    expected = model.predict(x, verbose=0)
+
+    saved = export_run("run-fake", "savedmodel", tmp_path / "sm")
+    reloaded = tf.saved_model.load(str(saved))
+    got = reloaded.serve(tf.constant(x)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert json.loads((saved / "labels.json").read_text()) == ["ants", "bees"]
+
+    lite = export_run("run-fake", "tflite", tmp_path / "model.tflite")
+    interpreter = tf.lite.Interpreter(model_path=str(lite))
+    inp = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(inp["index"], [1, 32, 32, 3])
+    interpreter.allocate_tensors()
+    assert inp["dtype"] == np.float32 and list(inp["shape"][1:]) == [32, 32, 3]
+    for i in range(len(x)):
+        interpreter.set_tensor(inp["index"], x[i:i + 1])
+        interpreter.invoke()
+        out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        np.testing.assert_allclose(out[0], expected[i], atol=1e-5)

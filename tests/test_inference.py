@@ -1,0 +1,168 @@
+"""Inference: safe-mode loading, predict on files and images, Grad-CAM."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tlcore import home
+
+
+def save_fake_run(run_id: str = "run-fake", size: int = 32, labels=("ants", "bees"), seed: int = 0):
+    """A run folder holding a model in the saved-model layout (Input -> BackbonePreprocessing ->
+    nested backbone -> GlobalAveragePooling2D -> Dropout -> Dense softmax) and labels.json."""
+    import keras
+
+    from tlcore.backbones.preprocessing import BackbonePreprocessing
+
+    keras.utils.set_random_seed(seed)
+    b_in = keras.Input((size, size, 3))
+    h = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(b_in)
+    h = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(h)
+    backbone = keras.Model(b_in, h, name="tiny_backbone")
+    inputs = keras.Input((size, size, 3))
+    x = BackbonePreprocessing("lite")(inputs)
+    x = backbone(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(len(labels), activation="softmax", dtype="float32")(x)
+    model = keras.Model(inputs, outputs)
+    folder = home.run_dir(run_id)
+    model.save(folder / "model.keras")
+    (folder / "labels.json").write_text(json.dumps(list(labels)))
+    return model, folder
+
+
+def write_images(folder, n=3, size=48):
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        arr = rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)
+        p = folder / f"img {i}.png"
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_predict_files_matches_model_on_load_resized_pixels(tmp_path):
+    from tlcore import inference
+    from tlcore.data.images import load_resized
+
+    model, _ = save_fake_run()
+    paths = write_images(tmp_path / "imgs")
+    loaded = inference.load_run_model("run-fake")
+    assert loaded.image_size == 32 and loaded.labels == ["ants", "bees"]
+    preds = loaded.predict_files(paths, top_k=2)
+    expected = model.predict(np.stack([load_resized(p, 32) for p in paths]).astype("float32"), verbose=0)
+    for pred, exp in zip(preds, expected):
+        assert [label for label, _ in pred.top_k] == [["ants", "bees"][i] for i in np.argsort(-exp)]
+        np.testing.assert_allclose([p for _, p in pred.top_k], np.sort(exp)[::-1], atol=1e-5)
+        assert pred.latency_ms > 0
+
+    # Bytes, a PIL image and a file all give the same pixels and the same answer.
+    raw = paths[0].read_bytes()
+    by_bytes = loaded.predict_image(raw, top_k=2)
+    by_pil = loaded.predict_image(Image.open(io.BytesIO(raw)), top_k=2)
+    np.testing.assert_allclose([p for _, p in by_bytes.top_k], [p for _, p in preds[0].top_k], atol=1e-6)
+    np.testing.assert_allclose([p for _, p in by_pil.top_k], [p for _, p in preds[0].top_k], atol=1e-6)
+    with pytest.raises(ValueError, match="top_k"):
+        loaded.predict_files(paths, top_k=0)
+
+
+def test_load_run_model_is_cached_and_thread_safe(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tlcore import inference
+
+    save_fake_run()
+    paths = write_images(tmp_path / "imgs", n=2)
+    a = inference.load_run_model("run-fake")
+    assert inference.load_run_model("run-fake") is a
+    single = a.predict_files(paths, top_k=1)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: a.predict_files(paths, top_k=1), range(8)))
+    for r in results:
+        assert [p.top_k for p in r] == [p.top_k for p in single]
+
+
+def test_lambda_model_is_refused_in_safe_mode_and_runs_no_code(tmp_path):
+    import keras
+
+    from tlcore import inference
+
+    sentinel = tmp_path / "pwned"
+    folder = home.run_dir("run-evil")
+
+    # The lambda writes the sentinel whenever it runs (the path is baked into its code).
+    evil = eval(f"lambda x: (open({str(sentinel)!r}, 'w').write('ran'), x)[1]")  # noqa: S307
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Lambda(evil)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    model.save(folder / "model.keras")
+    (folder / "labels.json").write_text('["a", "b"]')
+    assert sentinel.exists()  # building the model ran it once: the sentinel works
+    sentinel.unlink()
+
+    with pytest.raises(inference.ModelLoadError, match="safe mode"):
+        inference.load_run_model("run-evil")
+    assert not sentinel.exists()
+
+    # Control: without safe mode the same file would have run the lambda.
+    unsafe = keras.saving.load_model(folder / "model.keras", safe_mode=False, compile=False)
+    unsafe(np.zeros((1, 32, 32, 3), "float32"))
+    assert sentinel.exists()
+
+
+def test_missing_and_corrupt_models_give_plain_errors(store):
+    from tlcore import inference
+
+    with pytest.raises(KeyError, match="No run"):
+        inference.load_run_model("run-nothing")
+    folder = home.run_dir("run-corrupt")
+    (folder / "model.keras").write_bytes(b"this is not a zip file")
+    (folder / "labels.json").write_text('["a", "b"]')
+    with pytest.raises(inference.ModelLoadError, match="could not be loaded"):
+        inference.load_run_model("run-corrupt")
+    save_fake_run("run-badlabels", labels=("a", "b", "c"))
+    (home.run_dir("run-badlabels") / "labels.json").write_text('["a", "b"]')
+    with pytest.raises(inference.ModelLoadError, match="labels"):
+        inference.load_run_model("run-badlabels")
+
+
+def test_gradcam_heatmap_shape_range_and_focus():
+    from tlcore import inference
+
+    save_fake_run()
+    loaded = inference.load_run_model("run-fake")
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[4:14, 4:14] = 255
+    heat = inference.gradcam(loaded, image)
+    assert heat.shape == (32, 32) and heat.dtype == np.float32
+    assert 0.0 <= heat.min() and heat.max() <= 1.0
+    big = np.tile(image, (2, 2, 1))  # any size in, heatmap at that size out
+    assert inference.gradcam(loaded, big, class_index=1).shape == (64, 64)
+    with pytest.raises(ValueError, match="class_index"):
+        inference.gradcam(loaded, image, class_index=5)
+
+
+@pytest.mark.skipif(os.environ.get("TLCORE_SKIP_IMAGENET") == "1", reason="ImageNet classifier skipped")
+def test_imagenet_model_names_a_photo():
+    pytest.importorskip("tlcore.backbones.imagenet")
+    pytest.importorskip("skimage")
+    from skimage import data
+
+    from tlcore import inference
+
+    loaded = inference.load_imagenet_model("efficientnet_lite0")
+    assert len(loaded.labels) == 1000
+    pred = loaded.predict_image(Image.fromarray(data.chelsea()), top_k=5)
+    assert pred.indices[0] in range(281, 286), pred.top_k  # the domestic-cat classes
+    heat = inference.gradcam(loaded, data.chelsea())
+    assert heat.shape == data.chelsea().shape[:2]
