@@ -55,7 +55,7 @@ class _Storage:
 
 
 class _TensorRef:
-    """A tensor whose storage bytes are read after the main pickle (legacy layout)."""
+    """A tensor to build once its storage bytes are read (they follow the main pickle)."""
 
     __slots__ = ("storage", "offset", "size", "stride")
 
@@ -65,7 +65,7 @@ class _TensorRef:
     def materialize(self, buffers: dict[str, np.ndarray]) -> np.ndarray:
         flat = buffers[self.storage.key]
         offset = self.offset
-        if self.storage.view is not None:  # legacy storage view: (base_key, offset, size)
+        if self.storage.view is not None:  # legacy view into the root storage: (view_key, offset, size)
             _, view_offset, view_size = self.storage.view
             flat = flat[view_offset:view_offset + view_size]
         if not self.size:
@@ -99,7 +99,7 @@ class _StorageType:
 def _allowed_global(module: str, name: str):
     if (module, name) == ("collections", "OrderedDict"):
         return collections.OrderedDict
-    if module == "torch._utils" and name == "_rebuild_tensor_v2":
+    if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):  # v1: PyTorch < 0.4
         return _rebuild_tensor_v2
     if module == "torch._utils" and name == "_rebuild_parameter":
         return _rebuild_parameter
@@ -127,14 +127,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not isinstance(storage_type, _StorageType):
             raise UnsafePickleError(f"Storage {key!r} has an unsupported type {storage_type!r}.")
         numel = pid[4] if len(pid) > 4 else None
-        view = pid[5] if len(pid) > 5 else None
-        if view is not None:
-            view = (str(view[0]), int(view[1]), int(view[2]))
-            key = view[0]
         storage = self._storages.get(key)
         if storage is None:
             storage = self._storages[key] = _Storage(key, storage_type.dtype, numel)
-        return storage if view is None else _Storage(key, storage.dtype, storage.numel, view)
+        view = pid[5] if len(pid) > 5 else None
+        if view is None:
+            return storage
+        # A view into the root storage `key`: (view_key, offset, size), in elements.
+        return _Storage(key, storage.dtype, storage.numel, (str(view[0]), int(view[1]), int(view[2])))
 
 
 def _safe_load(file, storages=None):
