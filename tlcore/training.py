@@ -274,6 +274,7 @@ def _fit_pixels(ctx, model, pixels, splits, y_all, phase, epochs, learning_rate,
         epochs=epochs,
         initial_epoch=initial_epoch,
         validation_data=val_data,
+        shuffle=False,  # the tf.data pipeline shuffles
         verbose=1 if ctx.progress_bar else 0,
         callbacks=_callbacks(ctx, phase, epochs, len(train), has_val=bool(len(val)),
                              checkpoint_model=model if phase == "finetune" else None),

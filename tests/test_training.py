@@ -1,0 +1,125 @@
+"""The two-phase recipe on a small real slice of hymenoptera (ants vs bees), tiny images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import SHARED_DATASETS
+from tlcore import home
+from tlcore.backbones import get_backbone
+from tlcore.config import TrainConfig
+from tlcore.data.images import load_resized
+from tlcore.data.importer import import_dataset
+from tlcore.store import RunStatus
+from tlcore.training import RunCancelled, build_classifier, execute_run, unfreeze_top
+
+SIZE = 64
+
+
+@pytest.fixture
+def ants_bees(tmp_path, store):
+    """6 train and 4 val photos per class from the real hymenoptera set, given splits kept."""
+    src = SHARED_DATASETS / "hymenoptera"
+    root = tmp_path / "hymenoptera_slice"
+    for split, n in (("train", 6), ("val", 4)):
+        for label in ("ants", "bees"):
+            dest = root / split / label
+            dest.mkdir(parents=True)
+            for photo in sorted((src / split / label).iterdir())[:n]:
+                shutil.copy(photo, dest / photo.name)
+    return import_dataset(root, name="ants-bees", store=store).dataset
+
+
+def _run(store, dataset, **overrides):
+    config = TrainConfig(dataset=dataset.id, image_size=SIZE, batch_size=4, **overrides)
+    run = store.create_run("test", dataset.id, config.backbone, config.weights, config.to_dict(),
+                           status=RunStatus.RUNNING)
+    return run, execute_run(run.id, store)
+
+
+def _log_text(store, run_id):
+    return "\n".join(line.message for line in store.logs(run_id))
+
+
+def test_head_phase_caches_backbone_features_and_a_second_run_reuses_them(store, ants_bees):
+    first, summary = _run(store, ants_bees, head_epochs=2)
+
+    assert summary["eval_split"] == "val" and summary["eval_images"] == 8
+    assert summary["backbone"] == "efficientnet_lite0" and summary["weights"] == "imagenet"
+    assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
+    assert set(summary["metrics"]["per_class"]) == {"ants", "bees"}
+    assert [(e.phase, e.epoch) for e in store.epochs(first.id)] == [("head", 1), ("head", 2)]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(store.epochs(first.id)[0].metrics)
+    folder = home.run_dir(first.id)
+    for artifact in ("model.keras", "labels.json", "config.json", "predictions.jsonl", "tensorboard"):
+        assert (folder / artifact).exists(), artifact
+    assert "computed and cached" in _log_text(store, first.id)
+
+    second, summary2 = _run(store, ants_bees, head_epochs=1)
+    assert "reused from the cache" in _log_text(store, second.id)
+    assert summary2["feature_cache_reused"] and not summary["feature_cache_reused"]
+
+
+def test_fine_tune_phase_trains_top_layers_with_batchnorm_frozen(store, ants_bees):
+    run, summary = _run(store, ants_bees, head_epochs=1, finetune_epochs=1, finetune_layers=10,
+                        augment=("flip", "zoom"))
+    assert [e.phase for e in store.epochs(run.id)] == ["head", "finetune"]
+    assert "finetune_s" in summary["timings"]
+    assert json.loads((home.run_dir(run.id) / "checkpoint.json").read_text()) == {"phase": "finetune", "epoch": 1}
+
+    spec = get_backbone("efficientnet_lite0")
+    _, base = build_classifier(spec, SIZE, None, 2, 0.2)
+    assert unfreeze_top(base, 10) > 0
+    trainable = [layer for layer in base.layers if layer.trainable]
+    assert trainable and not any(isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)
+    assert not any(layer.trainable for layer in base.layers[:10])
+
+
+def test_saved_model_predicts_raw_files_exactly_as_evaluation_saw_them(store, ants_bees):
+    run, summary = _run(store, ants_bees, head_epochs=1)
+    model = keras.saving.load_model(summary["model_path"], safe_mode=True)
+    labels = json.loads((home.run_dir(run.id) / "labels.json").read_text())
+    rows = [json.loads(line) for line in (home.run_dir(run.id) / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    probs = model.predict(np.stack([load_resized(r["path"], SIZE) for r in rows]).astype("float32"), verbose=0)
+    for row, p in zip(rows, probs):
+        assert labels[int(np.argmax(p))] == row["pred"]
+        assert abs(float(p.max()) - row["confidence"]) < 1e-4
+
+
+def test_cancel_stops_between_batches_and_keeps_logged_epochs(store, ants_bees):
+    config = TrainConfig(dataset=ants_bees.id, image_size=SIZE, batch_size=2, head_epochs=1, finetune_epochs=5)
+    run = store.create_run("cancel-me", ants_bees.id, config.backbone, config.weights, config.to_dict(),
+                           status=RunStatus.RUNNING)
+    with pytest.raises(RunCancelled):
+        execute_run(run.id, store, should_stop=lambda: len(store.epochs(run.id)) >= 2)
+    assert [e.phase for e in store.epochs(run.id)] == ["head", "finetune"]
+    assert not (home.run_dir(run.id) / "model.keras").exists()
+
+
+def test_cancel_requested_in_the_store_stops_a_run(store, ants_bees):
+    config = TrainConfig(dataset=ants_bees.id, image_size=SIZE, batch_size=2, head_epochs=3)
+    run = store.create_run("cancel-in-store", ants_bees.id, config.backbone, config.weights, config.to_dict(),
+                           status=RunStatus.RUNNING)
+    store.request_cancel(run.id)
+    with pytest.raises(RunCancelled):
+        execute_run(run.id, store)
+
+
+def test_random_initialisation_is_said_plainly(store, ants_bees):
+    run, summary = _run(store, ants_bees, weights="none", head_epochs=1)
+    assert summary["weights"] == "none"
+    assert "random initialisation" in _log_text(store, run.id)
+
+
+def test_too_small_image_size_for_a_backbone_is_refused(store, ants_bees):
+    config = TrainConfig(dataset=ants_bees.id, backbone="inception_v3", weights="none", image_size=64)
+    run = store.create_run("small", ants_bees.id, config.backbone, config.weights, config.to_dict(),
+                           status=RunStatus.RUNNING)
+    with pytest.raises(ValueError, match="at least 75"):
+        execute_run(run.id, store)
