@@ -310,6 +310,7 @@ def test_load_resized_raises_image_rejected(tmp_path):
         load_resized(path, 32)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_pillow_limit_is_honoured_off_the_main_thread(monkeypatch):
     import concurrent.futures
 

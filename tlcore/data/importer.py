@@ -208,9 +208,11 @@ def _scan(root: Path, boundary: list[Path]) -> _Scan:
         dirs, files = _visible_children(top)
         if (len(dirs) == 1 and not files and dirs[0].name.lower() not in SPLIT_ALIASES
                 and _visible_children(dirs[0])[0]):
+            scan.ignored += _ignored_in(top)
             top = dirs[0]
         else:
             break
+    scan.ignored += _ignored_in(top)
     dirs, files = _visible_children(top)
     split_dirs = {d: SPLIT_ALIASES.get(d.name.lower()) for d in dirs}
     given = "train" in split_dirs.values() and len(set(split_dirs.values()) - {None}) >= 2
@@ -229,6 +231,8 @@ def _scan(root: Path, boundary: list[Path]) -> _Scan:
         scan.given_splits = True
         for d, s in split_dirs.items():
             sub_dirs, sub_files = _visible_children(d)
+            if s is not None:
+                scan.ignored += _ignored_in(d)
             if s is None:
                 for f in _walk(d, boundary, scan, skip):
                     skip(f, "no_split", f"{rel(f)} is outside the train/val/test folders; with "
@@ -241,6 +245,7 @@ def _scan(root: Path, boundary: list[Path]) -> _Scan:
     else:
         if len(dirs) == 1 and split_dirs.get(dirs[0]) == "train":  # train/ alone: classes inside
             sub_dirs, sub_files = _visible_children(dirs[0])
+            scan.ignored += _ignored_in(dirs[0])
             for f in sub_files:
                 skip(f, "no_class", f"{rel(f)} is not inside a class folder.")
             dirs = sub_dirs
@@ -264,6 +269,15 @@ def _visible_children(d: Path) -> tuple[list[Path], list[Path]]:
             continue
         (dirs if e.is_dir() else files).append(Path(e.path))
     return dirs, files
+
+
+def _ignored_in(d: Path) -> int:
+    """How many files OS litter and hidden entries directly in `d` account for."""
+    try:
+        entries = [e for e in os.scandir(d) if is_ignored_name(e.name)]
+    except OSError:
+        return 0
+    return sum(_count_files(Path(e.path)) if e.is_dir(follow_symlinks=False) else 1 for e in entries)
 
 
 def _walk(top: Path, boundary: list[Path], scan: _Scan, skip) -> Iterator[Path]:
