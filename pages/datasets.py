@@ -1,2 +1,235 @@
+"""Datasets: import (built-in offline sets, a zip upload, a server folder under the allowed roots,
+camera snapshots per class, the download catalog), then the import report, class balance and a
+sample grid per class for any dataset version."""
+
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
 import streamlit as st
-st.title('datasets')
+
+from tlcore import home
+from ui import charts, state
+from ui import format as fmt
+from ui.engine import need
+
+store = state.store()
+importer = need("data.importer")
+builtin = need("data.builtin")
+sources = need("data.sources")
+manifest = need("data.manifest")
+
+SAMPLES_PER_CLASS = 8
+
+
+def server_roots() -> list[Path]:
+    """Folders open for server imports: `$TLCORE_DATA_ROOTS` plus `[data] roots` in secrets."""
+    extra = []
+    try:
+        extra = list((st.secrets.to_dict().get("data") or {}).get("roots") or [])
+    except Exception:  # no secrets.toml: only the environment variable counts
+        pass
+    return sources.allowed_roots(extra)
+
+
+def done(result, what: str) -> None:
+    """Remember a finished import so the page shows it (and selects it) after the rerun."""
+    ds, report = result.dataset, result.report
+    skipped = len(report.get("skipped") or [])
+    msg = (f"Imported **{ds.label}** from {what}: {ds.num_images} images in {len(ds.classes)} classes"
+           + (f"; {skipped} file(s) skipped (see the report below)." if skipped else "."))
+    st.session_state["datasets.flash"] = ("success", msg, None)
+    st.session_state["datasets.selected"] = ds.id
+
+
+def failed(exc: Exception, what: str) -> None:
+    report = getattr(exc, "report", None) or None
+    if isinstance(exc, ValueError):
+        text = f"Could not import {what}: {exc}"
+    elif isinstance(exc, FileNotFoundError):
+        text = f"Could not import {what}: {exc}"
+    else:
+        text = f"Could not import {what} ({type(exc).__name__}): {exc}"
+    st.session_state["datasets.flash"] = ("error", text, report)
+
+
+def run_import(what: str, fn, *args, **kwargs) -> None:
+    with st.spinner(f"Importing {what}… every image is decoded and checked."):
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every failure is shown in words
+            failed(exc, what)
+        else:
+            done(result, what)
+
+
+def skipped_table(report: dict, key: str) -> None:
+    skipped = report.get("skipped") or []
+    if skipped:
+        st.markdown(f"**Skipped files ({len(skipped)})**")
+        st.dataframe([{"file": s.get("file"), "reason": s.get("reason"), "message": s.get("message")}
+                      for s in skipped], hide_index=True, key=key)
+
+
+# ------------------------------------------------------------------- import
+
+st.title("Datasets")
+tab_builtin, tab_zip, tab_folder, tab_camera, tab_catalog = st.tabs(
+    ["Built-in (offline)", "Upload a zip", "Server folder", "Camera", "Download catalog"])
+
+with tab_builtin:
+    st.caption("Real images shipped inside Python packages: work on a machine without internet.")
+    names = list(builtin.BUILTIN)
+    choice = st.radio("Built-in dataset", names, key="datasets.builtin",
+                      format_func=lambda n: f"{n} — {builtin.BUILTIN[n]}")
+    if st.button("Import", key="datasets.import_builtin", type="primary"):
+        run_import(f"the built-in '{choice}' set", builtin.import_builtin, choice, store=store)
+
+with tab_zip:
+    st.caption("A .zip with one folder per class (`ants/…`, `bees/…`), or `train/` `val/` [`test/`] "
+               "folders each holding the class folders. Corrupt, tiny and duplicate images are skipped "
+               "and listed.")
+    upload = st.file_uploader("Zip of class folders", type=["zip"], key="datasets.zip")
+    zip_name = st.text_input("Dataset name (optional)", key="datasets.zip_name",
+                             placeholder="defaults to the zip's name")
+    if st.button("Import zip", key="datasets.import_zip", type="primary", disabled=upload is None):
+        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=home.uploads_dir()))
+        try:
+            stem = Path(upload.name).stem or "upload"
+            path = folder / f"{stem}.zip"
+            path.write_bytes(upload.getvalue())
+            run_import(f"'{upload.name}'", importer.import_dataset, str(path),
+                       zip_name.strip() or stem, store=store)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+with tab_folder:
+    roots = server_roots()
+    if roots:
+        st.caption("Folders open for import on this server: " + ", ".join(f"`{r}`" for r in roots))
+    else:
+        st.info("No server folders are open for import. An administrator can list them in "
+                "`$TLCORE_DATA_ROOTS` or as `[data] roots = [...]` in `.streamlit/secrets.toml`.")
+    folder_path = st.text_input("Folder on the server", key="datasets.folder",
+                                placeholder=str(roots[0] / "my-images") if roots else "/data/my-images")
+    folder_name = st.text_input("Dataset name (optional)", key="datasets.folder_name",
+                                placeholder="defaults to the folder's name")
+    if st.button("Import folder", key="datasets.import_folder", type="primary",
+                 disabled=not folder_path.strip()):
+        run_import(f"'{folder_path.strip()}'", importer.import_dataset, folder_path.strip(),
+                   folder_name.strip() or None, store=store, roots=roots)
+
+with tab_camera:
+    st.caption("Teachable-Machine style: name a class, take a few snapshots of it, repeat for each "
+               "class, then build the dataset. Ten or more per class work best.")
+    snaps: dict[str, list[bytes]] = st.session_state.setdefault("datasets.snaps", {})
+    cls = st.text_input("Class name", key="datasets.cam_class", placeholder="e.g. mug")
+    photo = st.camera_input("Snapshot", key="datasets.camera")
+    if st.button("Add snapshot to this class", key="datasets.cam_add", disabled=photo is None):
+        label = cls.strip()
+        if not label:
+            st.warning("Name the class first, then add the snapshot.")
+        elif photo is not None and st.session_state.get("datasets.cam_last") == photo.file_id:
+            st.info("This snapshot is already added; take a new one.")
+        else:
+            snaps.setdefault(label, []).append(photo.getvalue())
+            st.session_state["datasets.cam_last"] = photo.file_id
+    if snaps:
+        st.markdown(" · ".join(f"**{c}**: {len(v)}" for c, v in snaps.items()))
+        c1, c2 = st.columns(2)
+        cam_name = c1.text_input("Dataset name", value="camera", key="datasets.cam_name")
+        if c2.button("Clear snapshots", key="datasets.cam_clear"):
+            snaps.clear()
+            st.rerun()
+        if st.button("Build dataset", key="datasets.cam_build", type="primary"):
+            work = Path(tempfile.mkdtemp(prefix="camera-", dir=home.uploads_dir()))
+            try:
+                for label, shots in snaps.items():
+                    for i, data in enumerate(shots):
+                        (work / label).mkdir(parents=True, exist_ok=True)
+                        (work / label / f"{i:03d}.jpg").write_bytes(data)
+                run_import("the camera snapshots", importer.import_dataset, str(work),
+                           cam_name.strip() or "camera", store=store)
+                if st.session_state.get("datasets.flash", ("",))[0] == "success":
+                    snaps.clear()
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+
+with tab_catalog:
+    st.caption("Public datasets, downloaded to this server when it has internet.")
+    catalog = builtin.CATALOG
+    pick = st.selectbox("Dataset", list(catalog), key="datasets.catalog",
+                        format_func=lambda n: f"{n} — {catalog[n].description} (~{catalog[n].size_mb} MB)")
+    limit = st.number_input("Images per class and split (0 = all)", 0, 100000, value=200, step=50,
+                            key="datasets.catalog_limit")
+    if st.button("Download and import", key="datasets.download", type="primary"):
+        run_import(f"the catalog dataset '{pick}'", builtin.download_catalog, pick,
+                   int(limit) or None, store=store)
+
+flash = st.session_state.pop("datasets.flash", None)
+if flash:
+    kind, text, report = flash
+    (st.error if kind == "error" else st.success)(text)
+    if report:
+        skipped_table(report, "datasets.flash_skipped")
+        for w in report.get("warnings") or []:
+            st.warning(w)
+
+# ---------------------------------------------------------------- datasets
+
+st.divider()
+st.subheader("Your datasets")
+datasets = store.list_datasets()
+if not datasets:
+    st.info("No datasets yet. The built-in ones above import in a few seconds without internet.")
+    st.stop()
+
+by_id = {d.id: d for d in datasets}
+if st.session_state.get("datasets.selected") not in by_id:
+    st.session_state["datasets.selected"] = datasets[0].id
+ds_id = st.selectbox("Dataset", list(by_id), key="datasets.selected",
+                     format_func=lambda i: f"{by_id[i].label} · {by_id[i].num_images} images · "
+                                           f"created {fmt.ago(by_id[i].created_at)}")
+ds = by_id[ds_id]
+report = ds.report or {}
+
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Images", ds.num_images)
+m2.metric("Classes", len(ds.classes))
+m3.metric("Skipped files", len(report.get("skipped") or []))
+split_counts = {s: sum(c.values()) for s, c in ds.counts.items()}
+m4.metric("Train / val / test", " / ".join(str(split_counts.get(s, 0)) for s in ("train", "val", "test")))
+st.caption(f"Source: `{ds.source}` · id `{ds.id}`"
+           + (" · splits as given" if report.get("given_splits") else ""))
+
+left, right = st.columns([3, 2])
+with left:
+    st.plotly_chart(charts.class_balance(ds.counts), key="datasets.balance", config={"displayModeBar": False})
+with right:
+    st.markdown("**Import report**")
+    warnings = report.get("warnings") or []
+    conflicts = report.get("conflicts") or []
+    if not warnings and not report.get("skipped") and not conflicts:
+        st.success("Every file was a usable image; no warnings.")
+    for w in warnings:
+        st.warning(w)
+    if conflicts:
+        st.warning(f"{len(conflicts)} image(s) appeared in two classes (label conflict) and were left out.")
+    skipped_table(report, "datasets.skipped")
+
+st.markdown("**Samples per class**")
+try:
+    entries = manifest.load_manifest(ds.id)
+except FileNotFoundError as exc:
+    st.warning(f"The images of this dataset are not in this data home: {exc}")
+    entries = []
+by_class: dict[str, list] = {}
+for e in entries:
+    by_class.setdefault(e.label, []).append(e)
+for label in ds.classes:
+    items = [e for e in by_class.get(label, []) if Path(e.path).is_file()][:SAMPLES_PER_CLASS]
+    if not items:
+        continue
+    st.caption(f"{label} · {sum(ds.counts.get(s, {}).get(label, 0) for s in ds.counts)} images")
+    st.image([str(e.path) for e in items], width=96, caption=[Path(e.source).name[:18] for e in items])

@@ -1,2 +1,331 @@
+"""Train: a form that maps onto `TrainConfig`, presets, Launch (queues a job), and the live run.
+
+The run trains in the worker process; this page only queues it and polls the store, so
+leaving, refreshing or opening the page elsewhere shows the same live run (`?run=<id>`).
+"""
+
+import dataclasses
+
 import streamlit as st
-st.title('train')
+
+from tlcore.config import AUGMENTATIONS, PRESETS, TrainConfig
+from tlcore.store import RunStatus
+from ui import charts, sidebar, state
+from ui import format as fmt
+from ui.engine import maybe, need
+
+store = state.store()
+jobs = need("jobs")
+
+LRS = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5]
+BATCHES = [8, 16, 32, 64, 128]
+DEFAULT_PRESET = "fast-offline"
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+
+
+@st.cache_data(ttl=60, show_spinner="Reading the backbone registry…")
+def backbones() -> list[dict]:
+    """The registry as plain records (importing it imports Keras, once per process)."""
+    from tlcore.backbones import list_backbones
+
+    out = []
+    for spec in list_backbones():
+        out.append({"name": spec.name, "display_name": spec.display_name, "default_size": spec.default_size,
+                    "min_size": spec.min_size, "weights_available": bool(spec.weights_available()),
+                    "weights_origin": spec.weights_origin, "license": spec.license,
+                    "imagenet_top1": spec.imagenet_top1, "params_m": spec.params_m, "offline": spec.offline})
+    return out
+
+
+def apply_preset() -> None:
+    """Copy the chosen preset (over TrainConfig's defaults) into the form's widgets."""
+    name = st.session_state.get("train.preset")
+    if name not in PRESETS:
+        return
+    values = {**DEFAULTS, **PRESETS[name]}
+    ss = st.session_state
+    ss["train.backbone"] = values["backbone"]
+    ss["train.weights"] = values["weights"]
+    ss["train.size_default"] = values["image_size"] is None
+    if values["image_size"]:
+        ss["train.image_size"] = int(values["image_size"])
+    ss["train.head_epochs"] = int(values["head_epochs"])
+    ss["train.finetune_epochs"] = int(values["finetune_epochs"])
+    ss["train.finetune_layers"] = int(values["finetune_layers"])
+    ss["train.lr"] = min(LRS, key=lambda lr: abs(lr - values["lr"]))
+    ss["train.finetune_lr_scale"] = float(values["finetune_lr_scale"])
+    ss["train.augment"] = list(values["augment"])
+    ss["train.head_augment"] = bool(values["head_augment"])
+    ss["train.batch_size"] = int(values["batch_size"]) if values["batch_size"] in BATCHES else 32
+    ss["train.dropout"] = float(values["dropout"])
+    if "label_smoothing" in values:
+        ss["train.label_smoothing"] = float(values["label_smoothing"])
+    ss["train.patience"] = int(values["early_stopping_patience"])
+    ss["train.seed"] = int(values["seed"])
+    split = values.get("split")
+    ss["train.resplit"] = split is not None
+    ss.setdefault("train.split_train", 70)
+    ss.setdefault("train.split_val", 15)
+    if split:
+        ss["train.split_train"], ss["train.split_val"] = int(round(split[0] * 100)), int(round(split[1] * 100))
+
+
+def form_config(dataset_id: str) -> TrainConfig:
+    """The form's values as a TrainConfig; ValueError (a plain sentence) when they don't fit."""
+    ss = st.session_state
+    split = None
+    if ss["train.resplit"]:
+        tr, va = ss["train.split_train"], ss["train.split_val"]
+        split = (tr / 100, va / 100, round(1 - tr / 100 - va / 100, 6))
+    values = dict(
+        dataset=dataset_id,
+        backbone=ss["train.backbone"],
+        weights=ss["train.weights"],
+        image_size=None if ss["train.size_default"] else int(ss["train.image_size"]),
+        head_epochs=int(ss["train.head_epochs"]),
+        finetune_epochs=int(ss["train.finetune_epochs"]),
+        finetune_layers=int(ss["train.finetune_layers"]),
+        augment=tuple(ss["train.augment"]),
+        head_augment=bool(ss["train.head_augment"]),
+        lr=float(ss["train.lr"]),
+        finetune_lr_scale=float(ss["train.finetune_lr_scale"]),
+        batch_size=int(ss["train.batch_size"]),
+        dropout=float(ss["train.dropout"]),
+        label_smoothing=float(ss.get("train.label_smoothing", 0.0)),
+        early_stopping_patience=int(ss["train.patience"]),
+        seed=int(ss["train.seed"]),
+        split=split,
+        name=(ss.get("train.name") or "").strip() or None,
+    )
+    # Only the fields this engine's TrainConfig has (the form may know a few more).
+    return TrainConfig(**{k: v for k, v in values.items() if k in FIELDS})
+
+
+def launch(dataset_id: str) -> None:
+    try:
+        config = form_config(dataset_id)
+        run = jobs.submit(config, store=store)
+    except ValueError as exc:
+        st.session_state["train.flash"] = ("error", f"Not launched: {exc}")
+        return
+    except Exception as exc:  # noqa: BLE001 - in words, never a traceback
+        st.session_state["train.flash"] = ("error", f"Not launched: {type(exc).__name__}: {exc}")
+        return
+    message = f"Queued **{run.name}**."
+    status = sidebar.worker_status()
+    if st.session_state.get("train.autostart", True) and (status is None or not status.alive):
+        try:
+            pid = jobs.start_worker_process()
+            message += f" Started the worker (pid {pid}); it picks the run up in a moment."
+        except Exception as exc:  # noqa: BLE001
+            message += f" The worker did not start ({exc}); start it from the sidebar."
+    st.session_state["train.flash"] = ("success", message)
+    st.session_state["train.watch"] = run.id
+    st.query_params["run"] = run.id
+
+
+# ------------------------------------------------------------------ the form
+
+st.title("Train")
+datasets = store.list_datasets()
+if not datasets:
+    st.info("There is no dataset yet. Import one first — the built-in offline sets need no internet.")
+    builtin = maybe("data.builtin")
+    if builtin is not None and getattr(builtin, "BUILTIN", None):
+        name = next(iter(builtin.BUILTIN))
+        if st.button(f"Import the built-in '{name}' dataset", key="train.import_builtin", type="primary"):
+            with st.spinner(f"Importing {name}…"):
+                try:
+                    builtin.import_builtin(name, store=store)
+                except Exception as exc:  # noqa: BLE001
+                    st.error(f"The built-in dataset could not be imported: {exc}")
+                else:
+                    st.rerun()
+    st.page_link("pages/datasets.py", label="Go to Datasets", icon=":material/photo_library:")
+    st.stop()
+
+if "train.backbone" not in st.session_state:
+    st.session_state["train.preset"] = DEFAULT_PRESET
+    apply_preset()
+
+specs = {b["name"]: b for b in backbones()}
+if st.session_state.get("train.backbone") not in specs:
+    st.session_state["train.backbone"] = next(iter(specs))
+
+form_col, live_col = st.columns([2, 3], gap="large")
+
+with form_col:
+    st.subheader("New run")
+    by_id = {d.id: d for d in datasets}
+    if st.session_state.get("train.dataset") not in by_id:
+        st.session_state["train.dataset"] = datasets[0].id
+    dataset_id = st.selectbox("Dataset", list(by_id), key="train.dataset",
+                              format_func=lambda i: f"{by_id[i].label} · {len(by_id[i].classes)} classes · "
+                                                    f"{by_id[i].num_images} images")
+    st.selectbox("Preset", [*PRESETS, "custom"], key="train.preset", on_change=apply_preset,
+                 help="fast-offline: EfficientNet-Lite0, head only, no internet needed. "
+                      "lite0-finetune: adds a short fine-tune with augmentation. "
+                      "seed-vgg16: the seed project's VGG16 recipe (needs its ImageNet weights).")
+
+    def backbone_label(name: str) -> str:
+        b = specs[name]
+        mark = "weights offline ✓" if b["offline"] else ("weights cached ✓" if b["weights_available"]
+                                                         else "weights need internet")
+        return f"{b['display_name']} · {mark}"
+
+    backbone = st.selectbox("Backbone", list(specs), key="train.backbone", format_func=backbone_label)
+    spec = specs[backbone]
+    top1 = f"ImageNet top-1 {spec['imagenet_top1']:.1%} · " if spec["imagenet_top1"] else ""
+    st.caption(f"{top1}{spec['params_m']:.1f} M params · weights: {spec['weights_origin']} · {spec['license']}")
+    weights = st.radio("Weights", ["imagenet", "none"], key="train.weights", horizontal=True,
+                       format_func=lambda w: "ImageNet (transfer)" if w == "imagenet" else "none (from scratch)")
+    if weights == "imagenet" and not spec["weights_available"]:
+        st.warning(f"{spec['display_name']}'s ImageNet weights are not on this server yet. The worker "
+                   "downloads them on first use; without internet the run fails and says which file to "
+                   "drop in the weights folder. EfficientNet-Lite0 works offline.")
+
+    c1, c2 = st.columns(2)
+    c1.checkbox(f"Backbone's size ({spec['default_size']} px)", key="train.size_default")
+    if "train.image_size" not in st.session_state:
+        st.session_state["train.image_size"] = spec["default_size"]
+    c2.number_input("Image size (px)", min_value=32, max_value=1024, step=16, key="train.image_size",
+                    disabled=st.session_state["train.size_default"])
+
+    c1, c2, c3 = st.columns(3)
+    c1.number_input("Head epochs", 0, 500, key="train.head_epochs",
+                    help="Phase 1: backbone frozen, only the new classifier head trains.")
+    c2.number_input("Fine-tune epochs", 0, 500, key="train.finetune_epochs",
+                    help="Phase 2: the top of the backbone trains too, at a lower learning rate.")
+    c3.number_input("Fine-tune depth", 0, 1000, key="train.finetune_layers",
+                    help="Layers from the top of the backbone unfrozen in phase 2.")
+    c1, c2 = st.columns(2)
+    c1.select_slider("Learning rate", LRS, key="train.lr", format_func=lambda v: f"{v:g}")
+    c2.selectbox("Batch size", BATCHES, key="train.batch_size")
+    st.multiselect("Augmentation", list(AUGMENTATIONS), key="train.augment",
+                   help="Random transforms of training images in the fine-tune phase.")
+    with st.expander("More settings"):
+        st.checkbox("Augment in the head phase too (features then cannot be cached; slower)",
+                    key="train.head_augment")
+        c1, c2 = st.columns(2)
+        c1.slider("Dropout", 0.0, 0.8, step=0.05, key="train.dropout")
+        if "label_smoothing" in FIELDS:
+            c2.slider("Label smoothing", 0.0, 0.3, step=0.05, key="train.label_smoothing")
+        c1.number_input("Early-stopping patience (epochs)", 0, 100, key="train.patience")
+        c2.number_input("Fine-tune LR scale", 0.001, 1.0, step=0.05, format="%.3f", key="train.finetune_lr_scale")
+        c1.number_input("Seed", 0, 2**31 - 1, key="train.seed")
+        st.checkbox("Re-split the dataset (train / val / test)", key="train.resplit",
+                    help="Only for datasets imported without given splits; a given layout is always kept.")
+        if st.session_state["train.resplit"]:
+            st.session_state.setdefault("train.split_train", 70)
+            st.session_state.setdefault("train.split_val", 15)
+            c1, c2 = st.columns(2)
+            tr = c1.number_input("Train %", 10, 95, key="train.split_train")
+            va = c2.number_input("Val %", 0, 90, key="train.split_val")
+            st.caption(f"Test: {max(0, 100 - tr - va)} %")
+        st.text_input("Run name (optional)", key="train.name", placeholder="a name is made for you")
+    st.checkbox("Start the worker if it is not running", value=True, key="train.autostart")
+    st.button("Train", key="train.launch", type="primary", icon=":material/rocket_launch:",
+              on_click=launch, args=(dataset_id,), width="stretch")
+    flash = st.session_state.pop("train.flash", None)
+    if flash:
+        (st.error if flash[0] == "error" else st.success)(flash[1])
+
+
+# -------------------------------------------------------------- the live run
+
+def run_panel(run_id: str) -> None:
+    try:
+        run = store.get_run(run_id)
+    except KeyError:
+        st.warning(f"There is no run {run_id!r} in this data home.")
+        return
+    st.markdown(f"**{run.name}** · {fmt.STATUS_ICON[run.status]} · {run.backbone} · "
+                f"created {fmt.ago(run.created_at)}")
+    if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+        st.progress(fmt.progress_fraction(run), text=fmt.progress_text(run))
+        c1, c2 = st.columns([1, 3])
+        if run.cancel_requested:
+            c2.caption("Cancel requested: the worker stops after the current batch.")
+        elif c1.button("Cancel", key="train.cancel", icon=":material/stop:"):
+            try:
+                jobs.cancel(run.id, store=store)
+            except (KeyError, ValueError) as exc:
+                st.warning(str(exc))
+            st.rerun(scope="fragment")
+        status = sidebar.worker_status()
+        if run.status == RunStatus.QUEUED and status is not None and not status.alive:
+            st.warning("This run waits for the worker, which is not running.")
+            sidebar.start_worker("train.start_worker")
+    elif run.status == RunStatus.SUCCEEDED:
+        m1, m2, m3 = st.columns(3)
+        m1.metric("Accuracy", fmt.pct(fmt.headline(run)))
+        m2.metric("Macro F1", fmt.pct(fmt.summary_metric(run, "macro_f1")))
+        m3.metric("Took", fmt.duration(fmt.run_duration(run)))
+        l1, l2 = st.columns(2)
+        l1.page_link("pages/errors.py", label="See its errors", icon=":material/error:", query_params={"run": run.id})
+        l2.page_link("pages/demo.py", label="Try it in the demo", icon=":material/photo_camera:",
+                     query_params={"run": run.id})
+    elif run.status == RunStatus.FAILED:
+        st.error(f"This run failed: {run.error or 'no reason was recorded.'}")
+        if st.button("Resume from its last checkpoint", key="train.resume"):
+            try:
+                new = jobs.resume(run.id, store=store)
+            except (KeyError, ValueError) as exc:
+                st.warning(str(exc))
+            else:
+                st.session_state["train.watch"] = new.id
+                st.query_params["run"] = new.id
+                st.rerun()
+    else:
+        st.warning(f"This run was cancelled. {run.error or ''}")
+
+    epochs = store.epochs(run.id)
+    if epochs:
+        records = [{"step": e.step, "phase": e.phase, "metrics": e.metrics} for e in epochs]
+        head = sum(1 for e in epochs if e.phase == "head")
+        boundary = head if 0 < head < len(epochs) else None
+        st.plotly_chart(charts.run_curves(records, boundary), key="train.curves",
+                        config={"displayModeBar": False})
+        st.caption(f"{len(epochs)} epoch(s) logged.")
+    elif not run.status.is_terminal:
+        st.caption("Curves appear here after the first epoch.")
+    logs = store.logs(run.id, tail=8)
+    if logs:
+        with st.expander("Log (last lines)", expanded=run.status == RunStatus.FAILED):
+            st.code("\n".join(line.message for line in logs), language=None)
+
+
+live_panel = st.fragment(run_every=2)(run_panel)
+static_panel = st.fragment(run_panel)
+
+with live_col:
+    st.subheader("Run")
+    recent = store.list_runs(limit=50)
+    if not recent:
+        st.info("No runs yet. Choose a dataset and a preset, then press **Train**.")
+    else:
+        by_run = {r.id: r for r in recent}
+        wanted = st.query_params.get("run")
+        if wanted and wanted not in by_run:
+            try:
+                extra = store.get_run(wanted)
+                by_run[extra.id] = extra
+                wanted = extra.id
+            except KeyError:
+                st.warning(f"The link names a run ({wanted!r}) that is not in this data home.")
+                wanted = None
+        # A new ?run= (a shared link, a page link, a refresh) chooses the run shown.
+        if wanted and wanted != st.session_state.get("train.url_seen"):
+            st.session_state["train.watch"] = wanted
+        if st.session_state.get("train.watch") not in by_run:
+            active = [r for r in recent if r.status in (RunStatus.RUNNING, RunStatus.QUEUED)]
+            st.session_state["train.watch"] = (active[-1] if active else recent[0]).id
+        watch = st.selectbox("Watch run", list(by_run), key="train.watch",
+                             format_func=lambda i: f"{by_run[i].name} · {fmt.STATUS_ICON[by_run[i].status]}")
+        st.query_params["run"] = watch
+        st.session_state["train.url_seen"] = watch
+        if by_run[watch].status.is_terminal:
+            static_panel(watch)
+        else:
+            live_panel(watch)

@@ -69,13 +69,12 @@ def progress_fraction(run: Run) -> float:
     total = total_epochs(run) or int(p.get("epochs") or 0)
     if not total:
         return 0.0
-    done = int(p.get("step") or 0)
-    if not done:
-        epoch = int(p.get("epoch") or 0)
-        offset = int((run.config or {}).get("head_epochs") or 0) if p.get("phase") == "finetune" else 0
-        done = offset + max(0, epoch - 1)
+    # `step` counts the epochs finished so far across both phases.
+    if p.get("step") is not None:
+        done = int(p.get("step") or 0)
     else:
-        done = max(0, done - 1)
+        offset = int((run.config or {}).get("head_epochs") or 0) if p.get("phase") == "finetune" else 0
+        done = offset + max(0, int(p.get("epoch") or 0) - 1)
     batches = p.get("batches") or 0
     within = (p.get("batch") or 0) / batches if batches else 0.0
     return float(min(1.0, max(0.0, (done + within) / total)))
@@ -88,7 +87,9 @@ def progress_text(run: Run) -> str:
     if p.get("phase"):
         bits.append(f"{p['phase']} phase")
     if p.get("epoch"):
-        bits.append(f"epoch {p['epoch']}/{p.get('epochs') or '?'}")
+        epochs = p.get("epochs")
+        epoch = min(int(p["epoch"]), int(epochs)) if epochs else p["epoch"]
+        bits.append(f"epoch {epoch}/{epochs or '?'}")
     if p.get("batches"):
         bits.append(f"batch {p.get('batch') or 0}/{p['batches']}")
     if p.get("message"):

@@ -28,6 +28,16 @@ def worker_status():
         return None
 
 
+def reap() -> None:
+    """Mark runs whose worker died as failed (the engine's reaper; cheap, safe to repeat)."""
+    jobs = maybe("jobs")
+    if jobs is not None and hasattr(jobs, "reap"):
+        try:
+            jobs.reap(state.store())
+        except Exception:  # noqa: BLE001 - a busy store just means: next poll
+            pass
+
+
 def start_worker(key: str) -> None:
     """A 'Start worker' button; starting it is the only thing it does."""
     jobs = maybe("jobs")
@@ -58,6 +68,7 @@ def worker_line(status) -> None:
 @st.fragment(run_every=POLL_S)
 def _live() -> None:
     store = state.store()
+    reap()
     status = worker_status()
     worker_line(status)
     if status is not None and not status.alive:

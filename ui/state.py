@@ -94,6 +94,8 @@ def device_summary(probe: DeviceProbe) -> str:
     if probe.result is None:
         return probe.error or "checking…"
     info = probe.result
+    if info.get("summary"):
+        return str(info["summary"])
     kind = str(info.get("kind") or "?")
     devices = info.get("devices") or []
     names = []
