@@ -1,0 +1,498 @@
+"""`python -m tlcore ...`: everything the dashboard does, headless.
+
+TensorFlow is imported only by the commands that need it, so `--help`, `runs list` and
+`datasets list` answer at once. With `--json` the last line on stdout is one JSON object.
+Bad input exits with code 2 and one plain sentence on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from typing import Any, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Errors whose message is a sentence for the user: exit code 2, no traceback. Matched by
+# class name so this module need not import Keras to recognise them.
+USER_ERRORS = {"ValueError", "KeyError", "WeightsUnavailable", "DatasetImportError", "ImageRejected",
+               "ModelLoadError", "SourceNotAllowed", "UnsafeArchive", "FileNotFoundError",
+               "NotADirectoryError", "IsADirectoryError", "PermissionError", "WorkerBusy",
+               "DatasetDownloadError"}
+
+
+class UsageError(Exception):
+    """Bad command-line input found after parsing."""
+
+
+# ------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tlcore",
+        description="Transfer Lab: import image datasets, fine-tune ImageNet backbones, keep every run.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    datasets = sub.add_parser("datasets", help="import and list datasets")
+    dsub = datasets.add_subparsers(dest="action", metavar="ACTION", required=True)
+    imp = dsub.add_parser("import", help="import a folder of class folders or a .zip of one")
+    imp.add_argument("source", help="folder (one subfolder per class, or train/ val/ [test/]) or .zip")
+    imp.add_argument("--name", help="dataset name (default: the folder or zip name)")
+    imp.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
+    imp.add_argument("--split", type=_split_arg, help="train,val,test fractions (default 0.7,0.15,0.15)")
+    _json(imp)
+    _json(dsub.add_parser("list", help="list datasets"))
+
+    _json(sub.add_parser("backbones", help="list backbones and whether their ImageNet weights are here"))
+
+    train = sub.add_parser("train", help="train in the foreground (Ctrl-C cancels)")
+    _train_options(train)
+    submit = sub.add_parser("submit", help="queue a training job for the worker and return at once")
+    _train_options(submit)
+
+    worker = sub.add_parser("worker", help="run queued jobs one at a time")
+    worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
+
+    cancel = sub.add_parser("cancel", help="cancel a queued run, or stop a running one between batches")
+    cancel.add_argument("run", help="run id or name")
+    _json(cancel)
+    resume = sub.add_parser("resume", help="queue a failed or cancelled run again from its checkpoint")
+    resume.add_argument("run", help="run id or name")
+    _json(resume)
+
+    runs = sub.add_parser("runs", help="list runs or show one")
+    rsub = runs.add_subparsers(dest="action", metavar="ACTION", required=True)
+    rlist = rsub.add_parser("list", help="list runs, newest first")
+    rlist.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    _json(rlist)
+    show = rsub.add_parser("show", help="a run's config, status, epochs, metrics and log tail")
+    show.add_argument("run", help="run id or name")
+    _json(show)
+
+    predict = sub.add_parser("predict", help="classify image files with a run's model or the ImageNet model")
+    which = predict.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="run id or name")
+    which.add_argument("--model", help="a backbone's own ImageNet classifier: efficientnet_lite0")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--top-k", type=int, default=5, help="how many classes per image (default 5)")
+    _json(predict)
+
+    export = sub.add_parser("export", help="export a run's model")
+    export.add_argument("--run", required=True, help="run id or name")
+    export.add_argument("--format", required=True, choices=("keras", "savedmodel", "tflite"))
+    export.add_argument("--out", help="file (folder for savedmodel); default: export/ in the run folder")
+    _json(export)
+    return parser
+
+
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, metavar="DATASET_OR_FOLDER",
+                   help="dataset name or id, or a folder / .zip to import first")
+    p.add_argument("--backbone", help="backbone name (`python -m tlcore backbones`); default efficientnet_lite0")
+    p.add_argument("--weights", choices=("imagenet", "none"), help="ImageNet weights or random init")
+    p.add_argument("--image-size", type=int, help="input size in px (default: the backbone's)")
+    p.add_argument("--head-epochs", type=int)
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--finetune-layers", type=int)
+    p.add_argument("--augment", type=_augment_arg, help="comma list of flip,rotate,zoom,contrast,translate or none")
+    p.add_argument("--lr", type=float, help="head learning rate")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--split", type=_split_arg, help="train,val,test fractions, e.g. 0.8,0.1,0.1")
+    p.add_argument("--preset", help="a named recipe; explicit options override it")
+    p.add_argument("--name", help="run name")
+    _json(p)
+
+
+def _split_arg(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be three fractions like 0.8,0.1,0.1; received {text!r}") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"must be three fractions like 0.8,0.1,0.1; received {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _augment_arg(text: str) -> tuple[str, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(x.strip().lower() for x in text.split(",") if x.strip())
+
+
+def config_from_args(args: argparse.Namespace):
+    """A `TrainConfig` from a preset (if given) overridden by the explicit options."""
+    from tlcore.config import PRESETS, TrainConfig
+
+    values: dict[str, Any] = {}
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise ValueError(f"`--preset` must be one of {', '.join(PRESETS)}. Received: preset={args.preset!r}")
+        values.update(PRESETS[args.preset])
+    for option in ("backbone", "weights", "image_size", "head_epochs", "finetune_epochs", "finetune_layers",
+                   "augment", "lr", "batch_size", "seed", "split", "name"):
+        value = getattr(args, option)
+        if value is not None:
+            values[option] = value
+    return TrainConfig(dataset=args.data, **values)
+
+
+# ----------------------------------------------------------------- commands
+
+
+def _emit(args, payload: dict[str, Any], text: str | None = None) -> None:
+    if text:
+        print(text)
+    if getattr(args, "json", False):
+        print(json.dumps(payload, default=str))
+
+
+def _store():
+    from tlcore.store import Store
+
+    return Store()
+
+
+def cmd_datasets(args) -> int:
+    store = _store()
+    if args.action == "list":
+        rows = store.list_datasets()
+        text = _table(["name", "version", "id", "images", "classes", "test split"],
+                      [[d.name, d.version, d.id, d.num_images, len(d.classes), "yes" if d.has_test else "no"]
+                       for d in rows]) if rows else "No datasets yet. `python -m tlcore datasets import FOLDER` adds one."
+        _emit(args, {"datasets": [_dataset_dict(d) for d in rows]}, None if args.json else text)
+        return 0
+    from tlcore.data.importer import import_dataset
+
+    kwargs: dict[str, Any] = {"store": store, "seed": args.seed}
+    if args.split:
+        kwargs["split"] = args.split
+    result = import_dataset(args.source, args.name, **kwargs)
+    d, report = result.dataset, result.report
+    lines = [f"Imported {d.label} ({d.id}): {d.num_images} images, {len(d.classes)} classes."]
+    for split, counts in d.counts.items():
+        if counts:
+            lines.append(f"  {split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    skipped = report.get("skipped") or []
+    if skipped:
+        lines.append(f"Skipped {len(skipped)} file(s):")
+        lines += [f"  {s.get('file')}: {s.get('message') or s.get('reason')}" for s in skipped[:50]]
+        if len(skipped) > 50:
+            lines.append(f"  ... and {len(skipped) - 50} more (see --json)")
+    lines += [f"Warning: {w}" for w in report.get("warnings") or []]
+    _emit(args, {"dataset": _dataset_dict(d), "report": report}, None if args.json else "\n".join(lines))
+    return 0
+
+
+def _dataset_dict(d) -> dict[str, Any]:
+    return {"id": d.id, "name": d.name, "version": d.version, "label": d.label, "source": d.source,
+            "classes": d.classes, "counts": d.counts, "num_images": d.num_images, "has_test": d.has_test,
+            "created_at": d.created_at}
+
+
+def cmd_backbones(args) -> int:
+    from tlcore.backbones import list_backbones
+
+    rows = []
+    for spec in list_backbones():
+        rows.append({
+            "name": spec.name, "display_name": spec.display_name, "default_size": spec.default_size,
+            "min_size": spec.min_size, "preprocessing": spec.preprocessing,
+            "weights_available": spec.weights_available(), "offline": spec.offline,
+            "origin": spec.weights_origin, "license": spec.license, "imagenet_top1": spec.imagenet_top1,
+            "params_m": spec.params_m,
+        })
+    text = _table(["name", "display name", "size", "preprocessing", "weights now", "top-1", "origin"],
+                  [[r["name"], r["display_name"], r["default_size"], r["preprocessing"],
+                    "yes" if r["weights_available"] else "no (downloads on first use)",
+                    f"{r['imagenet_top1']:.1%}" if r["imagenet_top1"] else "-", r["origin"]] for r in rows])
+    _emit(args, {"backbones": rows}, None if args.json else text)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from tlcore import jobs
+
+    store = _store()
+    run = jobs.submit(config_from_args(args), store)
+    position = [r.id for r in store.queue()].index(run.id) + 1 if run.status.value == "queued" else None
+    status = jobs.worker_status(store)
+    if not args.json:
+        print(run.id)
+        print(f"Queued {run.name} (position {position}).", file=sys.stderr)
+        if not status.alive:
+            print("No worker is running; start one with `python -m tlcore worker`.", file=sys.stderr)
+    _emit(args, {"run_id": run.id, "name": run.name, "status": run.status.value, "position": position,
+                 "worker_alive": status.alive})
+    return 0
+
+
+def cmd_train(args) -> int:
+    from tlcore import jobs
+
+    config = config_from_args(args)
+    store = _store()
+    stop = threading.Event()
+    interrupted = []
+
+    def on_sigint(_signum, _frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+        print("\nStopping after the current batch (Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        progress = sys.stdout.isatty() and not args.json
+        run = jobs.run_foreground(config, store, progress_bar=progress, stop=stop)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    summary = dict(run.summary) if run.summary else {}
+    summary.update({"run_id": run.id, "name": run.name, "status": run.status.value,
+                    "backbone": run.backbone, "weights": run.weights})
+    if run.error:
+        summary["error"] = run.error
+    if not args.json:
+        print(_summary_text(run))
+    _emit(args, summary)
+    return {"succeeded": 0, "cancelled": 130}.get(run.status.value, 1)
+
+
+def _summary_text(run) -> str:
+    s = run.summary or {}
+    metrics = s.get("metrics") or {}
+    if run.status.value != "succeeded":
+        return f"Run {run.name} ({run.id}) {run.status.value}: {run.error}"
+    weights = "ImageNet weights" if run.weights == "imagenet" else "no pretrained weights (random init)"
+    lines = [f"Run {run.name} ({run.id}) succeeded: {run.backbone}, {weights}.",
+             f"  {s.get('eval_split', 'eval')} accuracy {metrics.get('accuracy', float('nan')):.4f}, "
+             f"macro F1 {metrics.get('macro_f1', float('nan')):.4f} "
+             f"in {(s.get('timings') or {}).get('total_s', float('nan')):.1f} s",
+             f"  model: {s.get('model_path')}"]
+    return "\n".join(lines)
+
+
+def cmd_worker(args) -> int:
+    from tlcore import jobs
+
+    runs = jobs.serve_forever(once=args.once)
+    failed = [r for r in runs if r.status.value == "failed"]
+    return 1 if args.once and failed else 0
+
+
+def cmd_cancel(args) -> int:
+    from tlcore import jobs
+
+    run = jobs.cancel(args.run, _store())
+    state = ("cancelled" if run.status.value == "cancelled"
+             else "asked to stop; it stops after the current batch")
+    _emit(args, {"run_id": run.id, "name": run.name, "status": run.status.value,
+                 "cancel_requested": run.cancel_requested},
+          None if args.json else f"Run {run.name} ({run.id}) {state}.")
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from tlcore import jobs
+
+    run = jobs.resume(args.run, _store())
+    _emit(args, {"run_id": run.id, "name": run.name, "status": run.status.value,
+                 "resume_from": run.config.get("resume_from")},
+          None if args.json else f"{run.id}\nQueued {run.name}, resuming from {run.config['resume_from']}.")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from tlcore import jobs
+
+    store = _store()
+    jobs.reap(store)  # a dead worker's run shows as failed, not running forever
+    if args.action == "list":
+        runs = store.list_runs(limit=args.limit)
+        text = _table(["id", "name", "status", "backbone", "weights", "accuracy", "created"],
+                      [[r.id, r.name, r.status.value, r.backbone, r.weights,
+                        f"{r.accuracy:.4f}" if r.accuracy is not None else "-",
+                        time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at))] for r in runs]
+                      ) if runs else "No runs yet. `python -m tlcore train --data FOLDER` starts one."
+        _emit(args, {"runs": [_run_dict(r) for r in runs]}, None if args.json else text)
+        return 0
+    run = store.get_run(args.run)
+    epochs = store.epochs(run.id)
+    logs = store.logs(run.id, tail=20)
+    payload = {**_run_dict(run), "epochs": [
+        {"phase": e.phase, "epoch": e.epoch, "step": e.step, "metrics": e.metrics, "at": e.at} for e in epochs],
+        "log_tail": [line.message for line in logs]}
+    if args.json:
+        _emit(args, payload)
+        return 0
+    lines = [f"{run.name} ({run.id}): {run.status.value}",
+             f"  dataset {run.dataset_id}, backbone {run.backbone}, weights {run.weights}"]
+    if run.error:
+        lines.append(f"  error: {run.error}")
+    if run.progress and not run.status.is_terminal:
+        lines.append(f"  progress: {json.dumps(run.progress)}")
+    metrics = (run.summary or {}).get("metrics") or {}
+    if metrics:
+        lines.append(f"  {run.summary.get('eval_split')} accuracy {metrics.get('accuracy'):.4f}, "
+                     f"macro F1 {metrics.get('macro_f1'):.4f}")
+    if epochs:
+        lines.append(_table(["step", "phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"],
+                            [[e.step, e.phase, e.epoch] + [_fmt(e.metrics.get(k)) for k in
+                                                          ("loss", "accuracy", "val_loss", "val_accuracy")]
+                             for e in epochs]))
+    if logs:
+        lines.append("log (last lines):")
+        lines += [f"  {line.message.splitlines()[0] if line.message else ''}" for line in logs]
+    print("\n".join(lines))
+    return 0
+
+
+def _run_dict(r) -> dict[str, Any]:
+    return {"id": r.id, "run_id": r.id, "name": r.name, "status": r.status.value, "dataset_id": r.dataset_id,
+            "backbone": r.backbone, "weights": r.weights, "config": r.config, "created_at": r.created_at,
+            "started_at": r.started_at, "finished_at": r.finished_at, "worker": r.worker, "error": r.error,
+            "cancel_requested": r.cancel_requested, "progress": r.progress, "summary": r.summary,
+            "accuracy": r.accuracy, "tags": r.tags, "note": r.note}
+
+
+def cmd_predict(args) -> int:
+    from tlcore import inference
+    from tlcore.data.images import ImageRejected
+
+    if args.top_k < 1:
+        raise ValueError(f"`--top-k` must be 1 or more. Received: top_k={args.top_k}")
+    loaded = inference.load_run_model(args.run) if args.run else inference.load_imagenet_model(args.model)
+    results: list[dict[str, Any]] = []
+    rejected = 0
+    for path in args.images:
+        try:
+            pred = loaded.predict_files([path], top_k=args.top_k)[0]
+        except ImageRejected as exc:
+            rejected += 1
+            print(f"{path}: {exc}", file=sys.stderr)
+            results.append({"file": path, "error": str(exc), "reason": exc.reason})
+            continue
+        results.append(pred.to_dict())
+        if not args.json:
+            shown = ", ".join(f"{label} {p:.3f}" + (f" (#{i})" if args.model else "")
+                              for i, (label, p) in zip(pred.indices, pred.top_k))
+            print(f"{path}: {shown}")
+    _emit(args, {"model": loaded.name, "predictions": results})
+    return 2 if rejected else 0
+
+
+def cmd_export(args) -> int:
+    from tlcore.export import export_run
+
+    path = export_run(args.run, args.format, args.out)
+    _emit(args, {"run": args.run, "format": args.format, "path": str(path)}, None if args.json else str(path))
+    return 0
+
+
+COMMANDS = {"datasets": cmd_datasets, "backbones": cmd_backbones, "train": cmd_train, "submit": cmd_submit,
+            "worker": cmd_worker, "cancel": cmd_cancel, "resume": cmd_resume, "runs": cmd_runs,
+            "predict": cmd_predict, "export": cmd_export}
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def user_message(exc: BaseException) -> str:
+    """One plain sentence for an error the user can fix."""
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    elif isinstance(exc, OSError) and exc.filename and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def is_user_error(exc: BaseException) -> bool:
+    return any(cls.__name__ in USER_ERRORS for cls in type(exc).__mro__)
+
+
+# TensorFlow's C++ start-up lines ("oneDNN custom operations are on", "Could not find cuda
+# drivers", "failed call to cuInit") are written before absl logging is set up, so
+# TF_CPP_MIN_LOG_LEVEL cannot silence them. Known ones are dropped; every other line passes.
+_NATIVE_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|[IWE]\d{4} [\d:.]+ +\d+ (port|cudart_stub|cuda_platform|cuda_executor|cpu_feature_guard|gpu_device)\.cc:\d+\]"
+    r"|To enable the following instructions:)")
+
+
+def quiet_native_startup_logs():
+    """Filter known TensorFlow start-up noise out of file descriptor 2; returns a restore function."""
+    if os.environ.get("TLCORE_DEBUG"):
+        return lambda: None
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+    except OSError:
+        return lambda: None
+
+    def pump():
+        with os.fdopen(read_fd, "rb") as pipe:
+            for line in pipe:
+                if not _NATIVE_NOISE.match(line.decode("utf-8", "replace")):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore():
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 2)  # closes the pipe's last write end: the pump sees EOF
+        thread.join(timeout=2)
+
+    return restore
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the edge of the program
+        if is_user_error(exc):
+            print(f"Error: {user_message(exc)}", file=sys.stderr)
+            return 2
+        if os.environ.get("TLCORE_DEBUG"):
+            raise
+        print(f"Internal error ({type(exc).__name__}): {user_message(exc)} "
+              "Set TLCORE_DEBUG=1 to see the traceback.", file=sys.stderr)
+        return 1

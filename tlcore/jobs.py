@@ -1,0 +1,494 @@
+"""Jobs: submit a run, the worker that trains queued runs one at a time, cancel, resume.
+
+A run's state lives in the store, never in a process: `submit` writes a queued row, a worker
+(`python -m tlcore worker`) claims the oldest one, renews its lease with a heartbeat thread
+while `training.execute_run` trains, and writes the final status. A worker that dies stops
+beating; `reap` (called by every worker and by readers such as `runs list` and the dashboard)
+marks its run failed with the reason written down, and every epoch logged so far stays.
+
+The worker holds an exclusive lock on `worker.lock` in the data home for its whole life (so
+one data home has one worker) and describes itself in `worker.json`, which `worker_status`
+reads without touching the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from tlcore import home
+from tlcore.config import TrainConfig
+from tlcore.store import Run, RunStatus, Store
+
+HEARTBEAT_S = 2.0  # how often a running job renews its lease and looks for a cancel request
+LEASE_S = 30.0  # a run whose heartbeat is older than this is marked failed
+CHECKPOINT_FILE = "checkpoint.weights.h5"
+
+# Exceptions whose message is already a plain sentence for the user; anything else gets its
+# type name in front so "KeyError: 'x'" does not read as a sentence.
+_PLAIN_ERRORS = ("ValueError", "WeightsUnavailable", "DatasetImportError", "ImageRejected",
+                 "ModelLoadError", "FileNotFoundError", "RunCancelled")
+
+
+class WorkerBusy(RuntimeError):
+    """Another worker already serves this data home."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerStatus:
+    alive: bool
+    pid: int | None
+    started_at: float | None
+    current_run_id: str | None
+    host: str | None = None
+    log_path: str | None = None
+
+
+# ------------------------------------------------------------------ submit
+
+
+def submit(config: TrainConfig, store: Store | None = None) -> Run:
+    """Queue a training run for the worker and return it (status `queued`).
+
+    `config.dataset` may be a dataset id, a name (`flowers`, `flowers@2`) or a folder / `.zip`
+    path, which is imported first. The queued run's config names the dataset by id, so it
+    reproduces exactly this dataset version.
+
+    Raises:
+        ValueError: the config names an unknown backbone, an image size the backbone cannot
+            take, or a dataset that does not exist (or a folder that cannot be imported).
+    """
+    store = store or Store()
+    config_dict, dataset = prepare(config, store)
+    return _create_run(store, config, config_dict, dataset, RunStatus.QUEUED)
+
+
+def prepare(config: TrainConfig, store: Store) -> tuple[dict[str, Any], Any]:
+    """Validate `config` against the registry and resolve its dataset; returns (config dict, Dataset)."""
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"`config` must be a TrainConfig. Received: {type(config).__name__}")
+    from tlcore.backbones import get_backbone  # imports Keras: kept out of `import tlcore.jobs`
+
+    spec = get_backbone(config.backbone)
+    size = config.image_size or spec.default_size
+    if size < spec.min_size:
+        raise ValueError(f"`image_size` must be at least {spec.min_size} for {spec.display_name}. "
+                         f"Received: image_size={size}")
+    dataset = resolve_dataset(config.dataset, store, seed=config.seed, split=config.split)
+    config_dict = config.to_dict()
+    config_dict["backbone"] = spec.name
+    config_dict["dataset"] = dataset.id
+    return config_dict, dataset
+
+
+def resolve_dataset(ref: str, store: Store, *, seed: int = 0, split=None):
+    """A stored dataset for `ref`: an id or name, or a folder / `.zip` path imported now."""
+    ref = str(ref).strip()
+    if not ref:
+        raise ValueError("`dataset` must name a dataset or a folder. Received: an empty string.")
+    path = Path(ref).expanduser()
+    looks_like_path = os.sep in ref or ref.startswith(".") or ref.lower().endswith(".zip")
+    if path.exists() and (path.is_dir() or path.suffix.lower() == ".zip"):
+        from tlcore.data.importer import import_dataset
+
+        kwargs: dict[str, Any] = {"store": store, "seed": seed}
+        if split is not None:
+            kwargs["split"] = tuple(split)
+        return import_dataset(str(path), **kwargs).dataset
+    try:
+        return store.get_dataset(ref)
+    except KeyError as exc:
+        if looks_like_path:
+            raise ValueError(f"No folder or .zip at {ref} and no dataset by that name. Pass an existing "
+                             "folder (one subfolder per class), a .zip of one, or a dataset name from "
+                             "`python -m tlcore datasets list`.") from None
+        raise ValueError(exc.args[0]) from None
+
+
+_submit_lock = threading.Lock()
+
+
+def _create_run(store: Store, config: TrainConfig, config_dict: dict[str, Any], dataset,
+                status: RunStatus) -> Run:
+    # The default name counts existing runs; a file lock (across processes) and a thread lock
+    # (flock is per open file, so threads of one process need their own) keep two
+    # simultaneous submits from picking the same number.
+    with _submit_lock, _file_lock(home.data_home() / "submit.lock"):
+        name = config.name or _default_name(store, config_dict["backbone"], dataset.name)
+        return store.create_run(name, dataset.id, config_dict["backbone"], config_dict["weights"],
+                                config_dict, status=status)
+
+
+def _default_name(store: Store, backbone: str, dataset_name: str) -> str:
+    prefix = f"{backbone}-{dataset_name}-"
+    taken = {r.name for r in store.list_runs()}
+    n = 1 + sum(1 for name in taken if name.startswith(prefix) and name[len(prefix):].isdigit())
+    while f"{prefix}{n}" in taken:
+        n += 1
+    return f"{prefix}{n}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------ cancel, resume
+
+
+def cancel(run_ref: str, store: Store | None = None) -> Run:
+    """Cancel a queued run now, or ask a running one to stop between batches.
+
+    Raises:
+        KeyError: no such run.
+        ValueError: the run has already finished.
+    """
+    store = store or Store()
+    run = store.get_run(run_ref)
+    if run.status.is_terminal:
+        raise ValueError(f"Run {run.name} ({run.id}) already finished ({run.status.value}); "
+                         "only queued or running runs can be cancelled.")
+    return store.request_cancel(run.id)
+
+
+def checkpoint_path(run_id: str) -> Path:
+    """Where a run's last checkpoint lives (the file may not exist)."""
+    return home.data_home() / "runs" / run_id / CHECKPOINT_FILE
+
+
+def resume(run_ref: str, store: Store | None = None) -> Run:
+    """Queue a new run with a failed or cancelled run's config, starting from its checkpoint.
+
+    The new run's config carries `resume_from` = the old run's id.
+
+    Raises:
+        ValueError: the run did not fail or get cancelled, or left no checkpoint.
+    """
+    store = store or Store()
+    old = store.get_run(run_ref)
+    if old.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+        raise ValueError(f"Only failed or cancelled runs can be resumed. Received: run {old.name} "
+                         f"({old.id}) is {old.status.value}.")
+    if not checkpoint_path(old.id).is_file():
+        raise ValueError(f"Run {old.name} ({old.id}) left no checkpoint (it stopped before its first "
+                         "epoch finished), so there is nothing to resume; submit it again instead.")
+    config = {**old.config, "resume_from": old.id}
+    base = old.name.split(" (resumed")[0]
+    name = f"{base} (resumed from {old.id})"
+    return store.create_run(name, old.dataset_id, old.backbone, old.weights, config)
+
+
+# --------------------------------------------------------------- the reaper
+
+
+def worker_id() -> str:
+    """This process as a worker: `hostname:pid`."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def is_worker_alive(worker: str) -> bool:
+    """Whether the process behind a `hostname:pid` worker id still runs.
+
+    Workers on other hosts cannot be checked from here and count as alive; their lease
+    (heartbeat age) decides instead.
+    """
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    return _pid_alive(int(pid))
+
+
+def _pid_alive(pid: int, created: float | None = None) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # A recycled pid belongs to a process created later than the one we recorded.
+        return created is None or abs(proc.create_time() - created) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def reap(store: Store | None = None, lease_s: float = LEASE_S) -> list[Run]:
+    """Mark running runs failed whose worker is gone or whose lease expired; returns them."""
+    store = store or Store()
+    _collect_children()
+    return store.reap_stale(lease_s, is_alive=is_worker_alive)
+
+
+# ------------------------------------------------------------ running a run
+
+
+def _error_line(exc: BaseException) -> str:
+    names = {c.__name__ for c in type(exc).__mro__}
+    text = " ".join(str(exc).split()) if str(exc).strip() else ""
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) and " " in exc.args[0]:
+        text = exc.args[0]  # a store KeyError is a sentence; don't show it quoted
+    elif not names.intersection(_PLAIN_ERRORS) or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if isinstance(exc, MemoryError) or "ResourceExhausted" in type(exc).__name__:
+        text += " (out of memory: try a smaller --batch-size or --image-size)"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+class _Heartbeat(threading.Thread):
+    """Renews a run's lease every `HEARTBEAT_S`; a cancel request sets `stop`."""
+
+    def __init__(self, store: Store, run_id: str, stop: threading.Event):
+        super().__init__(name=f"heartbeat-{run_id}", daemon=True)
+        self.store, self.run_id, self.stop = store, run_id, stop
+        self.cancel_requested = threading.Event()
+        self._done = threading.Event()
+
+    def run(self):
+        while not self._done.wait(HEARTBEAT_S):
+            try:
+                if self.store.heartbeat(self.run_id):
+                    self.cancel_requested.set()
+                    self.stop.set()
+            except Exception as exc:  # a busy or full disk must not kill the training thread
+                print(f"[worker] heartbeat for {self.run_id} failed: {_error_line(exc)}",
+                      file=sys.stderr, flush=True)
+
+    def finish(self):
+        self._done.set()
+        self.join(timeout=10)
+
+
+def execute_claimed(run: Run, store: Store, *, stop: threading.Event | None = None,
+                    shutdown: threading.Event | None = None, progress_bar: bool = False,
+                    stop_reason: Callable[[], str | None] = lambda: None) -> Run:
+    """Train a run that is already `running` for this process and write its final status.
+
+    A heartbeat thread renews the lease; a cancel request (or `stop` being set) stops the run
+    between batches and ends it `cancelled`. Any exception ends it `failed` with one plain
+    line as its error and the traceback in its log. Returns the finished run.
+    """
+    stop = stop or threading.Event()
+    shutdown = shutdown or threading.Event()
+    beat = _Heartbeat(store, run.id, stop)
+    if store.get_run(run.id).cancel_requested:
+        return store.finish_run(run.id, RunStatus.CANCELLED, error="Cancelled before it started.")
+    beat.start()
+    try:
+        from tlcore import training
+
+        summary = training.execute_run(run.id, store,
+                                       should_stop=lambda: stop.is_set() or shutdown.is_set(),
+                                       progress_bar=progress_bar)
+    except BaseException as exc:  # noqa: BLE001 - every way out must leave a final status
+        beat.finish()
+        cancelled = type(exc).__name__ == "RunCancelled" or (
+            isinstance(exc, KeyboardInterrupt) or stop.is_set() or shutdown.is_set())
+        if cancelled:
+            reason = stop_reason()
+            if beat.cancel_requested.is_set() or store.get_run(run.id).cancel_requested or not reason:
+                reason = "Cancelled by request; epochs logged so far are kept."
+            _safe(store.log, run.id, f"Run cancelled: {reason}")
+            finished = _safe(store.finish_run, run.id, RunStatus.CANCELLED, error=reason)
+        else:
+            line = _error_line(exc)
+            _safe(store.log, run.id, "Run failed:\n" + "".join(
+                traceback.format_exception(type(exc), exc, exc.__traceback__)))
+            finished = _safe(store.finish_run, run.id, RunStatus.FAILED, error=line)
+        if isinstance(exc, KeyboardInterrupt) and not cancelled:
+            raise
+        return finished or store.get_run(run.id)
+    beat.finish()
+    return store.finish_run(run.id, RunStatus.SUCCEEDED, summary=summary)
+
+
+def _safe(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # the store itself failing: the reaper marks the run later
+        print(f"[worker] could not record the run's end: {_error_line(exc)}", file=sys.stderr, flush=True)
+        return None
+
+
+def run_foreground(config: TrainConfig, store: Store | None = None, *, progress_bar: bool = False,
+                   stop: threading.Event | None = None) -> Run:
+    """Create a run and train it in this process (the CLI's `train`); returns the finished run."""
+    store = store or Store()
+    config_dict, dataset = prepare(config, store)
+    run = _create_run(store, config, config_dict, dataset, RunStatus.RUNNING)
+    now = time.time()
+    run = store.update_run(run.id, worker=worker_id(), started_at=now, heartbeat_at=now)
+    return execute_claimed(run, store, stop=stop, progress_bar=progress_bar,
+                           stop_reason=lambda: "Interrupted (Ctrl-C); epochs logged so far are kept.")
+
+
+# ---------------------------------------------------------------- the worker
+
+
+def _worker_json() -> Path:
+    return home.data_home() / "worker.json"
+
+
+def worker_log_path() -> Path:
+    return home.data_home() / "worker.log"
+
+
+def _write_worker_json(info: dict[str, Any]) -> None:
+    path = _worker_json()
+    tmp = path.with_name(f".worker.json.{os.getpid()}")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, path)
+
+
+def worker_status(store: Store | None = None) -> WorkerStatus:
+    """Whether a worker serves this data home now, its pid and the run it is training."""
+    _collect_children()
+    try:
+        info = json.loads(_worker_json().read_text())
+    except (OSError, ValueError):
+        return WorkerStatus(False, None, None, None, log_path=str(worker_log_path()))
+    pid, host = info.get("pid"), info.get("host")
+    alive = host == socket.gethostname() and isinstance(pid, int) and _pid_alive(pid, info.get("created"))
+    return WorkerStatus(
+        alive=alive,
+        pid=pid,
+        started_at=info.get("started_at"),
+        current_run_id=info.get("current_run_id") if alive else None,
+        host=host,
+        log_path=str(worker_log_path()),
+    )
+
+
+def worker_loop(store: Store | None = None, *, once: bool = False, poll_s: float = 1.0,
+                lease_s: float = LEASE_S, shutdown: threading.Event | None = None) -> list[Run]:
+    """Run queued jobs one at a time until `shutdown` is set (or, with `once`, after one job).
+
+    Each turn reaps dead or stale runs, claims the oldest queued run and trains it. With
+    `once` the loop returns after one job, or at once when the queue is empty. Returns the
+    runs it finished.
+
+    Raises:
+        WorkerBusy: another live worker already serves this data home.
+    """
+    store = store or Store()
+    shutdown = shutdown or threading.Event()
+    lock_file = open(home.data_home() / "worker.lock", "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        status = worker_status(store)
+        raise WorkerBusy(f"A worker is already running for {home.data_home()} (pid {status.pid}); "
+                         "one worker trains one job at a time. Stop it first or let it take the queue.") from None
+    import psutil
+
+    me = worker_id()
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
+            "created": psutil.Process().create_time(), "current_run_id": None}
+    _write_worker_json(info)
+    _say(f"worker {me} started on {home.data_home()}")
+    finished: list[Run] = []
+    try:
+        while not shutdown.is_set():
+            for dead in reap(store, lease_s):
+                _say(f"marked {dead.id} failed: {dead.error}")
+            run = store.claim_next(me)
+            if run is None:
+                if once:
+                    break
+                shutdown.wait(poll_s)
+                continue
+            _write_worker_json({**info, "current_run_id": run.id})
+            _say(f"training {run.id} ({run.name})")
+            done = execute_claimed(
+                run, store, shutdown=shutdown,
+                stop_reason=lambda: ("The worker was shut down; epochs logged so far are kept. "
+                                     "`python -m tlcore resume RUN` continues it." if shutdown.is_set() else None))
+            finished.append(done)
+            _write_worker_json(info)
+            _say(f"{done.id} {done.status.value}" + (f": {done.error}" if done.error else ""))
+            if once:
+                break
+    finally:
+        with contextlib.suppress(OSError):
+            current = json.loads(_worker_json().read_text())
+            if current.get("pid") == os.getpid():
+                _worker_json().unlink()
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
+        lock_file.close()
+        _say(f"worker {me} stopped")
+    return finished
+
+
+def _say(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [worker] {message}", flush=True)
+
+
+def serve_forever(once: bool = False) -> list[Run]:
+    """The `python -m tlcore worker` process: SIGTERM/SIGINT stop it after cancelling its job."""
+    shutdown = threading.Event()
+
+    def _stop(signum, _frame):
+        _say(f"received {signal.Signals(signum).name}; stopping after the current batch")
+        shutdown.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+    return worker_loop(once=once, shutdown=shutdown)
+
+
+_children: list[subprocess.Popen] = []
+_spawn_lock = threading.Lock()
+
+
+def _collect_children() -> None:
+    # Workers this process spawned are its children: poll them so a dead one is reaped by
+    # the OS instead of lingering as a zombie that still "exists".
+    for proc in list(_children):
+        if proc.poll() is not None:
+            _children.remove(proc)
+
+
+def start_worker_process() -> int:
+    """Start a detached `python -m tlcore worker` (output to `worker.log`); returns its pid.
+
+    A no-op returning the live worker's pid if one already serves this data home.
+    """
+    with _spawn_lock:
+        status = worker_status()
+        if status.alive:
+            return status.pid
+        env = {**os.environ, "TLCORE_HOME": str(home.data_home()), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        package_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        with open(worker_log_path(), "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tlcore", "worker"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, cwd=str(home.data_home()), start_new_session=True,
+            )
+        _children.append(proc)
+        # Wait briefly for it to announce itself, so the dashboard shows it alive at once.
+        deadline = time.time() + 10
+        while time.time() < deadline and proc.poll() is None:
+            status = worker_status()
+            if status.alive and status.pid == proc.pid:
+                break
+            time.sleep(0.1)
+        return proc.pid
