@@ -259,6 +259,21 @@ def test_symlinks_in_folder_pointing_outside(tmp_path, store, tlcore_home):
     assert blob_names == shas  # the outside files were never copied
 
 
+def test_class_folder_symlinked_outside_is_not_read(tmp_path, store, tlcore_home):
+    outside = tmp_path / "outside" / "secrets"
+    write(outside / "s.jpg", make_photo(seed=60))
+    src = tmp_path / "src"
+    for c, s in (("cats", 61), ("dogs", 62)):
+        write(src / c / "a.jpg", make_photo(seed=s))
+    (src / "birds").symlink_to(outside, target_is_directory=True)
+    (src / "top.jpg").symlink_to(outside / "s.jpg")
+    result = import_dataset(src, store=store)
+    assert result.dataset.classes == ["cats", "dogs"]
+    assert {s["file"]: s["reason"] for s in result.report["skipped"]} == {
+        "birds": "outside_source", "top.jpg": "outside_source"}
+    assert len(list((tlcore_home / "blobs").rglob("*.*"))) == 2
+
+
 def test_server_import_respects_roots(tmp_path, store):
     root = tmp_path / "root"
     for k, c in enumerate(("cats", "dogs")):

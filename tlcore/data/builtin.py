@@ -29,11 +29,12 @@ from PIL import Image
 from tlcore import home
 from tlcore.data.archive import ZipLimits, is_ignored_name, safe_extract_zip
 
+# The first entry is the offline default the dashboard offers.
 BUILTIN: dict[str, str] = {
-    "digits": "Handwritten digits 0-9 (scikit-learn, UCI): 10 classes x 40 greyscale scans, "
-              "8x8 upscaled to 32x32. Trains in seconds.",
     "textures": "Brick, grass and gravel (scikit-image photographs): 3 classes x 40 random "
                 "96x96 crops with flips. Real photo textures, trains in seconds.",
+    "digits": "Handwritten digits 0-9 (scikit-learn, UCI): 10 classes x 40 greyscale scans, "
+              "8x8 upscaled to 32x32. Trains in seconds.",
 }
 
 DIGITS_SIZE = 32

@@ -203,19 +203,6 @@ class _Scan:
 
 def _scan(root: Path, boundary: list[Path]) -> _Scan:
     scan = _Scan([], set(), False, [], [])
-    top = root
-    for _ in range(MAX_UNWRAP):
-        dirs, files = _visible_children(top)
-        if (len(dirs) == 1 and not files and dirs[0].name.lower() not in SPLIT_ALIASES
-                and _visible_children(dirs[0])[0]):
-            scan.ignored += _ignored_in(top)
-            top = dirs[0]
-        else:
-            break
-    scan.ignored += _ignored_in(top)
-    dirs, files = _visible_children(top)
-    split_dirs = {d: SPLIT_ALIASES.get(d.name.lower()) for d in dirs}
-    given = "train" in split_dirs.values() and len(set(split_dirs.values()) - {None}) >= 2
 
     def rel(p: Path) -> str:
         return p.relative_to(root).as_posix()
@@ -223,28 +210,48 @@ def _scan(root: Path, boundary: list[Path]) -> _Scan:
     def skip(path: Path, reason: str, message: str) -> None:
         scan.skipped.append({"file": rel(path), "reason": reason, "message": message})
 
+    def skip_link(path: Path, target: str) -> None:
+        skip(path, "outside_source", f"{rel(path)} is a link to {target}, outside the folder "
+             "being imported; links may only point inside it.")
+
+    top = root
+    for _ in range(MAX_UNWRAP):
+        dirs, files = _visible_children(top, boundary)
+        if (len(dirs) == 1 and not files and dirs[0].name.lower() not in SPLIT_ALIASES
+                and _visible_children(dirs[0], boundary)[0]):
+            scan.ignored += _ignored_in(top)
+            top = dirs[0]
+        else:
+            break
+    scan.ignored += _ignored_in(top)
+    dirs, files = _visible_children(top, boundary, skip_link)
+    split_dirs = {d: SPLIT_ALIASES.get(d.name.lower()) for d in dirs}
+    given = "train" in split_dirs.values() and len(set(split_dirs.values()) - {None}) >= 2
+
     for f in files:
+        if not f.is_file():
+            skip(f, "unreadable", f"{rel(f)} is not a regular file and was not read.")
+            continue
         skip(f, "no_class", f"{rel(f)} is not inside a class folder; put each image in a "
              "folder named after its class.")
     class_roots: list[tuple[str | None, Path]] = []
     if given:
         scan.given_splits = True
         for d, s in split_dirs.items():
-            sub_dirs, sub_files = _visible_children(d)
-            if s is not None:
-                scan.ignored += _ignored_in(d)
             if s is None:
                 for f in _walk(d, boundary, scan, skip):
                     skip(f, "no_split", f"{rel(f)} is outside the train/val/test folders; with "
                          "that layout every class folder must sit inside one of them.")
                 continue
+            sub_dirs, sub_files = _visible_children(d, boundary, skip_link)
+            scan.ignored += _ignored_in(d)
             for f in sub_files:
                 skip(f, "no_class", f"{rel(f)} is directly in {d.name}/, not inside a class "
                      "folder.")
             class_roots += [(s, c) for c in sub_dirs]
     else:
         if len(dirs) == 1 and split_dirs.get(dirs[0]) == "train":  # train/ alone: classes inside
-            sub_dirs, sub_files = _visible_children(dirs[0])
+            sub_dirs, sub_files = _visible_children(dirs[0], boundary, skip_link)
             scan.ignored += _ignored_in(dirs[0])
             for f in sub_files:
                 skip(f, "no_class", f"{rel(f)} is not inside a class folder.")
@@ -258,7 +265,9 @@ def _scan(root: Path, boundary: list[Path]) -> _Scan:
     return scan
 
 
-def _visible_children(d: Path) -> tuple[list[Path], list[Path]]:
+def _visible_children(d: Path, boundary: list[Path], skip_link=None) -> tuple[list[Path], list[Path]]:
+    """Sub-folders and files of `d` that are not litter; links leaving `boundary` are left
+    out (and reported through `skip_link(path, target)` when given)."""
     dirs, files = [], []
     try:
         entries = sorted(os.scandir(d), key=lambda e: e.name)
@@ -266,6 +275,10 @@ def _visible_children(d: Path) -> tuple[list[Path], list[Path]]:
         return [], []
     for e in entries:
         if is_ignored_name(e.name):
+            continue
+        if e.is_symlink() and not is_under(os.path.realpath(e.path), boundary):
+            if skip_link:
+                skip_link(Path(e.path), os.path.realpath(e.path))
             continue
         (dirs if e.is_dir() else files).append(Path(e.path))
     return dirs, files
