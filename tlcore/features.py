@@ -21,6 +21,13 @@ def feature_cache_path(dataset_id: str, backbone: str, size: int, weights: str, 
     return home.cache_dir("features") / f"{dataset_id}-{backbone}-{size}-{weights_key}.npy"
 
 
+def pad_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Pad a short last batch with zeros so a compiled forward pass keeps one input shape."""
+    if len(x) == batch_size:
+        return x
+    return np.concatenate([x, np.zeros((batch_size - len(x), *x.shape[1:]), x.dtype)])
+
+
 def extract_features(feature_model, images: np.ndarray, batch_size: int, *, on_batch=None,
                      should_stop=None) -> np.ndarray:
     """Run `feature_model` (RGB 0-255 in, pooled vector out) over a uint8 array, batch by batch."""
@@ -37,10 +44,11 @@ def extract_features(feature_model, images: np.ndarray, batch_size: int, *, on_b
             from tlcore.training import RunCancelled
 
             raise RunCancelled("Cancelled during feature extraction.")
-        chunk = forward(np.asarray(images[start:start + batch_size])).numpy().astype(np.float32)
+        rows = min(batch_size, total - start)
+        chunk = forward(pad_batch(np.asarray(images[start:start + batch_size]), batch_size)).numpy()[:rows]
         if out is None:
             out = np.empty((total, chunk.shape[-1]), np.float32)
-        out[start:start + len(chunk)] = chunk
+        out[start:start + rows] = chunk
         if on_batch is not None:
             on_batch(min(start + batch_size, total), total)
     return out

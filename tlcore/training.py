@@ -26,7 +26,7 @@ from tlcore.config import TrainConfig
 from tlcore.data import pipeline
 from tlcore.data.manifest import load_manifest, resplit
 from tlcore.evaluation import compute_report, write_predictions
-from tlcore.features import cached_features, feature_cache_path
+from tlcore.features import cached_features, feature_cache_path, pad_batch
 from tlcore.store import Store
 
 TOP_K = 5
@@ -386,7 +386,7 @@ def predict_rows(model, images: np.ndarray, indices: np.ndarray, entries, labels
     k = min(TOP_K, len(labels))
     for start in range(0, len(indices), batch_size):
         chunk = np.sort(indices[start:start + batch_size])
-        probs = forward(np.asarray(images[chunk])).numpy()
+        probs = forward(pad_batch(np.asarray(images[chunk]), batch_size)).numpy()[:len(chunk)]
         for index, p in zip(chunk, probs):
             entry = entries[index]
             order = np.argsort(-p)[:k]

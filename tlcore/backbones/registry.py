@@ -61,9 +61,10 @@ class BackboneSpec:
         return None
 
     def weights_available(self) -> bool:
-        if self.offline:
-            return True
-        return self.weights_path() is not None
+        try:
+            return self.weights_path() is not None
+        except WeightsUnavailable:
+            return False
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
