@@ -1,2 +1,122 @@
+"""Demo: a finished run's model (or the plain ImageNet EfficientNet-Lite0) on an uploaded photo or
+a camera snapshot: top-k classes, a Grad-CAM overlay of where it looked, and the latency.
+
+Models load once per process (`ui.state.load_model`, `st.cache_resource`) and are shared by
+every session; TensorFlow is imported only here, when a model is first needed.
+"""
+
+import time
+
+import numpy as np
 import streamlit as st
-st.title('demo')
+from PIL import Image
+
+from tlcore.store import RunStatus
+from ui import charts, images, state
+from ui import format as fmt
+
+MAX_SIDE = 512  # the photo is shown (and Grad-CAM computed) at most this large
+store = state.store()
+
+st.title("Demo")
+finished = store.list_runs({RunStatus.SUCCEEDED})
+by_id = {r.id: r for r in finished}
+options = [r.id for r in finished] + [state.IMAGENET_REF]
+
+wanted = st.query_params.get("run")
+if wanted and wanted != st.session_state.get("demo.url_seen"):
+    if wanted in options:
+        st.session_state["demo.model"] = wanted
+    else:
+        try:
+            other = store.get_run(wanted)
+            st.warning(f"Run {other.name} is {other.status.value}; only finished runs can be demoed."
+                       + (f" It failed: {other.error}" if other.status == RunStatus.FAILED and other.error else ""))
+        except KeyError:
+            st.warning(f"The link names a run ({wanted!r}) that is not in this data home.")
+if st.session_state.get("demo.model") not in options:
+    st.session_state["demo.model"] = options[0]
+
+
+def model_label(ref: str) -> str:
+    if ref == state.IMAGENET_REF:
+        return "EfficientNet-Lite0 · plain ImageNet (1000 classes, no training)"
+    r = by_id[ref]
+    return f"{r.name} · {fmt.pct(fmt.headline(r))} · {r.backbone}"
+
+
+c1, c2, c3 = st.columns([3, 1, 1])
+ref = c1.selectbox("Model", options, key="demo.model", format_func=model_label)
+top_k = c2.slider("Top k", 1, 10, 5, key="demo.topk")
+want_cam = c3.toggle("Grad-CAM", value=True, key="demo.gradcam", help="Show where the model looked.")
+if ref != state.IMAGENET_REF:
+    st.query_params["run"] = ref
+elif "run" in st.query_params:
+    del st.query_params["run"]
+st.session_state["demo.url_seen"] = ref if ref != state.IMAGENET_REF else None
+if not finished:
+    st.caption("No finished run yet, so only the plain ImageNet model is offered. Train one on **Train**.")
+
+source = st.segmented_control("Image from", ["Upload", "Camera"], default="Upload", key="demo.source")
+if source == "Camera":
+    shot = st.camera_input("Take a photo", key="demo.camera")
+else:
+    shot = st.file_uploader("Upload a photo", type=["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"],
+                            key="demo.upload")
+if shot is None:
+    st.info("Upload a photo or take one with the camera to see what the model makes of it.")
+    st.stop()
+
+try:
+    rgb = images.decode_rgb(shot.getvalue())
+except images.NotAnImage as exc:
+    st.error(f"{shot.name or 'The file'}: {exc}")
+    st.stop()
+if max(rgb.shape[:2]) > MAX_SIDE:
+    pil = Image.fromarray(rgb)
+    pil.thumbnail((MAX_SIDE, MAX_SIDE), Image.BILINEAR)
+    rgb = np.asarray(pil)
+
+try:
+    with st.spinner("Loading the model (once; later predictions reuse it)…"):
+        model = state.load_model(ref)
+except Exception as exc:  # noqa: BLE001 - ModelLoadError, KeyError, anything: said in words
+    reason = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    st.error(f"This model could not be loaded, so it cannot be demoed: {(reason or type(exc).__name__).rstrip('.')}. "
+             "Choose another run, or retrain this one.")
+    st.stop()
+
+try:
+    pred = model.predict(Image.fromarray(rgb), int(top_k))
+except Exception as exc:  # noqa: BLE001
+    st.error(f"The model could not classify this image: {exc}")
+    st.stop()
+
+heat, cam_ms = None, None
+if want_cam:
+    start = time.perf_counter()
+    try:
+        heat = model.gradcam(rgb)
+    except Exception as exc:  # noqa: BLE001 - the prediction still stands
+        st.caption(f"Grad-CAM is not available for this model: {exc}")
+    cam_ms = (time.perf_counter() - start) * 1000
+
+left, right = st.columns([1, 1], gap="large")
+with left:
+    if heat is not None:
+        st.image(images.overlay(rgb, heat), caption="Grad-CAM: warm colours are where the model looked",
+                 width="stretch")
+        with st.expander("Original photo"):
+            st.image(rgb, width="stretch")
+    else:
+        st.image(rgb, caption=shot.name, width="stretch")
+with right:
+    label, prob = pred.top_k[0]
+    m1, m2 = st.columns(2)
+    m1.metric("Prediction", label, help="The most likely class")
+    m2.metric("Confidence", f"{prob:.1%}")
+    m3, m4 = st.columns(2)
+    m3.metric("Latency", f"{pred.latency_ms:.0f} ms", help="Decode, resize and forward pass for this image")
+    if cam_ms is not None and heat is not None:
+        m4.metric("Grad-CAM", f"{cam_ms:.0f} ms")
+    st.plotly_chart(charts.topk_bar(pred.top_k), key="demo.topk_chart", config={"displayModeBar": False})

@@ -178,3 +178,39 @@ def _load_model(data_home: str, ref: str) -> CachedModel:
 def load_model(ref: str) -> CachedModel:
     """The model for a run id (or `IMAGENET_REF`), loaded once per data home and cached."""
     return _load_model(str(home.data_home()), ref)
+
+
+# ------------------------------------------------------------------ evaluation
+
+def _predictions_stamp(run_id: str) -> float:
+    path = home.data_home() / "runs" / run_id / "predictions.jsonl"
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _eval_report(data_home: str, run_id: str, stamp: float):
+    from tlcore.evaluation import evaluate_run
+
+    return evaluate_run(run_id)
+
+
+class NoEvaluation(ValueError):
+    """A run has no evaluation to show (not finished, or no predictions were saved)."""
+
+
+def eval_report(run_id: str):
+    """The run's `EvalReport`, cached until its predictions file changes.
+
+    Raises `NoEvaluation` with a plain sentence when there is nothing to evaluate."""
+    stamp = _predictions_stamp(run_id)
+    if not stamp:
+        raise NoEvaluation("This run has no saved predictions (it did not finish its evaluation).")
+    try:
+        return _eval_report(str(home.data_home()), run_id, stamp)
+    except FileNotFoundError as exc:
+        raise NoEvaluation(f"This run's evaluation files are incomplete: {exc}") from exc
+    except (ValueError, KeyError) as exc:
+        raise NoEvaluation(f"This run's predictions cannot be read: {exc}") from exc
