@@ -166,3 +166,23 @@ def test_imagenet_model_names_a_photo():
     assert pred.indices[0] in range(281, 286), pred.top_k  # the domestic-cat classes
     heat = inference.gradcam(loaded, data.chelsea())
     assert heat.shape == data.chelsea().shape[:2]
+
+
+def test_predict_on_raw_files_equals_evaluation_and_gradcam_on_a_trained_run(tmp_path, store):
+    from tests.test_jobs import make_image_folder, tiny
+    from tlcore import inference, jobs
+    from tlcore.data.images import load_resized
+
+    folder = make_image_folder(tmp_path / "colours", per_class=6, size=48)
+    run = jobs.run_foreground(tiny(str(folder), head_epochs=2), store)
+    assert run.status.value == "succeeded", run.error
+    stored = [json.loads(line) for line in (home.run_dir(run.id) / "predictions.jsonl").read_text().splitlines()]
+    loaded = inference.load_run_model(run.id)
+    assert loaded.image_size == 32 and loaded.labels == store.get_dataset(run.dataset_id).classes
+    preds = loaded.predict_files([row["path"] for row in stored], top_k=2)
+    for row, pred in zip(stored, preds):
+        assert pred.label == row["pred"]
+        assert pred.confidence == pytest.approx(row["confidence"], abs=1e-5)
+        assert [[label, pytest.approx(p, abs=1e-5)] for label, p in pred.top_k] == row["topk"][:2]
+    heat = inference.gradcam(loaded, load_resized(stored[0]["path"], 32))
+    assert heat.shape == (32, 32) and 0.0 <= heat.min() and heat.max() <= 1.0

@@ -1,0 +1,145 @@
+"""The CLI: fast start, plain errors with exit code 2, `--json` as the last stdout line, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_jobs import ROOT, make_image_folder, worker_env
+from tlcore import cli
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_help_and_runs_list_do_not_import_tensorflow(tlcore_home):
+    probe = ("import sys; from tlcore.cli import main; main(['runs', 'list']); main(['datasets', 'list', '--json']);"
+             "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], env=worker_env(tlcore_home), cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "False False"
+    assert json.loads(lines[-2]) == {"datasets": []}
+    help_out = subprocess.run([sys.executable, "-m", "tlcore", "--help"], env=worker_env(tlcore_home),
+                              capture_output=True, text=True, timeout=60)
+    assert help_out.returncode == 0 and "predict" in help_out.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "nowhere"], "No dataset named 'nowhere'"),
+    (["submit", "--data", "./missing-folder"], "No folder or .zip"),
+    (["runs", "show", "run-nope"], "No run 'run-nope'"),
+    (["cancel", "run-nope"], "No run 'run-nope'"),
+    (["resume", "run-nope"], "No run 'run-nope'"),
+    (["predict", "--run", "run-nope", "x.png"], "No run 'run-nope'"),
+    (["export", "--run", "run-nope", "--format", "keras"], "No run 'run-nope'"),
+    (["datasets", "import", "/definitely/not/here"], "does not exist"),
+    (["train", "--data", "x", "--preset", "turbo"], "`--preset` must be one of"),
+    (["train", "--data", "x", "--image-size", "8"], "`image_size` must be between 32 and 1024"),
+    (["train", "--data", "x", "--augment", "flip,warp"], "`augment` entries must be among"),
+    (["train", "--data", "x", "--split", "0.5,0.6,0.1"], "`split` must be three fractions"),
+])
+def test_bad_input_is_exit_2_with_one_sentence(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_input_in_a_real_process(tlcore_home):
+    out = subprocess.run([sys.executable, "-m", "tlcore", "train", "--data", "nowhere", "--json"],
+                         env=worker_env(tlcore_home), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("Error: No dataset named 'nowhere'")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # TF start-up noise filtered
+    bad_choice = subprocess.run([sys.executable, "-m", "tlcore", "export", "--run", "r", "--format", "onnx"],
+                                env=worker_env(tlcore_home), capture_output=True, text=True, timeout=60)
+    assert bad_choice.returncode == 2 and "invalid choice" in bad_choice.stderr
+
+
+def test_backbones_json_lists_origin_and_weights(capsys):
+    code, out, _ = run_cli(capsys, "backbones", "--json")
+    rows = {r["name"]: r for r in last_json(out)["backbones"]}
+    assert code == 0 and {"efficientnet_lite0", "vgg16", "convnext_tiny"} <= set(rows)
+    lite = rows["efficientnet_lite0"]
+    assert lite["weights_available"] is True and lite["default_size"] == 224
+    assert lite["preprocessing"] == "lite" and lite["license"] and lite["imagenet_top1"]
+
+
+def test_end_to_end_import_train_show_predict_export(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "colours", per_class=6)
+    code, out, _ = run_cli(capsys, "datasets", "import", str(folder), "--name", "colours", "--json")
+    assert code == 0 and last_json(out)["dataset"]["label"] == "colours v1"
+
+    code, out, _ = run_cli(capsys, "train", "--data", "colours", "--weights", "none", "--image-size", "32",
+                           "--head-epochs", "2", "--batch-size", "4", "--name", "tiny", "--json")
+    summary = last_json(out)
+    assert code == 0, summary
+    for key in ("run_id", "status", "backbone", "weights", "eval_split", "metrics", "timings", "model_path"):
+        assert key in summary
+    assert summary["status"] == "succeeded" and summary["weights"] == "none"
+    assert {"accuracy", "macro_f1", "per_class"} <= set(summary["metrics"])
+    run_id = summary["run_id"]
+
+    code, out, _ = run_cli(capsys, "runs", "list", "--json")
+    assert [r["id"] for r in last_json(out)["runs"]] == [run_id]
+    code, out, _ = run_cli(capsys, "runs", "show", "tiny", "--json")
+    shown = last_json(out)
+    assert shown["status"] == "succeeded" and len(shown["epochs"]) >= 1
+    code, out, _ = run_cli(capsys, "runs", "show", "tiny")
+    assert code == 0 and "succeeded" in out
+
+    # predict on the raw evaluation files equals the stored evaluation predictions
+    from tlcore import home
+
+    stored = [json.loads(line) for line in (home.run_dir(run_id) / "predictions.jsonl").read_text().splitlines()]
+    code, out, _ = run_cli(capsys, "predict", "--run", run_id, *[r["path"] for r in stored], "--top-k", "2",
+                           "--json")
+    assert code == 0
+    for row, pred in zip(stored, last_json(out)["predictions"]):
+        assert pred["label"] == row["pred"]
+        assert pred["confidence"] == pytest.approx(row["confidence"], abs=1e-4)
+
+    code, out, _ = run_cli(capsys, "export", "--run", "tiny", "--format", "keras", "--out",
+                           str(tmp_path / "m.keras"), "--json")
+    assert code == 0 and last_json(out)["path"] == str((tmp_path / "m.keras").resolve())
+
+    code, out, err = run_cli(capsys, "resume", run_id)
+    assert code == 2 and "Only failed or cancelled" in err
+    code, out, err = run_cli(capsys, "cancel", run_id)
+    assert code == 2 and "already finished" in err
+
+
+def test_submit_prints_the_run_id_and_cancel(tmp_path, capsys, store):
+    folder = make_image_folder(tmp_path / "colours", per_class=4)
+    code, out, err = run_cli(capsys, "submit", "--data", str(folder), "--weights", "none", "--head-epochs", "1")
+    run_id = out.strip().splitlines()[-1]
+    assert code == 0 and store.get_run(run_id).status.value == "queued"
+    assert "No worker is running" in err
+    code, out, _ = run_cli(capsys, "cancel", run_id, "--json")
+    assert code == 0 and last_json(out)["status"] == "cancelled"
+
+
+def test_predict_imagenet_model_names_the_cat(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path / "chelsea the cat.png"
+    Image.fromarray(data.chelsea()).save(path)
+    code, out, _ = run_cli(capsys, "predict", "--model", "efficientnet_lite0", str(path), "--top-k", "3", "--json")
+    (pred,) = last_json(out)["predictions"]
+    assert code == 0 and pred["top_k"][0]["index"] in range(281, 286) and "cat" in pred["top_k"][0]["label"]
+    code, out, err = run_cli(capsys, "predict", "--model", "efficientnet_lite0", str(path), str(ROOT / "pytest.ini"))
+    assert code == 2 and "pytest.ini is not an image" in err and str(path) in out
