@@ -49,7 +49,7 @@ def take_table_selection() -> None:
 # ------------------------------------------------------------------ filters
 
 f1, f2, f3, f4 = st.columns([2, 1, 1, 1])
-search = f1.text_input("Search name, note or id", key="compare.search", placeholder="e.g. vgg16 or a tag")
+search = f1.text_input("Search name, backbone, tag, note or id", key="compare.search", placeholder="e.g. vgg16 or a tag")
 statuses = f2.multiselect("Status", sorted(frame["status"].unique()), key="compare.status")
 backbones = f3.multiselect("Backbone", sorted(frame["backbone"].unique()), key="compare.backbone")
 all_tags = sorted({t for r in runs for t in r.tags})
@@ -58,7 +58,7 @@ tags = f4.multiselect("Tag", all_tags, key="compare.tag")
 shown = frame
 if search.strip():
     needle = search.strip().lower()
-    mask = shown[["name", "note", "id", "tags", "dataset"]].apply(
+    mask = shown[["name", "note", "id", "tags", "dataset", "backbone"]].apply(
         lambda col: col.astype(str).str.lower().str.contains(needle, regex=False)).any(axis=1)
     shown = shown[mask]
 if statuses:

@@ -1,0 +1,88 @@
+"""AppTest: the Compare page — table, filters, deltas, config diff, matrices, tags/notes, links."""
+
+from __future__ import annotations
+
+import pytest
+
+import app_seed as seed
+from tlcore.store import RunStatus
+
+
+@pytest.fixture(autouse=True)
+def _no_device_probe(monkeypatch):
+    monkeypatch.setenv("TLAB_DEVICE_PROBE", "off")
+
+
+@pytest.fixture
+def runs(store):
+    ds = seed.dataset(store)
+    a = seed.run(store, ds, "alpha", accuracy=0.70, tags=["baseline"])
+    b = seed.run(store, ds, "beta", accuracy=0.85, backbone="vgg16", config={"lr": 0.0001})
+    c = seed.run(store, ds, "gamma", RunStatus.FAILED, error="Out of memory.")
+    return a, b, c
+
+
+def test_shared_link_selects_runs_and_shows_deltas_and_diff(store, runs):
+    a, b, c = runs
+    at = seed.app("pages/compare.py", runs=f"{a.id},{b.id}").run()
+    assert not at.exception
+    assert at.multiselect(key="compare.runs").value == [a.id, b.id]
+    metrics = {m.label: m for m in at.metric}
+    assert metrics["alpha"].value == "70.0 %" and metrics["beta"].value == "85.0 %"
+    assert metrics["beta"].delta == "+15.0 pts"
+    diff = seed.table(at, "alpha")
+    assert {"backbone", "lr"} <= set(diff.index)
+    assert len(at.get("plotly_chart")) == 3  # curves + two confusion matrices
+    assert f"?runs={a.id},{b.id}" in at.code[0].value
+
+
+def test_filters_narrow_the_table(store, runs):
+    at = seed.app("pages/compare.py").run()
+    assert len(seed.table(at, "accuracy")) == 3
+    at.text_input(key="compare.search").input("vgg").run()
+    assert list(seed.table(at, "accuracy")["name"]) == ["beta"]
+    at.text_input(key="compare.search").input("").run()
+    at.multiselect(key="compare.tag").select("baseline").run()
+    assert list(seed.table(at, "accuracy")["name"]) == ["alpha"]
+    assert "Choose two or more runs" in seed.texts(at)
+
+
+def test_failed_run_in_a_comparison_is_explained(store, runs):
+    a, b, c = runs
+    at = seed.app("pages/compare.py", runs=f"{a.id},{c.id}").run()
+    assert not at.exception
+    text = seed.texts(at)
+    assert "failed: Out of memory." in text
+    assert "no saved predictions" in text
+
+
+def test_tag_and_note_are_saved(store, runs):
+    a, b, c = runs
+    at = seed.app("pages/compare.py", runs=a.id).run()
+    at.multiselect(key=f"compare.tags.{a.id}").select("keeper")
+    at.text_area(key=f"compare.note.{a.id}").input("Best so far; try more epochs.")
+    at.button[0].click().run()
+    assert not at.exception
+    saved = store.get_run(a.id)
+    assert saved.tags == ["baseline", "keeper"] and saved.note == "Best so far; try more epochs."
+    assert "Saved the tags and note of alpha" in seed.texts(at)
+
+
+def test_unknown_run_in_link_is_reported(store, runs):
+    at = seed.app("pages/compare.py", runs="run-nope").run()
+    assert not at.exception
+    assert "not in this data home" in at.warning[0].value
+
+
+def test_compare_with_50_runs_is_fast(store):
+    import time
+
+    ds = seed.dataset(store)
+    for i in range(50):
+        seed.run(store, ds, f"run-{i}", accuracy=0.5 + i / 100, predictions=False)
+    at = seed.app("pages/compare.py")
+    start = time.perf_counter()
+    at.run()
+    assert not at.exception
+    assert time.perf_counter() - start < 3.0
+    assert len(seed.table(at, "accuracy")) == 50

@@ -1,0 +1,145 @@
+"""AppTest: the Datasets page — imports and what it says about bad input."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app_seed as seed
+
+
+@pytest.fixture(autouse=True)
+def _no_device_probe(monkeypatch):
+    monkeypatch.setenv("TLAB_DEVICE_PROBE", "off")
+    monkeypatch.delenv("TLCORE_DATA_ROOTS", raising=False)
+
+
+_counter = iter(range(10**6))
+
+
+def _png(color, fmt: str = "PNG") -> bytes:
+    """A distinct 64x64 noisy image of `color` (each call differs, so none is a duplicate)."""
+    buf = io.BytesIO()
+    rng = np.random.default_rng(next(_counter))
+    arr = (rng.integers(0, 60, (64, 64, 3)) + np.array(color)).clip(0, 255).astype("uint8")
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_builtin_import_shows_report_balance_and_samples(store):
+    at = seed.app("pages/datasets.py").run()
+    assert not at.exception
+    assert "No datasets yet" in seed.texts(at)
+    at.radio(key="datasets.builtin").set_value("textures")
+    at.button(key="datasets.import_builtin").click().run()
+    assert not at.exception
+    text = seed.texts(at)
+    assert "Imported **textures v1**" in text
+    assert "Classes: 3" in text
+    assert len(at.image) >= 3  # one sample row per class
+    assert len(store.list_datasets()) == 1
+
+
+def test_zip_upload_reports_skipped_files(store):
+    files = {f"{c}/{i}.png": _png(color) for c, color in (("red", (200, 0, 0)), ("blue", (0, 0, 200)))
+             for i in range(4)}
+    files["red/broken.jpg"] = b"\xff\xd8\xff\xe0 truncated"
+    at = seed.app("pages/datasets.py").run()
+    at.file_uploader(key="datasets.zip").set_value(("colours.zip", _zip(files), "application/zip")).run()
+    at.button(key="datasets.import_zip").click().run()
+    assert not at.exception
+    text = seed.texts(at)
+    assert "Imported **colours v1**" in text and "1 file(s) skipped" in text
+    skipped = seed.table(at, "reason")
+    assert any("broken.jpg" in f for f in skipped["file"])
+
+
+def test_corrupt_upload_is_answered_in_words(store):
+    at = seed.app("pages/datasets.py").run()
+    at.file_uploader(key="datasets.zip").set_value(("photos.zip", b"this is not a zip", "application/zip")).run()
+    at.button(key="datasets.import_zip").click().run()
+    assert not at.exception
+    [error] = at.error
+    assert "Could not import 'photos.zip'" in error.value and "not a zip" in error.value
+    assert "Traceback" not in seed.texts(at)
+    assert store.list_datasets() == []
+
+
+def test_zip_with_one_class_is_refused_with_a_reason(store):
+    files = {f"cats/{i}.png": _png((100, 50 + i * 30, 0)) for i in range(3)}
+    at = seed.app("pages/datasets.py").run()
+    at.file_uploader(key="datasets.zip").set_value(("cats.zip", _zip(files), "application/zip")).run()
+    at.button(key="datasets.import_zip").click().run()
+    assert not at.exception
+    [error] = at.error
+    assert "only one class" in error.value and "two" in error.value
+
+
+def test_folder_outside_the_roots_is_refused(store, tmp_path, monkeypatch):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    monkeypatch.setenv("TLCORE_DATA_ROOTS", str(allowed))
+    at = seed.app("pages/datasets.py").run()
+    assert str(allowed) in seed.texts(at)
+    at.text_input(key="datasets.folder").input("/etc").run()
+    at.button(key="datasets.import_folder").click().run()
+    assert not at.exception
+    [error] = at.error
+    assert "outside the folders open for import" in error.value
+    at.text_input(key="datasets.folder").input(str(allowed / ".." / "..")).run()
+    at.button(key="datasets.import_folder").click().run()
+    assert "outside the folders open for import" in at.error[0].value
+
+
+def test_folder_under_the_roots_imports(store, tmp_path, monkeypatch):
+    root = tmp_path / "images"
+    for c, color in (("red", (200, 0, 0)), ("green", (0, 200, 0))):
+        (root / "shapes" / c).mkdir(parents=True)
+        for i in range(3):
+            (root / "shapes" / c / f"{i}.png").write_bytes(_png(color))
+    monkeypatch.setenv("TLCORE_DATA_ROOTS", str(root))
+    at = seed.app("pages/datasets.py").run()
+    at.text_input(key="datasets.folder").input(str(root / "shapes")).run()
+    at.button(key="datasets.import_folder").click().run()
+    assert not at.exception
+    assert "Imported **shapes v1**" in seed.texts(at)
+
+
+def test_camera_snapshots_build_a_dataset(store):
+    at = seed.app("pages/datasets.py").run()
+    for label, color in (("mug", (150, 80, 20)), ("pen", (20, 20, 160))):
+        for i in range(3):
+            at.text_input(key="datasets.cam_class").input(label)
+            at.camera_input(key="datasets.camera").set_value(
+                ("snap.jpg", _png(tuple(c + 10 * i for c in color), "JPEG"), "image/jpeg"))
+            at.run()
+            at.button(key="datasets.cam_add").click().run()
+    assert "**mug**: 3" in seed.texts(at)
+    at.button(key="datasets.cam_build").click().run()
+    assert not at.exception
+    assert "Imported **camera v1**" in seed.texts(at)
+
+
+def test_catalog_offline_says_so(store, monkeypatch):
+    from tlcore.data import builtin
+
+    def offline(*args, **kwargs):
+        raise builtin.DatasetDownloadError("Could not reach www.cs.toronto.edu: this server has no internet.")
+
+    monkeypatch.setattr(builtin, "download_catalog", offline)
+    at = seed.app("pages/datasets.py").run()
+    at.button(key="datasets.download").click().run()
+    assert not at.exception
+    assert "no internet" in at.error[0].value

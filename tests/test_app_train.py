@@ -1,0 +1,98 @@
+"""AppTest: the Train page — form, presets, launch, the live run, failed runs."""
+
+from __future__ import annotations
+
+import pytest
+
+import app_seed as seed
+from tlcore.store import RunStatus
+
+
+@pytest.fixture(autouse=True)
+def _no_processes(monkeypatch):
+    """No device probe and no real worker: starting one is recorded instead."""
+    monkeypatch.setenv("TLAB_DEVICE_PROBE", "off")
+    from tlcore import jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "start_worker_process", lambda: started.append(1) or 4242)
+    return started
+
+
+def test_no_dataset_points_to_datasets(store):
+    at = seed.app("pages/train.py", timeout=120).run()
+    assert not at.exception
+    assert "no dataset yet" in seed.texts(at)
+    assert at.button(key="train.import_builtin")
+
+
+def test_launch_queues_a_run_with_the_form_values_and_starts_the_worker(store, _no_processes):
+    ds = seed.dataset(store)
+    at = seed.app("pages/train.py", timeout=120).run()
+    assert not at.exception
+    assert at.selectbox(key="train.preset").value == "fast-offline"
+    at.number_input(key="train.head_epochs").set_value(2)
+    at.text_input(key="train.name").input("tiny")
+    at.button(key="train.launch").click().run()
+    assert not at.exception
+    assert "Queued **tiny**" in seed.texts(at) and "Started the worker" in seed.texts(at)
+    [run] = store.list_runs()
+    assert run.name == "tiny" and run.status == RunStatus.QUEUED
+    assert run.config["head_epochs"] == 2 and run.config["backbone"] == "efficientnet_lite0"
+    assert run.dataset_id == ds.id
+    assert at.query_params["run"] == run.id
+    assert _no_processes == [1]
+    # The live panel follows the run just launched, with a Cancel button.
+    assert at.button(key="train.cancel")
+    at.button(key="train.cancel").click().run()
+    assert store.get_run(run.id).status == RunStatus.CANCELLED
+
+
+def test_seed_preset_fills_the_form(store):
+    seed.dataset(store)
+    at = seed.app("pages/train.py", timeout=120).run()
+    at.selectbox(key="train.preset").select("seed-vgg16").run()
+    assert not at.exception
+    assert at.selectbox(key="train.backbone").value == "vgg16"
+    assert at.number_input(key="train.image_size").value == 224
+    assert at.multiselect(key="train.augment").value == ["flip", "rotate", "zoom"]
+    assert at.checkbox(key="train.resplit").value is True
+    assert at.number_input(key="train.split_train").value == 80
+    assert at.select_slider(key="train.lr").value == pytest.approx(1e-4)
+
+
+def test_bad_form_values_are_explained(store):
+    seed.dataset(store)
+    at = seed.app("pages/train.py", timeout=120).run()
+    at.number_input(key="train.head_epochs").set_value(0)
+    at.number_input(key="train.finetune_epochs").set_value(0)
+    at.button(key="train.launch").click().run()
+    assert not at.exception
+    assert "Not launched" in at.error[0].value and "epochs" in at.error[0].value
+    assert store.list_runs() == []
+
+
+def test_running_run_shows_progress_eta_and_curves(store):
+    ds = seed.dataset(store)
+    run = seed.run(store, ds, "live", RunStatus.RUNNING, epochs=3, config={"head_epochs": 6},
+                   progress={"phase": "head", "epoch": 4, "epochs": 6, "batch": 2, "batches": 4,
+                             "eta_s": 30, "step": 3})
+    store.log(run.id, "head epoch 3/6: loss 0.5")
+    at = seed.app("pages/train.py", timeout=120, run=run.id).run()
+    assert not at.exception
+    bar = at.main.progress[0]
+    assert "epoch 4/6" in bar.text and "batch 2/4" in bar.text and "ETA 30 s" in bar.text
+    assert bar.value == round(100 * (3 + 0.5) / 6)
+    assert "3 epoch(s) logged" in seed.texts(at)
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_failed_run_says_why(store):
+    ds = seed.dataset(store)
+    run = seed.run(store, ds, "broken", RunStatus.FAILED, error="ImageNet weights for VGG16 could not be downloaded.")
+    at = seed.app("pages/train.py", timeout=120, run=run.id).run()
+    assert not at.exception
+    assert "This run failed: ImageNet weights for VGG16" in at.error[0].value
+    at.button(key="train.resume").click().run()
+    assert not at.exception
+    assert "left no checkpoint" in seed.texts(at)
