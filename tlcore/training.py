@@ -219,7 +219,11 @@ def _fit_head_on_features(ctx, model, spec, size, dataset_id, pixels, splits, y_
         feature_model = keras.Model(model.input, model.get_layer("pool").output)
     path = feature_cache_path(dataset_id, spec.name, size, config.weights, config.seed)
 
+    bar = keras.utils.Progbar(len(pixels.images), unit_name="image") if ctx.progress_bar else None
+
     def on_batch(done, total):
+        if bar is not None:
+            bar.update(done)
         ctx.beat({"phase": "features", "message": f"Backbone features {done}/{total}",
                   "batch": done, "batches": total})
 
@@ -356,12 +360,10 @@ class _StoreProgress(keras.callbacks.Callback):
 
 
 def _save_checkpoint(ctx, model, phase: str, epoch: int) -> None:
-    """Weights after `phase` epoch `epoch`, written atomically so a crash mid-save keeps the last one."""
-    weights = ctx.folder / "checkpoint.weights.h5"
-    tmp = ctx.folder / "checkpoint.tmp.weights.h5"
-    model.save_weights(tmp)
-    os.replace(tmp, weights)
-    (ctx.folder / "checkpoint.json").write_text(json.dumps({"phase": phase, "epoch": epoch}))
+    """Weights after `phase` epoch `epoch`; a failed save keeps the previous checkpoint."""
+    write_atomically(ctx.folder / "checkpoint.weights.h5", model.save_weights)
+    write_atomically(ctx.folder / "checkpoint.json",
+                     lambda tmp: tmp.write_text(json.dumps({"phase": phase, "epoch": epoch})))
 
 
 def _resume_point(config: TrainConfig, resume_from: str | None) -> dict[str, Any] | None:
@@ -402,11 +404,23 @@ def predict_rows(model, images: np.ndarray, indices: np.ndarray, entries, labels
 
 
 def save_model_atomically(model, path: Path) -> Path:
-    """Save to a temporary file first, so a full disk leaves the previous model readable."""
-    tmp = path.with_name(path.stem + ".tmp.keras")
+    """Save the model; a full disk leaves the previous `path` readable."""
+    return write_atomically(path, model.save)
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Call `write(tmp)` on a temporary name beside `path`, then rename it over `path`.
+
+    A failure (a full disk, say) removes the partial file, keeps the old `path` intact and is
+    raised as an `OSError` that says what to do.
+    """
+    tmp = path.with_name(f"{path.name.split('.')[0]}.tmp{os.getpid()}{''.join(path.suffixes)}")
     try:
-        model.save(tmp)
+        write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(exc.errno, f"Could not save {path.name} in {path.parent} ({exc.strerror or exc}). "
+                                 "Free disk space and resume the run; the previous file is kept.") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
