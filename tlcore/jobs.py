@@ -417,8 +417,9 @@ def worker_loop(store: Store | None = None, *, once: bool = False, poll_s: float
             _say(f"training {run.id} ({run.name})")
             done = execute_claimed(
                 run, store, shutdown=shutdown,
-                stop_reason=lambda: ("The worker was shut down; epochs logged so far are kept. "
-                                     "`python -m tlcore resume RUN` continues it." if shutdown.is_set() else None))
+                stop_reason=lambda: ("The worker was shut down; epochs logged so far are kept. Resume "
+                                     "the run if it saved a checkpoint, or submit it again."
+                                     if shutdown.is_set() else None))
             finished.append(done)
             _write_worker_json(info)
             _say(f"{done.id} {done.status.value}" + (f": {done.error}" if done.error else ""))
