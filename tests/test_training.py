@@ -123,3 +123,19 @@ def test_too_small_image_size_for_a_backbone_is_refused(store, ants_bees):
                            status=RunStatus.RUNNING)
     with pytest.raises(ValueError, match="at least 75"):
         execute_run(run.id, store)
+
+
+def test_a_stopped_run_resumes_from_its_last_checkpoint(store, ants_bees):
+    config = TrainConfig(dataset=ants_bees.id, image_size=SIZE, batch_size=4, head_epochs=1, finetune_epochs=2)
+    first = store.create_run("interrupted", ants_bees.id, config.backbone, config.weights, config.to_dict(),
+                             status=RunStatus.RUNNING)
+    with pytest.raises(RunCancelled):
+        execute_run(first.id, store, should_stop=lambda: len(store.epochs(first.id)) >= 2)
+    assert json.loads((home.run_dir(first.id) / "checkpoint.json").read_text()) == {"phase": "finetune", "epoch": 1}
+
+    second = store.create_run("resumed", ants_bees.id, config.backbone, config.weights,
+                              {**config.to_dict(), "resume_from": first.id}, status=RunStatus.RUNNING)
+    summary = execute_run(second.id, store)
+    assert [(e.phase, e.epoch, e.step) for e in store.epochs(second.id)] == [("finetune", 2, 3)]
+    assert f"Resumed from run {first.id}" in _log_text(store, second.id)
+    assert (home.run_dir(second.id) / "model.keras").exists() and summary["metrics"]["accuracy"] >= 0

@@ -122,6 +122,7 @@ def execute_run(run_id: str, store: Store, *, should_stop: Callable[[], bool] = 
     resume = _resume_point(config, run.config.get("resume_from"))
     if resume:
         model.load_weights(resume["weights"])
+        ctx.step = len(store.epochs(run.config["resume_from"]))
         ctx.log(f"Resumed from run {run.config['resume_from']} after {resume['phase']} epoch {resume['epoch']}.")
 
     if config.head_epochs and not resume:
