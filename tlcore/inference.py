@@ -207,6 +207,7 @@ def _read_labels(path: Path) -> list[str]:
     return [str(x) for x in data]
 
 
+_CACHE_SIZE = 8  # loaded models kept in memory per process
 _cache: dict[tuple[str, float], LoadedModel] = {}
 _cache_lock = threading.Lock()
 
@@ -239,6 +240,10 @@ def load_run_model(run_ref: str, store=None) -> LoadedModel:
             return _cache[key]
         model = load_model_file(path, name=name)
         loaded = LoadedModel(model, _read_labels(run_dir / "labels.json"), name=name, path=str(path))
+        for stale in [k for k in _cache if k[0] == key[0]]:
+            del _cache[stale]  # an older version of the same file
+        while len(_cache) >= _CACHE_SIZE:
+            del _cache[next(iter(_cache))]  # the oldest loaded
         _cache[key] = loaded
         return loaded
 

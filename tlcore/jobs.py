@@ -94,27 +94,33 @@ def prepare(config: TrainConfig, store: Store) -> tuple[dict[str, Any], Any]:
 
 
 def resolve_dataset(ref: str, store: Store, *, seed: int = 0, split=None):
-    """A stored dataset for `ref`: an id or name, or a folder / `.zip` path imported now."""
+    """A stored dataset for `ref`: an id or name, or a folder / `.zip` path imported now.
+
+    A bare word names a stored dataset first; only if none matches is it tried as a folder
+    in the working directory. Anything with a path separator, `.` or `~` in front, or a
+    `.zip` ending is a path.
+    """
     ref = str(ref).strip()
     if not ref:
         raise ValueError("`dataset` must name a dataset or a folder. Received: an empty string.")
     path = Path(ref).expanduser()
-    looks_like_path = os.sep in ref or ref.startswith(".") or ref.lower().endswith(".zip")
-    if path.exists() and (path.is_dir() or path.suffix.lower() == ".zip"):
-        from tlcore.data.importer import import_dataset
+    looks_like_path = os.sep in ref or ref.startswith((".", "~")) or ref.lower().endswith(".zip")
+    importable = path.exists() and (path.is_dir() or path.suffix.lower() == ".zip")
+    if not looks_like_path:
+        try:
+            return store.get_dataset(ref)
+        except KeyError as exc:
+            if not importable:
+                raise ValueError(exc.args[0]) from None
+    if not importable:
+        raise ValueError(f"No folder or .zip at {ref}. Pass an existing folder (one subfolder per class), "
+                         "a .zip of one, or a dataset name from `python -m tlcore datasets list`.")
+    from tlcore.data.importer import import_dataset
 
-        kwargs: dict[str, Any] = {"store": store, "seed": seed}
-        if split is not None:
-            kwargs["split"] = tuple(split)
-        return import_dataset(str(path), **kwargs).dataset
-    try:
-        return store.get_dataset(ref)
-    except KeyError as exc:
-        if looks_like_path:
-            raise ValueError(f"No folder or .zip at {ref} and no dataset by that name. Pass an existing "
-                             "folder (one subfolder per class), a .zip of one, or a dataset name from "
-                             "`python -m tlcore datasets list`.") from None
-        raise ValueError(exc.args[0]) from None
+    kwargs: dict[str, Any] = {"store": store, "seed": seed}
+    if split is not None:
+        kwargs["split"] = tuple(split)
+    return import_dataset(str(path), **kwargs).dataset
 
 
 _submit_lock = threading.Lock()
@@ -310,8 +316,8 @@ def execute_claimed(run: Run, store: Store, *, stop: threading.Event | None = No
             _safe(store.log, run.id, "Run failed:\n" + "".join(
                 traceback.format_exception(type(exc), exc, exc.__traceback__)))
             finished = _safe(store.finish_run, run.id, RunStatus.FAILED, error=line)
-        if isinstance(exc, KeyboardInterrupt) and not cancelled:
-            raise
+        if not isinstance(exc, (Exception, KeyboardInterrupt)):
+            raise  # SystemExit and friends: recorded as failed above, then let through
         return finished or store.get_run(run.id)
     beat.finish()
     return store.finish_run(run.id, RunStatus.SUCCEEDED, summary=summary)
@@ -405,9 +411,14 @@ def worker_loop(store: Store | None = None, *, once: bool = False, poll_s: float
     finished: list[Run] = []
     try:
         while not shutdown.is_set():
-            for dead in reap(store, lease_s):
-                _say(f"marked {dead.id} failed: {dead.error}")
-            run = store.claim_next(me)
+            try:
+                for dead in reap(store, lease_s):
+                    _say(f"marked {dead.id} failed: {dead.error}")
+                run = store.claim_next(me)
+            except Exception as exc:  # the store busy or its disk full: wait and try again
+                _say(f"could not read the queue ({_error_line(exc)}); retrying in {max(poll_s, 5):.0f} s")
+                shutdown.wait(max(poll_s, 5))
+                continue
             if run is None:
                 if once:
                     break
