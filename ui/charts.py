@@ -13,9 +13,12 @@ PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#c
            "#4b5563", "#65a30d"]
 
 
-def _layout(fig: go.Figure, height: int = 320, **kwargs: Any) -> go.Figure:
-    fig.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=10),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), **kwargs)
+def _layout(fig: go.Figure, height: int = 320, legend_y: float = 1.02, top: int = 50,
+            **kwargs: Any) -> go.Figure:
+    # Legend top right, titles top left: they never overlap.
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=top, b=10),
+                      legend=dict(orientation="h", yanchor="bottom", y=legend_y, xanchor="right", x=1),
+                      **kwargs)
     return fig
 
 
@@ -43,7 +46,7 @@ def run_curves(epochs: Sequence[Mapping[str, Any]], phase_boundary: int | None =
     fig.update_xaxes(title_text="epoch", dtick=1 if len(steps) <= 20 else None)
     fig.update_yaxes(rangemode="tozero", row=1, col=1)
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
-    return _layout(fig)
+    return _layout(fig, height=340, legend_y=1.1, top=70)
 
 
 def overlay_curves(series: Mapping[str, Sequence[Mapping[str, Any]]], metric: str) -> go.Figure:

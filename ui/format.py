@@ -9,13 +9,8 @@ import pandas as pd
 
 from tlcore.store import Dataset, Run, RunStatus
 
-STATUS_ICON = {
-    RunStatus.QUEUED: "⏳ queued",
-    RunStatus.RUNNING: "🔄 running",
-    RunStatus.SUCCEEDED: "✅ succeeded",
-    RunStatus.FAILED: "❌ failed",
-    RunStatus.CANCELLED: "⏹ cancelled",
-}
+# Plain words: they read the same in every browser and font (emoji do not on bare servers).
+STATUS_ICON = {s: s.value for s in RunStatus}
 
 
 def ago(ts: float | None, now: float | None = None) -> str:

@@ -83,12 +83,11 @@ def _live() -> None:
         st.caption("Nothing is training.")
     if queued:
         st.caption(f"{len(queued)} run(s) queued.")
+    st.divider()
+    st.caption(f"**Device:** {state.device_summary(state.device_probe())}")
 
 
 def draw() -> None:
     with st.sidebar:
         _live()
-        st.divider()
-        probe = state.device_probe()
-        st.caption(f"**Device:** {state.device_summary(probe)}")
         st.caption(f"**Data home:** `{home.data_home()}`")

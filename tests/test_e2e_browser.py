@@ -1,0 +1,219 @@
+"""End to end in a real headless Chromium: start the dashboard, import the built-in offline
+dataset, launch a tiny run (the UI starts the worker), watch its chart gain points, open the
+error gallery and get a demo prediction. Screenshots of each page go to `test-artifacts/`.
+
+Needs Debian's `/usr/bin/chromium` and the `playwright` Python package (never downloads a browser).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+pytestmark = [
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed"),
+    pytest.mark.timeout(900),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}")
+        with contextlib.suppress(OSError):
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                return
+        time.sleep(0.3)
+    raise TimeoutError("streamlit did not become healthy")
+
+
+@pytest.fixture
+def server(tlcore_home):
+    port = _free_port()
+    env = {**os.environ, "TLCORE_HOME": str(tlcore_home), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": str(ROOT)}
+    env.pop("TLCORE_DATA_ROOTS", None)
+    log = open(tlcore_home.parent / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
+         "--server.headless", "true", "--server.address", "127.0.0.1"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        _stop_worker(tlcore_home)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(15)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _stop_worker(data_home: Path) -> None:
+    """Stop the worker the UI started (by the pid it recorded), if any."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        pid = json.loads((data_home / "worker.json").read_text())["pid"]
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def page():
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        context = browser.new_context(viewport={"width": 1440, "height": 1700})
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        try:
+            yield pg
+        finally:
+            browser.close()
+
+
+def _settle(page) -> None:
+    """Wait until Streamlit has finished the current script run."""
+    page.wait_for_timeout(400)
+    page.wait_for_function(
+        "() => { const app = document.querySelector('[data-testid=\"stApp\"]');"
+        " return app && app.getAttribute('data-test-script-state') !== 'running'"
+        " && !document.querySelector('[data-testid=\"stSkeleton\"]'); }",
+        timeout=180_000)
+    page.wait_for_timeout(300)
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _goto(page, url: str, marker: str) -> None:
+    page.goto(url)
+    page.get_by_text(marker, exact=False).first.wait_for(timeout=120_000)
+    _settle(page)
+
+
+def _logged_epochs(page) -> int:
+    found = page.get_by_text(re.compile(r"\d+ epoch\(s\) logged")).all_inner_texts()
+    return int(found[0].split()[0]) if found else 0
+
+
+def _sample_photo(tmp_path: Path) -> Path:
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path / "brick.png"
+    Image.fromarray(data.brick()).convert("RGB").crop((0, 0, 256, 256)).save(path)
+    return path
+
+
+def test_import_train_watch_inspect_demo(server, page, tlcore_home, tmp_path):
+    from tlcore.store import RunStatus, Store
+
+    timings = {}
+    # Home: first paint.
+    start = time.perf_counter()
+    _goto(page, server, "Recent runs")
+    timings["home_first_paint_s"] = time.perf_counter() - start
+    page.get_by_text("No runs yet").wait_for()
+    _shot(page, "01-home-empty")
+
+    # Datasets: import the built-in offline dataset.
+    _goto(page, f"{server}/datasets", "Built-in dataset")
+    page.get_by_role("button", name="Import", exact=True).click()
+    page.get_by_text(re.compile(r"Imported textures v1")).wait_for(timeout=180_000)
+    _settle(page)
+    _shot(page, "02-datasets-imported")
+    store = Store(tlcore_home / "store.db")
+    [dataset] = store.list_datasets()
+    assert dataset.name == "textures" and len(dataset.classes) >= 2
+
+    # Train: the fast offline preset plus two fine-tune epochs, so the curve grows visibly.
+    _goto(page, f"{server}/train", "New run")
+    page.get_by_role("spinbutton", name="Fine-tune epochs").fill("2")
+    page.get_by_role("spinbutton", name="Fine-tune epochs").press("Enter")
+    page.get_by_role("spinbutton", name="Head epochs").fill("6")
+    page.get_by_role("spinbutton", name="Head epochs").press("Enter")
+    _settle(page)
+    _shot(page, "03-train-form")
+    page.get_by_test_id("stBaseButton-primary").filter(has_text="Train").first.click()
+    page.get_by_text(re.compile(r"Queued \S+\. ")).first.wait_for(timeout=60_000)
+    [run] = store.list_runs()
+
+    seen, deadline, mid_shot = set(), time.time() + 600, False
+    while time.time() < deadline:
+        run = store.get_run(run.id)
+        seen.add(_logged_epochs(page))
+        if not mid_shot and 0 < max(seen) < 8 and run.status == RunStatus.RUNNING:
+            _shot(page, "04-train-running")
+            mid_shot = True
+        if run.status.is_terminal:
+            break
+        page.wait_for_timeout(700)
+    assert run.status == RunStatus.SUCCEEDED, f"run ended {run.status.value}: {run.error}"
+    page.get_by_text("See its errors").wait_for(timeout=30_000)
+    _settle(page)
+    seen.add(_logged_epochs(page))
+    growing = sorted(n for n in seen if n > 0)
+    assert len(growing) >= 2, f"the chart never showed a partial run; epochs seen: {sorted(seen)}"
+    assert page.locator(".js-plotly-plot").count() >= 1
+    _shot(page, "05-train-done")
+
+    # Home again: the finished run is listed with its accuracy.
+    _goto(page, server, "Recent runs")
+    page.get_by_text("Best accuracy").wait_for()
+    _shot(page, "06-home-with-run")
+
+    # Errors: the confusion matrix and the gallery.
+    _goto(page, f"{server}/errors?run={run.id}", "Wrong images")
+    assert page.locator(".js-plotly-plot").count() >= 1
+    page.get_by_text("Top confusions").wait_for()
+    _shot(page, "07-errors")
+
+    # Compare: the run in the table, selected by URL.
+    _goto(page, f"{server}/compare?runs={run.id}", "Confusion matrices")
+    _shot(page, "08-compare")
+
+    # Demo: upload a photo, get a prediction from the trained run.
+    _goto(page, f"{server}/demo?run={run.id}", "Upload a photo")
+    page.locator("input[type=file]").set_input_files(str(_sample_photo(tmp_path)))
+    page.get_by_text("Latency").wait_for(timeout=180_000)
+    _settle(page)
+    latency = page.locator('[data-testid="stMetric"]', has_text="Latency").inner_text()
+    timings["demo_latency"] = latency.replace("\n", " ")
+    prediction = page.locator('[data-testid="stMetric"]', has_text="Prediction").inner_text()
+    assert prediction.split("\n")[-1].strip() in dataset.classes
+    _shot(page, "09-demo")
+    (ARTIFACTS / "e2e-timings.json").write_text(json.dumps(timings, indent=1))
+    assert timings["home_first_paint_s"] < 10
