@@ -53,12 +53,16 @@ class DeviceProbe:
         return self
 
     def _run(self) -> None:
+        # Let the first pages paint before TensorFlow's import competes for the CPU, and run
+        # the check at the lowest priority: on a 2-core server it must not slow the UI.
+        time.sleep(float(os.environ.get("TLAB_DEVICE_PROBE_DELAY", "6")))
         code = ("import json; from tlcore.devices import describe; "
                 "print('TLAB-DEVICE ' + json.dumps(describe(), default=str))")
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
         try:
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 timeout=300, env=env, cwd=_project_root())
+                                 timeout=300, env=env, cwd=_project_root(),
+                                 preexec_fn=lambda: os.nice(19))
         except Exception as exc:  # noqa: BLE001 - any failure is just "unknown device"
             self.error = f"The device check did not finish ({type(exc).__name__})."
             return
