@@ -100,7 +100,7 @@ with tab_zip:
             path = folder / f"{stem}.zip"
             path.write_bytes(upload.getvalue())
             run_import(f"'{upload.name}'", importer.import_dataset, str(path),
-                       zip_name.strip() or stem, store=store)
+                       zip_name.strip() or stem, store=store, source_label=f"upload {upload.name}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

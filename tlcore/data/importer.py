@@ -76,7 +76,8 @@ class _Candidate:
 def import_dataset(source: str | os.PathLike, name: str | None = None, *,
                    store: Store | None = None, seed: int = 0,
                    split: tuple[float, ...] = (0.7, 0.15, 0.15),
-                   roots: Iterable[str | os.PathLike] | None = None) -> ImportResult:
+                   roots: Iterable[str | os.PathLike] | None = None,
+                   source_label: str | None = None) -> ImportResult:
     """Import a folder of class folders (or a `.zip` of one) as a new dataset version.
 
     Args:
@@ -90,6 +91,8 @@ def import_dataset(source: str | os.PathLike, name: str | None = None, *,
             (0.7, 0.15, 0.15).
         roots: if given, `source` must lie under one of these folders (server imports), and
             symlinks inside it may only point under them.
+        source_label: how messages and the report name the source (an upload's own file
+            name rather than its temporary path). Defaults to the path.
 
     Returns:
         `ImportResult(dataset, report)`; the report is also in `datasets/<id>/report.json`.
@@ -100,7 +103,8 @@ def import_dataset(source: str | os.PathLike, name: str | None = None, *,
         UnsafeArchive: the zip is not a zip, or is hostile (zip slip, symlinks, bombs).
         SourceNotAllowed: `roots` given and `source` is outside them.
     """
-    return _import(source, name, store=store, seed=seed, split=split, roots=roots)
+    return _import(source, name, store=store, seed=seed, split=split, roots=roots,
+                   source_label=source_label)
 
 
 def _import(source, name, *, store, seed, split, roots, source_label: str | None = None,
