@@ -214,10 +214,11 @@ def cmd_backbones(args) -> int:
             "origin": spec.weights_origin, "license": spec.license, "imagenet_top1": spec.imagenet_top1,
             "params_m": spec.params_m,
         })
-    text = _table(["name", "display name", "size", "preprocessing", "weights now", "top-1", "origin"],
-                  [[r["name"], r["display_name"], r["default_size"], r["preprocessing"],
+    text = _table(["name", "size", "prep", "params", "weights now", "top-1", "licence", "origin"],
+                  [[r["name"], r["default_size"], r["preprocessing"], f"{r['params_m']:.1f}M",
                     "yes" if r["weights_available"] else "no (downloads on first use)",
-                    f"{r['imagenet_top1']:.1%}" if r["imagenet_top1"] else "-", r["origin"]] for r in rows])
+                    f"{r['imagenet_top1']:.1%}" if r["imagenet_top1"] else "-", r["license"], r["origin"]]
+                   for r in rows])
     _emit(args, {"backbones": rows}, None if args.json else text)
     return 0
 

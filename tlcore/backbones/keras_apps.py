@@ -32,7 +32,7 @@ def _keras(name, display, constructor, preprocessing, size, file, url, top1, par
         weights_file=file,
         weights_url=url + file,
         weights_origin="Keras Applications (downloaded on first use into the Keras cache)",
-        license="Keras Applications weights; see keras.io/api/applications",
+        license="see keras.io/api/applications",
         imagenet_top1=top1,
         params_m=params,
         min_size=min_size,
