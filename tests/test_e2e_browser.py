@@ -156,11 +156,22 @@ def test_import_train_watch_inspect_demo(server, page, tlcore_home, tmp_path):
     _settle(page)
     _shot(page, "02-datasets-imported")
     store = Store(tlcore_home / "store.db")
-    [dataset] = store.list_datasets()
-    assert dataset.name == "textures" and len(dataset.classes) >= 2
+    [textures] = store.list_datasets()
+    assert textures.name == "textures" and len(textures.classes) >= 2
 
-    # Train: the fast offline preset plus two fine-tune epochs, so the curve grows visibly.
+    # A second built-in set, the handwritten digits, trained at 32 px below: small enough to
+    # make mistakes, so the error gallery has images to show.
+    page.get_by_text(re.compile(r"^digits")).first.click()
+    page.get_by_role("button", name="Import", exact=True).click()
+    page.get_by_text(re.compile(r"Imported digits v1")).wait_for(timeout=180_000)
+    dataset = store.list_datasets()[0]
+    assert dataset.name == "digits" and len(dataset.classes) == 10
+
+    # Train: the fast offline preset at 32 px plus two fine-tune epochs, so the curve grows visibly.
     _goto(page, f"{server}/train", "New run")
+    page.get_by_text("Backbone's size").click()
+    page.get_by_role("spinbutton", name="Image size (px)").fill("32")
+    page.get_by_role("spinbutton", name="Image size (px)").press("Enter")
     page.get_by_role("spinbutton", name="Fine-tune epochs").fill("2")
     page.get_by_role("spinbutton", name="Fine-tune epochs").press("Enter")
     page.get_by_role("spinbutton", name="Head epochs").fill("6")
@@ -170,6 +181,7 @@ def test_import_train_watch_inspect_demo(server, page, tlcore_home, tmp_path):
     page.get_by_test_id("stBaseButton-primary").filter(has_text="Train").first.click()
     page.get_by_text(re.compile(r"Queued \S+\. ")).first.wait_for(timeout=60_000)
     [run] = store.list_runs()
+    assert run.dataset_id == dataset.id and run.config["image_size"] == 32
 
     seen, deadline, mid_shot = set(), time.time() + 600, False
     while time.time() < deadline:
@@ -199,6 +211,9 @@ def test_import_train_watch_inspect_demo(server, page, tlcore_home, tmp_path):
     _goto(page, f"{server}/errors?run={run.id}", "Wrong images")
     assert page.locator(".js-plotly-plot").count() >= 1
     page.get_by_text("Top confusions").wait_for()
+    page.get_by_text(re.compile(r"\d+ wrong image\(s\) for")).wait_for()
+    assert page.locator('[data-testid="stImage"]').count() >= 1
+    assert page.get_by_text(re.compile(r"→ .* \(\d+%\)")).count() >= 1
     _shot(page, "07-errors")
 
     # Compare: the run in the table, selected by URL.
