@@ -1,0 +1,477 @@
+"""Transfer Lab benchmark: the Keras tutorial recipe vs tlcore, side by side, on the same data.
+
+    python bench/run.py --data ../shared/datasets/flowers [--image-size 224] [--head-epochs 5]
+        [--finetune-epochs 2] [--limit-per-class N] [--out BENCHMARKS.md] [--smoke]
+
+Every measured side runs in its own subprocess (`bench/worker.py`), one after the other, with
+its own peak memory (RSS of the process tree, polled with psutil, and the child's ru_maxrss).
+Each tlcore run gets a fresh `$TLCORE_HOME` under a temporary folder (cold pixel and feature
+caches). The markdown report is written by this script from the numbers it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+AUGMENT = ("flip", "rotate", "zoom")
+
+
+# ---------------------------------------------------------------- running one side
+
+
+def measure(task: str, args: dict, home: Path, workdir: Path, label: str) -> dict:
+    """Run `bench/worker.py task` in a subprocess; return its result plus wall time and peak memory."""
+    args_path, result_path = workdir / f"{label}.args.json", workdir / f"{label}.result.json"
+    log_path = workdir / f"{label}.log"
+    args_path.write_text(json.dumps(args))
+    env = {**os.environ, "TLCORE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(REPO / "bench" / "worker.py"), task, str(args_path), str(result_path)]
+    print(f"[bench] {label}: running ({task}) ...", flush=True)
+    started = time.perf_counter()
+    cpu_before = psutil.cpu_times()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
+        peak_rss = peak_anon = 0
+        root = psutil.Process(proc.pid)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            rss = anon = 0
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    info = p.memory_info()
+                    rss += info.rss
+                    anon += info.rss - info.shared
+            except psutil.Error:
+                pass
+            peak_rss, peak_anon = max(peak_rss, rss), max(peak_anon, anon)
+            time.sleep(0.1)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    cpu_after = psutil.cpu_times()
+    busy = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("user", "nice", "system", "irq", "softirq", "steal")
+               if hasattr(cpu_after, f))
+    own_cpu = usage.ru_utime + usage.ru_stime
+    if proc.returncode != 0 or not result_path.exists():
+        tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-40:])
+        raise RuntimeError(f"{label} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+    result = json.loads(result_path.read_text())
+    result["process_wall_s"] = wall
+    result["peak_rss_mb"] = max(peak_rss, usage.ru_maxrss * 1024) / 2**20
+    result["peak_rss_polled_mb"] = peak_rss / 2**20
+    result["peak_anon_mb"] = peak_anon / 2**20
+    result["cpu_s"] = own_cpu
+    # CPU time other processes on the machine used while this side ran, as a share of all cores.
+    result["others_cpu_share"] = max(0.0, busy - own_cpu) / (wall * (os.cpu_count() or 1))
+    print(f"[bench] {label}: done in {wall:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB, "
+          f"CPU {own_cpu:.0f} s, other processes used {result['others_cpu_share']:.0%} of the cores", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------- data
+
+
+def subset_copy(source: Path, dest: Path, *, per_class: int | None = None, fraction: float | None = None) -> Path:
+    """Copy the first `per_class` (or `fraction` of each class's) images, by sorted name, into `dest`."""
+    for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        n = per_class if per_class is not None else math.ceil(len(files) * fraction)
+        (dest / class_dir.name).mkdir(parents=True, exist_ok=True)
+        for f in files[:n]:
+            shutil.copy2(f, dest / class_dir.name / f.name)
+    return dest
+
+
+def import_into(home: Path, source: Path, name: str):
+    """Import `source` as a dataset in data home `home` (in this process); return (dataset, entries, seconds)."""
+    os.environ["TLCORE_HOME"] = str(home)
+    from tlcore.data.importer import import_dataset
+    from tlcore.data.manifest import load_manifest
+    from tlcore.store import Store
+
+    t = time.perf_counter()
+    dataset = import_dataset(source, name=name, store=Store()).dataset
+    seconds = time.perf_counter() - t
+    return dataset, load_manifest(dataset.id), seconds
+
+
+def prepare_weights(home: Path, template: Path | None = None) -> Path:
+    """Put the converted Lite0 weights in `home` before any timed run, so neither side pays the
+    one-time conversion (copied from `template`'s data home when given)."""
+    target = home / "weights"
+    if template is not None and (template / "weights").is_dir():
+        shutil.copytree(template / "weights", target, dirs_exist_ok=True)
+        return target
+    env = {**os.environ, "TLCORE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run([sys.executable, "-c", "from tlcore.backbones.efficientnet_lite import ensure_weights; "
+                    "ensure_weights()"], env=env, cwd=str(REPO), check=True, capture_output=True)
+    return target
+
+
+def split_folders(entries, dest: Path) -> Path:
+    """`dest/<split>/<class>/<file>` symlinks to the manifest's images: tlcore's split, for the baseline."""
+    for i, e in enumerate(entries):
+        folder = dest / e.split / e.label
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = Path(e.source).suffix or Path(e.path).suffix or ".jpg"
+        (folder / f"{i:05d}{suffix.lower()}").symlink_to(e.path)
+    return dest
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def first_reaching(epochs: list[dict], target: float, phases=("head", "finetune")) -> dict | None:
+    """The first epoch (in `phases`) whose val_accuracy >= target, or None."""
+    for e in epochs:
+        if e["phase"] in phases and e.get("val_accuracy", -1) >= target - 1e-9:
+            return e
+    return None
+
+
+def last_of(epochs: list[dict], phase: str) -> dict | None:
+    rows = [e for e in epochs if e["phase"] == phase]
+    return rows[-1] if rows else None
+
+
+def machine() -> dict:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import importlib.metadata as md
+
+    return {"nproc": os.cpu_count(), "cpu_model": model, "ram_gib": psutil.virtual_memory().total / 2**30,
+            "python": platform.python_version(), "tensorflow": md.version("tensorflow"),
+            "keras": md.version("keras"), "platform": platform.platform()}
+
+
+def fmt(v, digits=1, unit=""):
+    if v is None:
+        return "—"
+    if isinstance(v, str):
+        return v
+    return f"{v:,.{digits}f}{unit}"
+
+
+def ratio(a, b, digits=2):
+    if a is None or b is None or not b:
+        return "—"
+    return f"{a / b:.{digits}f}×"
+
+
+# ---------------------------------------------------------------- report
+
+
+def build_report(r: dict) -> str:
+    cfg, base, tl, probe = r["config"], r["baseline"], r["tlcore"], r["probe"]
+    bt, tt = base["timings"], tl["summary"]["timings"]
+    head_target = (last_of(base["epochs"], "head") or {}).get("val_accuracy")
+    final_target = (base["epochs"][-1] if base["epochs"] else {}).get("val_accuracy")
+    b_head_hit = first_reaching(base["epochs"], head_target, ("head",)) if head_target is not None else None
+    t_head_hit = first_reaching(tl["epochs"], head_target, ("head",)) if head_target is not None else None
+    b_final_hit = first_reaching(base["epochs"], final_target) if final_target is not None else None
+    t_final_hit = first_reaching(tl["epochs"], final_target) if final_target is not None else None
+    tl_head_wall = tt.get("pixels_s", 0) + tt.get("head_s", 0)
+    b_head_val = head_target
+    t_head_val = (last_of(tl["epochs"], "head") or {}).get("val_accuracy")
+    t_final_val = (tl["epochs"][-1] if tl["epochs"] else {}).get("val_accuracy")
+    t = lambda hit: hit["elapsed_s"] if hit else None  # noqa: E731
+
+    L = []
+    L.append("# Benchmarks: Transfer Lab (tlcore) vs the Keras tutorial recipe\n")
+    L.append("Written by `bench/run.py`; every number below was measured and printed by that run.\n")
+    m = r["machine"]
+    L.append(f"- **Date**: {r['date']}")
+    L.append(f"- **Machine**: {m['nproc']} CPU cores ({m['cpu_model']}), {m['ram_gib']:.1f} GiB RAM, no GPU; "
+             f"{m['platform']}; Python {m['python']}, TensorFlow {m['tensorflow']}, Keras {m['keras']}")
+    L.append(f"- **Command**: `{r['command']}`")
+    L.append(f"- **Data**: `{cfg['data']}`: {r['images']} images, {len(r['classes'])} classes; tlcore's "
+             f"stratified split (seed 0): {r['split_counts']}. Both sides train on `train`, validate on `val` "
+             f"and are scored on `{tl['summary']['eval_split']}` ({tl['summary']['eval_images']} images).")
+    L.append(f"- **Recipe (both sides)**: EfficientNet-Lite0, ImageNet weights, {cfg['image_size']} px, batch "
+             f"{cfg['batch_size']}, seed {cfg['seed']}; head {cfg['head_epochs']} epochs at Adam "
+             f"{cfg['lr']:g}; fine-tune {cfg['finetune_epochs']} epochs of the top {cfg['finetune_layers']} "
+             f"weighted layers (BatchNorm frozen) at {cfg['lr'] / 10:g}; augmentation {', '.join(AUGMENT)}.")
+    L.append("  Baseline: augmentation and frozen backbone inside the model, `image_dataset_from_directory` on "
+             "per-split symlink folders built from tlcore's manifest (same files), constant LR. tlcore: "
+             "`execute_run` (pixel cache, cached features for the head, tf.data augmentation for the "
+             "fine-tune with warm-up + cosine LR and early stopping).")
+    L.append(f"- tlcore's one-time dataset import (validate, hash, copy, split; not in the job times): "
+             f"{r['import_s']:.1f} s. The converted Lite0 weights are put in every data home before the "
+             f"timed runs (neither side pays that one-time conversion).\n")
+
+    L.append("## Side by side\n")
+    L.append("Times are wall-clock seconds inside each side's process, from the start of the job. "
+             "Ratio = baseline ÷ tlcore (above 1: tlcore is faster / uses less). The machine is shared: the "
+             "contention row says how much of the cores other processes took while each side ran; process "
+             "CPU time is the figure least affected by it.\n")
+    L.append("| | baseline (Keras tutorial) | tlcore | ratio |")
+    L.append("|---|---:|---:|---:|")
+    rows = [
+        ("decode + pixel cache (s)", None, tt.get("pixels_s"), False),
+        ("feature extraction (s)", None, tt.get("features_s"), False),
+        ("head phase wall (s) [tlcore: pixel cache + features + head fit]", bt["head_s"], tl_head_wall, True),
+        ("fine-tune phase wall (s)", bt["finetune_s"], tt.get("finetune_s"), True),
+        ("evaluation (s)", bt["eval_s"], tt.get("eval_s"), True),
+        ("whole job (s)", bt["total_s"], tt.get("total_s"), True),
+        ("process wall incl. Python/TF start-up (s)", base["process_wall_s"], tl["process_wall_s"], True),
+    ]
+    for name, a, b, with_ratio in rows:
+        L.append(f"| {name} | {fmt(a)} | {fmt(b)} | {ratio(a, b) if with_ratio else '—'} |")
+    L.append(f"| process CPU time, user + system (s) | {fmt(base['cpu_s'])} | {fmt(tl['cpu_s'])} | "
+             f"{ratio(base['cpu_s'], tl['cpu_s'])} |")
+    L.append(f"| cores' time used by OTHER processes meanwhile (contention) | {fmt(100 * base['others_cpu_share'], 0, '%')} | "
+             f"{fmt(100 * tl['others_cpu_share'], 0, '%')} | — |")
+    L.append(f"| val accuracy after the head phase | {fmt(b_head_val, 4)} | {fmt(t_head_val, 4)} | — |")
+    L.append(f"| val accuracy at the end | {fmt(final_target, 4)} | {fmt(t_final_val, 4)} | — |")
+    L.append(f"| time to the baseline's head val accuracy ({fmt(head_target, 4)}) in the head phase (s) | "
+             f"{fmt(t(b_head_hit))} | {fmt(t(t_head_hit)) if t_head_hit else 'not reached'} | "
+             f"{ratio(t(b_head_hit), t(t_head_hit))} |")
+    any_hit = first_reaching(tl["epochs"], head_target) if head_target is not None else None
+    L.append(f"| time to the baseline's head val accuracy ({fmt(head_target, 4)}) in any phase (s) | "
+             f"{fmt(t(b_head_hit))} | {fmt(t(any_hit)) if any_hit else 'not reached'} | "
+             f"{ratio(t(b_head_hit), t(any_hit))} |")
+    L.append(f"| time to the baseline's final val accuracy ({fmt(final_target, 4)}) (s) | {fmt(t(b_final_hit))} | "
+             f"{fmt(t(t_final_hit)) if t_final_hit else 'not reached'} | {ratio(t(b_final_hit), t(t_final_hit))} |")
+    L.append(f"| {tl['summary']['eval_split']} accuracy | {fmt(base['accuracy'], 4)} | {fmt(tl['accuracy'], 4)} | — |")
+    L.append(f"| {tl['summary']['eval_split']} macro F1 | {fmt(base['macro_f1'], 4)} | {fmt(tl['macro_f1'], 4)} | — |")
+    L.append(f"| peak RSS, process tree (MB) | {fmt(base['peak_rss_mb'], 0)} | {fmt(tl['peak_rss_mb'], 0)} | "
+             f"{ratio(base['peak_rss_mb'], tl['peak_rss_mb'])} |")
+    L.append(f"| peak RSS minus file-backed/shared pages (MB) | {fmt(base['peak_anon_mb'], 0)} | "
+             f"{fmt(tl['peak_anon_mb'], 0)} | {ratio(base['peak_anon_mb'], tl['peak_anon_mb'])} |")
+    L.append("")
+
+    # ---- pipeline efficiency
+    fwd, fb = probe["fwd_img_s"], probe["fwdbwd_img_s"]
+    n_all, n_train, n_val = r["images"], r["split_sizes"]["train"], r["split_sizes"]["val"]
+    feat_s = tt.get("features_s")
+    feat_rate = n_all / feat_s if feat_s else None
+    L.append("## Pipeline efficiency (fraction of the hardware's pace)\n")
+    L.append(f"Raw pace of the same backbone on a batch of {probe['batch_size']} float32 tensors already in "
+             f"memory, {cfg['image_size']} px, same process setup: forward (features, `training=False`) "
+             f"**{fwd:.1f} img/s**; forward + backward + Adam step with the top {cfg['finetune_layers']} "
+             f"layers trainable (`train_on_batch`, tlcore's own compile) **{fb:.1f} img/s**. Other processes "
+             f"used {probe['others_cpu_share']:.0%} of the cores while this was measured.\n")
+    L.append("A fine-tune epoch trains on `train` and validates on `val`, so its hardware-pace time is "
+             "train/(fwd+bwd pace) + val/(forward pace).\n")
+    L.append("| stage | images | measured (s) | img/s | at hardware pace (s) | fraction of pace |")
+    L.append("|---|---:|---:|---:|---:|---:|")
+    if feat_rate:
+        L.append(f"| tlcore feature extraction (all splits) | {n_all} | {feat_s:.1f} | {feat_rate:.1f} | "
+                 f"{n_all / fwd:.1f} | {feat_rate / fwd:.0%} |")
+    ideal_epoch = n_train / fb + n_val / fwd
+    for side, epochs in (("tlcore", tl["epochs"]), ("baseline", base["epochs"])):
+        for e in epochs:
+            if e["phase"] == "finetune":
+                L.append(f"| {side} fine-tune epoch {e['epoch']} | {n_train}+{n_val} | {e['seconds']:.1f} | "
+                         f"{(n_train + n_val) / e['seconds']:.1f} | {ideal_epoch:.1f} | {ideal_epoch / e['seconds']:.0%} |")
+    ideal_head = n_train / fwd + n_val / fwd
+    for e in base["epochs"]:
+        if e["phase"] == "head":
+            L.append(f"| baseline head epoch {e['epoch']} (frozen backbone, forward only) | {n_train}+{n_val} | "
+                     f"{e['seconds']:.1f} | {(n_train + n_val) / e['seconds']:.1f} | {ideal_head:.1f} | "
+                     f"{ideal_head / e['seconds']:.0%} |")
+    L.append("")
+
+    # ---- demo latency
+    L.append("## Demo latency (single image, EfficientNet-Lite0 classifier)\n")
+    if "demo_p50_ms" in probe:
+        L.append(f"Through {probe['demo_via']}, in a fresh process; inputs are JPEG bytes of eval images, so each "
+                 f"prediction includes decode + resize.\n")
+        L.append("| model load (s) | cold first prediction (ms) | p50 (ms) | p95 (ms) | predictions |")
+        L.append("|---:|---:|---:|---:|---:|")
+        L.append(f"| {probe['demo_load_s']:.2f} | {probe['demo_cold_ms']:.1f} | {probe['demo_p50_ms']:.1f} | "
+                 f"{probe['demo_p95_ms']:.1f} | {probe['demo_n']} |")
+    else:
+        L.append("Not measured (no saved model).")
+    L.append("")
+
+    # ---- scale
+    L.append("## Scale (tlcore, whole job, fresh data home each)\n")
+    L.append("| fraction | images | pixel cache on disk (MB) | contention | pixels (s) | features (s) | head (s) | fine-tune (s) | "
+             "whole job (s) | s per 1,000 images | peak RSS (MB) | peak RSS minus file-backed (MB) |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in r["scale"]:
+        st = s["summary"]["timings"]
+        L.append(f"| {s['fraction']} | {s['images']} | {s['pixel_cache_mb']:.0f} | {s['others_cpu_share']:.0%} | {fmt(st.get('pixels_s'))} | "
+                 f"{fmt(st.get('features_s'))} | {fmt(st.get('head_s'))} | {fmt(st.get('finetune_s'))} | "
+                 f"{st['total_s']:.1f} | {1000 * st['total_s'] / s['images']:.1f} | {s['peak_rss_mb']:.0f} | "
+                 f"{s['peak_anon_mb']:.0f} |")
+    L.append("\nThe pixel cache is a `.npy` opened with `np.load(mmap_mode='r')`; fine-tune batches are "
+             "gathered from it by index, so its pages are file-backed and reclaimable (the last column "
+             "excludes them).\n")
+
+    # ---- targets
+    L.append("## Targets (issue 5)\n")
+    L.append("| target | measured | holds |")
+    L.append("|---|---|---|")
+    head_speed = (t(b_head_hit) / t(t_head_hit)) if (b_head_hit and t_head_hit) else None
+    L.append(f"| head phase ≥ 10× faster to the same val accuracy | "
+             f"{'tlcore never reached ' + fmt(head_target, 4) if not t_head_hit else f'{head_speed:.2f}×'} "
+             f"(wall: {ratio(bt['head_s'], tl_head_wall)}) | {'yes' if head_speed and head_speed >= 10 else 'no'} |")
+    equal_acc = tl["accuracy"] >= base["accuracy"] - 1e-9
+    job_ok = tt["total_s"] <= bt["total_s"] and equal_acc
+    L.append(f"| whole job no slower, at equal or better accuracy | {tt['total_s']:.1f} s vs {bt['total_s']:.1f} s "
+             f"({ratio(bt['total_s'], tt['total_s'])}); accuracy {tl['accuracy']:.4f} vs {base['accuracy']:.4f} | "
+             f"{'yes' if job_ok else 'no'} |")
+    ft = [e["seconds"] for e in tl["epochs"] if e["phase"] == "finetune"]
+    ft_frac = ideal_epoch / min(ft) if ft else None
+    feat_frac = feat_rate / fwd if feat_rate else None
+    L.append(f"| feature extraction ≥ 85% of raw forward pace | {fmt(100 * feat_frac if feat_frac else None, 0, '%')} | "
+             f"{'yes' if feat_frac and feat_frac >= 0.85 else 'no'} |")
+    L.append(f"| fine-tune epoch ≥ 85% of raw pace (fastest epoch) | {fmt(100 * ft_frac if ft_frac else None, 0, '%')} | "
+             f"{'yes' if ft_frac and ft_frac >= 0.85 else 'no'} |")
+    p50 = probe.get("demo_p50_ms")
+    L.append(f"| demo p50 < 100 ms (lite0, {cfg['image_size']} px) | {fmt(p50, 1, ' ms')} | "
+             f"{'yes' if p50 is not None and p50 < 100 else 'no'} |")
+    L.append("")
+
+    # ---- per-epoch logs
+    L.append("## Per-epoch log\n")
+    L.append("| side | phase | epoch | epoch (s) | since job start (s) | loss | accuracy | val loss | val accuracy |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for side, epochs in (("baseline", base["epochs"]), ("tlcore", tl["epochs"])):
+        for e in epochs:
+            L.append(f"| {side} | {e['phase']} | {e['epoch']} | {e['seconds']:.1f} | {e['elapsed_s']:.1f} | "
+                     f"{fmt(e.get('loss'), 4)} | {fmt(e.get('accuracy'), 4)} | {fmt(e.get('val_loss'), 4)} | "
+                     f"{fmt(e.get('val_accuracy'), 4)} |")
+    L.append("")
+    return "\n".join(L)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="folder of class folders")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--head-epochs", type=int, default=5)
+    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--finetune-layers", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit-per-class", type=int, default=None)
+    p.add_argument("--scale", default="0.25,0.5", help="fractions of the data for the scale runs (1 is the main run)")
+    p.add_argument("--out", default="BENCHMARKS.md")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few images per class at 64 px, 1 epoch per phase: checks the bench runs end to end")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (data homes, logs)")
+    p.add_argument("--results", default=None,
+                   help="also save the raw measurements as JSON here (re-render with --from-results)")
+    p.add_argument("--from-results", default=None,
+                   help="write the report from a saved results JSON instead of measuring")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.image_size, args.head_epochs, args.finetune_epochs = 64, 1, 1
+        args.limit_per_class = args.limit_per_class or 12
+        args.scale = "0.5"
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.from_results:
+        results = json.loads(Path(args.from_results).read_text())
+        Path(args.out).write_text(build_report(results))
+        print(f"[bench] wrote {Path(args.out).resolve()} from {args.from_results}", flush=True)
+        return results
+    command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    data = Path(args.data).resolve()
+    workdir = Path(tempfile.mkdtemp(prefix="tlbench-"))
+    print(f"[bench] working in {workdir}", flush=True)
+    try:
+        source = data
+        if args.limit_per_class:
+            source = subset_copy(data, workdir / "source", per_class=args.limit_per_class)
+        home = workdir / "home-main"
+        dataset, entries, import_s = import_into(home, source, "bench")
+        prepare_weights(home)
+        split_sizes = {s: sum(e.split == s for e in entries) for s in ("train", "val", "test")}
+        eval_split = "test" if split_sizes["test"] else "val"
+        split_dir = split_folders(entries, workdir / "splits")
+        cfg = dict(data=str(args.data), image_size=args.image_size, head_epochs=args.head_epochs,
+                   finetune_epochs=args.finetune_epochs, finetune_layers=args.finetune_layers,
+                   batch_size=args.batch_size, lr=1e-3, dropout=0.2, seed=0)
+
+        def tl_config(dataset_id):
+            return dict(dataset=dataset_id, backbone="efficientnet_lite0", image_size=cfg["image_size"],
+                        head_epochs=cfg["head_epochs"], finetune_epochs=cfg["finetune_epochs"],
+                        finetune_layers=cfg["finetune_layers"], augment=list(AUGMENT),
+                        batch_size=cfg["batch_size"], lr=cfg["lr"], dropout=cfg["dropout"], seed=cfg["seed"])
+
+        baseline = measure("baseline", dict(
+            split_dir=str(split_dir), labels=list(dataset.classes), size=cfg["image_size"],
+            head_epochs=cfg["head_epochs"], finetune_epochs=cfg["finetune_epochs"],
+            finetune_layers=cfg["finetune_layers"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+            dropout=cfg["dropout"], seed=cfg["seed"], eval_split=eval_split), home, workdir, "baseline")
+        tl = measure("tlcore", {"config": tl_config(dataset.id)}, home, workdir, "tlcore")
+
+        demo_files = [str(e.path) for e in entries if e.split == eval_split][:50]
+        probe = measure("probe", dict(run_id=tl["run_id"], demo_files=demo_files, size=cfg["image_size"],
+                                      batch_size=cfg["batch_size"], num_classes=len(dataset.classes),
+                                      finetune_layers=cfg["finetune_layers"],
+                                      min_seconds=2 if args.smoke else 15,
+                                      demo_repeats=20 if args.smoke else 100), home, workdir, "probe")
+
+        scale = []
+        pixel_files = list((home / "cache" / "pixels").glob("*.npy"))
+        for fraction in [float(f) for f in args.scale.split(",") if f.strip()]:
+            sub_home = workdir / f"home-{fraction}"
+            sub_source = subset_copy(source, workdir / f"source-{fraction}", fraction=fraction)
+            sub_ds, sub_entries, _ = import_into(sub_home, sub_source, f"bench-{fraction}")
+            prepare_weights(sub_home, template=home)
+            res = measure("tlcore", {"config": tl_config(sub_ds.id)}, sub_home, workdir, f"scale-{fraction}")
+            res.update(fraction=f"{fraction:g}", images=len(sub_entries),
+                       pixel_cache_mb=sum(p.stat().st_size for p in (sub_home / "cache" / "pixels").glob("*.npy")) / 2**20)
+            scale.append(res)
+        scale.append({**tl, "fraction": "1", "images": len(entries),
+                      "pixel_cache_mb": sum(p.stat().st_size for p in pixel_files) / 2**20})
+
+        results = dict(
+            date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), command=command,
+            machine=machine(), config=cfg, images=len(entries), classes=list(dataset.classes),
+            split_sizes=split_sizes,
+            split_counts=", ".join(f"{k} {v}" for k, v in split_sizes.items()), import_s=import_s,
+            baseline=baseline, tlcore=tl, probe=probe, scale=scale)
+        report = build_report(results)
+        out = Path(args.out)
+        out.write_text(report)
+        (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        if args.results:
+            Path(args.results).write_text(json.dumps(results, indent=1, default=str))
+        print(report, flush=True)
+        print(f"[bench] wrote {out.resolve()}", flush=True)
+        return results
+    finally:
+        if args.keep:
+            print(f"[bench] kept {workdir}", flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The benchmark runs end to end (`bench/run.py --smoke`: a few images per class, 64 px, 1 epoch
+per phase) and writes a report with every section filled with numbers. The full benchmark is
+not a test; this only checks the machinery."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED_DATASETS
+
+REPO = Path(__file__).resolve().parents[1]
+FLOWERS = SHARED_DATASETS / "flowers"
+NUMBER = re.compile(r"\d+(\.\d+)?")
+
+
+def _row(report: str, starts: str) -> list[str]:
+    """The cells of the first table row whose first cell starts with `starts`."""
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0].startswith(starts):
+            return cells
+    raise AssertionError(f"no table row starting with {starts!r}")
+
+
+def _section(report: str, title: str) -> str:
+    parts = report.split(f"## {title}", 1)
+    assert len(parts) == 2, f"section {title!r} missing"
+    return parts[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.skipif(not FLOWERS.is_dir(), reason="shared flowers dataset not available")
+def test_bench_smoke_writes_every_section_with_numbers(tmp_path):
+    out = tmp_path / "BENCH.md"
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "bench/run.py", "--data", str(FLOWERS), "--smoke", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert elapsed < 90, f"smoke bench took {elapsed:.0f} s"
+    report = out.read_text()
+
+    for field in ("**Date**", "**Machine**", "**Command**", "**Data**", "**Recipe (both sides)**"):
+        assert field in report
+    assert "--smoke" in report
+
+    side = _section(report, "Side by side")
+    for name in ("head phase wall", "fine-tune phase wall", "whole job", "test accuracy", "test macro F1",
+                 "peak RSS, process tree", "time to the baseline's final val accuracy"):
+        cells = _row(side, name)
+        assert NUMBER.fullmatch(cells[1].replace(",", "")), (name, cells)  # baseline
+        assert NUMBER.search(cells[2]), (name, cells)  # tlcore (a number, or 'not reached')
+    assert NUMBER.search(_row(side, "whole job")[3])  # the ratio
+
+    efficiency = _section(report, "Pipeline efficiency")
+    assert re.search(r"forward .*\*\*[\d.]+ img/s\*\*.*\*\*[\d.]+ img/s\*\*", efficiency, re.S)
+    assert NUMBER.search(_row(efficiency, "tlcore feature extraction")[-1])
+    assert NUMBER.search(_row(efficiency, "tlcore fine-tune epoch 1")[-1])
+
+    demo = _section(report, "Demo latency").splitlines()
+    separator = next(i for i, line in enumerate(demo) if line.startswith("|---"))
+    cells = [c.strip() for c in demo[separator + 1].strip().strip("|").split("|")]
+    assert len(cells) == 5 and all(NUMBER.fullmatch(c) for c in cells), cells  # load, cold, p50, p95, n
+
+    scale = _section(report, "Scale")
+    for fraction in ("0.5", "1"):
+        cells = _row(scale, fraction)
+        assert all(NUMBER.search(c) for c in cells), cells
+
+    targets = _section(report, "Targets")
+    for name in ("head phase", "whole job", "feature extraction", "fine-tune epoch", "demo p50"):
+        assert _row(targets, name)[-1] in ("yes", "no")
+
+    epochs = _section(report, "Per-epoch log")
+    for side_name, phase in (("baseline", "head"), ("baseline", "finetune"), ("tlcore", "head"),
+                             ("tlcore", "finetune")):
+        assert re.search(rf"\| {side_name} \| {phase} \| 1 \| [\d.]+ \| [\d.]+ \|", epochs), (side_name, phase)
