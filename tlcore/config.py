@@ -27,7 +27,7 @@ class TrainConfig:
     lr: float = 1e-3  # head learning rate; fine-tuning uses lr * finetune_lr_scale
     finetune_lr_scale: float = 0.1
     batch_size: int = 32
-    dropout: float = 0.5  # before the new head; 0.5 beat 0.2 on linear heads over pooled features
+    dropout: float = 0.2
     early_stopping_patience: int = 3
     seed: int = 0
     # (train, val, test) fractions to re-split a dataset imported without given splits;

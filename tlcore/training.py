@@ -125,13 +125,15 @@ def execute_run(run_id: str, store: Store, *, should_stop: Callable[[], bool] = 
         ctx.step = len(store.epochs(run.config["resume_from"]))
         ctx.log(f"Resumed from run {run.config['resume_from']} after {resume['phase']} epoch {resume['epoch']}.")
 
+    head_on_features = None
     if config.head_epochs and not resume:
         t = time.perf_counter()
         if config.head_augment:
             _fit_pixels(ctx, model, pixels, splits, y_all, "head", config.head_epochs, config.lr,
                         config.augment, strategy, device_plan)
         else:
-            _fit_head_on_features(ctx, model, spec, size, dataset.id, pixels, splits, y_all, strategy, timings)
+            head_on_features = _fit_head_on_features(ctx, model, spec, size, dataset.id, pixels, splits, y_all,
+                                                     strategy, timings)
         timings["head_s"] = time.perf_counter() - t
         _save_checkpoint(ctx, model, "head", config.head_epochs)
 
@@ -148,7 +150,15 @@ def execute_run(run_id: str, store: Store, *, should_stop: Callable[[], bool] = 
 
     t = time.perf_counter()
     ctx.beat({"phase": "evaluating", "message": f"Evaluating on {eval_split}"}, force=True)
-    report_rows = predict_rows(model, pixels.images, splits[eval_split], entries, labels, config.batch_size)
+    eval_rows = np.sort(splits[eval_split])
+    if head_on_features is not None and not config.finetune_epochs:
+        # The head shares its weights with the saved model, so its output on the cached
+        # features is the model's output on the pixels, without a second backbone pass.
+        head, features = head_on_features
+        probs = head.predict(features[eval_rows], batch_size=256, verbose=0)
+    else:
+        probs = model_probabilities(model, pixels.images, eval_rows, config.batch_size)
+    report_rows = prediction_rows(probs, eval_rows, entries, labels)
     write_predictions(ctx.folder, report_rows)
     import pandas as pd
 
@@ -256,6 +266,7 @@ def _fit_head_on_features(ctx, model, spec, size, dataset_id, pixels, splits, y_
         callbacks=_callbacks(ctx, "head", config.head_epochs, len(splits["train"]), has_val=bool(len(val))),
     )
     _raise_if_cancelled(ctx)
+    return head, features
 
 
 def _fit_pixels(ctx, model, pixels, splits, y_all, phase, epochs, learning_rate, augment, strategy,
@@ -377,30 +388,36 @@ def _resume_point(config: TrainConfig, resume_from: str | None) -> dict[str, Any
     return {**json.loads(state_path.read_text()), "weights": str(weights)}
 
 
-def predict_rows(model, images: np.ndarray, indices: np.ndarray, entries, labels, batch_size: int):
-    """Per-image predictions (path, source, true, pred, confidence, top-k) for the rows `indices`."""
+def model_probabilities(model, images: np.ndarray, indices: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class probabilities of the full model for the cached pixel rows `indices` (sorted)."""
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
     def forward(x):
         return model(tf.cast(x, tf.float32), training=False)
 
+    out = []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        out.append(forward(pad_batch(np.asarray(images[chunk]), batch_size)).numpy()[:len(chunk)])
+    return np.concatenate(out)
+
+
+def prediction_rows(probs: np.ndarray, indices: np.ndarray, entries, labels) -> list[dict[str, Any]]:
+    """Per-image predictions (path, source, true, pred, confidence, top-k) for the rows `indices`."""
     rows = []
     k = min(TOP_K, len(labels))
-    for start in range(0, len(indices), batch_size):
-        chunk = np.sort(indices[start:start + batch_size])
-        probs = forward(pad_batch(np.asarray(images[chunk]), batch_size)).numpy()[:len(chunk)]
-        for index, p in zip(chunk, probs):
-            entry = entries[index]
-            order = np.argsort(-p)[:k]
-            rows.append({
-                "path": str(entry.path),
-                "source": getattr(entry, "source", str(entry.path)),
-                "true": entry.label,
-                "pred": labels[int(order[0])],
-                "confidence": float(p[order[0]]),
-                "topk": [[labels[int(i)], float(p[i])] for i in order],
-            })
+    for index, p in zip(indices, probs):
+        entry = entries[index]
+        order = np.argsort(-p)[:k]
+        rows.append({
+            "path": str(entry.path),
+            "source": getattr(entry, "source", str(entry.path)),
+            "true": entry.label,
+            "pred": labels[int(order[0])],
+            "confidence": float(p[order[0]]),
+            "topk": [[labels[int(i)], float(p[i])] for i in order],
+        })
     return rows
 
 
