@@ -56,6 +56,15 @@ def test_bench_smoke_writes_every_section_with_numbers(tmp_path):
         assert NUMBER.fullmatch(cells[1].replace(",", "")), (name, cells)  # baseline
         assert NUMBER.search(cells[2]), (name, cells)  # tlcore (a number, or 'not reached')
     assert NUMBER.search(_row(side, "whole job")[3])  # the ratio
+    # The "tlcore, features cached" side: a second tlcore job in the same data home (warm caches).
+    assert _row(side, "")[4] == "tlcore, features cached", _row(side, "")
+    for name in ("head phase wall", "fine-tune phase wall", "whole job", "test accuracy"):
+        assert NUMBER.fullmatch(_row(side, name)[4].replace(",", "")), (name, _row(side, name))
+    for name in ("head phase wall", "whole job"):
+        assert NUMBER.search(_row(side, name)[5]), (name, _row(side, name))  # ratio vs the baseline
+    warm_hit = _row(side, "time to the baseline's head val accuracy")[4]
+    assert warm_hit == "not reached" or NUMBER.fullmatch(warm_hit.replace(",", "")), warm_hit
+    assert "Feature cache reused by that run: yes" in side
 
     efficiency = _section(report, "Pipeline efficiency")
     assert re.search(r"forward .*\*\*[\d.]+ img/s\*\*.*\*\*[\d.]+ img/s\*\*", efficiency, re.S)
@@ -75,8 +84,13 @@ def test_bench_smoke_writes_every_section_with_numbers(tmp_path):
     targets = _section(report, "Targets")
     for name in ("head phase", "whole job", "feature extraction", "fine-tune epoch", "demo p50"):
         assert _row(targets, name)[-1] in ("yes", "no")
+    cold = _row(targets, "head phase ≥ 10× faster to the same val accuracy, cold cache")
+    assert cold[-1] in ("yes", "no") and "at most" in cold[1], cold  # the measured lower-bound explanation
+    warm = _row(targets, "head phase ≥ 10× faster to the same val accuracy, features cached")
+    assert warm[-1] in ("yes", "no"), warm
 
     epochs = _section(report, "Per-epoch log")
     for side_name, phase in (("baseline", "head"), ("baseline", "finetune"), ("tlcore", "head"),
-                             ("tlcore", "finetune")):
+                             ("tlcore", "finetune"), ("tlcore, features cached", "head"),
+                             ("tlcore, features cached", "finetune")):
         assert re.search(rf"\| {side_name} \| {phase} \| 1 \| [\d.]+ \| [\d.]+ \|", epochs), (side_name, phase)
