@@ -116,38 +116,7 @@ def batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, batch_s
         return x, tf.ensure_shape(y, (None,))
 
     data = order.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    geometric = [a for a in augment if a in ("flip", "rotate", "zoom")]
-    if geometric:
-        # flip + rotate + zoom as ONE bilinear warp per image (Keras' layers warp once per layer):
-        # 2.3x less CPU on 2 cores, which the fine-tune step shares with the input pipeline.
-        data = data.map(lambda x, y: (_fused_warp(x, geometric, seed), y), num_parallel_calls=tf.data.AUTOTUNE)
-        augment = [a for a in augment if a not in geometric]
     aug = augmenter(augment, seed)
     if aug is not None:
         data = data.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     return data.prefetch(tf.data.AUTOTUNE)
-
-
-def _fused_warp(x, augment, seed: int, rotate: float = 0.1, zoom: float = 0.15):
-    """RandomFlip("horizontal") / RandomRotation(0.1) / RandomZoom(0.15) composed into one affine
-    transform per image and applied with a single `ImageProjectiveTransformV3` (reflect fill,
-    bilinear), the same ranges as `augmenter`'s layers."""
-    import math
-
-    import tensorflow as tf
-
-    n = tf.shape(x)[0]
-    h, w = tf.cast(tf.shape(x)[1], tf.float32), tf.cast(tf.shape(x)[2], tf.float32)
-    angle = (tf.random.uniform([n], -rotate, rotate, seed=seed) * 2 * math.pi if "rotate" in augment
-             else tf.zeros([n]))
-    scale = tf.random.uniform([n], 1 - zoom, 1 + zoom, seed=seed + 1) if "zoom" in augment else tf.ones([n])
-    flip = (tf.where(tf.random.uniform([n], seed=seed + 2) < 0.5, -1.0, 1.0) if "flip" in augment
-            else tf.ones([n]))
-    cos, sin = tf.cos(angle) * scale, tf.sin(angle) * scale
-    cx, cy = (w - 1) / 2, (h - 1) / 2
-    a0, a1, b0, b1 = cos * flip, -sin, sin * flip, cos  # output pixel -> input pixel, about the centre
-    transforms = tf.stack([a0, a1, cx - a0 * cx - a1 * cy, b0, b1, cy - b0 * cx - b1 * cy,
-                           tf.zeros([n]), tf.zeros([n])], axis=1)
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=x, transforms=transforms, output_shape=tf.shape(x)[1:3], fill_value=0.0,
-        interpolation="BILINEAR", fill_mode="REFLECT")
