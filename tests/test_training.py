@@ -70,6 +70,7 @@ def test_fine_tune_phase_trains_top_layers_with_batchnorm_frozen(store, ants_bee
                         augment=("flip", "zoom"))
     assert [e.phase for e in store.epochs(run.id)] == ["head", "finetune"]
     assert "finetune_s" in summary["timings"]
+    assert "Mirrored training-image features computed and cached (12 images" in _log_text(store, run.id)
     assert json.loads((home.run_dir(run.id) / "checkpoint.json").read_text()) == {"phase": "finetune", "epoch": 1}
 
     spec = get_backbone("efficientnet_lite0")

@@ -228,25 +228,38 @@ def _fit_head_on_features(ctx, model, spec, size, dataset_id, pixels, splits, y_
     config = ctx.config
     with strategy.scope():
         feature_model = keras.Model(model.input, model.get_layer("pool").output)
-    path = feature_cache_path(dataset_id, spec.name, size, config.weights, config.seed)
+    batch_size = max(config.batch_size, 32)
 
-    bar = keras.utils.Progbar(len(pixels.images), unit_name="image") if ctx.progress_bar else None
+    def features_of(rows=None, mirror=False):
+        path = feature_cache_path(dataset_id, spec.name, size, config.weights, config.seed,
+                                  mirrored_rows=rows if mirror else None)
+        bar = keras.utils.Progbar(len(pixels.images) if rows is None else len(rows),
+                                  unit_name="image") if ctx.progress_bar else None
 
-    def on_batch(done, total):
-        if bar is not None:
-            bar.update(done)
-        ctx.beat({"phase": "features", "message": f"Backbone features {done}/{total}",
-                  "batch": done, "batches": total})
+        def on_batch(done, total):
+            if bar is not None:
+                bar.update(done)
+            ctx.beat({"phase": "features", "message": f"Backbone features {done}/{total}",
+                      "batch": done, "batches": total})
 
-    def stop():
-        return ctx.beat({"phase": "features"})
+        found, reused, seconds = cached_features(path, feature_model, pixels.images, batch_size, rows=rows,
+                                                 mirror=mirror, on_batch=on_batch,
+                                                 should_stop=lambda: ctx.beat({"phase": "features"}))
+        what = "Mirrored training-image features" if mirror else "Backbone features"
+        ctx.log(f"{what} {'reused from the cache' if reused else 'computed and cached'} "
+                f"({len(found)} images, {seconds:.1f} s): {path.name}.")
+        return found, reused, seconds
 
-    features, reused, seconds = cached_features(path, feature_model, pixels.images, max(config.batch_size, 32),
-                                                on_batch=on_batch, should_stop=stop)
+    features, reused, seconds = features_of()
     timings["features_s"] = seconds
     timings["features_reused"] = float(reused)
-    ctx.log(f"Backbone features {'reused from the cache' if reused else 'computed and cached'} "
-            f"({len(features)} images, {seconds:.1f} s): {path.name}.")
+    train = splits["train"]
+    x_train, y_train = features[train], y_all[train]
+    if "flip" in config.augment:
+        # Flip augmentation without giving up the cache: the head also sees each training image mirrored.
+        mirrored, _, seconds = features_of(train, mirror=True)
+        timings["features_s"] += seconds
+        x_train, y_train = np.concatenate([x_train, mirrored]), np.concatenate([y_train, y_train])
 
     # The head model shares its layers with the classifier, so training it trains the classifier.
     with strategy.scope():
@@ -257,7 +270,7 @@ def _fit_head_on_features(ctx, model, spec, size, dataset_id, pixels, splits, y_
     val = splits["val"]
     fit_val = (features[val], y_all[val]) if len(val) else None
     head.fit(
-        features[splits["train"]], y_all[splits["train"]],
+        x_train, y_train,
         batch_size=config.batch_size,
         epochs=config.head_epochs,
         validation_data=fit_val,
