@@ -237,7 +237,8 @@ def build_report(r: dict) -> str:
              f"weighted layers (BatchNorm frozen) at {cfg['lr'] / 10:g}; augmentation {', '.join(AUGMENT)}.")
     L.append("  Baseline: augmentation and frozen backbone inside the model, `image_dataset_from_directory` on "
              "per-split symlink folders built from tlcore's manifest (same files), constant LR. tlcore: "
-             "`execute_run` (pixel cache, cached features for the head, tf.data augmentation for the "
+             "`execute_run` (pixel cache, cached features for the head plus cached features of the mirrored "
+             "training images for the flip, tf.data augmentation for the "
              "fine-tune with warm-up + cosine LR and early stopping).")
     L.append(f"- tlcore's one-time dataset import (validate, hash, copy, split; not in the job times): "
              f"{r['import_s']:.1f} s. The converted Lite0 weights are put in every data home before the "
