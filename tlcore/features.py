@@ -38,10 +38,11 @@ def pad_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def extract_features(feature_model, images: np.ndarray, batch_size: int, *, rows: np.ndarray | None = None,
-                     mirror: bool = False, on_batch=None, should_stop=None) -> np.ndarray:
+                     mirror: bool = False, on_batch=None) -> np.ndarray:
     """Run `feature_model` (RGB 0-255 in, pooled vector out) over a uint8 array, batch by batch.
 
     `rows` picks (sorted) rows of `images`, default all; `mirror` flips each image left-right.
+    `on_batch(done, total)` is called after every batch; an exception it raises stops the pass.
     """
     import tensorflow as tf
 
@@ -53,10 +54,6 @@ def extract_features(feature_model, images: np.ndarray, batch_size: int, *, rows
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     total = len(rows)
     for start in range(0, total, batch_size):
-        if should_stop is not None and should_stop():
-            from tlcore.training import RunCancelled
-
-            raise RunCancelled("Cancelled during feature extraction.")
         batch = np.asarray(images[rows[start:start + batch_size]])
         if mirror:
             batch = batch[:, :, ::-1]
@@ -72,7 +69,7 @@ def extract_features(feature_model, images: np.ndarray, batch_size: int, *, rows
 
 def cached_features(path: Path, feature_model, images: np.ndarray, batch_size: int, *,
                     rows: np.ndarray | None = None, mirror: bool = False,
-                    on_batch=None, should_stop=None) -> tuple[np.ndarray, bool, float]:
+                    on_batch=None) -> tuple[np.ndarray, bool, float]:
     """Features for `images` (or their `rows`, optionally mirrored) from `path` if cached,
     else extracted and saved. Returns (features, reused, seconds)."""
     started = time.perf_counter()
@@ -81,8 +78,7 @@ def cached_features(path: Path, feature_model, images: np.ndarray, batch_size: i
         features = np.load(path)
         if len(features) == expected:
             return features, True, time.perf_counter() - started
-    features = extract_features(feature_model, images, batch_size, rows=rows, mirror=mirror,
-                                on_batch=on_batch, should_stop=should_stop)
+    features = extract_features(feature_model, images, batch_size, rows=rows, mirror=mirror, on_batch=on_batch)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
     np.save(tmp, features)
     os.replace(tmp, path)

@@ -239,12 +239,12 @@ def _fit_head_on_features(ctx, model, spec, size, dataset_id, pixels, splits, y_
         def on_batch(done, total):
             if bar is not None:
                 bar.update(done)
-            ctx.beat({"phase": "features", "message": f"Backbone features {done}/{total}",
-                      "batch": done, "batches": total})
+            if ctx.beat({"phase": "features", "message": f"Backbone features {done}/{total}",
+                         "batch": done, "batches": total}):
+                raise RunCancelled("Cancelled during feature extraction; the epochs logged so far are kept.")
 
         found, reused, seconds = cached_features(path, feature_model, pixels.images, batch_size, rows=rows,
-                                                 mirror=mirror, on_batch=on_batch,
-                                                 should_stop=lambda: ctx.beat({"phase": "features"}))
+                                                 mirror=mirror, on_batch=on_batch)
         what = "Mirrored training-image features" if mirror else "Backbone features"
         ctx.log(f"{what} {'reused from the cache' if reused else 'computed and cached'} "
                 f"({len(found)} images, {seconds:.1f} s): {path.name}.")
