@@ -19,6 +19,7 @@ importer = need("data.importer")
 builtin = need("data.builtin")
 sources = need("data.sources")
 manifest = need("data.manifest")
+snapshots = need("data.snapshots")
 
 SAMPLES_PER_CLASS = 8
 
@@ -127,9 +128,13 @@ with tab_camera:
     cls = st.text_input("Class name", key="datasets.cam_class", placeholder="e.g. mug")
     photo = st.camera_input("Snapshot", key="datasets.camera")
     if st.button("Add snapshot to this class", key="datasets.cam_add", disabled=photo is None):
-        label = cls.strip()
-        if not label:
-            st.warning("Name the class first, then add the snapshot.")
+        try:
+            label = snapshots.check_class_name(cls)
+        except ValueError as exc:
+            label = None
+            st.warning(f"{exc} Name the class, then add the snapshot.")
+        if label is None:
+            pass
         elif photo is not None and st.session_state.get("datasets.cam_last") == photo.file_id:
             st.info("This snapshot is already added; take a new one.")
         else:
@@ -143,18 +148,10 @@ with tab_camera:
             snaps.clear()
             st.rerun()
         if st.button("Build dataset", key="datasets.cam_build", type="primary"):
-            work = Path(tempfile.mkdtemp(prefix="camera-", dir=home.uploads_dir()))
-            try:
-                for label, shots in snaps.items():
-                    for i, data in enumerate(shots):
-                        (work / label).mkdir(parents=True, exist_ok=True)
-                        (work / label / f"{i:03d}.jpg").write_bytes(data)
-                run_import("the camera snapshots", importer.import_dataset, str(work),
-                           cam_name.strip() or "camera", store=store)
-                if st.session_state.get("datasets.flash", ("",))[0] == "success":
-                    snaps.clear()
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+            run_import("the camera snapshots", snapshots.import_snapshots, snaps,
+                       cam_name.strip() or "camera", store=store)
+            if st.session_state.get("datasets.flash", ("",))[0] == "success":
+                snaps.clear()
 
 with tab_catalog:
     st.caption("Public datasets, downloaded to this server when it has internet.")

@@ -404,3 +404,28 @@ def test_resplit_is_order_independent(tmp_path):
 def test_load_manifest_missing():
     with pytest.raises(FileNotFoundError, match="No manifest for dataset 'ds-nope'"):
         load_manifest("ds-nope")
+
+
+def test_camera_snapshot_class_names_cannot_leave_the_work_folder(tmp_path, store):
+    import io
+
+    from PIL import Image
+
+    from tlcore.data.snapshots import check_class_name, import_snapshots
+
+    def jpeg(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), color).save(buf, "JPEG")
+        return buf.getvalue()
+
+    for hostile in ("../../escape", "/etc/cron.d", "a/b", "..", ".hidden", "x\\y", ""):
+        with pytest.raises(ValueError):
+            check_class_name(hostile)
+    with pytest.raises(ValueError, match="plain name"):
+        import_snapshots({"../../escape": [jpeg("red")] * 3, "ok": [jpeg("blue")] * 3}, store=store)
+    assert not (tmp_path / "escape").exists() and not (tmp_path.parent / "escape").exists()
+
+    result = import_snapshots({"red mug": [jpeg((200, 0, 0)), jpeg((210, 0, 0)), jpeg((190, 0, 0))],
+                               "blue mug": [jpeg((0, 0, 200)), jpeg((0, 0, 210)), jpeg((0, 0, 190))]},
+                              "mugs", store=store)
+    assert result.dataset.classes == ["blue mug", "red mug"] and result.dataset.num_images == 6
