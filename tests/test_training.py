@@ -140,3 +140,26 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(store, ants_bees):
     assert [(e.phase, e.epoch, e.step) for e in store.epochs(second.id)] == [("finetune", 2, 3)]
     assert f"Resumed from run {first.id}" in _log_text(store, second.id)
     assert (home.run_dir(second.id) / "model.keras").exists() and summary["metrics"]["accuracy"] >= 0
+
+
+def test_eta_counts_the_current_epoch_and_reaches_zero_at_the_end():
+    import types
+
+    from tlcore.training import _StoreProgress
+
+    beats = []
+    ctx = types.SimpleNamespace(step=0, run_id="r", store=types.SimpleNamespace(log_epoch=lambda *a: None),
+                                beat=lambda progress, force=False: beats.append(progress) or False,
+                                log=lambda message: None)
+    callback = _StoreProgress(ctx, "finetune", 3)
+    callback.set_model(types.SimpleNamespace(optimizer=None, stop_training=False))
+    callback.on_epoch_begin(0)
+    callback.epoch_started -= 10.0  # the first epoch took ten seconds
+    callback.on_epoch_end(0, {"loss": 1.0})
+    after_first = beats[-1]
+    assert after_first["epoch"] == 2 and after_first["eta_s"] == pytest.approx(20.0, abs=0.5)
+    for epoch in (1, 2):
+        callback.on_epoch_begin(epoch)
+        callback.epoch_started -= 10.0
+        callback.on_epoch_end(epoch, {"loss": 1.0})
+    assert beats[-1]["eta_s"] == pytest.approx(0.0, abs=0.01)

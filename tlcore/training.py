@@ -337,27 +337,31 @@ class _StoreProgress(keras.callbacks.Callback):
         self.cancelled = False
         self.epoch_started = time.monotonic()
         self.epoch_seconds: list[float] = []
+        self.epoch = 1
         self.batches = None
 
-    def _progress(self, epoch: int, batch: int | None) -> dict[str, Any]:
+    def _progress(self, batch: int | None) -> dict[str, Any]:
+        """Progress in the current epoch (1-based `self.epoch`); the ETA covers it and the rest."""
         per_epoch = (sum(self.epoch_seconds) / len(self.epoch_seconds)) if self.epoch_seconds else None
         elapsed = time.monotonic() - self.epoch_started
+        left = self.epochs - self.epoch + 1  # epochs not finished yet, the current one included
         eta = None
         if per_epoch is not None:
-            eta = max(0.0, per_epoch * (self.epochs - epoch) - elapsed)
+            eta = max(0.0, per_epoch * left - elapsed)
         elif batch and self.batches:
-            eta = elapsed / batch * (self.batches * (self.epochs - epoch + 1) - batch)
-        return {"phase": self.phase, "epoch": epoch, "epochs": self.epochs, "batch": batch,
+            eta = elapsed / batch * (self.batches * left - batch)
+        return {"phase": self.phase, "epoch": self.epoch, "epochs": self.epochs, "batch": batch,
                 "batches": self.batches, "eta_s": eta, "step": self.ctx.step}
 
     def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
         self.epoch_started = time.monotonic()
         self.batches = self.params.get("steps") if self.params else None
-        if self.ctx.beat(self._progress(epoch + 1, 0), force=True):
+        if self.ctx.beat(self._progress(0), force=True):
             self._stop()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.ctx.beat(self._progress(len(self.epoch_seconds) + 1, batch + 1)):
+        if self.ctx.beat(self._progress(batch + 1)):
             self._stop()
 
     def _stop(self):
@@ -381,7 +385,8 @@ class _StoreProgress(keras.callbacks.Callback):
         self.ctx.log(f"{self.phase} epoch {epoch + 1}/{self.epochs}: {shown} ({seconds:.1f} s)")
         if self.checkpoint_model is not None:
             _save_checkpoint(self.ctx, self.checkpoint_model, self.phase, epoch + 1)
-        self.ctx.beat(self._progress(epoch + 2, 0), force=True)
+        self.epoch, self.epoch_started = epoch + 2, time.monotonic()
+        self.ctx.beat(self._progress(0), force=True)
 
 
 def _save_checkpoint(ctx, model, phase: str, epoch: int) -> None:
