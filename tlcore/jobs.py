@@ -318,9 +318,19 @@ def execute_claimed(run: Run, store: Store, *, stop: threading.Event | None = No
             finished = _safe(store.finish_run, run.id, RunStatus.FAILED, error=line)
         if not isinstance(exc, (Exception, KeyboardInterrupt)):
             raise  # SystemExit and friends: recorded as failed above, then let through
+        _safe(_release_models)
         return finished or store.get_run(run.id)
     beat.finish()
+    _release_models()
     return store.finish_run(run.id, RunStatus.SUCCEEDED, summary=summary)
+
+
+def _release_models() -> None:
+    # A long-lived worker builds a new graph per run; clearing Keras' global state keeps its
+    # memory from creeping up run after run.
+    import keras
+
+    keras.backend.clear_session()
 
 
 def _safe(fn, *args, **kwargs):
@@ -474,7 +484,8 @@ def _collect_children() -> None:
     # the OS instead of lingering as a zombie that still "exists".
     for proc in list(_children):
         if proc.poll() is not None:
-            _children.remove(proc)
+            with contextlib.suppress(ValueError):  # another thread collected it first
+                _children.remove(proc)
 
 
 def start_worker_process() -> int:
