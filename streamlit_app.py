@@ -7,7 +7,7 @@ call `tlcore` and draw. Nothing trains in this process; a worker process does.
 
 import streamlit as st
 
-from ui import gate, sidebar
+from ui import gate, sidebar, state
 
 st.set_page_config(page_title="Transfer Lab", page_icon=":material/model_training:", layout="wide")
 
@@ -23,6 +23,7 @@ PAGES = [
     st.Page("pages/demo.py", title="Demo", icon=":material/photo_camera:"),
 ]
 
+state.keep_train_form()  # before st.navigation, which drops the widget state of the page left
 page = st.navigation(PAGES)
 sidebar.draw()
 page.run()

@@ -59,8 +59,6 @@ def apply_preset() -> None:
     ss["train.head_augment"] = bool(values["head_augment"])
     ss["train.batch_size"] = int(values["batch_size"]) if values["batch_size"] in BATCHES else 32
     ss["train.dropout"] = float(values["dropout"])
-    if "label_smoothing" in values:
-        ss["train.label_smoothing"] = float(values["label_smoothing"])
     ss["train.patience"] = int(values["early_stopping_patience"])
     ss["train.seed"] = int(values["seed"])
     split = values.get("split")
@@ -92,7 +90,6 @@ def form_config(dataset_id: str) -> TrainConfig:
         finetune_lr_scale=float(ss["train.finetune_lr_scale"]),
         batch_size=int(ss["train.batch_size"]),
         dropout=float(ss["train.dropout"]),
-        label_smoothing=float(ss.get("train.label_smoothing", 0.0)),
         early_stopping_patience=int(ss["train.patience"]),
         seed=int(ss["train.seed"]),
         split=split,
@@ -203,14 +200,13 @@ with form_col:
     c1.select_slider("Learning rate", LRS, key="train.lr", format_func=lambda v: f"{v:g}")
     c2.selectbox("Batch size", BATCHES, key="train.batch_size")
     st.multiselect("Augmentation", list(AUGMENTATIONS), key="train.augment",
-                   help="Random transforms of training images in the fine-tune phase.")
+                   help="Random transforms of training images in the fine-tune phase. A flip also reaches "
+                        "the cached head phase: the mirrored images' features are cached too.")
     with st.expander("More settings"):
         st.checkbox("Augment in the head phase too (features then cannot be cached; slower)",
                     key="train.head_augment")
         c1, c2 = st.columns(2)
         c1.slider("Dropout", 0.0, 0.8, step=0.05, key="train.dropout")
-        if "label_smoothing" in FIELDS:
-            c2.slider("Label smoothing", 0.0, 0.3, step=0.05, key="train.label_smoothing")
         c1.number_input("Early-stopping patience (epochs)", 0, 100, key="train.patience")
         c2.number_input("Fine-tune LR scale", 0.001, 1.0, step=0.05, format="%.3f", key="train.finetune_lr_scale")
         c1.number_input("Seed", 0, 2**31 - 1, key="train.seed")
@@ -234,12 +230,14 @@ with form_col:
 
 # -------------------------------------------------------------- the live run
 
-def run_panel(run_id: str) -> None:
+def run_panel(run_id: str, live: bool = False) -> None:
     try:
         run = store.get_run(run_id)
     except KeyError:
         st.warning(f"There is no run {run_id!r} in this data home.")
         return
+    if live and run.status.is_terminal:
+        st.rerun()  # the whole page: stop polling, show the finished run and its new status
     st.markdown(f"**{run.name}** · {fmt.STATUS_ICON[run.status]} · {run.backbone} · "
                 f"created {fmt.ago(run.created_at)}")
     if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
@@ -296,7 +294,11 @@ def run_panel(run_id: str) -> None:
             st.code("\n".join(line.message for line in logs), language=None)
 
 
-live_panel = st.fragment(run_every=2)(run_panel)
+@st.fragment(run_every=2)
+def live_panel(run_id: str) -> None:
+    run_panel(run_id, live=True)
+
+
 static_panel = st.fragment(run_panel)
 
 with live_col:

@@ -183,6 +183,15 @@ def test_import_train_watch_inspect_demo(server, page, tlcore_home, tmp_path):
     [run] = store.list_runs()
     assert run.dataset_id == dataset.id and run.config["image_size"] == 32
 
+    # Leaving the page and coming back through the navigation keeps the form as the user set it.
+    page.get_by_role("link", name="Home").first.click()
+    page.get_by_text("Recent runs").wait_for()
+    page.get_by_role("link", name="Train").first.click()
+    page.get_by_role("spinbutton", name="Head epochs").wait_for()
+    _settle(page)
+    assert page.get_by_role("spinbutton", name="Head epochs").input_value() == "6"
+    assert page.get_by_role("spinbutton", name="Image size (px)").input_value() == "32"
+
     seen, deadline, mid_shot = set(), time.time() + 600, False
     while time.time() < deadline:
         run = store.get_run(run.id)

@@ -27,6 +27,24 @@ IMAGENET_REF = "imagenet:efficientnet_lite0"
 
 # ------------------------------------------------------------------- the store
 
+# The Train form's value widgets. Streamlit forgets a widget's value after a run that does not
+# draw it (any other page); re-assigning the keys on every page keeps the user's recipe.
+TRAIN_FORM_KEYS = (
+    "train.dataset", "train.preset", "train.backbone", "train.weights", "train.size_default",
+    "train.image_size", "train.head_epochs", "train.finetune_epochs", "train.finetune_layers",
+    "train.lr", "train.batch_size", "train.augment", "train.head_augment", "train.dropout",
+    "train.patience", "train.finetune_lr_scale", "train.seed", "train.resplit",
+    "train.split_train", "train.split_val", "train.name",
+)
+
+
+def keep_train_form() -> None:
+    """Keep the Train form's values while the user is on other pages."""
+    for key in TRAIN_FORM_KEYS:
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+
+
 @st.cache_resource(show_spinner=False)
 def _store_at(path: str) -> Store:
     return Store(path)
