@@ -7,7 +7,7 @@ call `tlcore` and draw. Nothing trains in this process; a worker process does.
 
 import streamlit as st
 
-from ui import gate, sidebar, state
+from ui import frame, gate, sidebar, state
 
 st.set_page_config(page_title="Transfer Lab", page_icon=":material/model_training:", layout="wide")
 
@@ -26,4 +26,5 @@ PAGES = [
 state.keep_train_form()  # before st.navigation, which drops the widget state of the page left
 page = st.navigation(PAGES)
 sidebar.draw()
-page.run()
+with frame.running():
+    page.run()

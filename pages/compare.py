@@ -7,8 +7,10 @@ Reads the store and the runs' predictions only (no TensorFlow import).
 
 import streamlit as st
 
-from ui import charts, state
+from ui import charts, frame, state
 from ui import format as fmt
+
+frame.require()
 
 store = state.store()
 

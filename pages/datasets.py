@@ -10,9 +10,11 @@ from pathlib import Path
 import streamlit as st
 
 from tlcore import home
-from ui import charts, state
+from ui import charts, frame, state
 from ui import format as fmt
 from ui.engine import need
+
+frame.require()
 
 store = state.store()
 importer = need("data.importer")

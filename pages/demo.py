@@ -12,8 +12,10 @@ import streamlit as st
 from PIL import Image
 
 from tlcore.store import RunStatus
-from ui import charts, images, state
+from ui import charts, frame, images, state
 from ui import format as fmt
+
+frame.require()
 
 MAX_SIDE = 512  # the photo is shown (and Grad-CAM computed) at most this large
 store = state.store()

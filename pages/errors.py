@@ -9,8 +9,10 @@ from pathlib import Path
 import streamlit as st
 
 from tlcore.store import RunStatus
-from ui import charts, state
+from ui import charts, frame, state
 from ui import format as fmt
+
+frame.require()
 
 ANY = "(any)"
 store = state.store()

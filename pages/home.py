@@ -8,7 +8,9 @@ import streamlit as st
 from tlcore import home
 from tlcore.store import RunStatus
 from ui import format as fmt
-from ui import sidebar, state
+from ui import frame, sidebar, state
+
+frame.require()
 
 store = state.store()
 

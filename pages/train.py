@@ -10,9 +10,11 @@ import streamlit as st
 
 from tlcore.config import AUGMENTATIONS, PRESETS, TrainConfig
 from tlcore.store import RunStatus
-from ui import charts, sidebar, state
+from ui import charts, frame, sidebar, state
 from ui import format as fmt
 from ui.engine import maybe, need
+
+frame.require()
 
 store = state.store()
 jobs = need("jobs")

@@ -86,3 +86,14 @@ def test_password_gate_keeps_strangers_out(store):
     at.run()
     assert not at.exception
     assert "No runs yet" in seed.texts(at)
+
+
+def test_a_page_run_without_the_frame_still_asks_for_the_password(store):
+    # A deep link as the first request after a server start runs pages/*.py on its own.
+    seed.run(store, seed.dataset(store), "secret-run")
+    at = seed.app("pages/compare.py")
+    at.secrets["access"] = {"password": "s3cret"}
+    at.run()
+    assert not at.exception
+    assert at.text_input(key="gate.password") is not None
+    assert not at.dataframe and "secret-run" not in seed.texts(at)
