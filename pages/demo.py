@@ -11,13 +11,14 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
+from tlcore.data.images import ImageRejected, open_image
 from tlcore.store import RunStatus
 from ui import charts, frame, images, state
 from ui import format as fmt
 
 frame.require()
 
-MAX_SIDE = 512  # the photo is shown (and Grad-CAM computed) at most this large
+MAX_SIDE = 512  # the photo is shown (and Grad-CAM drawn) at most this large
 store = state.store()
 
 st.title("Demo")
@@ -69,15 +70,15 @@ if shot is None:
     st.info("Upload a photo or take one with the camera to see what the model makes of it.")
     st.stop()
 
+photo_bytes = shot.getvalue()
 try:
-    rgb = images.decode_rgb(shot.getvalue())
-except images.NotAnImage as exc:
-    st.error(f"{shot.name or 'The file'}: {exc}")
+    # The same checks as an import (corrupt, not an image, too small, decompression bombs).
+    photo = open_image(photo_bytes, name=shot.name or "The photo")
+except ImageRejected as exc:
+    st.error(f"{exc.message} Try another photo (JPEG or PNG).")
     st.stop()
-if max(rgb.shape[:2]) > MAX_SIDE:
-    pil = Image.fromarray(rgb)
-    pil.thumbnail((MAX_SIDE, MAX_SIDE), Image.BILINEAR)
-    rgb = np.asarray(pil)
+photo.thumbnail((MAX_SIDE, MAX_SIDE), Image.BILINEAR)
+rgb = np.asarray(photo)
 
 try:
     with st.spinner("Loading the model (once; later predictions reuse it)…"):
@@ -89,7 +90,7 @@ except Exception as exc:  # noqa: BLE001 - ModelLoadError, KeyError, anything: s
     st.stop()
 
 try:
-    pred = model.predict(Image.fromarray(rgb), int(top_k))
+    pred = model.predict(photo_bytes, int(top_k))  # the file itself: pixels made as for evaluation
 except Exception as exc:  # noqa: BLE001
     st.error(f"The model could not classify this image: {exc}")
     st.stop()

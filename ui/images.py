@@ -1,11 +1,9 @@
-"""Image helpers for drawing: decoding an upload for display and the Grad-CAM overlay."""
+"""Image helpers for drawing: the Grad-CAM overlay."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 # A small "jet"-like colour map (blue → cyan → yellow → red), no matplotlib needed.
 _STOPS = np.array([[0.0, 0, 0, 130], [0.25, 0, 110, 255], [0.5, 60, 220, 200],
@@ -33,18 +31,3 @@ def overlay(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -
     colours = colorize(np.asarray(heat_img, dtype=float) / 255.0)
     blended = (1 - alpha) * image_uint8[..., :3].astype(float) + alpha * colours.astype(float)
     return np.clip(blended, 0, 255).astype(np.uint8)
-
-
-class NotAnImage(ValueError):
-    """The bytes do not decode as an image."""
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Bytes of a photo as an upright RGB uint8 array; `NotAnImage` with a plain sentence."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = ImageOps.exif_transpose(img)
-            return np.asarray(img.convert("RGB"))
-    except Exception as exc:  # PIL raises many types for one meaning
-        raise NotAnImage("This file is not an image that can be read (it may be corrupt or another "
-                         "format). Try a JPEG or PNG photo.") from exc
