@@ -137,28 +137,6 @@ def device_summary(probe: DeviceProbe) -> str:
 
 # ---------------------------------------------------------------------- models
 
-_GPU_LOCK = threading.Lock()
-_GPU_READY = False
-
-
-def enable_gpu_memory_growth() -> None:
-    """Let TensorFlow in this (UI) process take GPU memory as it needs it, not all at once,
-    so the worker training next to it keeps its share. Idempotent; must run before any
-    model is built in this process."""
-    global _GPU_READY
-    with _GPU_LOCK:
-        if _GPU_READY:
-            return
-        import tensorflow as tf
-
-        for gpu in tf.config.list_physical_devices("GPU"):
-            try:
-                tf.config.experimental.set_memory_growth(gpu, True)
-            except RuntimeError:
-                pass  # already initialised by someone else; nothing more to do
-        _GPU_READY = True
-
-
 @dataclasses.dataclass
 class CachedModel:
     """A loaded model plus the lock that serialises its predictions across sessions."""
@@ -166,7 +144,6 @@ class CachedModel:
     ref: str
     loaded: Any
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    loaded_in_s: float = 0.0
 
     def predict(self, image: Any, top_k: int):
         with self.lock:
@@ -186,15 +163,15 @@ _LOAD_LOCK = threading.Lock()
 def _load_model(data_home: str, ref: str) -> CachedModel:
     # One model load at a time: two sessions asking for the same run wait for one load.
     with _LOAD_LOCK:
-        enable_gpu_memory_growth()
-        from tlcore import inference
+        from tlcore import devices, inference
 
-        start = time.perf_counter()
+        # Take GPU memory as needed, not all at once, so the worker training beside us keeps its share.
+        devices.enable_memory_growth()
         if ref.startswith("imagenet:"):
             loaded = inference.load_imagenet_model(ref.split(":", 1)[1])
         else:
             loaded = inference.load_run_model(ref)
-        return CachedModel(ref=ref, loaded=loaded, loaded_in_s=time.perf_counter() - start)
+        return CachedModel(ref=ref, loaded=loaded)
 
 
 def load_model(ref: str) -> CachedModel:
