@@ -31,7 +31,7 @@ def worker_status():
 def reap() -> None:
     """Mark runs whose worker died as failed (the engine's reaper; cheap, safe to repeat)."""
     jobs = maybe("jobs")
-    if jobs is not None and hasattr(jobs, "reap"):
+    if jobs is not None:
         try:
             jobs.reap(state.store())
         except Exception:  # noqa: BLE001 - a busy store just means: next poll
@@ -51,7 +51,6 @@ def start_worker(key: str) -> None:
         except Exception as exc:  # noqa: BLE001 - shown in words
             st.error(f"The worker did not start: {exc}")
         else:
-            st.session_state["worker.started_pid"] = pid
             st.toast(f"Worker started (pid {pid}).", icon=":material/check:")
 
 
