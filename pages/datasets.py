@@ -217,17 +217,27 @@ with right:
         st.warning(f"{len(conflicts)} image(s) appeared in two classes (label conflict) and were left out.")
     skipped_table(report, "datasets.skipped")
 
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def samples(data_home: str, dataset_id: str) -> dict[str, list]:
+    """Up to SAMPLES_PER_CLASS manifest entries per class whose files exist (a version never changes)."""
+    by_class: dict[str, list] = {}
+    for e in manifest.load_manifest(dataset_id):
+        chosen = by_class.setdefault(e.label, [])
+        if len(chosen) < SAMPLES_PER_CLASS and Path(e.path).is_file():
+            chosen.append(e)
+    return by_class
+
+
 st.markdown("**Samples per class**")
 try:
-    entries = manifest.load_manifest(ds.id)
+    by_class = samples(str(home.data_home()), ds.id)
 except FileNotFoundError as exc:
     st.warning(f"The images of this dataset are not in this data home: {exc}")
-    entries = []
-by_class: dict[str, list] = {}
-for e in entries:
-    by_class.setdefault(e.label, []).append(e)
+    by_class = {}
 for label in ds.classes:
-    items = [e for e in by_class.get(label, []) if Path(e.path).is_file()][:SAMPLES_PER_CLASS]
+    items = by_class.get(label, [])
     if not items:
         continue
     st.caption(f"{label} · {sum(ds.counts.get(s, {}).get(label, 0) for s in ds.counts)} images")
