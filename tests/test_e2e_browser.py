@@ -129,12 +129,15 @@ def _logged_epochs(page) -> int:
     return int(found[0].split()[0]) if found else 0
 
 
-def _sample_photo(tmp_path: Path) -> Path:
-    from PIL import Image
-    from skimage import data
+def _sample_photo(dataset_id: str, tmp_path: Path) -> Path:
+    """A held-out image of the dataset, as a user would upload it (a PNG with its own name)."""
+    import shutil
 
-    path = tmp_path / "brick.png"
-    Image.fromarray(data.brick()).convert("RGB").crop((0, 0, 256, 256)).save(path)
+    from tlcore.data.manifest import load_manifest
+
+    entry = next(e for e in load_manifest(dataset_id) if e.split == "test")
+    path = tmp_path / f"digit-{entry.label}.png"
+    shutil.copy(entry.path, path)
     return path
 
 
@@ -231,7 +234,7 @@ def test_import_train_watch_inspect_demo(server, page, tlcore_home, tmp_path):
 
     # Demo: upload a photo, get a prediction from the trained run.
     _goto(page, f"{server}/demo?run={run.id}", "Upload a photo")
-    page.locator("input[type=file]").set_input_files(str(_sample_photo(tmp_path)))
+    page.locator("input[type=file]").set_input_files(str(_sample_photo(dataset.id, tmp_path)))
     page.get_by_text("Latency").wait_for(timeout=180_000)
     _settle(page)
     latency = page.locator('[data-testid="stMetric"]', has_text="Latency").inner_text()
