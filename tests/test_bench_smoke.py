@@ -34,7 +34,6 @@ def _section(report: str, title: str) -> str:
     return parts[1].split("\n## ", 1)[0]
 
 
-@pytest.mark.skipif(not FLOWERS.is_dir(), reason="shared flowers dataset not available")
 def test_bench_smoke_writes_every_section_with_numbers(tmp_path):
     out = tmp_path / "BENCH.md"
     started = time.monotonic()

@@ -132,7 +132,6 @@ def test_submit_prints_the_run_id_and_cancel(tmp_path, capsys, store):
 
 
 def test_predict_imagenet_model_names_the_cat(tmp_path, capsys):
-    pytest.importorskip("skimage")
     from PIL import Image
     from skimage import data
 

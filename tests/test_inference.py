@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import numpy as np
 import pytest
@@ -152,10 +151,7 @@ def test_gradcam_heatmap_shape_range_and_focus():
         inference.gradcam(loaded, image, class_index=5)
 
 
-@pytest.mark.skipif(os.environ.get("TLCORE_SKIP_IMAGENET") == "1", reason="ImageNet classifier skipped")
 def test_imagenet_model_names_a_photo():
-    pytest.importorskip("tlcore.backbones.imagenet")
-    pytest.importorskip("skimage")
     from skimage import data
 
     from tlcore import inference
