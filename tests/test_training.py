@@ -35,10 +35,15 @@ def ants_bees(tmp_path, store):
     return import_dataset(root, name="ants-bees", store=store).dataset
 
 
+def _running(store, dataset, name="test", extra=None, **overrides):
+    """A stored run in state `running` for `TrainConfig(**overrides)` (tiny images by default)."""
+    config = TrainConfig(**{"dataset": dataset.id, "image_size": SIZE, "batch_size": 4, **overrides})
+    return store.create_run(name, dataset.id, config.backbone, config.weights, {**config.to_dict(), **(extra or {})},
+                            status=RunStatus.RUNNING)
+
+
 def _run(store, dataset, **overrides):
-    config = TrainConfig(dataset=dataset.id, image_size=SIZE, batch_size=4, **overrides)
-    run = store.create_run("test", dataset.id, config.backbone, config.weights, config.to_dict(),
-                           status=RunStatus.RUNNING)
+    run = _running(store, dataset, **overrides)
     return run, execute_run(run.id, store)
 
 
@@ -94,9 +99,7 @@ def test_saved_model_predicts_raw_files_exactly_as_evaluation_saw_them(store, an
 
 
 def test_cancel_stops_between_batches_and_keeps_logged_epochs(store, ants_bees):
-    config = TrainConfig(dataset=ants_bees.id, image_size=SIZE, batch_size=2, head_epochs=1, finetune_epochs=5)
-    run = store.create_run("cancel-me", ants_bees.id, config.backbone, config.weights, config.to_dict(),
-                           status=RunStatus.RUNNING)
+    run = _running(store, ants_bees, "cancel-me", batch_size=2, head_epochs=1, finetune_epochs=5)
     with pytest.raises(RunCancelled):
         execute_run(run.id, store, should_stop=lambda: len(store.epochs(run.id)) >= 2)
     assert [e.phase for e in store.epochs(run.id)] == ["head", "finetune"]
@@ -104,9 +107,7 @@ def test_cancel_stops_between_batches_and_keeps_logged_epochs(store, ants_bees):
 
 
 def test_cancel_requested_in_the_store_stops_a_run(store, ants_bees):
-    config = TrainConfig(dataset=ants_bees.id, image_size=SIZE, batch_size=2, head_epochs=3)
-    run = store.create_run("cancel-in-store", ants_bees.id, config.backbone, config.weights, config.to_dict(),
-                           status=RunStatus.RUNNING)
+    run = _running(store, ants_bees, "cancel-in-store", batch_size=2, head_epochs=3)
     store.request_cancel(run.id)
     with pytest.raises(RunCancelled):
         execute_run(run.id, store)
@@ -119,23 +120,18 @@ def test_random_initialisation_is_said_plainly(store, ants_bees):
 
 
 def test_too_small_image_size_for_a_backbone_is_refused(store, ants_bees):
-    config = TrainConfig(dataset=ants_bees.id, backbone="inception_v3", weights="none", image_size=64)
-    run = store.create_run("small", ants_bees.id, config.backbone, config.weights, config.to_dict(),
-                           status=RunStatus.RUNNING)
+    run = _running(store, ants_bees, "small", backbone="inception_v3", weights="none", image_size=64)
     with pytest.raises(ValueError, match="at least 75"):
         execute_run(run.id, store)
 
 
 def test_a_stopped_run_resumes_from_its_last_checkpoint(store, ants_bees):
-    config = TrainConfig(dataset=ants_bees.id, image_size=SIZE, batch_size=4, head_epochs=1, finetune_epochs=2)
-    first = store.create_run("interrupted", ants_bees.id, config.backbone, config.weights, config.to_dict(),
-                             status=RunStatus.RUNNING)
+    first = _running(store, ants_bees, "interrupted", head_epochs=1, finetune_epochs=2)
     with pytest.raises(RunCancelled):
         execute_run(first.id, store, should_stop=lambda: len(store.epochs(first.id)) >= 2)
     assert json.loads((home.run_dir(first.id) / "checkpoint.json").read_text()) == {"phase": "finetune", "epoch": 1}
 
-    second = store.create_run("resumed", ants_bees.id, config.backbone, config.weights,
-                              {**config.to_dict(), "resume_from": first.id}, status=RunStatus.RUNNING)
+    second = _running(store, ants_bees, "resumed", extra={"resume_from": first.id}, head_epochs=1, finetune_epochs=2)
     summary = execute_run(second.id, store)
     assert [(e.phase, e.epoch, e.step) for e in store.epochs(second.id)] == [("finetune", 2, 3)]
     assert f"Resumed from run {first.id}" in _log_text(store, second.id)
