@@ -63,7 +63,7 @@ if not runs:
 else:
     best = max(finished, key=lambda r: fmt.headline(r) or -1, default=None)
     c1, c2, c3 = st.columns(3)
-    c1.metric("Runs", len(store.list_runs()))
+    c1.metric("Runs", store.count_runs())
     c2.metric("Finished", len(finished))
     c3.metric("Best accuracy", fmt.pct(fmt.headline(best)) if best else "—",
               help=f"{best.name}" if best else None)

@@ -295,6 +295,10 @@ class Store:
             rows = db.execute(query, args).fetchall()
         return [_run_from_row(r) for r in rows]
 
+    def count_runs(self) -> int:
+        with self._connect() as db:
+            return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
     def queue(self) -> list[Run]:
         """Queued runs in the order the worker takes them (oldest first)."""
         return list(reversed(self.list_runs({RunStatus.QUEUED})))
