@@ -21,6 +21,7 @@ import numpy as np
 
 from tlcore import devices, home
 from tlcore.backbones import get_backbone, resolve_weights
+from tlcore.backbones.folding import fold_batchnorm
 from tlcore.backbones.preprocessing import BackbonePreprocessing
 from tlcore.config import TrainConfig
 from tlcore.data import pipeline
@@ -157,7 +158,8 @@ def execute_run(run_id: str, store: Store, *, should_stop: Callable[[], bool] = 
         head, features = head_on_features
         probs = head.predict(features[eval_rows], batch_size=256, verbose=0)
     else:
-        probs = model_probabilities(model, pixels.images, eval_rows, config.batch_size)
+        probs = model_probabilities(fold_batchnorm(model, only_frozen=False), pixels.images, eval_rows,
+                                    config.batch_size)
     report_rows = prediction_rows(probs, eval_rows, entries, labels)
     write_predictions(ctx.folder, report_rows)
     import pandas as pd
@@ -227,7 +229,7 @@ def _compile(model, learning_rate, xla: bool) -> None:
 def _fit_head_on_features(ctx, model, spec, size, dataset_id, pixels, splits, y_all, strategy, timings):
     config = ctx.config
     with strategy.scope():
-        feature_model = keras.Model(model.input, model.get_layer("pool").output)
+        feature_model = fold_batchnorm(keras.Model(model.input, model.get_layer("pool").output))
     batch_size = max(config.batch_size, 32)
 
     def features_of(rows=None, mirror=False):
@@ -293,12 +295,14 @@ def _fit_pixels(ctx, model, pixels, splits, y_all, phase, epochs, learning_rate,
             initial_learning_rate=learning_rate * 0.1, decay_steps=max(1, steps * epochs - warmup),
             warmup_target=learning_rate, warmup_steps=warmup)
     with strategy.scope():
-        _compile(model, learning_rate, device_plan.xla)
+        # The twin shares every trainable weight with `model`: training it trains `model`.
+        trainer = fold_batchnorm(model)
+        _compile(trainer, learning_rate, device_plan.xla)
     train_data = pipeline.batches(pixels.images, train, y_all[train], config.batch_size,
                                   shuffle=True, seed=config.seed, augment=augment)
     val_data = (pipeline.batches(pixels.images, val, y_all[val], config.batch_size, shuffle=False, seed=0)
                 if len(val) else None)
-    model.fit(
+    trainer.fit(
         train_data,
         epochs=epochs,
         initial_epoch=initial_epoch,
