@@ -28,7 +28,7 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.defa
 
 @st.cache_data(ttl=60, show_spinner="Reading the backbone registry…")
 def backbones() -> list[dict]:
-    """The registry as plain records (importing it imports Keras, once per process)."""
+    """The registry as plain records (no Keras: the page paints without importing TensorFlow)."""
     from tlcore.backbones import list_backbones
 
     out = []

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 import app_seed as seed
@@ -24,6 +29,24 @@ def test_no_dataset_points_to_datasets(store):
     assert not at.exception
     assert "no dataset yet" in seed.texts(at)
     assert at.button(key="train.import_builtin")
+
+
+def test_train_page_paints_without_importing_tensorflow(store):
+    seed.dataset(store)
+    code = textwrap.dedent("""
+        import json, sys
+        sys.path.insert(0, "tests")
+        import app_seed as seed
+        at = seed.app("pages/train.py", timeout=120).run()
+        assert not at.exception, at.exception
+        print(json.dumps({"backbones": at.selectbox(key="train.backbone").options,
+                          "keras": "keras" in sys.modules, "tensorflow": "tensorflow" in sys.modules}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         cwd=seed.ROOT)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "EfficientNet-Lite0 · weights offline ✓" in result["backbones"] and len(result["backbones"]) >= 11
+    assert not result["keras"] and not result["tensorflow"]
 
 
 def test_launch_queues_a_run_with_the_form_values_and_starts_the_worker(store, _no_processes):

