@@ -1,8 +1,8 @@
 """Pixels for training: decode and resize each image once into a uint8 cache, then stream batches.
 
 The cache is a `.npy` file per (dataset version, image size), opened as a memory map, so a
-dataset larger than memory streams from disk. Augmentation runs on the fly in `tf.data`,
-outside the model, so saved models stay plain.
+dataset larger than memory streams from disk. Augmentation runs on the fly on each gathered
+uint8 batch (`tlcore.data.augment`), outside the model, so saved models stay plain.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from tlcore import home
+from tlcore.data.augment import augment_batch, batch_rng
 from tlcore.data.images import load_resized
 
 SPLITS = ("train", "val", "test")
@@ -72,28 +73,13 @@ def split_indices(entries: Sequence) -> dict[str, np.ndarray]:
             for split in SPLITS}
 
 
-def augmenter(augment: Sequence[str], seed: int):
-    """A Keras layer stack for the named augmentations, or None for none."""
-    if not augment:
-        return None
-    import keras
-
-    layers = {
-        "flip": lambda: keras.layers.RandomFlip("horizontal", seed=seed),
-        "rotate": lambda: keras.layers.RandomRotation(0.1, seed=seed),
-        "zoom": lambda: keras.layers.RandomZoom(0.15, seed=seed),
-        "contrast": lambda: keras.layers.RandomContrast(0.2, seed=seed),
-        "translate": lambda: keras.layers.RandomTranslation(0.1, 0.1, seed=seed),
-    }
-    return keras.Sequential([layers[name]() for name in augment], name="augmentation")
-
-
 def batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, batch_size: int, *,
             shuffle: bool, seed: int, augment: Sequence[str] = ()):
     """A `tf.data.Dataset` of (float32 RGB 0-255 images, int labels) read from the memory map.
 
     Batches are gathered from the cache by index (sorted within a batch for sequential reads),
-    so only one batch at a time is in memory.
+    so only one batch at a time is in memory, then augmented (`augment` names, see
+    `tlcore.data.augment`) with draws that depend on `seed` and the batch.
     """
     import tensorflow as tf
 
@@ -108,6 +94,8 @@ def batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, batch_s
         sort = np.argsort(rows)
         x = np.empty((len(rows), size, size, 3), np.uint8)
         x[sort] = images[rows[sort]]
+        if augment:
+            x = augment_batch(x, augment, batch_rng(seed, positions))
         return x, labels[positions].astype(np.int32)
 
     def load(positions):
@@ -115,8 +103,4 @@ def batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, batch_s
         x = tf.cast(tf.ensure_shape(x, (None, size, size, 3)), tf.float32)
         return x, tf.ensure_shape(y, (None,))
 
-    data = order.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    aug = augmenter(augment, seed)
-    if aug is not None:
-        data = data.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return data.prefetch(tf.data.AUTOTUNE)
+    return order.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
