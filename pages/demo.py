@@ -2,9 +2,12 @@
 a camera snapshot: top-k classes, a Grad-CAM overlay of where it looked, and the latency.
 
 Models load once per process (`ui.state.load_model`, `st.cache_resource`) and are shared by
-every session; TensorFlow is imported only here, when a model is first needed.
+every session; TensorFlow is imported only here, when a model is first needed. The prediction
+and Grad-CAM of a photo are kept for the session, so a rerun that changes neither the photo nor
+the model (another top k, any click) shows them again without a forward pass.
 """
 
+import hashlib
 import time
 
 import numpy as np
@@ -19,6 +22,7 @@ from ui import format as fmt
 frame.require()
 
 MAX_SIDE = 512  # the photo is shown (and Grad-CAM drawn) at most this large
+MAX_TOP_K = 10
 store = state.store()
 
 st.title("Demo")
@@ -50,7 +54,7 @@ def model_label(ref: str) -> str:
 
 c1, c2, c3 = st.columns([3, 1, 1])
 ref = c1.selectbox("Model", options, key="demo.model", format_func=model_label)
-top_k = c2.slider("Top k", 1, 10, 5, key="demo.topk")
+top_k = c2.slider("Top k", 1, MAX_TOP_K, 5, key="demo.topk")
 want_cam = c3.toggle("Grad-CAM", value=True, key="demo.gradcam", help="Show where the model looked.")
 if ref != state.IMAGENET_REF:
     st.query_params["run"] = ref
@@ -89,20 +93,31 @@ except Exception as exc:  # noqa: BLE001 - ModelLoadError, KeyError, anything: s
              "Choose another run, or retrain this one.")
     st.stop()
 
-try:
-    pred = model.predict(photo_bytes, int(top_k))  # the file itself: pixels made as for evaluation
-except Exception as exc:  # noqa: BLE001
-    st.error(f"The model could not classify this image: {exc}")
-    st.stop()
 
-heat, cam_ms = None, None
-if want_cam:
+def gradcam(model: state.CachedModel, rgb: np.ndarray) -> tuple[np.ndarray | None, float, str | None]:
+    """The heat map, how long it took in ms, and why it is missing (None when it is there)."""
     start = time.perf_counter()
     try:
         heat = model.gradcam(rgb)
     except Exception as exc:  # noqa: BLE001 - the prediction still stands
-        st.caption(f"Grad-CAM is not available for this model: {exc}")
-    cam_ms = (time.perf_counter() - start) * 1000
+        return None, 0.0, str(exc)
+    return heat, (time.perf_counter() - start) * 1000, None
+
+
+photo_key = (ref, hashlib.sha256(photo_bytes).hexdigest())
+try:
+    # The file itself (pixels made as for evaluation), with every class the slider can show.
+    pred = state.remembered("demo.prediction", photo_key, lambda: model.predict(photo_bytes, MAX_TOP_K))
+except Exception as exc:  # noqa: BLE001
+    st.error(f"The model could not classify this image: {exc}")
+    st.stop()
+shown = pred.top_k[:top_k]
+
+heat, cam_ms = None, None
+if want_cam:
+    heat, cam_ms, cam_error = state.remembered("demo.gradcam", photo_key, lambda: gradcam(model, rgb))
+    if cam_error:
+        st.caption(f"Grad-CAM is not available for this model: {cam_error}")
 
 left, right = st.columns([1, 1], gap="large")
 with left:
@@ -114,7 +129,7 @@ with left:
     else:
         st.image(rgb, caption=shot.name, width="stretch")
 with right:
-    label, prob = pred.top_k[0]
+    label, prob = shown[0]
     m1, m2 = st.columns(2)
     m1.metric("Prediction", label, help="The most likely class")
     m2.metric("Confidence", f"{prob:.1%}")
@@ -122,4 +137,4 @@ with right:
     m3.metric("Latency", f"{pred.latency_ms:.0f} ms", help="Decode, resize and forward pass for this image")
     if cam_ms is not None and heat is not None:
         m4.metric("Grad-CAM", f"{cam_ms:.0f} ms")
-    st.plotly_chart(charts.topk_bar(pred.top_k), key="demo.topk_chart", config={"displayModeBar": False})
+    st.plotly_chart(charts.topk_bar(shown), key="demo.topk_chart", config={"displayModeBar": False})

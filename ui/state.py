@@ -1,4 +1,5 @@
-"""Cached resources shared by every session: the store, the device probe and loaded models.
+"""Cached resources shared by every session (the store, the device probe, loaded models) and
+results this session keeps for itself.
 
 `st.cache_resource` objects are shared across sessions and threads, so each one here is safe
 to use concurrently: `Store` opens a connection per call, the device probe is written once by
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Hashable, TypeVar
 
 import streamlit as st
 
@@ -23,6 +24,7 @@ from tlcore import home
 from tlcore.store import Store
 
 IMAGENET_REF = "imagenet:efficientnet_lite0"
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------- the store
@@ -177,6 +179,23 @@ def _load_model(data_home: str, ref: str) -> CachedModel:
 def load_model(ref: str) -> CachedModel:
     """The model for a run id (or `IMAGENET_REF`), loaded once per data home and cached."""
     return _load_model(str(home.data_home()), ref)
+
+
+# ------------------------------------------------------- this session's results
+
+def remembered(slot: str, key: Hashable, compute: Callable[[], T]) -> T:
+    """`compute()`'s result, computed again only when `key` changes.
+
+    For results made from what this user gave (an uploaded photo): they stay in this session,
+    out of the caches every session shares, and each `slot` holds only the latest one.
+    """
+    state_key = f"remembered:{slot}"  # apart from widget keys, which may share the slot's name
+    held = st.session_state.get(state_key)
+    if held is not None and held[0] == key:
+        return held[1]
+    value = compute()
+    st.session_state[state_key] = (key, value)
+    return value
 
 
 # ------------------------------------------------------------------ evaluation
