@@ -185,8 +185,7 @@ if not datasets:
     st.stop()
 
 by_id = {d.id: d for d in datasets}
-if st.session_state.get("datasets.selected") not in by_id:
-    st.session_state["datasets.selected"] = datasets[0].id
+state.keep_choice("datasets.selected", by_id)
 ds_id = st.selectbox("Dataset", list(by_id), key="datasets.selected",
                      format_func=lambda i: f"{by_id[i].label} · {by_id[i].num_images} images · "
                                            f"created {fmt.ago(by_id[i].created_at)}")

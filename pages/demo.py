@@ -41,8 +41,7 @@ if wanted and wanted != st.session_state.get("demo.url_seen"):
                        + (f" It failed: {other.error}" if other.status == RunStatus.FAILED and other.error else ""))
         except KeyError:
             st.warning(f"The link names a run ({wanted!r}) that is not in this data home.")
-if st.session_state.get("demo.model") not in options:
-    st.session_state["demo.model"] = options[0]
+state.keep_choice("demo.model", options)
 
 
 def model_label(ref: str) -> str:

@@ -40,8 +40,7 @@ if not choices:
 
 if wanted and wanted != st.session_state.get("errors.url_seen"):
     st.session_state["errors.run"] = wanted
-if st.session_state.get("errors.run") not in choices:
-    st.session_state["errors.run"] = choices[0]
+state.keep_choice("errors.run", choices)
 run_id = st.selectbox("Run", choices, key="errors.run",
                       format_func=lambda i: f"{by_id[i].name} · {fmt.STATUS_ICON[by_id[i].status]} · "
                                             f"{fmt.pct(fmt.headline(by_id[i]))}")

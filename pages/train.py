@@ -149,16 +149,14 @@ if "train.backbone" not in st.session_state:
     apply_preset()
 
 specs = {b["name"]: b for b in backbones()}
-if st.session_state.get("train.backbone") not in specs:
-    st.session_state["train.backbone"] = next(iter(specs))
+state.keep_choice("train.backbone", specs)
 
 form_col, live_col = st.columns([2, 3], gap="large")
 
 with form_col:
     st.subheader("New run")
     by_id = {d.id: d for d in datasets}
-    if st.session_state.get("train.dataset") not in by_id:
-        st.session_state["train.dataset"] = datasets[0].id
+    state.keep_choice("train.dataset", by_id)
     dataset_id = st.selectbox("Dataset", list(by_id), key="train.dataset",
                               format_func=lambda i: f"{by_id[i].label} · {len(by_id[i].classes)} classes · "
                                                     f"{by_id[i].num_images} images")
@@ -322,9 +320,8 @@ with live_col:
         # A new ?run= (a shared link, a page link, a refresh) chooses the run shown.
         if wanted and wanted != st.session_state.get("train.url_seen"):
             st.session_state["train.watch"] = wanted
-        if st.session_state.get("train.watch") not in by_run:
-            active = [r for r in recent if r.status in (RunStatus.RUNNING, RunStatus.QUEUED)]
-            st.session_state["train.watch"] = (active[-1] if active else recent[0]).id
+        active = [r for r in recent if r.status in (RunStatus.RUNNING, RunStatus.QUEUED)]
+        state.keep_choice("train.watch", by_run, default=(active[-1] if active else recent[0]).id)
         watch = st.selectbox("Watch run", list(by_run), key="train.watch",
                              format_func=lambda i: f"{by_run[i].name} · {fmt.STATUS_ICON[by_run[i].status]}")
         st.query_params["run"] = watch

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Hashable, TypeVar
+from typing import Any, Callable, Hashable, Iterable, TypeVar
 
 import streamlit as st
 
@@ -45,6 +45,16 @@ def keep_train_form() -> None:
     for key in TRAIN_FORM_KEYS:
         if key in st.session_state:
             st.session_state[key] = st.session_state[key]
+
+
+def keep_choice(key: str, options: Iterable[Hashable], default: Hashable | None = None) -> None:
+    """Before drawing the select widget `key`: keep the user's choice while it is one of `options`.
+
+    A choice that is gone (a deleted run, another data home) becomes `default`, else the first option.
+    """
+    options = list(options)
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = options[0] if default is None else default
 
 
 @st.cache_resource(show_spinner=False)
