@@ -304,6 +304,8 @@ def build_report(r: dict) -> str:
 
     # ---- pipeline efficiency
     fwd, fb = probe["fwd_img_s"], probe["fwdbwd_img_s"]
+    # tlcore runs a BatchNorm-folded twin of the backbone; its raw pace is the stricter ceiling.
+    fwd_f, fb_f = probe.get("fwd_folded_img_s", fwd), probe.get("fwdbwd_folded_img_s", fb)
     n_all, n_train, n_val = r["images"], r["split_sizes"]["train"], r["split_sizes"]["val"]
     # With flip in the recipe, tlcore also extracts the mirrored training images' features.
     n_extracted = n_all + (n_train if "flip" in AUGMENT else 0)
@@ -312,30 +314,41 @@ def build_report(r: dict) -> str:
     feat_rate = n_extracted / feat_s if feat_s else None
     L.append("## Pipeline efficiency (fraction of the hardware's pace)\n")
     L.append(f"Raw pace of the same backbone on a batch of {probe['batch_size']} float32 tensors already in "
-             f"memory, {cfg['image_size']} px, same process setup: forward (features, `training=False`) "
-             f"**{fwd:.1f} img/s**; forward + backward + Adam step with the top {cfg['finetune_layers']} "
-             f"layers trainable (`train_on_batch`, tlcore's own compile) **{fb:.1f} img/s**. Other processes "
-             f"used {probe['others_cpu_share']:.0%} of the cores while this was measured.\n")
+             f"memory, {cfg['image_size']} px, same process setup, for the stock Keras model and for the "
+             f"twin tlcore runs (BatchNorm folded into the convolutions before it, `tlcore.backbones.folding`; "
+             f"same outputs): forward (features, `training=False`) **{fwd:.1f} img/s** stock, "
+             f"**{fwd_f:.1f} img/s** folded; forward + backward + Adam step with the top "
+             f"{cfg['finetune_layers']} layers trainable (`train_on_batch`, tlcore's own compile) "
+             f"**{fb:.1f} img/s** stock, **{fb_f:.1f} img/s** folded (the trainable layers stay unfolded). "
+             f"Other processes used {probe['others_cpu_share']:.0%} of the cores while this was measured.\n")
     L.append("A fine-tune epoch trains on `train` and validates on `val`, so its hardware-pace time is "
-             "train/(fwd+bwd pace) + val/(forward pace).\n")
-    L.append("| stage | images | measured (s) | img/s | at hardware pace (s) | fraction of pace |")
-    L.append("|---|---:|---:|---:|---:|---:|")
+             "train/(fwd+bwd pace) + val/(forward pace). *Stock*: against the stock Keras model's pace (what "
+             "the baseline runs). *Own*: against the folded twin's raw pace, the stricter ceiling for tlcore, "
+             "so its fraction is the share of the pipeline's own hardware pace it keeps.\n")
+    L.append("| stage | images | measured (s) | img/s | at stock pace (s) | fraction, stock | "
+             "at own pace (s) | fraction, own |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+
+    def pace_row(label, shown, count, seconds, ideal_stock, ideal_own=None):
+        own = (f"{ideal_own:.1f} | {ideal_own / seconds:.0%}" if ideal_own else "— | —")
+        L.append(f"| {label} | {shown} | {seconds:.1f} | {count / seconds:.1f} | "
+                 f"{ideal_stock:.1f} | {ideal_stock / seconds:.0%} | {own} |")
+
     if feat_rate:
-        L.append(f"| tlcore feature extraction ({extracted_label}) | {n_extracted} | {feat_s:.1f} | "
-                 f"{feat_rate:.1f} | {n_extracted / fwd:.1f} | {feat_rate / fwd:.0%} |")
-    ideal_epoch = n_train / fb + n_val / fwd
+        pace_row(f"tlcore feature extraction ({extracted_label})", n_extracted, n_extracted, feat_s,
+                 n_extracted / fwd, n_extracted / fwd_f)
+    ideal_epoch, own_epoch = n_train / fb + n_val / fwd, n_train / fb_f + n_val / fwd_f
     for side, epochs in (("tlcore", tl["epochs"]), ("tlcore, features cached,", warm["epochs"] if warm else []),
                          ("baseline", base["epochs"])):
         for e in epochs:
             if e["phase"] == "finetune":
-                L.append(f"| {side} fine-tune epoch {e['epoch']} | {n_train}+{n_val} | {e['seconds']:.1f} | "
-                         f"{(n_train + n_val) / e['seconds']:.1f} | {ideal_epoch:.1f} | {ideal_epoch / e['seconds']:.0%} |")
+                pace_row(f"{side} fine-tune epoch {e['epoch']}", f"{n_train}+{n_val}", n_train + n_val, e["seconds"], ideal_epoch,
+                         own_epoch if side != "baseline" else None)
     ideal_head = n_train / fwd + n_val / fwd
     for e in base["epochs"]:
         if e["phase"] == "head":
-            L.append(f"| baseline head epoch {e['epoch']} (frozen backbone, forward only) | {n_train}+{n_val} | "
-                     f"{e['seconds']:.1f} | {(n_train + n_val) / e['seconds']:.1f} | {ideal_head:.1f} | "
-                     f"{ideal_head / e['seconds']:.0%} |")
+            pace_row(f"baseline head epoch {e['epoch']} (frozen backbone, forward only)", f"{n_train}+{n_val}",
+                     n_train + n_val, e["seconds"], ideal_head)
     L.append("")
 
     # ---- demo latency
@@ -368,7 +381,7 @@ def build_report(r: dict) -> str:
 
     # ---- targets
     def feat_frac_of_pace(seconds):
-        return f"{n_extracted / seconds / fwd:.0%}" if seconds else "—"
+        return f"{n_extracted / seconds / fwd_f:.0%}" if seconds else "—"
 
     L.append("## Targets (issue 5)\n")
     L.append("| target | measured | holds |")
@@ -394,7 +407,7 @@ def build_report(r: dict) -> str:
         cold_note = (f". Upper bound even with an instantaneous head: the baseline reached "
                      f"{fmt(head_target, 4)} at {fmt(t(b_head_hit))} s; the cold run spends "
                      f"{fmt(tt.get('pixels_s'))} s decoding + {fmt(tt['features_s'])} s extracting features "
-                     f"({feat_frac_of_pace(tt['features_s'])} of the raw forward pace) = {fmt(pre_head)} s "
+                     f"({feat_frac_of_pace(tt['features_s'])} of the folded twin's raw forward pace) = {fmt(pre_head)} s "
                      f"before its first head epoch, so at most {t(b_head_hit) / pre_head:.2f}× "
                      f"(extraction alone: {t(b_head_hit) / tt['features_s']:.2f}×)")
     head_target_row("cold cache (first run on this dataset)", t_head_hit, tl_head_wall, tl["epochs"], cold_note)
@@ -406,14 +419,19 @@ def build_report(r: dict) -> str:
              f"({ratio(bt['total_s'], tt['total_s'])}); accuracy {tl['accuracy']:.4f} vs {base['accuracy']:.4f} | "
              f"{'yes' if job_ok else 'no'} |")
     ft = [e["seconds"] for e in tl["epochs"] if e["phase"] == "finetune"]
-    ft_frac = ideal_epoch / min(ft) if ft else None
-    feat_frac = feat_rate / fwd if feat_rate else None
-    L.append(f"| feature extraction ≥ 85% of raw forward pace | {fmt(100 * feat_frac if feat_frac else None, 0, '%')} | "
-             f"{'yes' if feat_frac and feat_frac >= 0.85 else 'no'} |")
+    # Judged against the stricter of the two ceilings (the folded twin's own raw pace).
+    ft_frac = own_epoch / min(ft) if ft else None
+    ft_stock = ideal_epoch / min(ft) if ft else None
+    feat_frac = feat_rate / fwd_f if feat_rate else None
+    feat_stock = feat_rate / fwd if feat_rate else None
+    L.append(f"| feature extraction ≥ 85% of raw forward pace | {fmt(100 * feat_frac if feat_frac else None, 0, '%')} "
+             f"of its own (folded) raw pace; {fmt(100 * feat_stock if feat_stock else None, 0, '%')} of the stock "
+             f"backbone's | {'yes' if feat_frac and feat_frac >= 0.85 else 'no'} |")
     w_ft = [e["seconds"] for e in (warm["epochs"] if warm else []) if e["phase"] == "finetune"]
-    w_ft_note = f" (features-cached run: {ideal_epoch / min(w_ft):.0%})" if w_ft else ""
+    w_ft_note = f" (features-cached run: {own_epoch / min(w_ft):.0%})" if w_ft else ""
     L.append(f"| fine-tune epoch ≥ 85% of raw pace (fastest epoch, cold-cache run) | "
-             f"{fmt(100 * ft_frac if ft_frac else None, 0, '%')}{w_ft_note} | "
+             f"{fmt(100 * ft_frac if ft_frac else None, 0, '%')} of its own (folded) raw pace{w_ft_note}; "
+             f"{fmt(100 * ft_stock if ft_stock else None, 0, '%')} of the stock backbone's | "
              f"{'yes' if ft_frac and ft_frac >= 0.85 else 'no'} |")
     p50 = probe.get("demo_p50_ms")
     L.append(f"| demo p50 < 100 ms (lite0, {cfg['image_size']} px) | {fmt(p50, 1, ' ms')} | "

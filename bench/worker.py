@@ -107,8 +107,10 @@ def task_probe(args: dict) -> dict:
         out["demo_p95_ms"] = float(np.percentile(latencies, 95))
         out["demo_n"] = len(latencies)
 
-    # Raw backbone pace on tensors already in memory (the ceiling a pipeline can reach).
+    # Raw backbone pace on tensors already in memory (the ceiling a pipeline can reach), for the
+    # stock Keras model and for the BatchNorm-folded twin tlcore actually runs.
     from tlcore.backbones import get_backbone, resolve_weights
+    from tlcore.backbones.folding import fold_batchnorm
     from tlcore.training import _compile, build_classifier, unfreeze_top
 
     size, batch, classes = args["size"], args["batch_size"], args["num_classes"]
@@ -118,18 +120,16 @@ def task_probe(args: dict) -> dict:
     x = tf.constant(rng.integers(0, 256, (batch, size, size, 3)).astype("float32"))
     y = tf.constant(rng.integers(0, classes, batch).astype("int32"))
     feature_model = keras.Model(model.input, model.get_layer("pool").output)
-
-    @tf.function
-    def forward(images):
-        return feature_model(images, training=False)
-
-    seconds, n = _pace(lambda: forward(x).numpy(), args.get("min_seconds", 10))
-    out["fwd_img_s"], out["fwd_batches"] = batch / seconds, n
+    for key, features in (("fwd", feature_model), ("fwd_folded", fold_batchnorm(feature_model))):
+        forward = tf.function(lambda images, features=features: features(images, training=False))
+        seconds, n = _pace(lambda: forward(x).numpy(), args.get("min_seconds", 10))
+        out[f"{key}_img_s"], out[f"{key}_batches"] = batch / seconds, n
 
     unfreeze_top(base, args["finetune_layers"])
-    _compile(model, 1e-4, xla=False)  # tlcore's own compile for the fine-tune phase
-    seconds, n = _pace(lambda: model.train_on_batch(x, y), args.get("min_seconds", 10))
-    out["fwdbwd_img_s"], out["fwdbwd_batches"] = batch / seconds, n
+    for key, trainer in (("fwdbwd", model), ("fwdbwd_folded", fold_batchnorm(model))):
+        _compile(trainer, 1e-4, xla=False)  # tlcore's own compile for the fine-tune phase
+        seconds, n = _pace(lambda: trainer.train_on_batch(x, y), args.get("min_seconds", 10))
+        out[f"{key}_img_s"], out[f"{key}_batches"] = batch / seconds, n
     out["batch_size"] = batch
     return out
 
