@@ -159,9 +159,8 @@ def to_pixels(image, size: int) -> np.ndarray:
 def _register_custom_objects() -> None:
     # Saved models refer to tlcore's registered layers by name; importing their modules
     # registers them before Keras deserializes anything.
-    from tlcore.backbones import list_backbones, preprocessing  # noqa: F401
+    from tlcore.backbones import preprocessing  # noqa: F401
 
-    list_backbones()
     try:
         from tlcore import training  # noqa: F401  (may register head or schedule objects)
     except ImportError:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tlcore import home
+from tlcore.backbones import get_backbone
 from tlcore.config import TrainConfig
 from tlcore.store import Run, RunStatus, Store
 
@@ -79,8 +80,6 @@ def prepare(config: TrainConfig, store: Store) -> tuple[dict[str, Any], Any]:
     """Validate `config` against the registry and resolve its dataset; returns (config dict, Dataset)."""
     if not isinstance(config, TrainConfig):
         raise ValueError(f"`config` must be a TrainConfig. Received: {type(config).__name__}")
-    from tlcore.backbones import get_backbone  # imports Keras: kept out of `import tlcore.jobs`
-
     spec = get_backbone(config.backbone)
     size = config.image_size or spec.default_size
     if size < spec.min_size:
