@@ -46,6 +46,10 @@ def dataset_dir(dataset_id: str) -> Path:
     return subdir("datasets", dataset_id)
 
 
+# The last checkpoint in a run folder: written by training each epoch, read by a resume.
+CHECKPOINT_FILE = "checkpoint.weights.h5"
+
+
 def run_dir(run_id: str) -> Path:
     return subdir("runs", run_id)
 

@@ -35,7 +35,6 @@ from tlcore.store import Run, RunStatus, Store
 
 HEARTBEAT_S = 2.0  # how often a running job renews its lease and looks for a cancel request
 LEASE_S = 30.0  # a run whose heartbeat is older than this is marked failed
-CHECKPOINT_FILE = "checkpoint.weights.h5"
 
 # Exceptions whose message is already a plain sentence for the user; anything else gets its
 # type name in front so "KeyError: 'x'" does not read as a sentence.
@@ -175,7 +174,7 @@ def cancel(run_ref: str, store: Store | None = None) -> Run:
 
 def checkpoint_path(run_id: str) -> Path:
     """Where a run's last checkpoint lives (the file may not exist)."""
-    return home.data_home() / "runs" / run_id / CHECKPOINT_FILE
+    return home.data_home() / "runs" / run_id / home.CHECKPOINT_FILE
 
 
 def resume(run_ref: str, store: Store | None = None) -> Run:

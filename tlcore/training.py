@@ -395,7 +395,7 @@ class _StoreProgress(keras.callbacks.Callback):
 
 def _save_checkpoint(ctx, model, phase: str, epoch: int) -> None:
     """Weights after `phase` epoch `epoch`; a failed save keeps the previous checkpoint."""
-    write_atomically(ctx.folder / "checkpoint.weights.h5", model.save_weights)
+    write_atomically(ctx.folder / home.CHECKPOINT_FILE, model.save_weights)
     write_atomically(ctx.folder / "checkpoint.json",
                      lambda tmp: tmp.write_text(json.dumps({"phase": phase, "epoch": epoch})))
 
@@ -404,7 +404,7 @@ def _resume_point(config: TrainConfig, resume_from: str | None) -> dict[str, Any
     if not resume_from:
         return None
     folder = home.data_home() / "runs" / resume_from
-    state_path, weights = folder / "checkpoint.json", folder / "checkpoint.weights.h5"
+    state_path, weights = folder / "checkpoint.json", folder / home.CHECKPOINT_FILE
     if not (state_path.exists() and weights.exists()):
         raise ValueError(f"Run {resume_from} left no checkpoint to resume from; relaunch it instead.")
     return {**json.loads(state_path.read_text()), "weights": str(weights)}
