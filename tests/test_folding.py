@@ -41,6 +41,7 @@ def _features(model):
     ("resnet50", 64),  # convs with a bias
     ("inception_v3", 75),  # BatchNorm without gamma (scale=False)
     ("mobilenet_v3_small", 64),
+    ("xception", 71),  # separable convolutions
 ])
 def test_folded_features_equal_the_models_features(backbone, size):
     spec = get_backbone(backbone)

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from keras import layers
 
-_FOLDABLE = (layers.Conv2D, layers.DepthwiseConv2D)
+_FOLDABLE = (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D)
 
 
 class _FoldedAway(layers.Layer):
@@ -92,15 +92,21 @@ def _folded_weights(conv, bn) -> list[np.ndarray]:
     gamma = _numpy(bn.gamma) if bn.scale else np.ones_like(mean)
     beta = _numpy(bn.beta) if bn.center else np.zeros_like(mean)
     scale = gamma / np.sqrt(_numpy(bn.moving_variance) + bn.epsilon)
+    bias = _numpy(conv.bias) if conv.use_bias else np.zeros_like(mean)
+    folded_bias = (bias - mean) * scale + beta
+    if isinstance(conv, layers.SeparableConv2D):
+        # Depthwise then pointwise (1, 1, in * multiplier, out): the scale goes on the pointwise.
+        dtype = conv.pointwise_kernel.dtype
+        return [_numpy(conv.depthwise_kernel).astype(dtype), (_numpy(conv.pointwise_kernel) * scale).astype(dtype),
+                folded_bias.astype(dtype)]
     kernel = _numpy(conv.kernel)
     if isinstance(conv, layers.DepthwiseConv2D):
         # Kernel (h, w, in, multiplier); output channel c * multiplier + m.
         kernel = kernel * scale.reshape(1, 1, kernel.shape[2], kernel.shape[3])
     else:
         kernel = kernel * scale  # (h, w, in, out): scale each output channel
-    bias = _numpy(conv.bias) if conv.use_bias else np.zeros_like(mean)
     dtype = conv.kernel.dtype
-    return [kernel.astype(dtype), ((bias - mean) * scale + beta).astype(dtype)]
+    return [kernel.astype(dtype), folded_bias.astype(dtype)]
 
 
 def _numpy(variable) -> np.ndarray:
