@@ -322,8 +322,9 @@ with live_col:
             st.session_state["train.watch"] = wanted
         active = [r for r in recent if r.status in (RunStatus.RUNNING, RunStatus.QUEUED)]
         state.keep_choice("train.watch", by_run, default=(active[-1] if active else recent[0]).id)
-        watch = st.selectbox("Watch run", list(by_run), key="train.watch",
-                             format_func=lambda i: f"{by_run[i].name} · {fmt.STATUS_ICON[by_run[i].status]}")
+        # Names only: Streamlit keeps showing a keyed selectbox's old label when its text changes,
+        # so a status in the label would read "running" after the run finished (shown below instead).
+        watch = st.selectbox("Watch run", list(by_run), key="train.watch", format_func=lambda i: by_run[i].name)
         st.query_params["run"] = watch
         st.session_state["train.url_seen"] = watch
         if by_run[watch].status.is_terminal:
