@@ -40,8 +40,11 @@ AUGMENT = ("flip", "rotate", "zoom")
 # ---------------------------------------------------------------- running one side
 
 
-def measure(task: str, args: dict, home: Path, workdir: Path, label: str) -> dict:
-    """Run `bench/worker.py task` in a subprocess; return its result plus wall time and peak memory."""
+def measure(task: str, args: dict, home: Path, workdir: Path, label: str, memory_cap=None) -> dict:
+    """Run `bench/worker.py task` in a subprocess; return its result plus wall time and peak memory.
+
+    With `memory_cap` (a `bench.memcap.MemoryCap`), the subprocess runs inside that memory limit.
+    """
     args_path, result_path = workdir / f"{label}.args.json", workdir / f"{label}.result.json"
     log_path = workdir / f"{label}.log"
     args_path.write_text(json.dumps(args))
@@ -51,7 +54,8 @@ def measure(task: str, args: dict, home: Path, workdir: Path, label: str) -> dic
     started = time.perf_counter()
     cpu_before = psutil.cpu_times()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
+                                preexec_fn=memory_cap.enter if memory_cap else None)
         peak_rss = peak_anon = 0
         root = psutil.Process(proc.pid)
         while True:
@@ -88,6 +92,33 @@ def measure(task: str, args: dict, home: Path, workdir: Path, label: str) -> dic
     print(f"[bench] {label}: done in {wall:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB, "
           f"CPU {own_cpu:.0f} s, other processes used {result['others_cpu_share']:.0%} of the cores", flush=True)
     return result
+
+
+def measure_capped(tl: dict, pixel_cache_mb: float, source: Path, home: Path, workdir: Path, tl_config) -> dict:
+    """The whole job again, cold, under a memory limit that leaves room for only a quarter of its
+    pixel cache beside the job's anonymous peak: it must stream the rest from disk."""
+    from bench.memcap import MemoryCap
+
+    limit_mb = int(math.ceil((tl["peak_anon_mb"] + pixel_cache_mb / 4) / 50) * 50)
+    out = {"limit_mb": limit_mb, "pixel_cache_mb": pixel_cache_mb, "uncapped_s": tl["summary"]["timings"]["total_s"]}
+    try:
+        cap = MemoryCap(limit_mb, f"tlbench-{os.getpid()}")
+    except OSError as exc:
+        return {**out, "skipped": f"no memory limit could be set here ({exc})"}
+    try:
+        capped_home = workdir / "home-capped"
+        dataset, _, _ = import_into(capped_home, source, "bench-capped")
+        prepare_weights(capped_home, template=home)
+        try:
+            res = measure("tlcore", {"config": tl_config(dataset.id)}, capped_home, workdir, "capped", memory_cap=cap)
+            out.update(finished=True, accuracy=res["accuracy"], total_s=res["summary"]["timings"]["total_s"],
+                       peak_anon_mb=res["peak_anon_mb"])
+        except RuntimeError as exc:
+            out.update(finished=False, error=str(exc).splitlines()[0])
+        out.update(cap.stats())
+        return out
+    finally:
+        cap.close()
 
 
 # ---------------------------------------------------------------- data
@@ -378,6 +409,22 @@ def build_report(r: dict) -> str:
     L.append("\nThe pixel cache is a `.npy` opened with `np.load(mmap_mode='r')`; fine-tune batches are "
              "gathered from it by index, so its pages are file-backed and reclaimable (the last column "
              "excludes them).\n")
+    capped = r.get("capped")
+    if capped:
+        L.append("### Under a memory limit smaller than the job plus its data\n")
+        L.append(f"The whole job again, cold, in a Linux memory cgroup limited to **{capped['limit_mb']} MB**: the "
+                 f"uncapped run's anonymous peak plus a quarter of its {capped['pixel_cache_mb']:.0f} MB pixel cache "
+                 f"(rounded up to 50 MB). The limit counts page cache too, so three quarters of the pixels "
+                 f"cannot stay in memory: the job must read them from disk again.\n")
+        if "skipped" in capped:
+            L.append(f"Not measured: {capped['skipped']}.\n")
+        else:
+            L.append("| limit (MB) | finished | whole job (s) | uncapped (s) | test accuracy | peak usage in the cgroup (MB) "
+                     "| times the limit was hit | OOM kills |")
+            L.append("|---:|---|---:|---:|---:|---:|---:|---:|")
+            L.append(f"| {capped['limit_mb']} | {'yes' if capped.get('finished') else 'no: ' + capped.get('error', '')} | "
+                     f"{fmt(capped.get('total_s'))} | {fmt(capped['uncapped_s'])} | {fmt(capped.get('accuracy'), 4)} | "
+                     f"{capped['peak_usage_mb']:.0f} | {capped['limit_hits']:,} | {capped['oom_kills']} |\n")
 
     # ---- targets
     def feat_frac_of_pace(seconds):
@@ -543,13 +590,14 @@ def main(argv=None) -> dict:
             scale.append(res)
         scale.append({**tl, "fraction": "1", "images": len(entries),
                       "pixel_cache_mb": sum(p.stat().st_size for p in pixel_files) / 2**20})
+        capped = measure_capped(tl, scale[-1]["pixel_cache_mb"], source, home, workdir, tl_config)
 
         results = dict(
             date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), command=command,
             machine=machine(), config=cfg, images=len(entries), classes=list(dataset.classes),
             split_sizes=split_sizes,
             split_counts=", ".join(f"{k} {v}" for k, v in split_sizes.items()), import_s=import_s,
-            baseline=baseline, tlcore=tl, tlcore_warm=tl_warm, probe=probe, scale=scale)
+            baseline=baseline, tlcore=tl, tlcore_warm=tl_warm, probe=probe, scale=scale, capped=capped)
         report = build_report(results)
         out = Path(args.out)
         out.write_text(report)

@@ -80,6 +80,13 @@ def test_bench_smoke_writes_every_section_with_numbers(tmp_path):
         cells = _row(scale, fraction)
         assert all(NUMBER.search(c) for c in cells), cells
 
+    capped = scale.split("### Under a memory limit", 1)[1]
+    if "Not measured:" not in capped:  # needs a memory cgroup the bench may create
+        lines = capped.splitlines()
+        row = lines[next(i for i, line in enumerate(lines) if line.startswith("|---")) + 1]
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        assert NUMBER.fullmatch(cells[0]) and cells[1] == "yes" and cells[-1] == "0", cells  # finished, no OOM kill
+
     targets = _section(report, "Targets")
     for name in ("head phase", "whole job", "feature extraction", "fine-tune epoch", "demo p50"):
         assert _row(targets, name)[-1] in ("yes", "no")
