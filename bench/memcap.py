@@ -37,15 +37,20 @@ class MemoryCap:
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
     def stats(self) -> dict:
-        """Peak usage (MB, anonymous memory and page cache together) and how often the limit was hit."""
+        """Peak usage (MB, anonymous memory and page cache together), how much evicted file data
+        was read back from disk (MB), major page faults, and OOM kills."""
+        prefix = "" if self.v2 else "total_"  # v1 reports the hierarchy's totals under total_*
+        stat = dict(line.split()[:2] for line in _read(self.path / "memory.stat").splitlines() if line.strip())
+        refaults = int(stat.get(f"{prefix}workingset_refault_file", stat.get(f"{prefix}workingset_refault", 0)))
         if self.v2:
-            peak = _read(self.path / "memory.peak") or "0"
+            peak = int(_read(self.path / "memory.peak") or 0)
             events = dict(line.split() for line in _read(self.path / "memory.events").splitlines() if line)
-            return {"peak_usage_mb": int(peak) / 2**20, "limit_hits": int(events.get("max", 0)),
-                    "oom_kills": int(events.get("oom_kill", 0))}
-        return {"peak_usage_mb": int(_read(self.path / "memory.max_usage_in_bytes") or 0) / 2**20,
-                "limit_hits": int(_read(self.path / "memory.failcnt") or 0),
-                "oom_kills": _oom_kills_v1(self.path)}
+            oom_kills = int(events.get("oom_kill", 0))
+        else:
+            peak = int(_read(self.path / "memory.max_usage_in_bytes") or 0)
+            oom_kills = _oom_kills_v1(self.path)
+        return {"peak_usage_mb": peak / 2**20, "reread_mb": refaults * os.sysconf("SC_PAGE_SIZE") / 2**20,
+                "major_faults": int(stat.get(f"{prefix}pgmajfault", 0)), "oom_kills": oom_kills}
 
     def close(self) -> None:
         try:

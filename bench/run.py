@@ -420,11 +420,12 @@ def build_report(r: dict) -> str:
             L.append(f"Not measured: {capped['skipped']}.\n")
         else:
             L.append("| limit (MB) | finished | whole job (s) | uncapped (s) | test accuracy | peak usage in the cgroup (MB) "
-                     "| times the limit was hit | OOM kills |")
-            L.append("|---:|---|---:|---:|---:|---:|---:|---:|")
+                     "| evicted file data read back (MB) | major page faults | OOM kills |")
+            L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
             L.append(f"| {capped['limit_mb']} | {'yes' if capped.get('finished') else 'no: ' + capped.get('error', '')} | "
                      f"{fmt(capped.get('total_s'))} | {fmt(capped['uncapped_s'])} | {fmt(capped.get('accuracy'), 4)} | "
-                     f"{capped['peak_usage_mb']:.0f} | {capped['limit_hits']:,} | {capped['oom_kills']} |\n")
+                     f"{capped['peak_usage_mb']:.0f} | {capped['reread_mb']:,.0f} | {capped['major_faults']:,} | "
+                     f"{capped['oom_kills']} |\n")
 
     # ---- targets
     def feat_frac_of_pace(seconds):
