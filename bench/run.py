@@ -415,7 +415,9 @@ def build_report(r: dict) -> str:
         L.append(f"The whole job again, cold, in a Linux memory cgroup limited to **{capped['limit_mb']} MB**: the "
                  f"uncapped run's anonymous peak plus a quarter of its {capped['pixel_cache_mb']:.0f} MB pixel cache "
                  f"(rounded up to 50 MB). The limit counts page cache too, so three quarters of the pixels "
-                 f"cannot stay in memory: the job must read them from disk again.\n")
+                 f"cannot stay in memory: the job must read them from disk again. \"Evicted file data read back\" "
+                 f"counts every file page the kernel dropped and read again: the pixel cache, and also "
+                 f"TensorFlow's own library files.\n")
         if "skipped" in capped:
             L.append(f"Not measured: {capped['skipped']}.\n")
         else:
