@@ -90,6 +90,25 @@ def test_load_run_model_is_cached_and_thread_safe(tmp_path):
         assert [p.top_k for p in r] == [p.top_k for p in single]
 
 
+def test_a_warmed_up_model_answers_its_first_photo_at_full_speed(tmp_path):
+    from tlcore import inference
+
+    _, folder = save_fake_run()
+    raw = write_images(tmp_path / "imgs", n=1)[0].read_bytes()
+
+    def fresh():
+        return inference.LoadedModel(inference.load_model_file(folder / "model.keras"), ["ants", "bees"], name="m")
+
+    cold = fresh().predict_image(raw)
+    warmed = fresh()
+    warmed.warm_up()
+    first = warmed.predict_image(raw)
+
+    assert [label for label, _ in first.top_k] == [label for label, _ in cold.top_k]
+    np.testing.assert_allclose([p for _, p in first.top_k], [p for _, p in cold.top_k], atol=1e-6)
+    assert first.latency_ms < cold.latency_ms / 3, (first.latency_ms, cold.latency_ms)
+
+
 def test_lambda_model_is_refused_in_safe_mode_and_runs_no_code(tmp_path):
     import keras
 

@@ -84,6 +84,11 @@ class LoadedModel:
                 out.append(np.asarray(self._predictor.predict_on_batch(batch), dtype="float64"))
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
 
+    def warm_up(self) -> None:
+        """Run one blank image through the model, so the first real prediction does not pay for
+        building the forward pass (a few hundred ms at 224 px)."""
+        self.probabilities(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))
+
     def _top(self, probs: np.ndarray, top_k: int) -> tuple[list[tuple[str, float]], list[int]]:
         k = max(1, min(int(top_k), len(self.labels)))
         order = np.argsort(-probs, kind="stable")[:k]

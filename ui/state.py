@@ -183,6 +183,7 @@ def _load_model(data_home: str, ref: str) -> CachedModel:
             loaded = inference.load_imagenet_model(ref.split(":", 1)[1])
         else:
             loaded = inference.load_run_model(ref)
+        loaded.warm_up()  # under the loading spinner, not in the first photo's latency
         return CachedModel(ref=ref, loaded=loaded)
 
 
