@@ -33,6 +33,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tlcore.run_record import RunSummary, Timings  # noqa: E402
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 AUGMENT = ("flip", "rotate", "zoom")
 
@@ -100,7 +102,7 @@ def measure_capped(tl: dict, pixel_cache_mb: float, source: Path, home: Path, wo
     from bench.memcap import MemoryCap
 
     limit_mb = int(math.ceil((tl["peak_anon_mb"] + pixel_cache_mb / 4) / 50) * 50)
-    out = {"limit_mb": limit_mb, "pixel_cache_mb": pixel_cache_mb, "uncapped_s": tl["summary"]["timings"]["total_s"]}
+    out = {"limit_mb": limit_mb, "pixel_cache_mb": pixel_cache_mb, "uncapped_s": summary_of(tl).timings.total_s}
     try:
         cap = MemoryCap(limit_mb, f"tlbench-{os.getpid()}")
     except OSError as exc:
@@ -111,7 +113,7 @@ def measure_capped(tl: dict, pixel_cache_mb: float, source: Path, home: Path, wo
         prepare_weights(capped_home, template=home)
         try:
             res = measure("tlcore", {"config": tl_config(dataset.id)}, capped_home, workdir, "capped", memory_cap=cap)
-            out.update(finished=True, accuracy=res["accuracy"], total_s=res["summary"]["timings"]["total_s"],
+            out.update(finished=True, accuracy=res["accuracy"], total_s=summary_of(res).timings.total_s,
                        peak_anon_mb=res["peak_anon_mb"])
         except RuntimeError as exc:
             out.update(finished=False, error=str(exc).splitlines()[0])
@@ -174,6 +176,11 @@ def split_folders(entries, dest: Path) -> Path:
 # ---------------------------------------------------------------- analysis
 
 
+def summary_of(result: dict) -> RunSummary:
+    """The typed summary of a tlcore measurement (results files keep it as JSON)."""
+    return RunSummary.from_dict(result["summary"])
+
+
 def first_reaching(epochs: list[dict], target: float, phases=("head", "finetune")) -> dict | None:
     """The first epoch (in `phases`) whose val_accuracy >= target, or None."""
     for e in epochs:
@@ -222,14 +229,14 @@ def ratio(a, b, digits=2):
 
 def build_report(r: dict) -> str:
     cfg, base, tl, probe = r["config"], r["baseline"], r["tlcore"], r["probe"]
-    bt, tt = base["timings"], tl["summary"]["timings"]
+    bt, tt = base["timings"], summary_of(tl).timings
     head_target = (last_of(base["epochs"], "head") or {}).get("val_accuracy")
     final_target = (base["epochs"][-1] if base["epochs"] else {}).get("val_accuracy")
     b_head_hit = first_reaching(base["epochs"], head_target, ("head",)) if head_target is not None else None
     t_head_hit = first_reaching(tl["epochs"], head_target, ("head",)) if head_target is not None else None
     b_final_hit = first_reaching(base["epochs"], final_target) if final_target is not None else None
     t_final_hit = first_reaching(tl["epochs"], final_target) if final_target is not None else None
-    tl_head_wall = tt.get("pixels_s", 0) + tt.get("head_s", 0)
+    tl_head_wall = (tt.pixels_s or 0) + (tt.head_s or 0)
     b_head_val = head_target
     t_head_val = (last_of(tl["epochs"], "head") or {}).get("val_accuracy")
     t_final_val = (tl["epochs"][-1] if tl["epochs"] else {}).get("val_accuracy")
@@ -237,8 +244,8 @@ def build_report(r: dict) -> str:
     # The "features cached" side: the same tlcore job again in the main run's data home (warm
     # pixel and feature caches). Absent from results saved before it was measured.
     warm = r.get("tlcore_warm")
-    wt = warm["summary"]["timings"] if warm else {}
-    w_head_wall = (wt.get("pixels_s", 0) + wt.get("head_s", 0)) if warm else None
+    wt = summary_of(warm).timings if warm else Timings()
+    w_head_wall = ((wt.pixels_s or 0) + (wt.head_s or 0)) if warm else None
     w_head_hit = first_reaching(warm["epochs"], head_target, ("head",)) if warm and head_target is not None else None
     w_any_hit = first_reaching(warm["epochs"], head_target) if warm and head_target is not None else None
     w_final_hit = first_reaching(warm["epochs"], final_target) if warm and final_target is not None else None
@@ -261,7 +268,7 @@ def build_report(r: dict) -> str:
     L.append(f"- **Command**: `{r['command']}`")
     L.append(f"- **Data**: `{cfg['data']}`: {r['images']} images, {len(r['classes'])} classes; tlcore's "
              f"stratified split (seed 0): {r['split_counts']}. Both sides train on `train`, validate on `val` "
-             f"and are scored on `{tl['summary']['eval_split']}` ({tl['summary']['eval_images']} images).")
+             f"and are scored on `{summary_of(tl).eval_split}` ({summary_of(tl).eval_images} images).")
     L.append(f"- **Recipe (both sides)**: EfficientNet-Lite0, ImageNet weights, {cfg['image_size']} px, batch "
              f"{cfg['batch_size']}, seed {cfg['seed']}; head {cfg['head_epochs']} epochs at Adam "
              f"{cfg['lr']:g}; fine-tune {cfg['finetune_epochs']} epochs of the top {cfg['finetune_layers']} "
@@ -286,18 +293,18 @@ def build_report(r: dict) -> str:
              "feature caches are warm, as for every later run on the same (dataset, backbone, size, "
              "weights). Its head phase loads the cached features instead of running the backbone; its "
              f"fine-tune still runs the backbone on every image. Feature cache reused by that run: "
-             f"{'yes' if warm and warm['summary'].get('feature_cache_reused') else ('no' if warm else 'not measured')}.\n")
+             f"{'yes' if warm and summary_of(warm).timings.features_reused else ('no' if warm else 'not measured')}.\n")
     L.append("| | baseline (Keras tutorial) | tlcore (cold cache) | ratio | tlcore, features cached | ratio |")
     L.append("|---|---:|---:|---:|---:|---:|")
     rows = [
-        ("decode + pixel cache (s)", None, tt.get("pixels_s"), wt.get("pixels_s"), False),
-        ("feature extraction (s) [features cached: load from disk]", None, tt.get("features_s"),
-         wt.get("features_s"), False),
+        ("decode + pixel cache (s)", None, tt.pixels_s, wt.pixels_s, False),
+        ("feature extraction (s) [features cached: load from disk]", None, tt.features_s,
+         wt.features_s, False),
         ("head phase wall (s) [tlcore: pixel cache + features + head fit]", bt["head_s"], tl_head_wall, w_head_wall,
          True),
-        ("fine-tune phase wall (s)", bt["finetune_s"], tt.get("finetune_s"), wt.get("finetune_s"), True),
-        ("evaluation (s)", bt["eval_s"], tt.get("eval_s"), wt.get("eval_s"), True),
-        ("whole job (s)", bt["total_s"], tt.get("total_s"), wt.get("total_s"), True),
+        ("fine-tune phase wall (s)", bt["finetune_s"], tt.finetune_s, wt.finetune_s, True),
+        ("evaluation (s)", bt["eval_s"], tt.eval_s, wt.eval_s, True),
+        ("whole job (s)", bt["total_s"], tt.total_s, wt.total_s, True),
         ("process wall incl. Python/TF start-up (s)", base["process_wall_s"], tl["process_wall_s"],
          wget("process_wall_s"), True),
         ("process CPU time, user + system (s)", base["cpu_s"], tl["cpu_s"], wget("cpu_s"), True),
@@ -322,7 +329,7 @@ def build_report(r: dict) -> str:
              b_final_hit, t_final_hit, w_final_hit)):
         L.append(f"| {name} | {fmt(t(b_hit))} | {reached(t_hit)} | {ratio(t(b_hit), t(t_hit))} | "
                  f"{reached(w_hit, bool(warm))} | {ratio(t(b_hit), t(w_hit))} |")
-    es = tl["summary"]["eval_split"]
+    es = summary_of(tl).eval_split
     L.append(f"| {es} accuracy | {fmt(base['accuracy'], 4)} | {fmt(tl['accuracy'], 4)} | — | "
              f"{fmt(wget('accuracy'), 4)} | — |")
     L.append(f"| {es} macro F1 | {fmt(base['macro_f1'], 4)} | {fmt(tl['macro_f1'], 4)} | — | "
@@ -341,7 +348,7 @@ def build_report(r: dict) -> str:
     # With flip in the recipe, tlcore also extracts the mirrored training images' features.
     n_extracted = n_all + (n_train if "flip" in AUGMENT else 0)
     extracted_label = "all splits + mirrored train" if "flip" in AUGMENT else "all splits"
-    feat_s = tt.get("features_s")
+    feat_s = tt.features_s
     feat_rate = n_extracted / feat_s if feat_s else None
     L.append("## Pipeline efficiency (fraction of the hardware's pace)\n")
     L.append(f"Raw pace of the same backbone on a batch of {probe['batch_size']} float32 tensors already in "
@@ -401,10 +408,10 @@ def build_report(r: dict) -> str:
              "whole job (s) | s per 1,000 images | peak RSS (MB) | peak RSS minus file-backed (MB) |")
     L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in r["scale"]:
-        st = s["summary"]["timings"]
-        L.append(f"| {s['fraction']} | {s['images']} | {s['pixel_cache_mb']:.0f} | {s['others_cpu_share']:.0%} | {fmt(st.get('pixels_s'))} | "
-                 f"{fmt(st.get('features_s'))} | {fmt(st.get('head_s'))} | {fmt(st.get('finetune_s'))} | "
-                 f"{st['total_s']:.1f} | {1000 * st['total_s'] / s['images']:.1f} | {s['peak_rss_mb']:.0f} | "
+        st = summary_of(s).timings
+        L.append(f"| {s['fraction']} | {s['images']} | {s['pixel_cache_mb']:.0f} | {s['others_cpu_share']:.0%} | {fmt(st.pixels_s)} | "
+                 f"{fmt(st.features_s)} | {fmt(st.head_s)} | {fmt(st.finetune_s)} | "
+                 f"{st.total_s:.1f} | {1000 * st.total_s / s['images']:.1f} | {s['peak_rss_mb']:.0f} | "
                  f"{s['peak_anon_mb']:.0f} |")
     L.append("\nThe pixel cache is a `.npy` opened with `np.load(mmap_mode='r')`; fine-tune batches are "
              "gathered from it by index, so its pages are file-backed and reclaimable (the last column "
@@ -452,21 +459,21 @@ def build_report(r: dict) -> str:
     # backbone over every image: however fast the head, its time to the baseline's head accuracy
     # is at least that, which bounds the cold-cache ratio.
     cold_note = ""
-    pre_head = (tt.get("pixels_s") or 0) + (tt.get("features_s") or 0)
-    if b_head_hit and tt.get("features_s"):
+    pre_head = (tt.pixels_s or 0) + (tt.features_s or 0)
+    if b_head_hit and tt.features_s:
         cold_note = (f". Upper bound even with an instantaneous head: the baseline reached "
                      f"{fmt(head_target, 4)} at {fmt(t(b_head_hit))} s; the cold run spends "
-                     f"{fmt(tt.get('pixels_s'))} s decoding + {fmt(tt['features_s'])} s extracting features "
-                     f"({feat_frac_of_pace(tt['features_s'])} of the folded twin's raw forward pace) = {fmt(pre_head)} s "
+                     f"{fmt(tt.pixels_s)} s decoding + {fmt(tt.features_s)} s extracting features "
+                     f"({feat_frac_of_pace(tt.features_s)} of the folded twin's raw forward pace) = {fmt(pre_head)} s "
                      f"before its first head epoch, so at most {t(b_head_hit) / pre_head:.2f}× "
-                     f"(extraction alone: {t(b_head_hit) / tt['features_s']:.2f}×)")
+                     f"(extraction alone: {t(b_head_hit) / tt.features_s:.2f}×)")
     head_target_row("cold cache (first run on this dataset)", t_head_hit, tl_head_wall, tl["epochs"], cold_note)
     if warm:
         head_target_row("features cached (every later run)", w_head_hit, w_head_wall, warm["epochs"])
     equal_acc = tl["accuracy"] >= base["accuracy"] - 1e-9
-    job_ok = tt["total_s"] <= bt["total_s"] and equal_acc
-    L.append(f"| whole job no slower, at equal or better accuracy | {tt['total_s']:.1f} s vs {bt['total_s']:.1f} s "
-             f"({ratio(bt['total_s'], tt['total_s'])}); accuracy {tl['accuracy']:.4f} vs {base['accuracy']:.4f} | "
+    job_ok = tt.total_s <= bt["total_s"] and equal_acc
+    L.append(f"| whole job no slower, at equal or better accuracy | {tt.total_s:.1f} s vs {bt['total_s']:.1f} s "
+             f"({ratio(bt['total_s'], tt.total_s)}); accuracy {tl['accuracy']:.4f} vs {base['accuracy']:.4f} | "
              f"{'yes' if job_ok else 'no'} |")
     ft = [e["seconds"] for e in tl["epochs"] if e["phase"] == "finetune"]
     # Judged against the stricter of the two ceilings (the folded twin's own raw pace).
@@ -570,7 +577,7 @@ def main(argv=None) -> dict:
         tl = measure("tlcore", {"config": tl_config(dataset.id)}, home, workdir, "tlcore")
         # Same job again, own process, same data home: warm pixel and feature caches.
         tl_warm = measure("tlcore", {"config": tl_config(dataset.id)}, home, workdir, "tlcore-warm")
-        if not tl_warm["summary"].get("feature_cache_reused"):
+        if not summary_of(tl_warm).timings.features_reused:
             print("[bench] WARNING: the features-cached run did not reuse the feature cache", flush=True)
 
         demo_files = [str(e.path) for e in entries if e.split == eval_split][:50]

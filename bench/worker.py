@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from tlcore.atomic import write_text_atomically  # noqa: E402
+
 
 def task_baseline(args: dict) -> dict:
     from bench.baseline import run_baseline
@@ -40,11 +42,11 @@ def task_tlcore(args: dict) -> dict:
                            status=RunStatus.RUNNING)
     summary = execute_run(run.id, store)
     total = time.perf_counter() - t0
-    store.finish_run(run.id, RunStatus.SUCCEEDED)
+    store.finish_run(run.id, RunStatus.SUCCEEDED, summary=summary)
     epochs = [{"phase": e.phase, "epoch": e.epoch, "elapsed_s": e.at - wall0, **e.metrics}
               for e in store.epochs(run.id)]
-    return {"run_id": run.id, "summary": summary, "epochs": epochs, "wall_s": total,
-            "accuracy": summary["metrics"]["accuracy"], "macro_f1": summary["metrics"]["macro_f1"]}
+    return {"run_id": run.id, "summary": summary.to_dict(), "epochs": epochs, "wall_s": total,
+            "accuracy": summary.metrics.accuracy, "macro_f1": summary.metrics.macro_f1}
 
 
 def _pace(step, min_seconds: float, min_steps: int = 3) -> tuple[float, int]:
@@ -82,10 +84,10 @@ def task_probe(args: dict) -> dict:
             predict = loaded.predict_image
         else:  # fallback: a keras model on one load_resized image through a tf.function
             from tlcore.data.images import load_resized
-            from tlcore.home import run_dir
+            from tlcore.run_folder import RunFolder
 
             t = time.perf_counter()
-            model = keras.saving.load_model(run_dir(run_id) / "model.keras", compile=False)
+            model = keras.saving.load_model(RunFolder(run_id).model, compile=False)
             forward = tf.function(lambda x: model(x, training=False))
             out["demo_load_s"] = time.perf_counter() - t
             size = int(model.input_shape[1])
@@ -138,9 +140,7 @@ def main() -> None:
     task, args_path, result_path = sys.argv[1:4]
     args = json.loads(Path(args_path).read_text())
     result = {"baseline": task_baseline, "tlcore": task_tlcore, "probe": task_probe}[task](args)
-    tmp = Path(result_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=float))
-    os.replace(tmp, result_path)
+    write_text_atomically(result_path, json.dumps(result, indent=1, default=float))
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ st.dataframe(
 )
 
 selected = st.multiselect("Runs to compare", list(by_id), key="compare.runs",
-                          format_func=lambda i: f"{by_id[i].name} ({fmt.pct(fmt.headline(by_id[i]))})",
+                          format_func=lambda i: f"{by_id[i].name} ({fmt.pct(by_id[i].accuracy)})",
                           placeholder="Tick rows above or choose runs here")
 if selected:
     st.query_params["runs"] = ",".join(selected)
@@ -110,8 +110,8 @@ st.caption(f"Deltas are against **{baseline.name}**, the first run chosen.")
 for start in range(0, len(chosen), 4):
     cols = st.columns(4)
     for col, run in zip(cols, chosen[start:start + 4]):
-        acc, f1v = fmt.headline(run), fmt.summary_metric(run, "macro_f1")
-        base_acc, base_f1 = fmt.headline(baseline), fmt.summary_metric(baseline, "macro_f1")
+        acc, f1v = run.accuracy, run.macro_f1
+        base_acc, base_f1 = baseline.accuracy, baseline.macro_f1
         delta = None
         if run is not baseline and acc is not None and base_acc is not None:
             delta = f"{100 * (acc - base_acc):+.1f} pts"

@@ -4,7 +4,6 @@ sample grid per class for any dataset version."""
 
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import streamlit as st

@@ -48,7 +48,7 @@ def model_label(ref: str) -> str:
     if ref == state.IMAGENET_REF:
         return "EfficientNet-Lite0 · plain ImageNet (1000 classes, no training)"
     r = by_id[ref]
-    return f"{r.name} · {fmt.pct(fmt.headline(r))} · {r.backbone}"
+    return f"{r.name} · {fmt.pct(r.accuracy)} · {r.backbone}"
 
 
 c1, c2, c3 = st.columns([3, 1, 1])

@@ -43,7 +43,7 @@ if wanted and wanted != st.session_state.get("errors.url_seen"):
 state.keep_choice("errors.run", choices)
 run_id = st.selectbox("Run", choices, key="errors.run",
                       format_func=lambda i: f"{by_id[i].name} · {fmt.STATUS_ICON[by_id[i].status]} · "
-                                            f"{fmt.pct(fmt.headline(by_id[i]))}")
+                                            f"{fmt.pct(by_id[i].accuracy)}")
 st.query_params["run"] = run_id
 st.session_state["errors.url_seen"] = run_id
 run = by_id[run_id]

@@ -36,8 +36,8 @@ def training_now() -> None:
             left, right = st.columns([3, 1])
             left.markdown(f"**{run.name}** · {run.backbone} · started {fmt.ago(run.started_at)}")
             left.progress(fmt.progress_fraction(run), text=fmt.progress_text(run))
-            eta = (run.progress or {}).get("eta_s")
-            right.metric("ETA", fmt.duration(eta) if isinstance(eta, (int, float)) else "—")
+            eta = run.progress.eta_s
+            right.metric("ETA", fmt.duration(eta) if eta is not None else "—")
             left.page_link("pages/train.py", label="Watch live", icon=":material/monitoring:",
                            query_params={"run": run.id})
 
@@ -61,11 +61,11 @@ if not runs:
     st.info("No runs yet. Import a dataset on **Datasets** (the built-in *textures* set works offline), "
             "then press Train on **Train**.")
 else:
-    best = max(finished, key=lambda r: fmt.headline(r) or -1, default=None)
+    best = max(finished, key=lambda r: r.accuracy or -1, default=None)
     c1, c2, c3 = st.columns(3)
     c1.metric("Runs", store.count_runs())
     c2.metric("Finished", len(finished))
-    c3.metric("Best accuracy", fmt.pct(fmt.headline(best)) if best else "—",
+    c3.metric("Best accuracy", fmt.pct(best.accuracy) if best else "—",
               help=f"{best.name}" if best else None)
     datasets = {d.id: d for d in store.list_datasets()}
     frame = fmt.runs_frame(runs, datasets)[["name", "status", "accuracy", "dataset", "backbone", "duration", "created"]]

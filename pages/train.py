@@ -257,8 +257,8 @@ def run_panel(run_id: str, live: bool = False) -> None:
             sidebar.start_worker("train.start_worker")
     elif run.status == RunStatus.SUCCEEDED:
         m1, m2, m3 = st.columns(3)
-        m1.metric("Accuracy", fmt.pct(fmt.headline(run)))
-        m2.metric("Macro F1", fmt.pct(fmt.summary_metric(run, "macro_f1")))
+        m1.metric("Accuracy", fmt.pct(run.accuracy))
+        m2.metric("Macro F1", fmt.pct(run.macro_f1))
         m3.metric("Took", fmt.duration(fmt.run_duration(run)))
         l1, l2 = st.columns(2)
         l1.page_link("pages/errors.py", label="See its errors", icon=":material/error:", query_params={"run": run.id})

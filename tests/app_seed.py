@@ -11,6 +11,8 @@ import numpy as np
 from PIL import Image
 
 from tlcore import home
+from tlcore.run_folder import RunFolder
+from tlcore.run_record import Metrics, RunProgress, RunSummary
 from tlcore.store import Dataset, Run, RunStatus, Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,13 +86,15 @@ def run(store: Store, ds: Dataset, name: str, status: RunStatus = RunStatus.SUCC
     if status.is_terminal:
         fields["finished_at"] = now
     if status == RunStatus.SUCCEEDED:
-        fields["summary"] = {"metrics": {"accuracy": accuracy, "macro_f1": accuracy - 0.05}}
+        fields["summary"] = RunSummary(
+            backbone=backbone, weights="imagenet", dataset=ds.label, dataset_id=ds.id, image_size=224,
+            eval_split="val", eval_images=8, metrics=Metrics(accuracy=accuracy, macro_f1=accuracy - 0.05))
     if error:
         fields["error"] = error
     if tags:
         fields["tags"] = tags
     if progress:
-        fields["progress"] = progress
+        fields["progress"] = RunProgress.from_dict(progress)
         fields["heartbeat_at"] = now
     store.update_run(r.id, **fields)
     if status == RunStatus.SUCCEEDED and predictions:
@@ -102,7 +106,7 @@ def write_predictions(run_id: str, ds: Dataset) -> Path:
     """labels.json, config.json and predictions.jsonl: ants are often taken for bees."""
     from tlcore.data.manifest import load_manifest
 
-    folder = home.run_dir(run_id)
+    folder = RunFolder(run_id).created().path
     (folder / "labels.json").write_text(json.dumps(ds.classes))
     (folder / "config.json").write_text(json.dumps({"dataset": ds.id}))
     rows = []

@@ -5,11 +5,10 @@ from __future__ import annotations
 import io
 import zipfile
 
+import app_seed as seed
 import numpy as np
 import pytest
 from PIL import Image
-
-import app_seed as seed
 
 
 @pytest.fixture(autouse=True)

@@ -6,12 +6,12 @@ import io
 import json
 import time
 
+import app_seed as seed
 import numpy as np
 import pytest
 from PIL import Image
 
-import app_seed as seed
-from tlcore import home
+from tlcore.run_folder import RunFolder
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +49,7 @@ def test_imagenet_model_predicts_with_topk_gradcam_and_latency(store):
 def test_a_model_file_that_cannot_load_is_explained(store):
     ds = seed.dataset(store)
     run = seed.run(store, ds, "corrupt")
-    (home.run_dir(run.id) / "model.keras").write_bytes(b"this is not a keras file")
+    RunFolder(run.id).model.write_bytes(b"this is not a keras file")
     at = seed.app("pages/demo.py", timeout=300, run=run.id).run()
     assert at.selectbox(key="demo.model").value == run.id
     at.file_uploader(key="demo.upload").set_value(("photo.jpg", _jpeg(), "image/jpeg")).run()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import app_seed as seed
 import pytest
 
-import app_seed as seed
 from tlcore.store import RunStatus
 
 

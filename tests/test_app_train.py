@@ -7,9 +7,9 @@ import subprocess
 import sys
 import textwrap
 
+import app_seed as seed
 import pytest
 
-import app_seed as seed
 from tlcore.store import RunStatus
 
 

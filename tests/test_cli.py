@@ -10,6 +10,7 @@ import pytest
 
 from tests.test_jobs import ROOT, make_image_folder, worker_env
 from tlcore import cli
+from tlcore.run_folder import RunFolder
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -101,9 +102,8 @@ def test_end_to_end_import_train_show_predict_export(tmp_path, capsys):
     assert code == 0 and "succeeded" in out
 
     # predict on the raw evaluation files equals the stored evaluation predictions
-    from tlcore import home
 
-    stored = [json.loads(line) for line in (home.run_dir(run_id) / "predictions.jsonl").read_text().splitlines()]
+    stored = [json.loads(line) for line in RunFolder(run_id).predictions.read_text().splitlines()]
     code, out, _ = run_cli(capsys, "predict", "--run", run_id, *[r["path"] for r in stored], "--top-k", "2",
                            "--json")
     assert code == 0
@@ -140,5 +140,5 @@ def test_predict_imagenet_model_names_the_cat(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "predict", "--model", "efficientnet_lite0", str(path), "--top-k", "3", "--json")
     (pred,) = last_json(out)["predictions"]
     assert code == 0 and pred["top_k"][0]["index"] in range(281, 286) and "cat" in pred["top_k"][0]["label"]
-    code, out, err = run_cli(capsys, "predict", "--model", "efficientnet_lite0", str(path), str(ROOT / "pytest.ini"))
-    assert code == 2 and "pytest.ini is not an image" in err and str(path) in out
+    code, out, err = run_cli(capsys, "predict", "--model", "efficientnet_lite0", str(path), str(ROOT / "pyproject.toml"))
+    assert code == 2 and "pyproject.toml is not an image" in err and str(path) in out

@@ -8,11 +8,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from test_data_images import make_photo
 
 from tlcore.data.archive import UnsafeArchive, ZipLimits, safe_extract_zip
 from tlcore.data.sources import SourceNotAllowed, allowed_roots, resolve_under_roots
-
-from test_data_images import make_photo
 
 
 def snapshot(root: Path) -> dict[str, int]:

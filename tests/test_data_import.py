@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-from tlcore import home
-from tlcore.data.archive import UnsafeArchive
-from tlcore.data.images import load_resized
-from tlcore.data.importer import DatasetImportError, import_dataset
-from tlcore.data.manifest import ManifestEntry, load_manifest, resplit, stratified_split
-from tlcore.data.sources import SourceNotAllowed
 from conftest import SHARED_DATASETS
-
 from test_data_images import (
     HTML,
     TEXT,
@@ -37,6 +27,13 @@ from test_data_images import (
     make_truncated_jpeg,
     make_webp,
 )
+
+from tlcore import home
+from tlcore.data.archive import UnsafeArchive
+from tlcore.data.images import load_resized
+from tlcore.data.importer import DatasetImportError, import_dataset
+from tlcore.data.manifest import ManifestEntry, load_manifest, resplit, stratified_split
+from tlcore.data.sources import SourceNotAllowed
 
 SHELL_NAME = "$(rm -rf x) ;&.jpg"
 

@@ -25,7 +25,7 @@ def test_accuracy_f1_and_confusion_come_from_the_predictions():
     # cat: P=1/2, R=1/3 -> F1 0.4; dog: P=1/3, R=1/2 -> 0.4; fox: 1.0
     assert report.per_class.loc["cat", "f1"] == pytest.approx(0.4)
     assert report.macro_f1 == pytest.approx((0.4 + 0.4 + 1.0) / 3)
-    assert report.metrics()["per_class"]["fox"]["support"] == 1
+    assert report.metrics().per_class["fox"].support == 1
 
 
 def test_error_gallery_is_worst_first_and_filters_by_cell():

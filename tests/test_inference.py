@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcore import home
+from tlcore.run_folder import RunFolder
 
 
 def save_fake_run(run_id: str = "run-fake", size: int = 32, labels=("ants", "bees"), seed: int = 0):
@@ -31,7 +31,7 @@ def save_fake_run(run_id: str = "run-fake", size: int = 32, labels=("ants", "bee
     x = keras.layers.Dropout(0.2)(x)
     outputs = keras.layers.Dense(len(labels), activation="softmax", dtype="float32")(x)
     model = keras.Model(inputs, outputs)
-    folder = home.run_dir(run_id)
+    folder = RunFolder(run_id).created().path
     model.save(folder / "model.keras")
     (folder / "labels.json").write_text(json.dumps(list(labels)))
     return model, folder
@@ -115,7 +115,7 @@ def test_lambda_model_is_refused_in_safe_mode_and_runs_no_code(tmp_path):
     from tlcore import inference
 
     sentinel = tmp_path / "pwned"
-    folder = home.run_dir("run-evil")
+    folder = RunFolder("run-evil").created().path
 
     # The lambda writes the sentinel whenever it runs (the path is baked into its code).
     evil = eval(f"lambda x: (open({str(sentinel)!r}, 'w').write('ran'), x)[1]")  # noqa: S307
@@ -143,13 +143,13 @@ def test_missing_and_corrupt_models_give_plain_errors(store):
 
     with pytest.raises(KeyError, match="No run"):
         inference.load_run_model("run-nothing")
-    folder = home.run_dir("run-corrupt")
+    folder = RunFolder("run-corrupt").created().path
     (folder / "model.keras").write_bytes(b"this is not a zip file")
     (folder / "labels.json").write_text('["a", "b"]')
     with pytest.raises(inference.ModelLoadError, match="could not be loaded"):
         inference.load_run_model("run-corrupt")
     save_fake_run("run-badlabels", labels=("a", "b", "c"))
-    (home.run_dir("run-badlabels") / "labels.json").write_text('["a", "b"]')
+    (RunFolder("run-badlabels").created().path / "labels.json").write_text('["a", "b"]')
     with pytest.raises(inference.ModelLoadError, match="labels"):
         inference.load_run_model("run-badlabels")
 
@@ -191,7 +191,7 @@ def test_predict_on_raw_files_equals_evaluation_and_gradcam_on_a_trained_run(tmp
     folder = make_image_folder(tmp_path / "colours", per_class=6, size=48)
     run = jobs.run_foreground(tiny(str(folder), head_epochs=2), store)
     assert run.status.value == "succeeded", run.error
-    stored = [json.loads(line) for line in (home.run_dir(run.id) / "predictions.jsonl").read_text().splitlines()]
+    stored = [json.loads(line) for line in RunFolder(run.id).predictions.read_text().splitlines()]
     loaded = inference.load_run_model(run.id)
     assert loaded.image_size == 32 and loaded.labels == store.get_dataset(run.dataset_id).classes
     preds = loaded.predict_files([row["path"] for row in stored], top_k=2)

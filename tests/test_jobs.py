@@ -16,6 +16,8 @@ from PIL import Image
 
 from tlcore import jobs
 from tlcore.config import TrainConfig
+from tlcore.errors import NotFound
+from tlcore.run_folder import RunFolder
 from tlcore.store import RunStatus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +98,7 @@ def test_simultaneous_submits_are_all_queued_in_order(store, dataset):
 
 
 def test_submit_validates_and_imports_folders(tmp_path, store, dataset):
-    with pytest.raises(ValueError, match="No dataset named 'nope'"):
+    with pytest.raises(NotFound, match="No dataset named 'nope'"):
         jobs.submit(tiny("nope"), store)
     with pytest.raises(ValueError, match="No folder or .zip"):
         jobs.submit(tiny(str(tmp_path / "missing")), store)
@@ -139,8 +141,9 @@ def test_resume_needs_a_stopped_run_with_a_checkpoint(store, dataset):
     store.finish_run(run.id, RunStatus.FAILED, error="boom")
     with pytest.raises(ValueError, match="no checkpoint"):
         jobs.resume(run.id, store)
-    jobs.checkpoint_path(run.id).parent.mkdir(parents=True, exist_ok=True)
-    jobs.checkpoint_path(run.id).write_bytes(b"weights")
+    folder = RunFolder(run.id).created()
+    folder.checkpoint_weights.write_bytes(b"weights")
+    folder.write_checkpoint_state("head", 1)
     again = jobs.resume(run.id, store)
     assert again.status is RunStatus.QUEUED and again.config["resume_from"] == run.id
     assert again.config["dataset"] == run.config["dataset"]
@@ -204,7 +207,7 @@ def test_killed_worker_is_reaped_and_the_queue_goes_on(tlcore_home, store, datas
         assert "is gone" in failed.error and "Epochs logged so far are kept" in failed.error
         after = [(e.step, e.metrics) for e in store.epochs(doomed.id)]
         assert after[:len(before)] == before and len(after) >= 2
-        assert jobs.checkpoint_path(doomed.id).is_file()
+        assert RunFolder(doomed.id).checkpoint_weights.is_file()
         assert store.get_run(nxt.id).status is RunStatus.QUEUED  # untouched
 
         # A new worker takes the next job.
@@ -234,6 +237,7 @@ def test_stale_lease_is_reaped_even_if_the_pid_looks_alive(store, dataset):
 
 _WRITER = """
 import sys, time
+from tlcore.run_record import RunProgress
 from tlcore.store import Store, RunStatus
 store = Store()
 run = store.create_run("writer", "ds-x", "efficientnet_lite0", "none", {}, status=RunStatus.RUNNING)
@@ -243,9 +247,9 @@ step = 0
 while time.time() < end:
     step += 1
     store.log_epoch(run.id, "head", step, step, {"loss": 1.0 / step, "accuracy": 0.5})
-    store.heartbeat(run.id, {"phase": "head", "epoch": step})
+    store.heartbeat(run.id, RunProgress(phase="head", epoch=step))
     store.log(run.id, f"epoch {step}")
-    store.update_run(run.id, progress={"step": step})
+    store.update_run(run.id, progress=RunProgress(step=step))
 print(step, flush=True)
 """
 

@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from tlcore.training import write_atomically
+from tlcore.atomic import write_atomically
 
 
 def _full_disk(tmp):

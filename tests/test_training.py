@@ -8,13 +8,13 @@ import shutil
 import keras
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATASETS
-from tlcore import home
+
 from tlcore.backbones import get_backbone
 from tlcore.config import TrainConfig
 from tlcore.data.images import load_resized
 from tlcore.data.importer import import_dataset
+from tlcore.run_folder import RunFolder
 from tlcore.store import RunStatus
 from tlcore.training import RunCancelled, build_classifier, execute_run, unfreeze_top
 
@@ -54,29 +54,29 @@ def _log_text(store, run_id):
 def test_head_phase_caches_backbone_features_and_a_second_run_reuses_them(store, ants_bees):
     first, summary = _run(store, ants_bees, head_epochs=2)
 
-    assert summary["eval_split"] == "val" and summary["eval_images"] == 8
-    assert summary["backbone"] == "efficientnet_lite0" and summary["weights"] == "imagenet"
-    assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
-    assert set(summary["metrics"]["per_class"]) == {"ants", "bees"}
+    assert summary.eval_split == "val" and summary.eval_images == 8
+    assert summary.backbone == "efficientnet_lite0" and summary.weights == "imagenet"
+    assert 0.0 <= summary.metrics.accuracy <= 1.0
+    assert set(summary.metrics.per_class) == {"ants", "bees"}
     assert [(e.phase, e.epoch) for e in store.epochs(first.id)] == [("head", 1), ("head", 2)]
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(store.epochs(first.id)[0].metrics)
-    folder = home.run_dir(first.id)
+    folder = RunFolder(first.id).created().path
     for artifact in ("model.keras", "labels.json", "config.json", "predictions.jsonl", "tensorboard"):
         assert (folder / artifact).exists(), artifact
     assert "computed and cached" in _log_text(store, first.id)
 
     second, summary2 = _run(store, ants_bees, head_epochs=1)
     assert "reused from the cache" in _log_text(store, second.id)
-    assert summary2["feature_cache_reused"] and not summary["feature_cache_reused"]
+    assert summary2.timings.features_reused and not summary.timings.features_reused
 
 
 def test_fine_tune_phase_trains_top_layers_with_batchnorm_frozen(store, ants_bees):
     run, summary = _run(store, ants_bees, head_epochs=1, finetune_epochs=1, finetune_layers=10,
                         augment=("flip", "zoom"))
     assert [e.phase for e in store.epochs(run.id)] == ["head", "finetune"]
-    assert "finetune_s" in summary["timings"]
+    assert summary.timings.finetune_s is not None
     assert "Mirrored training-image features computed and cached (12 images" in _log_text(store, run.id)
-    assert json.loads((home.run_dir(run.id) / "checkpoint.json").read_text()) == {"phase": "finetune", "epoch": 1}
+    assert json.loads(RunFolder(run.id).checkpoint_state.read_text()) == {"phase": "finetune", "epoch": 1}
 
     spec = get_backbone("efficientnet_lite0")
     _, base = build_classifier(spec, SIZE, None, 2, 0.2)
@@ -88,9 +88,9 @@ def test_fine_tune_phase_trains_top_layers_with_batchnorm_frozen(store, ants_bee
 
 def test_saved_model_predicts_raw_files_exactly_as_evaluation_saw_them(store, ants_bees):
     run, summary = _run(store, ants_bees, head_epochs=1)
-    model = keras.saving.load_model(summary["model_path"], safe_mode=True)
-    labels = json.loads((home.run_dir(run.id) / "labels.json").read_text())
-    rows = [json.loads(line) for line in (home.run_dir(run.id) / "predictions.jsonl").read_text().splitlines()]
+    model = keras.saving.load_model(summary.model_path, safe_mode=True)
+    labels = json.loads(RunFolder(run.id).labels_file.read_text())
+    rows = [json.loads(line) for line in RunFolder(run.id).predictions.read_text().splitlines()]
     assert len(rows) == 8
     probs = model.predict(np.stack([load_resized(r["path"], SIZE) for r in rows]).astype("float32"), verbose=0)
     for row, p in zip(rows, probs):
@@ -103,7 +103,7 @@ def test_cancel_stops_between_batches_and_keeps_logged_epochs(store, ants_bees):
     with pytest.raises(RunCancelled):
         execute_run(run.id, store, should_stop=lambda: len(store.epochs(run.id)) >= 2)
     assert [e.phase for e in store.epochs(run.id)] == ["head", "finetune"]
-    assert not (home.run_dir(run.id) / "model.keras").exists()
+    assert not RunFolder(run.id).model.exists()
 
 
 def test_cancel_requested_in_the_store_stops_a_run(store, ants_bees):
@@ -115,7 +115,7 @@ def test_cancel_requested_in_the_store_stops_a_run(store, ants_bees):
 
 def test_random_initialisation_is_said_plainly(store, ants_bees):
     run, summary = _run(store, ants_bees, weights="none", head_epochs=1)
-    assert summary["weights"] == "none"
+    assert summary.weights == "none"
     assert "random initialisation" in _log_text(store, run.id)
 
 
@@ -129,13 +129,13 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(store, ants_bees):
     first = _running(store, ants_bees, "interrupted", head_epochs=1, finetune_epochs=2)
     with pytest.raises(RunCancelled):
         execute_run(first.id, store, should_stop=lambda: len(store.epochs(first.id)) >= 2)
-    assert json.loads((home.run_dir(first.id) / "checkpoint.json").read_text()) == {"phase": "finetune", "epoch": 1}
+    assert json.loads(RunFolder(first.id).checkpoint_state.read_text()) == {"phase": "finetune", "epoch": 1}
 
     second = _running(store, ants_bees, "resumed", extra={"resume_from": first.id}, head_epochs=1, finetune_epochs=2)
     summary = execute_run(second.id, store)
     assert [(e.phase, e.epoch, e.step) for e in store.epochs(second.id)] == [("finetune", 2, 3)]
     assert f"Resumed from run {first.id}" in _log_text(store, second.id)
-    assert (home.run_dir(second.id) / "model.keras").exists() and summary["metrics"]["accuracy"] >= 0
+    assert RunFolder(second.id).model.exists() and summary.metrics.accuracy >= 0
 
 
 def test_eta_counts_the_current_epoch_and_reaches_zero_at_the_end():
@@ -147,15 +147,15 @@ def test_eta_counts_the_current_epoch_and_reaches_zero_at_the_end():
     ctx = types.SimpleNamespace(step=0, run_id="r", store=types.SimpleNamespace(log_epoch=lambda *a: None),
                                 beat=lambda progress, force=False: beats.append(progress) or False,
                                 log=lambda message: None)
-    callback = _StoreProgress(ctx, "finetune", 3)
+    callback = _StoreProgress(ctx, "finetune", 3, checkpoint=False)
     callback.set_model(types.SimpleNamespace(optimizer=None, stop_training=False))
     callback.on_epoch_begin(0)
     callback.epoch_started -= 10.0  # the first epoch took ten seconds
     callback.on_epoch_end(0, {"loss": 1.0})
     after_first = beats[-1]
-    assert after_first["epoch"] == 2 and after_first["eta_s"] == pytest.approx(20.0, abs=0.5)
+    assert after_first.epoch == 2 and after_first.eta_s == pytest.approx(20.0, abs=0.5)
     for epoch in (1, 2):
         callback.on_epoch_begin(epoch)
         callback.epoch_started -= 10.0
         callback.on_epoch_end(epoch, {"loss": 1.0})
-    assert beats[-1]["eta_s"] == pytest.approx(0.0, abs=0.01)
+    assert beats[-1].eta_s == pytest.approx(0.0, abs=0.01)

@@ -17,18 +17,9 @@ import threading
 import time
 from typing import Any, Sequence
 
+from tlcore.errors import InvalidInput, TransferLabError, plain_message
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-# Errors whose message is a sentence for the user: exit code 2, no traceback. Matched by
-# class name so this module need not import Keras to recognise them.
-USER_ERRORS = {"ValueError", "KeyError", "WeightsUnavailable", "DatasetImportError", "ImageRejected",
-               "ModelLoadError", "SourceNotAllowed", "UnsafeArchive", "FileNotFoundError",
-               "NotADirectoryError", "IsADirectoryError", "PermissionError", "WorkerBusy",
-               "DatasetDownloadError"}
-
-
-class UsageError(Exception):
-    """Bad command-line input found after parsing."""
 
 
 # ------------------------------------------------------------------- parser
@@ -139,7 +130,7 @@ def config_from_args(args: argparse.Namespace):
     values: dict[str, Any] = {}
     if args.preset:
         if args.preset not in PRESETS:
-            raise ValueError(f"`--preset` must be one of {', '.join(PRESETS)}. Received: preset={args.preset!r}")
+            raise InvalidInput(f"`--preset` must be one of {', '.join(PRESETS)}. Received: preset={args.preset!r}")
         values.update(PRESETS[args.preset])
     for option in ("backbone", "weights", "image_size", "head_epochs", "finetune_epochs", "finetune_layers",
                    "augment", "lr", "batch_size", "seed", "split", "name"):
@@ -261,28 +252,26 @@ def cmd_train(args) -> int:
         run = jobs.run_foreground(config, store, progress_bar=progress, stop=stop)
     finally:
         signal.signal(signal.SIGINT, previous)
-    summary = dict(run.summary) if run.summary else {}
-    summary.update({"run_id": run.id, "name": run.name, "status": run.status.value,
-                    "backbone": run.backbone, "weights": run.weights})
+    result = run.summary.to_dict() if run.summary else {}
+    result.update({"run_id": run.id, "name": run.name, "status": run.status.value,
+                   "backbone": run.backbone, "weights": run.weights})
     if run.error:
-        summary["error"] = run.error
+        result["error"] = run.error
     if not args.json:
         print(_summary_text(run))
-    _emit(args, summary)
+    _emit(args, result)
     return {"succeeded": 0, "cancelled": 130}.get(run.status.value, 1)
 
 
 def _summary_text(run) -> str:
-    s = run.summary or {}
-    metrics = s.get("metrics") or {}
-    if run.status.value != "succeeded":
+    s = run.summary
+    if s is None:
         return f"Run {run.name} ({run.id}) {run.status.value}: {run.error}"
     weights = "ImageNet weights" if run.weights == "imagenet" else "no pretrained weights (random init)"
     lines = [f"Run {run.name} ({run.id}) succeeded: {run.backbone}, {weights}.",
-             f"  {s.get('eval_split', 'eval')} accuracy {metrics.get('accuracy', float('nan')):.4f}, "
-             f"macro F1 {metrics.get('macro_f1', float('nan')):.4f} "
-             f"in {(s.get('timings') or {}).get('total_s', float('nan')):.1f} s",
-             f"  model: {s.get('model_path')}"]
+             f"  {s.eval_split} accuracy {s.metrics.accuracy:.4f}, macro F1 {s.metrics.macro_f1:.4f} "
+             f"in {s.timings.total_s or 0:.1f} s",
+             f"  model: {s.model_path}"]
     return "\n".join(lines)
 
 
@@ -343,12 +332,11 @@ def cmd_runs(args) -> int:
              f"  dataset {run.dataset_id}, backbone {run.backbone}, weights {run.weights}"]
     if run.error:
         lines.append(f"  error: {run.error}")
-    if run.progress and not run.status.is_terminal:
-        lines.append(f"  progress: {json.dumps(run.progress)}")
-    metrics = (run.summary or {}).get("metrics") or {}
-    if metrics:
-        lines.append(f"  {run.summary.get('eval_split')} accuracy {metrics.get('accuracy'):.4f}, "
-                     f"macro F1 {metrics.get('macro_f1'):.4f}")
+    if not run.status.is_terminal:
+        lines.append(f"  progress: {json.dumps(run.progress.to_dict())}")
+    if run.summary:
+        lines.append(f"  {run.summary.eval_split} accuracy {run.summary.metrics.accuracy:.4f}, "
+                     f"macro F1 {run.summary.metrics.macro_f1:.4f}")
     if epochs:
         lines.append(_table(["step", "phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"],
                             [[e.step, e.phase, e.epoch] + [_fmt(e.metrics.get(k)) for k in
@@ -365,7 +353,8 @@ def _run_dict(r) -> dict[str, Any]:
     return {"id": r.id, "run_id": r.id, "name": r.name, "status": r.status.value, "dataset_id": r.dataset_id,
             "backbone": r.backbone, "weights": r.weights, "config": r.config, "created_at": r.created_at,
             "started_at": r.started_at, "finished_at": r.finished_at, "worker": r.worker, "error": r.error,
-            "cancel_requested": r.cancel_requested, "progress": r.progress, "summary": r.summary,
+            "cancel_requested": r.cancel_requested, "progress": r.progress.to_dict(),
+            "summary": r.summary.to_dict() if r.summary else {},
             "accuracy": r.accuracy, "tags": r.tags, "note": r.note}
 
 
@@ -374,7 +363,7 @@ def cmd_predict(args) -> int:
     from tlcore.data.images import ImageRejected
 
     if args.top_k < 1:
-        raise ValueError(f"`--top-k` must be 1 or more. Received: top_k={args.top_k}")
+        raise InvalidInput(f"`--top-k` must be 1 or more. Received: top_k={args.top_k}")
     loaded = inference.load_run_model(args.run) if args.run else inference.load_imagenet_model(args.model)
     results: list[dict[str, Any]] = []
     rejected = 0
@@ -421,19 +410,9 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
-def user_message(exc: BaseException) -> str:
-    """One plain sentence for an error the user can fix."""
-    if isinstance(exc, KeyError) and exc.args:
-        text = str(exc.args[0])
-    elif isinstance(exc, OSError) and exc.filename and exc.strerror:
-        text = f"{exc.strerror}: {exc.filename}"
-    else:
-        text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
-
-
 def is_user_error(exc: BaseException) -> bool:
-    return any(cls.__name__ in USER_ERRORS for cls in type(exc).__mro__)
+    """Errors the user can fix: Transfer Lab's own, and files the command was pointed at."""
+    return isinstance(exc, (TransferLabError, OSError))
 
 
 # TensorFlow's C++ start-up lines ("oneDNN custom operations are on", "Could not find cuda
@@ -490,10 +469,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except Exception as exc:  # noqa: BLE001 - the edge of the program
         if is_user_error(exc):
-            print(f"Error: {user_message(exc)}", file=sys.stderr)
+            print(f"Error: {plain_message(exc)}", file=sys.stderr)
             return 2
         if os.environ.get("TLCORE_DEBUG"):
             raise
-        print(f"Internal error ({type(exc).__name__}): {user_message(exc)} "
+        print(f"Internal error: {plain_message(exc)} "
               "Set TLCORE_DEBUG=1 to see the traceback.", file=sys.stderr)
         return 1

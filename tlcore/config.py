@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from tlcore.errors import InvalidInput
+
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast", "translate")
 
 
@@ -40,24 +42,36 @@ class TrainConfig:
     def __post_init__(self):
         bad = [a for a in self.augment if a not in AUGMENTATIONS]
         if bad:
-            raise ValueError(f"`augment` entries must be among {', '.join(AUGMENTATIONS)}. Received: {bad}")
+            raise InvalidInput(f"`augment` entries must be among {', '.join(AUGMENTATIONS)}. Received: {bad}")
         if self.weights not in ("imagenet", "none"):
-            raise ValueError(f"`weights` must be 'imagenet' or 'none'. Received: weights={self.weights!r}")
+            raise InvalidInput(f"`weights` must be 'imagenet' or 'none'. Received: weights={self.weights!r}")
         if self.image_size is not None and not 32 <= self.image_size <= 1024:
-            raise ValueError(f"`image_size` must be between 32 and 1024. Received: image_size={self.image_size}")
+            raise InvalidInput(f"`image_size` must be between 32 and 1024. Received: image_size={self.image_size}")
         for field in ("head_epochs", "finetune_epochs", "finetune_layers"):
             if getattr(self, field) < 0:
-                raise ValueError(f"`{field}` must be 0 or more. Received: {field}={getattr(self, field)}")
+                raise InvalidInput(f"`{field}` must be 0 or more. Received: {field}={getattr(self, field)}")
         if self.head_epochs + self.finetune_epochs == 0:
-            raise ValueError("At least one of `head_epochs` and `finetune_epochs` must be positive.")
+            raise InvalidInput("At least one of `head_epochs` and `finetune_epochs` must be positive.")
         if not 1 <= self.batch_size <= 4096:
-            raise ValueError(f"`batch_size` must be between 1 and 4096. Received: batch_size={self.batch_size}")
+            raise InvalidInput(f"`batch_size` must be between 1 and 4096. Received: batch_size={self.batch_size}")
         if self.split is not None and (len(self.split) != 3 or abs(sum(self.split) - 1) > 1e-6
                                        or min(self.split) < 0 or self.split[0] == 0):
-            raise ValueError(f"`split` must be three fractions (train, val, test) summing to 1. "
+            raise InvalidInput(f"`split` must be three fractions (train, val, test) summing to 1. "
                              f"Received: split={self.split}")
         if not 0 < self.lr < 1:
-            raise ValueError(f"`lr` must be between 0 and 1. Received: lr={self.lr}")
+            raise InvalidInput(f"`lr` must be between 0 and 1. Received: lr={self.lr}")
+
+    def resolved_image_size(self, spec) -> int:
+        """The image size this recipe trains `spec` at: `image_size`, or the backbone's default.
+
+        Raises:
+            InvalidInput: the size is below what the backbone takes.
+        """
+        size = self.image_size or spec.default_size
+        if size < spec.min_size:
+            raise InvalidInput(f"`image_size` must be at least {spec.min_size} for {spec.display_name}. "
+                               f"Received: image_size={size}")
+        return size
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -15,9 +15,10 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from tlcore import home
-
-PREDICTIONS_FILE = "predictions.jsonl"
+from tlcore.atomic import write_text_atomically
+from tlcore.errors import InvalidInput, NotFound
+from tlcore.run_folder import RunFolder
+from tlcore.run_record import ClassMetrics, Metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +53,13 @@ class EvalReport:
         table = pd.DataFrame(rows, columns=["true", "pred", "count"])
         return table.sort_values("count", ascending=False, kind="stable").head(n).reset_index(drop=True)
 
-    def metrics(self) -> dict[str, Any]:
-        """The JSON summary: accuracy, macro F1 and per-class precision/recall/F1/support."""
-        return {
-            "accuracy": self.accuracy,
-            "macro_f1": self.macro_f1,
-            "per_class": {label: {k: (int(v) if k == "support" else float(v)) for k, v in row.items()}
-                          for label, row in self.per_class.to_dict("index").items()},
-        }
+    def metrics(self) -> Metrics:
+        """The run summary's metrics: accuracy, macro F1 and per-class precision/recall/F1/support."""
+        per_class = {
+            label: ClassMetrics(precision=float(row["precision"]), recall=float(row["recall"]),
+                                f1=float(row["f1"]), support=int(row["support"]))
+            for label, row in self.per_class.to_dict("index").items()}
+        return Metrics(accuracy=self.accuracy, macro_f1=self.macro_f1, per_class=per_class)
 
 
 def compute_report(labels: Sequence[str], predictions: pd.DataFrame) -> EvalReport:
@@ -70,7 +70,7 @@ def compute_report(labels: Sequence[str], predictions: pd.DataFrame) -> EvalRepo
     predictions = predictions.copy()
     predictions["correct"] = predictions["true"] == predictions["pred"]
     if len(predictions) == 0:
-        raise ValueError("There are no evaluation predictions: the evaluation split is empty.")
+        raise InvalidInput("There are no evaluation predictions: the evaluation split is empty.")
     precision, recall, f1, support = precision_recall_fscore_support(
         predictions["true"], predictions["pred"], labels=labels, zero_division=0)
     per_class = pd.DataFrame({"precision": precision, "recall": recall, "f1": f1, "support": support},
@@ -86,24 +86,19 @@ def compute_report(labels: Sequence[str], predictions: pd.DataFrame) -> EvalRepo
     )
 
 
-def write_predictions(run_dir: Path, rows: list[dict[str, Any]]) -> Path:
-    path = run_dir / PREDICTIONS_FILE
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
+def write_predictions(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write per-image predictions (one JSON object per line) atomically."""
+    return write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def read_predictions(run_dir: Path) -> pd.DataFrame:
-    path = run_dir / PREDICTIONS_FILE
+def read_predictions(path: Path) -> pd.DataFrame:
     if not path.exists():
-        raise FileNotFoundError(f"Run folder {run_dir} has no {PREDICTIONS_FILE}: the run did not finish evaluation.")
+        raise NotFound(f"{path.parent} has no {path.name}: the run did not finish evaluation.")
     with open(path, encoding="utf-8") as f:
         return pd.DataFrame([json.loads(line) for line in f if line.strip()])
 
 
 def evaluate_run(run_id: str) -> EvalReport:
     """The evaluation report of a finished run, from its stored predictions."""
-    folder = home.data_home() / "runs" / run_id
-    labels = json.loads((folder / "labels.json").read_text())
-    return compute_report(labels, read_predictions(folder))
+    folder = RunFolder(run_id)
+    return compute_report(folder.labels(), read_predictions(folder.predictions))

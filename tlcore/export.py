@@ -6,15 +6,16 @@ model) and has the run's `labels.json` written next to it.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
-from tlcore import home
+from tlcore.atomic import write_atomically, write_bytes_atomically, write_json_atomically
+from tlcore.errors import InvalidInput
+from tlcore.run_folder import LABELS_FILE, MODEL_FILE, RunFolder
 
 FORMATS = ("keras", "savedmodel", "tflite")
-_DEFAULT_NAMES = {"keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite"}
+_DEFAULT_NAMES = {"keras": MODEL_FILE, "savedmodel": "savedmodel", "tflite": "model.tflite"}
 
 
 def export_run(run_id: str, fmt: str, out: str | Path | None = None) -> Path:
@@ -34,13 +35,13 @@ def export_run(run_id: str, fmt: str, out: str | Path | None = None) -> Path:
     """
     fmt = str(fmt).strip().lower()
     if fmt not in FORMATS:
-        raise ValueError(f"`format` must be one of {', '.join(FORMATS)}. Received: format={fmt!r}")
+        raise InvalidInput(f"`format` must be one of {', '.join(FORMATS)}. Received: format={fmt!r}")
     from tlcore import inference
 
     loaded = inference.load_run_model(run_id)  # safe mode; resolves names, checks labels
     source = Path(loaded.path)
     if out is None:
-        target = source.parent / "export" / _DEFAULT_NAMES[fmt]
+        target = RunFolder(loaded.run_id).export_dir / _DEFAULT_NAMES[fmt]
     else:
         target = Path(out).expanduser()
         if target.is_dir() and fmt != "savedmodel":
@@ -54,20 +55,14 @@ def export_run(run_id: str, fmt: str, out: str | Path | None = None) -> Path:
 
     if fmt == "keras":
         if target != source.resolve():
-            _atomic_copy(source, target)
+            write_atomically(target, lambda tmp: shutil.copyfile(source, tmp))
     elif fmt == "savedmodel":
         _export_savedmodel(loaded.model, target)
     else:
         _export_tflite(loaded.model, target)
-    labels_path = (target / "labels.json") if fmt == "savedmodel" else target.with_name(target.stem + ".labels.json")
-    labels_path.write_text(json.dumps(loaded.labels))
+    labels_path = (target / LABELS_FILE) if fmt == "savedmodel" else target.with_name(target.stem + ".labels.json")
+    write_json_atomically(labels_path, loaded.labels)
     return target
-
-
-def _atomic_copy(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.partial")
-    shutil.copyfile(source, tmp)
-    tmp.replace(target)
 
 
 def _export_savedmodel(model, target: Path) -> None:
@@ -91,11 +86,8 @@ def _export_tflite(model, target: Path) -> None:
         model.export(str(saved), format="tf_saved_model", verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
         converter.optimizations = []  # float32, no quantization
-        data = converter.convert()
-        partial = target.with_name(f".{target.name}.partial")
-        partial.write_bytes(data)
-        partial.replace(target)
+        write_bytes_atomically(target, converter.convert())
 
 
 def default_export_dir(run_id: str) -> Path:
-    return home.data_home() / "runs" / run_id / "export"
+    return RunFolder(run_id).export_dir

@@ -9,13 +9,13 @@ mirrored training images are cached beside the plain ones.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from tlcore import home
+from tlcore.atomic import write_atomically
 
 
 def feature_cache_path(dataset_id: str, backbone: str, size: int, weights: str, seed: int,
@@ -79,7 +79,5 @@ def cached_features(path: Path, feature_model, images: np.ndarray, batch_size: i
         if len(features) == expected:
             return features, True, time.perf_counter() - started
     features = extract_features(feature_model, images, batch_size, rows=rows, mirror=mirror, on_batch=on_batch)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, features)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: np.save(tmp, features))
     return features, False, time.perf_counter() - started

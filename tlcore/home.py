@@ -5,7 +5,7 @@
     store.db                 SQLite store (WAL): datasets, runs, epochs, logs
     blobs/ab/<sha256>.<ext>  imported image files, content-addressed and immutable
     datasets/<id>/           manifest.jsonl and report.json of one dataset version
-    runs/<id>/               artifacts of one run (config, model, predictions, logs)
+    runs/<id>/               artifacts of one run (`tlcore.run_folder.RunFolder` knows the layout)
     cache/pixels/            decoded, resized uint8 arrays per (dataset, size)
     cache/features/          backbone features per (dataset, backbone, size, weights)
     weights/                 converted or dropped-in backbone weights
@@ -44,14 +44,6 @@ def blobs_dir() -> Path:
 
 def dataset_dir(dataset_id: str) -> Path:
     return subdir("datasets", dataset_id)
-
-
-# The last checkpoint in a run folder: written by training each epoch, read by a resume.
-CHECKPOINT_FILE = "checkpoint.weights.h5"
-
-
-def run_dir(run_id: str) -> Path:
-    return subdir("runs", run_id)
 
 
 def cache_dir(kind: str) -> Path:

@@ -17,13 +17,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tlcore import home
+from tlcore.errors import InvalidInput, ModelLoadError
+from tlcore.run_folder import RunFolder
 
 PREDICT_BATCH = 32
-
-
-class ModelLoadError(ValueError):
-    """A model file that cannot be loaded: missing, corrupt, or refused by Keras safe mode."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +52,8 @@ class Prediction:
 class LoadedModel:
     """A loaded classifier with its labels. Safe to share across threads (one forward pass at a time)."""
 
-    def __init__(self, model, labels: Sequence[str], *, name: str, path: str | None = None):
+    def __init__(self, model, labels: Sequence[str], *, name: str, path: str | None = None,
+                 run_id: str | None = None):
         from tlcore.backbones.folding import fold_batchnorm
 
         self.model = model
@@ -64,6 +62,7 @@ class LoadedModel:
         self.labels = list(labels)
         self.name = name
         self.path = path
+        self.run_id = run_id  # the run it was trained by, None for a plain ImageNet model
         shape = model.input_shape
         self.image_size = int(shape[1]) if shape[1] else 224
         self._lock = threading.Lock()
@@ -131,7 +130,7 @@ class LoadedModel:
 
 def _check_top_k(top_k) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"`top_k` must be a positive integer. Received: top_k={top_k!r}")
+        raise InvalidInput(f"`top_k` must be a positive integer. Received: top_k={top_k!r}")
 
 
 def to_pixels(image, size: int) -> np.ndarray:
@@ -201,7 +200,7 @@ def _read_labels(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ModelLoadError(f"No labels.json next to the model at {path.parent}; the run folder is "
+        raise ModelLoadError(f"No {path.name} next to the model at {path.parent}; the run folder is "
                              "incomplete. Retrain the run.") from None
     except ValueError as exc:
         raise ModelLoadError(f"{path} is not valid JSON ({exc}); the run folder is damaged.") from None
@@ -230,24 +229,23 @@ def load_run_model(run_ref: str, store=None) -> LoadedModel:
         KeyError: no such run.
         ModelLoadError: the run has no loadable model.
     """
-    run_dir = home.data_home() / "runs" / str(run_ref)
-    name = str(run_ref)
-    if not (run_dir / "model.keras").is_file():
+    folder, name = RunFolder(str(run_ref)), str(run_ref)
+    if not folder.has_model():
         from tlcore.store import Store
 
         run = (store or Store()).get_run(run_ref)
-        run_dir = home.data_home() / "runs" / run.id
-        name = f"{run.name} ({run.id})"
-        if not (run_dir / "model.keras").is_file() and not run.status.is_terminal:
+        folder, name = RunFolder(run.id), f"{run.name} ({run.id})"
+        if not folder.has_model() and not run.status.is_terminal:
             raise ModelLoadError(f"Run {name} is {run.status.value} and has no saved model yet; "
                                  "wait for it to finish.")
-    path = run_dir / "model.keras"
+    path = folder.model
     key = (str(path), path.stat().st_mtime if path.is_file() else 0.0)
     with _cache_lock:
         if key in _cache:
             return _cache[key]
         model = load_model_file(path, name=name)
-        loaded = LoadedModel(model, _read_labels(run_dir / "labels.json"), name=name, path=str(path))
+        loaded = LoadedModel(model, _read_labels(folder.labels_file), name=name, path=str(path),
+                             run_id=folder.run_id)
         for stale in [k for k in _cache if k[0] == key[0]]:
             del _cache[stale]  # an older version of the same file
         while len(_cache) >= _CACHE_SIZE:
@@ -266,7 +264,7 @@ def load_imagenet_model(name: str = "efficientnet_lite0") -> LoadedModel:
 
         spec = get_backbone(name)
         if spec.name != "efficientnet_lite0":
-            raise ValueError(f"`--model` must be efficientnet_lite0 (the backbone whose ImageNet "
+            raise InvalidInput(f"`--model` must be efficientnet_lite0 (the backbone whose ImageNet "
                              f"classifier works offline). Received: model={name!r}")
         model = efficientnet_lite.imagenet_classifier(image_size=spec.default_size)
         loaded = LoadedModel(model, imagenet_labels(), name=f"{spec.display_name} (ImageNet)")
@@ -297,7 +295,7 @@ def gradcam(loaded: LoadedModel, image_uint8: np.ndarray, class_index: int | Non
 
     image = np.asarray(image_uint8)
     if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"`image_uint8` must be an (H, W, 3) RGB array. Received: shape={image.shape}")
+        raise InvalidInput(f"`image_uint8` must be an (H, W, 3) RGB array. Received: shape={image.shape}")
     height, width = image.shape[:2]
     pixels = to_pixels(image.astype(np.uint8), loaded.image_size)
     x = tf.convert_to_tensor(pixels[None].astype("float32"))
@@ -307,7 +305,7 @@ def gradcam(loaded: LoadedModel, image_uint8: np.ndarray, class_index: int | Non
             if class_index is None:
                 class_index = int(tf.argmax(scores[0]))
             if not 0 <= class_index < scores.shape[-1]:
-                raise ValueError(f"`class_index` must be between 0 and {scores.shape[-1] - 1}. "
+                raise InvalidInput(f"`class_index` must be between 0 and {scores.shape[-1] - 1}. "
                                  f"Received: class_index={class_index}")
             score = scores[:, class_index]
         grads = tape.gradient(score, fmap)
@@ -333,7 +331,7 @@ def _feature_map_and_scores(model, x, tape):
         return _split(model, x, tape)
     idx = max((i for i, layer in enumerate(layers) if _has_feature_map(layer)), default=None)
     if idx is None:
-        raise ValueError(f"The model {model.name} has no 4-D feature map; Grad-CAM needs a "
+        raise InvalidInput(f"The model {model.name} has no 4-D feature map; Grad-CAM needs a "
                          "convolutional backbone.")
     h = x
     for layer in layers[:idx]:
@@ -366,7 +364,7 @@ def _split(model, x, tape, logits: bool = True):
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     conv = [layer for layer in layers if len(getattr(layer.output, "shape", ())) == 4]
     if not conv:
-        raise ValueError(f"The model {model.name} has no 4-D feature map; Grad-CAM needs a "
+        raise InvalidInput(f"The model {model.name} has no 4-D feature map; Grad-CAM needs a "
                          "convolutional backbone.")
     last = layers[-1]
     softmax_head = logits and isinstance(last, keras.layers.Dense) and \

@@ -29,22 +29,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tlcore import home
+from tlcore.atomic import write_json_atomically
 from tlcore.backbones import get_backbone
 from tlcore.config import TrainConfig
+from tlcore.errors import InvalidInput, NotFound, RunCancelled, WorkerBusy, plain_message
+from tlcore.run_folder import RunFolder
 from tlcore.store import Run, RunStatus, Store
 
 HEARTBEAT_S = 2.0  # how often a running job renews its lease and looks for a cancel request
 LEASE_S = 30.0  # a run whose heartbeat is older than this is marked failed
-
-# Exceptions whose message is already a plain sentence for the user; anything else gets its
-# type name in front so "KeyError: 'x'" does not read as a sentence.
-_PLAIN_ERRORS = ("ValueError", "WeightsUnavailable", "DatasetImportError", "ImageRejected",
-                 "ModelLoadError", "FileNotFoundError", "RunCancelled")
-
-
-class WorkerBusy(RuntimeError):
-    """Another worker already serves this data home."""
-
 
 @dataclasses.dataclass(frozen=True)
 class WorkerStatus:
@@ -78,12 +71,9 @@ def submit(config: TrainConfig, store: Store | None = None) -> Run:
 def prepare(config: TrainConfig, store: Store) -> tuple[dict[str, Any], Any]:
     """Validate `config` against the registry and resolve its dataset; returns (config dict, Dataset)."""
     if not isinstance(config, TrainConfig):
-        raise ValueError(f"`config` must be a TrainConfig. Received: {type(config).__name__}")
+        raise InvalidInput(f"`config` must be a TrainConfig. Received: {type(config).__name__}")
     spec = get_backbone(config.backbone)
-    size = config.image_size or spec.default_size
-    if size < spec.min_size:
-        raise ValueError(f"`image_size` must be at least {spec.min_size} for {spec.display_name}. "
-                         f"Received: image_size={size}")
+    config.resolved_image_size(spec)
     dataset = resolve_dataset(config.dataset, store, seed=config.seed, split=config.split)
     config_dict = config.to_dict()
     config_dict["backbone"] = spec.name
@@ -100,18 +90,18 @@ def resolve_dataset(ref: str, store: Store, *, seed: int = 0, split=None):
     """
     ref = str(ref).strip()
     if not ref:
-        raise ValueError("`dataset` must name a dataset or a folder. Received: an empty string.")
+        raise InvalidInput("`dataset` must name a dataset or a folder. Received: an empty string.")
     path = Path(ref).expanduser()
     looks_like_path = os.sep in ref or ref.startswith((".", "~")) or ref.lower().endswith(".zip")
     importable = path.exists() and (path.is_dir() or path.suffix.lower() == ".zip")
     if not looks_like_path:
         try:
             return store.get_dataset(ref)
-        except KeyError as exc:
+        except NotFound:
             if not importable:
-                raise ValueError(exc.args[0]) from None
+                raise
     if not importable:
-        raise ValueError(f"No folder or .zip at {ref}. Pass an existing folder (one subfolder per class), "
+        raise InvalidInput(f"No folder or .zip at {ref}. Pass an existing folder (one subfolder per class), "
                          "a .zip of one, or a dataset name from `python -m tlcore datasets list`.")
     from tlcore.data.importer import import_dataset
 
@@ -167,14 +157,9 @@ def cancel(run_ref: str, store: Store | None = None) -> Run:
     store = store or Store()
     run = store.get_run(run_ref)
     if run.status.is_terminal:
-        raise ValueError(f"Run {run.name} ({run.id}) already finished ({run.status.value}); "
+        raise InvalidInput(f"Run {run.name} ({run.id}) already finished ({run.status.value}); "
                          "only queued or running runs can be cancelled.")
     return store.request_cancel(run.id)
-
-
-def checkpoint_path(run_id: str) -> Path:
-    """Where a run's last checkpoint lives (the file may not exist)."""
-    return home.data_home() / "runs" / run_id / home.CHECKPOINT_FILE
 
 
 def resume(run_ref: str, store: Store | None = None) -> Run:
@@ -188,10 +173,10 @@ def resume(run_ref: str, store: Store | None = None) -> Run:
     store = store or Store()
     old = store.get_run(run_ref)
     if old.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
-        raise ValueError(f"Only failed or cancelled runs can be resumed. Received: run {old.name} "
+        raise InvalidInput(f"Only failed or cancelled runs can be resumed. Received: run {old.name} "
                          f"({old.id}) is {old.status.value}.")
-    if not checkpoint_path(old.id).is_file():
-        raise ValueError(f"Run {old.name} ({old.id}) left no checkpoint (it stopped before its first "
+    if RunFolder(old.id).checkpoint() is None:
+        raise InvalidInput(f"Run {old.name} ({old.id}) left no checkpoint (it stopped before its first "
                          "epoch finished), so there is nothing to resume; submit it again instead.")
     config = {**old.config, "resume_from": old.id}
     base = old.name.split(" (resumed")[0]
@@ -243,12 +228,7 @@ def reap(store: Store | None = None, lease_s: float = LEASE_S) -> list[Run]:
 
 
 def _error_line(exc: BaseException) -> str:
-    names = {c.__name__ for c in type(exc).__mro__}
-    text = " ".join(str(exc).split()) if str(exc).strip() else ""
-    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) and " " in exc.args[0]:
-        text = exc.args[0]  # a store KeyError is a sentence; don't show it quoted
-    elif not names.intersection(_PLAIN_ERRORS) or not text:
-        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text = plain_message(exc)
     if isinstance(exc, MemoryError) or "ResourceExhausted" in type(exc).__name__:
         text += " (out of memory: try a smaller --batch-size or --image-size)"
     return text if len(text) <= 500 else text[:497] + "..."
@@ -301,7 +281,7 @@ def execute_claimed(run: Run, store: Store, *, stop: threading.Event | None = No
                                        progress_bar=progress_bar)
     except BaseException as exc:  # noqa: BLE001 - every way out must leave a final status
         beat.finish()
-        cancelled = type(exc).__name__ == "RunCancelled" or (
+        cancelled = isinstance(exc, RunCancelled) or (
             isinstance(exc, KeyboardInterrupt) or stop.is_set() or shutdown.is_set())
         if cancelled:
             reason = stop_reason()
@@ -363,10 +343,7 @@ def worker_log_path() -> Path:
 
 
 def _write_worker_json(info: dict[str, Any]) -> None:
-    path = _worker_json()
-    tmp = path.with_name(f".worker.json.{os.getpid()}")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)
+    write_json_atomically(_worker_json(), info)
 
 
 def worker_status(store: Store | None = None) -> WorkerStatus:

@@ -3,6 +3,10 @@
 Everything above this module sees plain dataclasses; nothing above it knows SQL. Every
 public method opens its own short connection, so one `Store` is safe to share across
 threads and processes (Streamlit sessions, the worker, the CLI).
+
+The file carries its schema version (`PRAGMA user_version`); opening an older store runs the
+migrations in `MIGRATIONS` in order, in one transaction, so a data home made by an earlier
+Transfer Lab keeps its datasets and runs.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import sqlite3
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from tlcore import home
+from tlcore.errors import NotFound
+from tlcore.run_record import RunProgress, RunSummary
 
 
 class RunStatus(str, enum.Enum):
@@ -70,14 +76,19 @@ class Run:
     worker: str | None
     error: str | None
     cancel_requested: bool
-    progress: dict[str, Any]  # phase, epoch, epochs, batch, batches, eta_s, ...
-    summary: dict[str, Any]  # metrics, timings, model path ... once finished
+    progress: RunProgress
+    summary: RunSummary | None  # once finished successfully
     tags: list[str]
     note: str
 
     @property
     def accuracy(self) -> float | None:
-        return (self.summary.get("metrics") or {}).get("accuracy")
+        """Accuracy on the evaluation split, once the run succeeded."""
+        return self.summary.metrics.accuracy if self.summary else None
+
+    @property
+    def macro_f1(self) -> float | None:
+        return self.summary.metrics.macro_f1 if self.summary else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +165,26 @@ CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, id);
 _RUN_JSON_FIELDS = ("config", "progress", "summary", "tags")
 
 
+def _migrate_1_typed_run_records(db: sqlite3.Connection) -> None:
+    """Version 0 (no version) -> 1: progress and summary rewritten in the typed contract."""
+    rows = db.execute("SELECT id, progress, summary FROM runs").fetchall()
+    for run_id, progress, summary in rows:
+        progress = json.loads(progress or "{}")
+        summary = json.loads(summary or "{}")
+        db.execute(
+            "UPDATE runs SET progress = ?, summary = ? WHERE id = ?",
+            (json.dumps(RunProgress.from_dict(progress).to_dict()),
+             json.dumps(RunSummary.from_dict(summary).to_dict() if summary.get("metrics") else {}), run_id),
+        )
+
+
+# (version it brings the store to, migration). A store at version N runs every later one in order.
+MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [
+    (1, _migrate_1_typed_run_records),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
 def new_id(prefix: str) -> str:
     """A short, sortable, unique id such as `run-20261129-143000-1a2b3c`."""
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -167,6 +198,23 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"The store {self.path} was written by a newer Transfer Lab (schema version {version}; "
+                    f"this one knows up to {SCHEMA_VERSION}). Upgrade Transfer Lab or use another data home.")
+            for target, migrate in MIGRATIONS:
+                if version < target:
+                    migrate(db)
+                    db.execute(f"PRAGMA user_version = {int(target)}")
+
+    def schema_version(self) -> int:
+        with self._connect() as db:
+            return db.execute("PRAGMA user_version").fetchone()[0]
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -244,7 +292,7 @@ class Store:
                     ).fetchone()
         if row is None:
             known = ", ".join(d.label for d in self.list_datasets()) or "none yet"
-            raise KeyError(f"No dataset named {ref!r}. Known datasets: {known}.")
+            raise NotFound(f"No dataset named {ref!r}. Known datasets: {known}.")
         return _dataset_from_row(row)
 
     def list_datasets(self) -> list[Dataset]:
@@ -279,7 +327,7 @@ class Store:
             row = db.execute("SELECT * FROM runs WHERE id = ? OR name = ? ORDER BY seq DESC",
                              (run_id, run_id)).fetchone()
         if row is None:
-            raise KeyError(f"No run {run_id!r}. `python -m tlcore runs list` shows the runs.")
+            raise NotFound(f"No run {run_id!r}. `python -m tlcore runs list` shows the runs.")
         return _run_from_row(row)
 
     def list_runs(self, statuses: set[RunStatus] | None = None, limit: int | None = None) -> list[Run]:
@@ -320,13 +368,13 @@ class Store:
         return self.get_run(row["id"])
 
     def update_run(self, run_id: str, **fields: Any) -> Run:
-        """Set columns of a run: JSON fields take Python objects, status takes a RunStatus."""
+        """Set columns of a run: JSON fields take Python objects or records, status takes a RunStatus."""
         if not fields:
             return self.get_run(run_id)
         sets, args = [], []
         for key, value in fields.items():
             if key in _RUN_JSON_FIELDS:
-                value = json.dumps(value)
+                value = json.dumps(value.to_dict() if hasattr(value, "to_dict") else value)
             elif key == "status":
                 value = RunStatus(value).value
             elif key == "cancel_requested":
@@ -337,19 +385,19 @@ class Store:
             db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*args, run_id))
         return self.get_run(run_id)
 
-    def heartbeat(self, run_id: str, progress: dict[str, Any] | None = None) -> bool:
+    def heartbeat(self, run_id: str, progress: RunProgress | None = None) -> bool:
         """Renew a running run's lease; returns True if a cancel was requested."""
         with self._transaction() as db:
             if progress is None:
                 db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", (time.time(), run_id))
             else:
                 db.execute("UPDATE runs SET heartbeat_at = ?, progress = ? WHERE id = ?",
-                           (time.time(), json.dumps(progress), run_id))
+                           (time.time(), json.dumps(progress.to_dict()), run_id))
             row = db.execute("SELECT cancel_requested FROM runs WHERE id = ?", (run_id,)).fetchone()
         return bool(row and row[0])
 
     def finish_run(self, run_id: str, status: RunStatus, error: str | None = None,
-                   summary: dict[str, Any] | None = None) -> Run:
+                   summary: RunSummary | None = None) -> Run:
         fields: dict[str, Any] = {"status": status, "finished_at": time.time(), "error": error}
         if summary is not None:
             fields["summary"] = summary
@@ -463,8 +511,12 @@ def _run_from_row(row: sqlite3.Row) -> Run:
         worker=row["worker"],
         error=row["error"],
         cancel_requested=bool(row["cancel_requested"]),
-        progress=json.loads(row["progress"]),
-        summary=json.loads(row["summary"]),
+        progress=RunProgress.from_dict(json.loads(row["progress"])),
+        summary=_summary_or_none(json.loads(row["summary"])),
         tags=json.loads(row["tags"]),
         note=row["note"],
     )
+
+
+def _summary_or_none(data: dict[str, Any]) -> RunSummary | None:
+    return RunSummary.from_dict(data) if data else None

@@ -55,58 +55,39 @@ def total_epochs(run: Run) -> int:
 
 
 def progress_fraction(run: Run) -> float:
-    """How far a run is, 0..1, from its progress dict (tolerant of missing keys)."""
+    """How far a run is, 0..1, from its progress (fields a phase does not report are None)."""
     if run.status == RunStatus.SUCCEEDED:
         return 1.0
-    p = run.progress or {}
-    if isinstance(p.get("fraction"), (int, float)):
-        return float(min(1.0, max(0.0, p["fraction"])))
-    total = total_epochs(run) or int(p.get("epochs") or 0)
+    p = run.progress
+    total = total_epochs(run) or int(p.epochs or 0)
     if not total:
         return 0.0
     # `step` counts the epochs finished so far across both phases.
-    if p.get("step") is not None:
-        done = int(p.get("step") or 0)
+    if p.step is not None:
+        done = p.step
     else:
-        offset = int((run.config or {}).get("head_epochs") or 0) if p.get("phase") == "finetune" else 0
-        done = offset + max(0, int(p.get("epoch") or 0) - 1)
-    batches = p.get("batches") or 0
-    within = (p.get("batch") or 0) / batches if batches else 0.0
+        offset = int((run.config or {}).get("head_epochs") or 0) if p.phase == "finetune" else 0
+        done = offset + max(0, int(p.epoch or 0) - 1)
+    within = (p.batch or 0) / p.batches if p.batches else 0.0
     return float(min(1.0, max(0.0, (done + within) / total)))
 
 
 def progress_text(run: Run) -> str:
     """'head phase · epoch 3/10 · batch 12/40 · ETA 1 min 05 s'."""
-    p = run.progress or {}
+    p = run.progress
     bits = []
-    if p.get("phase"):
-        bits.append(f"{p['phase']} phase")
-    if p.get("epoch"):
-        epochs = p.get("epochs")
-        epoch = min(int(p["epoch"]), int(epochs)) if epochs else p["epoch"]
-        bits.append(f"epoch {epoch}/{epochs or '?'}")
-    if p.get("batches"):
-        bits.append(f"batch {p.get('batch') or 0}/{p['batches']}")
-    if p.get("message"):
-        bits.append(str(p["message"]))
-    eta = p.get("eta_s")
-    if isinstance(eta, (int, float)):
-        bits.append(f"ETA {duration(eta)}")
+    if p.phase:
+        bits.append(f"{p.phase} phase")
+    if p.epoch:
+        epoch = min(p.epoch, p.epochs) if p.epochs else p.epoch
+        bits.append(f"epoch {epoch}/{p.epochs or '?'}")
+    if p.batches:
+        bits.append(f"batch {p.batch or 0}/{p.batches}")
+    if p.message:
+        bits.append(p.message)
+    if p.eta_s is not None:
+        bits.append(f"ETA {duration(p.eta_s)}")
     return " · ".join(bits) or ("waiting for the worker" if run.status == RunStatus.QUEUED else "starting…")
-
-
-def headline(run: Run) -> float | None:
-    """The run's headline metric: test (or val) accuracy from its summary."""
-    metrics = (run.summary or {}).get("metrics") or {}
-    for key in ("accuracy", "test_accuracy", "val_accuracy"):
-        if isinstance(metrics.get(key), (int, float)):
-            return float(metrics[key])
-    return None
-
-
-def summary_metric(run: Run, key: str) -> float | None:
-    value = ((run.summary or {}).get("metrics") or {}).get(key)
-    return float(value) if isinstance(value, (int, float)) else None
 
 
 def runs_frame(runs: Iterable[Run], datasets: dict[str, Dataset] | None = None) -> pd.DataFrame:
@@ -118,8 +99,8 @@ def runs_frame(runs: Iterable[Run], datasets: dict[str, Dataset] | None = None) 
         rows.append({
             "name": run.name,
             "status": STATUS_ICON.get(run.status, run.status.value),
-            "accuracy": headline(run),
-            "macro F1": summary_metric(run, "macro_f1"),
+            "accuracy": run.accuracy,
+            "macro F1": run.macro_f1,
             "dataset": ds.label if ds else run.dataset_id,
             "backbone": run.backbone,
             "weights": run.weights,

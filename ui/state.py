@@ -21,6 +21,8 @@ from typing import Any, Callable, Hashable, Iterable, TypeVar
 import streamlit as st
 
 from tlcore import home
+from tlcore.errors import NotFound, TransferLabError
+from tlcore.run_folder import RunFolder
 from tlcore.store import Store
 
 IMAGENET_REF = "imagenet:efficientnet_lite0"
@@ -212,9 +214,8 @@ def remembered(slot: str, key: Hashable, compute: Callable[[], T]) -> T:
 # ------------------------------------------------------------------ evaluation
 
 def _predictions_stamp(run_id: str) -> float:
-    path = home.data_home() / "runs" / run_id / "predictions.jsonl"
     try:
-        return path.stat().st_mtime
+        return RunFolder(run_id).predictions.stat().st_mtime
     except OSError:
         return 0.0
 
@@ -226,7 +227,7 @@ def _eval_report(data_home: str, run_id: str, stamp: float):
     return evaluate_run(run_id)
 
 
-class NoEvaluation(ValueError):
+class NoEvaluation(TransferLabError):
     """A run has no evaluation to show (not finished, or no predictions were saved)."""
 
 
@@ -239,7 +240,7 @@ def eval_report(run_id: str):
         raise NoEvaluation("This run has no saved predictions (it did not finish its evaluation).")
     try:
         return _eval_report(str(home.data_home()), run_id, stamp)
-    except FileNotFoundError as exc:
+    except NotFound as exc:
         raise NoEvaluation(f"This run's evaluation files are incomplete: {exc}") from exc
     except (ValueError, KeyError) as exc:
         raise NoEvaluation(f"This run's predictions cannot be read: {exc}") from exc

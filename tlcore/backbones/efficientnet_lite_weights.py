@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import string
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from tlcore import home
+from tlcore.atomic import write_atomically
 from tlcore.backbones.registry import BackboneSpec, WeightsUnavailable, register
 
 # The architecture as data: one row per stage, as in the TF builder's block strings
@@ -139,9 +138,8 @@ def ensure_weights() -> Path:
     if target.is_file() and _cache_matches(target, sha):
         return target
     weights = _converted(source, sha)
-    fd, tmp = tempfile.mkstemp(prefix=".lite0-", suffix=".h5", dir=target.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp):
         with h5py.File(tmp, "w") as f:
             f.attrs["source_sha256"] = sha
             f.attrs["source_file"] = SOURCE_FILE
@@ -150,10 +148,8 @@ def ensure_weights() -> Path:
                 group = f.create_group(name)
                 for i, array in enumerate(arrays):
                     group.create_dataset(str(i), data=array)
-        os.replace(tmp, target)  # atomic: a concurrent reader never sees half a file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    write_atomically(target, write)  # a concurrent reader never sees half a file
     return target
 
 

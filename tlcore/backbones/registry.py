@@ -16,15 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from tlcore import home
+from tlcore.errors import InvalidInput, WeightsUnavailable
 
 if TYPE_CHECKING:
     import keras
 
 WEIGHTS_CHOICES = ("imagenet", "none")
-
-
-class WeightsUnavailable(RuntimeError):
-    """ImageNet weights are neither cached nor downloadable (typically: no internet)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +73,7 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 def register(spec: BackboneSpec) -> BackboneSpec:
     if spec.name in _REGISTRY:
-        raise ValueError(f"Backbone {spec.name!r} is registered twice.")
+        raise InvalidInput(f"Backbone {spec.name!r} is registered twice.")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -98,7 +95,7 @@ def get_backbone(name: str) -> BackboneSpec:
     key = name.strip().lower().replace("-", "_")
     if key not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
-        raise ValueError(f"Unknown backbone. Known backbones: {known}. Received: backbone={name!r}")
+        raise InvalidInput(f"Unknown backbone. Known backbones: {known}. Received: backbone={name!r}")
     return _REGISTRY[key]
 
 
@@ -118,7 +115,7 @@ def resolve_weights(spec: BackboneSpec, weights: str) -> str | None:
     `WeightsUnavailable` with one sentence naming the file and where to drop it.
     """
     if weights not in WEIGHTS_CHOICES:
-        raise ValueError(f"`weights` must be one of {', '.join(WEIGHTS_CHOICES)}. Received: weights={weights!r}")
+        raise InvalidInput(f"`weights` must be one of {', '.join(WEIGHTS_CHOICES)}. Received: weights={weights!r}")
     if weights == "none":
         return None
     path = spec.weights_path()

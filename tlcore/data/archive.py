@@ -17,6 +17,8 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from tlcore.errors import UnsafeArchive
+
 CHUNK = 1024 * 1024
 
 # Names that operating systems leave in folders and archives; never data.
@@ -38,15 +40,6 @@ class ZipLimits:
     max_entries: int = 100_000
     max_ratio: float = 200.0
     ratio_min_bytes: int = 1024**2
-
-
-class UnsafeArchive(ValueError):
-    """A zip that cannot be extracted safely. `reason` is a short code, the message a sentence."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,9 @@ import numpy as np
 from PIL import Image
 
 from tlcore import home
+from tlcore.atomic import write_atomically
 from tlcore.data.archive import ZipLimits, is_ignored_name, safe_extract_zip
+from tlcore.errors import DatasetDownloadError, InvalidInput
 
 # The first entry is the offline default the dashboard offers.
 BUILTIN: dict[str, str] = {
@@ -39,10 +41,6 @@ BUILTIN: dict[str, str] = {
 
 DIGITS_SIZE = 32
 TEXTURE_CROP = 96
-
-
-class DatasetDownloadError(RuntimeError):
-    """A catalog dataset could not be downloaded (usually: no internet)."""
 
 
 # ------------------------------------------------------------------ built-in
@@ -62,9 +60,9 @@ def materialize_builtin(name: str, dest: str | os.PathLike, per_class: int = 40,
         The dataset folder, `dest/<name>`.
     """
     if name not in BUILTIN:
-        raise ValueError(f"`name` must be one of {sorted(BUILTIN)}. Received: name={name!r}")
+        raise InvalidInput(f"`name` must be one of {sorted(BUILTIN)}. Received: name={name!r}")
     if not 1 <= int(per_class) <= 1000:
-        raise ValueError(f"`per_class` must be between 1 and 1000. Received: per_class={per_class!r}")
+        raise InvalidInput(f"`per_class` must be between 1 and 1000. Received: per_class={per_class!r}")
     root = Path(dest) / name
     if root.exists():
         shutil.rmtree(root)
@@ -211,9 +209,9 @@ def download_catalog(name: str, limit_per_class: int | None = None, *, store=Non
         DatasetDownloadError: the host cannot be reached or the download fails.
     """
     if name not in CATALOG:
-        raise ValueError(f"`name` must be one of {sorted(CATALOG)}. Received: name={name!r}")
+        raise InvalidInput(f"`name` must be one of {sorted(CATALOG)}. Received: name={name!r}")
     if limit_per_class is not None and int(limit_per_class) < 1:
-        raise ValueError(f"`limit_per_class` must be a positive integer or None. "
+        raise InvalidInput(f"`limit_per_class` must be a positive integer or None. "
                          f"Received: limit_per_class={limit_per_class!r}")
     entry = CATALOG[name]
     check_reachable(entry.url, timeout)
@@ -242,19 +240,19 @@ def _fetch(url: str, timeout: float) -> Path:
     target = home.cache_dir("downloads") / Path(urllib.parse.urlsplit(url).path).name
     if target.exists():
         return target
-    tmp = target.with_name(target.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
-            shutil.copyfileobj(response, out, 1024 * 1024)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        host = urllib.parse.urlsplit(url).hostname
-        raise DatasetDownloadError(
-            f"Downloading {url} failed ({getattr(e, 'reason', e)}); check that {host} is "
-            "reachable, or import a zip or folder instead."
-        ) from e
-    os.replace(tmp, target)
-    return target
+
+    def download(tmp: Path) -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+                shutil.copyfileobj(response, out, 1024 * 1024)
+        except (urllib.error.URLError, OSError) as e:
+            host = urllib.parse.urlsplit(url).hostname
+            raise DatasetDownloadError(
+                f"Downloading {url} failed ({getattr(e, 'reason', e)}); check that {host} is "
+                "reachable, or import a zip or folder instead."
+            ) from e
+
+    return write_atomically(target, download)
 
 
 def _safe_extract_tar(archive: Path, dest: Path) -> None:

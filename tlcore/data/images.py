@@ -19,6 +19,8 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tlcore.errors import ImageRejected, InvalidInput
+
 # Either side below this is not a photo worth training on (a tracking pixel, an icon).
 MIN_SIDE = 16
 # Width x height read from the header, checked before any pixel is decoded.
@@ -41,22 +43,6 @@ FORMAT_EXTENSIONS = {
 }
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
-
-
-class ImageRejected(ValueError):
-    """A file that is not a usable image. `reason` is a short code, `message` a plain sentence.
-
-    Reasons: `empty`, `not_image`, `corrupt`, `too_small`, `too_large`, `unreadable`
-    (and, from the importer, `duplicate`, `label_conflict`, ...).
-    """
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-    def __reduce__(self):  # picklable across process pools
-        return (type(self), (self.reason, self.message))
 
 
 def read_bytes(path: str | os.PathLike, name: str | None = None) -> bytes:
@@ -168,7 +154,7 @@ def load_resized(path: ImageSource, size: int) -> np.ndarray:
         ImageRejected: the file is not a usable image.
     """
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= 4096:
-        raise ValueError(f"`size` must be an integer between 1 and 4096. Received: size={size!r}")
+        raise InvalidInput(f"`size` must be an integer between 1 and 4096. Received: size={size!r}")
     size = int(size)
     image = open_image(path)
     if image.size != (size, size):

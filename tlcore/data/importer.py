@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from tlcore import home
+from tlcore.atomic import write_bytes_atomically
 from tlcore.data import images
 from tlcore.data.archive import UnsafeArchive, ZipLimits, is_ignored_name, safe_extract_zip
 from tlcore.data.manifest import (
@@ -35,6 +36,7 @@ from tlcore.data.manifest import (
     write_manifest,
 )
 from tlcore.data.sources import is_under, resolve_under_roots
+from tlcore.errors import DatasetImportError
 from tlcore.store import Dataset, Store, new_id
 
 SPLIT_ALIASES = {
@@ -45,14 +47,6 @@ SPLIT_ALIASES = {
 FEW_IMAGES = 5  # a class with fewer images than this gets a warning
 IMBALANCE = 3.0  # largest class / smallest class above this gets a warning
 MAX_UNWRAP = 3
-
-
-class DatasetImportError(ValueError):
-    """Nothing usable remains (or the source is not importable). `report` holds what was seen."""
-
-    def __init__(self, message: str, report: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.report = report or {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,11 +458,7 @@ def _copy_blobs(kept: list[_Candidate], report: dict[str, Any]) -> list[_Candida
         if hashlib.sha256(data).hexdigest() != c.sha256:
             return None  # changed (or vanished) since it was checked
         target.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, target)
+        write_bytes_atomically(target, data, mode=0o444)
         return c
 
     out = []

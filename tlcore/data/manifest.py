@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tlcore import home
+from tlcore.atomic import write_text_atomically
+from tlcore.errors import InvalidInput
 
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.jsonl"
@@ -35,14 +36,14 @@ class ManifestEntry:
 def write_manifest(dataset_id: str, entries: Iterable[ManifestEntry]) -> Path:
     """Write `manifest.jsonl` for `dataset_id` (atomically) and return its path."""
     path = home.dataset_dir(dataset_id) / MANIFEST_NAME
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+
+    def rows() -> Iterable[str]:
         for e in entries:
             row = dataclasses.asdict(e)
             row["path"] = str(e.path)
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+            yield json.dumps(row, ensure_ascii=False) + "\n"
+
+    return write_text_atomically(path, "".join(rows()))
 
 
 def load_manifest(dataset_id: str) -> list[ManifestEntry]:
@@ -78,7 +79,7 @@ def check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
         r = (*r, 0.0)
     if (len(r) != 3 or any(x < 0 or math.isnan(x) for x in r) or r[0] <= 0
             or abs(sum(r) - 1.0) > 1e-6):
-        raise ValueError(
+        raise InvalidInput(
             "`split` must be 2 or 3 non-negative fractions (train, val[, test]) that sum to 1 "
             f"with train > 0, e.g. (0.7, 0.15, 0.15). Received: split={tuple(ratios)!r}"
         )

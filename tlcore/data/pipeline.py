@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from tlcore import home
+from tlcore.atomic import write_atomically, write_json_atomically
 from tlcore.data.augment import augment_batch, batch_rng
 from tlcore.data.images import load_resized
 
@@ -46,20 +47,22 @@ def pixel_cache(dataset_id: str, entries: Sequence, size: int, *, workers: int |
         if meta.get("count") == len(entries) and meta.get("first") == _entry_key(entries[0]):
             return PixelCache(np.load(path, mmap_mode="r"), path, size), True
 
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(entries), size, size, 3))
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
-    # PIL releases the GIL while decoding and resizing, so threads use every core.
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for done, (index, pixels) in enumerate(pool.map(
-                lambda item: (item[0], load_resized(item[1].path, size)), enumerate(entries)), 1):
-            out[index] = pixels
-            if on_progress and done % 64 == 0:
-                on_progress(done, len(entries))
-    out.flush()
-    del out
-    os.replace(tmp, path)
-    meta_path.write_text(json.dumps({"count": len(entries), "first": _entry_key(entries[0]), "size": size}))
+
+    def decode_all(tmp: Path) -> None:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(entries), size, size, 3))
+        # PIL releases the GIL while decoding and resizing, so threads use every core.
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for done, (index, pixels) in enumerate(pool.map(
+                    lambda item: (item[0], load_resized(item[1].path, size)), enumerate(entries)), 1):
+                out[index] = pixels
+                if on_progress and done % 64 == 0:
+                    on_progress(done, len(entries))
+        out.flush()
+        del out
+
+    write_atomically(path, decode_all)
+    write_json_atomically(meta_path, {"count": len(entries), "first": _entry_key(entries[0]), "size": size})
     return PixelCache(np.load(path, mmap_mode="r"), path, size), False
 
 

@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 from tlcore import home
 from tlcore.data.importer import ImportResult, import_dataset
+from tlcore.errors import InvalidInput
 from tlcore.store import Store
 
 MAX_CLASS_NAME = 100
@@ -22,10 +23,10 @@ def check_class_name(name: str) -> str:
     """`name` stripped, if it can be a class folder; else a ValueError that says why."""
     cleaned = (name or "").strip()
     if not cleaned:
-        raise ValueError("A class needs a name.")
+        raise InvalidInput("A class needs a name.")
     if (cleaned in (".", "..") or cleaned.startswith(".") or any(c in cleaned for c in "/\\\0")
             or len(cleaned) > MAX_CLASS_NAME):
-        raise ValueError(f"A class name must be a plain name of at most {MAX_CLASS_NAME} characters, without "
+        raise InvalidInput(f"A class name must be a plain name of at most {MAX_CLASS_NAME} characters, without "
                          f"'/', '\\' or a leading '.'. Received: {cleaned[:40]!r}")
     return cleaned
 

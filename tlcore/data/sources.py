@@ -12,11 +12,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from tlcore.errors import SourceNotAllowed
+
 ROOTS_ENV = "TLCORE_DATA_ROOTS"
-
-
-class SourceNotAllowed(ValueError):
-    """A server path outside the allowed roots (or no roots configured)."""
 
 
 def allowed_roots(extra: Iterable[str | os.PathLike] | None = None) -> list[Path]:

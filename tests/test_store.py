@@ -1,0 +1,102 @@
+"""The store's schema version and migrations, and the typed run records it hands out."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from tlcore.run_record import Metrics, RunProgress, RunSummary, Timings
+from tlcore.store import SCHEMA_VERSION, RunStatus, Store
+
+# The tables exactly as a data home made before schema versions had them (user_version 0).
+_SCHEMA_V0 = """
+CREATE TABLE datasets (id TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL,
+    created_at REAL NOT NULL, source TEXT NOT NULL, classes TEXT NOT NULL, counts TEXT NOT NULL,
+    num_images INTEGER NOT NULL, has_test INTEGER NOT NULL, report TEXT NOT NULL, UNIQUE (name, version));
+CREATE TABLE runs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    dataset_id TEXT NOT NULL, backbone TEXT NOT NULL, weights TEXT NOT NULL, config TEXT NOT NULL,
+    created_at REAL NOT NULL, started_at REAL, finished_at REAL, heartbeat_at REAL, worker TEXT, error TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0, progress TEXT NOT NULL DEFAULT '{}',
+    summary TEXT NOT NULL DEFAULT '{}', tags TEXT NOT NULL DEFAULT '[]', note TEXT NOT NULL DEFAULT '');
+CREATE TABLE epochs (run_id TEXT NOT NULL, phase TEXT NOT NULL, epoch INTEGER NOT NULL, step INTEGER NOT NULL,
+    metrics TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (run_id, step));
+CREATE TABLE logs (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, at REAL NOT NULL,
+    message TEXT NOT NULL);
+"""
+
+# A summary as training wrote it before the typed contract.
+_LEGACY_SUMMARY = {
+    "run_id": "run-old", "status": "succeeded", "backbone": "efficientnet_lite0", "weights": "imagenet",
+    "dataset": "bugs v1", "dataset_id": "ds-old", "image_size": 224, "eval_split": "test", "eval_images": 40,
+    "metrics": {"accuracy": 0.925, "macro_f1": 0.91,
+                "per_class": {"ants": {"precision": 0.9, "recall": 0.95, "f1": 0.92, "support": 20}}},
+    "timings": {"pixels_s": 1.5, "features_s": 9.0, "features_reused": 0.0, "head_s": 3.0, "total_s": 15.25},
+    "device": "CPU: host CPU", "feature_cache_reused": False, "model_path": "/old/model.keras",
+}
+
+
+def _old_store(path):
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA_V0)
+    db.execute("INSERT INTO datasets VALUES ('ds-old', 'bugs', 1, 1.0, '/data/bugs', '[\"ants\", \"bees\"]',"
+               " '{\"train\": {\"ants\": 10}}', 10, 1, '{}')")
+    for run_id, status, progress, summary in (
+            ("run-old", "succeeded", {}, _LEGACY_SUMMARY),
+            ("run-live", "running", {"phase": "head", "epoch": 2, "epochs": 5, "eta_s": 30, "fraction": 0.3}, {}),
+            ("run-bad", "failed", {"phase": "preparing", "message": "Decoding images"}, {})):
+        db.execute("INSERT INTO runs (id, name, status, dataset_id, backbone, weights, config, created_at,"
+                   " progress, summary) VALUES (?, ?, ?, 'ds-old', 'efficientnet_lite0', 'imagenet', '{}', 1.0, ?, ?)",
+                   (run_id, run_id, status, json.dumps(progress), json.dumps(summary)))
+    db.execute("INSERT INTO epochs VALUES ('run-old', 'head', 1, 1, '{\"loss\": 0.5}', 2.0)")
+    db.commit()
+    db.close()
+
+
+def test_an_old_store_is_migrated_and_keeps_every_dataset_run_and_epoch(tmp_path):
+    path = tmp_path / "store.db"
+    _old_store(path)
+
+    store = Store(path)
+
+    assert store.schema_version() == SCHEMA_VERSION
+    assert [d.label for d in store.list_datasets()] == ["bugs v1"]
+    old = store.get_run("run-old")
+    assert old.status is RunStatus.SUCCEEDED and old.accuracy == 0.925 and old.macro_f1 == 0.91
+    assert old.summary.eval_split == "test" and old.summary.metrics.per_class["ants"].support == 20
+    assert old.summary.timings.total_s == 15.25 and old.summary.timings.features_reused is False
+    assert "run_id" not in old.summary.extra and "feature_cache_reused" not in old.summary.extra
+    live = store.get_run("run-live")
+    assert live.summary is None and live.progress.epoch == 2 and live.progress.eta_s == 30.0
+    assert live.progress.extra == {"fraction": 0.3}  # an unknown key is kept, not dropped
+    assert store.get_run("run-bad").progress.message == "Decoding images"
+    assert [e.metrics for e in store.epochs("run-old")] == [{"loss": 0.5}]
+    # The rewritten rows are already in the new form: opening again changes nothing.
+    raw = sqlite3.connect(path).execute("SELECT summary FROM runs WHERE id = 'run-old'").fetchone()[0]
+    assert json.loads(raw) == RunSummary.from_dict(_LEGACY_SUMMARY).to_dict()
+    assert Store(path).get_run("run-old") == old
+
+
+def test_a_store_from_a_newer_version_is_refused_with_a_plain_sentence(tmp_path):
+    path = tmp_path / "store.db"
+    Store(path)
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer Transfer Lab"):
+        Store(path)
+
+
+def test_summary_and_progress_round_trip_through_the_store(store):
+    run = store.create_run("r", "ds", "efficientnet_lite0", "imagenet", {})
+    summary = RunSummary(backbone="efficientnet_lite0", weights="imagenet", dataset="d v2", dataset_id="ds",
+                         image_size=96, eval_split="val", eval_images=12,
+                         metrics=Metrics(accuracy=0.75, macro_f1=0.7),
+                         timings=Timings(total_s=3.5, features_reused=True), extra={"added_later": [1, 2]})
+    store.heartbeat(run.id, RunProgress(phase="finetune", epoch=1, epochs=3, batch=4, batches=9))
+    assert store.get_run(run.id).progress == RunProgress(phase="finetune", epoch=1, epochs=3, batch=4, batches=9)
+    store.finish_run(run.id, RunStatus.SUCCEEDED, summary=summary)
+    assert store.get_run(run.id).summary == summary
+    assert RunSummary.from_dict(json.loads(json.dumps(summary.to_dict()))) == summary
