@@ -157,7 +157,7 @@ def list_backbones() -> list[BackboneSpec]:
 
 
 def get_backbone(name: str) -> BackboneSpec:
-    """The record for `name` ("EfficientNet-Lite0" finds efficientnet_lite0); an unknown name gets the list of known ones."""
+    """The record for `name` ("EfficientNet-Lite0" finds efficientnet_lite0); an unknown name lists the known ones."""
     key = name.strip().lower().replace("-", "_")
     if key not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
