@@ -124,13 +124,13 @@ def task_probe(args: dict) -> dict:
     feature_model = keras.Model(model.input, model.get_layer("pool").output)
     for key, features in (("fwd", feature_model), ("fwd_folded", fold_batchnorm(feature_model))):
         forward = tf.function(lambda images, features=features: features(images, training=False))
-        seconds, n = _pace(lambda: forward(x).numpy(), args.get("min_seconds", 10))
+        seconds, n = _pace(lambda forward=forward: forward(x).numpy(), args.get("min_seconds", 10))
         out[f"{key}_img_s"], out[f"{key}_batches"] = batch / seconds, n
 
     unfreeze_top(base, args["finetune_layers"])
     for key, trainer in (("fwdbwd", model), ("fwdbwd_folded", fold_batchnorm(model))):
         _compile(trainer, 1e-4, xla=False)  # tlcore's own compile for the fine-tune phase
-        seconds, n = _pace(lambda: trainer.train_on_batch(x, y), args.get("min_seconds", 10))
+        seconds, n = _pace(lambda trainer=trainer: trainer.train_on_batch(x, y), args.get("min_seconds", 10))
         out[f"{key}_img_s"], out[f"{key}_batches"] = batch / seconds, n
     out["batch_size"] = batch
     return out

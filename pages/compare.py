@@ -51,7 +51,8 @@ def take_table_selection() -> None:
 # ------------------------------------------------------------------ filters
 
 f1, f2, f3, f4 = st.columns([2, 1, 1, 1])
-search = f1.text_input("Search name, backbone, tag, note or id", key="compare.search", placeholder="e.g. vgg16 or a tag")
+search = f1.text_input("Search name, backbone, tag, note or id", key="compare.search",
+                       placeholder="e.g. vgg16 or a tag")
 statuses = f2.multiselect("Status", sorted(frame["status"].unique()), key="compare.status")
 backbones = f3.multiselect("Backbone", sorted(frame["backbone"].unique()), key="compare.backbone")
 all_tags = sorted({t for r in runs for t in r.tags})

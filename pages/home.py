@@ -71,7 +71,8 @@ else:
     frame = fmt.runs_frame(runs, datasets)[["name", "status", "accuracy", "dataset", "backbone", "duration", "created"]]
     st.dataframe(
         frame, hide_index=True, key="home.recent",
-        column_config={"accuracy": st.column_config.ProgressColumn("accuracy", min_value=0, max_value=1, format="percent")},
+        column_config={"accuracy": st.column_config.ProgressColumn("accuracy", min_value=0, max_value=1,
+                                                                   format="percent")},
     )
     st.page_link("pages/compare.py", label="Compare all runs", icon=":material/compare_arrows:")
 

@@ -140,5 +140,6 @@ def test_predict_imagenet_model_names_the_cat(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "predict", "--model", "efficientnet_lite0", str(path), "--top-k", "3", "--json")
     (pred,) = last_json(out)["predictions"]
     assert code == 0 and pred["top_k"][0]["index"] in range(281, 286) and "cat" in pred["top_k"][0]["label"]
-    code, out, err = run_cli(capsys, "predict", "--model", "efficientnet_lite0", str(path), str(ROOT / "pyproject.toml"))
+    not_an_image = str(ROOT / "pyproject.toml")
+    code, out, err = run_cli(capsys, "predict", "--model", "efficientnet_lite0", str(path), not_an_image)
     assert code == 2 and "pyproject.toml is not an image" in err and str(path) in out

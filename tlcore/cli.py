@@ -160,9 +160,11 @@ def cmd_datasets(args) -> int:
     store = _store()
     if args.action == "list":
         rows = store.list_datasets()
-        text = _table(["name", "version", "id", "images", "classes", "test split"],
-                      [[d.name, d.version, d.id, d.num_images, len(d.classes), "yes" if d.has_test else "no"]
-                       for d in rows]) if rows else "No datasets yet. `python -m tlcore datasets import FOLDER` adds one."
+        text = "No datasets yet. `python -m tlcore datasets import FOLDER` adds one."
+        if rows:
+            text = _table(["name", "version", "id", "images", "classes", "test split"],
+                          [[d.name, d.version, d.id, d.num_images, len(d.classes), "yes" if d.has_test else "no"]
+                           for d in rows])
         _emit(args, {"datasets": [_dataset_dict(d) for d in rows]}, None if args.json else text)
         return 0
     from tlcore.data.importer import import_dataset
