@@ -38,25 +38,30 @@ def mode() -> str:
     return "password" if _password(secrets) else "open"
 
 
+def signed_in() -> bool:
+    """Whether the visitor is in (the app is open, or they signed in); draws nothing."""
+    gate = mode()
+    if gate == "oidc":
+        return bool(getattr(st.user, "is_logged_in", False))
+    return gate == "open" or bool(st.session_state.get("gate.ok"))
+
+
 def check() -> bool:
     """Draw the sign-in screen if the visitor is not in yet; True once they are."""
     gate = mode()
-    if gate == "open":
-        return True
-    if gate == "oidc":
-        if getattr(st.user, "is_logged_in", False):
+    if signed_in():
+        if gate == "oidc":
             with st.sidebar:
                 who = st.user.get("email") or st.user.get("name") or "signed in"
                 st.caption(f"Signed in as {who}")
                 st.button("Log out", key="gate.logout", on_click=st.logout)
-            return True
+        return True
+    if gate == "oidc":
         st.title("Transfer Lab")
         st.info("This dashboard is private. Sign in with your team account to continue.")
         st.button("Log in", key="gate.login", type="primary", on_click=st.login)
         return False
 
-    if st.session_state.get("gate.ok"):
-        return True
     st.title("Transfer Lab")
     with st.form("gate.form"):
         typed = st.text_input("Team password", type="password", key="gate.password")
