@@ -97,3 +97,15 @@ def test_a_page_run_without_the_frame_still_asks_for_the_password(store):
     assert not at.exception
     assert at.text_input(key="gate.password") is not None
     assert not at.dataframe and "secret-run" not in seed.texts(at)
+
+
+def test_a_page_run_without_the_frame_gets_the_sidebar_and_draws_once(store):
+    # A deep link as the first request after a server start runs pages/*.py on its own.
+    ds = seed.dataset(store)
+    seed.run(store, ds, "queued-run", RunStatus.QUEUED)
+    at = seed.app("pages/compare.py")
+    at.run()
+    assert not at.exception
+    sidebar = "\n".join(str(el.value) for el in [*at.sidebar.markdown, *at.sidebar.caption])
+    assert "Worker:" in sidebar and "1 run(s) queued." in sidebar and "Data home:" in sidebar
+    assert [t.value for t in at.title] == ["Compare runs"]

@@ -18,9 +18,13 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from playwright import sync_api as playwright_api
+
+import app_seed as seed
+from tlcore.store import RunStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -49,16 +53,18 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None
     raise TimeoutError("streamlit did not become healthy")
 
 
-@pytest.fixture
-def server(tlcore_home):
+@contextlib.contextmanager
+def _serve(tlcore_home: Path, *args: str, **env_vars: str) -> Iterator[str]:
+    """A fresh dashboard server on a free port over `tlcore_home`; yields its URL once healthy
+    (a health check runs no script, so the first page request is still the test's)."""
     port = _free_port()
     env = {**os.environ, "TLCORE_HOME": str(tlcore_home), "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT), **env_vars}
     env.pop("TLCORE_DATA_ROOTS", None)
     log = open(tlcore_home.parent / "streamlit.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
-         "--server.headless", "true", "--server.address", "127.0.0.1"],
+         "--server.headless", "true", "--server.address", "127.0.0.1", *args],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -73,6 +79,12 @@ def server(tlcore_home):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture
+def server(tlcore_home):
+    with _serve(tlcore_home) as url:
+        yield url
 
 
 def _stop_worker(data_home: Path) -> None:
@@ -139,7 +151,7 @@ def _sample_photo(dataset_id: str, tmp_path: Path) -> Path:
 
 
 def test_import_train_watch_inspect_demo(server, page, tlcore_home, tmp_path):
-    from tlcore.store import RunStatus, Store
+    from tlcore.store import Store
 
     timings = {}
     # Home: first paint.
@@ -241,3 +253,68 @@ def test_import_train_watch_inspect_demo(server, page, tlcore_home, tmp_path):
     _shot(page, "09-demo")
     (ARTIFACTS / "e2e-timings.json").write_text(json.dumps(timings, indent=1))
     assert timings["home_first_paint_s"] < 10
+
+
+# ------------------------------------------------- deep links as the first request
+
+NAVIGATION = ["Home", "Datasets", "Train", "Compare", "Errors", "Demo"]
+
+
+def _navigation(page) -> list[str]:
+    """The titles of the sidebar's page links (without their icons' names)."""
+    return page.locator('[data-testid="stSidebarNavLink"] [data-testid="stMarkdownContainer"]').all_inner_texts()
+
+
+def _assert_framed(page, data_home: Path) -> None:
+    """The app's navigation and the sidebar panel are there; Streamlit's automatic page list is not."""
+    assert _navigation(page) == NAVIGATION
+    for automatic in ("streamlit app", "compare", "train"):
+        assert page.get_by_role("link", name=automatic, exact=True).count() == 0
+    sidebar = page.get_by_test_id("stSidebar")
+    for line in ("Worker:", "Device:", f"Data home: {data_home}"):
+        assert sidebar.get_by_text(line).first.is_visible(), line
+
+
+def test_compare_link_as_the_first_request_after_a_server_start_gets_the_whole_frame(
+        page, tlcore_home, store):
+    dataset = seed.dataset(store)
+    alpha = seed.run(store, dataset, "alpha-run", accuracy=0.8)
+    beta = seed.run(store, dataset, "beta-run", accuracy=0.6)
+    with _serve(tlcore_home, TLAB_DEVICE_PROBE="off") as url:
+        link = f"{url}/compare?runs={alpha.id},{beta.id}"
+        _goto(page, link, "Metrics")
+        _shot(page, "10-deep-link-compare-first-request")
+        _assert_framed(page, tlcore_home)
+        chosen = page.get_by_test_id("stMultiSelect").filter(has_text="Runs to compare").inner_text()
+        assert "alpha-run" in chosen and "beta-run" in chosen
+        assert page.locator('[data-testid="stMetric"]', has_text="-20.0 pts").count() == 1
+        assert f"runs={alpha.id},{beta.id}" in page.url.replace("%2C", ",")
+        first_title = page.title()
+
+        # The sidebar keeps polling the store: a run queued now shows up without a reload.
+        seed.run(store, dataset, "gamma-run", RunStatus.QUEUED)
+        page.get_by_test_id("stSidebar").get_by_text("1 run(s) queued.").wait_for(timeout=15_000)
+
+        # A later visit (a new session on the same server) looks the same.
+        _goto(page, link, "Metrics")
+        _assert_framed(page, tlcore_home)
+        assert page.title() == first_title
+
+
+def test_train_link_as_the_first_request_still_asks_for_the_password(page, tlcore_home, store, tmp_path):
+    seed.dataset(store)
+    secrets = tmp_path / "secrets.toml"
+    secrets.write_text('[access]\npassword = "s3cret"\n')
+    with _serve(tlcore_home, "--secrets.files", str(secrets), TLAB_DEVICE_PROBE="off") as url:
+        _goto(page, f"{url}/train", "Team password")
+        _shot(page, "11-deep-link-train-gate")
+        assert page.get_by_test_id("stSidebarNavLink").count() == 0
+        assert page.get_by_text("New run").count() == 0
+
+        page.get_by_label("Team password").fill("s3cret")
+        page.get_by_role("button", name="Enter").click()
+        page.get_by_text("New run").first.wait_for()
+        _settle(page)
+        _shot(page, "12-deep-link-train-signed-in")
+        _assert_framed(page, tlcore_home)
+        assert page.url.split("?")[0] == f"{url}/train"
