@@ -1,6 +1,7 @@
 """End to end in a real headless Chromium: start the dashboard, import the built-in offline
 dataset, launch a tiny run (the UI starts the worker), watch its chart gain points, open the
-error gallery and get a demo prediction. Screenshots of each page go to `test-artifacts/`.
+error gallery and get a demo prediction; open deep links as the first request after a server
+start. Screenshots of each page go to `test-artifacts/`.
 
 Needs Debian's `/usr/bin/chromium` and the `playwright` Python package (never downloads a browser).
 """
@@ -20,10 +21,10 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+import app_seed as seed
 import pytest
 from playwright import sync_api as playwright_api
 
-import app_seed as seed
 from tlcore.store import RunStatus
 
 ROOT = Path(__file__).resolve().parents[1]
