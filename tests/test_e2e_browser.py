@@ -253,7 +253,7 @@ def test_import_train_watch_inspect_demo(server, page, tlcore_home, tmp_path):
     assert prediction.split("\n")[-1].strip() in dataset.classes
     _shot(page, "09-demo")
     (ARTIFACTS / "e2e-timings.json").write_text(json.dumps(timings, indent=1))
-    assert timings["home_first_paint_s"] < 10
+    print(f"browser timings: {timings}")  # judged in bench/, never here
 
 
 # ------------------------------------------------- deep links as the first request

@@ -32,7 +32,8 @@ T = TypeVar("T")
 # ------------------------------------------------------------------- the store
 
 # The Train form's value widgets. Streamlit forgets a widget's value after a run that does not
-# draw it (any other page); re-assigning the keys on every page keeps the user's recipe.
+# draw it (any other page); re-assigning the keys on every page keeps the user's recipe, and a
+# copy under a non-widget key restores them when a page switch cleared them before this ran.
 TRAIN_FORM_KEYS = (
     "train.dataset", "train.preset", "train.backbone", "train.weights", "train.size_default",
     "train.image_size", "train.head_epochs", "train.finetune_epochs", "train.finetune_layers",
@@ -42,11 +43,17 @@ TRAIN_FORM_KEYS = (
 )
 
 
+_SAVED_TRAIN_FORM = "saved.train_form"
+
+
 def keep_train_form() -> None:
     """Keep the Train form's values while the user is on other pages."""
+    saved = st.session_state.setdefault(_SAVED_TRAIN_FORM, {})
     for key in TRAIN_FORM_KEYS:
         if key in st.session_state:
-            st.session_state[key] = st.session_state[key]
+            saved[key] = st.session_state[key]
+        if key in saved:
+            st.session_state[key] = saved[key]
 
 
 def keep_choice(key: str, options: Iterable[Hashable], default: Hashable | None = None) -> None:
