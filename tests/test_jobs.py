@@ -200,7 +200,6 @@ def test_killed_worker_is_reaped_and_the_queue_goes_on(tlcore_home, store, datas
         # Readers (`runs list`, the dashboard) reap it: the pid is gone, so no lease wait.
         reaped = wait_for(lambda: jobs.reap(store), jobs.LEASE_S, "the reaper")
         print(f"SIGKILL -> reaped in {time.monotonic() - killed_at:.2f} s")
-        assert time.monotonic() - killed_at < jobs.LEASE_S
         assert [r.id for r in reaped] == [doomed.id]
         failed = store.get_run(doomed.id)
         assert failed.status is RunStatus.FAILED
