@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -25,3 +26,28 @@ def store(tlcore_home):
     from tlcore.store import Store
 
     return Store()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    home: Path
+    run_id: str
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    """One small real run for the export, serving and dashboard tests: EfficientNet-Lite0 with
+    ImageNet weights, head only, 48 px, two colour classes (20 photos each). Trained once per
+    session in its own data home; tests point `$TLCORE_HOME` at it (exports made there are reused)."""
+    from tests.test_jobs import make_image_folder, tiny
+    from tlcore import jobs
+    from tlcore.store import Store
+
+    data_home = tmp_path_factory.mktemp("trained_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TLCORE_HOME", str(data_home))
+        folder = make_image_folder(tmp_path_factory.mktemp("colours") / "colours", per_class=20, size=48)
+        run = jobs.run_foreground(tiny(str(folder), weights="imagenet", image_size=48, head_epochs=8, lr=0.01),
+                                  Store())
+    assert run.status.value == "succeeded", run.error
+    return TrainedRun(data_home, run.id)

@@ -26,8 +26,8 @@ def test_export_keras_copy_and_unknown_format(tmp_path):
     (tmp_path / "dir").mkdir()
     assert export_run("run-fake", "keras", tmp_path / "dir") == (tmp_path / "dir" / "model.keras").resolve()
     assert export_run("run-fake", "Keras").parent == folder.resolve() / "export"
-    with pytest.raises(ValueError, match="format` must be one of keras, savedmodel, tflite"):
-        export_run("run-fake", "onnx")
+    with pytest.raises(ValueError, match="format` must be one of keras, savedmodel, tflite, tflite-int8, onnx"):
+        export_run("run-fake", "pdf")
     assert inference.load_model_file(out) is not None
 
 

@@ -78,9 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a run's model")
     export.add_argument("--run", required=True, help="run id or name")
-    export.add_argument("--format", required=True, choices=("keras", "savedmodel", "tflite"))
+    export.add_argument("--format", required=True,
+                        choices=("keras", "savedmodel", "tflite", "tflite-int8", "onnx", "card", "bundle"))
     export.add_argument("--out", help="file (folder for savedmodel); default: export/ in the run folder")
     _json(export)
+
+    serve = sub.add_parser("serve", help="serve a run's model over HTTP (POST /v1/predict, docs at /docs)")
+    serve.add_argument("--run", required=True, help="run id or name")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--token", default=os.environ.get("TLCORE_SERVE_TOKEN"),
+                       help="require `Authorization: Bearer TOKEN` (default: $TLCORE_SERVE_TOKEN, else none)")
     return parser
 
 
@@ -387,16 +395,37 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from tlcore.export import export_run
+    from tlcore.export import export_run, read_report
 
     path = export_run(args.run, args.format, args.out)
-    _emit(args, {"run": args.run, "format": args.format, "path": str(path)}, None if args.json else str(path))
+    report = read_report(path)
+    text = str(path)
+    if report and report["format"] == "onnx":
+        text += (f"\nONNX Runtime agrees with Keras on the top-1 class of {report['top1_agreement']:.1%} of "
+                 f"{report['eval_images']} {report['eval_split']} images; largest probability difference "
+                 f"{report['max_probability_difference']:.2g}.")
+    elif report:
+        text += "\n" + "\n".join(
+            f"{name}: {report['eval_split']} accuracy {r['accuracy']:.1%}, {r['size_bytes'] / 2**20:.1f} MB, "
+            f"{r['latency_ms_p50']:.1f} ms per image (TFLite interpreter, median)"
+            for name, r in (("int8", report["int8"]), ("float32", report["float32"])))
+        if report["warning"]:
+            text += f"\nWarning: {report['warning']}"
+    _emit(args, {"run": args.run, "format": args.format, "path": str(path), "report": report},
+          None if args.json else text)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from tlcore import serve
+
+    serve.run_server(args.run, host=args.host, port=args.port, token=args.token)
     return 0
 
 
 COMMANDS = {"datasets": cmd_datasets, "backbones": cmd_backbones, "train": cmd_train, "submit": cmd_submit,
             "worker": cmd_worker, "cancel": cmd_cancel, "resume": cmd_resume, "runs": cmd_runs,
-            "predict": cmd_predict, "export": cmd_export}
+            "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve}
 
 
 # -------------------------------------------------------------------- helpers

@@ -1,47 +1,71 @@
-"""Exporting a run's model: the `.keras` file, a TensorFlow SavedModel, or a float32 TFLite file.
+"""Exporting a run's model: `.keras`, SavedModel, TFLite (float32 or int8), ONNX, a model card, a bundle.
 
-Every export takes RGB 0-255 images at the run's image size (preprocessing is inside the
-model) and has the run's `labels.json` written next to it.
+Every exported model takes RGB 0-255 images at the run's image size (preprocessing is inside
+the model) and has the run's `labels.json` written next to it. ONNX and int8 exports are checked
+on the run's evaluation images; what the check found is written beside the file
+(`<file>.report.json`, see `read_report`). Exports into the run folder's `export/` are made
+once and reused until the model, its predictions or its operating point change.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+import time
+import zipfile
 from pathlib import Path
+from typing import Any, Callable
 
-from tlcore.atomic import write_atomically, write_bytes_atomically, write_json_atomically
-from tlcore.errors import InvalidInput
-from tlcore.run_folder import LABELS_FILE, MODEL_FILE, RunFolder
+import numpy as np
 
-FORMATS = ("keras", "savedmodel", "tflite")
-_DEFAULT_NAMES = {"keras": MODEL_FILE, "savedmodel": "savedmodel", "tflite": "model.tflite"}
+FORMATS = ("keras", "savedmodel", "tflite", "tflite-int8", "onnx", "card", "bundle")
+_DEFAULT_NAMES = {"keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite",
+                  "tflite-int8": "model_int8.tflite", "onnx": "model.onnx", "card": "model_card.md",
+                  "bundle": "bundle.zip"}
+# int8 may lose this many accuracy points against float32 before the export warns.
+INT8_TOLERANCE_POINTS = 1.0
+# Training images the int8 quantizer sees to choose its value ranges.
+REPRESENTATIVE_IMAGES = 100
+# Evaluation images timed one by one for the TFLite latency figures.
+LATENCY_IMAGES = 50
+# Files in a run folder an export depends on: a newer one makes a cached export stale.
+_MODEL_INPUTS = ("model.keras", "labels.json", "predictions.jsonl")
+_CARD_INPUTS = _MODEL_INPUTS + ("calibration.json", "threshold.json")
+
+Progress = Callable[[float, str], None]  # (fraction done 0-1, what is happening)
 
 
-def export_run(run_id: str, fmt: str, out: str | Path | None = None) -> Path:
+def export_run(run_id: str, fmt: str, out: str | Path | None = None, *, progress: Progress | None = None) -> Path:
     """Export a finished run's model and return where it was written.
 
     Args:
         run_id: the run's id or name.
-        fmt: one of "keras" (a copy of the saved file), "savedmodel" (a folder for TF Serving)
-            or "tflite" (float32, for phones and edge devices).
-        out: the file (folder for "savedmodel") to write. Defaults to `export/` in the run folder.
+        fmt: one of `FORMATS`: "keras" (a copy of the saved file), "savedmodel" (a folder for
+            TF Serving), "tflite" (float32), "tflite-int8" (full-integer, uint8 in and out),
+            "onnx", "card" (Markdown and JSON) or "bundle" (a zip of the Keras and ONNX models,
+            labels, preprocessing facts, calibration and threshold if any, and the card).
+        out: the file (folder for "savedmodel") to write. Defaults to `export/` in the run folder,
+            where a file already made from the current model is returned as it is.
             An existing folder receives the default file name inside it.
+        progress: called with (fraction done, message) while a long export runs.
 
     Raises:
         ValueError: unknown format.
         KeyError: no such run.
         ModelLoadError: the run has no loadable model.
     """
-    fmt = str(fmt).strip().lower()
-    if fmt not in FORMATS:
-        raise InvalidInput(f"`format` must be one of {', '.join(FORMATS)}. Received: format={fmt!r}")
     from tlcore import inference
 
-    loaded = inference.load_run_model(run_id)  # safe mode; resolves names, checks labels
-    source = Path(loaded.path)
+    fmt = _check_format(fmt)
+    report = progress or (lambda fraction, message: None)
+    run_dir = inference.run_model_folder(run_id)[0].path
+    default = run_dir / "export" / _DEFAULT_NAMES[fmt]
     if out is None:
-        target = RunFolder(loaded.run_id).export_dir / _DEFAULT_NAMES[fmt]
+        target = default
+        if is_fresh(target, run_dir, fmt):
+            report(1.0, "Already exported")
+            return target.resolve()
     else:
         target = Path(out).expanduser()
         if target.is_dir() and fmt != "savedmodel":
@@ -53,16 +77,127 @@ def export_run(run_id: str, fmt: str, out: str | Path | None = None) -> Path:
     target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
 
+    if fmt == "card":
+        from tlcore.model_card import build_card, write_card
+
+        write_card(build_card(run_id), target)  # from the store and the run folder: no model needed
+        return target
+    report(0.0, "Loading the model")
+    loaded = inference.load_run_model(run_id)  # safe mode; resolves names, checks labels
     if fmt == "keras":
-        if target != source.resolve():
-            write_atomically(target, lambda tmp: shutil.copyfile(source, tmp))
+        if target != Path(loaded.path).resolve():
+            _atomic_copy(Path(loaded.path), target)
     elif fmt == "savedmodel":
         _export_savedmodel(loaded.model, target)
+    elif fmt == "tflite":
+        _write_atomically(target, _tflite_bytes(loaded.model))
+    elif fmt == "tflite-int8":
+        _export_int8(run_id, loaded, run_dir, target, report)
+    elif fmt == "onnx":
+        _export_onnx(loaded, run_dir, target, report)
     else:
-        _export_tflite(loaded.model, target)
-    labels_path = (target / LABELS_FILE) if fmt == "savedmodel" else target.with_name(target.stem + ".labels.json")
-    write_json_atomically(labels_path, loaded.labels)
+        _export_bundle(run_id, loaded, run_dir, target, report)
+    if fmt != "bundle":
+        labels_path = (target / "labels.json") if fmt == "savedmodel" else target.with_name(target.stem + ".labels.json")
+        labels_path.write_text(json.dumps(loaded.labels))
+    report(1.0, "Done")
     return target
+
+
+def download_file(run_id: str, fmt: str, *, progress: Progress | None = None) -> Path:
+    """One file to hand to a browser for `fmt`, made once in the run folder's `export/`.
+
+    The run's own `model.keras` for "keras", a zip of the folder for "savedmodel", the
+    default export file otherwise.
+    """
+    from tlcore import inference
+
+    fmt = _check_format(fmt)
+    if fmt == "keras":
+        return inference.run_model_folder(run_id)[0].model
+    path = export_run(run_id, fmt, progress=progress)
+    if fmt != "savedmodel":
+        return path
+    archive = path.with_name("savedmodel.zip")
+    if not archive.is_file() or archive.stat().st_mtime < path.stat().st_mtime:
+        with _zip_writer(archive) as zf:
+            for file in sorted(path.rglob("*")):
+                if file.is_file():
+                    zf.write(file, Path("savedmodel") / file.relative_to(path))
+    return archive
+
+
+def cached_download(run_id: str, fmt: str) -> Path | None:
+    """The download file for `fmt` if it is already made from the current model, else None."""
+    from tlcore import inference
+
+    fmt = _check_format(fmt)
+    run_dir = inference.run_model_folder(run_id)[0].path
+    if fmt == "keras":
+        return run_dir / "model.keras"
+    name = "savedmodel.zip" if fmt == "savedmodel" else _DEFAULT_NAMES[fmt]
+    path = run_dir / "export" / name
+    return path if is_fresh(path, run_dir, fmt) else None
+
+
+def is_fresh(path: Path, run_dir: Path, fmt: str) -> bool:
+    """True when `path`, an export in `fmt`, exists and is newer than every run file it is made from."""
+    if not path.exists():
+        return False
+    made = path.stat().st_mtime
+    inputs = _CARD_INPUTS if fmt in ("card", "bundle") else _MODEL_INPUTS
+    return all(not (run_dir / name).exists() or (run_dir / name).stat().st_mtime <= made for name in inputs)
+
+
+def read_report(path: str | Path) -> dict[str, Any] | None:
+    """What the export check found for an exported file (ONNX or int8), or None if it has no report."""
+    report = _report_path(Path(path))
+    return json.loads(report.read_text()) if report.is_file() else None
+
+
+def _check_format(fmt: str) -> str:
+    fmt = str(fmt).strip().lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"`format` must be one of {', '.join(FORMATS)}. Received: format={fmt!r}")
+    return fmt
+
+
+def _report_path(path: Path) -> Path:
+    return path.with_name(path.name + ".report.json")
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_bytes(data)
+    partial.replace(target)
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
+
+
+class _zip_writer:
+    """A zip file written under a temporary name and moved into place when complete."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.partial = target.with_name(f".{target.name}.partial")
+
+    def __enter__(self) -> zipfile.ZipFile:
+        self.zf = zipfile.ZipFile(self.partial, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1)
+        return self.zf
+
+    def __exit__(self, exc_type, *_):
+        self.zf.close()
+        if exc_type is None:
+            self.partial.replace(self.target)
+        else:
+            self.partial.unlink(missing_ok=True)
 
 
 def _export_savedmodel(model, target: Path) -> None:
@@ -78,16 +213,209 @@ def _export_savedmodel(model, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _export_tflite(model, target: Path) -> None:
+# ------------------------------------------------------------------ the run's images
+
+
+def _eval_set(run_dir: Path, size: int) -> tuple[np.ndarray, list[str], str]:
+    """(uint8 pixels, true labels, split name) of the run's evaluation images, as evaluation saw them."""
+    from tlcore.data.images import load_resized
+    from tlcore.evaluation import read_predictions
+
+    from tlcore.store import Store
+
+    rows = read_predictions(run_dir)
+    pixels = np.stack([load_resized(path, size) for path in rows["path"]])
+    try:
+        split = Store().get_run(run_dir.name).summary.get("eval_split")
+    except KeyError:  # a run folder without a stored run
+        split = None
+    return pixels, list(rows["true"]), split or "evaluation"
+
+
+def _run_config(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _representative_pixels(run_dir: Path, size: int) -> np.ndarray:
+    """Up to `REPRESENTATIVE_IMAGES` training images, classes taken in turn, seeded."""
+    from tlcore.data.images import load_resized
+    from tlcore.data.manifest import run_entries
+    from tlcore.store import Store
+
+    config = _run_config(run_dir)
+    if config is None or "dataset_id" not in config:
+        raise ValueError(f"The run folder {run_dir} has no config.json naming its dataset; int8 quantization "
+                         "needs the run's training images. Retrain the run.")
+    dataset = Store().get_dataset(config["dataset_id"])
+    split = config.get("split")
+    train = [e for e in run_entries(dataset, tuple(split) if split else None, int(config.get("seed", 0)))
+             if e.split == "train"]
+    rng = np.random.default_rng(0)
+    by_class: dict[str, list] = {}
+    for entry in train:
+        by_class.setdefault(entry.label, []).append(entry)
+    queues = [list(rng.permutation(len(group))) for group in by_class.values()]
+    groups = list(by_class.values())
+    chosen = []
+    while len(chosen) < REPRESENTATIVE_IMAGES and any(queues):
+        for group, queue in zip(groups, queues):
+            if queue and len(chosen) < REPRESENTATIVE_IMAGES:
+                chosen.append(group[queue.pop()])
+    if not chosen:
+        raise ValueError(f"The run's dataset {dataset.label} has no training images left to calibrate "
+                         "int8 quantization with.")
+    return np.stack([load_resized(e.path, size) for e in chosen])
+
+
+# ------------------------------------------------------------------ TFLite
+
+
+def _tflite_bytes(model, representative: np.ndarray | None = None) -> bytes:
+    """The model as a TFLite flatbuffer: float32, or full-integer (uint8 in and out) when a
+    representative set of uint8 images is given."""
     import tensorflow as tf
 
-    with tempfile.TemporaryDirectory(prefix=".tflite-", dir=target.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".tflite-") as tmp:
         saved = Path(tmp) / "savedmodel"
         model.export(str(saved), format="tf_saved_model", verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
-        converter.optimizations = []  # float32, no quantization
-        write_bytes_atomically(target, converter.convert())
+        if representative is None:
+            converter.optimizations = []  # float32, no quantization
+        else:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = lambda: ([image[None].astype("float32")] for image in representative)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.uint8
+            converter.inference_output_type = tf.uint8
+        return converter.convert()
 
 
-def default_export_dir(run_id: str) -> Path:
-    return RunFolder(run_id).export_dir
+class TFLiteClassifier:
+    """A TFLite file run image by image with the TFLite interpreter, quantized or not."""
+
+    def __init__(self, path: str | Path):
+        import tensorflow as tf
+
+        self.interpreter = tf.lite.Interpreter(model_path=str(path))
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.interpreter.allocate_tensors()
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Class probabilities for one uint8 `(size, size, 3)` image."""
+        x = image[None].astype("float32")
+        if self.input["dtype"] != np.float32:
+            scale, zero = self.input["quantization"]
+            info = np.iinfo(self.input["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(self.input["dtype"])
+        self.interpreter.set_tensor(self.input["index"], x)
+        self.interpreter.invoke()
+        y = self.interpreter.get_tensor(self.output["index"])[0]
+        if self.output["dtype"] != np.float32:
+            scale, zero = self.output["quantization"]
+            y = (y.astype("float32") - zero) * scale
+        return y
+
+
+def _tflite_scores(path: Path, pixels: np.ndarray, truth: list[str], labels: list[str]) -> dict[str, Any]:
+    """Accuracy over `pixels`, median latency per image and file size of a TFLite file."""
+    model = TFLiteClassifier(path)
+    latencies, correct = [], 0
+    for i, image in enumerate(pixels):
+        start = time.perf_counter()
+        probs = model.probabilities(image)
+        if i < LATENCY_IMAGES:
+            latencies.append((time.perf_counter() - start) * 1000)
+        correct += labels[int(np.argmax(probs))] == truth[i]
+    return {"file": path.name, "accuracy": correct / len(pixels), "size_bytes": path.stat().st_size,
+            "latency_ms_p50": float(np.median(latencies))}
+
+
+def int8_warning(float_accuracy: float, int8_accuracy: float, images: int, split: str) -> str | None:
+    """A plain warning when int8 loses more than `INT8_TOLERANCE_POINTS` accuracy points, else None."""
+    drop = (float_accuracy - int8_accuracy) * 100
+    if drop <= INT8_TOLERANCE_POINTS:
+        return None
+    return (f"The int8 model is {drop:.1f} points less accurate than the float32 model "
+            f"({int8_accuracy:.1%} against {float_accuracy:.1%} on {images} {split} images). "
+            "Use the float32 TFLite file where accuracy matters.")
+
+
+def _export_int8(run_id: str, loaded, run_dir: Path, target: Path, report: Progress) -> None:
+    report(0.05, "Making the float32 TFLite model to compare with")
+    float_path = export_run(run_id, "tflite")
+    report(0.2, f"Reading up to {REPRESENTATIVE_IMAGES} training images for quantization")
+    representative = _representative_pixels(run_dir, loaded.image_size)
+    report(0.3, f"Quantizing to int8 with {len(representative)} training images")
+    _write_atomically(target, _tflite_bytes(loaded.model, representative))
+    report(0.6, "Measuring int8 and float32 accuracy on the evaluation images")
+    pixels, truth, split = _eval_set(run_dir, loaded.image_size)
+    int8 = _tflite_scores(target, pixels, truth, loaded.labels)
+    report(0.8, "Measuring the float32 model")
+    float32 = _tflite_scores(float_path, pixels, truth, loaded.labels)
+    drop = (float32["accuracy"] - int8["accuracy"]) * 100
+    _report_path(target).write_text(json.dumps({
+        "format": "tflite-int8", "eval_split": split, "eval_images": len(pixels),
+        "representative_images": len(representative), "int8": int8, "float32": float32,
+        "accuracy_drop_points": round(drop, 3), "tolerance_points": INT8_TOLERANCE_POINTS,
+        "warning": int8_warning(float32["accuracy"], int8["accuracy"], len(pixels), split), "input": "uint8 RGB 0-255", "output": "uint8 probabilities (scale 1/256)",
+    }, indent=2))
+
+
+# ------------------------------------------------------------------ ONNX
+
+
+def _export_onnx(loaded, run_dir: Path, target: Path, report: Progress) -> None:
+    import onnxruntime
+    import tensorflow as tf
+
+    size = loaded.image_size
+    report(0.1, "Converting to ONNX")
+    loaded.model(np.zeros((1, size, size, 3), "float32"))  # Keras exports only a model that has been called
+    partial = target.with_name(f".{target.name}.partial")
+    spec = tf.TensorSpec((None, size, size, 3), tf.float32, name="image")
+    loaded.model.export(str(partial), format="onnx", input_signature=[spec], verbose=False)
+    report(0.5, "Checking ONNX Runtime against Keras on the evaluation images")
+    pixels, _, split = _eval_set(run_dir, size)
+    session = onnxruntime.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    onnx_probs = np.concatenate([session.run(None, {name: pixels[i:i + 32].astype("float32")})[0]
+                                 for i in range(0, len(pixels), 32)])
+    keras_probs = loaded.model.predict(pixels.astype("float32"), batch_size=32, verbose=0)
+    agree = onnx_probs.argmax(-1) == keras_probs.argmax(-1)
+    partial.replace(target)
+    _report_path(target).write_text(json.dumps({
+        "format": "onnx", "eval_split": split, "eval_images": len(pixels),
+        "top1_agreement": float(agree.mean()), "disagreements": int((~agree).sum()),
+        "max_probability_difference": float(np.abs(onnx_probs - keras_probs).max()),
+        "input": {"name": name, "shape": [None, size, size, 3], "dtype": "float32", "range": "RGB 0-255"},
+        "onnxruntime_version": onnxruntime.__version__,
+    }, indent=2))
+
+
+# ------------------------------------------------------------------ bundle
+
+
+def _export_bundle(run_id: str, loaded, run_dir: Path, target: Path, report: Progress) -> None:
+    from tlcore.model_card import build_card, card_markdown, preprocessing_facts
+    from tlcore.operating_point import read_operating_point
+
+    report(0.05, "Making the ONNX model")
+    onnx_path = export_run(run_id, "onnx", progress=lambda f, m: report(0.05 + 0.8 * f, m))
+    report(0.9, "Writing the model card and the bundle")
+    card = build_card(run_id)
+    files: dict[str, str] = {
+        "labels.json": json.dumps(loaded.labels),
+        "preprocessing.json": json.dumps(preprocessing_facts(card["model"]["backbone_name"],
+                                                             loaded.image_size, loaded.labels), indent=2),
+        "model_card.md": card_markdown(card),
+        "model_card.json": json.dumps(card, indent=2),
+    }
+    files.update({name: json.dumps(data, indent=2) for name, data in read_operating_point(run_dir).files().items()})
+    with _zip_writer(target) as zf:
+        zf.write(loaded.path, "model.keras", compress_type=zipfile.ZIP_STORED)
+        zf.write(onnx_path, "model.onnx", compress_type=zipfile.ZIP_STORED)
+        zf.write(_report_path(onnx_path), "model.onnx.report.json")
+        for name, text in files.items():
+            zf.writestr(name, text)

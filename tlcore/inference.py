@@ -219,6 +219,26 @@ _cache: dict[tuple[str, float], LoadedModel] = {}
 _cache_lock = threading.Lock()
 
 
+def run_model_folder(run_ref: str, store=None) -> tuple[RunFolder, str]:
+    """(the folder holding a run's model, the run's display name) for a run id or name.
+
+    Raises:
+        KeyError: no such run.
+        ModelLoadError: the run is still going and has no saved model yet.
+    """
+    folder = RunFolder(str(run_ref))
+    if folder.has_model():
+        return folder, str(run_ref)
+    from tlcore.store import Store
+
+    run = (store or Store()).get_run(run_ref)
+    folder, name = RunFolder(run.id), f"{run.name} ({run.id})"
+    if not folder.has_model() and not run.status.is_terminal:
+        raise ModelLoadError(f"Run {name} is {run.status.value} and has no saved model yet; "
+                             "wait for it to finish.")
+    return folder, name
+
+
 def load_run_model(run_ref: str, store=None) -> LoadedModel:
     """The saved model of a run (by id or name) with its labels, loaded in safe mode.
 
@@ -229,15 +249,7 @@ def load_run_model(run_ref: str, store=None) -> LoadedModel:
         KeyError: no such run.
         ModelLoadError: the run has no loadable model.
     """
-    folder, name = RunFolder(str(run_ref)), str(run_ref)
-    if not folder.has_model():
-        from tlcore.store import Store
-
-        run = (store or Store()).get_run(run_ref)
-        folder, name = RunFolder(run.id), f"{run.name} ({run.id})"
-        if not folder.has_model() and not run.status.is_terminal:
-            raise ModelLoadError(f"Run {name} is {run.status.value} and has no saved model yet; "
-                                 "wait for it to finish.")
+    folder, name = run_model_folder(run_ref, store)
     path = folder.model
     key = (str(path), path.stat().st_mtime if path.is_file() else 0.0)
     with _cache_lock:

@@ -24,7 +24,7 @@ from tlcore.backbones.folding import fold_batchnorm
 from tlcore.backbones.preprocessing import BackbonePreprocessing
 from tlcore.config import TrainConfig
 from tlcore.data import pipeline
-from tlcore.data.manifest import load_manifest, resplit
+from tlcore.data.manifest import run_entries
 from tlcore.errors import InvalidInput, RunCancelled
 from tlcore.evaluation import EvalReport, compute_report, write_predictions
 from tlcore.features import cached_features, feature_cache_path, pad_batch
@@ -99,9 +99,7 @@ class _Training:
         self.dataset = self.store.get_dataset(self.run.dataset_id)
         self.spec = get_backbone(config.backbone)
         self.size = config.resolved_image_size(self.spec)
-        entries = load_manifest(self.dataset.id)
-        if config.split and not self.dataset.report.get("given_splits"):
-            entries = resplit(entries, config.split, config.seed)
+        entries = run_entries(self.dataset, config.split, config.seed)
         self.entries, self.labels = entries, list(self.dataset.classes)
         self.y_all = np.array([self.labels.index(e.label) for e in entries], dtype=np.int32)
         self.splits = pipeline.split_indices(entries)

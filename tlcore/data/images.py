@@ -140,11 +140,12 @@ def open_image(source: ImageSource, name: str | None = None) -> Image.Image:
     return rgb
 
 
-def load_resized(path: ImageSource, size: int) -> np.ndarray:
+def load_resized(path: ImageSource, size: int, name: str | None = None) -> np.ndarray:
     """The pixels of one image for training and prediction.
 
     `open_image` (upright RGB), then PIL bilinear resize to exactly `size` x `size` (aspect
-    squashed, as Keras' `image_dataset_from_directory` does).
+    squashed, as Keras' `image_dataset_from_directory` does). `name` is how messages call the
+    image (defaults as in `open_image`).
 
     Returns:
         `np.ndarray` of dtype uint8 and shape `(size, size, 3)`.
@@ -156,7 +157,7 @@ def load_resized(path: ImageSource, size: int) -> np.ndarray:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= 4096:
         raise InvalidInput(f"`size` must be an integer between 1 and 4096. Received: size={size!r}")
     size = int(size)
-    image = open_image(path)
+    image = open_image(path, name)
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
     return np.asarray(image, dtype=np.uint8).copy()

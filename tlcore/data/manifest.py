@@ -145,3 +145,12 @@ def resplit(entries: Sequence[ManifestEntry], ratios: Sequence[float] = (0.7, 0.
     for i, split in zip(order, splits):
         new[i] = dataclasses.replace(entries[i], split=split)
     return new
+
+
+def run_entries(dataset, split: Sequence[float] | None, seed: int) -> list[ManifestEntry]:
+    """The entries of `dataset` (a store `Dataset`) with the splits a run with recipe `split`/`seed`
+    trains on: re-split when the recipe asks for it and the dataset has no given splits."""
+    entries = load_manifest(dataset.id)
+    if split and not dataset.report.get("given_splits"):
+        entries = resplit(entries, split, seed)
+    return entries
