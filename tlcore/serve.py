@@ -14,9 +14,15 @@ import queue
 import secrets
 import threading
 from concurrent.futures import Future
+from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
+from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # Largest upload accepted per image; bigger ones get 413 before they are decoded.
 MAX_UPLOAD_BYTES = 20 * 2**20
@@ -121,14 +127,6 @@ _STATUS = {"too_large": 413, "not_image": 415}
 
 def create_app(run_ref: str, *, token: str | None = None, store=None):
     """The FastAPI app serving run `run_ref`; loads the model now (raises `KeyError`/`ModelLoadError`)."""
-    from contextlib import asynccontextmanager
-
-    from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     from tlcore import __version__
     from tlcore.data.images import ImageRejected
 
