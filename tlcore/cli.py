@@ -395,22 +395,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from tlcore.export import export_run, read_report
+    from tlcore.export import describe_report, export_run, read_report
 
     path = export_run(args.run, args.format, args.out)
     report = read_report(path)
-    text = str(path)
-    if report and report["format"] == "onnx":
-        text += (f"\nONNX Runtime agrees with Keras on the top-1 class of {report['top1_agreement']:.1%} of "
-                 f"{report['eval_images']} {report['eval_split']} images; largest probability difference "
-                 f"{report['max_probability_difference']:.2g}.")
-    elif report:
-        text += "\n" + "\n".join(
-            f"{name}: {report['eval_split']} accuracy {r['accuracy']:.1%}, {r['size_bytes'] / 2**20:.1f} MB, "
-            f"{r['latency_ms_p50']:.1f} ms per image (TFLite interpreter, median)"
-            for name, r in (("int8", report["int8"]), ("float32", report["float32"])))
-        if report["warning"]:
-            text += f"\nWarning: {report['warning']}"
+    text = "\n".join([str(path), *(describe_report(report) if report else [])])
     _emit(args, {"run": args.run, "format": args.format, "path": str(path), "report": report},
           None if args.json else text)
     return 0

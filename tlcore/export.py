@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -34,6 +35,7 @@ _MODEL_INPUTS = ("model.keras", "labels.json", "predictions.jsonl")
 _CARD_INPUTS = _MODEL_INPUTS + ("calibration.json", "threshold.json")
 
 Progress = Callable[[float, str], None]  # (fraction done 0-1, what is happening)
+_EXPORT_LOCK = threading.RLock()  # re-entrant: int8 and bundle exports make other formats first
 
 
 def export_run(run_id: str, fmt: str, out: str | Path | None = None, *, progress: Progress | None = None) -> Path:
@@ -77,11 +79,22 @@ def export_run(run_id: str, fmt: str, out: str | Path | None = None, *, progress
     target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
 
+    with _EXPORT_LOCK:  # two callers asking for the same file: the second finds it made
+        if out is None and is_fresh(target, run_dir, fmt):
+            return target
+        _make(run_id, fmt, run_dir, target, report)
+    report(1.0, "Done")
+    return target
+
+
+def _make(run_id: str, fmt: str, run_dir: Path, target: Path, report: Progress) -> None:
+    from tlcore import inference
+
     if fmt == "card":
         from tlcore.model_card import build_card, write_card
 
         write_card(build_card(run_id), target)  # from the store and the run folder: no model needed
-        return target
+        return
     report(0.0, "Loading the model")
     loaded = inference.load_run_model(run_id)  # safe mode; resolves names, checks labels
     if fmt == "keras":
@@ -100,8 +113,6 @@ def export_run(run_id: str, fmt: str, out: str | Path | None = None, *, progress
     if fmt != "bundle":
         labels_path = (target / "labels.json") if fmt == "savedmodel" else target.with_name(target.stem + ".labels.json")
         labels_path.write_text(json.dumps(loaded.labels))
-    report(1.0, "Done")
-    return target
 
 
 def download_file(run_id: str, fmt: str, *, progress: Progress | None = None) -> Path:
@@ -119,7 +130,9 @@ def download_file(run_id: str, fmt: str, *, progress: Progress | None = None) ->
     if fmt != "savedmodel":
         return path
     archive = path.with_name("savedmodel.zip")
-    if not archive.is_file() or archive.stat().st_mtime < path.stat().st_mtime:
+    with _EXPORT_LOCK:
+        if archive.is_file() and archive.stat().st_mtime >= path.stat().st_mtime:
+            return archive
         with _zip_writer(archive) as zf:
             for file in sorted(path.rglob("*")):
                 if file.is_file():
@@ -153,6 +166,18 @@ def read_report(path: str | Path) -> dict[str, Any] | None:
     """What the export check found for an exported file (ONNX or int8), or None if it has no report."""
     report = _report_path(Path(path))
     return json.loads(report.read_text()) if report.is_file() else None
+
+
+def describe_report(report: dict[str, Any]) -> list[str]:
+    """An export check's findings as plain sentences (the last one the int8 warning, if any)."""
+    if report["format"] == "onnx":
+        return [f"ONNX Runtime agrees with Keras on the top-1 class of {report['top1_agreement']:.1%} of "
+                f"{report['eval_images']} {report['eval_split']} images; largest probability difference "
+                f"{report['max_probability_difference']:.2g}."]
+    lines = [f"{name}: {report['eval_split']} accuracy {r['accuracy']:.1%}, {r['size_bytes'] / 2**20:.1f} MB, "
+             f"{r['latency_ms_p50']:.2f} ms per image (TFLite interpreter, median)."
+             for name, r in (("int8", report["int8"]), ("float32", report["float32"]))]
+    return lines + ([f"Warning: {report['warning']}"] if report["warning"] else [])
 
 
 def _check_format(fmt: str) -> str:

@@ -31,6 +31,7 @@ def _pages() -> list:
         st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
         st.Page("pages/errors.py", title="Errors", icon=":material/error:"),
         st.Page("pages/demo.py", title="Demo", icon=":material/photo_camera:"),
+        st.Page("pages/export.py", title="Export", icon=":material/download:"),
     ]
 
 

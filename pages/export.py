@@ -1,0 +1,80 @@
+"""Export: a finished run's model as files to download, each made once and kept in the run folder.
+
+Keras is the run's own file; every other format is prepared on request (with progress), then
+offered for download. What the export checks found (ONNX against Keras, int8 against float32)
+is shown beside it. The work is `tlcore.export`'s; this page only draws it.
+"""
+
+import streamlit as st
+
+from tlcore import export, inference
+from tlcore.store import RunStatus
+from ui import frame, state
+from ui import format as fmt
+
+frame.require()
+
+# (format, title, what it is for, file name suffix, MIME type)
+FORMATS = [
+    ("keras", "Keras", "the run's `.keras` file, for Keras 3 with Transfer Lab installed", ".keras",
+     "application/octet-stream"),
+    ("savedmodel", "SavedModel (zip)", "for TensorFlow Serving and TensorFlow converters", "-savedmodel.zip",
+     "application/zip"),
+    ("tflite", "TFLite float32", "for phones and edge devices, same answers as Keras", ".tflite",
+     "application/octet-stream"),
+    ("tflite-int8", "TFLite int8", "about 4x smaller and faster; uint8 pixels in, checked on the test images",
+     "-int8.tflite", "application/octet-stream"),
+    ("onnx", "ONNX", "for ONNX Runtime in any language, checked against Keras", ".onnx", "application/octet-stream"),
+    ("bundle", "Bundle (zip)", "Keras and ONNX models, labels, preprocessing, calibration and threshold if "
+     "any, and the model card", "-bundle.zip", "application/zip"),
+    ("card", "Model card", "what the model is for, its data, recipe, test metrics and limits (Markdown)",
+     "-model-card.md", "text/markdown"),
+]
+
+store = state.store()
+st.title("Export")
+finished = store.list_runs({RunStatus.SUCCEEDED})
+if not finished:
+    st.info("No finished run yet. When a run finishes, its model can be exported here.")
+    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+    st.stop()
+by_id = {r.id: r for r in finished}
+choices = list(by_id)
+wanted = st.query_params.get("run")
+if wanted in by_id and wanted != st.session_state.get("export.url_seen"):
+    st.session_state["export.run"] = wanted
+state.keep_choice("export.run", choices)
+run_id = st.selectbox("Run", choices, key="export.run",
+                      format_func=lambda i: f"{by_id[i].name} · {fmt.pct(fmt.headline(by_id[i]))} · {by_id[i].backbone}")
+st.query_params["run"] = run_id
+st.session_state["export.url_seen"] = run_id
+run = by_id[run_id]
+
+run_dir, _ = inference.run_model_dir(run.id)
+if not (run_dir / "model.keras").is_file():
+    st.warning(f"Run {run.name} has no saved model file in {run_dir}, so there is nothing to export. "
+               "Train it again.")
+    st.stop()
+
+st.caption("Every model takes RGB 0-255 pixels at the run's image size: the preprocessing is inside it. "
+           f"Files are kept in {run_dir / 'export'}.")
+for key, title, what, suffix, mime in FORMATS:
+    left, right = st.columns([4, 1], vertical_alignment="center")
+    left.markdown(f"**{title}** · {what}")
+    path = export.cached_download(run.id, key)
+    if path is None:
+        if right.button("Prepare", key=f"export.make.{key}", width="stretch"):
+            bar = st.progress(0.0, text=f"Preparing {title}")
+            try:
+                export.download_file(run.id, key, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
+            except (ValueError, KeyError, OSError) as exc:
+                st.error(f"{title} could not be made: {exc}")
+            else:
+                st.rerun()
+        continue
+    right.download_button("Download", data=lambda p=path: p.read_bytes(), file_name=f"{run.name}{suffix}",
+                          mime=mime, key=f"export.download.{key}", on_click="ignore", width="stretch",
+                          icon=":material/download:")
+    report = export.read_report(path)
+    for line in export.describe_report(report) if report else []:
+        (left.warning if line.startswith("Warning:") else left.caption)(line)

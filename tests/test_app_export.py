@@ -1,0 +1,71 @@
+"""AppTest: the Export page — download buttons per format, prepared on request and then kept."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import app_seed as seed
+
+
+@pytest.fixture(autouse=True)
+def _no_device_probe(monkeypatch):
+    monkeypatch.setenv("TLAB_DEVICE_PROBE", "off")
+
+
+@pytest.fixture
+def copied_run(trained_run, tmp_path, monkeypatch):
+    """The trained run in a data home of this test's own, without any export made yet."""
+    data_home = tmp_path / "home"
+    shutil.copytree(trained_run.home, data_home, ignore=shutil.ignore_patterns("export", "cache"))
+    monkeypatch.setenv("TLCORE_HOME", str(data_home))
+    return trained_run.run_id
+
+
+def _buttons(at):
+    return {b.key.rsplit(".", 1)[1]: b for b in at.button if b.key and b.key.startswith("export.make.")}
+
+
+def _downloads(at):
+    return {b.key.rsplit(".", 1)[1]: b for b in at.download_button}
+
+
+def test_keras_downloads_at_once_and_other_formats_after_preparing(copied_run):
+    from tlcore import home
+
+    at = seed.app("pages/export.py", timeout=300, run=copied_run).run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="export.run").value == copied_run
+    assert set(_downloads(at)) == {"keras"}
+    assert set(_buttons(at)) == {"savedmodel", "tflite", "tflite-int8", "onnx", "bundle", "card"}
+
+    _buttons(at)["card"].click().run()
+    assert not at.exception, at.exception
+    assert set(_downloads(at)) == {"keras", "card"}
+    card = home.data_home() / "runs" / copied_run / "export" / "model_card.md"
+    assert card.read_text().startswith("# Model card:")
+
+    _buttons(at)["onnx"].click().run()
+    assert not at.exception, at.exception
+    assert set(_downloads(at)) == {"keras", "card", "onnx"}
+    assert "ONNX Runtime agrees with Keras on the top-1 class of 100.0% of 6 test images" in seed.texts(at)
+
+    # Made once: a fresh session finds the files and offers them without preparing again.
+    again = seed.app("pages/export.py", run=copied_run).run()
+    assert set(_downloads(again)) == {"keras", "card", "onnx"} and "onnx" not in _buttons(again)
+
+
+def test_a_run_without_a_model_file_says_so(store):
+    ds = seed.dataset(store)
+    run = seed.run(store, ds, "no-model")
+    at = seed.app("pages/export.py", run=run.id).run()
+    assert not at.exception, at.exception
+    assert "has no saved model file" in seed.texts(at)
+    assert not at.download_button
+
+
+def test_no_finished_run_points_to_train(store):
+    at = seed.app("pages/export.py").run()
+    assert not at.exception, at.exception
+    assert "No finished run yet" in seed.texts(at)
