@@ -64,7 +64,7 @@ def test_bad_input_in_a_real_process(tlcore_home):
     assert out.returncode == 2
     assert out.stderr.strip().startswith("Error: No dataset named 'nowhere'")
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # TF start-up noise filtered
-    bad_choice = subprocess.run([sys.executable, "-m", "tlcore", "export", "--run", "r", "--format", "onnx"],
+    bad_choice = subprocess.run([sys.executable, "-m", "tlcore", "export", "--run", "r", "--format", "pdf"],
                                 env=worker_env(tlcore_home), capture_output=True, text=True, timeout=60)
     assert bad_choice.returncode == 2 and "invalid choice" in bad_choice.stderr
 
