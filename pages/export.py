@@ -22,7 +22,7 @@ FORMATS = [
      "application/zip"),
     ("tflite", "TFLite float32", "for phones and edge devices, same answers as Keras", ".tflite",
      "application/octet-stream"),
-    ("tflite-int8", "TFLite int8", "about 4x smaller and faster; uint8 pixels in, checked on the test images",
+    ("tflite-int8", "TFLite int8", "about 4x smaller, uint8 pixels in; accuracy and speed checked on the test images",
      "-int8.tflite", "application/octet-stream"),
     ("onnx", "ONNX", "for ONNX Runtime in any language, checked against Keras", ".onnx", "application/octet-stream"),
     ("bundle", "Bundle (zip)", "Keras and ONNX models, labels, preprocessing, calibration and threshold if "
