@@ -103,16 +103,20 @@ def _make(run_id: str, fmt: str, run_dir: Path, target: Path, report: Progress) 
     elif fmt == "savedmodel":
         _export_savedmodel(loaded.model, target)
     elif fmt == "tflite":
-        _write_atomically(target, _tflite_bytes(loaded.model))
+        _write_tflite(loaded.model, {target: None})
     elif fmt == "tflite-int8":
-        _export_int8(run_id, loaded, run_dir, target, report)
+        _export_int8(loaded, run_dir, target, report)
     elif fmt == "onnx":
         _export_onnx(loaded, run_dir, target, report)
     else:
         _export_bundle(run_id, loaded, run_dir, target, report)
     if fmt != "bundle":
-        labels_path = (target / "labels.json") if fmt == "savedmodel" else target.with_name(target.stem + ".labels.json")
-        labels_path.write_text(json.dumps(loaded.labels))
+        _write_labels(target, fmt, loaded.labels)
+
+
+def _write_labels(target: Path, fmt: str, labels: list[str]) -> None:
+    path = (target / "labels.json") if fmt == "savedmodel" else target.with_name(target.stem + ".labels.json")
+    path.write_text(json.dumps(labels))
 
 
 def download_file(run_id: str, fmt: str, *, progress: Progress | None = None) -> Path:
@@ -296,24 +300,27 @@ def _representative_pixels(run_dir: Path, size: int) -> np.ndarray:
 # ------------------------------------------------------------------ TFLite
 
 
-def _tflite_bytes(model, representative: np.ndarray | None = None) -> bytes:
-    """The model as a TFLite flatbuffer: float32, or full-integer (uint8 in and out) when a
-    representative set of uint8 images is given."""
+def _write_tflite(model, targets: dict[Path, np.ndarray | None]) -> None:
+    """Write `model` as TFLite files, one per target: float32 when its value is None, else
+    full-integer (uint8 in and out) quantized with that representative set of uint8 images.
+    The SavedModel the converter reads is exported once for all of them."""
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory(prefix=".tflite-") as tmp:
         saved = Path(tmp) / "savedmodel"
         model.export(str(saved), format="tf_saved_model", verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
-        if representative is None:
-            converter.optimizations = []  # float32, no quantization
-        else:
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = lambda: ([image[None].astype("float32")] for image in representative)
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            converter.inference_input_type = tf.uint8
-            converter.inference_output_type = tf.uint8
-        return converter.convert()
+        for target, representative in targets.items():
+            converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+            if representative is None:
+                converter.optimizations = []  # float32, no quantization
+            else:
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.representative_dataset = lambda rep=representative: (
+                    [image[None].astype("float32")] for image in rep)
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+                converter.inference_input_type = tf.uint8
+                converter.inference_output_type = tf.uint8
+            _write_atomically(target, converter.convert())
 
 
 class TFLiteClassifier:
@@ -367,13 +374,17 @@ def int8_warning(float_accuracy: float, int8_accuracy: float, images: int, split
             "Use the float32 TFLite file where accuracy matters.")
 
 
-def _export_int8(run_id: str, loaded, run_dir: Path, target: Path, report: Progress) -> None:
-    report(0.05, "Making the float32 TFLite model to compare with")
-    float_path = export_run(run_id, "tflite")
-    report(0.2, f"Reading up to {REPRESENTATIVE_IMAGES} training images for quantization")
+def _export_int8(loaded, run_dir: Path, target: Path, report: Progress) -> None:
+    report(0.05, f"Reading up to {REPRESENTATIVE_IMAGES} training images for quantization")
     representative = _representative_pixels(run_dir, loaded.image_size)
-    report(0.3, f"Quantizing to int8 with {len(representative)} training images")
-    _write_atomically(target, _tflite_bytes(loaded.model, representative))
+    report(0.1, f"Quantizing to int8 with {len(representative)} training images")
+    targets = {target: representative}
+    float_path = run_dir / "export" / _DEFAULT_NAMES["tflite"]  # the float32 model to compare with
+    if not is_fresh(float_path, run_dir, "tflite"):
+        float_path.parent.mkdir(exist_ok=True)
+        targets[float_path] = None
+    _write_tflite(loaded.model, targets)
+    _write_labels(float_path, "tflite", loaded.labels)
     report(0.6, "Measuring int8 and float32 accuracy on the evaluation images")
     pixels, truth, split = _eval_set(run_dir, loaded.image_size)
     int8 = _tflite_scores(target, pixels, truth, loaded.labels)
