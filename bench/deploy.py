@@ -169,7 +169,9 @@ def report_section(r: dict) -> str:
         f"`python bench/deploy.py --run {r['run']['id']}` ({r['date']}, {r['machine']}). "
         f"Run: {r['run']['recipe']}; {r['run']['eval_split']} accuracy {r['run']['accuracy']:.1%} on "
         f"{r['run']['eval_images']} photos. The {r['cpus']} CPU cores were shared with other sessions "
-        "working on the same machine while this ran, so the figures are noisy and on the slow side.", "",
+        "working on the same machine while this ran (1-minute load average "
+        f"{r['load_before']:.1f} at the start, {r['load_after']:.1f} at the end), so the figures are noisy "
+        "and on the slow side.", "",
         "### HTTP endpoint against the model in-process", "",
         f"`python -m tlcore serve` in its own process (ready {ep['startup_s']:.1f} s after start), clients in "
         "the benchmark process on the same cores; each request is one original photo file "
@@ -238,6 +240,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "cpus": os.cpu_count(),
+        "load_before": os.getloadavg()[0],
         "run": {"id": run.id, "eval_split": run.summary.get("eval_split"), "eval_images": len(rows),
                 "accuracy": run.accuracy,
                 "recipe": (f"{run.backbone} ({run.weights} weights) at {size} px, head {config['head_epochs']} "
@@ -251,6 +254,7 @@ def main() -> None:
     results["onnx"] = bench_onnx_vs_keras(run.id, pixels, args.requests)
     print("[deploy] int8 vs float32 ...", flush=True)
     results["int8"] = bench_int8(run.id)
+    results["load_after"] = os.getloadavg()[0]
     out_json = REPO / "bench" / "results" / "deploy.json"
     out_json.write_text(json.dumps(results, indent=1))
     section = report_section(results)
