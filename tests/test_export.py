@@ -58,3 +58,21 @@ def test_export_savedmodel_and_tflite_match_keras(tmp_path):
         interpreter.invoke()
         out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
         np.testing.assert_allclose(out[0], expected[i], atol=1e-5)
+
+
+def test_download_files_are_made_once_and_savedmodel_comes_zipped():
+    import zipfile
+
+    from tlcore.export import cached_download, download_file
+
+    _, folder = save_fake_run()
+    assert download_file("run-fake", "keras") == folder / "model.keras"
+    assert cached_download("run-fake", "savedmodel") is None
+    archive = download_file("run-fake", "savedmodel")
+    with zipfile.ZipFile(archive) as zf:
+        assert {"savedmodel/saved_model.pb", "savedmodel/labels.json"} <= set(zf.namelist())
+    assert cached_download("run-fake", "savedmodel") == archive
+    mtime = archive.stat().st_mtime_ns
+    assert download_file("run-fake", "savedmodel") == archive and archive.stat().st_mtime_ns == mtime
+    save_fake_run(seed=1)  # a new model: the old export is stale
+    assert cached_download("run-fake", "savedmodel") is None

@@ -186,3 +186,10 @@ def test_threshold_and_calibration_of_the_run_are_applied(trained_run):
     assert pred["probability"] < raw.max()  # a temperature above 1 softens
     assert calibrated.max() < 0.99 and pred["abstained"] is True
     assert card["threshold"] == {"threshold": 0.99}
+
+
+def test_serving_an_unknown_run_is_one_plain_sentence(capsys):
+    from tlcore.cli import main
+
+    assert main(["serve", "--run", "no-such-run", "--port", "1"]) == 2
+    assert capsys.readouterr().err.startswith("Error: No run 'no-such-run'.")
