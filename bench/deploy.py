@@ -190,7 +190,8 @@ def report_section(r: dict) -> str:
     ]
     for name in ("float32", "int8"):
         m = q[name]
-        lines.append(f"| {name} | {m['accuracy']:.1%} | {m['size_bytes'] / 2**20:.1f} MB | {m['latency_ms_p50']:.2f} ms |")
+        lines.append(f"| {name} | {m['accuracy']:.1%} | {m['size_bytes'] / 2**20:.1f} MB | "
+                     f"{m['latency_ms_p50']:.2f} ms |")
     lines += ["", f"int8 loses {q['accuracy_drop_points']:.1f} points" + (f": {q['warning']}" if q["warning"] else
               f" (within the {q['tolerance_points']:g}-point tolerance; no warning)."), "",
               "### ONNX Runtime against Keras (forward pass only, same pixels)", "",
@@ -228,12 +229,12 @@ def main() -> None:
 
     from tlcore.data.images import load_resized
     from tlcore.evaluation import read_predictions
-    from tlcore.model_card import run_folder
+    from tlcore.model_card import find_run
 
-    run, folder = run_folder(args.run)
-    rows = read_predictions(folder)
+    run, folder = find_run(args.run)
+    rows = read_predictions(folder.predictions)
     photos = [(Path(p).name, Path(p).read_bytes()) for p in rows["path"]]
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads(folder.config_file.read_text())
     size = int(config["image_size"])
     pixels = np.stack([load_resized(p, size) for p in rows["path"][:64]])
     results = {
@@ -241,10 +242,10 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "cpus": os.cpu_count(),
         "load_before": os.getloadavg()[0],
-        "run": {"id": run.id, "eval_split": run.summary.get("eval_split"), "eval_images": len(rows),
+        "run": {"id": run.id, "eval_split": run.summary.eval_split, "eval_images": len(rows),
                 "accuracy": run.accuracy,
                 "recipe": (f"{run.backbone} ({run.weights} weights) at {size} px, head {config['head_epochs']} "
-                           f"epochs, fine-tune {config['finetune_epochs']} epochs, on {run.summary.get('dataset')}")},
+                           f"epochs, fine-tune {config['finetune_epochs']} epochs, on {run.summary.dataset}")},
     }
     print("[deploy] endpoint ...", flush=True)
     results["endpoint"] = bench_endpoint(run.id, photos, args.requests, args.clients)

@@ -8,9 +8,10 @@ is shown beside it. The work is `tlcore.export`'s; this page only draws it.
 import streamlit as st
 
 from tlcore import export, inference
+from tlcore.errors import TransferLabError, plain_message
 from tlcore.store import RunStatus
-from ui import frame, state
 from ui import format as fmt
+from ui import frame, state
 
 frame.require()
 
@@ -45,19 +46,20 @@ if wanted in by_id and wanted != st.session_state.get("export.url_seen"):
     st.session_state["export.run"] = wanted
 state.keep_choice("export.run", choices)
 run_id = st.selectbox("Run", choices, key="export.run",
-                      format_func=lambda i: f"{by_id[i].name} · {fmt.pct(fmt.headline(by_id[i]))} · {by_id[i].backbone}")
+                      format_func=lambda i: f"{by_id[i].name} · {fmt.pct(by_id[i].accuracy)} · "
+                                            f"{by_id[i].backbone}")
 st.query_params["run"] = run_id
 st.session_state["export.url_seen"] = run_id
 run = by_id[run_id]
 
-run_dir, _ = inference.run_model_dir(run.id)
-if not (run_dir / "model.keras").is_file():
-    st.warning(f"Run {run.name} has no saved model file in {run_dir}, so there is nothing to export. "
+folder, _ = inference.run_model_folder(run.id)
+if not folder.has_model():
+    st.warning(f"Run {run.name} has no saved model file in {folder.path}, so there is nothing to export. "
                "Train it again.")
     st.stop()
 
 st.caption("Every model takes RGB 0-255 pixels at the run's image size: the preprocessing is inside it. "
-           f"Files are kept in {run_dir / 'export'}.")
+           f"Files are kept in {folder.path / 'export'}.")
 for key, title, what, suffix, mime in FORMATS:
     left, right = st.columns([4, 1], vertical_alignment="center")
     left.markdown(f"**{title}** · {what}")
@@ -66,9 +68,10 @@ for key, title, what, suffix, mime in FORMATS:
         if right.button("Prepare", key=f"export.make.{key}", width="stretch"):
             bar = st.progress(0.0, text=f"Preparing {title}")
             try:
-                export.download_file(run.id, key, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
-            except (ValueError, KeyError, OSError) as exc:
-                st.error(f"{title} could not be made: {exc}")
+                export.download_file(run.id, key, progress=lambda f, m, bar=bar: bar.progress(min(max(f, 0.0), 1.0),
+                                                                                              text=m))
+            except (TransferLabError, OSError) as exc:
+                st.error(f"{title} could not be made: {plain_message(exc)}")
             else:
                 st.rerun()
         continue

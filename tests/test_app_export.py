@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
-
 import app_seed as seed
+import pytest
 
 
 @pytest.fixture(autouse=True)

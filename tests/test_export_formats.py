@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from tlcore import home
+from tlcore.run_folder import RunFolder
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +20,7 @@ def tlcore_home(trained_run, monkeypatch):
 def _eval_rows(run_id):
     from tlcore.evaluation import read_predictions
 
-    return read_predictions(home.data_home() / "runs" / run_id)
+    return read_predictions(RunFolder(run_id).predictions)
 
 
 def test_onnx_export_agrees_with_keras_and_reports_it(trained_run, tmp_path):
@@ -113,9 +113,9 @@ def test_model_card_says_what_the_model_is_and_how_good(trained_run):
 def test_card_and_bundle_carry_calibration_and_threshold_when_the_run_has_them(trained_run, tmp_path):
     from tlcore.export import export_run
 
-    folder = home.data_home() / "runs" / trained_run.run_id
-    (folder / "calibration.json").write_text(json.dumps({"temperature": 1.5, "ece_after": 0.02}))
-    (folder / "threshold.json").write_text(json.dumps({"threshold": 0.8, "coverage": 0.9}))
+    folder = RunFolder(trained_run.run_id)
+    folder.calibration_file.write_text(json.dumps({"temperature": 1.5, "ece_after": 0.02}))
+    folder.threshold_file.write_text(json.dumps({"threshold": 0.8, "coverage": 0.9}))
     try:
         bundle = export_run(trained_run.run_id, "bundle", tmp_path / "bundle.zip")
         with zipfile.ZipFile(bundle) as zf:
@@ -126,8 +126,8 @@ def test_card_and_bundle_carry_calibration_and_threshold_when_the_run_has_them(t
             assert json.loads(zf.read("labels.json")) == ["blue", "red"]
             md = zf.read("model_card.md").decode()
     finally:
-        (folder / "calibration.json").unlink()
-        (folder / "threshold.json").unlink()
+        folder.calibration_file.unlink()
+        folder.threshold_file.unlink()
     assert {"model.keras", "model.onnx", "labels.json", "preprocessing.json", "model_card.md",
             "model_card.json", "calibration.json", "threshold.json"} <= names
     assert card["calibration"]["temperature"] == 1.5 and card["threshold"]["threshold"] == 0.8
@@ -136,17 +136,19 @@ def test_card_and_bundle_carry_calibration_and_threshold_when_the_run_has_them(t
     assert prep["inside_model"]["mode"] == "lite" and prep["input"]["range"] == [0, 255]
 
 
-def test_a_broken_threshold_file_is_named_in_a_plain_error(tmp_path):
+def test_a_broken_threshold_file_is_named_in_a_plain_error():
+    from tlcore.errors import InvalidInput
     from tlcore.operating_point import read_operating_point
 
-    (tmp_path / "threshold.json").write_text(json.dumps({"threshold": 1.7}))
-    with pytest.raises(ValueError, match=r"`threshold` in .*threshold.json must be a number between 0 and 1. "
-                                         r"Received: threshold=1.7"):
-        read_operating_point(tmp_path)
-    (tmp_path / "threshold.json").write_text("{not json")
-    with pytest.raises(ValueError, match="is not valid JSON"):
-        read_operating_point(tmp_path)
-    assert read_operating_point(tmp_path / "elsewhere").threshold is None
+    folder = RunFolder("run-with-a-broken-threshold").created()
+    folder.threshold_file.write_text(json.dumps({"threshold": 1.7}))
+    with pytest.raises(InvalidInput, match=r"`threshold` in .*threshold.json must be a number between 0 and 1. "
+                                           r"Received: threshold=1.7"):
+        read_operating_point(folder)
+    folder.threshold_file.write_text("{not json")
+    with pytest.raises(InvalidInput, match="is not valid JSON"):
+        read_operating_point(folder)
+    assert read_operating_point(RunFolder("run-elsewhere")).threshold is None
 
 
 def test_cli_exports_onnx_and_prints_the_check(trained_run, capsys):

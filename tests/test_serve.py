@@ -15,7 +15,7 @@ import requests
 from PIL import Image
 
 from tests.test_data_images import make_bomb_png
-from tlcore import home
+from tlcore.run_folder import RunFolder
 
 TOKEN = "s3cret-token"
 
@@ -65,7 +65,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def _eval_rows(run_id):
     from tlcore.evaluation import read_predictions
 
-    return read_predictions(home.data_home() / "runs" / run_id)
+    return read_predictions(RunFolder(run_id).predictions)
 
 
 def _post(url, files, headers=AUTH, **params):
@@ -167,17 +167,17 @@ def test_threshold_and_calibration_of_the_run_are_applied(trained_run):
     from tlcore import inference
     from tlcore.operating_point import read_operating_point
 
-    folder = home.data_home() / "runs" / trained_run.run_id
-    (folder / "calibration.json").write_text(json.dumps({"temperature": 3.0}))
-    (folder / "threshold.json").write_text(json.dumps({"threshold": 0.99}))
+    folder = RunFolder(trained_run.run_id)
+    folder.calibration_file.write_text(json.dumps({"temperature": 3.0}))
+    folder.threshold_file.write_text(json.dumps({"threshold": 0.99}))
     try:
         point = read_operating_point(folder)
         with serving(trained_run.run_id) as url:
             reply = _post(url, {"file": ("a.png", _png(), "image/png")}, headers={})
             card = requests.get(f"{url}/v1/model", timeout=10).json()
     finally:
-        (folder / "calibration.json").unlink()
-        (folder / "threshold.json").unlink()
+        folder.calibration_file.unlink()
+        folder.threshold_file.unlink()
     assert reply.status_code == 200, reply.text
     pred = reply.json()["predictions"][0]
     raw = inference.load_run_model(trained_run.run_id).probabilities(inference.to_pixels(_png(), 48))[0]

@@ -20,8 +20,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tlcore.atomic import write_atomically, write_bytes_atomically, write_json_atomically
+from tlcore.errors import InvalidInput, NotFound
+from tlcore.run_folder import LABELS_FILE, MODEL_FILE, RunFolder
+
 FORMATS = ("keras", "savedmodel", "tflite", "tflite-int8", "onnx", "card", "bundle")
-_DEFAULT_NAMES = {"keras": "model.keras", "savedmodel": "savedmodel", "tflite": "model.tflite",
+_DEFAULT_NAMES = {"keras": MODEL_FILE, "savedmodel": "savedmodel", "tflite": "model.tflite",
                   "tflite-int8": "model_int8.tflite", "onnx": "model.onnx", "card": "model_card.md",
                   "bundle": "bundle.zip"}
 # int8 may lose this many accuracy points against float32 before the export warns.
@@ -30,9 +34,6 @@ INT8_TOLERANCE_POINTS = 1.0
 REPRESENTATIVE_IMAGES = 100
 # Evaluation images timed one by one for the TFLite latency figures.
 LATENCY_IMAGES = 50
-# Files in a run folder an export depends on: a newer one makes a cached export stale.
-_MODEL_INPUTS = ("model.keras", "labels.json", "predictions.jsonl")
-_CARD_INPUTS = _MODEL_INPUTS + ("calibration.json", "threshold.json")
 
 Progress = Callable[[float, str], None]  # (fraction done 0-1, what is happening)
 _EXPORT_LOCK = threading.RLock()  # re-entrant: int8 and bundle exports make other formats first
@@ -53,19 +54,18 @@ def export_run(run_id: str, fmt: str, out: str | Path | None = None, *, progress
         progress: called with (fraction done, message) while a long export runs.
 
     Raises:
-        ValueError: unknown format.
-        KeyError: no such run.
+        InvalidInput: unknown format.
+        NotFound: no such run.
         ModelLoadError: the run has no loadable model.
     """
     from tlcore import inference
 
     fmt = _check_format(fmt)
     report = progress or (lambda fraction, message: None)
-    run_dir = inference.run_model_folder(run_id)[0].path
-    default = run_dir / "export" / _DEFAULT_NAMES[fmt]
+    folder = inference.run_model_folder(run_id)[0]
     if out is None:
-        target = default
-        if is_fresh(target, run_dir, fmt):
+        target = folder.export_dir / _DEFAULT_NAMES[fmt]
+        if is_fresh(target, folder, fmt):
             report(1.0, "Already exported")
             return target.resolve()
     else:
@@ -80,14 +80,14 @@ def export_run(run_id: str, fmt: str, out: str | Path | None = None, *, progress
     target.parent.mkdir(parents=True, exist_ok=True)
 
     with _EXPORT_LOCK:  # two callers asking for the same file: the second finds it made
-        if out is None and is_fresh(target, run_dir, fmt):
+        if out is None and is_fresh(target, folder, fmt):
             return target
-        _make(run_id, fmt, run_dir, target, report)
+        _make(run_id, fmt, folder, target, report)
     report(1.0, "Done")
     return target
 
 
-def _make(run_id: str, fmt: str, run_dir: Path, target: Path, report: Progress) -> None:
+def _make(run_id: str, fmt: str, folder: RunFolder, target: Path, report: Progress) -> None:
     from tlcore import inference
 
     if fmt == "card":
@@ -99,24 +99,24 @@ def _make(run_id: str, fmt: str, run_dir: Path, target: Path, report: Progress) 
     loaded = inference.load_run_model(run_id)  # safe mode; resolves names, checks labels
     if fmt == "keras":
         if target != Path(loaded.path).resolve():
-            _atomic_copy(Path(loaded.path), target)
+            write_atomically(target, lambda tmp: shutil.copyfile(loaded.path, tmp))
     elif fmt == "savedmodel":
         _export_savedmodel(loaded.model, target)
     elif fmt == "tflite":
         _write_tflite(loaded.model, {target: None})
     elif fmt == "tflite-int8":
-        _export_int8(loaded, run_dir, target, report)
+        _export_int8(loaded, folder, target, report)
     elif fmt == "onnx":
-        _export_onnx(loaded, run_dir, target, report)
+        _export_onnx(loaded, folder, target, report)
     else:
-        _export_bundle(run_id, loaded, run_dir, target, report)
+        _export_bundle(run_id, loaded, folder, target, report)
     if fmt != "bundle":
         _write_labels(target, fmt, loaded.labels)
 
 
 def _write_labels(target: Path, fmt: str, labels: list[str]) -> None:
-    path = (target / "labels.json") if fmt == "savedmodel" else target.with_name(target.stem + ".labels.json")
-    path.write_text(json.dumps(labels))
+    path = (target / LABELS_FILE) if fmt == "savedmodel" else target.with_name(target.stem + ".labels.json")
+    write_json_atomically(path, labels)
 
 
 def download_file(run_id: str, fmt: str, *, progress: Progress | None = None) -> Path:
@@ -137,10 +137,8 @@ def download_file(run_id: str, fmt: str, *, progress: Progress | None = None) ->
     with _EXPORT_LOCK:
         if archive.is_file() and archive.stat().st_mtime >= path.stat().st_mtime:
             return archive
-        with _zip_writer(archive) as zf:
-            for file in sorted(path.rglob("*")):
-                if file.is_file():
-                    zf.write(file, Path("savedmodel") / file.relative_to(path))
+        write_atomically(archive, lambda tmp: _zip(tmp, {Path("savedmodel") / file.relative_to(path): file
+                                                         for file in sorted(path.rglob("*")) if file.is_file()}))
     return archive
 
 
@@ -149,21 +147,24 @@ def cached_download(run_id: str, fmt: str) -> Path | None:
     from tlcore import inference
 
     fmt = _check_format(fmt)
-    run_dir = inference.run_model_folder(run_id)[0].path
+    folder = inference.run_model_folder(run_id)[0]
     if fmt == "keras":
-        return run_dir / "model.keras"
+        return folder.model
     name = "savedmodel.zip" if fmt == "savedmodel" else _DEFAULT_NAMES[fmt]
-    path = run_dir / "export" / name
-    return path if is_fresh(path, run_dir, fmt) else None
+    path = folder.path / "export" / name
+    return path if is_fresh(path, folder, fmt) else None
 
 
-def is_fresh(path: Path, run_dir: Path, fmt: str) -> bool:
-    """True when `path`, an export in `fmt`, exists and is newer than every run file it is made from."""
+def is_fresh(path: Path, folder: RunFolder, fmt: str) -> bool:
+    """True when `path`, an export in `fmt`, exists and is newer than every run file it is made from
+    (the model, its labels and predictions; for the card and the bundle also the operating point)."""
     if not path.exists():
         return False
     made = path.stat().st_mtime
-    inputs = _CARD_INPUTS if fmt in ("card", "bundle") else _MODEL_INPUTS
-    return all(not (run_dir / name).exists() or (run_dir / name).stat().st_mtime <= made for name in inputs)
+    inputs = [folder.model, folder.labels_file, folder.predictions]
+    if fmt in ("card", "bundle"):
+        inputs += [folder.calibration_file, folder.threshold_file]
+    return all(not p.exists() or p.stat().st_mtime <= made for p in inputs)
 
 
 def read_report(path: str | Path) -> dict[str, Any] | None:
@@ -187,7 +188,7 @@ def describe_report(report: dict[str, Any]) -> list[str]:
 def _check_format(fmt: str) -> str:
     fmt = str(fmt).strip().lower()
     if fmt not in FORMATS:
-        raise ValueError(f"`format` must be one of {', '.join(FORMATS)}. Received: format={fmt!r}")
+        raise InvalidInput(f"`format` must be one of {', '.join(FORMATS)}. Received: format={fmt!r}")
     return fmt
 
 
@@ -198,35 +199,14 @@ def _report_path(path: Path) -> Path:
 # ------------------------------------------------------------------ writing
 
 
-def _write_atomically(target: Path, data: bytes) -> None:
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_bytes(data)
-    partial.replace(target)
-
-
-def _atomic_copy(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.partial")
-    shutil.copyfile(source, tmp)
-    tmp.replace(target)
-
-
-class _zip_writer:
-    """A zip file written under a temporary name and moved into place when complete."""
-
-    def __init__(self, target: Path):
-        self.target = target
-        self.partial = target.with_name(f".{target.name}.partial")
-
-    def __enter__(self) -> zipfile.ZipFile:
-        self.zf = zipfile.ZipFile(self.partial, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1)
-        return self.zf
-
-    def __exit__(self, exc_type, *_):
-        self.zf.close()
-        if exc_type is None:
-            self.partial.replace(self.target)
-        else:
-            self.partial.unlink(missing_ok=True)
+def _zip(path: Path, members: dict[Path | str, Path | str | bytes]) -> None:
+    """Write a zip at `path`: archive name -> a file to copy in, or the member's text or bytes."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, member in members.items():
+            if isinstance(member, Path):
+                zf.write(member, str(name))
+            else:
+                zf.writestr(str(name), member)
 
 
 def _export_savedmodel(model, target: Path) -> None:
@@ -245,36 +225,35 @@ def _export_savedmodel(model, target: Path) -> None:
 # ------------------------------------------------------------------ the run's images
 
 
-def _eval_set(run_dir: Path, size: int) -> tuple[np.ndarray, list[str], str]:
+def _eval_set(folder: RunFolder, size: int) -> tuple[np.ndarray, list[str], str]:
     """(uint8 pixels, true labels, split name) of the run's evaluation images, as evaluation saw them."""
     from tlcore.data.images import load_resized
     from tlcore.evaluation import read_predictions
-
     from tlcore.store import Store
 
-    rows = read_predictions(run_dir)
+    rows = read_predictions(folder.predictions)
     pixels = np.stack([load_resized(path, size) for path in rows["path"]])
     try:
-        split = Store().get_run(run_dir.name).summary.get("eval_split")
-    except KeyError:  # a run folder without a stored run
-        split = None
+        summary = Store().get_run(folder.run_id).summary
+    except NotFound:  # a run folder without a stored run
+        summary = None
+    split = summary.eval_split if summary else None
     return pixels, list(rows["true"]), split or "evaluation"
 
 
-def _run_config(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def _run_config(folder: RunFolder) -> dict[str, Any] | None:
+    return json.loads(folder.config_file.read_text()) if folder.config_file.is_file() else None
 
 
-def _representative_pixels(run_dir: Path, size: int) -> np.ndarray:
+def _representative_pixels(folder: RunFolder, size: int) -> np.ndarray:
     """Up to `REPRESENTATIVE_IMAGES` training images, classes taken in turn, seeded."""
     from tlcore.data.images import load_resized
     from tlcore.data.manifest import run_entries
     from tlcore.store import Store
 
-    config = _run_config(run_dir)
+    config = _run_config(folder)
     if config is None or "dataset_id" not in config:
-        raise ValueError(f"The run folder {run_dir} has no config.json naming its dataset; int8 quantization "
+        raise InvalidInput(f"The run folder {folder.path} has no config.json naming its dataset; int8 quantization "
                          "needs the run's training images. Retrain the run.")
     dataset = Store().get_dataset(config["dataset_id"])
     split = config.get("split")
@@ -292,7 +271,7 @@ def _representative_pixels(run_dir: Path, size: int) -> np.ndarray:
             if queue and len(chosen) < REPRESENTATIVE_IMAGES:
                 chosen.append(group[queue.pop()])
     if not chosen:
-        raise ValueError(f"The run's dataset {dataset.label} has no training images left to calibrate "
+        raise InvalidInput(f"The run's dataset {dataset.label} has no training images left to calibrate "
                          "int8 quantization with.")
     return np.stack([load_resized(e.path, size) for e in chosen])
 
@@ -320,7 +299,7 @@ def _write_tflite(model, targets: dict[Path, np.ndarray | None]) -> None:
                 converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
                 converter.inference_input_type = tf.uint8
                 converter.inference_output_type = tf.uint8
-            _write_atomically(target, converter.convert())
+            write_bytes_atomically(target, converter.convert())
 
 
 class TFLiteClassifier:
@@ -374,66 +353,65 @@ def int8_warning(float_accuracy: float, int8_accuracy: float, images: int, split
             "Use the float32 TFLite file where accuracy matters.")
 
 
-def _export_int8(loaded, run_dir: Path, target: Path, report: Progress) -> None:
+def _export_int8(loaded, folder: RunFolder, target: Path, report: Progress) -> None:
     report(0.05, f"Reading up to {REPRESENTATIVE_IMAGES} training images for quantization")
-    representative = _representative_pixels(run_dir, loaded.image_size)
+    representative = _representative_pixels(folder, loaded.image_size)
     report(0.1, f"Quantizing to int8 with {len(representative)} training images")
     targets = {target: representative}
-    float_path = run_dir / "export" / _DEFAULT_NAMES["tflite"]  # the float32 model to compare with
-    if not is_fresh(float_path, run_dir, "tflite"):
-        float_path.parent.mkdir(exist_ok=True)
+    float_path = folder.export_dir / _DEFAULT_NAMES["tflite"]  # the float32 model to compare with
+    if not is_fresh(float_path, folder, "tflite"):
         targets[float_path] = None
     _write_tflite(loaded.model, targets)
     _write_labels(float_path, "tflite", loaded.labels)
     report(0.6, "Measuring int8 and float32 accuracy on the evaluation images")
-    pixels, truth, split = _eval_set(run_dir, loaded.image_size)
+    pixels, truth, split = _eval_set(folder, loaded.image_size)
     int8 = _tflite_scores(target, pixels, truth, loaded.labels)
     report(0.8, "Measuring the float32 model")
     float32 = _tflite_scores(float_path, pixels, truth, loaded.labels)
     drop = (float32["accuracy"] - int8["accuracy"]) * 100
-    _report_path(target).write_text(json.dumps({
+    write_json_atomically(_report_path(target), {
         "format": "tflite-int8", "eval_split": split, "eval_images": len(pixels),
         "representative_images": len(representative), "int8": int8, "float32": float32,
         "accuracy_drop_points": round(drop, 3), "tolerance_points": INT8_TOLERANCE_POINTS,
-        "warning": int8_warning(float32["accuracy"], int8["accuracy"], len(pixels), split), "input": "uint8 RGB 0-255", "output": "uint8 probabilities (scale 1/256)",
-    }, indent=2))
+        "warning": int8_warning(float32["accuracy"], int8["accuracy"], len(pixels), split),
+        "input": "uint8 RGB 0-255", "output": "uint8 probabilities (scale 1/256)",
+    }, indent=2)
 
 
 # ------------------------------------------------------------------ ONNX
 
 
-def _export_onnx(loaded, run_dir: Path, target: Path, report: Progress) -> None:
+def _export_onnx(loaded, folder: RunFolder, target: Path, report: Progress) -> None:
     import onnxruntime
     import tensorflow as tf
 
     size = loaded.image_size
     report(0.1, "Converting to ONNX")
     loaded.model(np.zeros((1, size, size, 3), "float32"))  # Keras exports only a model that has been called
-    partial = target.with_name(f".{target.name}.partial")
     spec = tf.TensorSpec((None, size, size, 3), tf.float32, name="image")
-    loaded.model.export(str(partial), format="onnx", input_signature=[spec], verbose=False)
+    write_atomically(target, lambda tmp: loaded.model.export(str(tmp), format="onnx", input_signature=[spec],
+                                                             verbose=False))
     report(0.5, "Checking ONNX Runtime against Keras on the evaluation images")
-    pixels, _, split = _eval_set(run_dir, size)
-    session = onnxruntime.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
+    pixels, _, split = _eval_set(folder, size)
+    session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     onnx_probs = np.concatenate([session.run(None, {name: pixels[i:i + 32].astype("float32")})[0]
                                  for i in range(0, len(pixels), 32)])
     keras_probs = loaded.model.predict(pixels.astype("float32"), batch_size=32, verbose=0)
     agree = onnx_probs.argmax(-1) == keras_probs.argmax(-1)
-    partial.replace(target)
-    _report_path(target).write_text(json.dumps({
+    write_json_atomically(_report_path(target), {
         "format": "onnx", "eval_split": split, "eval_images": len(pixels),
         "top1_agreement": float(agree.mean()), "disagreements": int((~agree).sum()),
         "max_probability_difference": float(np.abs(onnx_probs - keras_probs).max()),
         "input": {"name": name, "shape": [None, size, size, 3], "dtype": "float32", "range": "RGB 0-255"},
         "onnxruntime_version": onnxruntime.__version__,
-    }, indent=2))
+    }, indent=2)
 
 
 # ------------------------------------------------------------------ bundle
 
 
-def _export_bundle(run_id: str, loaded, run_dir: Path, target: Path, report: Progress) -> None:
+def _export_bundle(run_id: str, loaded, folder: RunFolder, target: Path, report: Progress) -> None:
     from tlcore.model_card import build_card, card_markdown, preprocessing_facts
     from tlcore.operating_point import read_operating_point
 
@@ -441,17 +419,16 @@ def _export_bundle(run_id: str, loaded, run_dir: Path, target: Path, report: Pro
     onnx_path = export_run(run_id, "onnx", progress=lambda f, m: report(0.05 + 0.8 * f, m))
     report(0.9, "Writing the model card and the bundle")
     card = build_card(run_id)
-    files: dict[str, str] = {
-        "labels.json": json.dumps(loaded.labels),
+    members: dict[str, Path | str] = {
+        MODEL_FILE: Path(loaded.path),
+        "model.onnx": onnx_path,
+        "model.onnx.report.json": _report_path(onnx_path),
+        LABELS_FILE: json.dumps(loaded.labels),
         "preprocessing.json": json.dumps(preprocessing_facts(card["model"]["backbone_name"],
                                                              loaded.image_size, loaded.labels), indent=2),
         "model_card.md": card_markdown(card),
         "model_card.json": json.dumps(card, indent=2),
     }
-    files.update({name: json.dumps(data, indent=2) for name, data in read_operating_point(run_dir).files().items()})
-    with _zip_writer(target) as zf:
-        zf.write(loaded.path, "model.keras", compress_type=zipfile.ZIP_STORED)
-        zf.write(onnx_path, "model.onnx", compress_type=zipfile.ZIP_STORED)
-        zf.write(_report_path(onnx_path), "model.onnx.report.json")
-        for name, text in files.items():
-            zf.writestr(name, text)
+    point = read_operating_point(folder)
+    members.update({name: json.dumps(data, indent=2) for name, data in point.files(folder).items()})
+    write_atomically(target, lambda tmp: _zip(tmp, members))

@@ -13,24 +13,26 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tlcore import __version__, home
+from tlcore import __version__
+from tlcore.atomic import write_json_atomically, write_text_atomically
 from tlcore.operating_point import read_operating_point
+from tlcore.run_folder import RunFolder
 
 CARD_VERSION = 1
 # Fewer evaluation images than this per class make its row of the table a rough estimate.
 FEW_EVAL_IMAGES = 30
 
 
-def run_folder(run_ref: str, store=None):
-    """(run, its folder) for a run id or name.
+def find_run(run_ref: str, store=None):
+    """(the stored run, its `RunFolder`) for a run id or name.
 
     Raises:
-        KeyError: no such run.
+        NotFound: no such run.
     """
     from tlcore.store import Store
 
     run = (store or Store()).get_run(run_ref)
-    return run, home.data_home() / "runs" / run.id
+    return run, RunFolder(run.id)
 
 
 def preprocessing_facts(backbone: str, image_size: int, labels: list[str]) -> dict[str, Any]:
@@ -57,8 +59,7 @@ def build_card(run_ref: str, store=None) -> dict[str, Any]:
     """The model card of a finished run as a JSON-able dict.
 
     Raises:
-        KeyError: no such run.
-        FileNotFoundError: the run has no stored predictions (it did not finish evaluation).
+        NotFound: no such run, or it has no stored predictions (it did not finish evaluation).
     """
     from tlcore.backbones import get_backbone
     from tlcore.data.manifest import run_entries
@@ -66,9 +67,9 @@ def build_card(run_ref: str, store=None) -> dict[str, Any]:
     from tlcore.store import Store
 
     store = store or Store()
-    run, folder = run_folder(run_ref, store)
+    run, folder = find_run(run_ref, store)
     dataset = store.get_dataset(run.dataset_id)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads(folder.config_file.read_text())
     spec = get_backbone(run.backbone)
     report = evaluate_run(run.id)
     labels = list(report.labels)
@@ -77,10 +78,10 @@ def build_card(run_ref: str, store=None) -> dict[str, Any]:
     counts: dict[str, Counter] = {s: Counter() for s in ("train", "val", "test")}
     for entry in run_entries(dataset, tuple(split) if split else None, int(config.get("seed", 0))):
         counts[entry.split][entry.label] += 1
-    eval_split = (run.summary or {}).get("eval_split") or ("test" if sum(counts["test"].values()) else "val")
+    eval_split = run.summary.eval_split if run.summary else ("test" if sum(counts["test"].values()) else "val")
     point = read_operating_point(folder)
     pretrained = run.weights == "imagenet"
-    metrics = report.metrics()
+    metrics = report.metrics().to_dict()
     return {
         "card_version": CARD_VERSION,
         "model": {
@@ -194,8 +195,6 @@ def _scalars(data: dict[str, Any]) -> str:
 def write_card(card: dict[str, Any], markdown_path: Path) -> tuple[Path, Path]:
     """Write `card` as Markdown at `markdown_path` and as JSON beside it (same stem, `.json`)."""
     json_path = markdown_path.with_suffix(".json")
-    for path, text in ((markdown_path, card_markdown(card)), (json_path, json.dumps(card, indent=2))):
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(text)
-        partial.replace(path)
+    write_text_atomically(markdown_path, card_markdown(card))
+    write_json_atomically(json_path, card, indent=2)
     return markdown_path, json_path

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-CALIBRATION_FILE = "calibration.json"
-THRESHOLD_FILE = "threshold.json"
+from tlcore.errors import InvalidInput
+from tlcore.run_folder import RunFolder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,27 +45,26 @@ class OperatingPoint:
         """True when the top probability is below the threshold; always False without one."""
         return self.threshold is not None and float(confidence) < self.threshold
 
-    def files(self) -> dict[str, dict[str, Any]]:
-        """The files to ship with the model: file name -> contents, only those the run has."""
+    def files(self, folder: RunFolder) -> dict[str, dict[str, Any]]:
+        """The files to ship with the model: file name (as in `folder`) -> contents, only those the run has."""
         out = {}
         if self.calibration:
-            out[CALIBRATION_FILE] = self.calibration
+            out[folder.calibration_file.name] = self.calibration
         if self.threshold_info:
-            out[THRESHOLD_FILE] = self.threshold_info
+            out[folder.threshold_file.name] = self.threshold_info
         return out
 
 
-def read_operating_point(run_dir: str | os.PathLike) -> OperatingPoint:
+def read_operating_point(folder: RunFolder) -> OperatingPoint:
     """The calibration and threshold in a run folder; an empty `OperatingPoint` when it has neither.
 
     Raises:
-        ValueError: a file is there but is not a JSON object with a usable number.
+        InvalidInput: a file is there but is not a JSON object with a usable number.
     """
-    run_dir = Path(run_dir)
-    calibration = _read(run_dir / CALIBRATION_FILE)
-    threshold_info = _read(run_dir / THRESHOLD_FILE)
-    temperature = _number(calibration, "temperature", run_dir / CALIBRATION_FILE, lambda v: v > 0, "above 0")
-    threshold = _number(threshold_info, "threshold", run_dir / THRESHOLD_FILE, lambda v: 0 <= v <= 1,
+    calibration = _read(folder.calibration_file)
+    threshold_info = _read(folder.threshold_file)
+    temperature = _number(calibration, "temperature", folder.calibration_file, lambda v: v > 0, "above 0")
+    threshold = _number(threshold_info, "threshold", folder.threshold_file, lambda v: 0 <= v <= 1,
                         "between 0 and 1")
     return OperatingPoint(temperature, threshold, calibration, threshold_info)
 
@@ -77,9 +75,9 @@ def _read(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); recalibrate the run or delete the file.") from None
+        raise InvalidInput(f"{path} is not valid JSON ({exc}); recalibrate the run or delete the file.") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object. Received: {type(data).__name__}")
+        raise InvalidInput(f"{path} must hold a JSON object. Received: {type(data).__name__}")
     return data
 
 
@@ -88,5 +86,5 @@ def _number(data: dict[str, Any], key: str, path: Path, valid: Callable[[float],
         return None
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
-        raise ValueError(f"`{key}` in {path} must be a number {bound}. Received: {key}={value!r}")
+        raise InvalidInput(f"`{key}` in {path} must be a number {bound}. Received: {key}={value!r}")
     return float(value)

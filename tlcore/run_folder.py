@@ -7,7 +7,9 @@
     runs/<id>/checkpoint.weights.h5    the last checkpoint's weights
     runs/<id>/checkpoint.json          which phase and epoch that checkpoint is after
     runs/<id>/tensorboard/<phase>/     TensorBoard logs
-    runs/<id>/export/                  exported copies of the model
+    runs/<id>/calibration.json         optional: temperature scaling of the probabilities
+    runs/<id>/threshold.json           optional: the top probability below which the model abstains
+    runs/<id>/export/                  exported copies of the model, made once
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ CONFIG_FILE = "config.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 CHECKPOINT_WEIGHTS_FILE = "checkpoint.weights.h5"
 CHECKPOINT_STATE_FILE = "checkpoint.json"
+CALIBRATION_FILE = "calibration.json"
+THRESHOLD_FILE = "threshold.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +80,14 @@ class RunFolder:
     @property
     def checkpoint_state(self) -> Path:
         return self.path / CHECKPOINT_STATE_FILE
+
+    @property
+    def calibration_file(self) -> Path:
+        return self.path / CALIBRATION_FILE
+
+    @property
+    def threshold_file(self) -> Path:
+        return self.path / THRESHOLD_FILE
 
     def tensorboard(self, phase: str) -> Path:
         return self.path / "tensorboard" / phase

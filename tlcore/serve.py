@@ -8,14 +8,14 @@ waiting, so concurrent requests share forward passes. Every refusal is a 4xx wit
 sentence in `{"error": ...}`, never a traceback.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations, and
+# `Depends(bearer)` names a variable local to `create_app`.
 import queue
 import secrets
 import threading
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
@@ -23,6 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tlcore.errors import ImageRejected
 
 # Largest upload accepted per image; bigger ones get 413 before they are decoded.
 MAX_UPLOAD_BYTES = 20 * 2**20
@@ -90,11 +92,11 @@ class ServedModel:
 
     def __init__(self, run_ref: str, store=None):
         from tlcore import inference
-        from tlcore.model_card import build_card, run_folder
+        from tlcore.model_card import build_card, find_run
         from tlcore.operating_point import read_operating_point
 
         self.loaded = inference.load_run_model(run_ref, store)
-        run, folder = run_folder(run_ref, store)
+        run, folder = find_run(run_ref, store)
         self.run_id, self.run_name = run.id, run.name
         self.card = build_card(run.id, store)
         self.point = read_operating_point(folder)
@@ -126,9 +128,8 @@ _STATUS = {"too_large": 413, "not_image": 415}
 
 
 def create_app(run_ref: str, *, token: str | None = None, store=None):
-    """The FastAPI app serving run `run_ref`; loads the model now (raises `KeyError`/`ModelLoadError`)."""
+    """The FastAPI app serving run `run_ref`; loads the model now (raises `NotFound`/`ModelLoadError`)."""
     from tlcore import __version__
-    from tlcore.data.images import ImageRejected
 
     served = ServedModel(run_ref, store)
 
@@ -146,7 +147,7 @@ def create_app(run_ref: str, *, token: str | None = None, store=None):
         def __init__(self, status: int, message: str):
             self.status, self.message = status, message
 
-    def check_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    def check_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         if token is None:
             return
         if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
@@ -184,9 +185,10 @@ def create_app(run_ref: str, *, token: str | None = None, store=None):
         return served.card
 
     @app.post("/v1/predict", dependencies=[Depends(check_token)])
-    def predict(file: UploadFile | None = File(None, description="one image"),
-                files: list[UploadFile] | None = File(None, description="several images"),
-                top_k: int = Query(5, ge=1, description="classes per image, most likely first")) -> dict[str, Any]:
+    def predict(file: Annotated[UploadFile | None, File(description="one image")] = None,
+                files: Annotated[list[UploadFile] | None, File(description="several images")] = None,
+                top_k: Annotated[int, Query(ge=1, description="classes per image, most likely first")] = 5,
+                ) -> dict[str, Any]:
         """Top-k classes with probabilities for each image; `abstained` is true below the run's threshold."""
         uploads = ([file] if file is not None else []) + list(files or [])
         if not uploads:
