@@ -253,8 +253,8 @@ def _representative_pixels(folder: RunFolder, size: int) -> np.ndarray:
 
     config = _run_config(folder)
     if config is None or "dataset_id" not in config:
-        raise InvalidInput(f"The run folder {folder.path} has no config.json naming its dataset; int8 quantization "
-                         "needs the run's training images. Retrain the run.")
+        raise InvalidInput(f"The run folder {folder.path} has no config.json naming its dataset; int8 "
+                           "quantization needs the run's training images. Retrain the run.")
     dataset = Store().get_dataset(config["dataset_id"])
     split = config.get("split")
     train = [e for e in run_entries(dataset, tuple(split) if split else None, int(config.get("seed", 0)))
@@ -272,7 +272,7 @@ def _representative_pixels(folder: RunFolder, size: int) -> np.ndarray:
                 chosen.append(group[queue.pop()])
     if not chosen:
         raise InvalidInput(f"The run's dataset {dataset.label} has no training images left to calibrate "
-                         "int8 quantization with.")
+                           "int8 quantization with.")
     return np.stack([load_resized(e.path, size) for e in chosen])
 
 
