@@ -258,7 +258,7 @@ def test_import_train_watch_inspect_demo(server, page, tlcore_home, tmp_path):
 
 # ------------------------------------------------- deep links as the first request
 
-NAVIGATION = ["Home", "Datasets", "Train", "Compare", "Errors", "Demo"]
+NAVIGATION = ["Home", "Datasets", "Train", "Compare", "Errors", "Demo", "Export"]
 
 
 def _navigation(page) -> list[str]:
