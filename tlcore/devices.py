@@ -9,6 +9,7 @@ machines have none); the multi-replica path is tested over logical CPU devices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 from tlcore.errors import InvalidInput
@@ -115,10 +116,21 @@ def apply(device_plan: DevicePlan):
     enable_memory_growth()
     keras.mixed_precision.set_global_policy("mixed_float16" if device_plan.mixed_precision else "float32")
     if device_plan.strategy_name == "MirroredStrategy":
-        return tf.distribute.MirroredStrategy(device_plan.devices)
+        return _mirrored_strategy(tuple(device_plan.devices))
     if device_plan.strategy_name == "OneDevice":
         return tf.distribute.OneDeviceStrategy(device_plan.devices[0])
     return tf.distribute.get_strategy()
+
+
+@functools.cache
+def _mirrored_strategy(device_names: tuple[str, ...]):
+    # One strategy per device set for the life of the process: each new MirroredStrategy
+    # numbers its collective ops from the same first key, and the runtime remembers a key's
+    # tensor shape, so a worker's second run on a fresh strategy fails with "Shape mismatch
+    # in the collective instance".
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(list(device_names))
 
 
 def float32_model(model):

@@ -395,8 +395,8 @@ class _ReplicaSafeLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         context = tf.distribute.get_replica_context()
         if context is None or context.num_replicas_in_sync == 1:
             return finite
-        all_finite = context.all_reduce(tf.distribute.ReduceOp.MIN, tf.cast(finite, tf.float32))
-        return tf.greater(all_finite, 0.5)
+        overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+        return tf.equal(overflowed, 0.0)
 
 
 class _EpochTensorBoard(keras.callbacks.TensorBoard):
