@@ -99,6 +99,7 @@ def main(dataset_id: str, out: str) -> None:
         started = time.perf_counter()
         results[name] = job()
         timings[name] = round(time.perf_counter() - started, 1)
+        print(f"{name}: {timings[name]} s", flush=True)
     results["timings_s"] = timings
     with open(out, "w") as f:
         json.dump(results, f)

@@ -145,3 +145,22 @@ def test_feature_cache_keeps_float16_features_apart():
 
     plain = feature_cache_path("ds", "lite0", 32, "imagenet", 0)
     assert feature_cache_path("ds", "lite0", 32, "imagenet", 0, mixed_precision=True) != plain
+
+
+def test_dashboard_device_is_one_capped_gpu_or_the_cpu_and_bad_values_are_explained():
+    assert devices.ui_device({}) == (0, devices.UI_GPU_MEMORY_MB)
+    assert devices.ui_device({"TLCORE_UI_DEVICE": "gpu:3", "TLCORE_UI_GPU_MEMORY_MB": "1024"}) == (3, 1024)
+    assert devices.ui_device({"TLCORE_UI_DEVICE": "cpu"})[0] is None
+    with pytest.raises(InvalidInput, match="'cpu' or 'gpu:N'"):
+        devices.ui_device({"TLCORE_UI_DEVICE": "all"})
+    with pytest.raises(InvalidInput, match="at least 64"):
+        devices.ui_device({"TLCORE_UI_GPU_MEMORY_MB": "lots"})
+
+
+def test_worker_environment_leaves_the_dashboard_device_limits_behind():
+    base = {"TLCORE_UI_DEVICE": "cpu", "TLCORE_UI_GPU_MEMORY_MB": "512", "PATH": "/bin",
+            "TLCORE_TRAIN_DEVICES": "/gpu:1", "PYTHONPATH": "/extra"}
+    env = devices.worker_environment(base, "/data", "/app")
+    assert "TLCORE_UI_DEVICE" not in env and "TLCORE_UI_GPU_MEMORY_MB" not in env
+    assert env["TLCORE_TRAIN_DEVICES"] == "/gpu:1" and env["PATH"] == "/bin"
+    assert env["TLCORE_HOME"] == "/data" and env["PYTHONPATH"] == f"/app{os.pathsep}/extra"

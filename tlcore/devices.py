@@ -168,39 +168,52 @@ def _float32_policies(config):
     return config
 
 
-def configure_ui_process() -> str:
-    """Give the dashboard process at most one GPU, with a memory cap, or none.
+def ui_device(environ: dict[str, str] | None = None) -> tuple[int | None, int]:
+    """(GPU index or None for the CPU, memory cap in MB) the dashboard process may use.
 
-    `$TLCORE_UI_DEVICE`: "cpu" hides every GPU from this process; "gpu:N" (default gpu:0)
-    keeps only GPU N with a cap of `$TLCORE_UI_GPU_MEMORY_MB` (default 2048) MB, so the
-    worker training beside it keeps the rest. Only this process is affected (nothing is put
-    in the environment the worker inherits). Call before TensorFlow touches a GPU; returns a
-    line saying what was done.
+    `$TLCORE_UI_DEVICE`: "cpu" (no GPU) or "gpu:N" (default gpu:0); `$TLCORE_UI_GPU_MEMORY_MB`
+    the cap (default 2048).
 
     Raises:
         InvalidInput: the variables do not parse.
     """
-    import tensorflow as tf
-
-    choice = os.environ.get(UI_DEVICE_ENV, "gpu:0").strip().lower()
-    memory = os.environ.get(UI_GPU_MEMORY_ENV, str(UI_GPU_MEMORY_MB)).strip()
+    environ = os.environ if environ is None else environ
+    choice = environ.get(UI_DEVICE_ENV, "gpu:0").strip().lower()
+    memory = environ.get(UI_GPU_MEMORY_ENV, str(UI_GPU_MEMORY_MB)).strip()
     if not memory.isdigit() or int(memory) < 64:
         raise InvalidInput(f"`{UI_GPU_MEMORY_ENV}` must be a whole number of MB, at least 64. Received: {memory!r}")
-    found = tf.config.list_physical_devices("GPU")
     if choice == "cpu":
-        tf.config.set_visible_devices([], "GPU")
-        return "dashboard on the CPU (no GPU)"
+        return None, int(memory)
     index = choice.removeprefix("gpu:")
     if not index.isdigit():
         raise InvalidInput(f"`{UI_DEVICE_ENV}` must be 'cpu' or 'gpu:N'. Received: {choice!r}")
+    return int(index), int(memory)
+
+
+def configure_ui_process() -> str:
+    """Give the dashboard process at most one GPU with a memory cap (`ui_device`), or none.
+
+    Only this process is limited, through TensorFlow (never `CUDA_VISIBLE_DEVICES`, which the
+    worker would inherit). Call before TensorFlow touches a GPU; returns what was done.
+    """
+    import tensorflow as tf
+
+    index, memory = ui_device()
+    found = tf.config.list_physical_devices("GPU")
     if not found:
         return "dashboard on the CPU (no GPU visible)"
-    if int(index) >= len(found):
+    if index is not None and index >= len(found):
         raise InvalidInput(f"`{UI_DEVICE_ENV}` names GPU {index}, but this machine shows {len(found)} GPU(s). "
-                           f"Received: {choice!r}")
-    gpu = found[int(index)]
-    tf.config.set_visible_devices([gpu], "GPU")
-    tf.config.set_logical_device_configuration(gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=int(memory))])
+                           f"Received: gpu:{index}")
+    try:
+        if index is None:
+            tf.config.set_visible_devices([], "GPU")
+            return "dashboard on the CPU (GPUs left to the worker)"
+        tf.config.set_visible_devices([found[index]], "GPU")
+        tf.config.set_logical_device_configuration(
+            found[index], [tf.config.LogicalDeviceConfiguration(memory_limit=memory)])
+    except RuntimeError:  # TensorFlow already started in this process: too late to limit it
+        return "dashboard device settings not applied (TensorFlow had already started)"
     return f"dashboard on GPU {index}, capped at {memory} MB"
 
 
