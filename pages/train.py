@@ -8,8 +8,7 @@ import dataclasses
 
 import streamlit as st
 
-from tlcore.config import AUGMENTATIONS, PRESETS, TrainConfig
-from tlcore.devices import SWITCHES
+from tlcore.config import AUGMENTATIONS, PRESETS, SWITCHES, TrainConfig
 from tlcore.store import RunStatus
 from ui import charts, frame, sidebar, state
 from ui import format as fmt

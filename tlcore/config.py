@@ -8,11 +8,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tlcore.devices import check_switch
 from tlcore.errors import InvalidInput
 
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast", "translate")
 BATCH_SCOPES = ("replica", "global")
+SWITCHES = ("auto", "on", "off")  # mixed precision and XLA; the rule for "auto" is in `devices.plan`
+
+
+def check_switch(name: str, value: str) -> str:
+    """`value` if it is one of auto/on/off, else InvalidInput naming `name`."""
+    if value not in SWITCHES:
+        raise InvalidInput(f"`{name}` must be one of {', '.join(SWITCHES)}. Received: {name}={value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

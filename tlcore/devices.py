@@ -12,11 +12,11 @@ import dataclasses
 import functools
 import os
 
+from tlcore.config import check_switch
 from tlcore.errors import InvalidInput
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-SWITCHES = ("auto", "on", "off")
 # Comma list of devices to train on, e.g. "/gpu:0,/gpu:1" (default: every visible GPU, else the CPU).
 TRAIN_DEVICES_ENV = "TLCORE_TRAIN_DEVICES"
 # The dashboard process: "cpu" (no GPU at all) or "gpu:N" (that one GPU, capped); default "gpu:0".
@@ -58,13 +58,6 @@ def enable_memory_growth() -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:  # already initialised: growth can no longer be changed
             pass
-
-
-def check_switch(name: str, value: str) -> str:
-    """`value` if it is one of auto/on/off, else InvalidInput naming `name`."""
-    if value not in SWITCHES:
-        raise InvalidInput(f"`{name}` must be one of {', '.join(SWITCHES)}. Received: {name}={value!r}")
-    return value
 
 
 def train_devices() -> list[str]:
