@@ -34,7 +34,8 @@ ONE_REPLICA = "/cpu:0"
 # dropout masks. Head dropout off, and MobileNetV2 (no dropout in its body; EfficientNet-Lite0
 # draws drop-connect masks while fine-tuning), from random weights (nothing to download).
 RECIPE = dict(backbone="mobilenet_v2", weights="none", image_size=32, batch_size=4, batch_scope="global",
-              head_epochs=1, finetune_epochs=2, finetune_layers=10, augment=("flip", "zoom"), dropout=0.0)
+              head_epochs=1, finetune_epochs=2, finetune_layers=10, augment=("flip", "zoom"), dropout=0.0,
+              lr=0.05)  # a rate that moves the outputs well away from uniform in a few steps
 
 
 def _create(store: Store, dataset_id: str, name: str, config: TrainConfig, extra=None):

@@ -26,8 +26,10 @@ from tlcore.errors import InvalidInput
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two replicas sum per-replica gradients where one replica sums the whole batch: the same
-# arithmetic in another order, so probabilities agree to float32 rounding after a few steps.
-PROBABILITY_TOLERANCE = 1e-4
+# arithmetic in another order. Adam divides by the root of tiny squared gradients, which
+# magnifies that rounding; after a few steps the probabilities agree within 1e-3 (measured:
+# 1e-4 with outputs still near uniform).
+PROBABILITY_TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,9 @@ def test_two_replicas_fine_tune_resume_and_predict_like_one_replica(replica_runs
         assert "Backbone features computed and cached" in run["first_log"]
         assert "Resumed from run" in run["log"] and "finetune epoch 2/2" in run["log"]
     assert np.isfinite(two["losses"]).all()
+    print(f"largest probability gap between 2 and 1 replicas: "
+          f"{np.abs(np.subtract(two['probabilities'], one['probabilities'])).max():.2e}")
+    assert np.abs(np.subtract(two["probabilities"], 0.5)).max() > 10 * PROBABILITY_TOLERANCE  # not all uniform
     np.testing.assert_allclose(two["probabilities"], one["probabilities"], atol=PROBABILITY_TOLERANCE)
 
 
