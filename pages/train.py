@@ -8,7 +8,7 @@ import dataclasses
 
 import streamlit as st
 
-from tlcore.config import AUGMENTATIONS, PRESETS, TrainConfig
+from tlcore.config import AUGMENTATIONS, PRESETS, SWITCHES, TrainConfig
 from tlcore.store import RunStatus
 from ui import charts, frame, sidebar, state
 from ui import format as fmt
@@ -63,6 +63,9 @@ def apply_preset() -> None:
     ss["train.dropout"] = float(values["dropout"])
     ss["train.patience"] = int(values["early_stopping_patience"])
     ss["train.seed"] = int(values["seed"])
+    ss["train.batch_scope"] = values["batch_scope"]
+    ss["train.mixed_precision"] = values["mixed_precision"]
+    ss["train.xla"] = values["xla"]
     split = values.get("split")
     ss["train.resplit"] = split is not None
     ss.setdefault("train.split_train", 70)
@@ -91,6 +94,9 @@ def form_config(dataset_id: str) -> TrainConfig:
         lr=float(ss["train.lr"]),
         finetune_lr_scale=float(ss["train.finetune_lr_scale"]),
         batch_size=int(ss["train.batch_size"]),
+        batch_scope=ss["train.batch_scope"],
+        mixed_precision=ss["train.mixed_precision"],
+        xla=ss["train.xla"],
         dropout=float(ss["train.dropout"]),
         early_stopping_patience=int(ss["train.patience"]),
         seed=int(ss["train.seed"]),
@@ -198,7 +204,11 @@ with form_col:
                     help="Layers from the top of the backbone unfrozen in phase 2.")
     c1, c2 = st.columns(2)
     c1.select_slider("Learning rate", LRS, key="train.lr", format_func=lambda v: f"{v:g}")
-    c2.selectbox("Batch size", BATCHES, key="train.batch_size")
+    per_replica = st.session_state.get("train.batch_scope", "replica") == "replica"
+    c2.selectbox("Batch size per GPU" if per_replica else "Batch size (global)", BATCHES, key="train.batch_size",
+                 help="Images per training step on each GPU (replica): with 4 GPUs a step sees 4 × this many. "
+                      "Change it to a global batch split across the GPUs under More settings." if per_replica
+                 else "Images per training step across all GPUs, split evenly between them.")
     st.multiselect("Augmentation", list(AUGMENTATIONS), key="train.augment",
                    help="Random transforms of training images in the fine-tune phase. A flip also reaches "
                         "the cached head phase: the mirrored images' features are cached too.")
@@ -210,6 +220,16 @@ with form_col:
         c1.number_input("Early-stopping patience (epochs)", 0, 100, key="train.patience")
         c2.number_input("Fine-tune LR scale", 0.001, 1.0, step=0.05, format="%.3f", key="train.finetune_lr_scale")
         c1.number_input("Seed", 0, 2**31 - 1, key="train.seed")
+        c2.radio("Batch size counts", ["replica", "global"], key="train.batch_scope", horizontal=True,
+                 format_func=lambda v: "per GPU (replica)" if v == "replica" else "globally",
+                 help="Per GPU (default): the global batch grows with the number of GPUs. Globally: the batch "
+                      "size is split across them.")
+        c1.selectbox("Mixed precision", SWITCHES, key="train.mixed_precision",
+                     help="float16 compute with float32 weights. auto: on with a GPU, off on the CPU. The saved "
+                          "model always computes in float32.")
+        c2.selectbox("XLA compilation", SWITCHES, key="train.xla",
+                     help="auto: on with exactly one GPU; off with several (it does not work under "
+                          "MirroredStrategy) and on the CPU.")
         st.checkbox("Re-split the dataset (train / val / test)", key="train.resplit",
                     help="Only for datasets imported without given splits; a given layout is always kept.")
         if st.session_state["train.resplit"]:
@@ -260,6 +280,8 @@ def run_panel(run_id: str, live: bool = False) -> None:
         m1.metric("Accuracy", fmt.pct(run.accuracy))
         m2.metric("Macro F1", fmt.pct(run.macro_f1))
         m3.metric("Took", fmt.duration(fmt.run_duration(run)))
+        if run.summary and run.summary.device_record:
+            st.caption(f"Trained on {run.summary.device_record.describe()}.")
         l1, l2 = st.columns(2)
         l1.page_link("pages/errors.py", label="See its errors", icon=":material/error:", query_params={"run": run.id})
         l2.page_link("pages/demo.py", label="Try it in the demo", icon=":material/photo_camera:",

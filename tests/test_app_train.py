@@ -82,6 +82,21 @@ def test_seed_preset_fills_the_form(store):
     assert at.checkbox(key="train.resplit").value is True
     assert at.number_input(key="train.split_train").value == 80
     assert at.select_slider(key="train.lr").value == pytest.approx(1e-4)
+    assert at.selectbox(key="train.mixed_precision").value == "off"  # the seed recipe trained in float32
+
+
+def test_precision_xla_and_batch_scope_settings_reach_the_queued_run(store, _no_processes):
+    seed.dataset(store)
+    at = seed.app("pages/train.py", timeout=120).run()
+    assert at.selectbox(key="train.batch_size").label == "Batch size per GPU"
+    at.selectbox(key="train.xla").select("off")
+    at.selectbox(key="train.mixed_precision").select("on")
+    at.radio(key="train.batch_scope").set_value("global").run()
+    assert at.selectbox(key="train.batch_size").label == "Batch size (global)"
+    at.button(key="train.launch").click().run()
+    assert not at.exception
+    [run] = store.list_runs()
+    assert (run.config["xla"], run.config["mixed_precision"], run.config["batch_scope"]) == ("off", "on", "global")
 
 
 def test_bad_form_values_are_explained(store):

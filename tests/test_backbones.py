@@ -130,3 +130,30 @@ def test_missing_keras_weights_offline_fail_with_one_sentence_naming_file_and_fo
     assert spec.weights_file in message and "weights" in message and "--weights none" in message
     assert "\n" not in message
     assert resolve_weights(spec, "none") is None
+
+
+def test_efficientnet_b0_from_a_weights_file_scales_inputs_like_keras_imagenet_graph(tmp_path, monkeypatch):
+    """Keras adds EfficientNet's stddev rescaling only for weights="imagenet"; a weights file must not lose it."""
+    import keras
+    from keras.src.applications import efficientnet
+
+    size = 32
+    random_weights = keras.applications.EfficientNetB0(include_top=False, weights=None,
+                                                       input_shape=(size, size, 3))
+    norm = next(layer for layer in random_weights.layers if isinstance(layer, keras.layers.Normalization))
+    norm.adapt_mean.assign([0.485, 0.456, 0.406])
+    norm.adapt_variance.assign([0.229 ** 2, 0.224 ** 2, 0.225 ** 2])
+    path = str(tmp_path / "efficientnetb0_random.weights.h5")
+    random_weights.save_weights(path)
+    # Keras' own "imagenet" graph, its download replaced by the random file (nothing downloads).
+    monkeypatch.setattr(efficientnet.file_utils, "get_file", lambda *args, **kwargs: path)
+    keras_imagenet = keras.applications.EfficientNetB0(include_top=False, weights="imagenet",
+                                                       input_shape=(size, size, 3))
+
+    ours = get_backbone("efficientnet_b0").build(size, path)
+    x = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
+    expected = keras_imagenet.predict(x, verbose=0)
+    scale = np.abs(expected).max()
+    # Without the rescaling (Keras' own graph built from a file) the features differ by far more.
+    assert np.abs(random_weights.predict(x, verbose=0) - expected).max() > 0.1 * scale
+    np.testing.assert_allclose(ours.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-4 * scale)

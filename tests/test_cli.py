@@ -143,3 +143,13 @@ def test_predict_imagenet_model_names_the_cat(tmp_path, capsys):
     not_an_image = str(ROOT / "pyproject.toml")
     code, out, err = run_cli(capsys, "predict", "--model", "efficientnet_lite0", str(path), not_an_image)
     assert code == 2 and "pyproject.toml is not an image" in err and str(path) in out
+
+
+def test_precision_xla_and_batch_scope_options_reach_the_config_over_a_preset():
+    args = cli.build_parser().parse_args(["train", "--data", "d", "--preset", "seed-vgg16", "--xla", "off",
+                                          "--batch-size", "16", "--batch-scope", "global"])
+    config = cli.config_from_args(args)
+    assert (config.mixed_precision, config.xla) == ("off", "off")  # the preset's float32, the option's XLA
+    assert (config.batch_size, config.batch_scope) == (16, "global")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--data", "d", "--mixed-precision", "maybe"])

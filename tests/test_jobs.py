@@ -134,6 +134,15 @@ def test_failure_is_one_plain_line_with_traceback_in_log(store, dataset, monkeyp
     assert not jobs.worker_status(store).alive  # the worker left
 
 
+def test_process_per_job_trains_each_run_in_a_child_that_exits(store, dataset):
+    run = jobs.submit(tiny(dataset.name), store)
+    (done,) = jobs.worker_loop(store, once=True, process_per_job=True)
+    assert done.id == run.id and done.status is RunStatus.SUCCEEDED, done.error
+    [line] = [line.message for line in store.logs(run.id) if line.message.startswith("Training in job process")]
+    child_pid = int(line.split()[4].rstrip(";"))
+    assert child_pid != os.getpid() and not jobs._pid_alive(child_pid)
+
+
 def test_resume_needs_a_stopped_run_with_a_checkpoint(store, dataset):
     run = jobs.submit(tiny(dataset.name), store)
     with pytest.raises(ValueError, match="Only failed or cancelled"):

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run queued jobs one at a time")
     worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    worker.add_argument("--process-per-job", action="store_true",
+                        help="train each job in its own process, so a finished job returns its GPU memory "
+                             "(also: TLCORE_PROCESS_PER_JOB=1)")
 
     cancel = sub.add_parser("cancel", help="cancel a queued run, or stop a running one between batches")
     cancel.add_argument("run", help="run id or name")
@@ -107,7 +110,13 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-layers", type=int)
     p.add_argument("--augment", type=_augment_arg, help="comma list of flip,rotate,zoom,contrast,translate or none")
     p.add_argument("--lr", type=float, help="head learning rate")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="images per replica (per GPU) and step; default 32")
+    p.add_argument("--batch-scope", choices=("replica", "global"),
+                   help="replica (default): --batch-size per replica, the global batch grows with the GPUs; "
+                        "global: --batch-size split across them")
+    p.add_argument("--mixed-precision", choices=("auto", "on", "off"),
+                   help="float16 compute (auto: on with a GPU, off on the CPU)")
+    p.add_argument("--xla", choices=("auto", "on", "off"), help="XLA compilation (auto: on with exactly one GPU)")
     p.add_argument("--seed", type=int)
     p.add_argument("--split", type=_split_arg, help="train,val,test fractions, e.g. 0.8,0.1,0.1")
     p.add_argument("--preset", help="a named recipe; explicit options override it")
@@ -141,7 +150,8 @@ def config_from_args(args: argparse.Namespace):
             raise InvalidInput(f"`--preset` must be one of {', '.join(PRESETS)}. Received: preset={args.preset!r}")
         values.update(PRESETS[args.preset])
     for option in ("backbone", "weights", "image_size", "head_epochs", "finetune_epochs", "finetune_layers",
-                   "augment", "lr", "batch_size", "seed", "split", "name"):
+                   "augment", "lr", "batch_size", "batch_scope", "mixed_precision", "xla", "seed", "split",
+                   "name"):
         value = getattr(args, option)
         if value is not None:
             values[option] = value
@@ -282,13 +292,15 @@ def _summary_text(run) -> str:
              f"  {s.eval_split} accuracy {s.metrics.accuracy:.4f}, macro F1 {s.metrics.macro_f1:.4f} "
              f"in {s.timings.total_s or 0:.1f} s",
              f"  model: {s.model_path}"]
+    if s.device_record:
+        lines.append(f"  trained on {s.device_record.describe()}")
     return "\n".join(lines)
 
 
 def cmd_worker(args) -> int:
     from tlcore import jobs
 
-    runs = jobs.serve_forever(once=args.once)
+    runs = jobs.serve_forever(once=args.once, process_per_job=args.process_per_job)
     failed = [r for r in runs if r.status.value == "failed"]
     return 1 if args.once and failed else 0
 
@@ -347,6 +359,8 @@ def cmd_runs(args) -> int:
     if run.summary:
         lines.append(f"  {run.summary.eval_split} accuracy {run.summary.metrics.accuracy:.4f}, "
                      f"macro F1 {run.summary.metrics.macro_f1:.4f}")
+        if run.summary.device_record:
+            lines.append(f"  trained on {run.summary.device_record.describe()}")
     if epochs:
         lines.append(_table(["step", "phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"],
                             [[e.step, e.phase, e.epoch] + [_fmt(e.metrics.get(k)) for k in

@@ -11,6 +11,15 @@ from typing import Any
 from tlcore.errors import InvalidInput
 
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast", "translate")
+BATCH_SCOPES = ("replica", "global")
+SWITCHES = ("auto", "on", "off")  # mixed precision and XLA; the rule for "auto" is in `devices.plan`
+
+
+def check_switch(name: str, value: str) -> str:
+    """`value` if it is one of auto/on/off, else InvalidInput naming `name`."""
+    if value not in SWITCHES:
+        raise InvalidInput(f"`{name}` must be one of {', '.join(SWITCHES)}. Received: {name}={value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +37,8 @@ class TrainConfig:
     head_augment: bool = False  # augment in phase 1 too: features can then not be cached
     lr: float = 1e-3  # head learning rate; fine-tuning uses lr * finetune_lr_scale
     finetune_lr_scale: float = 0.1
-    batch_size: int = 32
+    batch_size: int = 32  # per replica (batch_scope "replica") or split across replicas ("global")
+    batch_scope: str = "replica"  # "replica": the global batch grows with the replicas
     dropout: float = 0.2
     early_stopping_patience: int = 3
     seed: int = 0
@@ -36,8 +46,8 @@ class TrainConfig:
     # None keeps the dataset's own split. Given splits are always kept.
     split: tuple[float, float, float] | None = None
     name: str | None = None
-    mixed_precision: bool | None = None  # None: on when a GPU is present
-    xla: bool | None = None  # None: on when a GPU is present
+    mixed_precision: str = "auto"  # auto, on, off; the rule for auto is in `devices.plan`
+    xla: str = "auto"  # auto, on, off
 
     def __post_init__(self):
         bad = [a for a in self.augment if a not in AUGMENTATIONS]
@@ -58,8 +68,25 @@ class TrainConfig:
                                        or min(self.split) < 0 or self.split[0] == 0):
             raise InvalidInput(f"`split` must be three fractions (train, val, test) summing to 1. "
                              f"Received: split={self.split}")
+        if self.batch_scope not in BATCH_SCOPES:
+            raise InvalidInput(f"`batch_scope` must be one of {', '.join(BATCH_SCOPES)}. "
+                               f"Received: batch_scope={self.batch_scope!r}")
+        check_switch("mixed_precision", self.mixed_precision)
+        check_switch("xla", self.xla)
         if not 0 < self.lr < 1:
             raise InvalidInput(f"`lr` must be between 0 and 1. Received: lr={self.lr}")
+
+    def batch_sizes(self, replicas: int) -> tuple[int, int]:
+        """(per-replica batch, global batch) on `replicas` replicas.
+
+        With batch_scope "replica" the global batch is `batch_size` x `replicas`; with "global"
+        it is `batch_size`, split evenly (rounded down to a multiple of `replicas`, at least one
+        image per replica).
+        """
+        if self.batch_scope == "replica":
+            return self.batch_size, self.batch_size * replicas
+        per_replica = max(1, self.batch_size // replicas)
+        return per_replica, per_replica * replicas
 
     def resolved_image_size(self, spec) -> int:
         """The image size this recipe trains `spec` at: `image_size`, or the backbone's default.
@@ -86,17 +113,22 @@ class TrainConfig:
         kwargs["augment"] = tuple(kwargs.get("augment") or ())
         if kwargs.get("split") is not None:
             kwargs["split"] = tuple(kwargs["split"])
+        for switch in ("mixed_precision", "xla"):
+            if switch in kwargs and not isinstance(kwargs[switch], str):
+                # Configs written before the switches were words: None (auto), True, False.
+                kwargs[switch] = {None: "auto", True: "on", False: "off"}[kwargs[switch]]
         return cls(**kwargs)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "fast-offline": dict(backbone="efficientnet_lite0", weights="imagenet", head_epochs=20,
-                         finetune_epochs=0, lr=1e-3, batch_size=32),
+                         finetune_epochs=0, lr=1e-3, batch_size=32, mixed_precision="auto", xla="auto"),
     "lite0-finetune": dict(backbone="efficientnet_lite0", weights="imagenet", head_epochs=8,
                            finetune_epochs=4, finetune_layers=30, augment=("flip", "rotate", "zoom"),
-                           lr=1e-3, batch_size=32),
-    # The seed project's recipe: VGG16, ImageNet weights, flip/rotate/zoom, Adam 1e-4.
+                           lr=1e-3, batch_size=32, mixed_precision="auto", xla="auto"),
+    # The seed project's recipe: VGG16, ImageNet weights, flip/rotate/zoom, Adam 1e-4, float32.
     "seed-vgg16": dict(backbone="vgg16", weights="imagenet", image_size=224, head_epochs=10,
                        finetune_epochs=5, finetune_layers=4, augment=("flip", "rotate", "zoom"),
-                       head_augment=True, split=(0.8, 0.1, 0.1), lr=1e-4, finetune_lr_scale=0.1, batch_size=32),
+                       head_augment=True, split=(0.8, 0.1, 0.1), lr=1e-4, finetune_lr_scale=0.1, batch_size=32,
+                       mixed_precision="off", xla="auto"),
 }

@@ -19,14 +19,18 @@ from tlcore.atomic import write_atomically
 
 
 def feature_cache_path(dataset_id: str, backbone: str, size: int, weights: str, seed: int,
-                       mirrored_rows: np.ndarray | None = None) -> Path:
-    """Where the features of a dataset live; with `mirrored_rows`, those of these rows mirrored."""
+                       mirrored_rows: np.ndarray | None = None, *, mixed_precision: bool = False) -> Path:
+    """Where the features of a dataset live; with `mirrored_rows`, those of these rows mirrored.
+
+    Features computed in mixed precision (float16 convolutions) are kept apart from float32
+    ones: a float32 run never trains its head on float16 features, nor the other way round.
+    """
     # Random-init weights depend on the seed; ImageNet weights do not.
     weights_key = weights if weights == "imagenet" else f"{weights}-seed{seed}"
-    variant = ""
+    variant = "-fp16" if mixed_precision else ""
     if mirrored_rows is not None:
         digest = hashlib.sha1(np.ascontiguousarray(mirrored_rows, dtype=np.int64).tobytes()).hexdigest()[:10]
-        variant = f"-mirror-{digest}"
+        variant += f"-mirror-{digest}"
     return home.cache_dir("features") / f"{dataset_id}-{backbone}-{size}-{weights_key}{variant}.npy"
 
 

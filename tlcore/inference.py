@@ -55,7 +55,11 @@ class LoadedModel:
     def __init__(self, model, labels: Sequence[str], *, name: str, path: str | None = None,
                  run_id: str | None = None):
         from tlcore.backbones.folding import fold_batchnorm
+        from tlcore.devices import float32_model
 
+        # A run trained in mixed precision before its saved model was made float32 would
+        # otherwise predict with float16 convolutions on this (possibly CPU) host.
+        model = float32_model(model)
         self.model = model
         # Predictions run on a twin with BatchNorm folded into the convolutions: same outputs, faster.
         self._predictor = fold_batchnorm(model, only_frozen=False)
@@ -321,6 +325,8 @@ def gradcam(loaded: LoadedModel, image_uint8: np.ndarray, class_index: int | Non
                                  f"Received: class_index={class_index}")
             score = scores[:, class_index]
         grads = tape.gradient(score, fmap)
+    # A float16 feature map (a mixed-precision backbone) would lose the small gradients.
+    fmap, grads = tf.cast(fmap, tf.float32), tf.cast(grads, tf.float32)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * fmap, axis=-1))[0].numpy().astype("float64")
     top = cam.max()

@@ -28,7 +28,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from tlcore import home
+from tlcore import devices, home
 from tlcore.atomic import write_json_atomically
 from tlcore.backbones import get_backbone
 from tlcore.config import TrainConfig
@@ -366,12 +366,14 @@ def worker_status(store: Store | None = None) -> WorkerStatus:
 
 
 def worker_loop(store: Store | None = None, *, once: bool = False, poll_s: float = 1.0,
-                lease_s: float = LEASE_S, shutdown: threading.Event | None = None) -> list[Run]:
+                lease_s: float = LEASE_S, shutdown: threading.Event | None = None,
+                process_per_job: bool = False) -> list[Run]:
     """Run queued jobs one at a time until `shutdown` is set (or, with `once`, after one job).
 
-    Each turn reaps dead or stale runs, claims the oldest queued run and trains it. With
-    `once` the loop returns after one job, or at once when the queue is empty. Returns the
-    runs it finished.
+    Each turn reaps dead or stale runs, claims the oldest queued run and trains it (with
+    `process_per_job`, in a child process that exits after it, so the GPU memory TensorFlow
+    holds goes back to the system). With `once` the loop returns after one job, or at once
+    when the queue is empty. Returns the runs it finished.
 
     Raises:
         WorkerBusy: another live worker already serves this data home.
@@ -411,11 +413,10 @@ def worker_loop(store: Store | None = None, *, once: bool = False, poll_s: float
                 continue
             _write_worker_json({**info, "current_run_id": run.id})
             _say(f"training {run.id} ({run.name})")
-            done = execute_claimed(
-                run, store, shutdown=shutdown,
-                stop_reason=lambda: ("The worker was shut down; epochs logged so far are kept. Resume "
-                                     "the run if it saved a checkpoint, or submit it again."
-                                     if shutdown.is_set() else None))
+            if process_per_job:
+                done = _execute_in_child(run, store, shutdown)
+            else:
+                done = execute_claimed(run, store, shutdown=shutdown, stop_reason=lambda: _shutdown_reason(shutdown))
             finished.append(done)
             _write_worker_json(info)
             _say(f"{done.id} {done.status.value}" + (f": {done.error}" if done.error else ""))
@@ -432,12 +433,50 @@ def worker_loop(store: Store | None = None, *, once: bool = False, poll_s: float
     return finished
 
 
+def _shutdown_reason(shutdown: threading.Event) -> str | None:
+    if not shutdown.is_set():
+        return None
+    return ("The worker was shut down; epochs logged so far are kept. Resume the run if it saved a checkpoint, "
+            "or submit it again.")
+
+
+def _execute_in_child(run: Run, store: Store, shutdown: threading.Event) -> Run:
+    """Train a claimed run in a child process (`execute_claimed_in_this_process`); a shutdown
+    is passed on as SIGTERM. A child that dies without a final status leaves the run failed."""
+    code = f"from tlcore.jobs import execute_claimed_in_this_process as job; job({run.id!r})"
+    env = devices.worker_environment(dict(os.environ), str(home.data_home()), str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL)
+    signalled = False
+    while proc.poll() is None:
+        if shutdown.is_set() and not signalled:
+            proc.send_signal(signal.SIGTERM)
+            signalled = True
+        time.sleep(0.5)
+    finished = store.get_run(run.id)
+    if not finished.status.is_terminal:
+        finished = store.finish_run(run.id, RunStatus.FAILED,
+                                    error=f"The job process exited with code {proc.returncode} before it finished.")
+    return finished
+
+
+def execute_claimed_in_this_process(run_id: str) -> None:
+    """The child side of a process-per-job worker: train the claimed run `run_id` and exit."""
+    shutdown = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: shutdown.set())
+    store = Store()
+    store.log(run_id, f"Training in job process {os.getpid()}; its GPU memory is returned when it exits.")
+    execute_claimed(store.get_run(run_id), store, shutdown=shutdown, stop_reason=lambda: _shutdown_reason(shutdown))
+
+
 def _say(message: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [worker] {message}", flush=True)
 
 
-def serve_forever(once: bool = False) -> list[Run]:
-    """The `python -m tlcore worker` process: SIGTERM/SIGINT stop it after cancelling its job."""
+def serve_forever(once: bool = False, process_per_job: bool = False) -> list[Run]:
+    """The `python -m tlcore worker` process: SIGTERM/SIGINT stop it after cancelling its job.
+
+    `process_per_job` (or `$TLCORE_PROCESS_PER_JOB=1`) trains each job in its own process.
+    """
     shutdown = threading.Event()
 
     def _stop(signum, _frame):
@@ -447,7 +486,8 @@ def serve_forever(once: bool = False) -> list[Run]:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-    return worker_loop(once=once, shutdown=shutdown)
+    process_per_job = process_per_job or os.environ.get("TLCORE_PROCESS_PER_JOB") == "1"
+    return worker_loop(once=once, shutdown=shutdown, process_per_job=process_per_job)
 
 
 _children: list[subprocess.Popen] = []
@@ -472,9 +512,8 @@ def start_worker_process() -> int:
         status = worker_status()
         if status.alive:
             return status.pid
-        env = {**os.environ, "TLCORE_HOME": str(home.data_home()), "TF_CPP_MIN_LOG_LEVEL": "2"}
-        package_root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env = devices.worker_environment(dict(os.environ), str(home.data_home()),
+                                         str(Path(__file__).resolve().parents[1]))
         with open(worker_log_path(), "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "tlcore", "worker"],

@@ -125,6 +125,29 @@ class Timings(Record):
 
 
 @dataclasses.dataclass(frozen=True)
+class DeviceRecord(Record):
+    """Where a run trained and how: the device facts `devices.plan` resolved for it."""
+
+    kind: str = "CPU"  # "GPU" or "CPU"
+    devices: list[str] = dataclasses.field(default_factory=list)  # one per replica; empty: host CPU
+    replicas: int = 1
+    strategy: str = ""
+    mixed_precision: bool = False
+    xla: bool = False
+    batch_per_replica: int | None = None
+    global_batch: int | None = None  # images per optimizer step, summed over replicas
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def describe(self) -> str:
+        """'2 replicas (MirroredStrategy) · mixed precision · batch 32 per replica = 64 global'."""
+        bits = [f"{self.replicas} replica{'s' if self.replicas > 1 else ''} ({self.strategy or self.kind})"]
+        bits += [name for name, on in (("mixed precision", self.mixed_precision), ("XLA", self.xla)) if on]
+        if self.batch_per_replica:
+            bits.append(f"batch {self.batch_per_replica} per replica = {self.global_batch} global")
+        return " · ".join(bits)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSummary(Record):
     """What a finished run produced and how good it is."""
 
@@ -138,6 +161,7 @@ class RunSummary(Record):
     metrics: Metrics
     timings: Timings = dataclasses.field(default_factory=Timings)
     device: str = ""
+    device_record: DeviceRecord | None = None  # None: a run from before devices were recorded
     model_path: str = ""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 

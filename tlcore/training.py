@@ -27,9 +27,9 @@ from tlcore.data import pipeline
 from tlcore.data.manifest import run_entries
 from tlcore.errors import InvalidInput, RunCancelled
 from tlcore.evaluation import EvalReport, compute_report, write_predictions
-from tlcore.features import cached_features, feature_cache_path, pad_batch
+from tlcore.features import cached_features, feature_cache_path
 from tlcore.run_folder import Checkpoint, RunFolder
-from tlcore.run_record import RunProgress, RunSummary, Timings
+from tlcore.run_record import DeviceRecord, RunProgress, RunSummary, Timings
 from tlcore.store import Store
 
 TOP_K = 5
@@ -78,8 +78,12 @@ class _Training:
             self.timed("head_s", self.fit_head)
         if self.config.finetune_epochs:
             self.timed("finetune_s", lambda: self.fine_tune(resume))
+        with self.strategy.scope():
+            # What is saved and evaluated computes in float32: a mixed-precision model would
+            # reload as float16 on a CPU host and could not be converted to TFLite.
+            self.final_model = devices.float32_model(self.model)
         report = self.timed("eval_s", self.evaluate)
-        model_path = save_model_atomically(self.model, self.folder.model)
+        model_path = save_model_atomically(self.final_model, self.folder.model)
         self.timings["total_s"] = time.perf_counter() - started
         self.log(f"Done: {self.eval_split} accuracy {report.accuracy:.4f}, macro F1 {report.macro_f1:.4f} "
                  f"in {self.timings['total_s']:.1f} s.")
@@ -112,9 +116,15 @@ class _Training:
         self.folder.write_labels(self.labels)
 
     def prepare_devices(self) -> None:
-        self.device_plan = devices.plan(self.config.mixed_precision, self.config.xla)
-        self.strategy = devices.apply(self.device_plan)
-        self.log(f"Device: {self.device_plan.describe()}.")
+        """The device plan (the rule for "auto" is in `devices.plan`), its strategy and batch sizes."""
+        plan = self.device_plan = devices.plan(self.config.mixed_precision, self.config.xla)
+        self.strategy = devices.apply(plan)
+        per_replica, self.global_batch = self.config.batch_sizes(plan.replicas)
+        self.device_record = DeviceRecord(
+            kind=plan.kind, devices=list(plan.devices), replicas=plan.replicas, strategy=plan.strategy_name,
+            mixed_precision=plan.mixed_precision, xla=plan.xla, batch_per_replica=per_replica,
+            global_batch=self.global_batch)
+        self.log(f"Device: {plan.describe()}; {self.device_record.describe()}.")
         keras.utils.set_random_seed(self.config.seed)
 
     def decode_pixels(self) -> None:
@@ -172,14 +182,16 @@ class _Training:
         """Predictions on the evaluation split, written to the run folder, and their report."""
         self.beat(RunProgress(phase="evaluating", message=f"Evaluating on {self.eval_split}"), force=True)
         eval_rows = np.sort(self.splits[self.eval_split])
-        if self.head_on_features is not None and not self.config.finetune_epochs:
+        if self.head_on_features is not None and not self.config.finetune_epochs \
+                and not self.device_plan.mixed_precision:
             # The head shares its weights with the saved model, so its output on the cached
-            # features is the model's output on the pixels, without a second backbone pass.
+            # (float32) features is the model's output on the pixels, without a second backbone pass.
             head, features = self.head_on_features
             probs = head.predict(features[eval_rows], batch_size=256, verbose=0)
         else:
-            probs = model_probabilities(fold_batchnorm(self.model, only_frozen=False), self.pixels.images,
-                                        eval_rows, self.config.batch_size)
+            with self.strategy.scope():
+                predictor = fold_batchnorm(self.final_model, only_frozen=False)
+            probs = model_probabilities(predictor, self.pixels.images, eval_rows, self.global_batch)
         rows = prediction_rows(probs, eval_rows, self.entries, self.labels)
         write_predictions(self.folder.predictions, rows)
         return compute_report(self.labels, pd.DataFrame(rows))
@@ -197,6 +209,7 @@ class _Training:
             metrics=report.metrics(),
             timings=Timings(**timings, features_reused=bool(self.timings.get("features_reused"))),
             device=self.device_plan.describe(),
+            device_record=self.device_record,
             model_path=str(model_path),
         )
 
@@ -227,7 +240,7 @@ class _Training:
         val = splits["val"]
         head.fit(
             x_train, y_train,
-            batch_size=config.batch_size,
+            batch_size=self.global_batch,
             epochs=config.head_epochs,
             validation_data=(features[val], self.y_all[val]) if len(val) else None,
             shuffle=True,
@@ -241,7 +254,7 @@ class _Training:
                    schedule: bool = False) -> None:
         config, images = self.config, self.pixels.images
         train, val = self.splits["train"], self.splits["val"]
-        steps = -(-len(train) // config.batch_size)
+        steps = -(-len(train) // self.global_batch)
         if schedule:
             warmup = min(steps, max(1, steps * epochs // 10))
             learning_rate = keras.optimizers.schedules.CosineDecay(
@@ -251,9 +264,9 @@ class _Training:
             # The twin shares every trainable weight with `model`: training it trains `model`.
             trainer = fold_batchnorm(self.model)
             _compile(trainer, learning_rate, self.device_plan.xla)
-        train_data = pipeline.batches(images, train, self.y_all[train], config.batch_size,
+        train_data = pipeline.batches(images, train, self.y_all[train], self.global_batch,
                                       shuffle=True, seed=config.seed, augment=config.augment)
-        val_data = (pipeline.batches(images, val, self.y_all[val], config.batch_size, shuffle=False, seed=0)
+        val_data = (pipeline.batches(images, val, self.y_all[val], self.global_batch, shuffle=False, seed=0)
                     if len(val) else None)
         trainer.fit(
             train_data,
@@ -272,8 +285,7 @@ class _Training:
             _StoreProgress(self, phase, epochs, checkpoint),
             keras.callbacks.EarlyStopping(monitor=monitor, patience=self.config.early_stopping_patience,
                                           restore_best_weights=True, verbose=0),
-            keras.callbacks.TensorBoard(log_dir=str(self.folder.tensorboard(phase)), write_graph=False,
-                                        profile_batch=0),
+            _EpochTensorBoard(log_dir=str(self.folder.tensorboard(phase)), write_graph=False, profile_batch=0),
         ]
 
     def save_checkpoint(self, phase: str, epoch: int) -> None:
@@ -287,13 +299,14 @@ class _FeatureExtraction:
 
     def __init__(self, training: _Training, feature_model):
         self.training, self.feature_model = training, feature_model
-        self.batch_size = max(training.config.batch_size, 32)
+        self.batch_size = max(training.global_batch, 32)
 
     def features(self, rows: np.ndarray | None = None, mirror: bool = False) -> tuple[np.ndarray, bool, float]:
         t, config = self.training, self.training.config
         images = t.pixels.images
         path = feature_cache_path(t.dataset.id, t.spec.name, t.size, config.weights, config.seed,
-                                  mirrored_rows=rows if mirror else None)
+                                  mirrored_rows=rows if mirror else None,
+                                  mixed_precision=t.device_plan.mixed_precision)
         bar = keras.utils.Progbar(len(images) if rows is None else len(rows),
                                   unit_name="image") if t.progress_bar else None
 
@@ -350,17 +363,54 @@ def unfreeze_top(base, n_layers: int) -> int:
 
 
 def _compile(model, learning_rate, xla: bool) -> None:
+    """Adam, sparse cross-entropy and accuracy; XLA when `xla` (never over several replicas:
+    `devices.plan` sees to that); under mixed precision a loss-scale optimizer that skips a
+    step on every replica when any replica's gradients overflow."""
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    if model.dtype_policy.name == "mixed_float16":
+        optimizer = _ReplicaSafeLossScaleOptimizer(optimizer)
     # Keras 3 compile takes keywords: a positional list would land in the wrong parameter.
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=xla,
     )
 
 
+class _ReplicaSafeLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras' loss-scale optimizer, with the inf/NaN check agreed across replicas.
+
+    Under MirroredStrategy Keras checks each replica's own gradients before they are summed:
+    one replica can skip the step while the others apply it, so an overflow on one device
+    can reach the weights. Here a step is skipped everywhere when any replica saw inf/NaN.
+    """
+
+    def check_finite(self, grads):
+        import tensorflow as tf
+
+        finite = super().check_finite(grads)
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return finite
+        overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+        return tf.equal(overflowed, 0.0)
+
+
+class _EpochTensorBoard(keras.callbacks.TensorBoard):
+    """TensorBoard logs per epoch, safe to call off the training thread between batches."""
+
+    async_safe = True  # it writes nothing per batch (update_freq "epoch")
+
+
 class _StoreProgress(keras.callbacks.Callback):
-    """Streams batch progress and epoch metrics into the store; stops training on cancel."""
+    """Streams batch progress and epoch metrics into the store; stops training on cancel.
+
+    `async_safe`: its batch hook reads no metric, so Keras may call it off the training
+    thread instead of waiting for the device after every step.
+    """
+
+    async_safe = True
 
     def __init__(self, training: _Training, phase: str, epochs: int, checkpoint: bool):
         super().__init__()
@@ -422,18 +472,13 @@ class _StoreProgress(keras.callbacks.Callback):
 
 
 def model_probabilities(model, images: np.ndarray, indices: np.ndarray, batch_size: int) -> np.ndarray:
-    """Class probabilities of the full model for the cached pixel rows `indices` (sorted)."""
-    import tensorflow as tf
+    """Class probabilities of the full model for the cached pixel rows `indices`, in that order.
 
-    @tf.function(reduce_retracing=True)
-    def forward(x):
-        return model(tf.cast(x, tf.float32), training=False)
-
-    out = []
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
-        out.append(forward(pad_batch(np.asarray(images[chunk]), batch_size)).numpy()[:len(chunk)])
-    return np.concatenate(out)
+    `predict` over the prefetching pixel pipeline: a model built under a multi-replica
+    strategy splits each batch across its replicas.
+    """
+    data = pipeline.batches(images, indices, np.zeros(len(indices), np.int32), batch_size, shuffle=False, seed=0)
+    return np.asarray(model.predict(data, verbose=0))
 
 
 def prediction_rows(probs: np.ndarray, indices: np.ndarray, entries, labels) -> list[dict[str, Any]]:

@@ -39,7 +39,8 @@ TRAIN_FORM_KEYS = (
     "train.image_size", "train.head_epochs", "train.finetune_epochs", "train.finetune_layers",
     "train.lr", "train.batch_size", "train.augment", "train.head_augment", "train.dropout",
     "train.patience", "train.finetune_lr_scale", "train.seed", "train.resplit",
-    "train.split_train", "train.split_val", "train.name",
+    "train.split_train", "train.split_val", "train.name", "train.batch_scope", "train.mixed_precision",
+    "train.xla",
 )
 
 
@@ -180,14 +181,21 @@ class CachedModel:
 _LOAD_LOCK = threading.Lock()
 
 
+@st.cache_resource(show_spinner=False)
+def _ui_device() -> str:
+    """At most one GPU, capped, for this process (`tlcore.devices.configure_ui_process`), once."""
+    from tlcore import devices
+
+    return devices.configure_ui_process()
+
+
 @st.cache_resource(show_spinner=False, max_entries=6)
 def _load_model(data_home: str, ref: str) -> CachedModel:
     # One model load at a time: two sessions asking for the same run wait for one load.
     with _LOAD_LOCK:
-        from tlcore import devices, inference
+        from tlcore import inference
 
-        # Take GPU memory as needed, not all at once, so the worker training beside us keeps its share.
-        devices.enable_memory_growth()
+        _ui_device()
         if ref.startswith("imagenet:"):
             loaded = inference.load_imagenet_model(ref.split(":", 1)[1])
         else:

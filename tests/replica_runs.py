@@ -1,0 +1,117 @@
+"""Runs for tests/test_gpu_path.py, in a fresh process whose CPU is split into two logical
+devices, so that MirroredStrategy trains two replicas the way it would on two GPUs.
+
+Usage: python tests/replica_runs.py DATASET_ID OUT_JSON (with $TLCORE_HOME set). Writes what
+each run produced as JSON; the test asserts on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import tensorflow as tf
+
+# Before anything touches the runtime: one physical CPU seen as two devices.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tlcore import devices  # noqa: E402
+from tlcore.config import TrainConfig  # noqa: E402
+from tlcore.errors import RunCancelled  # noqa: E402
+from tlcore.run_folder import RunFolder  # noqa: E402
+from tlcore.store import RunStatus, Store  # noqa: E402
+from tlcore.training import _compile, execute_run  # noqa: E402
+
+TWO_REPLICAS = "/cpu:0,/cpu:1"
+ONE_REPLICA = "/cpu:0"
+# Nothing random inside the model, so that runs can be compared: each replica draws its own
+# dropout masks. Head dropout off, and MobileNetV2 (no dropout in its body; EfficientNet-Lite0
+# draws drop-connect masks while fine-tuning), from random weights (nothing to download).
+RECIPE = dict(backbone="mobilenet_v2", weights="none", image_size=32, batch_size=4, batch_scope="global",
+              head_epochs=1, finetune_epochs=2, finetune_layers=10, augment=("flip", "zoom"), dropout=0.0,
+              lr=0.05)  # a rate that moves the outputs well away from uniform in a few steps
+
+
+def _create(store: Store, dataset_id: str, name: str, config: TrainConfig, extra=None):
+    return store.create_run(name, dataset_id, config.backbone, config.weights, {**config.to_dict(), **(extra or {})},
+                            status=RunStatus.RUNNING)
+
+
+def _result(store: Store, run_id: str, summary) -> dict:
+    rows = [json.loads(line) for line in RunFolder(run_id).predictions.read_text().splitlines()]
+    return {"run_id": run_id, "device_record": summary.device_record.to_dict(), "model_path": summary.model_path,
+            "probabilities": [[p for _, p in sorted(row["topk"])] for row in rows],
+            "losses": [e.metrics["loss"] for e in store.epochs(run_id)],
+            "log": "\n".join(line.message for line in store.logs(run_id))}
+
+
+def interrupted_then_resumed(store: Store, dataset_id: str, devices: str) -> dict:
+    """Head on cached features and one fine-tune epoch, stopped; then resumed to the end."""
+    os.environ["TLCORE_TRAIN_DEVICES"] = devices
+    config = TrainConfig(dataset=dataset_id, **RECIPE)
+    first = _create(store, dataset_id, f"interrupted on {devices}", config)
+    try:
+        execute_run(first.id, store, should_stop=lambda: len(store.epochs(first.id)) >= 2)
+        raise AssertionError("the run was not stopped after its first fine-tune epoch")
+    except RunCancelled:
+        pass
+    second = _create(store, dataset_id, f"resumed on {devices}", config, {"resume_from": first.id})
+    result = _result(store, second.id, execute_run(second.id, store))
+    result["first_log"] = "\n".join(line.message for line in store.logs(first.id))
+    return result
+
+
+def mixed_precision_run(store: Store, dataset_id: str) -> dict:
+    """Two replicas with mixed precision forced on (float16 compute on a CPU: slow, but runs).
+
+    Head only: its head trains through the loss-scale optimizer on both replicas, and the
+    evaluation runs the whole saved model on pixels (never the cached-feature shortcut under
+    mixed precision); a fine-tune would only add minutes of graph tracing.
+    """
+    os.environ["TLCORE_TRAIN_DEVICES"] = TWO_REPLICAS
+    config = TrainConfig(dataset=dataset_id, **{**RECIPE, "finetune_epochs": 0, "mixed_precision": "on"})
+    run = _create(store, dataset_id, "mixed precision", config)
+    return _result(store, run.id, execute_run(run.id, store))
+
+
+def overflow_on_one_replica() -> dict:
+    """One training step where only the second replica's half of the batch overflows float16."""
+    os.environ["TLCORE_TRAIN_DEVICES"] = TWO_REPLICAS
+    strategy = devices.apply(devices.plan("on", "off"))
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4),
+                                  keras.layers.Dense(2, activation="softmax", dtype="float32")])
+        _compile(model, 0.1, xla=False)
+    before = [w.copy() for w in model.get_weights()]
+    x = np.array([[1, 2], [3, 4], [1e5, 1e5], [1e5, 1e5]], np.float32)  # 1e5 > float16's max (65504)
+    model.fit(x, np.array([0, 1, 0, 1]), batch_size=4, epochs=1, shuffle=False, verbose=0)
+    after = model.get_weights()
+    return {"weights_finite": all(bool(np.isfinite(w).all()) for w in after),
+            "weights_unchanged": all(np.array_equal(a, b) for a, b in zip(before, after)),
+            "loss_scale": float(np.asarray(model.optimizer.dynamic_scale))}
+
+
+def main(dataset_id: str, out: str) -> None:
+    store = Store()
+    results, timings = {}, {}
+    for name, job in (("two_replicas", lambda: interrupted_then_resumed(store, dataset_id, TWO_REPLICAS)),
+                      ("one_replica", lambda: interrupted_then_resumed(store, dataset_id, ONE_REPLICA)),
+                      ("mixed_precision", lambda: mixed_precision_run(store, dataset_id)),
+                      ("overflow", overflow_on_one_replica)):
+        started = time.perf_counter()
+        results[name] = job()
+        timings[name] = round(time.perf_counter() - started, 1)
+        print(f"{name}: {timings[name]} s", flush=True)
+    results["timings_s"] = timings
+    with open(out, "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
