@@ -34,6 +34,7 @@ from tlcore.backbones import get_backbone
 from tlcore.config import TrainConfig
 from tlcore.errors import InvalidInput, NotFound, RunCancelled, WorkerBusy, plain_message
 from tlcore.run_folder import RunFolder
+from tlcore.run_record import Executor
 from tlcore.store import Run, RunStatus, Store
 
 HEARTBEAT_S = 2.0  # how often a running job renews its lease and looks for a cancel request
@@ -274,8 +275,10 @@ def execute_claimed(run: Run, store: Store, *, stop: threading.Event | None = No
         return store.finish_run(run.id, RunStatus.CANCELLED, error="Cancelled before it started.")
     beat.start()
     try:
-        from tlcore import training
+        from tlcore import devices, training
 
+        store.update_run(run.id, executor=Executor(kind="local", host=socket.gethostname(),
+                                                   gpus=len(devices.gpus()), began_at=time.time()))
         summary = training.execute_run(run.id, store,
                                        should_stop=lambda: stop.is_set() or shutdown.is_set(),
                                        progress_bar=progress_bar)
