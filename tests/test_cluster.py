@@ -40,7 +40,7 @@ def ray_cluster():
         env.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
         env.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
         started = time.monotonic()
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
         worker_node = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         print(f"[cluster] two nodes up in {time.monotonic() - started:.1f} s")
@@ -165,7 +165,7 @@ def test_two_runs_train_at_once_on_two_nodes_and_match_a_local_run(home, colours
 
     # The same recipe and seed trained here by the local worker predicts the same.
     local = jobs.run_foreground(short(colours.id, seed=0), store)
-    assert local.executor.kind == "local"
+    assert local.status is RunStatus.SUCCEEDED and local.executor.kind == "local", local.error
     for remote_row, local_row in zip(predictions(first.id), predictions(local.id), strict=True):
         assert remote_row["pred"] == local_row["pred"] and remote_row["path"] == local_row["path"]
         assert remote_row["confidence"] == pytest.approx(local_row["confidence"], abs=1e-4)
