@@ -365,6 +365,9 @@ def cmd_worker(args) -> int:
     from tlcore import jobs
 
     cluster = args.cluster or os.environ.get("TLCORE_CLUSTER")
+    if not cluster and (args.gpus_per_run is not None or args.cpus_per_run is not None):
+        raise InvalidInput("`--gpus-per-run` and `--cpus-per-run` apply to a cluster: pass --cluster ADDRESS "
+                           "(or set TLCORE_CLUSTER). The local worker trains one run at a time with what it has.")
     if cluster:
         from tlcore import cluster as ray_cluster
 

@@ -621,5 +621,6 @@ def worker_loop(address: str, store: Store | None = None, *, once: bool = False,
 def serve_forever(address: str, *, once: bool = False, gpus_per_run: float | None = None,
                   cpus_per_run: float | None = None) -> list[Run]:
     """`python -m tlcore worker --cluster ADDRESS`: SIGTERM/SIGINT stop it after cancelling its runs."""
+    _check_reachable(address)
     return jobs.until_signalled(lambda shutdown: worker_loop(
         address, once=once, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, shutdown=shutdown))

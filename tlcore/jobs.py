@@ -499,6 +499,7 @@ def start_worker_process(cluster: str | None = None) -> int:
         if status.alive:
             return status.pid
         env = {**os.environ, "TLCORE_HOME": str(home.data_home()), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        env.pop("TLCORE_CLUSTER", None)  # `cluster` alone decides where this worker trains
         package_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         with open(worker_log_path(), "ab") as log:
