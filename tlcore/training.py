@@ -60,7 +60,7 @@ class StoreSink:
     run_id: str
 
     def log(self, message: str) -> None:
-        self.sink.log(message)
+        self.store.log(self.run_id, message)
 
     def log_epoch(self, phase: str, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self.store.log_epoch(self.run_id, phase, epoch, step, metrics)
