@@ -9,7 +9,6 @@ each Ray worker imports TensorFlow once, and a new dispatcher would mean new wor
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -36,8 +35,10 @@ def ray_cluster():
     temp = tempfile.mkdtemp(prefix="tlray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_TMPDIR", temp)
-        # Nodes start with this environment, so their workers import this checkout's tlcore.
-        env.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
+        # The nodes' workers import tlcore only from the dispatcher's working directory (Ray puts a
+        # driver's working directory on its workers' path), so a dispatcher started elsewhere meets
+        # nodes without the package.
+        env.delenv("PYTHONPATH", raising=False)
         env.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
         started = time.monotonic()
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -119,7 +120,7 @@ def predictions(run_id: str) -> list[dict]:
     return [json.loads(line) for line in RunFolder(run_id).predictions.read_text().splitlines()]
 
 
-def test_a_cluster_that_cannot_train_is_one_sentence_and_the_queue_stays(ray_cluster, tmp_path, colours):
+def test_a_cluster_that_cannot_train_is_one_sentence_and_the_queue_stays(ray_cluster, tmp_path):
     cluster, _, temp = ray_cluster
     home = tmp_path / "other_home"
     env = {**worker_env(home), "RAY_TMPDIR": temp}
@@ -127,11 +128,13 @@ def test_a_cluster_that_cannot_train_is_one_sentence_and_the_queue_stays(ray_clu
                     "--name", "c"], env=env, cwd=ROOT, check=True, capture_output=True)
     subprocess.run([sys.executable, "-m", "tlcore", "submit", "--data", "c", "--weights", "none"],
                    env=env, cwd=ROOT, check=True, capture_output=True)
-    for argv, message in (
-            (["--cluster", "127.0.0.1:9"], "No Ray cluster answers at 127.0.0.1:9"),
-            (["--cluster", cluster.address, "--gpus-per-run", "1"], "the cluster's 2 node(s) have no GPU"),
-            (["--cluster", cluster.address, "--cpus-per-run", "4"], "No node of the cluster has 4 CPUs")):
-        out = subprocess.run([sys.executable, "-m", "tlcore", "worker", *argv, "--once"], env=env, cwd=ROOT,
+    for argv, cwd, message in (
+            (["--cluster", "127.0.0.1:9"], ROOT, "No Ray cluster answers at 127.0.0.1:9"),
+            (["--cluster", cluster.address, "--gpus-per-run", "1"], ROOT, "the cluster's 2 node(s) have no GPU"),
+            (["--cluster", cluster.address, "--cpus-per-run", "4"], ROOT, "No node of the cluster has 4 CPUs"),
+            # Started outside the checkout, the dispatcher meets nodes that cannot import tlcore.
+            (["--cluster", cluster.address], tmp_path, "cannot import tlcore")):
+        out = subprocess.run([sys.executable, "-m", "tlcore", "worker", *argv, "--once"], env=env, cwd=cwd,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 2 and message in out.stderr, out.stderr
         assert out.stderr.strip().splitlines()[-1].startswith("Error: ") and "Traceback" not in out.stderr

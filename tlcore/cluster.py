@@ -558,10 +558,10 @@ class Dispatcher:
             "TaskCancelledError": "the task was cancelled on the cluster",
             "OutOfMemoryError": "the node ran out of memory",
         }.get(type(exc).__name__, "the task failed")
-        kept = ("the last checkpoint that came back is kept; `python -m tlcore resume "
-                f"{flight.run.id}` continues from it" if RunFolder(flight.run.id).checkpoint()
-                else "no checkpoint came back; submit it again")
-        return f"{where} stopped training: {what} ({type(exc).__name__}). Epochs logged so far are kept; {kept}."
+        kept = ("Its epochs and the last checkpoint that came back are kept: `python -m tlcore resume "
+                f"{flight.run.id}` continues it." if RunFolder(flight.run.id).checkpoint()
+                else "Its epochs are kept; no checkpoint came back, so submit it again.")
+        return f"{where} stopped training it: {what} ({type(exc).__name__}). {kept}"
 
     def write_status(self) -> None:
         status = ClusterStatus(
