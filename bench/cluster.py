@@ -108,6 +108,7 @@ def ray_cluster(nodes: int):
 
     os.environ["PYTHONPATH"] = env()["PYTHONPATH"]
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="tlray", dir="/tmp")  # short: socket paths
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a loaded machine starts nodes slowly
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     for _ in range(nodes - 1):
         cluster.add_node(num_cpus=1)
@@ -142,25 +143,32 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "hymenoptera"))
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster.json"))
+    parser.add_argument("--parts", default="local,1,2",
+                        help="what to measure: local (the local worker), 1 and 2 (clusters of that many nodes); "
+                             "results are merged into --out")
     args = parser.parse_args()
-    results: dict = {"data": args.data, "image_size": args.image_size, "cpus": os.cpu_count(),
-                     "load_before": os.getloadavg()}
+    parts = args.parts.split(",")
+    out = Path(args.out)
+    results: dict = json.loads(out.read_text()) if out.is_file() and args.parts != "local,1,2" else {}
+    results.update({"data": args.data, "image_size": args.image_size, "cpus": os.cpu_count()})
+    results[f"load_before_{args.parts}"] = os.getloadavg()
 
     from tlcore.data.importer import import_dataset
 
     # 1a. the local worker
-    home = fresh_home("local")
-    store = Store()
-    dataset = import_dataset(args.data, name="bench", store=store).dataset
-    worker = start(["worker"], home)
-    try:
-        results["local_overhead"] = overhead(store, dataset.id, args.image_size, (1, 2))
-    finally:
-        stop(worker)
-    print("local", results["local_overhead"], flush=True)
+    if "local" in parts:
+        home = fresh_home("local")
+        store = Store()
+        dataset = import_dataset(args.data, name="bench", store=store).dataset
+        worker = start(["worker"], home)
+        try:
+            results["local_overhead"] = overhead(store, dataset.id, args.image_size, (1, 2))
+        finally:
+            stop(worker)
+        print("local", results["local_overhead"], flush=True)
 
     # 1b + 2. Ray's overhead on a fresh one-node cluster, then sweeps on one and two nodes
-    for nodes in (1, 2):
+    for nodes in [int(p) for p in parts if p.isdigit()]:
         home = fresh_home(f"ray{nodes}")
         store = Store()
         dataset = import_dataset(args.data, name="bench", store=store).dataset
@@ -193,8 +201,8 @@ def main() -> None:
         finally:
             stop(dispatcher)
             cluster.shutdown()
-    results["load_after"] = os.getloadavg()
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    results[f"load_after_{args.parts}"] = os.getloadavg()
+    out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 
