@@ -1,12 +1,14 @@
 """Compare: every run in a sortable, filterable table; pick several to overlay their curves, see
-metric deltas, a config diff and confusion matrices side by side; tag and note a run.
-The selection lives in the URL (`?runs=id1,id2`) so a comparison can be shared.
+metric deltas, a config diff and confusion matrices side by side; tag and note a run. A whole
+sweep can be picked: its runs grouped by configuration (mean ± std over seeds, each seed a point).
+The selection lives in the URL (`?runs=id1,id2` or `?sweep=id`) so a comparison can be shared.
 
 Reads the store and the runs' predictions only (no TensorFlow import).
 """
 
 import streamlit as st
 
+from tlcore import sweeps
 from ui import charts, frame, state
 from ui import format as fmt
 
@@ -39,6 +41,21 @@ if ",".join(wanted) != st.session_state.get("compare.url_seen"):
     if unknown:
         st.warning(f"The link names {len(unknown)} run(s) that are not in this data home: {', '.join(unknown)}.")
     st.session_state["compare.runs"] = [i for i in wanted if i in by_id]
+
+
+sweep_ids = store.sweep_ids()
+wanted_sweep = st.query_params.get("sweep")
+if wanted_sweep != st.session_state.get("compare.sweep_seen"):
+    if wanted_sweep and wanted_sweep not in sweep_ids:
+        st.warning(f"The link names a sweep ({wanted_sweep!r}) that is not in this data home.")
+    st.session_state["compare.sweep"] = wanted_sweep if wanted_sweep in sweep_ids else None
+
+
+def take_sweep() -> None:
+    """Choosing a sweep selects its runs."""
+    chosen_sweep = st.session_state.get("compare.sweep")
+    if chosen_sweep:
+        st.session_state["compare.runs"] = [r.run_id for r in sweeps.sweep_report(chosen_sweep, store).runs]
 
 
 def take_table_selection() -> None:
@@ -85,6 +102,19 @@ st.dataframe(
     },
 )
 
+sweep = None
+if sweep_ids:
+    sweep = st.selectbox("Sweep", [None, *sweep_ids], key="compare.sweep", on_change=take_sweep,
+                         format_func=lambda i: "— runs chosen one by one —" if i is None else i,
+                         help="A sweep's runs, grouped by configuration with mean ± std over seeds.")
+    if sweep and st.session_state.get("compare.sweep_seen") != sweep:
+        take_sweep()  # a shared ?sweep= link
+    st.session_state["compare.sweep_seen"] = sweep
+    if sweep:
+        st.query_params["sweep"] = sweep
+    elif "sweep" in st.query_params:
+        del st.query_params["sweep"]
+
 selected = st.multiselect("Runs to compare", list(by_id), key="compare.runs",
                           format_func=lambda i: f"{by_id[i].name} ({fmt.pct(by_id[i].accuracy)})",
                           placeholder="Tick rows above or choose runs here")
@@ -101,7 +131,23 @@ if not selected:
 chosen = [by_id[i] for i in selected]
 base = st.context.url.split("?")[0] if st.context.url else ""
 st.caption("Share this comparison:")
-st.code(f"{base}?runs={','.join(selected)}", language=None)
+st.code(f"{base}?sweep={sweep}" if sweep else f"{base}?runs={','.join(selected)}", language=None)
+
+if sweep:
+    st.subheader("Sweep by configuration")
+    report = sweeps.sweep_report(sweep, store)
+    sweep_metric = st.segmented_control("Sweep metric", ["accuracy", "macro_f1"], key="compare.sweep_metric",
+                                        default="accuracy", format_func=lambda m: m.replace("_", " "))
+    sweep_metric = sweep_metric or "accuracy"
+    st.plotly_chart(charts.sweep_summary([
+        {"label": c.label, "mean": getattr(c, f"mean_{sweep_metric}"), "std": getattr(c, f"std_{sweep_metric}"),
+         "seeds": [(r.seed, getattr(r, sweep_metric)) for r in c.runs if getattr(r, sweep_metric) is not None]}
+        for c in report.configurations], sweep_metric), key="compare.sweep_chart", config={"displayModeBar": False})
+    st.dataframe([{"configuration": c.label, "runs": len(c.runs),
+                   "finished": sum(r.accuracy is not None for r in c.runs),
+                   "accuracy": fmt.mean_std(c.mean_accuracy, c.std_accuracy),
+                   "macro F1": fmt.mean_std(c.mean_macro_f1, c.std_macro_f1)} for c in report.configurations],
+                 hide_index=True, key="compare.sweep_table")
 
 # ------------------------------------------------------------------ metrics
 

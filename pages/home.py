@@ -1,4 +1,5 @@
-"""Home: what is training now, the queue, recent runs, the worker, the device, the data home.
+"""Home: what is training now, the queue, the Ray cluster (when the worker dispatches to one),
+recent runs, the worker, the device, the data home.
 
 Reads the store only (no TensorFlow import); the live part polls every 2 s.
 """
@@ -9,6 +10,7 @@ from tlcore import home
 from tlcore.store import RunStatus
 from ui import format as fmt
 from ui import frame, sidebar, state
+from ui.engine import maybe
 
 frame.require()
 
@@ -16,6 +18,25 @@ store = state.store()
 
 st.title("Transfer Lab")
 st.caption("Fine-tune ImageNet backbones on your own images, watch them train, compare, inspect and demo.")
+
+
+def cluster_panel(running_names: dict[str, str]) -> None:
+    """The cluster the worker dispatches to: nodes, what each trains, how many more runs fit now."""
+    cluster = maybe("cluster")
+    status = cluster.cluster_status() if cluster is not None else None
+    if status is None:
+        return
+    st.subheader("Cluster")
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Nodes", len(status.nodes))
+    c2.metric("CPUs", f"{sum(n.cpus for n in status.nodes):g}")
+    c3.metric("GPUs", f"{sum(n.gpus for n in status.nodes):g}")
+    c4.metric("Runs that fit now", f"{status.free} of {status.fits}",
+              help=f"Each run asks for {status.cpus_per_run:g} CPU and {status.gpus_per_run:g} GPU.")
+    st.dataframe([{"node": n.node_id[:8], "host": n.host, "CPUs": n.cpus, "GPUs": n.gpus,
+                   "training": ", ".join(running_names.get(r, r) for r in status.runs_on(n.node_id)) or "—"}
+                  for n in status.nodes], hide_index=True, key="home.cluster")
+    st.caption(f"Ray cluster at `{status.address}`.")
 
 
 @st.fragment(run_every=2)
@@ -40,6 +61,8 @@ def training_now() -> None:
             right.metric("ETA", fmt.duration(eta) if eta is not None else "—")
             left.page_link("pages/train.py", label="Watch live", icon=":material/monitoring:",
                            query_params={"run": run.id})
+
+    cluster_panel({r.id: r.name for r in running})
 
     st.subheader("Queue")
     if queued:

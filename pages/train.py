@@ -8,6 +8,7 @@ import dataclasses
 
 import streamlit as st
 
+from tlcore import sweeps
 from tlcore.config import AUGMENTATIONS, PRESETS, SWITCHES, TrainConfig
 from tlcore.store import RunStatus
 from ui import charts, frame, sidebar, state
@@ -117,17 +118,44 @@ def launch(dataset_id: str) -> None:
     except Exception as exc:  # noqa: BLE001 - in words, never a traceback
         st.session_state["train.flash"] = ("error", f"Not launched: {type(exc).__name__}: {exc}")
         return
-    message = f"Queued **{run.name}**."
-    status = sidebar.worker_status()
-    if st.session_state.get("train.autostart", True) and (status is None or not status.alive):
-        try:
-            pid = jobs.start_worker_process()
-            message += f" Started the worker (pid {pid}); it picks the run up in a moment."
-        except Exception as exc:  # noqa: BLE001
-            message += f" The worker did not start ({exc}); start it from the sidebar."
-    st.session_state["train.flash"] = ("success", message)
+    st.session_state["train.flash"] = ("success", f"Queued **{run.name}**." + autostart())
     st.session_state["train.watch"] = run.id
     st.query_params["run"] = run.id
+
+
+def autostart() -> str:
+    """Start the worker if asked and needed; one sentence on what happened (or nothing)."""
+    status = sidebar.worker_status()
+    if not st.session_state.get("train.autostart", True) or (status is not None and status.alive):
+        return ""
+    try:
+        pid = sidebar.start_worker_process(jobs)
+    except Exception as exc:  # noqa: BLE001
+        return f" The worker did not start ({exc}); start it from the sidebar."
+    return f" Started the worker (pid {pid}); it picks the runs up in a moment."
+
+
+def launch_sweep(dataset_id: str) -> None:
+    """Queue the form's recipe over the chosen backbones × learning rates × seeds as one sweep."""
+    ss = st.session_state
+    try:
+        base = form_config(dataset_id).to_dict()
+        fixed = {k: v for k, v in base.items() if k not in ("dataset", "name", "backbone", "lr", "seed")}
+        swept = {"backbone": list(ss["train.sweep_backbones"]) or [base["backbone"]],
+                 "lr": sweeps.parse_values("lr", ss["train.sweep_lrs"])}
+        queued = sweeps.submit_sweep(dataset_id, swept, sweeps.parse_values("seed", ss["train.sweep_seeds"]),
+                                     fixed=fixed, store=store)
+    except ValueError as exc:
+        ss["train.flash"] = ("error", f"Sweep not launched: {exc}")
+        return
+    except Exception as exc:  # noqa: BLE001 - in words, never a traceback
+        ss["train.flash"] = ("error", f"Sweep not launched: {type(exc).__name__}: {exc}")
+        return
+    ss["train.flash"] = ("success", f"Queued sweep **{queued.sweep_id}**: {len(queued.runs)} runs. "
+                                    "Compare shows it grouped by configuration." + autostart())
+    ss["train.sweep_launched"] = queued.sweep_id
+    ss["train.watch"] = queued.runs[0].id
+    st.query_params["run"] = queued.runs[0].id
 
 
 # ------------------------------------------------------------------ the form
@@ -243,9 +271,23 @@ with form_col:
     st.checkbox("Start the worker if it is not running", value=True, key="train.autostart")
     st.button("Train", key="train.launch", type="primary", icon=":material/rocket_launch:",
               on_click=launch, args=(dataset_id,), width="stretch")
+    with st.expander("Sweep: several backbones × learning rates × seeds"):
+        st.caption("Queues this recipe once per combination, as one sweep. The local worker trains them one "
+                   "by one; a worker on a Ray cluster trains as many at once as the cluster fits.")
+        st.multiselect("Backbones", list(specs), default=[backbone], key="train.sweep_backbones",
+                       format_func=lambda n: specs[n]["display_name"])
+        c1, c2 = st.columns(2)
+        c1.text_input("Learning rates", "1e-3,3e-4", key="train.sweep_lrs", help="a comma list")
+        c2.text_input("Seeds", "0,1,2", key="train.sweep_seeds", help="a comma list")
+        st.button("Launch sweep", key="train.sweep_launch", icon=":material/grid_view:", on_click=launch_sweep,
+                  args=(dataset_id,), width="stretch")
     flash = st.session_state.pop("train.flash", None)
     if flash:
         (st.error if flash[0] == "error" else st.success)(flash[1])
+    launched = st.session_state.get("train.sweep_launched")
+    if launched:
+        st.page_link("pages/compare.py", label=f"Compare sweep {launched}", icon=":material/compare_arrows:",
+                     query_params={"sweep": launched})
 
 
 # -------------------------------------------------------------- the live run
@@ -260,6 +302,9 @@ def run_panel(run_id: str, live: bool = False) -> None:
         st.rerun()  # the whole page: stop polling, show the finished run and its new status
     st.markdown(f"**{run.name}** · {fmt.STATUS_ICON[run.status]} · {run.backbone} · "
                 f"created {fmt.ago(run.created_at)}")
+    if run.executor:
+        st.caption(f"Ran on: {run.executor.describe()}" if run.status.is_terminal
+                   else f"Running on: {run.executor.describe()}")
     if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
         st.progress(fmt.progress_fraction(run), text=fmt.progress_text(run))
         c1, c2 = st.columns([1, 3])

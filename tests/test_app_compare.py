@@ -86,3 +86,22 @@ def test_compare_with_50_runs_is_fast(store):
     print(f"Compare took {time.perf_counter() - start:.2f} s to run with 50 runs")
     assert not at.exception
     assert len(seed.table(at, "accuracy")) == 50
+
+
+def test_a_shared_sweep_link_groups_its_runs_by_configuration(store):
+    ds = seed.dataset(store)
+    runs = [seed.run(store, ds, f"lr {lr} seed {s}", accuracy=accuracy, config={"lr": lr, "seed": s})
+            for lr, s, accuracy in ((1e-3, 0, 0.6), (1e-3, 1, 0.8), (1e-4, 0, 0.5), (1e-4, 1, 0.5))]
+    for run in runs:
+        store.update_run(run.id, sweep_id="sweep-20261129-1")
+    at = seed.app("pages/compare.py", sweep="sweep-20261129-1").run()
+    assert not at.exception
+    assert at.selectbox(key="compare.sweep").value == "sweep-20261129-1"
+    assert sorted(at.multiselect(key="compare.runs").value) == sorted(r.id for r in runs)
+    grouped = seed.table(at, "configuration")
+    assert list(grouped["configuration"]) == ["backbone=efficientnet_lite0, lr=0.001",
+                                              "backbone=efficientnet_lite0, lr=0.0001"]
+    assert list(grouped["accuracy"]) == ["70.0 % ± 14.1", "50.0 % ± 0.0"]
+    assert "?sweep=sweep-20261129-1" in at.code[0].value
+    chart = at.get("plotly_chart")[0].proto.spec
+    assert '"one seed"' in chart  # each seed drawn as a point beside the mean

@@ -109,3 +109,29 @@ def test_a_page_run_without_the_frame_gets_the_sidebar_and_draws_once(store):
     sidebar = "\n".join(str(el.value) for el in [*at.sidebar.markdown, *at.sidebar.caption])
     assert "Worker:" in sidebar and "1 run(s) queued." in sidebar and "Data home:" in sidebar
     assert [t.value for t in at.title] == ["Compare runs"]
+
+
+def test_home_shows_the_cluster_and_the_sidebar_says_cluster(store, tlcore_home):
+    import json
+    import os
+    import socket
+
+    from tlcore.cluster import CLUSTER_FILE, ClusterStatus, Node
+
+    ds = seed.dataset(store)
+    live = seed.run(store, ds, "on-node-a", RunStatus.RUNNING, progress={"phase": "head", "epoch": 1, "epochs": 5})
+    # A dispatcher serving this data home (this process stands in for it) and its view of the cluster.
+    (tlcore_home / "worker.json").write_text(json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "cluster": "ray://head:10001"}))
+    (tlcore_home / CLUSTER_FILE).write_text(json.dumps(ClusterStatus(
+        address="ray://head:10001",
+        nodes=[Node("aaaa1111bbbb", "gpu-box-1", 16, 2), Node("cccc2222dddd", "gpu-box-2", 16, 2)],
+        cpus_per_run=1, gpus_per_run=1, running={live.id: "aaaa1111bbbb"}, updated_at=time.time()).to_dict()))
+
+    at = seed.app().run()
+    assert not at.exception
+    text = seed.texts(at)
+    assert "Nodes: 2" in text and "GPUs: 4" in text and "Runs that fit now: 3 of 4" in text
+    nodes = seed.table(at, "node")
+    assert list(nodes["host"]) == ["gpu-box-1", "gpu-box-2"] and list(nodes["training"]) == ["on-node-a", "—"]
+    assert "cluster" in " ".join(str(m.value) for m in at.sidebar.markdown) and "ray://head:10001" in text

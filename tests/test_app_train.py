@@ -20,7 +20,7 @@ def _no_processes(monkeypatch):
     from tlcore import jobs
 
     started = []
-    monkeypatch.setattr(jobs, "start_worker_process", lambda: started.append(1) or 4242)
+    monkeypatch.setattr(jobs, "start_worker_process", lambda cluster=None: started.append(cluster or 1) or 4242)
     return started
 
 
@@ -134,3 +134,38 @@ def test_failed_run_says_why(store):
     at.button(key="train.resume").click().run()
     assert not at.exception
     assert "left no checkpoint" in seed.texts(at)
+
+
+def test_a_sweep_launched_from_the_form_queues_the_grid_on_the_cluster_set_in_the_sidebar(store, _no_processes):
+    seed.dataset(store)
+    at = seed.app("pages/train.py", timeout=120).run()
+    at.session_state["settings.cluster"] = "ray://head:10001"  # the sidebar's setting
+    at.number_input(key="train.head_epochs").set_value(2)
+    at.multiselect(key="train.sweep_backbones").set_value(["efficientnet_lite0", "mobilenet_v2"])
+    at.text_input(key="train.sweep_lrs").input("1e-3,1e-4")
+    at.text_input(key="train.sweep_seeds").input("0,1")
+    at.button(key="train.sweep_launch").click().run()
+    assert not at.exception
+    runs = store.list_runs()
+    assert len(runs) == 8 and len({r.sweep_id for r in runs}) == 1 and runs[0].sweep_id
+    assert {(r.backbone, r.config["lr"], r.config["seed"]) for r in runs} == {
+        (b, lr, s) for b in ("efficientnet_lite0", "mobilenet_v2") for lr in (1e-3, 1e-4) for s in (0, 1)}
+    assert {r.config["head_epochs"] for r in runs} == {2}  # the rest of the form applies to every run
+    assert f"Queued sweep {runs[0].sweep_id}: 8 runs" in seed.texts(at).replace("**", "")
+    assert _no_processes == ["ray://head:10001"]  # the worker starts as the cluster's dispatcher
+
+    at.text_input(key="train.sweep_seeds").input("0,,1")
+    at.button(key="train.sweep_launch").click().run()
+    assert "Sweep not launched: `--seeds` must be a comma list" in seed.texts(at)
+    assert store.count_runs() == 8
+
+
+def test_the_run_panel_says_where_the_run_trained(store):
+    from tlcore.run_record import Executor
+
+    ds = seed.dataset(store)
+    run = seed.run(store, ds, "on the cluster")
+    store.update_run(run.id, executor=Executor(kind="ray", host="gpu-box-2", node_id="3f2a9c0d1e", gpus=1))
+    at = seed.app("pages/train.py", run=run.id, timeout=120).run()
+    assert not at.exception
+    assert "Ran on: ray on node 3f2a9c0d… (gpu-box-2), 1 GPU" in seed.texts(at)

@@ -50,6 +50,8 @@ def test_help_and_runs_list_do_not_import_tensorflow(tlcore_home):
     (["train", "--data", "x", "--image-size", "8"], "`image_size` must be between 32 and 1024"),
     (["train", "--data", "x", "--augment", "flip,warp"], "`augment` entries must be among"),
     (["train", "--data", "x", "--split", "0.5,0.6,0.1"], "`split` must be three fractions"),
+    (["worker", "--gpus-per-run", "1"], "`--gpus-per-run` and `--cpus-per-run` apply to a cluster"),
+    (["worker", "--cluster", "head-without-port"], "`--cluster` must be a Ray address"),
 ])
 def test_bad_input_is_exit_2_with_one_sentence(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)

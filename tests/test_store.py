@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from tlcore.run_record import Metrics, RunProgress, RunSummary, Timings
+from tlcore.run_record import Executor, Metrics, RunProgress, RunSummary, Timings
 from tlcore.store import SCHEMA_VERSION, RunStatus, Store
 
 # The tables exactly as a data home made before schema versions had them (user_version 0).
@@ -100,3 +100,23 @@ def test_summary_and_progress_round_trip_through_the_store(store):
     store.finish_run(run.id, RunStatus.SUCCEEDED, summary=summary)
     assert store.get_run(run.id).summary == summary
     assert RunSummary.from_dict(json.loads(json.dumps(summary.to_dict()))) == summary
+
+
+def test_a_version_1_store_gains_sweep_ids_and_executors_and_keeps_its_runs(tmp_path):
+    path = tmp_path / "store.db"
+    _old_store(path)
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 1")  # the schema as version 1 left it: no sweep_id, no executor
+    db.close()
+
+    store = Store(path)
+
+    assert store.schema_version() == SCHEMA_VERSION >= 2
+    old = store.get_run("run-old")
+    assert old.sweep_id is None and old.executor is None and old.accuracy == 0.925
+    assert store.sweep_ids() == []
+    swept = store.create_run("s", "ds-old", "efficientnet_lite0", "imagenet", {}, sweep_id="sweep-1")
+    store.update_run(swept.id, executor=Executor(kind="ray", host="gpu-box", node_id="abc123", gpus=1))
+    assert store.sweep_ids() == ["sweep-1"]
+    assert [r.id for r in store.list_runs(sweep_id="sweep-1")] == [swept.id]
+    assert store.get_run(swept.id).executor == Executor(kind="ray", host="gpu-box", node_id="abc123", gpus=1)

@@ -144,7 +144,7 @@ def test_eta_counts_the_current_epoch_and_reaches_zero_at_the_end():
     from tlcore.training import _StoreProgress
 
     beats = []
-    ctx = types.SimpleNamespace(step=0, run_id="r", store=types.SimpleNamespace(log_epoch=lambda *a: None),
+    ctx = types.SimpleNamespace(step=0, run_id="r", sink=types.SimpleNamespace(log_epoch=lambda *a: None),
                                 beat=lambda progress, force=False: beats.append(progress) or False,
                                 log=lambda message: None)
     callback = _StoreProgress(ctx, "finetune", 3, checkpoint=False)

@@ -49,11 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="queue a training job for the worker and return at once")
     _train_options(submit)
 
-    worker = sub.add_parser("worker", help="run queued jobs one at a time")
+    sweep = sub.add_parser("sweep", help="queue a grid of recipes x seeds as one sweep")
+    _sweep_options(sweep)
+    sweeps = sub.add_parser("sweeps", help="list sweeps or show one grouped by configuration")
+    ssub = sweeps.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _json(ssub.add_parser("list", help="list sweeps, newest first"))
+    sshow = ssub.add_parser("show", help="mean and std of accuracy and macro F1 per configuration")
+    sshow.add_argument("sweep", help="sweep id")
+    _json(sshow)
+
+    worker = sub.add_parser("worker", help="run queued jobs one at a time (or on a Ray cluster)")
     worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
     worker.add_argument("--process-per-job", action="store_true",
                         help="train each job in its own process, so a finished job returns its GPU memory "
                              "(also: TLCORE_PROCESS_PER_JOB=1)")
+    worker.add_argument("--cluster", metavar="ADDRESS",
+                        help="dispatch queued runs to a Ray cluster (ray://HEAD:10001, auto, local); "
+                             "default $TLCORE_CLUSTER, else train here")
+    worker.add_argument("--gpus-per-run", type=float,
+                        help="GPUs each run asks for on the cluster (default 1 if it has GPUs, else 0)")
+    worker.add_argument("--cpus-per-run", type=float, help="CPUs each run asks for on the cluster (default 1)")
 
     cancel = sub.add_parser("cancel", help="cancel a queued run, or stop a running one between batches")
     cancel.add_argument("run", help="run id or name")
@@ -121,6 +136,20 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", type=_split_arg, help="train,val,test fractions, e.g. 0.8,0.1,0.1")
     p.add_argument("--preset", help="a named recipe; explicit options override it")
     p.add_argument("--name", help="run name")
+    _json(p)
+
+
+def _sweep_options(p: argparse.ArgumentParser) -> None:
+    from tlcore.sweeps import SWEEPABLE
+
+    p.add_argument("--data", required=True, metavar="DATASET_OR_FOLDER",
+                   help="dataset name or id, or a folder / .zip to import first")
+    for option in SWEEPABLE:
+        p.add_argument(f"--{option.replace('_', '-')}", metavar="A,B,...", help="one value or a comma list")
+    p.add_argument("--seeds", default="0", metavar="S1,S2,...", help="comma list of seeds (default 0)")
+    p.add_argument("--augment", type=_augment_arg, help="comma list of flip,rotate,zoom,contrast,translate or none")
+    p.add_argument("--split", type=_split_arg, help="train,val,test fractions, e.g. 0.8,0.1,0.1")
+    p.add_argument("--preset", help="a named recipe; explicit options override it")
     _json(p)
 
 
@@ -297,10 +326,67 @@ def _summary_text(run) -> str:
     return "\n".join(lines)
 
 
+def cmd_sweep(args) -> int:
+    from tlcore.sweeps import SWEEPABLE, parse_values, submit_sweep
+
+    swept = {option: parse_values(option, getattr(args, option))
+             for option in SWEEPABLE if getattr(args, option) is not None}
+    fixed = {option: getattr(args, option) for option in ("augment", "split") if getattr(args, option) is not None}
+    queued = submit_sweep(args.data, swept, parse_values("seed", args.seeds), preset=args.preset, fixed=fixed,
+                          store=_store())
+    text = (f"{queued.sweep_id}\nQueued {len(queued.runs)} runs. `python -m tlcore sweeps show "
+            f"{queued.sweep_id}` shows their results per configuration.")
+    _emit(args, {"sweep_id": queued.sweep_id, "runs": [r.id for r in queued.runs]}, None if args.json else text)
+    return 0
+
+
+def cmd_sweeps(args) -> int:
+    from tlcore import jobs, sweeps
+
+    store = _store()
+    jobs.reap(store)
+    if args.action == "list":
+        found = sweeps.list_sweeps(store)
+        text = _table(["sweep", "configurations", "runs", "status", "best mean accuracy"],
+                      [[s.sweep_id, len(s.configurations), len(s.runs),
+                        ", ".join(f"{n} {k}" for k, n in s.status_counts().items()),
+                        _fmt(max((c.mean_accuracy for c in s.configurations if c.mean_accuracy is not None),
+                                 default=None))] for s in found]
+                      ) if found else "No sweeps yet. `python -m tlcore sweep --data D --lr 1e-3,3e-4` queues one."
+        _emit(args, {"sweeps": [{"sweep_id": s.sweep_id, "dataset_id": s.dataset_id, "created_at": s.created_at,
+                                 "configurations": len(s.configurations), "runs": len(s.runs),
+                                 "status": s.status_counts()} for s in found]},
+              None if args.json else text)
+        return 0
+    report = sweeps.sweep_report(args.sweep, store)
+    rows = [[c.label, len(c.runs), _mean_std(c.mean_accuracy, c.std_accuracy),
+             _mean_std(c.mean_macro_f1, c.std_macro_f1),
+             ", ".join(f"{r.seed}:{r.status if r.accuracy is None else f'{r.accuracy:.3f}'}" for r in c.runs)]
+            for c in report.configurations]
+    text = f"Sweep {report.sweep_id} on {report.dataset_id}\n" + _table(
+        ["configuration", "runs", "accuracy", "macro F1", "seed:accuracy"], rows)
+    _emit(args, report.to_dict(), None if args.json else text)
+    return 0
+
+
+def _mean_std(mean: float | None, std: float | None) -> str:
+    return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+
 def cmd_worker(args) -> int:
     from tlcore import jobs
 
-    runs = jobs.serve_forever(once=args.once, process_per_job=args.process_per_job)
+    cluster = args.cluster or os.environ.get("TLCORE_CLUSTER")
+    if not cluster and (args.gpus_per_run is not None or args.cpus_per_run is not None):
+        raise InvalidInput("`--gpus-per-run` and `--cpus-per-run` apply to a cluster: pass --cluster ADDRESS "
+                           "(or set TLCORE_CLUSTER). The local worker trains one run at a time with what it has.")
+    if cluster:
+        from tlcore import cluster as ray_cluster
+
+        runs = ray_cluster.serve_forever(cluster, once=args.once, gpus_per_run=args.gpus_per_run,
+                                         cpus_per_run=args.cpus_per_run)
+    else:
+        runs = jobs.serve_forever(once=args.once, process_per_job=args.process_per_job)
     failed = [r for r in runs if r.status.value == "failed"]
     return 1 if args.once and failed else 0
 
@@ -352,6 +438,10 @@ def cmd_runs(args) -> int:
         return 0
     lines = [f"{run.name} ({run.id}): {run.status.value}",
              f"  dataset {run.dataset_id}, backbone {run.backbone}, weights {run.weights}"]
+    if run.executor:
+        lines.append(f"  ran on: {run.executor.describe()}")
+    if run.sweep_id:
+        lines.append(f"  sweep: {run.sweep_id}")
     if run.error:
         lines.append(f"  error: {run.error}")
     if not run.status.is_terminal:
@@ -379,7 +469,8 @@ def _run_dict(r) -> dict[str, Any]:
             "started_at": r.started_at, "finished_at": r.finished_at, "worker": r.worker, "error": r.error,
             "cancel_requested": r.cancel_requested, "progress": r.progress.to_dict(),
             "summary": r.summary.to_dict() if r.summary else {},
-            "accuracy": r.accuracy, "tags": r.tags, "note": r.note}
+            "accuracy": r.accuracy, "tags": r.tags, "note": r.note, "sweep_id": r.sweep_id,
+            "executor": r.executor.to_dict() if r.executor else None}
 
 
 def cmd_predict(args) -> int:
@@ -427,8 +518,9 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"datasets": cmd_datasets, "backbones": cmd_backbones, "train": cmd_train, "submit": cmd_submit,
-            "worker": cmd_worker, "cancel": cmd_cancel, "resume": cmd_resume, "runs": cmd_runs,
-            "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve}
+            "sweep": cmd_sweep, "sweeps": cmd_sweeps, "worker": cmd_worker, "cancel": cmd_cancel,
+            "resume": cmd_resume, "runs": cmd_runs, "predict": cmd_predict, "export": cmd_export,
+            "serve": cmd_serve}
 
 
 # -------------------------------------------------------------------- helpers

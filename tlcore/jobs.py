@@ -34,6 +34,7 @@ from tlcore.backbones import get_backbone
 from tlcore.config import TrainConfig
 from tlcore.errors import InvalidInput, NotFound, RunCancelled, WorkerBusy, plain_message
 from tlcore.run_folder import RunFolder
+from tlcore.run_record import Executor
 from tlcore.store import Run, RunStatus, Store
 
 HEARTBEAT_S = 2.0  # how often a running job renews its lease and looks for a cancel request
@@ -47,6 +48,7 @@ class WorkerStatus:
     current_run_id: str | None
     host: str | None = None
     log_path: str | None = None
+    cluster: str | None = None  # the Ray address a cluster dispatcher serves; None for the local worker
 
 
 # ------------------------------------------------------------------ submit
@@ -227,7 +229,7 @@ def reap(store: Store | None = None, lease_s: float = LEASE_S) -> list[Run]:
 # ------------------------------------------------------------ running a run
 
 
-def _error_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
     text = plain_message(exc)
     if isinstance(exc, MemoryError) or "ResourceExhausted" in type(exc).__name__:
         text += " (out of memory: try a smaller --batch-size or --image-size)"
@@ -250,7 +252,7 @@ class _Heartbeat(threading.Thread):
                     self.cancel_requested.set()
                     self.stop.set()
             except Exception as exc:  # a busy or full disk must not kill the training thread
-                print(f"[worker] heartbeat for {self.run_id} failed: {_error_line(exc)}",
+                print(f"[worker] heartbeat for {self.run_id} failed: {error_line(exc)}",
                       file=sys.stderr, flush=True)
 
     def finish(self):
@@ -274,8 +276,10 @@ def execute_claimed(run: Run, store: Store, *, stop: threading.Event | None = No
         return store.finish_run(run.id, RunStatus.CANCELLED, error="Cancelled before it started.")
     beat.start()
     try:
-        from tlcore import training
+        from tlcore import devices, training
 
+        store.update_run(run.id, executor=Executor(kind="local", host=socket.gethostname(),
+                                                   gpus=len(devices.gpus()), began_at=time.time()))
         summary = training.execute_run(run.id, store,
                                        should_stop=lambda: stop.is_set() or shutdown.is_set(),
                                        progress_bar=progress_bar)
@@ -290,20 +294,20 @@ def execute_claimed(run: Run, store: Store, *, stop: threading.Event | None = No
             _safe(store.log, run.id, f"Run cancelled: {reason}")
             finished = _safe(store.finish_run, run.id, RunStatus.CANCELLED, error=reason)
         else:
-            line = _error_line(exc)
+            line = error_line(exc)
             _safe(store.log, run.id, "Run failed:\n" + "".join(
                 traceback.format_exception(type(exc), exc, exc.__traceback__)))
             finished = _safe(store.finish_run, run.id, RunStatus.FAILED, error=line)
         if not isinstance(exc, (Exception, KeyboardInterrupt)):
             raise  # SystemExit and friends: recorded as failed above, then let through
-        _safe(_release_models)
+        _safe(release_models)
         return finished or store.get_run(run.id)
     beat.finish()
-    _release_models()
+    release_models()
     return store.finish_run(run.id, RunStatus.SUCCEEDED, summary=summary)
 
 
-def _release_models() -> None:
+def release_models() -> None:
     # A long-lived worker builds a new graph per run; clearing Keras' global state keeps its
     # memory from creeping up run after run.
     import keras
@@ -315,7 +319,7 @@ def _safe(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as exc:  # the store itself failing: the reaper marks the run later
-        print(f"[worker] could not record the run's end: {_error_line(exc)}", file=sys.stderr, flush=True)
+        print(f"[worker] could not record the run's end: {error_line(exc)}", file=sys.stderr, flush=True)
         return None
 
 
@@ -362,6 +366,7 @@ def worker_status(store: Store | None = None) -> WorkerStatus:
         current_run_id=info.get("current_run_id") if alive else None,
         host=host,
         log_path=str(worker_log_path()),
+        cluster=info.get("cluster") if alive else None,
     )
 
 
@@ -380,6 +385,47 @@ def worker_loop(store: Store | None = None, *, once: bool = False, poll_s: float
     """
     store = store or Store()
     shutdown = shutdown or threading.Event()
+    me = worker_id()
+    finished: list[Run] = []
+    with serving_data_home(store) as info:
+        while not shutdown.is_set():
+            try:
+                for dead in reap(store, lease_s):
+                    say(f"marked {dead.id} failed: {dead.error}")
+                run = store.claim_next(me)
+            except Exception as exc:  # the store busy or its disk full: wait and try again
+                say(f"could not read the queue ({error_line(exc)}); retrying in {max(poll_s, 5):.0f} s")
+                shutdown.wait(max(poll_s, 5))
+                continue
+            if run is None:
+                if once:
+                    break
+                shutdown.wait(poll_s)
+                continue
+            _write_worker_json({**info, "current_run_id": run.id})
+            say(f"training {run.id} ({run.name})")
+            if process_per_job:
+                done = _execute_in_child(run, store, shutdown)
+            else:
+                done = execute_claimed(run, store, shutdown=shutdown, stop_reason=lambda: _shutdown_reason(shutdown))
+            finished.append(done)
+            _write_worker_json(info)
+            say(f"{done.id} {done.status.value}" + (f": {done.error}" if done.error else ""))
+            if once:
+                break
+    return finished
+
+
+@contextlib.contextmanager
+def serving_data_home(store: Store, **described: Any):
+    """Hold the data home's worker lock and describe this worker in `worker.json` while inside.
+
+    Yields the description (pid, host, ...; `described` adds to it). Only one worker, local
+    or cluster dispatcher, serves a data home.
+
+    Raises:
+        WorkerBusy: another live worker already serves this data home.
+    """
     lock_file = open(home.data_home() / "worker.lock", "a+")
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -392,36 +438,11 @@ def worker_loop(store: Store | None = None, *, once: bool = False, poll_s: float
 
     me = worker_id()
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
-            "created": psutil.Process().create_time(), "current_run_id": None}
+            "created": psutil.Process().create_time(), "current_run_id": None, **described}
     _write_worker_json(info)
-    _say(f"worker {me} started on {home.data_home()}")
-    finished: list[Run] = []
+    say(f"worker {me} started on {home.data_home()}")
     try:
-        while not shutdown.is_set():
-            try:
-                for dead in reap(store, lease_s):
-                    _say(f"marked {dead.id} failed: {dead.error}")
-                run = store.claim_next(me)
-            except Exception as exc:  # the store busy or its disk full: wait and try again
-                _say(f"could not read the queue ({_error_line(exc)}); retrying in {max(poll_s, 5):.0f} s")
-                shutdown.wait(max(poll_s, 5))
-                continue
-            if run is None:
-                if once:
-                    break
-                shutdown.wait(poll_s)
-                continue
-            _write_worker_json({**info, "current_run_id": run.id})
-            _say(f"training {run.id} ({run.name})")
-            if process_per_job:
-                done = _execute_in_child(run, store, shutdown)
-            else:
-                done = execute_claimed(run, store, shutdown=shutdown, stop_reason=lambda: _shutdown_reason(shutdown))
-            finished.append(done)
-            _write_worker_json(info)
-            _say(f"{done.id} {done.status.value}" + (f": {done.error}" if done.error else ""))
-            if once:
-                break
+        yield info
     finally:
         with contextlib.suppress(OSError):
             current = json.loads(_worker_json().read_text())
@@ -429,8 +450,7 @@ def worker_loop(store: Store | None = None, *, once: bool = False, poll_s: float
                 _worker_json().unlink()
         fcntl.flock(lock_file, fcntl.LOCK_UN)
         lock_file.close()
-        _say(f"worker {me} stopped")
-    return finished
+        say(f"worker {me} stopped")
 
 
 def _shutdown_reason(shutdown: threading.Event) -> str | None:
@@ -468,7 +488,7 @@ def execute_claimed_in_this_process(run_id: str) -> None:
     execute_claimed(store.get_run(run_id), store, shutdown=shutdown, stop_reason=lambda: _shutdown_reason(shutdown))
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [worker] {message}", flush=True)
 
 
@@ -477,17 +497,23 @@ def serve_forever(once: bool = False, process_per_job: bool = False) -> list[Run
 
     `process_per_job` (or `$TLCORE_PROCESS_PER_JOB=1`) trains each job in its own process.
     """
+    process_per_job = process_per_job or os.environ.get("TLCORE_PROCESS_PER_JOB") == "1"
+    return until_signalled(lambda shutdown: worker_loop(once=once, shutdown=shutdown,
+                                                        process_per_job=process_per_job))
+
+
+def until_signalled(loop: Callable[[threading.Event], list[Run]]) -> list[Run]:
+    """Run `loop(shutdown)`; SIGTERM/SIGINT set `shutdown` so it stops after the current batch."""
     shutdown = threading.Event()
 
     def _stop(signum, _frame):
-        _say(f"received {signal.Signals(signum).name}; stopping after the current batch")
+        say(f"received {signal.Signals(signum).name}; stopping after the current batch")
         shutdown.set()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-    process_per_job = process_per_job or os.environ.get("TLCORE_PROCESS_PER_JOB") == "1"
-    return worker_loop(once=once, shutdown=shutdown, process_per_job=process_per_job)
+    return loop(shutdown)
 
 
 _children: list[subprocess.Popen] = []
@@ -503,10 +529,11 @@ def _collect_children() -> None:
                 _children.remove(proc)
 
 
-def start_worker_process() -> int:
+def start_worker_process(cluster: str | None = None) -> int:
     """Start a detached `python -m tlcore worker` (output to `worker.log`); returns its pid.
 
-    A no-op returning the live worker's pid if one already serves this data home.
+    With `cluster` (a Ray address) it starts the cluster dispatcher instead. A no-op returning
+    the live worker's pid if one already serves this data home.
     """
     with _spawn_lock:
         status = worker_status()
@@ -514,9 +541,10 @@ def start_worker_process() -> int:
             return status.pid
         env = devices.worker_environment(dict(os.environ), str(home.data_home()),
                                          str(Path(__file__).resolve().parents[1]))
+        env.pop("TLCORE_CLUSTER", None)  # `cluster` alone decides where this worker trains
         with open(worker_log_path(), "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tlcore", "worker"],
+                [sys.executable, "-m", "tlcore", "worker", *(["--cluster", cluster] if cluster else [])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=env, cwd=str(home.data_home()), start_new_session=True,
             )

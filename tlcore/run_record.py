@@ -93,6 +93,25 @@ class RunProgress(Record):
 
 
 @dataclasses.dataclass(frozen=True)
+class Executor(Record):
+    """Where a run trained: the local worker, or a Ray task on a cluster node."""
+
+    kind: str = "local"  # "local" or "ray"
+    host: str | None = None
+    node_id: str | None = None  # the Ray node id (ray only)
+    gpus: int = 0  # GPUs the run was given
+    cpus: float | None = None  # CPUs the run was given (ray only)
+    began_at: float | None = None  # when training began on that host (epoch seconds)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line for people: `ray on node 3f2a… (gpu-box-2), 1 GPU` or `local worker on laptop, CPU`."""
+        where = f"ray on node {self.node_id[:8]}… ({self.host})" if self.kind == "ray" and self.node_id \
+            else f"{self.kind} worker on {self.host or 'this machine'}"
+        return f"{where}, {f'{self.gpus} GPU' + ('s' if self.gpus > 1 else '') if self.gpus else 'CPU'}"
+
+
+@dataclasses.dataclass(frozen=True)
 class ClassMetrics(Record):
     precision: float
     recall: float

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 from tlcore import home
 from tlcore.errors import NotFound
-from tlcore.run_record import RunProgress, RunSummary
+from tlcore.run_record import Executor, RunProgress, RunSummary
 
 
 class RunStatus(str, enum.Enum):
@@ -80,6 +80,8 @@ class Run:
     summary: RunSummary | None  # once finished successfully
     tags: list[str]
     note: str
+    sweep_id: str | None = None  # the sweep that queued this run, if one did
+    executor: Executor | None = None  # where it trains or trained, once claimed
 
     @property
     def accuracy(self) -> float | None:
@@ -162,7 +164,7 @@ CREATE TABLE IF NOT EXISTS logs (
 CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, id);
 """
 
-_RUN_JSON_FIELDS = ("config", "progress", "summary", "tags")
+_RUN_JSON_FIELDS = ("config", "progress", "summary", "tags", "executor")
 
 
 def _migrate_1_typed_run_records(db: sqlite3.Connection) -> None:
@@ -178,9 +180,20 @@ def _migrate_1_typed_run_records(db: sqlite3.Connection) -> None:
         )
 
 
+def _migrate_2_sweeps_and_executors(db: sqlite3.Connection) -> None:
+    """1 -> 2: runs know the sweep that queued them and where they trained."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+    if "sweep_id" not in columns:
+        db.execute("ALTER TABLE runs ADD COLUMN sweep_id TEXT")
+    if "executor" not in columns:
+        db.execute("ALTER TABLE runs ADD COLUMN executor TEXT NOT NULL DEFAULT '{}'")
+    db.execute("CREATE INDEX IF NOT EXISTS runs_sweep ON runs (sweep_id, seq)")
+
+
 # (version it brings the store to, migration). A store at version N runs every later one in order.
 MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [
     (1, _migrate_1_typed_run_records),
+    (2, _migrate_2_sweeps_and_executors),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -311,14 +324,15 @@ class Store:
         config: dict[str, Any],
         status: RunStatus = RunStatus.QUEUED,
         run_id: str | None = None,
+        sweep_id: str | None = None,
     ) -> Run:
         run_id = run_id or new_id("run")
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO runs (id, name, status, dataset_id, backbone, weights, config, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO runs (id, name, status, dataset_id, backbone, weights, config, created_at, sweep_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, name, RunStatus(status).value, dataset_id, backbone, weights,
-                 json.dumps(config), time.time()),
+                 json.dumps(config), time.time(), sweep_id),
             )
         return self.get_run(run_id)
 
@@ -330,18 +344,30 @@ class Store:
             raise NotFound(f"No run {run_id!r}. `python -m tlcore runs list` shows the runs.")
         return _run_from_row(row)
 
-    def list_runs(self, statuses: set[RunStatus] | None = None, limit: int | None = None) -> list[Run]:
-        """Runs, newest first, optionally only those in `statuses`."""
-        query, args = "SELECT * FROM runs", []
+    def list_runs(self, statuses: set[RunStatus] | None = None, limit: int | None = None,
+                  sweep_id: str | None = None) -> list[Run]:
+        """Runs, newest first, optionally only those in `statuses` and of sweep `sweep_id`."""
+        where, args = [], []
         if statuses:
-            query += f" WHERE status IN ({', '.join('?' * len(statuses))})"
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
             args += [RunStatus(s).value for s in statuses]
+        if sweep_id is not None:
+            where.append("sweep_id = ?")
+            args.append(sweep_id)
+        query = "SELECT * FROM runs" + (f" WHERE {' AND '.join(where)}" if where else "")
         query += " ORDER BY seq DESC"
         if limit:
             query += f" LIMIT {int(limit)}"
         with self._connect() as db:
             rows = db.execute(query, args).fetchall()
         return [_run_from_row(r) for r in rows]
+
+    def sweep_ids(self) -> list[str]:
+        """Ids of the sweeps that queued runs, newest first."""
+        with self._connect() as db:
+            rows = db.execute("SELECT sweep_id FROM runs WHERE sweep_id IS NOT NULL"
+                              " GROUP BY sweep_id ORDER BY MAX(seq) DESC").fetchall()
+        return [r[0] for r in rows]
 
     def count_runs(self) -> int:
         with self._connect() as db:
@@ -515,6 +541,8 @@ def _run_from_row(row: sqlite3.Row) -> Run:
         summary=_summary_or_none(json.loads(row["summary"])),
         tags=json.loads(row["tags"]),
         note=row["note"],
+        sweep_id=row["sweep_id"],
+        executor=Executor.from_dict(json.loads(row["executor"])) if row["executor"] != "{}" else None,
     )
 
 

@@ -9,9 +9,10 @@ early stopping and best-epoch weights restored.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import keras
 import numpy as np
@@ -35,12 +36,50 @@ from tlcore.store import Store
 TOP_K = 5
 
 
+class RunSink(Protocol):
+    """Where a run reports while it trains: the store here, or a channel back to a Ray dispatcher."""
+
+    def log(self, message: str) -> None: ...
+
+    def log_epoch(self, phase: str, epoch: int, step: int, metrics: dict[str, float]) -> None: ...
+
+    def heartbeat(self, progress: RunProgress) -> bool:
+        """Record progress and renew the lease; True when a cancel was requested."""
+        ...
+
+    def checkpoint_saved(self, folder: RunFolder) -> None:
+        """A new checkpoint is in `folder` (a remote run sends it home)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSink:
+    """The local worker's sink: straight into the store; checkpoints are already in the run folder."""
+
+    store: Store
+    run_id: str
+
+    def log(self, message: str) -> None:
+        self.store.log(self.run_id, message)
+
+    def log_epoch(self, phase: str, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        self.store.log_epoch(self.run_id, phase, epoch, step, metrics)
+
+    def heartbeat(self, progress: RunProgress) -> bool:
+        return self.store.heartbeat(self.run_id, progress)
+
+    def checkpoint_saved(self, folder: RunFolder) -> None:
+        pass
+
+
 class _Training:
     """One run being trained: what its steps share, and the steps in the order they run."""
 
-    def __init__(self, run_id: str, store: Store, should_stop: Callable[[], bool], progress_bar: bool):
+    def __init__(self, run_id: str, store: Store, should_stop: Callable[[], bool], progress_bar: bool,
+                 sink: RunSink | None = None):
         self.run = store.get_run(run_id)
         self.run_id, self.store = run_id, store
+        self.sink = sink or StoreSink(store, run_id)
         self.config = TrainConfig.from_dict(self.run.config)
         self.folder = RunFolder(run_id).created()
         self.should_stop, self.progress_bar = should_stop, progress_bar
@@ -50,7 +89,7 @@ class _Training:
         self.head_on_features: tuple[Any, np.ndarray] | None = None
 
     def log(self, message: str) -> None:
-        self.store.log(self.run_id, message)
+        self.sink.log(message)
         if self.progress_bar:
             print(message, flush=True)
 
@@ -60,7 +99,7 @@ class _Training:
         cancel = False
         if force or now - self.last_beat > 1.0:
             self.last_beat = now
-            cancel = self.store.heartbeat(self.run_id, progress)
+            cancel = self.sink.heartbeat(progress)
         return cancel or self.should_stop()
 
     def raise_if_cancelled(self) -> None:
@@ -292,6 +331,7 @@ class _Training:
         """Weights after `phase` epoch `epoch`; a failed save keeps the previous checkpoint."""
         write_atomically(self.folder.checkpoint_weights, self.model.save_weights)
         self.folder.write_checkpoint_state(phase, epoch)
+        self.sink.checkpoint_saved(self.folder)
 
 
 class _FeatureExtraction:
@@ -326,14 +366,14 @@ class _FeatureExtraction:
 
 
 def execute_run(run_id: str, store: Store, *, should_stop: Callable[[], bool] = lambda: False,
-                progress_bar: bool = False) -> RunSummary:
+                progress_bar: bool = False, sink: RunSink | None = None) -> RunSummary:
     """Train, evaluate and save run `run_id` from its stored config; return its summary.
 
-    Writes epochs, logs and progress to `store` as it goes and artifacts to the run folder.
-    Raises `RunCancelled` if `should_stop()` (or a cancel in the store) stops it. The caller
-    sets the final status.
+    Writes epochs, logs and progress to `sink` (defaults to `store`) as it goes and artifacts
+    to the run folder. Raises `RunCancelled` if `should_stop()` (or a cancel the sink reports)
+    stops it. The caller sets the final status.
     """
-    return _Training(run_id, store, should_stop, progress_bar).execute()
+    return _Training(run_id, store, should_stop, progress_bar, sink).execute()
 
 
 def build_classifier(spec, size: int, weights_path: str | None, num_classes: int, dropout: float):
@@ -461,7 +501,7 @@ class _StoreProgress(keras.callbacks.Callback):
         if lr is not None:
             metrics["lr"] = float(np.asarray(lr))
         metrics["seconds"] = seconds
-        self.ctx.store.log_epoch(self.ctx.run_id, self.phase, epoch + 1, self.ctx.step, metrics)
+        self.ctx.sink.log_epoch(self.phase, epoch + 1, self.ctx.step, metrics)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in
                           ("loss", "accuracy", "val_loss", "val_accuracy"))
         self.ctx.log(f"{self.phase} epoch {epoch + 1}/{self.epochs}: {shown} ({seconds:.1f} s)")

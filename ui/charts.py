@@ -114,3 +114,22 @@ def topk_bar(top_k: Sequence[tuple[str, float]]) -> go.Figure:
     fig.update_xaxes(range=[0, 1], tickformat=".0%")
     fig.update_yaxes(type="category")
     return _layout(fig, height=max(200, 60 + 36 * len(labels)))
+
+
+def sweep_summary(configurations: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> go.Figure:
+    """A sweep per configuration: mean ± std over seeds as a bar with error bars, each seed a point.
+
+    `configurations`: dicts with `label`, `mean`, `std` and `seeds` ([(seed, value), ...], finished seeds only).
+    """
+    fig = go.Figure()
+    labels = [c["label"] for c in configurations]
+    fig.add_trace(go.Bar(x=labels, y=[c["mean"] for c in configurations], name=f"mean {metric}",
+                         error_y=dict(type="data", array=[c["std"] or 0 for c in configurations], visible=True),
+                         marker_color=PALETTE[0], opacity=0.55))
+    xs = [c["label"] for c in configurations for _ in c["seeds"]]
+    ys = [value for c in configurations for _, value in c["seeds"]]
+    text = [f"seed {seed}" for c in configurations for seed, _ in c["seeds"]]
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="one seed", text=text,
+                             hovertemplate="%{x}<br>%{text}: %{y:.3f}<extra></extra>",
+                             marker=dict(color=PALETTE[1], size=9, line=dict(width=1, color="white"))))
+    return _layout(fig, height=360, yaxis=dict(title=metric, rangemode="tozero"), xaxis=dict(type="category"))

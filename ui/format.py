@@ -43,6 +43,11 @@ def pct(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{100 * value:.{digits}f} %"
 
 
+def mean_std(mean: float | None, std: float | None) -> str:
+    """A fraction's mean ± std over seeds in percent: `75.0 % ± 25.0`."""
+    return "—" if mean is None else f"{pct(mean)} ± {100 * (std or 0):.1f}"
+
+
 def run_duration(run: Run, now: float | None = None) -> float | None:
     if not run.started_at:
         return None

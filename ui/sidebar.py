@@ -1,10 +1,13 @@
-"""The shared sidebar: the worker (start it), the job training now, the device, the data home.
+"""The shared sidebar: the worker (start it, here or on a Ray cluster), the job training now, the
+device, the data home.
 
 Lives in a fragment that polls the store every few seconds, so every page shows the same
 live state without rerunning the page under it.
 """
 
 from __future__ import annotations
+
+import os
 
 import streamlit as st
 
@@ -38,16 +41,29 @@ def reap() -> None:
             pass
 
 
+def cluster_setting() -> str | None:
+    """The Ray address Start worker dispatches to (the sidebar's setting, else `$TLCORE_CLUSTER`); None: here."""
+    value = st.session_state.get("settings.cluster", os.environ.get("TLCORE_CLUSTER", ""))
+    return value.strip() or None
+
+
+def start_worker_process(jobs) -> int:
+    """Start the worker: the local one, or the dispatcher to the cluster set in the sidebar."""
+    return jobs.start_worker_process(cluster=cluster_setting())
+
+
 def start_worker(key: str) -> None:
     """A 'Start worker' button; starting it is the only thing it does."""
     jobs = maybe("jobs")
     if jobs is None:
         st.caption("The jobs module is not installed; start a worker with `python -m tlcore worker`.")
         return
+    where = f"dispatches them to the Ray cluster at {cluster_setting()}" if cluster_setting() \
+        else "trains queued runs one by one"
     if st.button("Start worker", key=key, type="primary", icon=":material/play_arrow:",
-                 help="Starts `python -m tlcore worker` in the background; it trains queued runs one by one."):
+                 help=f"Starts `python -m tlcore worker` in the background; it {where}."):
         try:
-            pid = jobs.start_worker_process()
+            pid = start_worker_process(jobs)
         except Exception as exc:  # noqa: BLE001 - shown in words
             st.error(f"The worker did not start: {exc}")
         else:
@@ -57,9 +73,11 @@ def start_worker(key: str) -> None:
 def worker_line(status) -> None:
     if status is None:
         st.markdown("**Worker:** unknown")
+    elif status.alive and status.cluster:
+        st.markdown(f"**Worker:** :green[● running] (pid {status.pid}) · **cluster** `{status.cluster}`")
     elif status.alive:
         current = f" · training `{status.current_run_id}`" if getattr(status, "current_run_id", None) else " · idle"
-        st.markdown(f"**Worker:** :green[● running] (pid {status.pid}){current}")
+        st.markdown(f"**Worker:** :green[● running] (pid {status.pid}) · **local**{current}")
     else:
         st.markdown("**Worker:** :red[● stopped] — queued runs wait until it starts.")
 
@@ -89,4 +107,8 @@ def _live() -> None:
 def draw() -> None:
     with st.sidebar:
         _live()
+        st.session_state.setdefault("settings.cluster", os.environ.get("TLCORE_CLUSTER", ""))
+        st.text_input("Ray cluster for Start worker", key="settings.cluster", placeholder="empty: train here",
+                      help="A Ray address (ray://HEAD:10001, auto): Start worker then dispatches queued runs "
+                           "to that cluster, as many at once as it fits. Empty: one run at a time on this machine.")
         st.caption(f"**Data home:** `{home.data_home()}`")

@@ -39,9 +39,7 @@ class PixelCache:
 def pixel_cache(dataset_id: str, entries: Sequence, size: int, *, workers: int | None = None,
                 on_progress=None) -> tuple[PixelCache, bool]:
     """The uint8 cache for `entries` at `size`, built if missing. Returns (cache, reused)."""
-    folder = home.cache_dir("pixels")
-    path = folder / f"{dataset_id}-{size}.npy"
-    meta_path = path.with_suffix(".json")
+    path, meta_path = _cache_paths(dataset_id, size)
     if path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("count") == len(entries) and meta.get("first") == _entry_key(entries[0]):
@@ -64,6 +62,23 @@ def pixel_cache(dataset_id: str, entries: Sequence, size: int, *, workers: int |
     write_atomically(path, decode_all)
     write_json_atomically(meta_path, {"count": len(entries), "first": _entry_key(entries[0]), "size": size})
     return PixelCache(np.load(path, mmap_mode="r"), path, size), False
+
+
+def adopt_pixel_cache(dataset_id: str, entries: Sequence, images: np.ndarray) -> None:
+    """Make `images` (decoded elsewhere, in `entries` order) this data home's cache for them.
+
+    A Ray node receives a dataset's pixels through the object store instead of its image files;
+    with the cache in place, `pixel_cache` reuses it and never opens a file.
+    """
+    size = images.shape[1]
+    path, meta_path = _cache_paths(dataset_id, size)
+    write_atomically(path, lambda tmp: np.save(tmp, images))
+    write_json_atomically(meta_path, {"count": len(entries), "first": _entry_key(entries[0]), "size": size})
+
+
+def _cache_paths(dataset_id: str, size: int) -> tuple[Path, Path]:
+    path = home.cache_dir("pixels") / f"{dataset_id}-{size}.npy"
+    return path, path.with_suffix(".json")
 
 
 def _entry_key(entry) -> str:
