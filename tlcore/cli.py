@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=5, help="how many classes per image (default 5)")
     _json(predict)
 
+    compare = sub.add_parser("compare", help="paired comparison of run B against run A on their shared images")
+    compare.add_argument("run_a", metavar="RUN_A", help="run id or name (the reference)")
+    compare.add_argument("run_b", metavar="RUN_B", help="run id or name (the challenger)")
+    compare.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    compare.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    _json(compare)
+
     export = sub.add_parser("export", help="export a run's model")
     export.add_argument("--run", required=True, help="run id or name")
     export.add_argument("--format", required=True,
@@ -394,6 +401,19 @@ def cmd_predict(args) -> int:
     return 2 if rejected else 0
 
 
+def cmd_compare(args) -> int:
+    from tlcore.comparison import compare_runs
+
+    c = compare_runs(args.run_a, args.run_b, _store(), resamples=args.resamples, seed=args.seed)
+    lines = [c.verdict, c.coverage_note or f"{c.n_shared} shared evaluation images.",
+             f"  accuracy {c.acc_a:.4f} -> {c.acc_b:.4f}, macro F1 {c.f1_a:.4f} -> {c.f1_b:.4f} "
+             f"(95 % CI of the F1 delta {100 * c.f1_ci_low:+.1f} to {100 * c.f1_ci_high:+.1f} pts)",
+             f"  {c.name_b} fixed {c.fixed}, broke {c.broken}; both wrong on {c.both_wrong}; "
+             f"McNemar exact p = {c.mcnemar_p:.4g}; bootstrap {c.resamples} resamples, seed {c.seed}"]
+    _emit(args, c.to_json(), None if args.json else "\n".join(lines))
+    return 0
+
+
 def cmd_export(args) -> int:
     from tlcore.export import describe_report, export_run, read_report
 
@@ -414,7 +434,7 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {"datasets": cmd_datasets, "backbones": cmd_backbones, "train": cmd_train, "submit": cmd_submit,
             "worker": cmd_worker, "cancel": cmd_cancel, "resume": cmd_resume, "runs": cmd_runs,
-            "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve}
+            "predict": cmd_predict, "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve}
 
 
 # -------------------------------------------------------------------- helpers
