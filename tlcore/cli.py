@@ -341,7 +341,7 @@ def cmd_runs(args) -> int:
     logs = store.logs(run.id, tail=20)
     payload = {**_run_dict(run), "epochs": [
         {"phase": e.phase, "epoch": e.epoch, "step": e.step, "metrics": e.metrics, "at": e.at} for e in epochs],
-        "log_tail": [line.message for line in logs]}
+        "log_tail": [line.message for line in logs], "calibration": _calibration_dict(run)}
     if args.json:
         _emit(args, payload)
         return 0
@@ -354,6 +354,17 @@ def cmd_runs(args) -> int:
     if run.summary:
         lines.append(f"  {run.summary.eval_split} accuracy {run.summary.metrics.accuracy:.4f}, "
                      f"macro F1 {run.summary.metrics.macro_f1:.4f}")
+    calibration = run.summary.calibration if run.summary else None
+    if calibration and calibration.temperature:
+        lines.append(f"  calibrated: temperature {calibration.temperature:.2f} (fitted on {calibration.fitted_on} "
+                     f"val images), ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}")
+    elif calibration:
+        lines.append(f"  not calibrated: {calibration.reason}")
+    threshold = run.summary.threshold if run.summary else None
+    if threshold:
+        lines.append(f"  \"not sure\" below confidence {threshold.threshold:.3f} (target precision "
+                     f"{threshold.target_precision:.0%}{'' if threshold.reached else ', not reached on val'}; "
+                     f"answers {threshold.coverage:.0%} of val)")
     if epochs:
         lines.append(_table(["step", "phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"],
                             [[e.step, e.phase, e.epoch] + [_fmt(e.metrics.get(k)) for k in
@@ -373,6 +384,15 @@ def _run_dict(r) -> dict[str, Any]:
             "cancel_requested": r.cancel_requested, "progress": r.progress.to_dict(),
             "summary": r.summary.to_dict() if r.summary else {},
             "accuracy": r.accuracy, "tags": r.tags, "note": r.note}
+
+
+def _calibration_dict(run) -> dict[str, Any] | None:
+    """`{temperature, ece_before, ece_after, reason}` of a finished run; None before it finished."""
+    calibration = run.summary.calibration if run.summary else None
+    if calibration is None:
+        return None
+    return {"temperature": calibration.temperature, "ece_before": calibration.ece_before,
+            "ece_after": calibration.ece_after, "reason": calibration.reason}
 
 
 def cmd_predict(args) -> int:
@@ -396,7 +416,7 @@ def cmd_predict(args) -> int:
         if not args.json:
             shown = ", ".join(f"{label} {p:.3f}" + (f" (#{i})" if args.model else "")
                               for i, (label, p) in zip(pred.indices, pred.top_k))
-            print(f"{path}: {shown}")
+            print(f"{path}: not sure (top guesses: {shown})" if pred.abstained else f"{path}: {shown}")
     _emit(args, {"model": loaded.name, "predictions": results})
     return 2 if rejected else 0
 

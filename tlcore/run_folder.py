@@ -4,13 +4,12 @@
     runs/<id>/labels.json              class names, in the model's output order
     runs/<id>/model.keras              the saved classifier (preprocessing inside)
     runs/<id>/predictions.jsonl        one object per evaluation image
-    runs/<id>/calibration.json         temperature scaling fitted on validation, ECE before/after
-    runs/<id>/threshold.json           the "not sure" confidence threshold chosen on validation
     runs/<id>/checkpoint.weights.h5    the last checkpoint's weights
     runs/<id>/checkpoint.json          which phase and epoch that checkpoint is after
     runs/<id>/tensorboard/<phase>/     TensorBoard logs
-    runs/<id>/calibration.json         optional: temperature scaling of the probabilities
-    runs/<id>/threshold.json           optional: the top probability below which the model abstains
+    runs/<id>/calibration.json         temperature scaling fitted on validation, ECE before/after
+                                       (optional: runs from before calibration have none)
+    runs/<id>/threshold.json           the top probability below which the model answers "not sure"
     runs/<id>/export/                  exported copies of the model, made once
 """
 
@@ -29,8 +28,6 @@ MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
 CONFIG_FILE = "config.json"
 PREDICTIONS_FILE = "predictions.jsonl"
-CALIBRATION_FILE = "calibration.json"
-THRESHOLD_FILE = "threshold.json"
 CHECKPOINT_WEIGHTS_FILE = "checkpoint.weights.h5"
 CHECKPOINT_STATE_FILE = "checkpoint.json"
 CALIBRATION_FILE = "calibration.json"
@@ -76,14 +73,6 @@ class RunFolder:
     @property
     def predictions(self) -> Path:
         return self.path / PREDICTIONS_FILE
-
-    @property
-    def calibration_file(self) -> Path:
-        return self.path / CALIBRATION_FILE
-
-    @property
-    def threshold_file(self) -> Path:
-        return self.path / THRESHOLD_FILE
 
     @property
     def checkpoint_weights(self) -> Path:
