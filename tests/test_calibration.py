@@ -19,6 +19,7 @@ from tlcore.calibration import (
     write_run_calibration,
 )
 from tlcore.errors import InvalidInput
+from tlcore.run_folder import RunFolder
 from tlcore.run_record import Calibration, RunSummary
 
 
@@ -96,6 +97,7 @@ def test_a_long_curve_is_thinned_but_the_threshold_stays_exact():
 def test_run_files_round_trip_and_old_summaries_read_without_calibration(tlcore_home):
     c = calibrate(np.array([[0.7, 0.3], [0.2, 0.8]]), np.array([0, 1]), np.array([[0.9, 0.1]]), np.array([0]))
     t = choose_threshold([0.9, 0.6], [1, 0])
+    RunFolder("run-x").created()
     write_run_calibration("run-x", c, t)
     assert load_calibration("run-x") == c and load_threshold("run-x") == t
     assert load_calibration("run-other") is None and load_threshold("run-other") is None
