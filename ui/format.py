@@ -43,6 +43,11 @@ def pct(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{100 * value:.{digits}f} %"
 
 
+def seed_list(seeds: Iterable[int]) -> str:
+    """Seeds as `0, 1, 2`."""
+    return ", ".join(str(s) for s in seeds)
+
+
 def run_duration(run: Run, now: float | None = None) -> float | None:
     if not run.started_at:
         return None
