@@ -172,7 +172,7 @@ def paired_gallery(comparison, table, kind: str) -> None:
         st.caption(f"The first {len(rows)} of {len(table)}.")
     for row in rows:
         path = Path(str(row["path"]))
-        cols = st.columns(3 if cams else 2)
+        cols = st.columns([1, 1, 1, 2] if cams else [1, 4])
         cols[-1].markdown(f"**{row['source']}**  \ntrue **{row['true']}**  \n"
                           f"{comparison.name_a}: {row['pred_a']} ({row['confidence_a']:.0%})  \n"
                           f"{comparison.name_b}: {row['pred_b']} ({row['confidence_b']:.0%})")
@@ -185,8 +185,9 @@ def paired_gallery(comparison, table, kind: str) -> None:
         photo = open_image(path)
         photo.thumbnail((GALLERY_SIDE, GALLERY_SIDE))
         rgb = np.asarray(photo)
-        for col, run_id, name in ((cols[0], comparison.run_a, comparison.name_a),
-                                  (cols[1], comparison.run_b, comparison.name_b)):
+        cols[0].image(rgb, caption="photo", width="stretch")
+        for col, run_id, name in ((cols[1], comparison.run_a, comparison.name_a),
+                                  (cols[2], comparison.run_b, comparison.name_b)):
             try:
                 heat = state.load_model(run_id).gradcam(rgb)
                 col.image(images.overlay(rgb, heat), caption=f"{name} looked here", width="stretch")
@@ -217,9 +218,9 @@ else:
                    "p from McNemar's exact test on the images only one run got right.")
         p1, p2, p3, p4 = st.columns(4)
         p1.metric("Shared images", comparison.n_shared)
-        p2.metric("Accuracy A → B", f"{fmt.pct(comparison.acc_a)} → {fmt.pct(comparison.acc_b)}",
+        p2.metric(f"Accuracy of B (A: {fmt.pct(comparison.acc_a)})", fmt.pct(comparison.acc_b),
                   delta=f"{100 * comparison.delta:+.1f} pts")
-        p3.metric("Macro F1 A → B", f"{fmt.pct(comparison.f1_a)} → {fmt.pct(comparison.f1_b)}",
+        p3.metric(f"Macro F1 of B (A: {fmt.pct(comparison.f1_a)})", fmt.pct(comparison.f1_b),
                   delta=f"{100 * comparison.f1_delta:+.1f} pts",
                   help=f"95 % CI of the delta {100 * comparison.f1_ci_low:+.1f} to "
                        f"{100 * comparison.f1_ci_high:+.1f} pts")

@@ -137,6 +137,7 @@ def test_paired_comparison_gives_verdict_counts_and_fixed_gallery(store, runs, m
     assert sorted(set(calls)) == sorted({a.id, b.id}) and len(calls) == 6  # 3 images x 2 runs
     captions = [c for image in at.image for c in image.captions]
     assert captions.count("alpha looked here") == 3 and captions.count("beta looked here") == 3
+    assert captions.count("photo") == 3
 
 
 def test_runs_of_different_classes_are_refused_in_a_sentence(store, runs):
