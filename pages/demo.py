@@ -2,6 +2,7 @@
 a camera snapshot: top-k classes, a Grad-CAM overlay of where it looked, and the latency. A
 calibrated run's confidences are temperature-scaled, and below the confidence its validation
 split needs for the target precision (95 % unless the user moves it) it answers "not sure".
+"Wrong? It is …" files the photo with the right class in its dataset's feedback inbox.
 
 Models load once per process (`ui.state.load_model`, `st.cache_resource`) and are shared by
 every session; TensorFlow is imported only here, when a model is first needed. The prediction
@@ -17,7 +18,9 @@ import streamlit as st
 from PIL import Image
 
 from tlcore.calibration import retarget
+from tlcore.data import feedback
 from tlcore.data.images import ImageRejected, open_image
+from tlcore.errors import TransferLabError
 from tlcore.store import RunStatus
 from ui import charts, frame, images, state
 from ui import format as fmt
@@ -165,3 +168,26 @@ with right:
     if cam_ms is not None and heat is not None:
         m4.metric("Grad-CAM", f"{cam_ms:.0f} ms")
     st.plotly_chart(charts.topk_bar(shown), key="demo.topk_chart", config={"displayModeBar": False})
+
+# ------------------------------------------------------------------ feedback
+
+if run is not None:
+    try:
+        dataset = store.get_dataset(run.dataset_id)
+    except KeyError:
+        st.caption("This run's dataset is not in this data home, so the photo cannot be filed for it.")
+        st.stop()
+    st.markdown("**Wrong? It is …**")
+    f1, f2 = st.columns([3, 1], vertical_alignment="bottom")
+    state.keep_choice("demo.feedback_label", dataset.classes)
+    truth = f1.selectbox("The right class", dataset.classes, key="demo.feedback_label",
+                         label_visibility="collapsed")
+    if f2.button("File it", key="demo.feedback_file"):
+        try:
+            feedback.add_feedback(dataset.name, photo_bytes, truth, dataset.classes, run_id=run.id,
+                                  predicted=label)
+        except TransferLabError as exc:
+            st.error(f"The photo could not be filed: {exc}")
+        else:
+            st.success(f"Filed as **{truth}** in the feedback inbox of {dataset.name}. The **Datasets** page can "
+                       "fold the inbox into a new version.")

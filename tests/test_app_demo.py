@@ -178,3 +178,23 @@ def test_a_run_without_threshold_answers_and_says_why(store, monkeypatch):
     assert not at.exception, at.exception
     assert {m.label: m.value for m in at.metric}["Prediction"] == "cat"
     assert "every photo gets an answer: The dataset has no validation split" in seed.texts(at)
+
+
+def test_wrong_it_is_files_the_photo_in_the_dataset_inbox(store, monkeypatch):
+    from tlcore.data.feedback import inbox
+    from ui import state
+
+    ds = seed.dataset(store)
+    run = seed.run(store, ds, "insects")
+    monkeypatch.setattr(state, "load_model", lambda ref: _CountingModel(ref, []))
+    photo = _png((200, 60, 40))
+    at = seed.app("pages/demo.py", run=run.id).run()
+    at.file_uploader(key="demo.upload").set_value(("a.png", photo, "image/png")).run()
+    at.selectbox(key="demo.feedback_label").select("bees").run()
+    at.button(key="demo.feedback_file").click().run()
+    assert not at.exception, at.exception
+    assert "Filed as **bees** in the feedback inbox of insects" in at.success[0].value
+    [item] = inbox("insects")
+    assert (item.label, item.predicted, item.run_id) == ("bees", "cat", run.id)
+    with open(item.file, "rb") as f:
+        assert f.read() == photo
