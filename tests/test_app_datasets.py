@@ -151,7 +151,6 @@ def test_the_feedback_inbox_folds_into_a_new_version(store, monkeypatch):
     from PIL import Image
 
     from tlcore.data.feedback import add_feedback, inbox
-
     from ui import format as fmt
 
     # The dataset selector's labels say "created N s ago": fixed, so the widget keeps its value across reruns.
