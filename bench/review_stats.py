@@ -3,10 +3,11 @@
     python bench/review_stats.py --data ../shared/datasets/flowers [--home /tmp/tlab-review-stats]
         [--train-only] [--out bench/results/review-stats.json]
 
-Trains (once per data home; later calls reuse the finished runs) three small EfficientNet-Lite0
-runs at 224 px on the same split: head only with seeds 0 and 1, and head + fine-tune with seed 0.
+Trains (once per data home; later calls reuse the finished runs) four small EfficientNet-Lite0
+runs at 224 px on the same split: head only with seeds 0, 1 and 2, and head + fine-tune with seed 0.
 Then measures, with tlcore's own functions:
-  - the paired comparison of head-only vs fine-tuned (seed 0) and of the two head-only seeds;
+  - the paired comparison of head-only vs fine-tuned and of the head-only seeds with each other,
+    and the head-only seed group (mean ± std);
   - ECE on the test split before and after temperature scaling (fitted on val) for each run;
   - at each run's default threshold (95 % target precision on val): the share of the built-in
     digits and textures images it answers "not sure", against the share of flowers test images
@@ -30,6 +31,7 @@ sys.path.insert(0, str(REPO))
 RECIPES = {
     "head-s0": dict(head_epochs=10, seed=0),
     "head-s1": dict(head_epochs=10, seed=1),
+    "head-s2": dict(head_epochs=10, seed=2),
     "finetune-s0": dict(head_epochs=10, finetune_epochs=2, finetune_layers=20,
                         augment=("flip", "rotate", "zoom"), seed=0),
 }
@@ -66,7 +68,7 @@ def abstention(run, folder: Path) -> dict:
     from tlcore.evaluation import evaluate_run
 
     model = inference.load_run_model(run.id)
-    out = {"threshold": model.threshold}
+    out = {"threshold": model.threshold.threshold if model.threshold else None}
     for name in FOREIGN:
         files = sorted(p for p in materialize_builtin(name, folder).rglob("*.png"))
         preds = model.predict_files(files)
@@ -109,9 +111,15 @@ def main() -> int:
                                      "ece_after": s.calibration.ece_after, "fitted_on": s.calibration.fitted_on},
                                  "threshold": {"threshold": s.threshold.threshold, "val_coverage": s.threshold.coverage,
                                                "val_precision": s.threshold.precision}}
-    for a, b in (("head-s0", "finetune-s0"), ("head-s0", "head-s1")):
+    for a, b in (("head-s0", "finetune-s0"), ("head-s1", "finetune-s0"), ("head-s0", "head-s1"),
+                 ("head-s1", "head-s2"), ("head-s0", "head-s2")):
         c = compare_runs(runs[a].id, runs[b].id, store=store)
         results["comparisons"][f"{a} vs {b}"] = {**c.to_json(), "verdict": c.verdict}
+    from tlcore.comparison import seed_groups
+
+    group = next(g for g in seed_groups(store.list_runs()) if "head-s0" in {r.name for r in g.runs})
+    results["seed_group"] = {"runs": [r.name for r in group.runs], "accuracy": group.mean_std("accuracy"),
+                             "macro_f1": group.mean_std("macro_f1")}
     with tempfile.TemporaryDirectory() as tmp:
         for name, run in runs.items():
             results["abstention"][name] = abstention(run, Path(tmp))
@@ -141,7 +149,11 @@ def markdown(r: dict) -> str:
                      f"{100 * c['delta']:+.2f} pts | "
                      f"{100 * c['ci_low']:+.2f} to {100 * c['ci_high']:+.2f} | {c['mcnemar_p']:.3g} | {c['fixed']} | "
                      f"{c['broken']} | {c['both_wrong']} |")
-    lines += ["", "Verdicts: " + "; ".join(f"{k}: \"{c['verdict']}\"" for k, c in r["comparisons"].items()), "",
+    g = r["seed_group"]
+    lines += ["", f"Seed group {', '.join(g['runs'])}: test accuracy {g['accuracy'][0]:.4f} ± {g['accuracy'][1]:.4f}, "
+              f"macro F1 {g['macro_f1'][0]:.4f} ± {g['macro_f1'][1]:.4f} (mean ± std).", "", "Verdicts:", ""]
+    lines += [f"- {k}: \"{c['verdict']}\"" for k, c in r["comparisons"].items()]
+    lines += ["",
               "At each run's default threshold (95 % target precision on val, after temperature scaling):", "",
               "| run | digits: not sure | textures: not sure | digits/textures >= 90 % conf. | flowers test answered | "
               "accuracy of answers | accuracy, all |",

@@ -168,3 +168,18 @@ def test_runs_differing_only_in_seed_are_grouped(store, runs):
     assert {r.name for r in group.runs} == {"alpha", "beta"} and group.seeds == [0, 1]
     mean, std = group.mean_std("accuracy")
     assert mean == pytest.approx(0.8) and std == pytest.approx(0.0)
+
+
+def test_a_clear_difference_between_two_seeds_is_called_seed_noise(store, runs):
+    _, a, b = runs  # alpha and beta: one recipe, seeds 0 and 1
+    rows = [json.loads(line) for line in RunFolder(b.id).predictions.read_text().splitlines()]
+    RunFolder(b.id).predictions.write_text("".join(json.dumps({**r, "pred": r["true"]}) + "\n" for r in rows))
+    # Widen the evaluation so that fixing alpha's mistakes is clearly more than chance.
+    for run in (a, b):
+        path = RunFolder(run.id).predictions
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "path": f"{r['path']}.{k}"}) + "\n" for k in range(4) for r in rows))
+    c = compare_runs(a.id, b.id, store)
+    assert c.same_recipe and c.significant and c.fixed == 12
+    assert c.verdict.startswith("beta scored higher on these images (+25.0 pts")
+    assert c.verdict.endswith("the two runs differ only in their seed: that is seed-to-seed noise, not a better recipe")

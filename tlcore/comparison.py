@@ -120,6 +120,7 @@ class PairedComparison:
     mcnemar_p: float
     resamples: int
     seed: int
+    same_recipe: bool = False  # the runs differ only in their seed
 
     @property
     def n_shared(self) -> int:
@@ -166,6 +167,12 @@ class PairedComparison:
         """One line for a review: who is better, by how much, how sure; or "no clear difference"."""
         numbers = (f"{_pts(self.delta)}, 95 % CI {_pts(self.ci_low, unit=False)} to {_pts(self.ci_high, unit=False)}, "
                    f"{_p_text(self.mcnemar_p)}")
+        if self.significant and self.same_recipe:
+            # The test counts the evaluation images as the sample; the seed is another source of
+            # variance it does not see. Between seeds of one recipe a difference is that variance.
+            higher = self.name_b if self.delta > 0 else self.name_a
+            return (f"{higher} scored higher on these images ({numbers}), but the two runs differ only in their "
+                    "seed: that is seed-to-seed noise, not a better recipe")
         if self.significant and self.delta > 0:
             return f"{self.name_b} is better: {numbers}"
         if self.significant:
@@ -188,7 +195,7 @@ class PairedComparison:
                 "fixed": self.fixed, "broken": self.broken, "both_wrong": self.both_wrong,
                 "f1_a": self.f1_a, "f1_b": self.f1_b, "f1_delta": self.f1_delta, "f1_ci_low": self.f1_ci_low,
                 "f1_ci_high": self.f1_ci_high, "resamples": self.resamples, "seed": self.seed,
-                "verdict": self.verdict}
+                "same_recipe": self.same_recipe, "verdict": self.verdict}
 
 
 def _pts(value: float, unit: bool = True) -> str:
@@ -264,8 +271,10 @@ def compare_runs(ref_a: str, ref_b: str, store=None, *, resamples: int = BOOTSTR
         raise InvalidInput(f"Runs {run_a.name} and {run_b.name} predict different classes "
                            f"({', '.join(labels_a)} vs {', '.join(labels_b)}); a paired comparison needs "
                            "the same classes.")
-    return compare_predictions(_predictions(run_a), _predictions(run_b), labels_a, name_a=run_a.name,
-                               name_b=run_b.name, run_a=run_a.id, run_b=run_b.id, resamples=resamples, seed=seed)
+    comparison = compare_predictions(_predictions(run_a), _predictions(run_b), labels_a, name_a=run_a.name,
+                                     name_b=run_b.name, run_a=run_a.id, run_b=run_b.id, resamples=resamples,
+                                     seed=seed)
+    return dataclasses.replace(comparison, same_recipe=recipe_key(run_a.config) == recipe_key(run_b.config))
 
 
 def _labels(run) -> list[str]:
