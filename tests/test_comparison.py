@@ -170,7 +170,7 @@ def test_runs_differing_only_in_seed_are_grouped(store, runs):
     assert mean == pytest.approx(0.8) and std == pytest.approx(0.0)
 
 
-def test_a_clear_difference_between_two_seeds_is_called_seed_noise(store, runs):
+def test_a_clear_difference_between_two_seeds_is_called_run_to_run_noise(store, runs):
     _, a, b = runs  # alpha and beta: one recipe, seeds 0 and 1
     rows = [json.loads(line) for line in RunFolder(b.id).predictions.read_text().splitlines()]
     RunFolder(b.id).predictions.write_text("".join(json.dumps({**r, "pred": r["true"]}) + "\n" for r in rows))
@@ -182,4 +182,5 @@ def test_a_clear_difference_between_two_seeds_is_called_seed_noise(store, runs):
     c = compare_runs(a.id, b.id, store)
     assert c.same_recipe and c.significant and c.fixed == 12
     assert c.verdict.startswith("beta scored higher on these images (+25.0 pts")
-    assert c.verdict.endswith("the two runs differ only in their seed: that is seed-to-seed noise, not a better recipe")
+    assert c.verdict.endswith("the two runs share one recipe (at most the seed differs): that is run-to-run noise, "
+                              "not a better recipe")

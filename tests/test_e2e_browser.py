@@ -1,7 +1,7 @@
 """End to end in a real headless Chromium: start the dashboard, import the built-in offline
 dataset, launch a tiny run (the UI starts the worker), watch its chart gain points, open the
 error gallery and get a demo prediction; open deep links as the first request after a server
-start. Screenshots of each page go to `test-artifacts/`.
+start; open a paired comparison of two runs. Screenshots of each page go to `test-artifacts/`.
 
 Needs Debian's `/usr/bin/chromium` and the `playwright` Python package (never downloads a browser).
 """
@@ -328,7 +328,7 @@ def test_paired_comparison_of_two_runs(server, page, tlcore_home, store):
 
     ds = seed.dataset(store, per_class=8)
     head = seed.run(store, ds, "head-only", accuracy=0.75)
-    tuned = seed.run(store, ds, "fine-tuned", accuracy=1.0)
+    tuned = seed.run(store, ds, "fine-tuned", accuracy=1.0, config={"finetune_epochs": 2})
     path = RunFolder(tuned.id).predictions  # the fine-tuned run gets all 24 right: it fixed head-only's 6
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     path.write_text("".join(json.dumps({**r, "pred": r["true"], "confidence": 0.97}) + "\n" for r in rows))

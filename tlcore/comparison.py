@@ -120,7 +120,7 @@ class PairedComparison:
     mcnemar_p: float
     resamples: int
     seed: int
-    same_recipe: bool = False  # the runs differ only in their seed
+    same_recipe: bool = False  # the runs' recipes differ at most in the seed
 
     @property
     def n_shared(self) -> int:
@@ -171,8 +171,8 @@ class PairedComparison:
             # The test counts the evaluation images as the sample; the seed is another source of
             # variance it does not see. Between seeds of one recipe a difference is that variance.
             higher = self.name_b if self.delta > 0 else self.name_a
-            return (f"{higher} scored higher on these images ({numbers}), but the two runs differ only in their "
-                    "seed: that is seed-to-seed noise, not a better recipe")
+            return (f"{higher} scored higher on these images ({numbers}), but the two runs share one recipe "
+                    "(at most the seed differs): that is run-to-run noise, not a better recipe")
         if self.significant and self.delta > 0:
             return f"{self.name_b} is better: {numbers}"
         if self.significant:
