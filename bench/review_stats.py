@@ -115,9 +115,9 @@ def main() -> int:
                  ("head-s1", "head-s2"), ("head-s0", "head-s2")):
         c = compare_runs(runs[a].id, runs[b].id, store=store)
         results["comparisons"][f"{a} vs {b}"] = {**c.to_json(), "verdict": c.verdict}
-    from tlcore.comparison import seed_groups
+    from tlcore.comparison import SeedGroup
 
-    group = next(g for g in seed_groups(store.list_runs()) if "head-s0" in {r.name for r in g.runs})
+    group = SeedGroup([store.get_run(runs[name].id) for name in ("head-s0", "head-s1", "head-s2")])
     results["seed_group"] = {"runs": [r.name for r in group.runs], "accuracy": group.mean_std("accuracy"),
                              "macro_f1": group.mean_std("macro_f1")}
     with tempfile.TemporaryDirectory() as tmp:

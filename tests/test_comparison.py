@@ -184,3 +184,5 @@ def test_a_clear_difference_between_two_seeds_is_called_run_to_run_noise(store, 
     assert c.verdict.startswith("beta scored higher on these images (+25.0 pts")
     assert c.verdict.endswith("the two runs share one recipe (at most the seed differs): that is run-to-run noise, "
                               "not a better recipe")
+    reverse = compare_runs(b.id, a.id, store)
+    assert reverse.verdict.startswith("beta scored higher on these images (alpha is −25.0 pts")

@@ -170,9 +170,10 @@ class PairedComparison:
         if self.significant and self.same_recipe:
             # The test counts the evaluation images as the sample; the seed is another source of
             # variance it does not see. Between seeds of one recipe a difference is that variance.
-            higher = self.name_b if self.delta > 0 else self.name_a
-            return (f"{higher} scored higher on these images ({numbers}), but the two runs share one recipe "
-                    "(at most the seed differs): that is run-to-run noise, not a better recipe")
+            lead = (f"{self.name_b} scored higher on these images ({numbers})" if self.delta > 0 else
+                    f"{self.name_a} scored higher on these images ({self.name_b} is {numbers})")
+            return (f"{lead}, but the two runs share one recipe (at most the seed differs): that is run-to-run "
+                    "noise, not a better recipe")
         if self.significant and self.delta > 0:
             return f"{self.name_b} is better: {numbers}"
         if self.significant:

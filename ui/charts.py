@@ -133,7 +133,7 @@ def reliability_diagram(before: Sequence[Mapping[str, Any]], after: Sequence[Map
     fig.update_layout(title="Reliability (15 confidence bins)", xaxis_title="confidence", yaxis_title="accuracy")
     fig.update_xaxes(range=[0, 1.02])
     fig.update_yaxes(range=[0, 1.02])
-    return _layout(fig, height=340)
+    return _layout(fig, height=360, legend_y=1.1, top=80)
 
 
 def coverage_curve(points: Sequence[Mapping[str, Any]], threshold: float | None = None) -> go.Figure:
