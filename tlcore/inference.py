@@ -84,8 +84,7 @@ class LoadedModel:
         return self.calibration.temperature if self.calibration else None
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities for a uint8 batch `(n, size, size, 3)`, temperature-scaled when the run
-        was calibrated."""
+        """The model's raw softmax for a uint8 batch `(n, size, size, 3)` (`calibrated` scales it)."""
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[None]
@@ -94,7 +93,10 @@ class LoadedModel:
             for start in range(0, len(images), PREDICT_BATCH):
                 batch = images[start:start + PREDICT_BATCH].astype("float32")
                 out.append(np.asarray(self._predictor.predict_on_batch(batch), dtype="float64"))
-        probs = np.concatenate(out) if out else np.zeros((0, len(self.labels)))
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
+
+    def calibrated(self, probs: np.ndarray) -> np.ndarray:
+        """`probs` temperature-scaled when the run was calibrated (what `predict_*` answer with)."""
         return apply_temperature(probs, self.temperature) if self.temperature else probs
 
     def abstains(self, confidence: float) -> bool:
@@ -124,7 +126,7 @@ class LoadedModel:
         pixels = np.stack([load_resized(p, self.image_size) for p in paths]) if paths else None
         if pixels is None:
             return []
-        probs = self.probabilities(pixels)
+        probs = self.calibrated(self.probabilities(pixels))
         per_image_ms = (time.perf_counter() - start) * 1000 / len(paths)
         preds = []
         for path, p in zip(paths, probs):
@@ -137,7 +139,7 @@ class LoadedModel:
         _check_top_k(top_k)
         start = time.perf_counter()
         pixels = self.pixels(image)
-        probs = self.probabilities(pixels[None])[0]
+        probs = self.calibrated(self.probabilities(pixels[None]))[0]
         top, idx = self._top(probs, top_k)
         return Prediction(top, (time.perf_counter() - start) * 1000, idx, abstained=self.abstains(top[0][1]))
 
