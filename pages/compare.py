@@ -1,15 +1,24 @@
 """Compare: every run in a sortable, filterable table; pick several to overlay their curves, see
-metric deltas, a config diff and confusion matrices side by side; tag and note a run. A whole
-sweep can be picked: its runs grouped by configuration (mean ± std over seeds, each seed a point).
-The selection lives in the URL (`?runs=id1,id2` or `?sweep=id`) so a comparison can be shared.
+metric deltas, a paired comparison of two of them (is the difference real?), seed groups, a config
+diff and confusion matrices side by side; tag and note a run. A group of runs that differ only in
+their seed can be picked as one entry, and a whole sweep: its runs grouped by configuration (mean ±
+std over seeds, each seed a point). The selection lives in the URL (`?runs=id1,seeds:id2` or
+`?sweep=id`) so a comparison can be shared.
 
-Reads the store and the runs' predictions only (no TensorFlow import).
+Reads the store and the runs' predictions only; TensorFlow is imported only when the fixed/broken
+gallery is asked for its Grad-CAMs.
 """
 
+from pathlib import Path
+
+import numpy as np
 import streamlit as st
 
 from tlcore import sweeps
-from ui import charts, frame, state
+from tlcore.comparison import seed_groups
+from tlcore.data.images import open_image
+from tlcore.errors import InvalidInput
+from ui import charts, frame, images, state
 from ui import format as fmt
 
 frame.require()
@@ -25,6 +34,7 @@ if not runs:
 
 datasets = {d.id: d for d in store.list_datasets()}
 by_id = {r.id: r for r in runs}
+groups = {g.id: g for g in seed_groups(runs)}
 frame = fmt.runs_frame(runs, datasets)
 
 # ----------------------------------------------------------- selection & URL
@@ -37,10 +47,10 @@ def url_runs() -> list[str]:
 
 wanted = url_runs()
 if ",".join(wanted) != st.session_state.get("compare.url_seen"):
-    unknown = [i for i in wanted if i not in by_id]
+    unknown = [i for i in wanted if i not in by_id and i not in groups]
     if unknown:
         st.warning(f"The link names {len(unknown)} run(s) that are not in this data home: {', '.join(unknown)}.")
-    st.session_state["compare.runs"] = [i for i in wanted if i in by_id]
+    st.session_state["compare.runs"] = [i for i in wanted if i in by_id or i in groups]
 
 
 sweep_ids = store.sweep_ids()
@@ -115,9 +125,18 @@ if sweep_ids:
     elif "sweep" in st.query_params:
         del st.query_params["sweep"]
 
-selected = st.multiselect("Runs to compare", list(by_id), key="compare.runs",
-                          format_func=lambda i: f"{by_id[i].name} ({fmt.pct(by_id[i].accuracy)})",
-                          placeholder="Tick rows above or choose runs here")
+
+
+def entry_label(ref: str) -> str:
+    if ref in groups:
+        mean, std = groups[ref].mean_std()
+        return f"{groups[ref].name} (seeds {fmt.seed_list(groups[ref].seeds)}: {fmt.pct(mean)} ± {fmt.pct(std)})"
+    return f"{by_id[ref].name} ({fmt.pct(by_id[ref].accuracy)})"
+
+
+selected = st.multiselect("Runs to compare", list(by_id) + list(groups), key="compare.runs",
+                          format_func=entry_label,
+                          placeholder="Tick rows above or choose runs here (or a group of seeds)")
 if selected:
     st.query_params["runs"] = ",".join(selected)
 elif "runs" in st.query_params:
@@ -128,7 +147,10 @@ if not selected:
     st.info("Choose two or more runs to compare them.")
     st.stop()
 
-chosen = [by_id[i] for i in selected]
+# A seed group stands for its runs: their curves, recipes and matrices; its metrics as mean ± std.
+chosen_groups = [groups[i] for i in selected if i in groups]
+chosen_ids = list(dict.fromkeys(r.id for i in selected for r in (groups[i].runs if i in groups else [by_id[i]])))
+chosen = [by_id[i] for i in chosen_ids]
 base = st.context.url.split("?")[0] if st.context.url else ""
 st.caption("Share this comparison:")
 st.code(f"{base}?sweep={sweep}" if sweep else f"{base}?runs={','.join(selected)}", language=None)
@@ -152,6 +174,15 @@ if sweep:
 # ------------------------------------------------------------------ metrics
 
 st.subheader("Metrics")
+if chosen_groups:
+    cols = st.columns(min(4, len(chosen_groups)))
+    for col, group in zip(cols * len(chosen_groups), chosen_groups):
+        acc, acc_std = group.mean_std("accuracy")
+        f1, f1_std = group.mean_std("macro_f1")
+        with col.container(border=True):
+            st.metric(f"{group.runs[0].name} · {len(group.runs)} seeds", f"{fmt.pct(acc)} ± {fmt.pct(acc_std)}",
+                      help="Mean ± standard deviation of the runs of one recipe that differ only in the seed.")
+            st.caption(f"macro F1 {fmt.pct(f1)} ± {fmt.pct(f1_std)} · seeds {fmt.seed_list(group.seeds)}")
 baseline = chosen[0]
 st.caption(f"Deltas are against **{baseline.name}**, the first run chosen.")
 for start in range(0, len(chosen), 4):
@@ -169,6 +200,93 @@ for start in range(0, len(chosen), 4):
             st.caption(f"macro F1 {fmt.pct(f1v)}{f1_delta} · {fmt.duration(fmt.run_duration(run))}")
             if run.status.value == "failed":
                 st.caption(f":red[failed: {run.error or 'no reason recorded'}]")
+
+# ---------------------------------------------------------- paired comparison
+
+GALLERY_LIMIT = 6
+GALLERY_SIDE = 384  # px: Grad-CAMs are drawn over the photo at most this large
+
+
+def paired_gallery(comparison, table, kind: str) -> None:
+    """Images B fixed or broke: each with both runs' predictions, and their Grad-CAMs when asked."""
+    if table.empty:
+        st.caption(f"No image was {kind}.")
+        return
+    cams = st.toggle("Grad-CAMs of both runs (loads the two models)", key=f"compare.pair_cams.{kind}")
+    rows = table.head(GALLERY_LIMIT).to_dict("records")
+    if len(table) > len(rows):
+        st.caption(f"The first {len(rows)} of {len(table)}.")
+    for row in rows:
+        path = Path(str(row["path"]))
+        cols = st.columns([1, 1, 1, 2] if cams else [1, 4])
+        cols[-1].markdown(f"**{row['source']}**  \ntrue **{row['true']}**  \n"
+                          f"{comparison.name_a}: {row['pred_a']} ({row['confidence_a']:.0%})  \n"
+                          f"{comparison.name_b}: {row['pred_b']} ({row['confidence_b']:.0%})")
+        if not path.is_file():
+            cols[0].caption("(image missing)")
+            continue
+        if not cams:
+            cols[0].image(str(path), width="stretch")
+            continue
+        photo = open_image(path)
+        photo.thumbnail((GALLERY_SIDE, GALLERY_SIDE))
+        rgb = np.asarray(photo)
+        cols[0].image(rgb, caption="photo", width="stretch")
+        for col, run_id, name in ((cols[1], comparison.run_a, comparison.name_a),
+                                  (cols[2], comparison.run_b, comparison.name_b)):
+            try:
+                heat = state.load_model(run_id).gradcam(rgb)
+                col.image(images.overlay(rgb, heat), caption=f"{name} looked here", width="stretch")
+            except Exception as exc:  # noqa: BLE001 - the predictions above still stand
+                col.caption(f"No Grad-CAM for {name}: {exc}")
+
+
+st.subheader("Paired comparison")
+pairable = [r.id for r in chosen if r.status.value == "succeeded"]
+if len(pairable) < 2:
+    st.caption("Choose two finished runs to see whether one is really better, image by image.")
+else:
+    state.keep_choice("compare.pair_a", pairable)
+    state.keep_choice("compare.pair_b", pairable, default=pairable[1])
+    pa, pb = st.columns(2)
+    run_a = pa.selectbox("A (reference)", pairable, key="compare.pair_a", format_func=lambda i: by_id[i].name)
+    run_b = pb.selectbox("B (challenger)", pairable, key="compare.pair_b", format_func=lambda i: by_id[i].name)
+    try:
+        comparison = state.paired_comparison(run_a, run_b)
+    except InvalidInput as exc:
+        st.warning(str(exc))
+    else:
+        show = st.success if comparison.significant else st.info
+        show(comparison.verdict)
+        st.caption(comparison.coverage_note or
+                   f"On the {comparison.n_shared} evaluation images both runs scored; 95 % interval of the accuracy "
+                   f"delta from a paired bootstrap ({comparison.resamples} resamples, seed {comparison.seed}); "
+                   "p from McNemar's exact test on the images only one run got right.")
+        p1, p2, p3, p4 = st.columns(4)
+        p1.metric("Shared images", comparison.n_shared)
+        p2.metric(f"Accuracy of B (A: {fmt.pct(comparison.acc_a)})", fmt.pct(comparison.acc_b),
+                  delta=f"{100 * comparison.delta:+.1f} pts")
+        p3.metric(f"Macro F1 of B (A: {fmt.pct(comparison.f1_a)})", fmt.pct(comparison.f1_b),
+                  delta=f"{100 * comparison.f1_delta:+.1f} pts",
+                  help=f"95 % CI of the delta {100 * comparison.f1_ci_low:+.1f} to "
+                       f"{100 * comparison.f1_ci_high:+.1f} pts")
+        p4.metric("Fixed / broken / both wrong", f"{comparison.fixed} / {comparison.broken} / {comparison.both_wrong}")
+        fixed_tab, broken_tab = st.tabs([f"B fixed ({comparison.fixed})", f"B broke ({comparison.broken})"])
+        with fixed_tab:
+            paired_gallery(comparison, comparison.fixed_images, "fixed")
+        with broken_tab:
+            paired_gallery(comparison, comparison.broken_images, "broken")
+
+# -------------------------------------------------------------------- seeds
+
+shown_groups = [g for g in groups.values() if set(r.id for r in g.runs) & set(chosen_ids)]
+if shown_groups:
+    st.subheader("Seeds")
+    st.caption("Runs whose recipes differ only in the seed: the spread between seeds is the noise any "
+               "difference between recipes has to beat.")
+    st.plotly_chart(charts.seed_points({g.runs[0].name: [(s, r.accuracy) for s, r in zip(g.seeds, g.runs)]
+                                        for g in shown_groups}),
+                    key="compare.seeds", config={"displayModeBar": False})
 
 # ------------------------------------------------------------------- curves
 
@@ -216,7 +334,8 @@ for i, run in enumerate(chosen):
 # ------------------------------------------------------------ tags and notes
 
 st.subheader("Tag and note")
-target = st.selectbox("Run", selected, key="compare.note_run", format_func=lambda i: by_id[i].name)
+state.keep_choice("compare.note_run", chosen_ids)
+target = st.selectbox("Run", chosen_ids, key="compare.note_run", format_func=lambda i: by_id[i].name)
 run = by_id[target]
 with st.form(f"compare.note_form.{target}"):
     new_tags = st.multiselect("Tags", sorted(set(all_tags) | set(run.tags)), default=run.tags,

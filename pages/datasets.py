@@ -1,6 +1,7 @@
 """Datasets: import (built-in offline sets, a zip upload, a server folder under the allowed roots,
-camera snapshots per class, the download catalog), then the import report, class balance and a
-sample grid per class for any dataset version."""
+camera snapshots per class, the download catalog), then the import report, class balance, the
+feedback inbox the Demo fills (folded into a new version on request) and a sample grid per class
+for any dataset version."""
 
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ builtin = need("data.builtin")
 sources = need("data.sources")
 manifest = need("data.manifest")
 snapshots = need("data.snapshots")
+feedback = need("data.feedback")
 
 SAMPLES_PER_CLASS = 8
 
@@ -215,6 +217,28 @@ with right:
         st.warning(f"{len(conflicts)} image(s) appeared in two classes (label conflict) and were left out.")
     skipped_table(report, "datasets.skipped")
 
+
+# ------------------------------------------------------------------ feedback
+
+st.markdown("**Feedback inbox**")
+filed = feedback.inbox(ds.name)
+if not filed:
+    st.caption(f"No photo filed for {ds.name} yet. Under a prediction on the **Demo** page, \"Wrong? It is …\" "
+               "files the photo here with its right class.")
+else:
+    latest = store.get_dataset(ds.name)
+    there = feedback.already_in(latest.id, filed)
+    st.caption(f"{len(filed)} photo(s) filed from the Demo for {ds.name}. Folding adds them to the train split "
+               f"of a new version, {ds.name} v{latest.version + 1}; {latest.label} stays as it is.")
+    st.image([i.file for i in filed[:48]], width=96,
+             caption=[i.label + (f" (said {i.predicted})" if i.predicted else "") for i in filed[:48]])
+    if there:
+        st.warning(f"{len(there)} of them are already in {latest.label} (perhaps under another class); folding "
+                   "leaves them in the inbox.")
+    st.button(f"Fold into {ds.name} v{latest.version + 1}", key="datasets.fold", type="primary",
+              disabled=len(there) == len(filed),
+              on_click=lambda: run_import(f"the feedback inbox of {ds.name}", feedback.fold_inbox, ds.name,
+                                          store=store))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

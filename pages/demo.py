@@ -1,5 +1,8 @@
 """Demo: a finished run's model (or the plain ImageNet EfficientNet-Lite0) on an uploaded photo or
-a camera snapshot: top-k classes, a Grad-CAM overlay of where it looked, and the latency.
+a camera snapshot: top-k classes, a Grad-CAM overlay of where it looked, and the latency. A
+calibrated run's confidences are temperature-scaled, and below the confidence its validation
+split needs for the target precision (95 % unless the user moves it) it answers "not sure".
+"Wrong? It is …" files the photo with the right class in its dataset's feedback inbox.
 
 Models load once per process (`ui.state.load_model`, `st.cache_resource`) and are shared by
 every session; TensorFlow is imported only here, when a model is first needed. The prediction
@@ -14,7 +17,10 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
+from tlcore.calibration import retarget
+from tlcore.data import feedback
 from tlcore.data.images import ImageRejected, open_image
+from tlcore.errors import TransferLabError
 from tlcore.store import RunStatus
 from ui import charts, frame, images, state
 from ui import format as fmt
@@ -127,13 +133,61 @@ with left:
             st.image(rgb, width="stretch")
     else:
         st.image(rgb, caption=shot.name, width="stretch")
+run = by_id.get(ref)
+summary = run.summary if run else None
+threshold = summary.threshold if summary else None
 with right:
     label, prob = shown[0]
+    not_sure = False
+    if threshold is not None:
+        stored_target = round(100 * threshold.target_precision)
+        target = st.slider("Target precision", 50, 100, stored_target, key="demo.target", format="%d %%",
+                           help="How often an answer must be right on validation; below the confidence that "
+                                "gives it, the model answers \"not sure\".")
+        active = threshold if target == stored_target else retarget(threshold, target / 100)
+        not_sure = pred.confidence < active.threshold
     m1, m2 = st.columns(2)
-    m1.metric("Prediction", label, help="The most likely class")
+    if not_sure:
+        m1.metric("Prediction", "Not sure", help="Below the run's confidence threshold: the top guesses follow.")
+    else:
+        m1.metric("Prediction", label, help="The most likely class")
     m2.metric("Confidence", f"{prob:.1%}")
+    if not_sure:
+        guesses = ", ".join(f"{name} {p:.0%}" for name, p in pred.top_k[:3])
+        st.caption(f"Not sure: {target} % precision on validation needs a confidence of at least "
+                   f"{active.threshold:.0%}. Top guesses: {guesses}.")
+    elif threshold is not None and not active.reached:
+        st.caption(f"No confidence reached {target} % precision on validation; lower the target.")
+    calibration = summary.calibration if summary else None
+    if calibration is not None and calibration.temperature:
+        st.caption(f"Confidences are temperature-scaled (T = {calibration.temperature:.2f}, fitted on validation).")
+    elif calibration is not None:
+        st.caption(f"Confidences are raw softmax, and every photo gets an answer: {calibration.reason}")
     m3, m4 = st.columns(2)
     m3.metric("Latency", f"{pred.latency_ms:.0f} ms", help="Decode, resize and forward pass for this image")
     if cam_ms is not None and heat is not None:
         m4.metric("Grad-CAM", f"{cam_ms:.0f} ms")
     st.plotly_chart(charts.topk_bar(shown), key="demo.topk_chart", config={"displayModeBar": False})
+
+# ------------------------------------------------------------------ feedback
+
+if run is not None:
+    try:
+        dataset = store.get_dataset(run.dataset_id)
+    except KeyError:
+        st.caption("This run's dataset is not in this data home, so the photo cannot be filed for it.")
+        st.stop()
+    st.markdown("**Wrong? It is …**")
+    f1, f2 = st.columns([3, 1], vertical_alignment="bottom")
+    state.keep_choice("demo.feedback_label", dataset.classes)
+    truth = f1.selectbox("The right class", dataset.classes, key="demo.feedback_label",
+                         label_visibility="collapsed")
+    if f2.button("File it", key="demo.feedback_file"):
+        try:
+            feedback.add_feedback(dataset.name, photo_bytes, truth, dataset.classes, run_id=run.id,
+                                  predicted=label)
+        except TransferLabError as exc:
+            st.error(f"The photo could not be filed: {exc}")
+        else:
+            st.success(f"Filed as **{truth}** in the feedback inbox of {dataset.name}. The **Datasets** page can "
+                       "fold the inbox into a new version.")

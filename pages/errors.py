@@ -150,3 +150,45 @@ else:
                 else:
                     st.caption(f"(image missing) {caption}")
                 st.caption(str(row.get("source") or path.name)[:40])
+
+# ---------------------------------------------------------------- calibration
+
+st.subheader("Can its confidence be trusted?")
+calibration = run.summary.calibration if run.summary else None
+threshold = run.summary.threshold if run.summary else None
+if calibration is None:
+    st.caption("This run finished before calibration was recorded; retrain it to see its reliability diagram.")
+else:
+    split = run.summary.eval_split
+    c1, c2, c3 = st.columns(3)
+    c1.metric(f"ECE on {split}", fmt.pct(calibration.ece_before, 2),
+              help="Expected calibration error (15 bins): the gap between confidence and accuracy, "
+                   "weighted by how many predictions fall in each bin. 0 is perfectly calibrated.")
+    if calibration.temperature:
+        c2.metric("ECE after temperature scaling", fmt.pct(calibration.ece_after, 2),
+                  delta=f"{100 * (calibration.ece_after - calibration.ece_before):+.2f} pts", delta_color="inverse")
+        c3.metric("Temperature", f"{calibration.temperature:.2f}",
+                  help=f"Fitted on {calibration.fitted_on} validation images; predict, the Demo and exports "
+                       "divide the model's log-probabilities by it.")
+    else:
+        st.info(f"Not calibrated: {calibration.reason}")
+    left, right = st.columns(2, gap="large")
+    with left:
+        st.plotly_chart(charts.reliability_diagram([b.to_dict() for b in calibration.reliability_before],
+                                                   [b.to_dict() for b in calibration.reliability_after]),
+                        key="errors.reliability", config={"displayModeBar": False})
+    with right:
+        if threshold is None:
+            st.caption("No \"not sure\" threshold: it is chosen on a validation split apart from the evaluation "
+                       "images, and this run has none.")
+        else:
+            st.plotly_chart(charts.coverage_curve([p.to_dict() for p in threshold.curve], threshold.threshold),
+                            key="errors.coverage", config={"displayModeBar": False})
+            if threshold.reached:
+                target = fmt.pct(threshold.target_precision, 0)
+                st.caption(f"Below confidence **{threshold.threshold:.3f}** the Demo and `predict` answer "
+                           f"\"not sure\": on validation that keeps {fmt.pct(threshold.coverage)} of the answers "
+                           f"at {fmt.pct(threshold.precision)} precision (target {target}).")
+            else:
+                st.caption(f"No confidence gives {fmt.pct(threshold.target_precision, 0)} precision on validation, "
+                           "so every answer is \"not sure\"; the Demo can lower the target.")

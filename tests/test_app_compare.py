@@ -105,3 +105,80 @@ def test_a_shared_sweep_link_groups_its_runs_by_configuration(store):
     assert "?sweep=sweep-20261129-1" in at.code[0].value
     chart = at.get("plotly_chart")[0].proto.spec
     assert '"one seed"' in chart  # each seed drawn as a point beside the mean
+
+
+# ------------------------------------------------------- paired comparison
+
+
+def _all_right(run_id):
+    """Rewrite a seeded run's predictions so that it gets every image right."""
+    import json
+
+    from tlcore.run_folder import RunFolder
+
+    path = RunFolder(run_id).predictions
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "pred": r["true"], "confidence": 0.95}) + "\n" for r in rows))
+
+
+class _FakeModel:
+    def __init__(self, ref):
+        self.ref = ref
+
+    def gradcam(self, rgb):
+        import numpy as np
+
+        return np.linspace(0, 1, 16).reshape(4, 4)
+
+
+def test_paired_comparison_gives_verdict_counts_and_fixed_gallery(store, runs, monkeypatch):
+    from ui import state
+
+    a, b, c = runs
+    _all_right(b.id)  # beta fixes alpha's 3 mistakes, breaks none: p = 2 / 2**3 = 0.25
+    at = seed.app("pages/compare.py", runs=f"{a.id},{b.id}").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="compare.pair_a").value == a.id and at.selectbox(key="compare.pair_b").value == b.id
+    verdict = at.info[0].value
+    assert verdict.startswith("No clear difference between alpha and beta: +25.0 pts, 95 % CI +")
+    assert verdict.endswith("p = 0.250")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Shared images"] == "12" and metrics["Fixed / broken / both wrong"] == "3 / 0 / 0"
+    assert [t.label for t in at.tabs] == ["B fixed (3)", "B broke (0)"]
+    text = seed.texts(at)
+    assert "alpha: bees (60%)" in text and "beta: ants (95%)" in text and "No image was broken." in text
+    assert len(at.image) == 3  # the photos, without Grad-CAMs until asked
+
+    calls = []
+    monkeypatch.setattr(state, "load_model", lambda ref: calls.append(ref) or _FakeModel(ref))
+    at.toggle(key="compare.pair_cams.fixed").set_value(True).run()
+    assert not at.exception, at.exception
+    assert sorted(set(calls)) == sorted({a.id, b.id}) and len(calls) == 6  # 3 images x 2 runs
+    captions = [c for image in at.image for c in image.captions]
+    assert captions.count("alpha looked here") == 3 and captions.count("beta looked here") == 3
+    assert captions.count("photo") == 3
+
+
+def test_runs_of_different_classes_are_refused_in_a_sentence(store, runs):
+    a, _, _ = runs
+    other = seed.dataset(store, name="pets", classes=("cats", "dogs"))
+    pets = seed.run(store, other, "pets-run")
+    at = seed.app("pages/compare.py", runs=f"{a.id},{pets.id}").run()
+    assert not at.exception
+    assert any("predict different classes" in w.value for w in at.warning)
+
+
+def test_a_seed_group_is_one_entry_with_mean_and_std(store):
+    ds = seed.dataset(store)
+    members = [seed.run(store, ds, f"lite-s{s}", accuracy=acc, config={"seed": s})
+               for s, acc in ((0, 0.80), (1, 0.84), (2, 0.88))]
+    seed.run(store, ds, "other-recipe", accuracy=0.5, config={"lr": 0.1})
+    group = f"seeds:{members[0].id}"
+    at = seed.app("pages/compare.py", runs=group).run()
+    assert not at.exception, at.exception
+    assert at.multiselect(key="compare.runs").value == [group]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["lite-s0 · 3 seeds"] == "84.0 % ± 4.0 %"
+    assert {"lite-s0", "lite-s1", "lite-s2"} <= set(metrics)  # each seed is also shown
+    assert "Seeds" in [h.value for h in at.subheader]
+    assert "seeds 0, 1, 2" in seed.texts(at)

@@ -142,3 +142,32 @@ def test_catalog_offline_says_so(store, monkeypatch):
     at.button(key="datasets.download").click().run()
     assert not at.exception
     assert "no internet" in at.error[0].value
+
+
+def test_the_feedback_inbox_folds_into_a_new_version(store, monkeypatch):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tlcore.data.feedback import add_feedback, inbox
+    from ui import format as fmt
+
+    # The dataset selector's labels say "created N s ago": fixed, so the widget keeps its value across reruns.
+    monkeypatch.setattr(fmt, "ago", lambda ts, now=None: "just now")
+    ds = seed.dataset(store)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((48, 48, 3), (90, 30, 200), np.uint8)).save(buf, "PNG")
+    add_feedback(ds.name, buf.getvalue(), "wasps", ds.classes, predicted="bees")
+    at = seed.app("pages/datasets.py").run()
+    assert not at.exception, at.exception
+    text = seed.texts(at)
+    assert "1 photo(s) filed from the Demo for insects" in text and "insects v2" in text
+    assert "wasps (said bees)" in [c for image in at.image for c in image.captions]
+    at.button(key="datasets.fold").click().run()
+    assert not at.exception, at.exception
+    assert "Imported **insects v2** from the feedback inbox of insects" in at.success[0].value
+    v2 = store.get_dataset("insects")
+    assert v2.version == 2 and v2.num_images == ds.num_images + 1
+    assert at.selectbox(key="datasets.selected").value == v2.id
+    assert inbox("insects") == []

@@ -132,3 +132,69 @@ def test_a_rerun_reuses_the_prediction_and_a_new_photo_or_model_is_predicted_aga
     assert not at.exception, at.exception
     assert [c[:2] for c in calls[4:]] == [("predict", state.IMAGENET_REF), ("gradcam", state.IMAGENET_REF)]
     assert calls[4][2] == second
+
+
+def test_below_the_threshold_the_demo_says_not_sure_with_its_top_guesses(store, monkeypatch):
+    import dataclasses
+
+    from tlcore.calibration import calibrate, choose_threshold
+    from ui import state
+
+    ds = seed.dataset(store)
+    run = seed.run(store, ds, "insects")
+    # On validation: 0.9, 0.8, 0.6 right, 0.45 wrong, 0.3 right -> 95 % needs >= 0.6, 80 % needs >= 0.3.
+    threshold = choose_threshold([0.9, 0.8, 0.6, 0.45, 0.3], [1, 1, 1, 0, 1])
+    calibration = calibrate(np.array([[0.7, 0.3]]), np.array([0]), np.array([[0.9, 0.1]]), np.array([0]))
+    store.update_run(run.id, summary=dataclasses.replace(run.summary, threshold=threshold, calibration=calibration))
+    monkeypatch.setattr(state, "load_model", lambda ref: _CountingModel(ref, []))
+
+    at = seed.app("pages/demo.py", run=run.id).run()
+    at.file_uploader(key="demo.upload").set_value(("a.png", _png((200, 60, 40)), "image/png")).run()
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Prediction"] == "Not sure" and metrics["Confidence"] == "50.0%"
+    text = seed.texts(at)
+    assert "Not sure: 95 % precision on validation needs a confidence of at least 60%." in text
+    assert "Top guesses: cat 50%, dog 20%, fox 15%." in text
+    assert f"temperature-scaled (T = {calibration.temperature:.2f}" in text
+
+    at.slider(key="demo.target").set_value(80).run()
+    assert {m.label: m.value for m in at.metric}["Prediction"] == "cat"
+
+
+def test_a_run_without_threshold_answers_and_says_why(store, monkeypatch):
+    import dataclasses
+
+    from tlcore.run_record import Calibration
+    from ui import state
+
+    ds = seed.dataset(store)
+    run = seed.run(store, ds, "no-val")
+    store.update_run(run.id, summary=dataclasses.replace(run.summary, calibration=Calibration(
+        ece_before=0.2, reason="The dataset has no validation split to fit a temperature on.")))
+    monkeypatch.setattr(state, "load_model", lambda ref: _CountingModel(ref, []))
+    at = seed.app("pages/demo.py", run=run.id).run()
+    at.file_uploader(key="demo.upload").set_value(("a.png", _png((200, 60, 40)), "image/png")).run()
+    assert not at.exception, at.exception
+    assert {m.label: m.value for m in at.metric}["Prediction"] == "cat"
+    assert "every photo gets an answer: The dataset has no validation split" in seed.texts(at)
+
+
+def test_wrong_it_is_files_the_photo_in_the_dataset_inbox(store, monkeypatch):
+    from tlcore.data.feedback import inbox
+    from ui import state
+
+    ds = seed.dataset(store)
+    run = seed.run(store, ds, "insects")
+    monkeypatch.setattr(state, "load_model", lambda ref: _CountingModel(ref, []))
+    photo = _png((200, 60, 40))
+    at = seed.app("pages/demo.py", run=run.id).run()
+    at.file_uploader(key="demo.upload").set_value(("a.png", photo, "image/png")).run()
+    at.selectbox(key="demo.feedback_label").select("bees").run()
+    at.button(key="demo.feedback_file").click().run()
+    assert not at.exception, at.exception
+    assert "Filed as **bees** in the feedback inbox of insects" in at.success[0].value
+    [item] = inbox("insects")
+    assert (item.label, item.predicted, item.run_id) == ("bees", "cat", run.id)
+    with open(item.file, "rb") as f:
+        assert f.read() == photo

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import app_seed as seed
 import pytest
 
@@ -60,3 +62,52 @@ def test_no_runs(store):
     at = seed.app("pages/errors.py").run()
     assert not at.exception
     assert "No finished run yet" in seed.texts(at)
+
+
+def _calibrated(store, run, val_images: int = 6):
+    """Give a seeded run the calibration and threshold training would have stored."""
+    import dataclasses
+
+    import numpy as np
+
+    from tlcore.calibration import calibrate, choose_threshold
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([4, 1, 1], 40)
+    labels = np.where(rng.uniform(size=40) < 0.7, probs.argmax(axis=1), 0)
+    calibration = calibrate(probs[:val_images], labels[:val_images], probs[20:], labels[20:])
+    threshold = choose_threshold(probs[:20].max(axis=1), probs[:20].argmax(axis=1) == labels[:20], 0.9)
+    summary = dataclasses.replace(run.summary, calibration=calibration, threshold=threshold)
+    store.update_run(run.id, summary=summary)
+    return calibration, threshold
+
+
+def test_reliability_diagram_ece_and_coverage_curve_are_shown(store):
+    ds = seed.dataset(store)
+    run = seed.run(store, ds, "calibrated")
+    calibration, threshold = _calibrated(store, run)
+    at = seed.app("pages/errors.py", run=run.id).run()
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["ECE on val"] == f"{100 * calibration.ece_before:.2f} %"
+    assert metrics["ECE after temperature scaling"] == f"{100 * calibration.ece_after:.2f} %"
+    assert metrics["Temperature"] == f"{calibration.temperature:.2f}"
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")[1:]]
+    assert titles == ["Reliability (15 confidence bins)", "Answered vs right (validation)"]
+    assert f"Below confidence **{threshold.threshold:.3f}**" in seed.texts(at)
+
+
+def test_a_run_without_validation_split_says_why_it_is_not_calibrated(store):
+    import dataclasses
+
+    from tlcore.run_record import Calibration
+
+    ds = seed.dataset(store)
+    run = seed.run(store, ds, "uncalibrated")
+    reason = "The dataset has no test split, so its validation split is the evaluation split."
+    store.update_run(run.id, summary=dataclasses.replace(run.summary, calibration=Calibration(
+        ece_before=0.1, reason=reason)))
+    at = seed.app("pages/errors.py", run=run.id).run()
+    assert not at.exception, at.exception
+    assert f"Not calibrated: {reason}" in seed.texts(at)
+    assert "No \"not sure\" threshold" in seed.texts(at)

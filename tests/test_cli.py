@@ -6,10 +6,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.test_jobs import ROOT, make_image_folder, worker_env
 from tlcore import cli
+from tlcore.calibration import apply_temperature
 from tlcore.run_folder import RunFolder
 
 
@@ -100,8 +102,13 @@ def test_end_to_end_import_train_show_predict_export(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "runs", "show", "tiny", "--json")
     shown = last_json(out)
     assert shown["status"] == "succeeded" and len(shown["epochs"]) >= 1
+    # calibrated on the val split, reported on test, the same record in the run folder
+    assert set(shown["calibration"]) >= {"temperature", "ece_before", "ece_after"}
+    assert shown["calibration"]["temperature"] > 0 and 0 <= shown["calibration"]["ece_after"] <= 1
+    assert json.loads(RunFolder(run_id).calibration_file.read_text()) == shown["summary"]["calibration"]
+    assert json.loads(RunFolder(run_id).threshold_file.read_text()) == shown["summary"]["threshold"]
     code, out, _ = run_cli(capsys, "runs", "show", "tiny")
-    assert code == 0 and "succeeded" in out
+    assert code == 0 and "succeeded" in out and "calibrated: temperature" in out
 
     # predict on the raw evaluation files equals the stored evaluation predictions
 
@@ -109,9 +116,13 @@ def test_end_to_end_import_train_show_predict_export(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "predict", "--run", run_id, *[r["path"] for r in stored], "--top-k", "2",
                            "--json")
     assert code == 0
+    temperature, threshold = shown["calibration"]["temperature"], shown["summary"]["threshold"]["threshold"]
     for row, pred in zip(stored, last_json(out)["predictions"]):
         assert pred["label"] == row["pred"]
-        assert pred["confidence"] == pytest.approx(row["confidence"], abs=1e-4)
+        # predictions.jsonl keeps the raw softmax; predict answers with the run's temperature applied
+        calibrated = apply_temperature(np.array([p for _, p in row["topk"]]), temperature)
+        assert pred["confidence"] == pytest.approx(calibrated[0], abs=1e-4)
+        assert pred["abstained"] == (pred["confidence"] < threshold)
 
     code, out, _ = run_cli(capsys, "export", "--run", "tiny", "--format", "keras", "--out",
                            str(tmp_path / "m.keras"), "--json")

@@ -1,7 +1,7 @@
 """End to end in a real headless Chromium: start the dashboard, import the built-in offline
 dataset, launch a tiny run (the UI starts the worker), watch its chart gain points, open the
 error gallery and get a demo prediction; open deep links as the first request after a server
-start. Screenshots of each page go to `test-artifacts/`.
+start; open a paired comparison of two runs. Screenshots of each page go to `test-artifacts/`.
 
 Needs Debian's `/usr/bin/chromium` and the `playwright` Python package (never downloads a browser).
 """
@@ -250,7 +250,9 @@ def test_import_train_watch_inspect_demo(server, page, tlcore_home, tmp_path):
     latency = page.locator('[data-testid="stMetric"]', has_text="Latency").inner_text()
     timings["demo_latency"] = latency.replace("\n", " ")
     prediction = page.locator('[data-testid="stMetric"]', has_text="Prediction").inner_text()
-    assert prediction.split("\n")[-1].strip() in dataset.classes
+    answer = prediction.split("\n")[-1].strip()
+    # A tiny 32 px model may be below its "not sure" threshold: then it names its top guesses.
+    assert answer in dataset.classes or (answer == "Not sure" and page.get_by_text("Top guesses").count() == 1)
     _shot(page, "09-demo")
     (ARTIFACTS / "e2e-timings.json").write_text(json.dumps(timings, indent=1))
     print(f"browser timings: {timings}")  # judged in bench/, never here
@@ -319,3 +321,26 @@ def test_train_link_as_the_first_request_still_asks_for_the_password(page, tlcor
         _shot(page, "12-deep-link-train-signed-in")
         _assert_framed(page, tlcore_home)
         assert page.url.split("?")[0] == f"{url}/train"
+
+
+def test_paired_comparison_of_two_runs(server, page, tlcore_home, store):
+    from tlcore.run_folder import RunFolder
+
+    ds = seed.dataset(store, per_class=8)
+    head = seed.run(store, ds, "head-only", accuracy=0.75)
+    tuned = seed.run(store, ds, "fine-tuned", accuracy=1.0, config={"finetune_epochs": 2})
+    path = RunFolder(tuned.id).predictions  # the fine-tuned run gets all 24 right: it fixed head-only's 6
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "pred": r["true"], "confidence": 0.97}) + "\n" for r in rows))
+
+    _goto(page, f"{server}/compare?runs={head.id},{tuned.id}", "Paired comparison")
+    page.get_by_text(re.compile(r"fine-tuned is better: \+25\.0 pts, 95 % CI \+\d+\.\d to \+\d+\.\d, "
+                                r"p = 0\.031")).wait_for()
+    page.get_by_role("tab", name="B fixed (6)").click()
+    page.get_by_text("head-only: bees").first.wait_for()
+    assert page.locator('[data-testid="stImage"]').count() >= 6
+    page.get_by_role("tab", name="B broke (0)").click()
+    page.get_by_text("No image was broken.").wait_for()
+    page.get_by_role("tab", name="B fixed (6)").click()
+    _settle(page)
+    _shot(page, "13-compare-paired")

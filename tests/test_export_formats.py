@@ -99,21 +99,24 @@ def test_model_card_says_what_the_model_is_and_how_good(trained_run):
     ev = card["evaluation"]
     assert ev["split"] == "test" and ev["images"] == 6 and ev["accuracy"] == run.accuracy
     assert set(ev["per_class"]) == {"blue", "red"} and ev["per_class"]["red"]["support"] == 3
-    assert card["calibration"] is None and card["threshold"] is None
+    # Training fitted the run's temperature and "not sure" threshold on its val split.
+    assert card["calibration"] == run.summary.calibration.to_dict()
+    assert card["threshold"] == run.summary.threshold.to_dict()
     assert any("never shown any other kind of photo" in text for text in card["limits"])
-    assert any("no abstention threshold" in text for text in card["limits"])
+    assert any("are marked abstained" in text for text in card["limits"])
     assert card["transfer_lab_version"] and card["trained_at"].startswith("20")
 
     md = md_path.read_text()
     assert md.startswith(f"# Model card: {run.name}")
     assert "| blue | 14 | 3 | 3 |" in md and "| red | 100.0% | 100.0% | 100.0% | 3 |" in md
-    assert "Threshold: none (never abstains)" in md
+    assert "Threshold: none (never abstains)" not in md
 
 
 def test_card_and_bundle_carry_calibration_and_threshold_when_the_run_has_them(trained_run, tmp_path):
     from tlcore.export import export_run
 
     folder = RunFolder(trained_run.run_id)
+    own = {path: path.read_bytes() for path in (folder.calibration_file, folder.threshold_file) if path.is_file()}
     folder.calibration_file.write_text(json.dumps({"temperature": 1.5, "ece_after": 0.02}))
     folder.threshold_file.write_text(json.dumps({"threshold": 0.8, "coverage": 0.9}))
     try:
@@ -125,9 +128,11 @@ def test_card_and_bundle_carry_calibration_and_threshold_when_the_run_has_them(t
             assert json.loads(zf.read("threshold.json"))["threshold"] == 0.8
             assert json.loads(zf.read("labels.json")) == ["blue", "red"]
             md = zf.read("model_card.md").decode()
-    finally:
-        folder.calibration_file.unlink()
-        folder.threshold_file.unlink()
+    finally:  # the run's own operating point (written by training) back as it was
+        for path in (folder.calibration_file, folder.threshold_file):
+            path.unlink()
+        for path, data in own.items():
+            path.write_bytes(data)
     assert {"model.keras", "model.onnx", "labels.json", "preprocessing.json", "model_card.md",
             "model_card.json", "calibration.json", "threshold.json"} <= names
     assert card["calibration"]["temperature"] == 1.5 and card["threshold"]["threshold"] == 0.8

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tlcore.calibration import apply_temperature
 from tlcore.run_folder import RunFolder
 
 
@@ -199,9 +200,13 @@ def test_predict_on_raw_files_equals_evaluation_and_gradcam_on_a_trained_run(tmp
     loaded = inference.load_run_model(run.id)
     assert loaded.image_size == 32 and loaded.labels == store.get_dataset(run.dataset_id).classes
     preds = loaded.predict_files([row["path"] for row in stored], top_k=2)
+    # predictions.jsonl keeps the raw softmax; a loaded run model applies the run's temperature.
+    assert loaded.temperature and loaded.temperature == loaded.calibration.temperature
     for row, pred in zip(stored, preds):
         assert pred.label == row["pred"]
-        assert pred.confidence == pytest.approx(row["confidence"], abs=1e-5)
-        assert [[label, pytest.approx(p, abs=1e-5)] for label, p in pred.top_k] == row["topk"][:2]
+        calibrated = apply_temperature(np.array([p for _, p in row["topk"]]), loaded.temperature)
+        assert pred.confidence == pytest.approx(calibrated[0], abs=1e-5)
+        assert [[label, pytest.approx(p, abs=1e-5)] for label, p in pred.top_k] == [
+            [label, c] for (label, _), c in zip(row["topk"][:2], calibrated)]
     heat = inference.gradcam(loaded, load_resized(stored[0]["path"], 32))
     assert heat.shape == (32, 32) and 0.0 <= heat.min() and heat.max() <= 1.0

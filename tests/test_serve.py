@@ -15,6 +15,7 @@ import requests
 from PIL import Image
 
 from tests.test_data_images import make_bomb_png
+from tlcore.operating_point import read_operating_point
 from tlcore.run_folder import RunFolder
 
 TOKEN = "s3cret-token"
@@ -81,8 +82,12 @@ def test_predict_answers_like_evaluation_for_one_or_several_images(server, train
     body = reply.json()
     assert body["run"] == trained_run.run_id
     (pred,) = body["predictions"]
-    assert pred["file"] == "first.png" and pred["label"] == first["pred"] and pred["abstained"] is False
-    assert pred["probability"] == pytest.approx(first["confidence"], abs=1e-5)
+    # predictions.jsonl holds the raw softmax (both classes); the endpoint answers with the run's temperature.
+    point = read_operating_point(RunFolder(trained_run.run_id))
+    calibrated = point.calibrate(np.array([p for _, p in first["topk"]]))
+    assert pred["file"] == "first.png" and pred["label"] == first["pred"]
+    assert pred["abstained"] is point.abstains(calibrated[0])
+    assert pred["probability"] == pytest.approx(calibrated[0], abs=1e-5)
     assert [t["label"] for t in pred["top_k"]] == [label for label, _ in first["topk"]]
 
     several = [("files", (f"{i}.png", open(p, "rb").read(), "image/png")) for i, p in enumerate(rows["path"])]
@@ -168,6 +173,7 @@ def test_threshold_and_calibration_of_the_run_are_applied(trained_run):
     from tlcore.operating_point import read_operating_point
 
     folder = RunFolder(trained_run.run_id)
+    own = {path: path.read_bytes() for path in (folder.calibration_file, folder.threshold_file) if path.is_file()}
     folder.calibration_file.write_text(json.dumps({"temperature": 3.0}))
     folder.threshold_file.write_text(json.dumps({"threshold": 0.99}))
     try:
@@ -175,9 +181,11 @@ def test_threshold_and_calibration_of_the_run_are_applied(trained_run):
         with serving(trained_run.run_id) as url:
             reply = _post(url, {"file": ("a.png", _png(), "image/png")}, headers={})
             card = requests.get(f"{url}/v1/model", timeout=10).json()
-    finally:
-        folder.calibration_file.unlink()
-        folder.threshold_file.unlink()
+    finally:  # the run's own operating point (written by training) back as it was
+        for path in (folder.calibration_file, folder.threshold_file):
+            path.unlink()
+        for path, data in own.items():
+            path.write_bytes(data)
     assert reply.status_code == 200, reply.text
     pred = reply.json()["predictions"][0]
     raw = inference.load_run_model(trained_run.run_id).probabilities(inference.to_pixels(_png(), 48))[0]

@@ -64,6 +64,9 @@ def test_head_phase_caches_backbone_features_and_a_second_run_reuses_them(store,
     for artifact in ("model.keras", "labels.json", "config.json", "predictions.jsonl", "tensorboard"):
         assert (folder / artifact).exists(), artifact
     assert "computed and cached" in _log_text(store, first.id)
+    # Given splits train/val only: val is the evaluation split, so no temperature is fitted on it.
+    assert summary.calibration.temperature is None and "no test split" in summary.calibration.reason
+    assert 0 <= summary.calibration.ece_before <= 1 and summary.threshold is None
 
     second, summary2 = _run(store, ants_bees, head_epochs=1)
     assert "reused from the cache" in _log_text(store, second.id)

@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=5, help="how many classes per image (default 5)")
     _json(predict)
 
+    compare = sub.add_parser("compare", help="paired comparison of run B against run A on their shared images")
+    compare.add_argument("run_a", metavar="RUN_A", help="run id or name (the reference)")
+    compare.add_argument("run_b", metavar="RUN_B", help="run id or name (the challenger)")
+    compare.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    compare.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    _json(compare)
+
     export = sub.add_parser("export", help="export a run's model")
     export.add_argument("--run", required=True, help="run id or name")
     export.add_argument("--format", required=True,
@@ -432,7 +439,7 @@ def cmd_runs(args) -> int:
     logs = store.logs(run.id, tail=20)
     payload = {**_run_dict(run), "epochs": [
         {"phase": e.phase, "epoch": e.epoch, "step": e.step, "metrics": e.metrics, "at": e.at} for e in epochs],
-        "log_tail": [line.message for line in logs]}
+        "log_tail": [line.message for line in logs], "calibration": _calibration_dict(run)}
     if args.json:
         _emit(args, payload)
         return 0
@@ -451,6 +458,17 @@ def cmd_runs(args) -> int:
                      f"macro F1 {run.summary.metrics.macro_f1:.4f}")
         if run.summary.device_record:
             lines.append(f"  trained on {run.summary.device_record.describe()}")
+    calibration = run.summary.calibration if run.summary else None
+    if calibration and calibration.temperature:
+        lines.append(f"  calibrated: temperature {calibration.temperature:.2f} (fitted on {calibration.fitted_on} "
+                     f"val images), ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}")
+    elif calibration:
+        lines.append(f"  not calibrated: {calibration.reason}")
+    threshold = run.summary.threshold if run.summary else None
+    if threshold:
+        lines.append(f"  \"not sure\" below confidence {threshold.threshold:.3f} (target precision "
+                     f"{threshold.target_precision:.0%}{'' if threshold.reached else ', not reached on val'}; "
+                     f"answers {threshold.coverage:.0%} of val)")
     if epochs:
         lines.append(_table(["step", "phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"],
                             [[e.step, e.phase, e.epoch] + [_fmt(e.metrics.get(k)) for k in
@@ -471,6 +489,15 @@ def _run_dict(r) -> dict[str, Any]:
             "summary": r.summary.to_dict() if r.summary else {},
             "accuracy": r.accuracy, "tags": r.tags, "note": r.note, "sweep_id": r.sweep_id,
             "executor": r.executor.to_dict() if r.executor else None}
+
+
+def _calibration_dict(run) -> dict[str, Any] | None:
+    """`{temperature, ece_before, ece_after, reason}` of a finished run; None before it finished."""
+    calibration = run.summary.calibration if run.summary else None
+    if calibration is None:
+        return None
+    return {"temperature": calibration.temperature, "ece_before": calibration.ece_before,
+            "ece_after": calibration.ece_after, "reason": calibration.reason}
 
 
 def cmd_predict(args) -> int:
@@ -494,9 +521,22 @@ def cmd_predict(args) -> int:
         if not args.json:
             shown = ", ".join(f"{label} {p:.3f}" + (f" (#{i})" if args.model else "")
                               for i, (label, p) in zip(pred.indices, pred.top_k))
-            print(f"{path}: {shown}")
+            print(f"{path}: not sure (top guesses: {shown})" if pred.abstained else f"{path}: {shown}")
     _emit(args, {"model": loaded.name, "predictions": results})
     return 2 if rejected else 0
+
+
+def cmd_compare(args) -> int:
+    from tlcore.comparison import compare_runs
+
+    c = compare_runs(args.run_a, args.run_b, _store(), resamples=args.resamples, seed=args.seed)
+    lines = [c.verdict, c.coverage_note or f"{c.n_shared} shared evaluation images.",
+             f"  accuracy {c.acc_a:.4f} -> {c.acc_b:.4f}, macro F1 {c.f1_a:.4f} -> {c.f1_b:.4f} "
+             f"(95 % CI of the F1 delta {100 * c.f1_ci_low:+.1f} to {100 * c.f1_ci_high:+.1f} pts)",
+             f"  {c.name_b} fixed {c.fixed}, broke {c.broken}; both wrong on {c.both_wrong}; "
+             f"McNemar exact p = {c.mcnemar_p:.4g}; bootstrap {c.resamples} resamples, seed {c.seed}"]
+    _emit(args, c.to_json(), None if args.json else "\n".join(lines))
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -519,8 +559,8 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {"datasets": cmd_datasets, "backbones": cmd_backbones, "train": cmd_train, "submit": cmd_submit,
             "sweep": cmd_sweep, "sweeps": cmd_sweeps, "worker": cmd_worker, "cancel": cmd_cancel,
-            "resume": cmd_resume, "runs": cmd_runs, "predict": cmd_predict, "export": cmd_export,
-            "serve": cmd_serve}
+            "resume": cmd_resume, "runs": cmd_runs, "predict": cmd_predict, "compare": cmd_compare,
+            "export": cmd_export, "serve": cmd_serve}
 
 
 # -------------------------------------------------------------------- helpers

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from tlcore.calibration import Calibration, Threshold, apply_temperature, load_calibration, load_threshold
 from tlcore.errors import InvalidInput, ModelLoadError
 from tlcore.run_folder import RunFolder
 
@@ -29,6 +30,7 @@ class Prediction:
     latency_ms: float  # decode + resize + forward pass, per image
     indices: list[int] = dataclasses.field(default_factory=list)  # class index of each top_k entry
     file: str | None = None
+    abstained: bool = False  # below the run's "not sure" threshold: top_k are guesses, not an answer
 
     @property
     def label(self) -> str:
@@ -46,6 +48,7 @@ class Prediction:
             "top_k": [{"index": i, "label": label, "prob": p}
                       for i, (label, p) in zip(self.indices, self.top_k)],
             "latency_ms": round(self.latency_ms, 2),
+            "abstained": self.abstained,
         }
 
 
@@ -53,7 +56,8 @@ class LoadedModel:
     """A loaded classifier with its labels. Safe to share across threads (one forward pass at a time)."""
 
     def __init__(self, model, labels: Sequence[str], *, name: str, path: str | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, calibration: Calibration | None = None,
+                 threshold: Threshold | None = None):
         from tlcore.backbones.folding import fold_batchnorm
         from tlcore.devices import float32_model
 
@@ -67,6 +71,10 @@ class LoadedModel:
         self.name = name
         self.path = path
         self.run_id = run_id  # the run it was trained by, None for a plain ImageNet model
+        # Fitted on the run's validation split: probabilities are temperature-scaled, and an
+        # answer below the threshold is "not sure". None for runs without them (and ImageNet).
+        self.calibration = calibration
+        self.threshold = threshold
         shape = model.input_shape
         self.image_size = int(shape[1]) if shape[1] else 224
         self._lock = threading.Lock()
@@ -75,8 +83,12 @@ class LoadedModel:
             raise ModelLoadError(f"The model {name} has {outputs} outputs but {len(self.labels)} labels; "
                                  "its labels.json does not belong to it. Re-export the run.")
 
+    @property
+    def temperature(self) -> float | None:
+        return self.calibration.temperature if self.calibration else None
+
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities for a uint8 batch `(n, size, size, 3)`."""
+        """The model's raw softmax for a uint8 batch `(n, size, size, 3)` (`calibrated` scales it)."""
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[None]
@@ -86,6 +98,14 @@ class LoadedModel:
                 batch = images[start:start + PREDICT_BATCH].astype("float32")
                 out.append(np.asarray(self._predictor.predict_on_batch(batch), dtype="float64"))
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
+
+    def calibrated(self, probs: np.ndarray) -> np.ndarray:
+        """`probs` temperature-scaled when the run was calibrated (what `predict_*` answer with)."""
+        return apply_temperature(probs, self.temperature) if self.temperature else probs
+
+    def abstains(self, confidence: float) -> bool:
+        """Whether an answer at `confidence` is below the run's "not sure" threshold."""
+        return self.threshold is not None and confidence < self.threshold.threshold
 
     def warm_up(self) -> None:
         """Run one blank image through the model, so the first real prediction does not pay for
@@ -110,12 +130,12 @@ class LoadedModel:
         pixels = np.stack([load_resized(p, self.image_size) for p in paths]) if paths else None
         if pixels is None:
             return []
-        probs = self.probabilities(pixels)
+        probs = self.calibrated(self.probabilities(pixels))
         per_image_ms = (time.perf_counter() - start) * 1000 / len(paths)
         preds = []
         for path, p in zip(paths, probs):
             top, idx = self._top(p, top_k)
-            preds.append(Prediction(top, per_image_ms, idx, str(path)))
+            preds.append(Prediction(top, per_image_ms, idx, str(path), self.abstains(top[0][1])))
         return preds
 
     def predict_image(self, image, top_k: int = 5) -> Prediction:
@@ -123,9 +143,9 @@ class LoadedModel:
         _check_top_k(top_k)
         start = time.perf_counter()
         pixels = self.pixels(image)
-        probs = self.probabilities(pixels[None])[0]
+        probs = self.calibrated(self.probabilities(pixels[None]))[0]
         top, idx = self._top(probs, top_k)
-        return Prediction(top, (time.perf_counter() - start) * 1000, idx)
+        return Prediction(top, (time.perf_counter() - start) * 1000, idx, abstained=self.abstains(top[0][1]))
 
     def pixels(self, image) -> np.ndarray:
         """The uint8 `(size, size, 3)` pixels the model sees for a PIL image, bytes, a path or an array."""
@@ -261,7 +281,8 @@ def load_run_model(run_ref: str, store=None) -> LoadedModel:
             return _cache[key]
         model = load_model_file(path, name=name)
         loaded = LoadedModel(model, _read_labels(folder.labels_file), name=name, path=str(path),
-                             run_id=folder.run_id)
+                             run_id=folder.run_id, calibration=load_calibration(folder.run_id),
+                             threshold=load_threshold(folder.run_id))
         for stale in [k for k in _cache if k[0] == key[0]]:
             del _cache[stale]  # an older version of the same file
         while len(_cache) >= _CACHE_SIZE:

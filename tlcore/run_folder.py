@@ -7,8 +7,9 @@
     runs/<id>/checkpoint.weights.h5    the last checkpoint's weights
     runs/<id>/checkpoint.json          which phase and epoch that checkpoint is after
     runs/<id>/tensorboard/<phase>/     TensorBoard logs
-    runs/<id>/calibration.json         optional: temperature scaling of the probabilities
-    runs/<id>/threshold.json           optional: the top probability below which the model abstains
+    runs/<id>/calibration.json         temperature scaling fitted on validation, ECE before/after
+                                       (optional: runs from before calibration have none)
+    runs/<id>/threshold.json           the top probability below which the model answers "not sure"
     runs/<id>/export/                  exported copies of the model, made once
 """
 

@@ -167,6 +167,59 @@ class DeviceRecord(Record):
 
 
 @dataclasses.dataclass(frozen=True)
+class ReliabilityBin(Record):
+    """One confidence bin: its range, how many predictions fell in it, their accuracy and mean confidence."""
+
+    lower: float
+    upper: float
+    count: int
+    accuracy: float | None
+    confidence: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration(Record):
+    """Temperature scaling fitted on validation, and the ECE it gives on the evaluation split.
+
+    `temperature` is None when the run could not be calibrated; `reason` then says why.
+    """
+
+    temperature: float | None = None
+    ece_before: float | None = None  # on the evaluation split, raw softmax
+    ece_after: float | None = None  # on the evaluation split, after temperature scaling
+    fitted_on: int = 0  # validation images the temperature was fitted on
+    reliability_before: list[ReliabilityBin] = dataclasses.field(default_factory=list)
+    reliability_after: list[ReliabilityBin] = dataclasses.field(default_factory=list)
+    reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CoveragePoint(Record):
+    """Answering only when the confidence is at least `threshold`: the share of validation images
+    answered (`coverage`) and the share of those answered right (`precision`)."""
+
+    threshold: float
+    coverage: float
+    precision: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold(Record):
+    """The confidence below which the model answers "not sure", chosen on validation for a target precision.
+
+    `reached` is False when no threshold gave the target precision on validation: every answer
+    is then "not sure" (`threshold` 1.0), which is what the validation images support.
+    """
+
+    target_precision: float = 0.95
+    threshold: float = 1.0
+    reached: bool = False
+    precision: float | None = None  # on validation, above the threshold
+    coverage: float = 0.0  # share of validation images answered
+    curve: list[CoveragePoint] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSummary(Record):
     """What a finished run produced and how good it is."""
 
@@ -182,6 +235,8 @@ class RunSummary(Record):
     device: str = ""
     device_record: DeviceRecord | None = None  # None: a run from before devices were recorded
     model_path: str = ""
+    calibration: Calibration | None = None  # temperature scaling fitted on validation, ECE on eval
+    threshold: Threshold | None = None  # the "not sure" threshold chosen on validation
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from tlcore import devices
+from tlcore import calibration, devices
 from tlcore.atomic import write_atomically
 from tlcore.backbones import get_backbone, resolve_weights
 from tlcore.backbones.folding import fold_batchnorm
@@ -87,6 +87,7 @@ class _Training:
         self.last_beat = 0.0
         self.timings: dict[str, float] = {}
         self.head_on_features: tuple[Any, np.ndarray] | None = None
+        self.predictor = None  # the saved model with BatchNorm folded, made once for evaluation
 
     def log(self, message: str) -> None:
         self.sink.log(message)
@@ -221,19 +222,44 @@ class _Training:
         """Predictions on the evaluation split, written to the run folder, and their report."""
         self.beat(RunProgress(phase="evaluating", message=f"Evaluating on {self.eval_split}"), force=True)
         eval_rows = np.sort(self.splits[self.eval_split])
+        probs = self.probabilities(eval_rows)
+        rows = prediction_rows(probs, eval_rows, self.entries, self.labels)
+        write_predictions(self.folder.predictions, rows)
+        self.calibrate(probs, self.y_all[eval_rows])
+        return compute_report(self.labels, pd.DataFrame(rows))
+
+    def probabilities(self, rows: np.ndarray) -> np.ndarray:
+        """The saved model's class probabilities for the dataset rows `rows` (sorted)."""
         if self.head_on_features is not None and not self.config.finetune_epochs \
                 and not self.device_plan.mixed_precision:
             # The head shares its weights with the saved model, so its output on the cached
             # (float32) features is the model's output on the pixels, without a second backbone pass.
             head, features = self.head_on_features
-            probs = head.predict(features[eval_rows], batch_size=256, verbose=0)
-        else:
+            return head.predict(features[rows], batch_size=256, verbose=0)
+        if self.predictor is None:
             with self.strategy.scope():
-                predictor = fold_batchnorm(self.final_model, only_frozen=False)
-            probs = model_probabilities(predictor, self.pixels.images, eval_rows, self.global_batch)
-        rows = prediction_rows(probs, eval_rows, self.entries, self.labels)
-        write_predictions(self.folder.predictions, rows)
-        return compute_report(self.labels, pd.DataFrame(rows))
+                self.predictor = fold_batchnorm(self.final_model, only_frozen=False)
+        return model_probabilities(self.predictor, self.pixels.images, rows, self.global_batch)
+
+    def calibrate(self, eval_probs: np.ndarray, eval_labels: np.ndarray) -> None:
+        """Temperature and "not sure" threshold fitted on the validation split, kept with the run."""
+        val_rows = np.sort(self.splits["val"])
+        if self.eval_split == "val" or not len(val_rows):
+            reason = ("The dataset has no test split, so its validation split is the evaluation split: "
+                      "a temperature fitted on it would grade itself." if self.eval_split == "val" else
+                      "The dataset has no validation split to fit a temperature on.")
+            self.calibration, self.threshold = calibration.calibrate(None, None, eval_probs, eval_labels,
+                                                                     no_val_reason=reason), None
+        else:
+            val_probs = self.probabilities(val_rows)
+            val_labels = self.y_all[val_rows]
+            self.calibration = calibration.calibrate(val_probs, val_labels, eval_probs, eval_labels)
+            scaled = calibration.apply_temperature(val_probs, self.calibration.temperature)
+            self.threshold = calibration.choose_threshold(scaled.max(axis=1), scaled.argmax(axis=1) == val_labels)
+        calibration.write_run_calibration(self.run_id, self.calibration, self.threshold)
+        after = (f"{self.calibration.ece_after:.3f} at T = {self.calibration.temperature:.2f}"
+                 if self.calibration.temperature else f"not calibrated ({self.calibration.reason})")
+        self.log(f"Calibration: ECE {self.calibration.ece_before:.3f} before, {after}.")
 
     def summary(self, report: EvalReport, model_path: Path) -> RunSummary:
         timings = {k: round(v, 3) for k, v in self.timings.items() if k != "features_reused"}
@@ -250,6 +276,8 @@ class _Training:
             device=self.device_plan.describe(),
             device_record=self.device_record,
             model_path=str(model_path),
+            calibration=self.calibration,
+            threshold=self.threshold,
         )
 
     # ---------------------------------------------------------------- fitting

@@ -133,3 +133,61 @@ def sweep_summary(configurations: Sequence[Mapping[str, Any]], metric: str = "ac
                              hovertemplate="%{x}<br>%{text}: %{y:.3f}<extra></extra>",
                              marker=dict(color=PALETTE[1], size=9, line=dict(width=1, color="white"))))
     return _layout(fig, height=360, yaxis=dict(title=metric, rangemode="tozero"), xaxis=dict(type="category"))
+
+
+def reliability_diagram(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]] = ()) -> go.Figure:
+    """Accuracy against confidence per bin (dicts with lower, upper, count, accuracy, confidence):
+    raw softmax and, when given, after temperature scaling; the diagonal is perfect calibration."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect",
+                             line=dict(color="#9ca3af", dash="dot")))
+    for i, (name, bins) in enumerate((("raw", before), ("temperature-scaled", after))):
+        filled = [b for b in bins if b["count"]]
+        if not filled:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[b["confidence"] for b in filled], y=[b["accuracy"] for b in filled], mode="lines+markers",
+            name=name, line=dict(color=PALETTE[i]), customdata=[[b["count"]] for b in filled],
+            hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata[0]} images<extra></extra>"))
+    fig.update_layout(title="Reliability (15 confidence bins)", xaxis_title="confidence", yaxis_title="accuracy")
+    fig.update_xaxes(range=[0, 1.02])
+    fig.update_yaxes(range=[0, 1.02])
+    return _layout(fig, height=360, legend_y=1.1, top=80)
+
+
+def coverage_curve(points: Sequence[Mapping[str, Any]], threshold: float | None = None) -> go.Figure:
+    """Share of images answered against the precision of those answers, one point per confidence
+    threshold (dicts with threshold, coverage, precision); the chosen threshold is marked."""
+    fig = go.Figure(go.Scatter(
+        x=[p["coverage"] for p in points], y=[p["precision"] for p in points], mode="lines", name="validation",
+        line=dict(color=PALETTE[0]), customdata=[[p["threshold"]] for p in points],
+        hovertemplate="answers %{x:.0%}<br>precision %{y:.1%}<br>at confidence ≥ %{customdata[0]:.3f}<extra></extra>"))
+    chosen = [p for p in points if threshold is not None and p["threshold"] >= threshold]
+    if chosen:
+        last = min(chosen, key=lambda p: p["threshold"])
+        fig.add_trace(go.Scatter(x=[last["coverage"]], y=[last["precision"]], mode="markers", name="threshold",
+                                 marker=dict(color=PALETTE[1], size=11)))
+    fig.update_layout(title="Answered vs right (validation)", xaxis_title="share answered",
+                      yaxis_title="precision of answers")
+    fig.update_xaxes(range=[0, 1.02], tickformat=".0%")
+    fig.update_yaxes(tickformat=".0%")
+    return _layout(fig, height=340)
+
+
+def seed_points(groups: Mapping[str, Sequence[tuple[int, float]]]) -> go.Figure:
+    """Each seed of each recipe as a point (accuracy), with the recipe's mean ± std as an error bar."""
+    fig = go.Figure()
+    for i, (name, points) in enumerate(groups.items()):
+        values = np.array([v for _, v in points], dtype=float)
+        color = PALETTE[i % len(PALETTE)]
+        fig.add_trace(go.Scatter(x=[name] * len(points), y=values, mode="markers", name=name, showlegend=False,
+                                 marker=dict(color=color, size=9, opacity=0.7), text=[f"seed {s}" for s, _ in points],
+                                 hovertemplate="%{text}: %{y:.2%}<extra></extra>"))
+        fig.add_trace(go.Scatter(x=[name], y=[values.mean()], mode="markers", showlegend=False,
+                                 marker=dict(color=color, symbol="line-ew-open", size=28),
+                                 error_y=dict(type="data", array=[values.std(ddof=1) if len(values) > 1 else 0]),
+                                 hovertemplate="mean %{y:.2%}<extra></extra>"))
+    fig.update_layout(title="Accuracy per seed (mean ± std)", yaxis_title="accuracy")
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(tickformat=".1%")
+    return _layout(fig, height=320)

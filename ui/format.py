@@ -48,6 +48,11 @@ def mean_std(mean: float | None, std: float | None) -> str:
     return "—" if mean is None else f"{pct(mean)} ± {100 * (std or 0):.1f}"
 
 
+def seed_list(seeds: Iterable[int]) -> str:
+    """Seeds as `0, 1, 2`."""
+    return ", ".join(str(s) for s in seeds)
+
+
 def run_duration(run: Run, now: float | None = None) -> float | None:
     if not run.started_at:
         return None

@@ -259,3 +259,18 @@ def eval_report(run_id: str):
         raise NoEvaluation(f"This run's evaluation files are incomplete: {exc}") from exc
     except (ValueError, KeyError) as exc:
         raise NoEvaluation(f"This run's predictions cannot be read: {exc}") from exc
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _paired_comparison(data_home: str, run_a: str, run_b: str, stamps: tuple[float, float]):
+    from tlcore.comparison import compare_runs
+
+    return compare_runs(run_a, run_b, store())
+
+
+def paired_comparison(run_a: str, run_b: str):
+    """The `PairedComparison` of run B against run A, cached until either run's predictions change.
+
+    Raises `InvalidInput` (a plain sentence) when the two runs cannot be compared."""
+    stamps = (_predictions_stamp(run_a), _predictions_stamp(run_b))
+    return _paired_comparison(str(home.data_home()), run_a, run_b, stamps)
