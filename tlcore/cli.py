@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--name", help="dataset name (default: the folder or zip name)")
     imp.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
     imp.add_argument("--split", type=_split_arg, help="train,val,test fractions (default 0.7,0.15,0.15)")
+    imp.add_argument("--new-version", action="store_true",
+                     help="record a new version even if the latest one holds exactly these images")
     _json(imp)
     _json(dsub.add_parser("list", help="list datasets"))
 
@@ -177,11 +179,16 @@ def cmd_datasets(args) -> int:
         return 0
     from tlcore.data.importer import import_dataset
 
-    kwargs: dict[str, Any] = {"store": store, "seed": args.seed}
+    kwargs: dict[str, Any] = {"store": store, "seed": args.seed, "new_version": args.new_version}
     if args.split:
         kwargs["split"] = args.split
     result = import_dataset(args.source, args.name, **kwargs)
     d, report = result.dataset, result.report
+    if result.unchanged:
+        _emit(args, {"dataset": _dataset_dict(d), "report": report, "unchanged": True},
+              None if args.json else f"No changes: {d.label} ({d.id}) already holds exactly these images. "
+                                     "Pass --new-version (or another --seed/--split) for a new version.")
+        return 0
     lines = [f"Imported {d.label} ({d.id}): {d.num_images} images, {len(d.classes)} classes."]
     for split, counts in d.counts.items():
         if counts:
