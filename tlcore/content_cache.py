@@ -80,6 +80,18 @@ class ContentCache:
         write_text_atomically(keys_path, "\n".join(shas) + "\n")
         return CachedRows(self._open(path, mmap), path, reused)
 
+    def complete(self, shas: Sequence[str], *, mmap: bool = False) -> CachedRows | None:
+        """The rows of `shas` if every image is cached already (no computing needed), else None."""
+        shas = list(shas)
+        path = self.folder / f"{_digest(shas)}.npy"
+        if path.exists() and path.with_suffix(".keys").exists():
+            return CachedRows(self._open(path, mmap), path, len(shas))
+        known = self._index(exclude=path.with_suffix(".keys"))
+        if not shas or any(sha not in known for sha in shas):
+            return None
+        sample = np.load(known[shas[0]][0], mmap_mode="r")
+        return self.rows(shas, sample.shape[1:], sample.dtype, _nothing_missing, mmap=mmap)
+
     def _index(self, exclude: Path) -> dict[str, tuple[Path, int]]:
         """sha256 -> (file, row) over every complete file in the folder."""
         index: dict[str, tuple[Path, int]] = {}
@@ -104,6 +116,10 @@ def _copy_rows(source: Path, pairs: list[tuple[int, int]], out: np.ndarray) -> i
         chunk = np.array(pairs[start:start + COPY_CHUNK])
         out[chunk[:, 0]] = array[chunk[:, 1]]
     return len(pairs)
+
+
+def _nothing_missing(positions: np.ndarray, out: np.ndarray) -> None:
+    raise AssertionError(f"{len(positions)} rows were expected in the cache")  # `complete` checked them all
 
 
 def _digest(shas: Sequence[str]) -> str:

@@ -167,7 +167,7 @@ def _import(source, name, *, store, seed, split, roots, source_label: str | None
             shutil.rmtree(workdir, ignore_errors=True)
 
     classes = sorted({e.label for e in entries})
-    counts = _counts(entries, classes)
+    counts = count_per_split(entries, classes)
     _warn_balance(entries, classes, report)
     report.update(
         classes=classes,
@@ -512,7 +512,8 @@ def _assign_splits(kept: list[_Candidate], given: bool, ratios, seed: int,
     ]
 
 
-def _counts(entries: list[ManifestEntry], classes: list[str]) -> dict[str, dict[str, int]]:
+def count_per_split(entries: list[ManifestEntry], classes: list[str]) -> dict[str, dict[str, int]]:
+    """Images per class in each split (the test split only if it has images)."""
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
         per = Counter(e.label for e in entries if e.split == split)
