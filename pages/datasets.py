@@ -296,7 +296,7 @@ ACTIONS = ["keep", "relabel", "exclude"]
 cross = [d for d in report_audit.near_duplicates if d.cross_split]
 a1, a2, a3, a4 = st.columns(4)
 a1.metric("Likely label errors", len(report_audit.label_issues))
-a2.metric("Near-duplicate pairs", f"{len(report_audit.near_duplicates)} ({len(cross)} across splits)")
+a2.metric("Near-duplicate pairs (across splits)", f"{len(report_audit.near_duplicates)} ({len(cross)})")
 a3.metric("Outliers", len(report_audit.outliers))
 a4.metric("Largest / smallest class", f"{report_audit.class_balance['ratio']}×")
 st.caption(f"{report_audit.backbone} at {report_audit.image_size} px · {report_audit.images} images · "

@@ -171,7 +171,7 @@ def test_audit_view_fixes_in_bulk_into_a_new_version_then_retrains_and_compares(
     at = seed.app("pages/datasets.py").run()
     assert not at.exception
     text = seed.texts(at)
-    assert "Likely label errors: 1" in text and "Near-duplicate pairs: 1 (1 across splits)" in text
+    assert "Likely label errors: 1" in text and "Near-duplicate pairs (across splits): 1 (1)" in text
     assert "Outliers: 1" in text
 
     at.selectbox(key="datasets.audit.labels.bulk").set_value("relabel").run()

@@ -319,3 +319,49 @@ def test_train_link_as_the_first_request_still_asks_for_the_password(page, tlcor
         _shot(page, "12-deep-link-train-signed-in")
         _assert_framed(page, tlcore_home)
         assert page.url.split("?")[0] == f"{url}/train"
+
+
+def test_audit_a_dataset_and_apply_a_fix_as_a_new_version(server, page, tlcore_home, tmp_path):
+    import shutil
+
+    from conftest import SHARED_DATASETS
+
+    from tlcore.audit import saved_audit
+    from tlcore.data.importer import import_dataset
+    from tlcore.data.manifest import load_manifest
+    from tlcore.store import Store
+
+    # Three flower classes, 8 photos each, and a daisy filed under sunflower.
+    root = tmp_path / "flowers"
+    for label in ("daisy", "dandelion", "sunflower"):
+        (root / label).mkdir(parents=True)
+        for photo in sorted((SHARED_DATASETS / "flowers" / label).iterdir())[:8]:
+            shutil.copy(photo, root / label / photo.name)
+    shutil.copy(sorted((SHARED_DATASETS / "flowers" / "daisy").iterdir())[20], root / "sunflower" / "misfiled.jpg")
+    store = Store(tlcore_home / "store.db")
+    flowers = import_dataset(root, name="flowers", store=store).dataset
+
+    _goto(page, f"{server}/datasets", "Your datasets")
+    page.get_by_role("button", name="Run audit").click()
+    page.get_by_text(re.compile(r"efficientnet_lite0 at 224 px · 25 images")).wait_for(timeout=600_000)
+    _settle(page)
+    page.locator(".js-plotly-plot").nth(1).wait_for()
+    _shot(page, "20-datasets-audit")
+    assert page.locator(".js-plotly-plot").count() >= 2  # class balance and the embedding map
+    assert "sunflower/misfiled.jpg" in [i.source for i in saved_audit(flowers.id).label_issues]
+
+    page.get_by_text("Action for every row").first.wait_for()
+    page.get_by_role("combobox", name="Action for every row").first.click()
+    page.get_by_role("option", name="relabel").click()
+    _settle(page)
+    page.get_by_role("textbox", name="Why (for the change log)").fill("audit in the browser")
+    page.get_by_role("textbox", name="Why (for the change log)").press("Enter")
+    _settle(page)
+    page.get_by_role("button", name=re.compile(r"^Apply: relabel [1-9]")).click()
+    page.get_by_text(re.compile(r"Created flowers v2 from flowers v1")).wait_for(timeout=60_000)
+    _settle(page)
+    page.get_by_text(re.compile(r"Fixed from flowers v1")).wait_for()
+    _shot(page, "21-datasets-fixed-version")
+    fixed = store.get_dataset("flowers@2")
+    assert {e.source: e.label for e in load_manifest(fixed.id)}["sunflower/misfiled.jpg"] == "daisy"
+    assert len(load_manifest(flowers.id)) == 25  # the audited version is untouched
