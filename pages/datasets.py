@@ -40,8 +40,11 @@ def done(result, what: str) -> None:
     """Remember a finished import so the page shows it (and selects it) after the rerun."""
     ds, report = result.dataset, result.report
     skipped = len(report.get("skipped") or [])
-    msg = (f"Imported **{ds.label}** from {what}: {ds.num_images} images in {len(ds.classes)} classes"
-           + (f"; {skipped} file(s) skipped (see the report below)." if skipped else "."))
+    if result.unchanged:
+        msg = f"No changes: **{ds.label}** already holds exactly the images of {what}."
+    else:
+        msg = (f"Imported **{ds.label}** from {what}: {ds.num_images} images in {len(ds.classes)} classes"
+               + (f"; {skipped} file(s) skipped (see the report below)." if skipped else "."))
     st.session_state["datasets.flash"] = ("success", msg, None)
     st.session_state["datasets.selected"] = ds.id
 
