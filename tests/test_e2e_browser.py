@@ -346,13 +346,16 @@ def test_audit_a_dataset_and_apply_a_fix_as_a_new_version(server, page, tlcore_h
     page.get_by_text(re.compile(r"efficientnet_lite0 at 224 px · 25 images")).wait_for(timeout=600_000)
     _settle(page)
     page.locator(".js-plotly-plot").nth(1).wait_for()
+    page.locator(".js-plotly-plot").nth(1).scroll_into_view_if_needed()  # the page scrolls inside its main block
     _shot(page, "20-datasets-audit")
     assert page.locator(".js-plotly-plot").count() >= 2  # class balance and the embedding map
     assert "sunflower/misfiled.jpg" in [i.source for i in saved_audit(flowers.id).label_issues]
 
     page.get_by_text("Action for every row").first.wait_for()
-    page.get_by_role("combobox", name="Action for every row").first.click()
-    page.get_by_role("option", name="relabel").click()
+    bulk = page.get_by_role("combobox", name="Action for every row").first
+    bulk.click()
+    bulk.fill("relabel")
+    bulk.press("Enter")
     _settle(page)
     page.get_by_role("textbox", name="Why (for the change log)").fill("audit in the browser")
     page.get_by_role("textbox", name="Why (for the change log)").press("Enter")
@@ -361,6 +364,7 @@ def test_audit_a_dataset_and_apply_a_fix_as_a_new_version(server, page, tlcore_h
     page.get_by_text(re.compile(r"Created flowers v2 from flowers v1")).wait_for(timeout=60_000)
     _settle(page)
     page.get_by_text(re.compile(r"Fixed from flowers v1")).wait_for()
+    page.get_by_text(re.compile(r"Fixed from flowers v1")).scroll_into_view_if_needed()
     _shot(page, "21-datasets-fixed-version")
     fixed = store.get_dataset("flowers@2")
     assert {e.source: e.label for e in load_manifest(fixed.id)}["sunflower/misfiled.jpg"] == "daisy"
