@@ -279,7 +279,9 @@ def rank_label_issues(entries: Sequence[ManifestEntry], classes: Sequence[str], 
     from cleanlab.rank import get_label_quality_scores
 
     scores = get_label_quality_scores(labels, probs)
-    flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab would otherwise fork worker processes, and a fork of the threaded dashboard
+    # server can deadlock (a forked child hung the browser test once).
+    flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     suggested = probs.argmax(axis=1)
     return [LabelIssue(source=entries[i].source, split=entries[i].split, given=classes[labels[i]],
                        suggested=classes[suggested[i]], score=round(float(scores[i]), 4))
