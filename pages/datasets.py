@@ -3,6 +3,7 @@ camera snapshots per class, the download catalog), then the import report, class
 feedback inbox the Demo fills (folded into a new version on request) and a sample grid per class
 for any dataset version."""
 
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,8 +42,11 @@ def done(result, what: str) -> None:
     """Remember a finished import so the page shows it (and selects it) after the rerun."""
     ds, report = result.dataset, result.report
     skipped = len(report.get("skipped") or [])
-    msg = (f"Imported **{ds.label}** from {what}: {ds.num_images} images in {len(ds.classes)} classes"
-           + (f"; {skipped} file(s) skipped (see the report below)." if skipped else "."))
+    if result.unchanged:
+        msg = f"No changes: **{ds.label}** already holds exactly the images of {what}."
+    else:
+        msg = (f"Imported **{ds.label}** from {what}: {ds.num_images} images in {len(ds.classes)} classes"
+               + (f"; {skipped} file(s) skipped (see the report below)." if skipped else "."))
     st.session_state["datasets.flash"] = ("success", msg, None)
     st.session_state["datasets.selected"] = ds.id
 
@@ -186,10 +190,12 @@ if not datasets:
     st.stop()
 
 by_id = {d.id: d for d in datasets}
+if st.session_state.get("datasets.select_next") in by_id:  # a version just made below the selector
+    st.session_state["datasets.selected"] = st.session_state.pop("datasets.select_next")
 state.keep_choice("datasets.selected", by_id)
 ds_id = st.selectbox("Dataset", list(by_id), key="datasets.selected",
-                     format_func=lambda i: f"{by_id[i].label} · {by_id[i].num_images} images · "
-                                           f"created {fmt.ago(by_id[i].created_at)}")
+                     # No "created ... ago" here: a label that changes with time loses the selection.
+                     format_func=lambda i: f"{by_id[i].label} · {by_id[i].num_images} images")
 ds = by_id[ds_id]
 report = ds.report or {}
 
@@ -199,7 +205,7 @@ m2.metric("Classes", len(ds.classes))
 m3.metric("Skipped files", len(report.get("skipped") or []))
 split_counts = {s: sum(c.values()) for s, c in ds.counts.items()}
 m4.metric("Train / val / test", " / ".join(str(split_counts.get(s, 0)) for s in ("train", "val", "test")))
-st.caption(f"Source: `{ds.source}` · id `{ds.id}`"
+st.caption(f"Source: `{ds.source}` · id `{ds.id}` · created {fmt.ago(ds.created_at)}"
            + (" · splits as given" if report.get("given_splits") else ""))
 
 left, right = st.columns([3, 2])
@@ -264,3 +270,114 @@ for label in ds.classes:
         continue
     st.caption(f"{label} · {sum(ds.counts.get(s, {}).get(label, 0) for s in ds.counts)} images")
     st.image([str(e.path) for e in items], width=96, caption=[Path(e.source).name[:18] for e in items])
+
+# -------------------------------------------------------------------- audit
+
+st.divider()
+st.subheader("Audit")
+audit = need("audit")
+fixes = need("data.fixes")
+log = fixes.change_log(ds)
+if log:
+    st.info(f"Fixed from **{log['parent_label']}** by {log['author']} {fmt.ago(log['at'])}"
+            + (f": {log['reason']}" if log.get("reason") else "") + f" · {len(log['changes'])} change(s).")
+    st.dataframe([{"image": c["source"], "change": c["action"], "from": c["old_label"], "to": c["new_label"]}
+                  for c in log["changes"]], hide_index=True, key="datasets.audit.changes")
+    parent_runs = [r for r in store.list_runs() if r.dataset_id == log["parent"] and r.summary is not None]
+    if parent_runs:
+        st.markdown(f"**Retrain** on {ds.label} with the recipe of a run on {log['parent_label']}")
+        runs_by_id = {r.id: r for r in parent_runs}
+        pick_run = st.selectbox("Run", list(runs_by_id), key="datasets.audit.retrain_run",
+                                format_func=lambda i: f"{runs_by_id[i].name} · accuracy {runs_by_id[i].accuracy:.3f}")
+        if st.button(f"Retrain on {ds.label} with the same recipe", key="datasets.audit.retrain"):
+            jobs = need("jobs")
+            queued = jobs.retrain_on(pick_run, ds.id, store)
+            st.success(f"Queued **{queued.name}**; the Train page shows it running.")
+        after_runs = [r for r in store.list_runs() if r.dataset_id == ds.id and r.summary is not None]
+        if after_runs:
+            evaluation = need("evaluation")
+            after = after_runs[0]
+            judged = evaluation.compare_before_after(pick_run, after.id, log["parent"], ds.id)
+            st.markdown(f"**Before / after** on the {judged.images} images both runs evaluated (matched by content, "
+                        f"judged by {ds.label}'s labels)")
+            b1, b2, b3 = st.columns(3)
+            b1.metric(f"Before: {runs_by_id[pick_run].name}", f"{judged.before_accuracy:.3f}")
+            b2.metric(f"After: {after.name}", f"{judged.after_accuracy:.3f}",
+                      delta=f"{judged.after_accuracy - judged.before_accuracy:+.3f}")
+            b3.metric("Fixed / broken images", f"{judged.fixed} / {judged.broken}")
+
+st.caption("Likely label errors (out-of-fold heads on the backbone features, ranked by cleanlab), "
+           "near-duplicates (copies across splits first: they inflate test accuracy), outliers and a map "
+           "of the images. The first audit extracts the features; later ones reuse them.")
+if st.button("Run audit", key="datasets.audit.run"):
+    with st.spinner("Auditing… the first audit of a dataset runs the backbone over every image."):
+        try:
+            audit.audit_dataset(ds.id, store=store)
+        except ValueError as exc:
+            st.error(f"Could not audit {ds.label}: {exc}")
+report_audit = audit.saved_audit(ds.id)
+if report_audit is None:
+    st.stop()
+
+ACTIONS = ["keep", "relabel", "exclude"]
+cross = [d for d in report_audit.near_duplicates if d.cross_split]
+a1, a2, a3, a4 = st.columns(4)
+a1.metric("Likely label errors", len(report_audit.label_issues))
+a2.metric("Near-duplicate pairs (across splits)", f"{len(report_audit.near_duplicates)} ({len(cross)})")
+a3.metric("Outliers", len(report_audit.outliers))
+a4.metric("Largest / smallest class", f"{report_audit.class_balance['ratio']}×")
+st.caption(f"{report_audit.backbone} at {report_audit.image_size} px · {report_audit.images} images · "
+           f"{report_audit.timings['total_s']:.1f} s")
+
+flagged = {i.source: f"given {i.given}, looks like {i.suggested}" for i in report_audit.label_issues}
+flagged.update({o.source: "outlier" for o in report_audit.outliers})
+flagged.update({d.b: f"near-duplicate of {d.a}" for d in report_audit.near_duplicates})
+st.plotly_chart(charts.embedding_map([dataclasses.asdict(p) for p in report_audit.embedding_map], flagged),
+                key="datasets.audit.map")
+
+st.markdown("**Fix**: choose an action per image (or for all rows of a table at once), then Apply: a new "
+            "version is created and this one stays as it is.")
+
+
+def action_table(title: str, rows: list[dict], key: str, default_action: str = "keep"):
+    """An editable table of findings with `action` and `relabel to` columns; returns the edited rows."""
+    if not rows:
+        return []
+    st.markdown(f"**{title}** ({len(rows)})")
+    bulk = st.selectbox("Action for every row", ["(per row)", *ACTIONS], key=f"{key}.bulk")
+    for row in rows:
+        row["action"] = default_action if bulk == "(per row)" else bulk
+    edited = st.data_editor(
+        rows, key=f"{key}.{bulk}", hide_index=True, disabled=[c for c in rows[0] if c not in ("action", "relabel to")],
+        column_config={"action": st.column_config.SelectboxColumn(options=ACTIONS, required=True),
+                       "relabel to": st.column_config.SelectboxColumn(options=list(ds.classes))})
+    return edited
+
+
+label_rows = action_table("Likely label errors", [
+    {"image": i.source, "split": i.split, "given": i.given, "suggested": i.suggested, "score": i.score,
+     "relabel to": i.suggested} for i in report_audit.label_issues], "datasets.audit.labels")
+duplicate_rows = action_table("Near-duplicates (the second image is the one acted on)", [
+    {"image": d.b, "duplicate of": d.a, "splits": " / ".join(d.splits), "similarity": d.similarity,
+     "relabel to": None} for d in report_audit.near_duplicates], "datasets.audit.duplicates")
+outlier_rows = action_table("Outliers", [
+    {"image": o.source, "split": o.split, "label": o.label, "neighbour similarity": o.score, "relabel to": None}
+    for o in report_audit.outliers], "datasets.audit.outliers")
+
+relabel = {r["image"]: r["relabel to"] for r in [*label_rows, *outlier_rows]
+           if r["action"] == "relabel" and r["relabel to"]}
+exclude = list(dict.fromkeys(r["image"] for r in [*label_rows, *duplicate_rows, *outlier_rows]
+                             if r["action"] == "exclude"))
+reason = st.text_input("Why (for the change log)", key="datasets.audit.reason", placeholder="audit of " + ds.label)
+if st.button(f"Apply: relabel {len(relabel)}, exclude {len(exclude)}", key="datasets.audit.apply", type="primary",
+             disabled=not (relabel or exclude)):
+    try:
+        fixed = fixes.fix_dataset(ds.id, relabel=relabel, exclude=exclude, reason=reason.strip(), store=store)
+    except ValueError as exc:
+        st.error(f"Nothing was changed: {exc}")
+    else:
+        st.session_state["datasets.flash"] = (
+            "success", f"Created **{fixed.dataset.label}** from {ds.label}: {len(fixed.changes)} change(s). "
+                       f"{ds.label} is unchanged.", None)
+        st.session_state["datasets.select_next"] = fixed.dataset.id
+        st.rerun()

@@ -171,3 +171,62 @@ def test_the_feedback_inbox_folds_into_a_new_version(store, monkeypatch):
     assert v2.version == 2 and v2.num_images == ds.num_images + 1
     assert at.selectbox(key="datasets.selected").value == v2.id
     assert inbox("insects") == []
+
+
+def _saved_audit(ds):
+    """An audit of the seed dataset as `audit_dataset` saves it: one finding of each kind."""
+    from tlcore import audit
+    from tlcore.atomic import write_json_atomically
+    from tlcore.data.manifest import load_manifest
+
+    report = audit.AuditReport(
+        dataset_id=ds.id, dataset=ds.label, backbone="efficientnet_lite0", image_size=224, images=12,
+        label_issues=[audit.LabelIssue("ants/ants_0.png", "train", "ants", "bees", 0.08)],
+        near_duplicates=[audit.NearDuplicate("bees/bees_3.png", "bees/bees_0.png", 0.97, ("test", "train"))],
+        outliers=[audit.Outlier("wasps/wasps_1.png", "train", "wasps", 0.2)],
+        class_balance=audit.class_balance(ds),
+        embedding_map=[audit.MapPoint(e.source, e.split, e.label, float(i), float(i % 3))
+                       for i, e in enumerate(load_manifest(ds.id))],
+        timings={"total_s": 1.5})
+    write_json_atomically(audit.audit_path(ds.id, "efficientnet_lite0"), report.to_dict())
+
+
+def test_audit_view_fixes_in_bulk_into_a_new_version_then_retrains_and_compares(store):
+    from tlcore.data.manifest import load_manifest
+
+    ds = seed.dataset(store)
+    original = seed.run(store, ds, "lite0-insects")
+    _saved_audit(ds)
+    at = seed.app("pages/datasets.py").run()
+    assert not at.exception
+    text = seed.texts(at)
+    assert "Likely label errors: 1" in text and "Near-duplicate pairs (across splits): 1 (1)" in text
+    assert "Outliers: 1" in text
+
+    at.selectbox(key="datasets.audit.labels.bulk").set_value("relabel").run()
+    at.selectbox(key="datasets.audit.duplicates.bulk").set_value("exclude").run()
+    at.text_input(key="datasets.audit.reason").set_value("ant photo filed wrongly; leaked copy").run()
+    at.button(key="datasets.audit.apply").click().run()
+    assert not at.exception
+    fixed = store.get_dataset("insects@2")
+    assert "Created **insects v2** from insects v1: 2 change(s)" in seed.texts(at)
+    manifest = {e.source: e.label for e in load_manifest(fixed.id)}
+    assert manifest["ants/ants_0.png"] == "bees" and "bees/bees_0.png" not in manifest
+    assert len(load_manifest(ds.id)) == 12  # the audited version is untouched
+    assert "Fixed from **insects v1**" in seed.texts(at) and "leaked copy" in seed.texts(at)
+
+    at.button(key="datasets.audit.retrain").click().run()
+    queued = [r for r in store.list_runs() if r.dataset_id == fixed.id]
+    assert len(queued) == 1 and queued[0].config["head_epochs"] == original.config["head_epochs"]
+    seed.run(store, fixed, "lite0-insects-fixed", accuracy=0.9)
+    at.run()
+    assert not at.exception
+    assert "Before / after** on the 11 images both runs evaluated" in seed.texts(at)
+
+
+def test_audit_of_a_dataset_too_small_for_k_folds_says_why(store):
+    seed.dataset(store, "tiny", per_class=2)
+    at = seed.app("pages/datasets.py").run()
+    at.button(key="datasets.audit.run").click().run()
+    assert not at.exception
+    assert "Could not audit tiny v1: Class 'ants' of tiny v1 has 2 image(s)" in seed.texts(at)

@@ -54,7 +54,8 @@ def test_import_builtin(store, tlcore_home, name, classes):
     entry = load_manifest(ds.id)[0]
     assert load_resized(entry.path, 48).shape == (48, 48, 3)
     assert not list((tlcore_home / "uploads").iterdir())  # the staging folder is gone
-    assert import_builtin(name, store=store).dataset.version == 2
+    again = import_builtin(name, store=store)  # the same images: no second version
+    assert again.unchanged and again.dataset.id == ds.id
 
 
 def test_unknown_builtin(tmp_path):

@@ -331,9 +331,10 @@ def test_stratified_seeded_split_and_reimport_version(tmp_path, store):
     src = tmp_path / "pets"
     make_balanced(src)
     first = import_dataset(src, store=store)
-    second = import_dataset(src, store=store)
+    second = import_dataset(src, store=store, new_version=True)
     other_seed = import_dataset(src, store=store, seed=1)
     assert (first.dataset.version, second.dataset.version, other_seed.dataset.version) == (1, 2, 3)
+    assert not (first.unchanged or second.unchanged or other_seed.unchanged)
     assert first.dataset.counts == {s: {"cats": n, "dogs": n}
                                     for s, n in (("train", 14), ("val", 3), ("test", 3))}
 
@@ -349,6 +350,19 @@ def test_stratified_seeded_split_and_reimport_version(tmp_path, store):
     assert not custom.dataset.has_test
     with pytest.raises(ValueError, match="`split` must be"):
         import_dataset(src, store=store, split=(0.5, 0.2))
+
+
+def test_importing_an_unchanged_folder_again_returns_the_existing_version(tmp_path, store):
+    src = tmp_path / "pets"
+    make_balanced(src)
+    first = import_dataset(src, store=store)
+    again = import_dataset(src, store=store)
+    assert again.unchanged and again.dataset.id == first.dataset.id
+    assert [d.label for d in store.list_datasets()] == ["pets v1"]
+
+    (src / "cats" / "00.png").rename(src / "cats" / "renamed.png")
+    changed = import_dataset(src, store=store)  # same pictures, one under a new name: a new version
+    assert not changed.unchanged and changed.dataset.version == 2
 
 
 def test_hymenoptera_slice_keeps_given_splits(tmp_path, store):

@@ -344,3 +344,53 @@ def test_paired_comparison_of_two_runs(server, page, tlcore_home, store):
     page.get_by_role("tab", name="B fixed (6)").click()
     _settle(page)
     _shot(page, "13-compare-paired")
+
+
+def test_audit_a_dataset_and_apply_a_fix_as_a_new_version(server, page, tlcore_home, tmp_path):
+    import shutil
+
+    from conftest import SHARED_DATASETS
+
+    from tlcore.audit import saved_audit
+    from tlcore.data.importer import import_dataset
+    from tlcore.data.manifest import load_manifest
+    from tlcore.store import Store
+
+    # Three flower classes, 8 photos each, and a daisy filed under sunflower.
+    root = tmp_path / "flowers"
+    for label in ("daisy", "dandelion", "sunflower"):
+        (root / label).mkdir(parents=True)
+        for photo in sorted((SHARED_DATASETS / "flowers" / label).iterdir())[:8]:
+            shutil.copy(photo, root / label / photo.name)
+    shutil.copy(sorted((SHARED_DATASETS / "flowers" / "daisy").iterdir())[20], root / "sunflower" / "misfiled.jpg")
+    store = Store(tlcore_home / "store.db")
+    flowers = import_dataset(root, name="flowers", store=store).dataset
+
+    _goto(page, f"{server}/datasets", "Your datasets")
+    page.get_by_role("button", name="Run audit").click()
+    page.get_by_text(re.compile(r"efficientnet_lite0 at 224 px · 25 images")).wait_for(timeout=600_000)
+    _settle(page)
+    page.locator(".js-plotly-plot").nth(1).wait_for()
+    page.locator(".js-plotly-plot").nth(1).scroll_into_view_if_needed()  # the page scrolls inside its main block
+    _shot(page, "20-datasets-audit")
+    assert page.locator(".js-plotly-plot").count() >= 2  # class balance and the embedding map
+    assert "sunflower/misfiled.jpg" in [i.source for i in saved_audit(flowers.id).label_issues]
+
+    page.get_by_text("Action for every row").first.wait_for()
+    bulk = page.get_by_role("combobox", name="Action for every row").first
+    bulk.click()
+    bulk.fill("relabel")
+    bulk.press("Enter")
+    _settle(page)
+    page.get_by_role("textbox", name="Why (for the change log)").fill("audit in the browser")
+    page.get_by_role("textbox", name="Why (for the change log)").press("Enter")
+    _settle(page)
+    page.get_by_role("button", name=re.compile(r"^Apply: relabel [1-9]")).click()
+    page.get_by_text(re.compile(r"Created flowers v2 from flowers v1")).wait_for(timeout=60_000)
+    _settle(page)
+    page.get_by_text(re.compile(r"Fixed from flowers v1")).wait_for()
+    page.get_by_text(re.compile(r"Fixed from flowers v1")).scroll_into_view_if_needed()
+    _shot(page, "21-datasets-fixed-version")
+    fixed = store.get_dataset("flowers@2")
+    assert {e.source: e.label for e in load_manifest(fixed.id)}["sunflower/misfiled.jpg"] == "daisy"
+    assert len(load_manifest(flowers.id)) == 25  # the audited version is untouched

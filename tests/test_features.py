@@ -1,11 +1,11 @@
-"""The feature cache: one forward pass per image, reused; mirrored features for flip augmentation."""
+"""The feature cache: one forward pass per image content, reused; mirrored features for flip augmentation."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
 
-from tlcore.features import cached_features, extract_features, feature_cache_path
+from tlcore.features import cached_features, extract_features, feature_cache
 
 
 def _feature_model():
@@ -23,15 +23,26 @@ def test_mirrored_rows_are_the_features_of_the_flipped_images(tlcore_home):
     np.testing.assert_allclose(mirrored, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_features_are_computed_once_then_read_from_the_cache(tlcore_home):
+def test_features_are_computed_once_per_image_content_then_read_from_the_cache(tlcore_home):
     images = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    shas = [f"sha{i}" for i in range(5)]
     model = _feature_model()
-    path = feature_cache_path("ds-x", "toy", 16, "imagenet", 0)
-    first, reused_first, _ = cached_features(path, model, images, 4)
+    cache = feature_cache("toy", 16, "imagenet", 0)
+    first, _ = cached_features(cache, shas, model, images, 4)
     calls = []
-    second, reused_second, _ = cached_features(path, model, images, 4, on_batch=lambda *a: calls.append(a))
-    assert not reused_first and reused_second and not calls
-    np.testing.assert_array_equal(first, second)
-    mirror_path = feature_cache_path("ds-x", "toy", 16, "imagenet", 0, mirrored_rows=np.array([0, 2]))
-    assert mirror_path != path and mirror_path != feature_cache_path(
-        "ds-x", "toy", 16, "imagenet", 0, mirrored_rows=np.array([0, 3]))
+    second, _ = cached_features(cache, shas, model, images, 4, on_batch=lambda *a: calls.append(a))
+    assert first.reused == 0 and second.all_reused and not calls
+    np.testing.assert_array_equal(first.array, second.array)
+
+    # A new version: two images dropped, one new image; only the new one goes through the backbone.
+    new_images = np.concatenate([images[[4, 0, 2]], np.full((1, 16, 16, 3), 7, np.uint8)])
+    new_shas = ["sha4", "sha0", "sha2", "sha-new"]
+    third, _ = cached_features(cache, new_shas, model, new_images, 4, on_batch=lambda *a: calls.append(a))
+    assert third.reused == 3 and calls == [(1, 1)]
+    np.testing.assert_allclose(third.array, extract_features(model, new_images, 4), rtol=1e-5, atol=1e-5)
+
+    mirrored, _ = cached_features(feature_cache("toy", 16, "imagenet", 0, mirror=True), shas, model, images, 4,
+                                  rows=np.array([0, 2]), mirror=True)
+    assert mirrored.reused == 0  # mirrored features are not the plain ones
+    np.testing.assert_allclose(mirrored.array, extract_features(model, images, 4, rows=np.array([0, 2]), mirror=True),
+                               rtol=1e-5, atol=1e-5)

@@ -149,11 +149,19 @@ def test_configs_saved_before_the_switches_were_words_still_load():
     assert (old.mixed_precision, old.xla, old.batch_scope) == ("auto", "off", "replica")
 
 
-def test_feature_cache_keeps_float16_features_apart():
-    from tlcore.features import feature_cache_path
+def test_feature_cache_keeps_float16_features_apart(tlcore_home):
+    import numpy as np
 
-    plain = feature_cache_path("ds", "lite0", 32, "imagenet", 0)
-    assert feature_cache_path("ds", "lite0", 32, "imagenet", 0, mixed_precision=True) != plain
+    from tlcore.features import feature_cache
+
+    def fill(value):
+        return lambda positions, out: out.__setitem__(positions, value)
+
+    plain = feature_cache("lite0", 32, "imagenet", 0).rows(["a", "b"], (4,), np.float32, fill(1.0))
+    half = feature_cache("lite0", 32, "imagenet", 0, mixed_precision=True).rows(["a", "b"], (4,), np.float32,
+                                                                                fill(2.0))
+    assert half.reused == 0 and half.array.tolist() == [[2.0] * 4] * 2  # not the float32 rows
+    assert plain.array.tolist() == [[1.0] * 4] * 2
 
 
 def test_dashboard_device_is_one_capped_gpu_or_the_cpu_and_bad_values_are_explained():

@@ -14,6 +14,7 @@ from tlcore.backbones import get_backbone
 from tlcore.config import TrainConfig
 from tlcore.data.images import load_resized
 from tlcore.data.importer import import_dataset
+from tlcore.data.manifest import load_manifest
 from tlcore.run_folder import RunFolder
 from tlcore.store import RunStatus
 from tlcore.training import RunCancelled, build_classifier, execute_run, unfreeze_top
@@ -63,14 +64,34 @@ def test_head_phase_caches_backbone_features_and_a_second_run_reuses_them(store,
     folder = RunFolder(first.id).created().path
     for artifact in ("model.keras", "labels.json", "config.json", "predictions.jsonl", "tensorboard"):
         assert (folder / artifact).exists(), artifact
-    assert "computed and cached" in _log_text(store, first.id)
+    assert "Backbone features: 0 of 20 images reused" in _log_text(store, first.id)
     # Given splits train/val only: val is the evaluation split, so no temperature is fitted on it.
     assert summary.calibration.temperature is None and "no test split" in summary.calibration.reason
     assert 0 <= summary.calibration.ece_before <= 1 and summary.threshold is None
 
     second, summary2 = _run(store, ants_bees, head_epochs=1)
-    assert "reused from the cache" in _log_text(store, second.id)
+    assert "Backbone features: 20 of 20 images reused" in _log_text(store, second.id)
     assert summary2.timings.features_reused and not summary.timings.features_reused
+
+
+def test_a_new_dataset_version_computes_only_the_images_it_has_not_seen(store, ants_bees, tmp_path):
+    _run(store, ants_bees, head_epochs=1)
+    entries = load_manifest(ants_bees.id)
+    # The same photos plus one new bee photo in train, imported as a new version.
+    root = tmp_path / "next"
+    for e in entries:
+        dest = root / e.split / e.label / e.source.split("/")[-1]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(e.path, dest)
+    new_photo = sorted((SHARED_DATASETS / "hymenoptera" / "train" / "bees").iterdir())[-1]
+    shutil.copy(new_photo, root / "train" / "bees" / new_photo.name)
+    version2 = import_dataset(root, name="ants-bees", store=store).dataset
+    assert version2.version == 2
+
+    run, summary = _run(store, version2, head_epochs=1)
+    log = _log_text(store, run.id)
+    assert "Pixel cache: 20 of 21 images" in log and "Backbone features: 20 of 21 images reused" in log
+    assert not summary.timings.features_reused
 
 
 def test_fine_tune_phase_trains_top_layers_with_batchnorm_frozen(store, ants_bees):

@@ -8,6 +8,7 @@ Bad input exits with code 2 and one plain sentence on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -39,8 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--name", help="dataset name (default: the folder or zip name)")
     imp.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
     imp.add_argument("--split", type=_split_arg, help="train,val,test fractions (default 0.7,0.15,0.15)")
+    imp.add_argument("--new-version", action="store_true",
+                     help="record a new version even if the latest one holds exactly these images")
     _json(imp)
     _json(dsub.add_parser("list", help="list datasets"))
+    fix = dsub.add_parser("fix", help="relabel or exclude images: a new version with a change log")
+    fix.add_argument("dataset", help="dataset name, name@version or id")
+    fix.add_argument("--relabel", nargs="+", default=[], metavar="SOURCE=LABEL", type=_relabel_arg,
+                     help="give an image (its path as the audit lists it) another class")
+    fix.add_argument("--exclude", nargs="+", default=[], metavar="SOURCE", help="leave images out")
+    fix.add_argument("--reason", default="", help="why, for the change log")
+    fix.add_argument("--retrain", metavar="RUN", help="queue a run with this run's recipe on the new version")
+    _json(fix)
+
+    audit = sub.add_parser("audit", help="likely label errors, near-duplicates and outliers of a dataset")
+    audit.add_argument("dataset", help="dataset name, name@version or id")
+    audit.add_argument("--backbone", default="efficientnet_lite0", help="whose features (default efficientnet_lite0)")
+    audit.add_argument("--image-size", type=int, help="input size in px (default: the backbone's)")
+    audit.add_argument("--top", type=int, default=20, help="how many of each finding to print (default 20)")
+    _json(audit)
 
     _json(sub.add_parser("backbones", help="list backbones and whether their ImageNet weights are here"))
 
@@ -212,6 +230,8 @@ def _store():
 
 def cmd_datasets(args) -> int:
     store = _store()
+    if args.action == "fix":
+        return cmd_fix(args)
     if args.action == "list":
         rows = store.list_datasets()
         text = "No datasets yet. `python -m tlcore datasets import FOLDER` adds one."
@@ -223,11 +243,16 @@ def cmd_datasets(args) -> int:
         return 0
     from tlcore.data.importer import import_dataset
 
-    kwargs: dict[str, Any] = {"store": store, "seed": args.seed}
+    kwargs: dict[str, Any] = {"store": store, "seed": args.seed, "new_version": args.new_version}
     if args.split:
         kwargs["split"] = args.split
     result = import_dataset(args.source, args.name, **kwargs)
     d, report = result.dataset, result.report
+    if result.unchanged:
+        _emit(args, {"dataset": _dataset_dict(d), "report": report, "unchanged": True},
+              None if args.json else f"No changes: {d.label} ({d.id}) already holds exactly these images. "
+                                     "Pass --new-version (or another --seed/--split) for a new version.")
+        return 0
     lines = [f"Imported {d.label} ({d.id}): {d.num_images} images, {len(d.classes)} classes."]
     for split, counts in d.counts.items():
         if counts:
@@ -240,6 +265,64 @@ def cmd_datasets(args) -> int:
             lines.append(f"  ... and {len(skipped) - 50} more (see --json)")
     lines += [f"Warning: {w}" for w in report.get("warnings") or []]
     _emit(args, {"dataset": _dataset_dict(d), "report": report}, None if args.json else "\n".join(lines))
+    return 0
+
+
+def _relabel_arg(text: str) -> tuple[str, str]:
+    source, sep, label = text.rpartition("=")
+    if not sep or not source or not label:
+        raise argparse.ArgumentTypeError(f"expected SOURCE=LABEL, e.g. daisy/1.jpg=tulip. Received: {text!r}")
+    return source, label
+
+
+def cmd_fix(args) -> int:
+    from tlcore.data.fixes import fix_dataset
+
+    store = _store()
+    result = fix_dataset(args.dataset, relabel=dict(args.relabel), exclude=args.exclude, reason=args.reason,
+                         store=store)
+    d = result.dataset
+    lines = [f"Created {d.label} ({d.id}) from {result.parent.label}: {len(result.changes)} change(s), "
+             f"{d.num_images} images."]
+    lines += [f"  {c.action} {c.source}: {c.old_label}" + (f" -> {c.new_label}" if c.new_label else "")
+              for c in result.changes[:50]]
+    payload: dict[str, Any] = {"dataset": _dataset_dict(d), "parent": _dataset_dict(result.parent),
+                               "changes": [dataclasses.asdict(c) for c in result.changes]}
+    if args.retrain:
+        from tlcore.jobs import retrain_on
+
+        run = retrain_on(args.retrain, d.id, store)
+        payload["run"] = _run_dict(run)
+        lines.append(f"Queued {run.name} ({run.id}) with the recipe of {args.retrain}; "
+                     "`python -m tlcore worker` runs it.")
+    _emit(args, payload, None if args.json else "\n".join(lines))
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from tlcore.audit import audit_dataset
+
+    store = _store()
+    report = audit_dataset(args.dataset, args.backbone, store=store, image_size=args.image_size,
+                           on_progress=None if args.json else lambda step: print(f"{step}...", flush=True))
+    top = args.top
+    balance = report.class_balance
+    lines = [f"Audit of {report.dataset} with {report.backbone} at {report.image_size} px: {report.images} images "
+             f"in {report.timings['total_s']:.1f} s.",
+             f"Likely label errors: {len(report.label_issues)}"]
+    lines += [f"  {i.source} ({i.split}): given {i.given}, looks like {i.suggested} (score {i.score:.3f})"
+              for i in report.label_issues[:top]]
+    cross = sum(d.cross_split for d in report.near_duplicates)
+    lines.append(f"Near-duplicates: {len(report.near_duplicates)} pair(s), {cross} across splits (leakage)")
+    lines += [f"  {d.a} ({d.splits[0]}) ~ {d.b} ({d.splits[1]}): similarity {d.similarity:.3f}"
+              for d in report.near_duplicates[:top]]
+    lines.append(f"Outliers: {len(report.outliers)}")
+    lines += [f"  {o.source} ({o.split}, {o.label}): neighbour similarity {o.score:.3f}" for o in report.outliers[:top]]
+    lines.append(f"Classes: largest {balance['largest']} ({balance['per_class'][balance['largest']]}), smallest "
+                 f"{balance['smallest']} ({balance['per_class'][balance['smallest']]}), ratio {balance['ratio']}.")
+    payload = report.to_dict()
+    del payload["embedding_map"]  # thousands of points: the dashboard draws them from the saved audit
+    _emit(args, payload, None if args.json else "\n".join(lines))
     return 0
 
 
@@ -425,6 +508,8 @@ def cmd_runs(args) -> int:
 
     store = _store()
     jobs.reap(store)  # a dead worker's run shows as failed, not running forever
+    if args.action == "fix":
+        return cmd_fix(args)
     if args.action == "list":
         runs = store.list_runs(limit=args.limit)
         text = _table(["id", "name", "status", "backbone", "weights", "accuracy", "created"],
@@ -560,7 +645,7 @@ def cmd_serve(args) -> int:
 COMMANDS = {"datasets": cmd_datasets, "backbones": cmd_backbones, "train": cmd_train, "submit": cmd_submit,
             "sweep": cmd_sweep, "sweeps": cmd_sweeps, "worker": cmd_worker, "cancel": cmd_cancel,
             "resume": cmd_resume, "runs": cmd_runs, "predict": cmd_predict, "compare": cmd_compare,
-            "export": cmd_export, "serve": cmd_serve}
+            "export": cmd_export, "serve": cmd_serve, "audit": cmd_audit}
 
 
 # -------------------------------------------------------------------- helpers

@@ -160,7 +160,7 @@ def _lay_out_inputs(inputs: RunInputs, pixels) -> Store:
     store.create_run(run.name, run.dataset_id, run.backbone, run.weights, run.config,
                      status=RunStatus.RUNNING, run_id=run.id)
     write_manifest(dataset.id, inputs.entries)
-    adopt_pixel_cache(dataset.id, inputs.entries, pixels)
+    adopt_pixel_cache(inputs.entries, pixels)
     if inputs.weights_file is not None:
         name, data = inputs.weights_file
         write_bytes_atomically(home.weights_dir() / name, data)
@@ -489,7 +489,7 @@ class Dispatcher:
         key = (dataset.id, size)
         shipped = []
         if key not in self.pixels:
-            cache, _ = pipeline.pixel_cache(dataset.id, entries, size)
+            cache, _ = pipeline.pixel_cache(entries, size)
             images = np.ascontiguousarray(cache.images)
             self.pixels[key] = ray.put(images)
             shipped.append(f"pixels {images.nbytes / 1e6:.1f} MB ({len(images)} images at {size} px)")

@@ -102,3 +102,53 @@ def evaluate_run(run_id: str) -> EvalReport:
     """The evaluation report of a finished run, from its stored predictions."""
     folder = RunFolder(run_id)
     return compute_report(folder.labels(), read_predictions(folder.predictions))
+
+
+@dataclasses.dataclass(frozen=True)
+class BeforeAfter:
+    """Two runs on the images both evaluated, matched by content, judged by the later run's labels
+    (after a fix, the corrected ones)."""
+
+    images: int
+    before_accuracy: float
+    after_accuracy: float
+    fixed: int  # wrong before, right after
+    broken: int  # right before, wrong after
+    relabelled: int  # images whose label differs between the two runs' datasets
+    rows: pd.DataFrame  # per image: source, sha256, label_before, label, pred_before, pred_after
+
+
+def compare_before_after(before_run_id: str, after_run_id: str, before_dataset_id: str,
+                         after_dataset_id: str) -> BeforeAfter:
+    """How run `after_run_id` (on a fixed version, say) does against `before_run_id` on the images both
+    evaluated, matched by content (sha256), whatever their paths or labels in each version.
+
+    Raises:
+        InvalidInput: the two runs evaluated no image in common.
+        NotFound: a run did not finish evaluation.
+    """
+    from tlcore.data.manifest import load_manifest
+
+    def by_content(run_id: str, dataset_id: str) -> pd.DataFrame:
+        sha = {str(e.path): e.sha256 for e in load_manifest(dataset_id)}
+        frame = read_predictions(RunFolder(run_id).predictions)
+        return frame.assign(sha256=frame["path"].map(sha)).set_index("sha256")[["source", "true", "pred"]]
+
+    before, after = by_content(before_run_id, before_dataset_id), by_content(after_run_id, after_dataset_id)
+    both = before.join(after, how="inner", lsuffix="_before", rsuffix="_after")
+    if both.empty:
+        raise InvalidInput(f"Runs {before_run_id} and {after_run_id} evaluated no image in common, so they "
+                           "cannot be compared image by image; compare their metrics instead.")
+    truth = both["true_after"]
+    right_before, right_after = both["pred_before"] == truth, both["pred_after"] == truth
+    rows = pd.DataFrame({"source": both["source_after"], "label_before": both["true_before"], "label": truth,
+                         "pred_before": both["pred_before"], "pred_after": both["pred_after"]}).reset_index()
+    return BeforeAfter(
+        images=len(both),
+        before_accuracy=float(right_before.mean()),
+        after_accuracy=float(right_after.mean()),
+        fixed=int((~right_before & right_after).sum()),
+        broken=int((right_before & ~right_after).sum()),
+        relabelled=int((both["true_before"] != truth).sum()),
+        rows=rows,
+    )

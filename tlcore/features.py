@@ -1,37 +1,34 @@
-"""The feature cache: pooled backbone features per (dataset version, backbone, size, weights).
+"""The feature cache: pooled backbone features per image content × (backbone, size, weights).
 
 With the backbone frozen and no augmentation, its output for an image never changes, so it
-is computed once; every later head-only run on the same dataset trains in seconds. A
-horizontal flip is the one augmentation that is just as deterministic: the features of the
-mirrored training images are cached beside the plain ones.
+is computed once per image content (`tlcore.content_cache`): every later head-only run, on the
+same dataset version or on a new version sharing images with it, extracts only unseen images.
+A horizontal flip is the one augmentation that is just as deterministic: the features of the
+mirrored images are cached beside the plain ones, under their own key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from tlcore import home
-from tlcore.atomic import write_atomically
+from tlcore.content_cache import CachedRows, ContentCache
 
 
-def feature_cache_path(dataset_id: str, backbone: str, size: int, weights: str, seed: int,
-                       mirrored_rows: np.ndarray | None = None, *, mixed_precision: bool = False) -> Path:
-    """Where the features of a dataset live; with `mirrored_rows`, those of these rows mirrored.
+def feature_cache(backbone: str, size: int, weights: str, seed: int, *, mirror: bool = False,
+                  mixed_precision: bool = False) -> ContentCache:
+    """The content-addressed cache of one backbone's features (of mirrored images with `mirror`).
 
     Features computed in mixed precision (float16 convolutions) are kept apart from float32
     ones: a float32 run never trains its head on float16 features, nor the other way round.
     """
     # Random-init weights depend on the seed; ImageNet weights do not.
     weights_key = weights if weights == "imagenet" else f"{weights}-seed{seed}"
-    variant = "-fp16" if mixed_precision else ""
-    if mirrored_rows is not None:
-        digest = hashlib.sha1(np.ascontiguousarray(mirrored_rows, dtype=np.int64).tobytes()).hexdigest()[:10]
-        variant += f"-mirror-{digest}"
-    return home.cache_dir("features") / f"{dataset_id}-{backbone}-{size}-{weights_key}{variant}.npy"
+    variant = ("-fp16" if mixed_precision else "") + ("-mirror" if mirror else "")
+    return ContentCache(home.cache_dir("features") / f"{backbone}-{size}-{weights_key}{variant}")
 
 
 def pad_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -71,17 +68,19 @@ def extract_features(feature_model, images: np.ndarray, batch_size: int, *, rows
     return out
 
 
-def cached_features(path: Path, feature_model, images: np.ndarray, batch_size: int, *,
-                    rows: np.ndarray | None = None, mirror: bool = False,
-                    on_batch=None) -> tuple[np.ndarray, bool, float]:
-    """Features for `images` (or their `rows`, optionally mirrored) from `path` if cached,
-    else extracted and saved. Returns (features, reused, seconds)."""
+def cached_features(cache: ContentCache, shas: Sequence[str], feature_model, images: np.ndarray,
+                    batch_size: int, *, rows: np.ndarray | None = None, mirror: bool = False,
+                    on_batch=None) -> tuple[CachedRows, float]:
+    """Features of `images` (or their `rows`, optionally mirrored), whose contents are `shas`
+    (one per image of `images`), from `cache` where known, the rest extracted and cached.
+    Returns (cached rows, seconds); `on_batch` sees only the batches actually extracted."""
     started = time.perf_counter()
-    expected = len(images) if rows is None else len(rows)
-    if path.exists():
-        features = np.load(path)
-        if len(features) == expected:
-            return features, True, time.perf_counter() - started
-    features = extract_features(feature_model, images, batch_size, rows=rows, mirror=mirror, on_batch=on_batch)
-    write_atomically(path, lambda tmp: np.save(tmp, features))
-    return features, False, time.perf_counter() - started
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    width = int(feature_model.output.shape[-1])
+
+    def compute(positions: np.ndarray, out: np.ndarray) -> None:
+        out[positions] = extract_features(feature_model, images, batch_size, rows=rows[positions],
+                                          mirror=mirror, on_batch=on_batch)
+
+    found = cache.rows([shas[r] for r in rows], (width,), np.float32, compute)
+    return found, time.perf_counter() - started

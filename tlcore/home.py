@@ -6,8 +6,8 @@
     blobs/ab/<sha256>.<ext>  imported image files, content-addressed and immutable
     datasets/<id>/           manifest.jsonl and report.json of one dataset version
     runs/<id>/               artifacts of one run (`tlcore.run_folder.RunFolder` knows the layout)
-    cache/pixels/            decoded, resized uint8 arrays per (dataset, size)
-    cache/features/          backbone features per (dataset, backbone, size, weights)
+    cache/pixels/            decoded, resized uint8 arrays per (image content, size)
+    cache/features/          backbone features per (image content, backbone, size, weights)
     weights/                 converted or dropped-in backbone weights
     uploads/                 temporary space for uploads being imported
 """

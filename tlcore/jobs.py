@@ -186,6 +186,25 @@ def resume(run_ref: str, store: Store | None = None) -> Run:
     return store.create_run(name, old.dataset_id, old.backbone, old.weights, config)
 
 
+def retrain_on(run_ref: str, dataset_ref: str, store: Store | None = None) -> Run:
+    """Queue a run with run `run_ref`'s recipe on another dataset version (a fixed one, say).
+
+    Raises:
+        NotFound: no such run or dataset.
+        InvalidInput: the dataset is not a version of the run's dataset.
+    """
+    store = store or Store()
+    old = store.get_run(run_ref)
+    dataset = store.get_dataset(dataset_ref)
+    original = store.get_dataset(old.dataset_id)
+    if dataset.name != original.name:
+        raise InvalidInput(f"{dataset.label} is not a version of {original.label}, the dataset run {old.name} "
+                           "trained on; retrain on one of its versions.")
+    recipe = {k: v for k, v in old.config.items() if k != "resume_from"}
+    config = TrainConfig.from_dict({**recipe, "dataset": dataset.id, "name": f"{old.name} on {dataset.label}"})
+    return submit(config, store)
+
+
 # --------------------------------------------------------------- the reaper
 
 

@@ -28,7 +28,7 @@ from tlcore.data import pipeline
 from tlcore.data.manifest import run_entries
 from tlcore.errors import InvalidInput, RunCancelled
 from tlcore.evaluation import EvalReport, compute_report, write_predictions
-from tlcore.features import cached_features, feature_cache_path
+from tlcore.features import cached_features, feature_cache
 from tlcore.run_folder import Checkpoint, RunFolder
 from tlcore.run_record import DeviceRecord, RunProgress, RunSummary, Timings
 from tlcore.store import Store
@@ -171,11 +171,11 @@ class _Training:
         t = time.perf_counter()
         self.beat(RunProgress(phase="preparing", message="Decoding images"), force=True)
         self.pixels, reused = pipeline.pixel_cache(
-            self.dataset.id, self.entries, self.size,
+            self.entries, self.size,
             on_progress=lambda done, total: self.beat(
                 RunProgress(phase="preparing", message=f"Decoded {done}/{total} images")))
         self.timings["pixels_s"] = time.perf_counter() - t
-        self.log(f"Pixel cache {'reused' if reused else 'built'}: {len(self.pixels)} images at {self.size} px "
+        self.log(f"Pixel cache: {reused} of {len(self.pixels)} images at {self.size} px reused, the rest decoded "
                  f"({self.timings['pixels_s']:.1f} s).")
 
     def build_model(self) -> None:
@@ -372,25 +372,25 @@ class _FeatureExtraction:
     def features(self, rows: np.ndarray | None = None, mirror: bool = False) -> tuple[np.ndarray, bool, float]:
         t, config = self.training, self.training.config
         images = t.pixels.images
-        path = feature_cache_path(t.dataset.id, t.spec.name, t.size, config.weights, config.seed,
-                                  mirrored_rows=rows if mirror else None,
-                                  mixed_precision=t.device_plan.mixed_precision)
-        bar = keras.utils.Progbar(len(images) if rows is None else len(rows),
-                                  unit_name="image") if t.progress_bar else None
+        cache = feature_cache(t.spec.name, t.size, config.weights, config.seed, mirror=mirror,
+                              mixed_precision=t.device_plan.mixed_precision)
+        bar = None
 
-        def on_batch(done, total):
-            if bar is not None:
+        def on_batch(done, total):  # total: the images not cached yet
+            nonlocal bar
+            if t.progress_bar:
+                bar = bar or keras.utils.Progbar(total, unit_name="image")
                 bar.update(done)
             if t.beat(RunProgress(phase="features", message=f"Backbone features {done}/{total}",
                                   batch=done, batches=total)):
                 raise RunCancelled("Cancelled during feature extraction; the epochs logged so far are kept.")
 
-        found, reused, seconds = cached_features(path, self.feature_model, images, self.batch_size, rows=rows,
-                                                 mirror=mirror, on_batch=on_batch)
+        found, seconds = cached_features(cache, [e.sha256 for e in t.entries], self.feature_model, images,
+                                         self.batch_size, rows=rows, mirror=mirror, on_batch=on_batch)
         what = "Mirrored training-image features" if mirror else "Backbone features"
-        t.log(f"{what} {'reused from the cache' if reused else 'computed and cached'} "
-              f"({len(found)} images, {seconds:.1f} s): {path.name}.")
-        return found, reused, seconds
+        t.log(f"{what}: {found.reused} of {len(found.array)} images reused from the cache, the rest computed "
+              f"({seconds:.1f} s).")
+        return found.array, found.all_reused, seconds
 
 
 def execute_run(run_id: str, store: Store, *, should_stop: Callable[[], bool] = lambda: False,

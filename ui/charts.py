@@ -191,3 +191,29 @@ def seed_points(groups: Mapping[str, Sequence[tuple[int, float]]]) -> go.Figure:
     fig.update_xaxes(type="category")
     fig.update_yaxes(tickformat=".1%")
     return _layout(fig, height=320)
+
+
+def embedding_map(points: Sequence[Mapping[str, Any]], flagged: Mapping[str, str]) -> go.Figure:
+    """The audit's 2-D map: one colour per class, flagged images (`source` -> finding) ringed.
+
+    `points`: dicts with `source`, `label`, `split`, `x`, `y` (the audit's `embedding_map`).
+    """
+    fig = go.Figure()
+    labels = sorted({p["label"] for p in points})
+    for i, label in enumerate(labels):
+        mine = [p for p in points if p["label"] == label]
+        fig.add_trace(go.Scattergl(
+            x=[p["x"] for p in mine], y=[p["y"] for p in mine], mode="markers", name=label,
+            marker=dict(size=6, color=PALETTE[i % len(PALETTE)], opacity=0.7),
+            customdata=[[p["source"], p["split"]] for p in mine],
+            hovertemplate="%{customdata[0]} (%{customdata[1]})<extra>" + label + "</extra>"))
+    ringed = [p for p in points if p["source"] in flagged]
+    if ringed:
+        fig.add_trace(go.Scattergl(
+            x=[p["x"] for p in ringed], y=[p["y"] for p in ringed], mode="markers", name="flagged",
+            marker=dict(size=13, color="rgba(0,0,0,0)", line=dict(color="#111827", width=2)),
+            customdata=[[p["source"], flagged[p["source"]]] for p in ringed],
+            hovertemplate="%{customdata[0]}: %{customdata[1]}<extra></extra>"))
+    fig.update_xaxes(showticklabels=False, title_text=None)
+    fig.update_yaxes(showticklabels=False, title_text=None)
+    return _layout(fig, height=420)

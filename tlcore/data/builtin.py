@@ -78,7 +78,7 @@ def materialize_builtin(name: str, dest: str | os.PathLike, per_class: int = 40,
 
 
 def import_builtin(name: str, store=None, per_class: int = 40, seed: int = 0):
-    """Build built-in dataset `name` and import it (next version if it already exists).
+    """Build built-in dataset `name` and import it (the existing version if it is already imported).
 
     Returns:
         `ImportResult` from the importer.

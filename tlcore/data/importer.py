@@ -32,11 +32,12 @@ from tlcore.data.manifest import (
     SPLITS,
     ManifestEntry,
     check_ratios,
+    load_manifest,
     stratified_split,
     write_manifest,
 )
 from tlcore.data.sources import is_under, resolve_under_roots
-from tlcore.errors import DatasetImportError
+from tlcore.errors import DatasetImportError, NotFound
 from tlcore.store import Dataset, Store, new_id
 
 SPLIT_ALIASES = {
@@ -53,6 +54,7 @@ MAX_UNWRAP = 3
 class ImportResult:
     dataset: Dataset
     report: dict[str, Any]
+    unchanged: bool = False  # the latest version of this name already held exactly these images
 
 
 @dataclasses.dataclass
@@ -71,8 +73,11 @@ def import_dataset(source: str | os.PathLike, name: str | None = None, *,
                    store: Store | None = None, seed: int = 0,
                    split: tuple[float, ...] = (0.7, 0.15, 0.15),
                    roots: Iterable[str | os.PathLike] | None = None,
-                   source_label: str | None = None) -> ImportResult:
+                   source_label: str | None = None, new_version: bool = False) -> ImportResult:
     """Import a folder of class folders (or a `.zip` of one) as a new dataset version.
+
+    If the latest version of the same name already holds exactly these images, labels and
+    splits, that version is returned (`unchanged=True`) and nothing new is recorded.
 
     Args:
         source: a folder (`<class>/` subfolders, or `train/` `val/` [`test/`] each with class
@@ -85,6 +90,7 @@ def import_dataset(source: str | os.PathLike, name: str | None = None, *,
             (0.7, 0.15, 0.15).
         roots: if given, `source` must lie under one of these folders (server imports), and
             symlinks inside it may only point under them.
+        new_version: record a new version even when nothing changed. Defaults to False.
         source_label: how messages and the report name the source (an upload's own file
             name rather than its temporary path). Defaults to the path.
 
@@ -98,11 +104,11 @@ def import_dataset(source: str | os.PathLike, name: str | None = None, *,
         SourceNotAllowed: `roots` given and `source` is outside them.
     """
     return _import(source, name, store=store, seed=seed, split=split, roots=roots,
-                   source_label=source_label)
+                   source_label=source_label, new_version=new_version)
 
 
 def _import(source, name, *, store, seed, split, roots, source_label: str | None = None,
-            limits: ZipLimits | None = None) -> ImportResult:
+            limits: ZipLimits | None = None, new_version: bool = False) -> ImportResult:
     started = time.monotonic()
     ratios = check_ratios(split)
     src = Path(os.fspath(source)).expanduser()
@@ -161,7 +167,7 @@ def _import(source, name, *, store, seed, split, roots, source_label: str | None
             shutil.rmtree(workdir, ignore_errors=True)
 
     classes = sorted({e.label for e in entries})
-    counts = _counts(entries, classes)
+    counts = count_per_split(entries, classes)
     _warn_balance(entries, classes, report)
     report.update(
         classes=classes,
@@ -172,6 +178,10 @@ def _import(source, name, *, store, seed, split, roots, source_label: str | None
     )
 
     store = store or Store()
+    if not new_version:
+        latest = _latest_version(store, name)
+        if latest is not None and _same_images(load_manifest(latest.id), entries):
+            return ImportResult(dataset=latest, report=latest.report, unchanged=True)
     dataset_id = new_id("ds")
     report["dataset_id"] = dataset_id
     folder = home.dataset_dir(dataset_id)
@@ -502,7 +512,8 @@ def _assign_splits(kept: list[_Candidate], given: bool, ratios, seed: int,
     ]
 
 
-def _counts(entries: list[ManifestEntry], classes: list[str]) -> dict[str, dict[str, int]]:
+def count_per_split(entries: list[ManifestEntry], classes: list[str]) -> dict[str, dict[str, int]]:
+    """Images per class in each split (the test split only if it has images)."""
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
         per = Counter(e.label for e in entries if e.split == split)
@@ -533,6 +544,20 @@ def _warn_balance(entries: list[ManifestEntry], classes: list[str], report: dict
 
 
 # -------------------------------------------------------------------- helpers
+
+
+def _latest_version(store: Store, name: str) -> Dataset | None:
+    try:
+        return store.get_dataset(name)
+    except NotFound:
+        return None
+
+
+def _same_images(old: list[ManifestEntry], new: list[ManifestEntry]) -> bool:
+    """The same image contents with the same labels, splits and original paths."""
+    def key(entries):
+        return sorted((e.sha256, e.label, e.split, e.source) for e in entries)
+    return key(old) == key(new)
 
 
 def _default_name(src: Path) -> str:

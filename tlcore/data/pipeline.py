@@ -1,7 +1,8 @@
 """Pixels for training: decode and resize each image once into a uint8 cache, then stream batches.
 
-The cache is a `.npy` file per (dataset version, image size), opened as a memory map, so a
-dataset larger than memory streams from disk. Augmentation runs on the fly on each gathered
+The cache is keyed by image content (`tlcore.content_cache`): a `.npy` file per list of images
+at one size, opened as a memory map, so a dataset larger than memory streams from disk; a new
+dataset version decodes only the images no earlier version had. Augmentation runs on the fly on each gathered
 uint8 batch (`tlcore.data.augment`), outside the model, so saved models stay plain.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from tlcore import home
-from tlcore.atomic import write_atomically, write_json_atomically
+from tlcore.content_cache import ContentCache
 from tlcore.data.augment import augment_batch, batch_rng
 from tlcore.data.images import load_resized
 
@@ -36,53 +36,44 @@ class PixelCache:
         return len(self.images)
 
 
-def pixel_cache(dataset_id: str, entries: Sequence, size: int, *, workers: int | None = None,
-                on_progress=None) -> tuple[PixelCache, bool]:
-    """The uint8 cache for `entries` at `size`, built if missing. Returns (cache, reused)."""
-    path, meta_path = _cache_paths(dataset_id, size)
-    if path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("count") == len(entries) and meta.get("first") == _entry_key(entries[0]):
-            return PixelCache(np.load(path, mmap_mode="r"), path, size), True
+def pixel_cache(entries: Sequence, size: int, *, workers: int | None = None,
+                on_progress=None) -> tuple[PixelCache, int]:
+    """The uint8 cache for `entries` at `size`, decoding only images not cached before.
 
+
+    Returns (cache, images reused from earlier caches).
+    """
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
 
-    def decode_all(tmp: Path) -> None:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(entries), size, size, 3))
+    def decode(positions: np.ndarray, out: np.ndarray) -> None:
         # PIL releases the GIL while decoding and resizing, so threads use every core.
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for done, (index, pixels) in enumerate(pool.map(
-                    lambda item: (item[0], load_resized(item[1].path, size)), enumerate(entries)), 1):
+                    lambda i: (i, load_resized(entries[i].path, size)), positions), 1):
                 out[index] = pixels
                 if on_progress and done % 64 == 0:
-                    on_progress(done, len(entries))
-        out.flush()
-        del out
+                    on_progress(done, len(positions))
 
-    write_atomically(path, decode_all)
-    write_json_atomically(meta_path, {"count": len(entries), "first": _entry_key(entries[0]), "size": size})
-    return PixelCache(np.load(path, mmap_mode="r"), path, size), False
+    found = _pixel_store(size).rows([e.sha256 for e in entries], (size, size, 3), np.uint8, decode, mmap=True)
+    return PixelCache(found.array, found.path, size), found.reused
 
 
-def adopt_pixel_cache(dataset_id: str, entries: Sequence, images: np.ndarray) -> None:
+def adopt_pixel_cache(entries: Sequence, images: np.ndarray) -> None:
     """Make `images` (decoded elsewhere, in `entries` order) this data home's cache for them.
 
     A Ray node receives a dataset's pixels through the object store instead of its image files;
     with the cache in place, `pixel_cache` reuses it and never opens a file.
     """
     size = images.shape[1]
-    path, meta_path = _cache_paths(dataset_id, size)
-    write_atomically(path, lambda tmp: np.save(tmp, images))
-    write_json_atomically(meta_path, {"count": len(entries), "first": _entry_key(entries[0]), "size": size})
+
+    def copy(positions: np.ndarray, out: np.ndarray) -> None:
+        out[positions] = images[positions]
+
+    _pixel_store(size).rows([e.sha256 for e in entries], (size, size, 3), np.uint8, copy)
 
 
-def _cache_paths(dataset_id: str, size: int) -> tuple[Path, Path]:
-    path = home.cache_dir("pixels") / f"{dataset_id}-{size}.npy"
-    return path, path.with_suffix(".json")
-
-
-def _entry_key(entry) -> str:
-    return getattr(entry, "sha256", str(entry.path))
+def _pixel_store(size: int) -> ContentCache:
+    return ContentCache(home.cache_dir("pixels") / str(size))
 
 
 def split_indices(entries: Sequence) -> dict[str, np.ndarray]:

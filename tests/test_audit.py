@@ -1,0 +1,123 @@
+"""The data audit on a small slice of real flower photos with one error of each kind planted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import SHARED_DATASETS
+from PIL import Image, ImageDraw
+
+from tlcore import cli
+from tlcore.audit import audit_dataset, saved_audit
+from tlcore.data.importer import import_dataset
+from tlcore.data.manifest import ManifestEntry, write_manifest
+from tlcore.errors import InvalidInput
+from tlcore.store import Store
+
+SIZE = 96
+CLASSES = ("daisy", "dandelion", "sunflower")
+FLIPPED = "train/sunflower/flipped-daisy.jpg"  # a daisy filed as a sunflower
+COPY = "train/dandelion/copy-of-test.jpg"  # a 0.8x resized copy of a test photo
+STRAY = "train/daisy/scanned-page.png"  # a page of text: not a flower at all
+
+
+def _planted_slice(root):
+    """8 train and 3 test photos per class, plus the three planted errors; returns the copied test photo."""
+    for label in CLASSES:
+        photos = sorted((SHARED_DATASETS / "flowers" / label).iterdir())
+        for split, chosen in (("train", photos[:8]), ("test", photos[8:11])):
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            for photo in chosen:
+                shutil.copy(photo, root / split / label / photo.name)
+    shutil.copy(sorted((SHARED_DATASETS / "flowers" / "daisy").iterdir())[20], root / FLIPPED)
+    test_photo = sorted((root / "test" / "dandelion").iterdir())[0]
+    with Image.open(test_photo) as image:
+        image.resize((round(image.width * 0.8), round(image.height * 0.8))).save(root / COPY, quality=90)
+    page = Image.new("RGB", (227, 227), "white")
+    draw = ImageDraw.Draw(page)
+    for line in range(20):
+        draw.text((6, 11 * line), "The quick brown fox jumps over the lazy dog.", fill="black")
+    page.save(root / STRAY)
+    return f"test/dandelion/{test_photo.name}"
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    """(data home, dataset, copied test photo, audit report): the backbone runs once for the module."""
+    root = tmp_path_factory.mktemp("audit")
+    home = root / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TLCORE_HOME", str(home))
+        copied = _planted_slice(root / "flowers")
+        dataset = import_dataset(root / "flowers", name="flowers", store=Store()).dataset
+        report = audit_dataset(dataset.id, image_size=SIZE)
+    return home, dataset, copied, report
+
+
+@pytest.fixture
+def audit_home(audited, monkeypatch):
+    monkeypatch.setenv("TLCORE_HOME", str(audited[0]))
+    return audited
+
+
+def test_the_planted_label_flip_is_flagged_with_the_class_it_looks_like(audited):
+    report = audited[3]
+    top = {issue.source: issue for issue in report.label_issues[:3]}
+    assert FLIPPED in top
+    assert top[FLIPPED].given == "sunflower" and top[FLIPPED].suggested == "daisy"
+    assert top[FLIPPED].split == "train" and 0 <= top[FLIPPED].score < 0.5
+
+
+def test_a_resized_copy_of_a_test_photo_in_train_is_the_first_near_duplicate(audited):
+    report, copied = audited[3], audited[2]
+    first = report.near_duplicates[0]
+    assert {first.a, first.b} == {copied, COPY}
+    assert first.cross_split and "test" in first.splits and first.similarity > 0.9
+    assert all(d.cross_split for d in report.near_duplicates[:sum(d.cross_split for d in report.near_duplicates)])
+
+
+def test_an_image_far_from_every_class_is_an_outlier(audited):
+    report = audited[3]
+    assert report.outliers and report.outliers[0].source == STRAY and report.outliers[0].label == "daisy"
+
+
+def test_class_balance_and_map_cover_every_image(audited):
+    report = audited[3]
+    balance = report.class_balance
+    assert balance["per_class"] == {"daisy": 12, "dandelion": 12, "sunflower": 12}
+    assert balance["ratio"] == 1.0 and balance["per_split"]["test"] == {c: 3 for c in CLASSES}
+    assert len(report.embedding_map) == report.images == 36
+    assert {p.label for p in report.embedding_map} == set(CLASSES)
+
+
+def test_a_second_audit_reads_cached_features_and_the_cli_prints_json(audit_home, monkeypatch, capsys):
+    _, dataset, _, report = audit_home
+    assert saved_audit(dataset.id) == report
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was built although every feature is cached")
+
+    monkeypatch.setattr("tlcore.training.build_classifier", no_backbone)
+    code = cli.main(["audit", "flowers", "--image-size", str(SIZE), "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0
+    assert out["label_issues"][0] == {key: getattr(report.label_issues[0], key)
+                                      for key in ("source", "split", "given", "suggested", "score")}
+    assert out["near_duplicates"][0]["a"] in (COPY, audit_home[2]) and out["near_duplicates"][0]["splits"]
+    assert out["outliers"][0]["source"] == STRAY and out["timings"]["total_s"] > 0
+
+
+def test_too_few_images_in_a_class_or_a_single_class_is_refused_in_a_sentence(store, tmp_path, capsys):
+    photos = sorted((SHARED_DATASETS / "flowers" / "rose").iterdir())[:4]
+    entries = [ManifestEntry(path=p, label="rose" if i < 2 else "tulip", split="train", sha256=f"{i}" * 64,
+                             source=f"x/{i}.jpg", width=227, height=227) for i, p in enumerate(photos)]
+    small = store.add_dataset("small", "x", ["rose", "tulip"], {"train": {"rose": 2, "tulip": 2}}, {})
+    write_manifest(small.id, entries)
+    with pytest.raises(InvalidInput, match="Class 'rose' of small v1 has 2 image.*at least 3 per class"):
+        audit_dataset("small", store=store)
+    single = store.add_dataset("single", "x", ["rose"], {"train": {"rose": 4}}, {})
+    write_manifest(single.id, [ManifestEntry(**{**e.__dict__, "label": "rose"}) for e in entries])
+    assert cli.main(["audit", "single"]) == 2
+    assert "has only one class (rose)" in capsys.readouterr().err
