@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     _train_options(train)
     submit = sub.add_parser("submit", help="queue a training job for the worker and return at once")
     _train_options(submit)
+    submit.add_argument("--compare", metavar="COMPARISON",
+                        help="queue one run per backbone of a comparison (lite-family: Lite0, Lite1, Lite2) "
+                             "instead of one run; --backbone is then ignored")
 
     worker = sub.add_parser("worker", help="run queued jobs one at a time")
     worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
@@ -71,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="classify image files with a run's model or the ImageNet model")
     which = predict.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="run id or name")
-    which.add_argument("--model", help="a backbone's own ImageNet classifier: efficientnet_lite0")
+    which.add_argument("--model", help="a backbone's own ImageNet classifier: efficientnet_lite0, "
+                                       "efficientnet_lite1 or efficientnet_lite2")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.add_argument("--top-k", type=int, default=5, help="how many classes per image (default 5)")
     _json(predict)
@@ -140,12 +144,15 @@ def config_from_args(args: argparse.Namespace):
         if args.preset not in PRESETS:
             raise InvalidInput(f"`--preset` must be one of {', '.join(PRESETS)}. Received: preset={args.preset!r}")
         values.update(PRESETS[args.preset])
-    for option in ("backbone", "weights", "image_size", "head_epochs", "finetune_epochs", "finetune_layers",
-                   "augment", "lr", "batch_size", "seed", "split", "name"):
-        value = getattr(args, option)
-        if value is not None:
-            values[option] = value
+    values.update(_explicit_options(args))
     return TrainConfig(dataset=args.data, **values)
+
+
+def _explicit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe options given on the command line (those left out are None)."""
+    options = ("backbone", "weights", "image_size", "head_epochs", "finetune_epochs", "finetune_layers",
+               "augment", "lr", "batch_size", "seed", "split", "name")
+    return {option: getattr(args, option) for option in options if getattr(args, option) is not None}
 
 
 # ----------------------------------------------------------------- commands
@@ -228,6 +235,8 @@ def cmd_submit(args) -> int:
     from tlcore import jobs
 
     store = _store()
+    if args.compare:
+        return _submit_comparison(args, store)
     run = jobs.submit(config_from_args(args), store)
     position = [r.id for r in store.queue()].index(run.id) + 1 if run.status.value == "queued" else None
     status = jobs.worker_status(store)
@@ -238,6 +247,27 @@ def cmd_submit(args) -> int:
             print("No worker is running; start one with `python -m tlcore worker`.", file=sys.stderr)
     _emit(args, {"run_id": run.id, "name": run.name, "status": run.status.value, "position": position,
                  "worker_alive": status.alive})
+    return 0
+
+
+def _submit_comparison(args, store) -> int:
+    """Queue one run per backbone of comparison `args.compare`, explicit options over its preset."""
+    import dataclasses
+
+    from tlcore import jobs
+    from tlcore.config import comparison_configs
+
+    options = {k: v for k, v in _explicit_options(args).items() if k not in ("backbone", "name")}
+    configs = comparison_configs(args.compare, args.data, **options)
+    # A folder is imported once, so every run of the comparison trains on the same dataset version.
+    dataset = jobs.resolve_dataset(args.data, store, seed=configs[0].seed, split=configs[0].split)
+    runs = [jobs.submit(dataclasses.replace(config, dataset=dataset.id), store) for config in configs]
+    if not args.json:
+        for run in runs:
+            print(run.id)
+        print(f"Queued {len(runs)} runs: {', '.join(f'{r.name} ({r.backbone})' for r in runs)}.", file=sys.stderr)
+    _emit(args, {"runs": [{"run_id": r.id, "name": r.name, "backbone": r.backbone, "status": r.status.value}
+                          for r in runs]})
     return 0
 
 

@@ -100,3 +100,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                        finetune_epochs=5, finetune_layers=4, augment=("flip", "rotate", "zoom"),
                        head_augment=True, split=(0.8, 0.1, 0.1), lr=1e-4, finetune_lr_scale=0.1, batch_size=32),
 }
+
+# Comparisons: one recipe queued once per backbone, so their runs line up on the Compare page.
+COMPARISONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    # The three offline backbones, head-only on cached features, each at its own trained size.
+    "lite-family": ("fast-offline", ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")),
+}
+
+
+def comparison_configs(name: str, dataset: str, **overrides: Any) -> list[TrainConfig]:
+    """The runs of comparison `name` on `dataset`: its preset per backbone, `overrides` on top.
+
+    Raises:
+        InvalidInput: `name` is not in `COMPARISONS`.
+    """
+    if name not in COMPARISONS:
+        raise InvalidInput(f"`compare` must be one of {', '.join(COMPARISONS)}. Received: compare={name!r}")
+    preset, backbones = COMPARISONS[name]
+    return [TrainConfig(dataset=dataset, **{**PRESETS[preset], **overrides, "backbone": backbone})
+            for backbone in backbones]
