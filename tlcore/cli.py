@@ -52,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="queue one run per backbone of a comparison (lite-family: Lite0, Lite1, Lite2) "
                              "instead of one run; --backbone is then ignored")
 
+    lr_find = sub.add_parser("lr-find", help="suggest a learning rate: an exponential LR range test "
+                                             "(seconds on cached features for the head)")
+    lr_find.add_argument("--data", required=True, metavar="DATASET_OR_FOLDER", help="dataset name or id, or a folder")
+    lr_find.add_argument("--backbone", help="backbone name; default efficientnet_lite0")
+    lr_find.add_argument("--weights", choices=("imagenet", "none"))
+    lr_find.add_argument("--image-size", type=int, help="input size in px (default: the backbone's)")
+    lr_find.add_argument("--batch-size", type=int)
+    lr_find.add_argument("--finetune-layers", type=int, help="for --phase finetune: layers unfrozen from the top")
+    lr_find.add_argument("--class-weight", choices=("balanced", "none"))
+    lr_find.add_argument("--seed", type=int)
+    lr_find.add_argument("--phase", choices=("head", "finetune"), default="head",
+                         help="head (on cached features, default) or finetune (through the top layers, slower)")
+    lr_find.add_argument("--preset", help="a named recipe; explicit options override it")
+    _json(lr_find)
+
     worker = sub.add_parser("worker", help="run queued jobs one at a time")
     worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
 
@@ -114,6 +129,11 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--split", type=_split_arg, help="train,val,test fractions, e.g. 0.8,0.1,0.1")
+    p.add_argument("--class-weight", choices=("balanced", "none"),
+                   help="weight each class's loss by its rarity in both phases (default balanced)")
+    p.add_argument("--tta", choices=("none", "flip"),
+                   help="evaluate with test-time augmentation: each image and its mirror averaged; predict "
+                        "and the Demo then do the same for this run (default none)")
     p.add_argument("--preset", help="a named recipe; explicit options override it")
     p.add_argument("--name", help="run name")
     _json(p)
@@ -151,8 +171,8 @@ def config_from_args(args: argparse.Namespace):
 def _explicit_options(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe options given on the command line (those left out are None)."""
     options = ("backbone", "weights", "image_size", "head_epochs", "finetune_epochs", "finetune_layers",
-               "augment", "lr", "batch_size", "seed", "split", "name")
-    return {option: getattr(args, option) for option in options if getattr(args, option) is not None}
+               "augment", "lr", "batch_size", "seed", "split", "name", "class_weight", "tta")
+    return {option: getattr(args, option) for option in options if getattr(args, option, None) is not None}
 
 
 # ----------------------------------------------------------------- commands
@@ -268,6 +288,20 @@ def _submit_comparison(args, store) -> int:
         print(f"Queued {len(runs)} runs: {', '.join(f'{r.name} ({r.backbone})' for r in runs)}.", file=sys.stderr)
     _emit(args, {"runs": [{"run_id": r.id, "name": r.name, "backbone": r.backbone, "status": r.status.value}
                           for r in runs]})
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    from tlcore.lr_finder import find_lr
+
+    config = config_from_args(args)
+    finding = find_lr(config, _store(), phase=args.phase,
+                      on_progress=None if args.json else lambda message: print(message + "…", file=sys.stderr))
+    which = "head" if args.phase == "head" else "fine-tune"
+    text = (f"Suggested {which} learning rate: {finding.suggested_lr:.2g} (loss lowest at {finding.min_loss_lr:.2g}; "
+            f"{len(finding.curve)} steps in {finding.seconds:.1f} s). The recipe's: {config.lr:g}"
+            + (f" (fine-tune {config.lr * config.finetune_lr_scale:g})." if args.phase == "finetune" else "."))
+    _emit(args, {**finding.to_dict(), "recipe_lr": config.lr}, None if args.json else text)
     return 0
 
 
@@ -443,6 +477,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"datasets": cmd_datasets, "backbones": cmd_backbones, "train": cmd_train, "submit": cmd_submit,
+            "lr-find": cmd_lr_find,
             "worker": cmd_worker, "cancel": cmd_cancel, "resume": cmd_resume, "runs": cmd_runs,
             "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve}
 

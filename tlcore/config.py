@@ -11,6 +11,8 @@ from typing import Any
 from tlcore.errors import InvalidInput
 
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast", "translate")
+CLASS_WEIGHTS = ("balanced", "none")
+TTA_MODES = ("none", "flip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,12 @@ class TrainConfig:
     name: str | None = None
     mixed_precision: bool | None = None  # None: on when a GPU is present
     xla: bool | None = None  # None: on when a GPU is present
+    # "balanced": each class's loss weighted by n / (classes * its count) in both phases, so a
+    # small class counts as much as a large one; "none": every image weighs the same.
+    class_weight: str = "balanced"
+    # Evaluation with test-time augmentation: "flip" averages each image and its mirror (twice
+    # the evaluation cost); predict and the Demo then do the same for this run's model.
+    tta: str = "none"
 
     def __post_init__(self):
         bad = [a for a in self.augment if a not in AUGMENTATIONS]
@@ -58,6 +66,11 @@ class TrainConfig:
                                        or min(self.split) < 0 or self.split[0] == 0):
             raise InvalidInput(f"`split` must be three fractions (train, val, test) summing to 1. "
                              f"Received: split={self.split}")
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise InvalidInput(f"`class_weight` must be one of {', '.join(CLASS_WEIGHTS)}. "
+                               f"Received: class_weight={self.class_weight!r}")
+        if self.tta not in TTA_MODES:
+            raise InvalidInput(f"`tta` must be one of {', '.join(TTA_MODES)}. Received: tta={self.tta!r}")
         if not 0 < self.lr < 1:
             raise InvalidInput(f"`lr` must be between 0 and 1. Received: lr={self.lr}")
 

@@ -48,6 +48,7 @@ class _Training:
         self.last_beat = 0.0
         self.timings: dict[str, float] = {}
         self.head_on_features: tuple[Any, np.ndarray] | None = None
+        self.feature_extraction: _FeatureExtraction | None = None
 
     def log(self, message: str) -> None:
         self.store.log(self.run_id, message)
@@ -103,6 +104,10 @@ class _Training:
         self.entries, self.labels = entries, list(self.dataset.classes)
         self.y_all = np.array([self.labels.index(e.label) for e in entries], dtype=np.int32)
         self.splits = pipeline.split_indices(entries)
+        self.class_weight = class_weights(config.class_weight, self.y_all[self.splits["train"]], len(self.labels))
+        if self.class_weight:
+            self.log("Class weights (balanced, both phases): " + ", ".join(
+                f"{label} {self.class_weight[i]:.2f}" for i, label in enumerate(self.labels)) + ".")
         self.eval_split = "test" if len(self.splits["test"]) else "val"
         if not len(self.splits["train"]) or not len(self.splits[self.eval_split]):
             raise InvalidInput(
@@ -172,14 +177,21 @@ class _Training:
         """Predictions on the evaluation split, written to the run folder, and their report."""
         self.beat(RunProgress(phase="evaluating", message=f"Evaluating on {self.eval_split}"), force=True)
         eval_rows = np.sort(self.splits[self.eval_split])
+        flip = self.config.tta == "flip"  # test-time augmentation: each image and its mirror, averaged
         if self.head_on_features is not None and not self.config.finetune_epochs:
             # The head shares its weights with the saved model, so its output on the cached
             # features is the model's output on the pixels, without a second backbone pass.
             head, features = self.head_on_features
             probs = head.predict(features[eval_rows], batch_size=256, verbose=0)
+            if flip:
+                mirrored, _, _ = self.feature_extraction.features(eval_rows, mirror=True)
+                probs = (probs + head.predict(mirrored, batch_size=256, verbose=0)) / 2
         else:
-            probs = model_probabilities(fold_batchnorm(self.model, only_frozen=False), self.pixels.images,
-                                        eval_rows, self.config.batch_size)
+            twin = fold_batchnorm(self.model, only_frozen=False)
+            probs = model_probabilities(twin, self.pixels.images, eval_rows, self.config.batch_size)
+            if flip:
+                probs = (probs + model_probabilities(twin, self.pixels.images, eval_rows, self.config.batch_size,
+                                                     mirror=True)) / 2
         rows = prediction_rows(probs, eval_rows, self.entries, self.labels)
         write_predictions(self.folder.predictions, rows)
         return compute_report(self.labels, pd.DataFrame(rows))
@@ -194,7 +206,7 @@ class _Training:
             image_size=self.size,
             eval_split=self.eval_split,
             eval_images=int(len(self.splits[self.eval_split])),
-            metrics=report.metrics(),
+            metrics=report.metrics(tta=self.config.tta),
             timings=Timings(**timings, features_reused=bool(self.timings.get("features_reused"))),
             device=self.device_plan.describe(),
             model_path=str(model_path),
@@ -206,7 +218,7 @@ class _Training:
         config, splits = self.config, self.splits
         with self.strategy.scope():
             feature_model = fold_batchnorm(keras.Model(self.model.input, self.model.get_layer("pool").output))
-        extractor = _FeatureExtraction(self, feature_model)
+        extractor = self.feature_extraction = _FeatureExtraction(self, feature_model)
         features, reused, seconds = extractor.features()
         self.timings["features_s"] = seconds
         self.timings["features_reused"] = float(reused)
@@ -229,6 +241,7 @@ class _Training:
             x_train, y_train,
             batch_size=config.batch_size,
             epochs=config.head_epochs,
+            class_weight=self.class_weight,
             validation_data=(features[val], self.y_all[val]) if len(val) else None,
             shuffle=True,
             verbose=2 if self.progress_bar else 0,
@@ -258,6 +271,7 @@ class _Training:
         trainer.fit(
             train_data,
             epochs=epochs,
+            class_weight=self.class_weight,
             initial_epoch=initial_epoch,
             validation_data=val_data,
             shuffle=False,  # the tf.data pipeline shuffles
@@ -335,6 +349,16 @@ def build_classifier(spec, size: int, weights_path: str | None, num_classes: int
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="head")(x)
     return keras.Model(inputs, outputs, name=f"{spec.name}_classifier"), base
+
+
+def class_weights(mode: str, y_train: np.ndarray, num_classes: int) -> dict[int, float] | None:
+    """Keras `class_weight` for `mode` ("balanced": n / (classes present * count), as scikit-learn's;
+    "none": None). A class without training images gets weight 0 (it never reaches the loss)."""
+    if mode == "none":
+        return None
+    counts = np.bincount(y_train, minlength=num_classes)
+    present = int((counts > 0).sum())
+    return {c: float(len(y_train) / (present * n)) if n else 0.0 for c, n in enumerate(counts)}
 
 
 def unfreeze_top(base, n_layers: int) -> int:
@@ -421,8 +445,10 @@ class _StoreProgress(keras.callbacks.Callback):
         self.ctx.beat(self._progress(0), force=True)
 
 
-def model_probabilities(model, images: np.ndarray, indices: np.ndarray, batch_size: int) -> np.ndarray:
-    """Class probabilities of the full model for the cached pixel rows `indices` (sorted)."""
+def model_probabilities(model, images: np.ndarray, indices: np.ndarray, batch_size: int, *,
+                        mirror: bool = False) -> np.ndarray:
+    """Class probabilities of the full model for the cached pixel rows `indices` (sorted), each
+    image mirrored left-right if `mirror`."""
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
@@ -432,7 +458,8 @@ def model_probabilities(model, images: np.ndarray, indices: np.ndarray, batch_si
     out = []
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
-        out.append(forward(pad_batch(np.asarray(images[chunk]), batch_size)).numpy()[:len(chunk)])
+        batch = np.asarray(images[chunk])
+        out.append(forward(pad_batch(batch[:, :, ::-1] if mirror else batch, batch_size)).numpy()[:len(chunk)])
     return np.concatenate(out)
 
 
