@@ -101,7 +101,78 @@ def study_backbones(args) -> dict:
     return out
 
 
-STUDIES = {"backbones": study_backbones}
+def study_lr_finder(args) -> dict:
+    """Per seed: the head-phase suggestion (Lite0), then a run at the recipe's 1e-3 and one at the suggestion."""
+    from tlcore.config import PRESETS, TrainConfig
+    from tlcore.lr_finder import find_lr
+
+    data = dataset_id(Path(args.data), "flowers")
+    rows = []
+    for seed in range(args.seeds):
+        finding = find_lr(TrainConfig(dataset=data, seed=seed, **{k: v for k, v in PRESETS["fast-offline"].items()
+                                                                   if k != "lr"}))
+        default = train(data, seed=seed)
+        suggested = train(data, seed=seed, lr=round(finding.suggested_lr, 6))
+        rows.append({"seed": seed, "suggested_lr": finding.suggested_lr, "min_loss_lr": finding.min_loss_lr,
+                     "finder_s": finding.seconds, "steps": len(finding.curve),
+                     "default_accuracy": default.summary.metrics.accuracy,
+                     "suggested_accuracy": suggested.summary.metrics.accuracy,
+                     "default_head_s": default.summary.timings.head_s,
+                     "suggested_head_s": suggested.summary.timings.head_s})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows,
+            "default_accuracy": mean_std(r["default_accuracy"] for r in rows),
+            "suggested_accuracy": mean_std(r["suggested_accuracy"] for r in rows),
+            "suggested_lr": mean_std(r["suggested_lr"] for r in rows),
+            "finder_s": mean_std(r["finder_s"] for r in rows)}
+
+
+def study_tta(args) -> dict:
+    """Lite0 on flowers, per seed: evaluation without and with flip TTA; the Demo's latency with each."""
+    data = dataset_id(Path(args.data), "flowers")
+    files = [str(p) for p in sorted(Path(args.data).rglob("*.jpg"))[:20]]
+    out = {}
+    for tta in ("none", "flip"):
+        runs = [train(data, seed=seed, tta=tta) for seed in range(args.seeds)]
+        out[tta] = {"accuracy": mean_std(r.summary.metrics.accuracy for r in runs),
+                    "macro_f1": mean_std(r.summary.metrics.macro_f1 for r in runs),
+                    "eval_s": mean_std(r.summary.timings.eval_s for r in runs),
+                    "demo_ms": demo_latency_ms(runs[0].id, files)}
+        print(tta, json.dumps(out[tta]), flush=True)
+    return out
+
+
+def imbalanced_copy(source: Path, dest: Path, per_class: int, small_class: str, ratio: int) -> Path:
+    """`per_class` images of each class (the first by name), `per_class // ratio` of `small_class`."""
+    for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        files = sorted(class_dir.glob("*.jpg"))
+        keep = per_class // ratio if class_dir.name == small_class else per_class
+        (dest / class_dir.name).mkdir(parents=True, exist_ok=True)
+        for f in files[:keep]:
+            shutil.copy2(f, dest / class_dir.name / f.name)
+    return dest
+
+
+def study_imbalance(args) -> dict:
+    """Flowers cut to 300 images a class and 50 roses (1:6); Lite0 head-only per seed, balanced vs none."""
+    folder = HOME / "flowers-rose-1to6"
+    if not folder.exists():
+        imbalanced_copy(Path(args.data), folder, 300, "rose", 6)
+    data = dataset_id(folder, "flowers-rose-1to6")
+    out = {}
+    for mode in ("none", "balanced"):
+        runs = [train(data, seed=seed, class_weight=mode, image_size=args.image_size) for seed in range(args.seeds)]
+        out[mode] = {"accuracy": mean_std(r.summary.metrics.accuracy for r in runs),
+                     "macro_f1": mean_std(r.summary.metrics.macro_f1 for r in runs),
+                     "smallest_class": runs[0].summary.metrics.smallest_class,
+                     "smallest_class_recall": mean_std(r.summary.metrics.smallest_class_recall for r in runs),
+                     "eval_images": runs[0].summary.eval_images}
+        print(mode, json.dumps(out[mode]), flush=True)
+    return out
+
+
+STUDIES = {"backbones": study_backbones, "lr-finder": study_lr_finder, "tta": study_tta,
+           "imbalance": study_imbalance}
 
 
 def main(argv=None) -> None:
