@@ -337,14 +337,21 @@ def cmd_train(args) -> int:
     return {"succeeded": 0, "cancelled": 130}.get(run.status.value, 1)
 
 
+def _metrics_text(metrics) -> str:
+    """Accuracy, macro F1 and the smallest class's recall in one line (and TTA when used)."""
+    text = f"accuracy {metrics.accuracy:.4f}, macro F1 {metrics.macro_f1:.4f}"
+    if metrics.smallest_class_recall is not None:
+        text += f", smallest class ({metrics.smallest_class}) recall {metrics.smallest_class_recall:.4f}"
+    return text + (f", with {metrics.tta} TTA" if metrics.tta != "none" else "")
+
+
 def _summary_text(run) -> str:
     s = run.summary
     if s is None:
         return f"Run {run.name} ({run.id}) {run.status.value}: {run.error}"
     weights = "ImageNet weights" if run.weights == "imagenet" else "no pretrained weights (random init)"
     lines = [f"Run {run.name} ({run.id}) succeeded: {run.backbone}, {weights}.",
-             f"  {s.eval_split} accuracy {s.metrics.accuracy:.4f}, macro F1 {s.metrics.macro_f1:.4f} "
-             f"in {s.timings.total_s or 0:.1f} s",
+             f"  {s.eval_split} {_metrics_text(s.metrics)} in {s.timings.total_s or 0:.1f} s",
              f"  model: {s.model_path}"]
     return "\n".join(lines)
 
@@ -409,8 +416,7 @@ def cmd_runs(args) -> int:
     if not run.status.is_terminal:
         lines.append(f"  progress: {json.dumps(run.progress.to_dict())}")
     if run.summary:
-        lines.append(f"  {run.summary.eval_split} accuracy {run.summary.metrics.accuracy:.4f}, "
-                     f"macro F1 {run.summary.metrics.macro_f1:.4f}")
+        lines.append(f"  {run.summary.eval_split} {_metrics_text(run.summary.metrics)}")
     if epochs:
         lines.append(_table(["step", "phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"],
                             [[e.step, e.phase, e.epoch] + [_fmt(e.metrics.get(k)) for k in

@@ -39,7 +39,8 @@ TRAIN_FORM_KEYS = (
     "train.image_size", "train.head_epochs", "train.finetune_epochs", "train.finetune_layers",
     "train.lr", "train.batch_size", "train.augment", "train.head_augment", "train.dropout",
     "train.patience", "train.finetune_lr_scale", "train.seed", "train.resplit",
-    "train.split_train", "train.split_val", "train.name",
+    "train.split_train", "train.split_val", "train.name", "train.class_weight", "train.tta",
+    "train.lr_find_finetune",
 )
 
 
