@@ -116,10 +116,10 @@ def find_lr(dataset_id: str) -> None:
                                                       if phase == "finetune" else " on cached features…")):
             finding = need("lr_finder").find_lr(config, store, phase=phase)
     except ValueError as exc:
-        ss["train.flash"] = ("error", f"No learning rate found: {exc}")
+        ss["train.lr_error"] = f"No learning rate found: {exc}"
         return
     except Exception as exc:  # noqa: BLE001 - in words, never a traceback
-        ss["train.flash"] = ("error", f"No learning rate found: {type(exc).__name__}: {exc}")
+        ss["train.lr_error"] = f"No learning rate found: {type(exc).__name__}: {exc}"
         return
     ss["train.lr_finding"] = finding.to_dict()
 
@@ -242,6 +242,9 @@ with form_col:
                                        "features (the first time extracts them).")
     c2.checkbox("Through the top layers (fine-tune rate)", key="train.lr_find_finetune",
                 help="Test the fine-tune phase instead: slower, it trains the backbone's top layers on pixels.")
+    lr_error = st.session_state.pop("train.lr_error", None)
+    if lr_error:
+        st.error(lr_error)
     finding = st.session_state.get("train.lr_finding")
     if finding:
         which = "head" if finding["phase"] == "head" else "fine-tune"

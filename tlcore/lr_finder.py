@@ -135,9 +135,10 @@ class _Data:
         labels = list(dataset.classes)
         y_all = np.array([labels.index(e.label) for e in entries], dtype=np.int32)
         self.train = pipeline.split_indices(entries)["train"]
-        if len(self.train) < config.batch_size:
-            raise InvalidInput(f"Dataset {dataset.label} has {len(self.train)} training images, fewer than one "
-                               f"batch of {config.batch_size}; lower the batch size.")
+        if len(self.train) < 2:
+            raise InvalidInput(f"Dataset {dataset.label} has {len(self.train)} training images; the range test "
+                               "needs at least 2.")
+        self.batch_size = min(config.batch_size, len(self.train))  # a small set: every step sees all of it
         self.y_train = y_all[self.train]
         self.class_weight = class_weights(config.class_weight, self.y_train, len(labels))
         keras.utils.set_random_seed(config.seed)
@@ -163,7 +164,7 @@ class _Data:
     def batches(self, source_rows: Callable[[np.ndarray], np.ndarray]):
         """Endless shuffled mini-batches `(x, y)`, x from `source_rows(positions in train)`."""
         rng = np.random.default_rng(self.config.seed)
-        size = self.config.batch_size
+        size = self.batch_size
         while True:
             order = rng.permutation(len(self.train))
             for start in range(0, len(order) - size + 1, size):
@@ -199,7 +200,7 @@ def _finetune_range_test(data: _Data, rates: np.ndarray, say) -> list[tuple[floa
     config = data.config
     say(f"Fitting the head on the features first (lr {config.lr:g})")
     head = data.head_model(config.lr)
-    head.fit(data.features, data.y_train, batch_size=config.batch_size, epochs=max(1, min(config.head_epochs, 10)),
+    head.fit(data.features, data.y_train, batch_size=data.batch_size, epochs=max(1, min(config.head_epochs, 10)),
              class_weight=data.class_weight, verbose=0)
     unfreeze_top(data.base, config.finetune_layers)
     trainer = fold_batchnorm(data.model)  # shares the trainable weights, as phase 2 trains
