@@ -46,13 +46,28 @@ def ants_bees(tmp_path, store):
     return import_dataset(root, name="ants-bees", store=store).dataset
 
 
-@pytest.mark.parametrize("phase, steps", [("head", 200), ("finetune", 12)])
-def test_find_lr_on_a_tiny_set_gives_a_finite_curve_and_a_suggestion_inside_it(store, ants_bees, phase, steps):
-    config = TrainConfig(dataset=ants_bees.id, image_size=64, batch_size=4, finetune_layers=6)
-    finding = find_lr(config, store, phase=phase, steps=steps)
-    lrs = [lr for lr, _ in finding.curve]
-    assert finding.phase == phase and len(finding.curve) >= 10
-    assert all(math.isfinite(loss) for _, loss in finding.curve)
-    assert lrs == sorted(lrs) and lrs[0] <= finding.suggested_lr <= lrs[-1]
-    assert finding.suggested_lr == pytest.approx(max(finding.min_loss_lr / 10, lrs[0]))
-    print(f"{phase}: {len(finding.curve)} steps in {finding.seconds:.1f} s, suggested {finding.suggested_lr:.2g}")
+def _check(curve, suggested_lr, min_loss_lr):
+    lrs = [lr for lr, _ in curve]
+    assert len(curve) >= 10 and all(math.isfinite(loss) for _, loss in curve)
+    assert lrs == sorted(lrs) and lrs[0] <= suggested_lr <= lrs[-1]
+    assert suggested_lr == pytest.approx(max(min_loss_lr / 10, lrs[0]))
+
+
+def test_lr_find_cli_on_a_tiny_set_prints_a_finite_curve_and_a_suggestion_inside_it(store, ants_bees, capsys):
+    from tests.test_cli import last_json, run_cli
+
+    code, out, err = run_cli(capsys, "lr-find", "--data", "ants-bees", "--image-size", "64", "--batch-size", "4",
+                             "--json")
+    assert code == 0, err
+    finding = last_json(out)
+    assert finding["phase"] == "head" and finding["recipe_lr"] == 1e-3
+    _check(finding["curve"], finding["suggested_lr"], finding["min_loss_lr"])
+    print(f"head: {len(finding['curve'])} steps in {finding['seconds']:.1f} s, suggested {finding['suggested_lr']:.2g}")
+
+
+def test_find_lr_through_the_top_layers(store, ants_bees):
+    config = TrainConfig(dataset=ants_bees.id, image_size=64, batch_size=4, finetune_layers=6, head_epochs=2)
+    finding = find_lr(config, store, phase="finetune", steps=12)
+    assert finding.phase == "finetune"
+    _check(finding.curve, finding.suggested_lr, finding.min_loss_lr)
+    print(f"finetune: {len(finding.curve)} steps in {finding.seconds:.1f} s, suggested {finding.suggested_lr:.2g}")
