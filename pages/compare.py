@@ -107,6 +107,8 @@ st.dataframe(
     column_config={
         "accuracy": st.column_config.ProgressColumn("accuracy", min_value=0, max_value=1, format="percent"),
         "macro F1": st.column_config.NumberColumn("macro F1", format="%.3f"),
+        "smallest-class recall": st.column_config.NumberColumn(
+            "smallest-class recall", format="%.3f", help="Recall of the class with the fewest evaluation images"),
         "lr": st.column_config.NumberColumn("lr", format="%g"),
         "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
     },
@@ -197,7 +199,8 @@ for start in range(0, len(chosen), 4):
             st.metric(run.name, fmt.pct(acc), delta=delta, help=f"{run.backbone} · {fmt.STATUS_ICON[run.status]}")
             f1_delta = (f" ({100 * (f1v - base_f1):+.1f} pts)"
                         if run is not baseline and f1v is not None and base_f1 is not None else "")
-            st.caption(f"macro F1 {fmt.pct(f1v)}{f1_delta} · {fmt.duration(fmt.run_duration(run))}")
+            st.caption(f"macro F1 {fmt.pct(f1v)}{f1_delta} · smallest-class recall "
+                       f"{fmt.pct(run.smallest_class_recall)} · {fmt.duration(fmt.run_duration(run))}")
             if run.status.value == "failed":
                 st.caption(f":red[failed: {run.error or 'no reason recorded'}]")
 

@@ -54,7 +54,8 @@ def model_label(ref: str) -> str:
     if ref == state.IMAGENET_REF:
         return "EfficientNet-Lite0 · plain ImageNet (1000 classes, no training)"
     r = by_id[ref]
-    return f"{r.name} · {fmt.pct(r.accuracy)} · {r.backbone}"
+    tta = " · flip TTA" if r.summary and r.summary.metrics.tta == "flip" else ""
+    return f"{r.name} · {fmt.pct(r.accuracy)} (smallest class {fmt.pct(r.smallest_class_recall)}) · {r.backbone}{tta}"
 
 
 c1, c2, c3 = st.columns([3, 1, 1])

@@ -91,11 +91,13 @@ else:
     c3.metric("Best accuracy", fmt.pct(best.accuracy) if best else "—",
               help=f"{best.name}" if best else None)
     datasets = {d.id: d for d in store.list_datasets()}
-    frame = fmt.runs_frame(runs, datasets)[["name", "status", "accuracy", "dataset", "backbone", "duration", "created"]]
+    frame = fmt.runs_frame(runs, datasets)[["name", "status", "accuracy", "smallest-class recall", "dataset",
+                                            "backbone", "duration", "created"]]
     st.dataframe(
         frame, hide_index=True, key="home.recent",
         column_config={"accuracy": st.column_config.ProgressColumn("accuracy", min_value=0, max_value=1,
-                                                                   format="percent")},
+                                                                   format="percent"),
+                       "smallest-class recall": st.column_config.NumberColumn(format="%.3f")},
     )
     st.page_link("pages/compare.py", label="Compare all runs", icon=":material/compare_arrows:")
 

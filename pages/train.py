@@ -9,7 +9,7 @@ import dataclasses
 import streamlit as st
 
 from tlcore import sweeps
-from tlcore.config import AUGMENTATIONS, PRESETS, SWITCHES, TrainConfig
+from tlcore.config import AUGMENTATIONS, CLASS_WEIGHTS, PRESETS, SWITCHES, TTA_MODES, TrainConfig
 from tlcore.store import RunStatus
 from ui import charts, frame, sidebar, state
 from ui import format as fmt
@@ -67,6 +67,8 @@ def apply_preset() -> None:
     ss["train.batch_scope"] = values["batch_scope"]
     ss["train.mixed_precision"] = values["mixed_precision"]
     ss["train.xla"] = values["xla"]
+    ss["train.class_weight"] = values["class_weight"]
+    ss["train.tta"] = values["tta"]
     split = values.get("split")
     ss["train.resplit"] = split is not None
     ss.setdefault("train.split_train", 70)
@@ -101,11 +103,44 @@ def form_config(dataset_id: str) -> TrainConfig:
         dropout=float(ss["train.dropout"]),
         early_stopping_patience=int(ss["train.patience"]),
         seed=int(ss["train.seed"]),
+        class_weight=ss["train.class_weight"],
+        tta=ss["train.tta"],
         split=split,
         name=(ss.get("train.name") or "").strip() or None,
     )
     # Only the fields this engine's TrainConfig has (the form may know a few more).
     return TrainConfig(**{k: v for k, v in values.items() if k in FIELDS})
+
+
+def find_lr(dataset_id: str) -> None:
+    """The LR range test for the form's recipe; its curve and suggestion are kept for the chart."""
+    ss = st.session_state
+    phase = "finetune" if ss.get("train.lr_find_finetune") else "head"
+    ss.pop("train.lr_finding", None)
+    try:
+        config = form_config(dataset_id)
+        with st.spinner("Learning-rate range test" + (" through the top layers (a minute or more on CPU)…"
+                                                      if phase == "finetune" else " on cached features…")):
+            finding = need("lr_finder").find_lr(config, store, phase=phase)
+    except ValueError as exc:
+        ss["train.lr_error"] = f"No learning rate found: {exc}"
+        return
+    except Exception as exc:  # noqa: BLE001 - in words, never a traceback
+        ss["train.lr_error"] = f"No learning rate found: {type(exc).__name__}: {exc}"
+        return
+    ss["train.lr_finding"] = finding.to_dict()
+
+
+def use_found_lr() -> None:
+    """Fill the form with the suggestion: the head rate, or the fine-tune scale for a fine-tune test."""
+    ss = st.session_state
+    finding = ss["train.lr_finding"]
+    suggested = float(f"{finding['suggested_lr']:.2g}")
+    if finding["phase"] == "head":
+        ss["train.lr"] = suggested
+    else:
+        ss["train.finetune_lr_scale"] = min(1.0, max(0.001, round(suggested / ss["train.lr"], 3)))
+    ss["train.preset"] = "custom"
 
 
 def launch(dataset_id: str) -> None:
@@ -231,12 +266,33 @@ with form_col:
     c3.number_input("Fine-tune depth", 0, 1000, key="train.finetune_layers",
                     help="Layers from the top of the backbone unfrozen in phase 2.")
     c1, c2 = st.columns(2)
-    c1.select_slider("Learning rate", LRS, key="train.lr", format_func=lambda v: f"{v:g}")
+    # A suggestion from the LR finder joins the usual rates.
+    rates = sorted({*LRS, float(st.session_state["train.lr"])}, reverse=True)
+    c1.select_slider("Learning rate", rates, key="train.lr", format_func=lambda v: f"{v:g}")
     per_replica = st.session_state.get("train.batch_scope", "replica") == "replica"
     c2.selectbox("Batch size per GPU" if per_replica else "Batch size (global)", BATCHES, key="train.batch_size",
                  help="Images per training step on each GPU (replica): with 4 GPUs a step sees 4 × this many. "
                       "Change it to a global batch split across the GPUs under More settings." if per_replica
                  else "Images per training step across all GPUs, split evenly between them.")
+    c1, c2 = st.columns([1, 1])
+    c1.button("Find a learning rate", key="train.lr_find", icon=":material/query_stats:", on_click=find_lr,
+              args=(dataset_id,), help="An exponential learning-rate range test: seconds on the cached backbone "
+                                       "features (the first time extracts them).")
+    c2.checkbox("Through the top layers (fine-tune rate)", key="train.lr_find_finetune",
+                help="Test the fine-tune phase instead: slower, it trains the backbone's top layers on pixels.")
+    lr_error = st.session_state.pop("train.lr_error", None)
+    if lr_error:
+        st.error(lr_error)
+    finding = st.session_state.get("train.lr_finding")
+    if finding:
+        which = "head" if finding["phase"] == "head" else "fine-tune"
+        st.plotly_chart(charts.lr_finder_curve(finding["curve"], finding["suggested_lr"]), key="train.lr_curve",
+                        config={"displayModeBar": False})
+        st.caption(f"Suggested {which} rate **{finding['suggested_lr']:.2g}**: a tenth of where the smoothed loss "
+                   f"is lowest ({finding['min_loss_lr']:.2g}); {len(finding['curve'])} steps in "
+                   f"{finding['seconds']:.1f} s.")
+        st.button(f"Use {finding['suggested_lr']:.2g}", key="train.lr_use", on_click=use_found_lr,
+                  icon=":material/check:")
     st.multiselect("Augmentation", list(AUGMENTATIONS), key="train.augment",
                    help="Random transforms of training images in the fine-tune phase. A flip also reaches "
                         "the cached head phase: the mirrored images' features are cached too.")
@@ -258,6 +314,13 @@ with form_col:
         c2.selectbox("XLA compilation", SWITCHES, key="train.xla",
                      help="auto: on with exactly one GPU; off with several (it does not work under "
                           "MirroredStrategy) and on the CPU.")
+        c2.radio("Class weighting", CLASS_WEIGHTS, key="train.class_weight", horizontal=True,
+                 help="balanced: a rare class's images weigh more in the loss (both phases), so a small class "
+                      "is not ignored. none: every image weighs the same.")
+        c2.radio("Evaluation TTA", TTA_MODES, key="train.tta", horizontal=True,
+                 format_func=lambda m: "flip (image + mirror averaged)" if m == "flip" else "none",
+                 help="Test-time augmentation: twice the prediction cost. The Demo and predict then use it "
+                      "for this run too.")
         st.checkbox("Re-split the dataset (train / val / test)", key="train.resplit",
                     help="Only for datasets imported without given splits; a given layout is always kept.")
         if st.session_state["train.resplit"]:
@@ -321,11 +384,17 @@ def run_panel(run_id: str, live: bool = False) -> None:
             st.warning("This run waits for the worker, which is not running.")
             sidebar.start_worker("train.start_worker")
     elif run.status == RunStatus.SUCCEEDED:
-        m1, m2, m3 = st.columns(3)
+        m1, m2, m3, m4 = st.columns(4)
         m1.metric("Accuracy", fmt.pct(run.accuracy))
         m2.metric("Macro F1", fmt.pct(run.macro_f1))
-        m3.metric("Took", fmt.duration(fmt.run_duration(run)))
-        if run.summary and run.summary.device_record:
+        metrics = run.summary.metrics
+        m3.metric("Smallest class recall", fmt.pct(metrics.smallest_class_recall),
+                  help=f"Recall of {metrics.smallest_class}, the class with the fewest evaluation images"
+                  if metrics.smallest_class else "Not recorded for this run")
+        m4.metric("Took", fmt.duration(fmt.run_duration(run)))
+        if metrics.tta != "none":
+            st.caption(f"Evaluated with {metrics.tta} TTA; the Demo and predict use it too.")
+        if run.summary.device_record:
             st.caption(f"Trained on {run.summary.device_record.describe()}.")
         l1, l2 = st.columns(2)
         l1.page_link("pages/errors.py", label="See its errors", icon=":material/error:", query_params={"run": run.id})

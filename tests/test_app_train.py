@@ -169,3 +169,45 @@ def test_the_run_panel_says_where_the_run_trained(store):
     at = seed.app("pages/train.py", run=run.id, timeout=120).run()
     assert not at.exception
     assert "Ran on: ray on node 3f2a9c0d… (gpu-box-2), 1 GPU" in seed.texts(at)
+
+
+def test_lr_finder_draws_its_curve_and_use_this_fills_the_form(store, monkeypatch):
+    from tlcore import lr_finder
+
+    calls = []
+
+    def fake_find_lr(config, store, *, phase):  # the range test itself is tested in test_lr_finder.py
+        calls.append((config.backbone, config.class_weight, phase))
+        curve = [(lr, 2.0 - 0.1 * i if i < 30 else 9.0) for i, lr in enumerate(lr_finder.learning_rates(1e-6, 1, 40))]
+        return lr_finder.LRFinding(phase, 0.0023, 0.023, curve, 1.5)
+
+    monkeypatch.setattr(lr_finder, "find_lr", fake_find_lr)
+    seed.dataset(store)
+    at = seed.app("pages/train.py", timeout=120).run()
+    at.button(key="train.lr_find").click().run()
+    assert not at.exception
+    assert calls == [("efficientnet_lite0", "balanced", "head")]
+    assert "Suggested head rate **0.0023**" in seed.texts(at)
+    assert at.get("plotly_chart")  # the loss-vs-LR curve
+    at.button(key="train.lr_use").click().run()
+    assert at.select_slider(key="train.lr").value == pytest.approx(0.0023)
+    assert at.selectbox(key="train.preset").value == "custom"
+    at.button(key="train.launch").click().run()
+    [run] = store.list_runs()
+    assert run.config["lr"] == pytest.approx(0.0023)
+
+
+def test_succeeded_run_shows_the_smallest_class_recall(store):
+    from tlcore.run_record import ClassMetrics, Metrics, RunSummary
+
+    ds = seed.dataset(store)
+    run = seed.run(store, ds, "done", RunStatus.SUCCEEDED)
+    per_class = {"ants": ClassMetrics(1.0, 0.9, 0.9, 10), "bees": ClassMetrics(0.8, 0.5, 0.6, 2)}
+    store.update_run(run.id, summary=RunSummary(
+        backbone="efficientnet_lite0", weights="imagenet", dataset=ds.label, dataset_id=ds.id, image_size=64,
+        eval_split="val", eval_images=12, metrics=Metrics(0.83, 0.75, per_class, "bees", 0.5, tta="flip")))
+    at = seed.app("pages/train.py", timeout=120, run=run.id).run()
+    assert not at.exception
+    recall = next(m for m in at.metric if m.label == "Smallest class recall")
+    assert recall.value == "50.0 %"
+    assert "Evaluated with flip TTA" in seed.texts(at)

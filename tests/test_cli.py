@@ -166,3 +166,29 @@ def test_precision_xla_and_batch_scope_options_reach_the_config_over_a_preset():
     assert (config.batch_size, config.batch_scope) == (16, "global")
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train", "--data", "d", "--mixed-precision", "maybe"])
+
+
+def test_submit_compare_queues_the_three_lite_backbones(tmp_path, capsys, store):
+    folder = make_image_folder(tmp_path / "colours", per_class=4)
+    code, out, err = run_cli(capsys, "submit", "--data", str(folder), "--compare", "lite-family",
+                             "--head-epochs", "1", "--json")
+    runs = last_json(out)["runs"]
+    assert code == 0 and [r["backbone"] for r in runs] == ["efficientnet_lite0", "efficientnet_lite1",
+                                                           "efficientnet_lite2"]
+    queued = [store.get_run(r["run_id"]) for r in runs]
+    assert {r.status.value for r in queued} == {"queued"} and {r.config["head_epochs"] for r in queued} == {1}
+    assert len({r.dataset_id for r in queued}) == 1  # imported once, all three compare on the same data
+    code, _, err = run_cli(capsys, "submit", "--data", "colours", "--compare", "all-of-them")
+    assert code == 2 and "`compare` must be one of lite-family" in err
+
+
+def test_predict_names_imagenet_classes_with_lite1_and_lite2(tmp_path, capsys):
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(path)
+    for model in ("efficientnet_lite1", "efficientnet_lite2"):
+        code, out, _ = run_cli(capsys, "predict", "--model", model, str(path), "--top-k", "3", "--json")
+        (pred,) = last_json(out)["predictions"]
+        assert code == 0 and pred["top_k"][0]["label"] == "espresso", (model, pred)

@@ -40,3 +40,11 @@ def test_error_gallery_is_worst_first_and_filters_by_cell():
 def test_empty_predictions_are_refused_plainly():
     with pytest.raises(ValueError, match="evaluation split is empty"):
         compute_report(LABELS, pd.DataFrame(columns=["path", "true", "pred", "confidence"]))
+
+
+def test_smallest_class_recall_is_the_rarest_class_and_the_worse_of_a_tie():
+    metrics = compute_report(LABELS, _predictions()).metrics()
+    assert (metrics.smallest_class, metrics.smallest_class_recall) == ("fox", 1.0)  # 1 image; accuracy hides it
+    one_wrong_dog = _predictions().iloc[[0, 1, 3, 4]]  # 2 cats (1 right), 2 dogs (1 right) and no fox
+    tied = compute_report(LABELS, one_wrong_dog.assign(pred=["cat", "dog", "fox", "cat"])).metrics()
+    assert (tied.smallest_class, tied.smallest_class_recall) == ("dog", 0.0)  # the tie's worse recall

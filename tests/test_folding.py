@@ -38,6 +38,7 @@ def _features(model):
 
 @pytest.mark.parametrize("backbone, size", [
     ("efficientnet_lite0", 64),  # ImageNet weights: depthwise convs, conv without bias
+    ("efficientnet_lite2", 64),  # the widest offline Lite: widths rounded to multiples of 8
     ("resnet50", 64),  # convs with a bias
     ("inception_v3", 75),  # BatchNorm without gamma (scale=False)
     ("mobilenet_v3_small", 64),

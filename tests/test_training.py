@@ -183,3 +183,61 @@ def test_eta_counts_the_current_epoch_and_reaches_zero_at_the_end():
         callback.epoch_started -= 10.0
         callback.on_epoch_end(epoch, {"loss": 1.0})
     assert beats[-1].eta_s == pytest.approx(0.0, abs=0.01)
+
+
+@pytest.fixture
+def few_bees(tmp_path, store):
+    """hymenoptera with a small class: 6 ants and 2 bees to train on, 2 + 2 to evaluate."""
+    src = SHARED_DATASETS / "hymenoptera"
+    root = tmp_path / "few_bees"
+    for split, counts in (("train", {"ants": 6, "bees": 2}), ("val", {"ants": 2, "bees": 2})):
+        for label, n in counts.items():
+            dest = root / split / label
+            dest.mkdir(parents=True)
+            for photo in sorted((src / split / label).iterdir())[:n]:
+                shutil.copy(photo, dest / photo.name)
+    return import_dataset(root, name="few-bees", store=store).dataset
+
+
+def test_balanced_class_weights_reach_both_phases_and_the_small_class_is_reported(store, few_bees, monkeypatch):
+    seen = []
+    fit = keras.Model.fit
+
+    def recording_fit(self, *args, **kwargs):
+        seen.append(kwargs.get("class_weight"))
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", recording_fit)
+    run, summary = _run(store, few_bees, head_epochs=1, finetune_epochs=1, finetune_layers=4)
+    # n / (classes * count): 8 / (2 * 6) for ants, 8 / (2 * 2) for bees.
+    assert seen == [pytest.approx({0: 8 / 12, 1: 2.0})] * 2
+    assert "Class weights (balanced, both phases): ants 0.67, bees 2.00." in _log_text(store, run.id)
+    metrics = summary.metrics
+    assert metrics.smallest_class == min(("ants", "bees"), key=lambda c: metrics.per_class[c].recall)  # a 2-2 tie
+    assert metrics.smallest_class_recall == metrics.per_class[metrics.smallest_class].recall
+
+    seen.clear()
+    _run(store, few_bees, head_epochs=1, class_weight="none")
+    assert seen == [None]
+
+
+def test_flip_tta_averages_each_image_with_its_mirror_in_evaluation_and_prediction(store, ants_bees):
+    from tlcore.inference import load_run_model
+
+    run, summary = _run(store, ants_bees, head_epochs=1, tta="flip")
+    assert summary.metrics.tta == "flip"
+    rows = [json.loads(line) for line in RunFolder(run.id).predictions.read_text().splitlines()]
+    model = keras.saving.load_model(summary.model_path, safe_mode=True)
+    pixels = np.stack([load_resized(r["path"], SIZE) for r in rows]).astype("float32")
+    plain = model.predict(pixels, verbose=0)
+    mirrored = model.predict(pixels[:, :, ::-1], verbose=0)  # left-right: the width axis of (n, h, w, 3)
+    expected = (plain + mirrored) / 2
+    assert np.abs(plain - expected).max() > 1e-4  # the mirror changes the answer, so the test can tell
+    np.testing.assert_allclose([r["confidence"] for r in rows], expected.max(axis=1), atol=1e-4)
+
+    loaded = load_run_model(run.id)
+    assert loaded.tta == "flip"
+    predictions = loaded.predict_files([r["path"] for r in rows])
+    np.testing.assert_allclose([p.confidence for p in predictions], expected.max(axis=1), atol=1e-4)
+    single = loaded.probabilities(pixels[0].astype(np.uint8))  # one (h, w, 3) image: a batch of one
+    np.testing.assert_allclose(single[0], expected[0], atol=1e-4)

@@ -66,6 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
     _train_options(train)
     submit = sub.add_parser("submit", help="queue a training job for the worker and return at once")
     _train_options(submit)
+    submit.add_argument("--compare", metavar="COMPARISON",
+                        help="queue one run per backbone of a comparison (lite-family: Lite0, Lite1, Lite2) "
+                             "instead of one run; --backbone is then ignored")
+
+    lr_find = sub.add_parser("lr-find", help="suggest a learning rate: an exponential LR range test "
+                                             "(seconds on cached features for the head)")
+    lr_find.add_argument("--data", required=True, metavar="DATASET_OR_FOLDER", help="dataset name or id, or a folder")
+    lr_find.add_argument("--backbone", help="backbone name; default efficientnet_lite0")
+    lr_find.add_argument("--weights", choices=("imagenet", "none"))
+    lr_find.add_argument("--image-size", type=int, help="input size in px (default: the backbone's)")
+    lr_find.add_argument("--batch-size", type=int)
+    lr_find.add_argument("--finetune-layers", type=int, help="for --phase finetune: layers unfrozen from the top")
+    lr_find.add_argument("--class-weight", choices=("balanced", "none"))
+    lr_find.add_argument("--seed", type=int)
+    lr_find.add_argument("--phase", choices=("head", "finetune"), default="head",
+                         help="head (on cached features, default) or finetune (through the top layers, slower)")
+    lr_find.add_argument("--preset", help="a named recipe; explicit options override it")
+    _json(lr_find)
 
     sweep = sub.add_parser("sweep", help="queue a grid of recipes x seeds as one sweep")
     _sweep_options(sweep)
@@ -107,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="classify image files with a run's model or the ImageNet model")
     which = predict.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="run id or name")
-    which.add_argument("--model", help="a backbone's own ImageNet classifier: efficientnet_lite0")
+    which.add_argument("--model", help="a backbone's own ImageNet classifier: efficientnet_lite0, "
+                                       "efficientnet_lite1 or efficientnet_lite2")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.add_argument("--top-k", type=int, default=5, help="how many classes per image (default 5)")
     _json(predict)
@@ -159,6 +178,11 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xla", choices=("auto", "on", "off"), help="XLA compilation (auto: on with exactly one GPU)")
     p.add_argument("--seed", type=int)
     p.add_argument("--split", type=_split_arg, help="train,val,test fractions, e.g. 0.8,0.1,0.1")
+    p.add_argument("--class-weight", choices=("balanced", "none"),
+                   help="weight each class's loss by its rarity in both phases (default balanced)")
+    p.add_argument("--tta", choices=("none", "flip"),
+                   help="evaluate with test-time augmentation: each image and its mirror averaged; predict "
+                        "and the Demo then do the same for this run (default none)")
     p.add_argument("--preset", help="a named recipe; explicit options override it")
     p.add_argument("--name", help="run name")
     _json(p)
@@ -203,13 +227,16 @@ def config_from_args(args: argparse.Namespace):
         if args.preset not in PRESETS:
             raise InvalidInput(f"`--preset` must be one of {', '.join(PRESETS)}. Received: preset={args.preset!r}")
         values.update(PRESETS[args.preset])
-    for option in ("backbone", "weights", "image_size", "head_epochs", "finetune_epochs", "finetune_layers",
-                   "augment", "lr", "batch_size", "batch_scope", "mixed_precision", "xla", "seed", "split",
-                   "name"):
-        value = getattr(args, option)
-        if value is not None:
-            values[option] = value
+    values.update(_explicit_options(args))
     return TrainConfig(dataset=args.data, **values)
+
+
+def _explicit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe options given on the command line (those left out are None)."""
+    options = ("backbone", "weights", "image_size", "head_epochs", "finetune_epochs", "finetune_layers",
+               "augment", "lr", "batch_size", "batch_scope", "mixed_precision", "xla", "seed", "split", "name",
+               "class_weight", "tta")
+    return {option: getattr(args, option) for option in options if getattr(args, option, None) is not None}
 
 
 # ----------------------------------------------------------------- commands
@@ -357,6 +384,8 @@ def cmd_submit(args) -> int:
     from tlcore import jobs
 
     store = _store()
+    if args.compare:
+        return _submit_comparison(args, store)
     run = jobs.submit(config_from_args(args), store)
     position = [r.id for r in store.queue()].index(run.id) + 1 if run.status.value == "queued" else None
     status = jobs.worker_status(store)
@@ -367,6 +396,41 @@ def cmd_submit(args) -> int:
             print("No worker is running; start one with `python -m tlcore worker`.", file=sys.stderr)
     _emit(args, {"run_id": run.id, "name": run.name, "status": run.status.value, "position": position,
                  "worker_alive": status.alive})
+    return 0
+
+
+def _submit_comparison(args, store) -> int:
+    """Queue one run per backbone of comparison `args.compare`, explicit options over its preset."""
+    import dataclasses
+
+    from tlcore import jobs
+    from tlcore.config import comparison_configs
+
+    options = {k: v for k, v in _explicit_options(args).items() if k not in ("backbone", "name")}
+    configs = comparison_configs(args.compare, args.data, **options)
+    # A folder is imported once, so every run of the comparison trains on the same dataset version.
+    dataset = jobs.resolve_dataset(args.data, store, seed=configs[0].seed, split=configs[0].split)
+    runs = [jobs.submit(dataclasses.replace(config, dataset=dataset.id), store) for config in configs]
+    if not args.json:
+        for run in runs:
+            print(run.id)
+        print(f"Queued {len(runs)} runs: {', '.join(f'{r.name} ({r.backbone})' for r in runs)}.", file=sys.stderr)
+    _emit(args, {"runs": [{"run_id": r.id, "name": r.name, "backbone": r.backbone, "status": r.status.value}
+                          for r in runs]})
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    from tlcore.lr_finder import find_lr
+
+    config = config_from_args(args)
+    finding = find_lr(config, _store(), phase=args.phase,
+                      on_progress=None if args.json else lambda message: print(message + "…", file=sys.stderr))
+    which = "head" if args.phase == "head" else "fine-tune"
+    text = (f"Suggested {which} learning rate: {finding.suggested_lr:.2g} (loss lowest at {finding.min_loss_lr:.2g}; "
+            f"{len(finding.curve)} steps in {finding.seconds:.1f} s). The recipe's: {config.lr:g}"
+            + (f" (fine-tune {config.lr * config.finetune_lr_scale:g})." if args.phase == "finetune" else "."))
+    _emit(args, {**finding.to_dict(), "recipe_lr": config.lr}, None if args.json else text)
     return 0
 
 
@@ -402,14 +466,21 @@ def cmd_train(args) -> int:
     return {"succeeded": 0, "cancelled": 130}.get(run.status.value, 1)
 
 
+def _metrics_text(metrics) -> str:
+    """Accuracy, macro F1 and the smallest class's recall in one line (and TTA when used)."""
+    text = f"accuracy {metrics.accuracy:.4f}, macro F1 {metrics.macro_f1:.4f}"
+    if metrics.smallest_class_recall is not None:
+        text += f", smallest class ({metrics.smallest_class}) recall {metrics.smallest_class_recall:.4f}"
+    return text + (f", with {metrics.tta} TTA" if metrics.tta != "none" else "")
+
+
 def _summary_text(run) -> str:
     s = run.summary
     if s is None:
         return f"Run {run.name} ({run.id}) {run.status.value}: {run.error}"
     weights = "ImageNet weights" if run.weights == "imagenet" else "no pretrained weights (random init)"
     lines = [f"Run {run.name} ({run.id}) succeeded: {run.backbone}, {weights}.",
-             f"  {s.eval_split} accuracy {s.metrics.accuracy:.4f}, macro F1 {s.metrics.macro_f1:.4f} "
-             f"in {s.timings.total_s or 0:.1f} s",
+             f"  {s.eval_split} {_metrics_text(s.metrics)} in {s.timings.total_s or 0:.1f} s",
              f"  model: {s.model_path}"]
     if s.device_record:
         lines.append(f"  trained on {s.device_record.describe()}")
@@ -539,8 +610,7 @@ def cmd_runs(args) -> int:
     if not run.status.is_terminal:
         lines.append(f"  progress: {json.dumps(run.progress.to_dict())}")
     if run.summary:
-        lines.append(f"  {run.summary.eval_split} accuracy {run.summary.metrics.accuracy:.4f}, "
-                     f"macro F1 {run.summary.metrics.macro_f1:.4f}")
+        lines.append(f"  {run.summary.eval_split} {_metrics_text(run.summary.metrics)}")
         if run.summary.device_record:
             lines.append(f"  trained on {run.summary.device_record.describe()}")
     calibration = run.summary.calibration if run.summary else None
@@ -643,9 +713,9 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"datasets": cmd_datasets, "backbones": cmd_backbones, "train": cmd_train, "submit": cmd_submit,
-            "sweep": cmd_sweep, "sweeps": cmd_sweeps, "worker": cmd_worker, "cancel": cmd_cancel,
-            "resume": cmd_resume, "runs": cmd_runs, "predict": cmd_predict, "compare": cmd_compare,
-            "export": cmd_export, "serve": cmd_serve, "audit": cmd_audit}
+            "lr-find": cmd_lr_find, "sweep": cmd_sweep, "sweeps": cmd_sweeps, "worker": cmd_worker,
+            "cancel": cmd_cancel, "resume": cmd_resume, "runs": cmd_runs, "predict": cmd_predict,
+            "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve, "audit": cmd_audit}
 
 
 # -------------------------------------------------------------------- helpers

@@ -21,6 +21,9 @@ def check_switch(name: str, value: str) -> str:
         raise InvalidInput(f"`{name}` must be one of {', '.join(SWITCHES)}. Received: {name}={value!r}")
     return value
 
+CLASS_WEIGHTS = ("balanced", "none")
+TTA_MODES = ("none", "flip")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -48,6 +51,12 @@ class TrainConfig:
     name: str | None = None
     mixed_precision: str = "auto"  # auto, on, off; the rule for auto is in `devices.plan`
     xla: str = "auto"  # auto, on, off
+    # "balanced": each class's loss weighted by n / (classes * its count) in both phases, so a
+    # small class counts as much as a large one; "none": every image weighs the same.
+    class_weight: str = "balanced"
+    # Evaluation with test-time augmentation: "flip" averages each image and its mirror (twice
+    # the evaluation cost); predict and the Demo then do the same for this run's model.
+    tta: str = "none"
 
     def __post_init__(self):
         bad = [a for a in self.augment if a not in AUGMENTATIONS]
@@ -73,6 +82,11 @@ class TrainConfig:
                                f"Received: batch_scope={self.batch_scope!r}")
         check_switch("mixed_precision", self.mixed_precision)
         check_switch("xla", self.xla)
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise InvalidInput(f"`class_weight` must be one of {', '.join(CLASS_WEIGHTS)}. "
+                               f"Received: class_weight={self.class_weight!r}")
+        if self.tta not in TTA_MODES:
+            raise InvalidInput(f"`tta` must be one of {', '.join(TTA_MODES)}. Received: tta={self.tta!r}")
         if not 0 < self.lr < 1:
             raise InvalidInput(f"`lr` must be between 0 and 1. Received: lr={self.lr}")
 
@@ -132,3 +146,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                        head_augment=True, split=(0.8, 0.1, 0.1), lr=1e-4, finetune_lr_scale=0.1, batch_size=32,
                        mixed_precision="off", xla="auto"),
 }
+
+# Comparisons: one recipe queued once per backbone, so their runs line up on the Compare page.
+COMPARISONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    # The three offline backbones, head-only on cached features, each at its own trained size.
+    "lite-family": ("fast-offline", ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")),
+}
+
+
+def comparison_configs(name: str, dataset: str, **overrides: Any) -> list[TrainConfig]:
+    """The runs of comparison `name` on `dataset`: its preset per backbone, `overrides` on top.
+
+    Raises:
+        InvalidInput: `name` is not in `COMPARISONS`.
+    """
+    if name not in COMPARISONS:
+        raise InvalidInput(f"`compare` must be one of {', '.join(COMPARISONS)}. Received: compare={name!r}")
+    preset, backbones = COMPARISONS[name]
+    return [TrainConfig(dataset=dataset, **{**PRESETS[preset], **overrides, "backbone": backbone})
+            for backbone in backbones]

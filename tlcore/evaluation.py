@@ -53,13 +53,22 @@ class EvalReport:
         table = pd.DataFrame(rows, columns=["true", "pred", "count"])
         return table.sort_values("count", ascending=False, kind="stable").head(n).reset_index(drop=True)
 
-    def metrics(self) -> Metrics:
-        """The run summary's metrics: accuracy, macro F1 and per-class precision/recall/F1/support."""
+    @property
+    def smallest_class(self) -> str:
+        """The class with the fewest evaluation images; among ties, the one with the lower recall."""
+        present = self.per_class[self.per_class["support"] > 0]
+        return str(present.sort_values(["support", "recall"], kind="stable").index[0])
+
+    def metrics(self, tta: str = "none") -> Metrics:
+        """The run summary's metrics: accuracy, macro F1, per-class precision/recall/F1/support and the
+        smallest class's recall; `tta` says how the predictions were made."""
         per_class = {
             label: ClassMetrics(precision=float(row["precision"]), recall=float(row["recall"]),
                                 f1=float(row["f1"]), support=int(row["support"]))
             for label, row in self.per_class.to_dict("index").items()}
-        return Metrics(accuracy=self.accuracy, macro_f1=self.macro_f1, per_class=per_class)
+        smallest = self.smallest_class
+        return Metrics(accuracy=self.accuracy, macro_f1=self.macro_f1, per_class=per_class, smallest_class=smallest,
+                       smallest_class_recall=per_class[smallest].recall, tta=tta)
 
 
 def compute_report(labels: Sequence[str], predictions: pd.DataFrame) -> EvalReport:

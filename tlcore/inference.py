@@ -53,11 +53,15 @@ class Prediction:
 
 
 class LoadedModel:
-    """A loaded classifier with its labels. Safe to share across threads (one forward pass at a time)."""
+    """A loaded classifier with its labels. Safe to share across threads (one forward pass at a time).
+
+    `tta="flip"` averages each image's probabilities with its mirror's (twice the forward cost), as
+    the run's evaluation did when it was evaluated that way.
+    """
 
     def __init__(self, model, labels: Sequence[str], *, name: str, path: str | None = None,
                  run_id: str | None = None, calibration: Calibration | None = None,
-                 threshold: Threshold | None = None):
+                 threshold: Threshold | None = None, tta: str = "none"):
         from tlcore.backbones.folding import fold_batchnorm
         from tlcore.devices import float32_model
 
@@ -75,6 +79,7 @@ class LoadedModel:
         # answer below the threshold is "not sure". None for runs without them (and ImageNet).
         self.calibration = calibration
         self.threshold = threshold
+        self.tta = tta
         shape = model.input_shape
         self.image_size = int(shape[1]) if shape[1] else 224
         self._lock = threading.Lock()
@@ -96,7 +101,11 @@ class LoadedModel:
         with self._lock:
             for start in range(0, len(images), PREDICT_BATCH):
                 batch = images[start:start + PREDICT_BATCH].astype("float32")
-                out.append(np.asarray(self._predictor.predict_on_batch(batch), dtype="float64"))
+                probs = np.asarray(self._predictor.predict_on_batch(batch), dtype="float64")
+                if self.tta == "flip":
+                    mirrored = np.ascontiguousarray(batch[:, :, ::-1])
+                    probs = (probs + np.asarray(self._predictor.predict_on_batch(mirrored), dtype="float64")) / 2
+                out.append(probs)
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
 
     def calibrated(self, probs: np.ndarray) -> np.ndarray:
@@ -282,7 +291,7 @@ def load_run_model(run_ref: str, store=None) -> LoadedModel:
         model = load_model_file(path, name=name)
         loaded = LoadedModel(model, _read_labels(folder.labels_file), name=name, path=str(path),
                              run_id=folder.run_id, calibration=load_calibration(folder.run_id),
-                             threshold=load_threshold(folder.run_id))
+                             threshold=load_threshold(folder.run_id), tta=folder.tta())
         for stale in [k for k in _cache if k[0] == key[0]]:
             del _cache[stale]  # an older version of the same file
         while len(_cache) >= _CACHE_SIZE:

@@ -115,6 +115,13 @@ class RunFolder:
     def write_labels(self, labels: list[str]) -> None:
         write_json_atomically(self.labels_file, list(labels))
 
+    def tta(self) -> str:
+        """How the run's evaluation predicted: "flip" (each image and its mirror averaged) or "none".
+        Predictions with its model do the same, so they match what the evaluation measured."""
+        if not self.config_file.is_file():
+            return "none"
+        return json.loads(self.config_file.read_text()).get("tta") or "none"
+
     def write_config(self, config: dict[str, Any]) -> None:
         write_json_atomically(self.config_file, config, indent=2)
 

@@ -126,6 +126,12 @@ class Metrics(Record):
     accuracy: float
     macro_f1: float
     per_class: dict[str, ClassMetrics] = dataclasses.field(default_factory=dict)
+    # Recall of the class with the fewest evaluation images (ties: the worse recall): what an
+    # imbalance costs, which accuracy hides. None in summaries written before it was recorded.
+    smallest_class: str | None = None
+    smallest_class_recall: float | None = None
+    # How the evaluation predicted: "none", or "flip" (each image and its mirror, averaged).
+    tta: str = "none"
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 

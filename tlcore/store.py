@@ -92,6 +92,11 @@ class Run:
     def macro_f1(self) -> float | None:
         return self.summary.metrics.macro_f1 if self.summary else None
 
+    @property
+    def smallest_class_recall(self) -> float | None:
+        """Recall of the class with the fewest evaluation images (None for runs recorded before it was)."""
+        return self.summary.metrics.smallest_class_recall if self.summary else None
+
 
 @dataclasses.dataclass(frozen=True)
 class EpochRecord:

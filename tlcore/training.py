@@ -88,6 +88,7 @@ class _Training:
         self.timings: dict[str, float] = {}
         self.head_on_features: tuple[Any, np.ndarray] | None = None
         self.predictor = None  # the saved model with BatchNorm folded, made once for evaluation
+        self.feature_extraction: _FeatureExtraction | None = None
 
     def log(self, message: str) -> None:
         self.sink.log(message)
@@ -147,6 +148,10 @@ class _Training:
         self.entries, self.labels = entries, list(self.dataset.classes)
         self.y_all = np.array([self.labels.index(e.label) for e in entries], dtype=np.int32)
         self.splits = pipeline.split_indices(entries)
+        self.class_weight = class_weights(config.class_weight, self.y_all[self.splits["train"]], len(self.labels))
+        if self.class_weight:
+            self.log("Class weights (balanced, both phases): " + ", ".join(
+                f"{label} {self.class_weight[i]:.2f}" for i, label in enumerate(self.labels)) + ".")
         self.eval_split = "test" if len(self.splits["test"]) else "val"
         if not len(self.splits["train"]) or not len(self.splits[self.eval_split]):
             raise InvalidInput(
@@ -229,17 +234,27 @@ class _Training:
         return compute_report(self.labels, pd.DataFrame(rows))
 
     def probabilities(self, rows: np.ndarray) -> np.ndarray:
-        """The saved model's class probabilities for the dataset rows `rows` (sorted)."""
+        """The saved model's class probabilities for the dataset rows `rows` (sorted); with test-time
+        augmentation (`tta="flip"`), averaged with those of the mirrored images."""
+        flip = self.config.tta == "flip"
         if self.head_on_features is not None and not self.config.finetune_epochs \
                 and not self.device_plan.mixed_precision:
             # The head shares its weights with the saved model, so its output on the cached
             # (float32) features is the model's output on the pixels, without a second backbone pass.
             head, features = self.head_on_features
-            return head.predict(features[rows], batch_size=256, verbose=0)
+            probs = head.predict(features[rows], batch_size=256, verbose=0)
+            if flip:
+                mirrored, _, _ = self.feature_extraction.features(rows, mirror=True)
+                probs = (probs + head.predict(mirrored, batch_size=256, verbose=0)) / 2
+            return probs
         if self.predictor is None:
             with self.strategy.scope():
                 self.predictor = fold_batchnorm(self.final_model, only_frozen=False)
-        return model_probabilities(self.predictor, self.pixels.images, rows, self.global_batch)
+        probs = model_probabilities(self.predictor, self.pixels.images, rows, self.global_batch)
+        if flip:
+            probs = (probs + model_probabilities(self.predictor, self.pixels.images, rows, self.global_batch,
+                                                 mirror=True)) / 2
+        return probs
 
     def calibrate(self, eval_probs: np.ndarray, eval_labels: np.ndarray) -> None:
         """Temperature and "not sure" threshold fitted on the validation split, kept with the run."""
@@ -271,7 +286,7 @@ class _Training:
             image_size=self.size,
             eval_split=self.eval_split,
             eval_images=int(len(self.splits[self.eval_split])),
-            metrics=report.metrics(),
+            metrics=report.metrics(tta=self.config.tta),
             timings=Timings(**timings, features_reused=bool(self.timings.get("features_reused"))),
             device=self.device_plan.describe(),
             device_record=self.device_record,
@@ -286,7 +301,7 @@ class _Training:
         config, splits = self.config, self.splits
         with self.strategy.scope():
             feature_model = fold_batchnorm(keras.Model(self.model.input, self.model.get_layer("pool").output))
-        extractor = _FeatureExtraction(self, feature_model)
+        extractor = self.feature_extraction = _FeatureExtraction(self, feature_model)
         features, reused, seconds = extractor.features()
         self.timings["features_s"] = seconds
         self.timings["features_reused"] = float(reused)
@@ -309,6 +324,7 @@ class _Training:
             x_train, y_train,
             batch_size=self.global_batch,
             epochs=config.head_epochs,
+            class_weight=self.class_weight,
             validation_data=(features[val], self.y_all[val]) if len(val) else None,
             shuffle=True,
             verbose=2 if self.progress_bar else 0,
@@ -338,6 +354,7 @@ class _Training:
         trainer.fit(
             train_data,
             epochs=epochs,
+            class_weight=self.class_weight,
             initial_epoch=initial_epoch,
             validation_data=val_data,
             shuffle=False,  # the tf.data pipeline shuffles
@@ -416,6 +433,16 @@ def build_classifier(spec, size: int, weights_path: str | None, num_classes: int
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="head")(x)
     return keras.Model(inputs, outputs, name=f"{spec.name}_classifier"), base
+
+
+def class_weights(mode: str, y_train: np.ndarray, num_classes: int) -> dict[int, float] | None:
+    """Keras `class_weight` for `mode` ("balanced": n / (classes present * count), as scikit-learn's;
+    "none": None). A class without training images gets weight 0 (it never reaches the loss)."""
+    if mode == "none":
+        return None
+    counts = np.bincount(y_train, minlength=num_classes)
+    present = int((counts > 0).sum())
+    return {c: float(len(y_train) / (present * n)) if n else 0.0 for c, n in enumerate(counts)}
 
 
 def unfreeze_top(base, n_layers: int) -> int:
@@ -539,13 +566,16 @@ class _StoreProgress(keras.callbacks.Callback):
         self.ctx.beat(self._progress(0), force=True)
 
 
-def model_probabilities(model, images: np.ndarray, indices: np.ndarray, batch_size: int) -> np.ndarray:
-    """Class probabilities of the full model for the cached pixel rows `indices`, in that order.
+def model_probabilities(model, images: np.ndarray, indices: np.ndarray, batch_size: int, *,
+                        mirror: bool = False) -> np.ndarray:
+    """Class probabilities of the full model for the cached pixel rows `indices`, in that order,
+    each image mirrored left-right if `mirror`.
 
     `predict` over the prefetching pixel pipeline: a model built under a multi-replica
     strategy splits each batch across its replicas.
     """
-    data = pipeline.batches(images, indices, np.zeros(len(indices), np.int32), batch_size, shuffle=False, seed=0)
+    source = images[:, :, ::-1] if mirror else images
+    data = pipeline.batches(source, indices, np.zeros(len(indices), np.int32), batch_size, shuffle=False, seed=0)
     return np.asarray(model.predict(data, verbose=0))
 
 

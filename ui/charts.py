@@ -217,3 +217,23 @@ def embedding_map(points: Sequence[Mapping[str, Any]], flagged: Mapping[str, str
     fig.update_xaxes(showticklabels=False, title_text=None)
     fig.update_yaxes(showticklabels=False, title_text=None)
     return _layout(fig, height=420)
+
+
+def lr_finder_curve(curve: Sequence[Sequence[float]], suggested_lr: float) -> go.Figure:
+    """The LR range test: smoothed loss against learning rate (log axis), the suggestion marked.
+
+    `curve`: `[lr, loss]` pairs in increasing lr.
+    """
+    lrs = [point[0] for point in curve]
+    losses = [point[1] for point in curve]
+    fig = go.Figure(go.Scatter(x=lrs, y=losses, mode="lines", name="loss (smoothed)", line=dict(color=PALETTE[0])))
+    at = float(np.interp(np.log(suggested_lr), np.log(lrs), losses))
+    fig.add_trace(go.Scatter(x=[suggested_lr], y=[at], mode="markers+text", name="suggested",
+                             marker=dict(color=PALETTE[1], size=12, symbol="circle"),
+                             text=[f"{suggested_lr:.2g}"], textposition="top center"))
+    fig.add_vline(x=suggested_lr, line=dict(color=PALETTE[1], dash="dot"))
+    # Past divergence the loss dwarfs the interesting part: clip the view to twice the starting loss.
+    top = max(losses[0] * 2, min(losses) * 1.5)
+    fig.update_xaxes(type="log", title_text="learning rate")
+    fig.update_yaxes(title_text="training loss", range=[min(losses) * 0.9, min(max(losses), top) * 1.05])
+    return _layout(fig, height=300)

