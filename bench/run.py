@@ -538,11 +538,28 @@ def parse_args(argv=None):
     return args
 
 
+def write_report(out: Path, report: str) -> None:
+    """Write `report` to `out`, keeping the sections other benchmarks wrote there after it.
+
+    This benchmark owns the file's head and the `## ` sections it writes; a section with any
+    other title (deployment, cluster, audit, ...) is someone else's and stays as it is.
+    """
+    own = {line for line in report.splitlines() if line.startswith("## ")}
+    kept, keeping = [], False
+    if out.exists():
+        for line in out.read_text().splitlines():
+            if line.startswith("## "):
+                keeping = line not in own
+            if keeping:
+                kept.append(line)
+    out.write_text(report.rstrip("\n") + ("\n\n" + "\n".join(kept) + "\n" if kept else "\n"))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.from_results:
         results = json.loads(Path(args.from_results).read_text())
-        Path(args.out).write_text(build_report(results))
+        write_report(Path(args.out), build_report(results))
         print(f"[bench] wrote {Path(args.out).resolve()} from {args.from_results}", flush=True)
         return results
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -610,7 +627,7 @@ def main(argv=None) -> dict:
             baseline=baseline, tlcore=tl, tlcore_warm=tl_warm, probe=probe, scale=scale, capped=capped)
         report = build_report(results)
         out = Path(args.out)
-        out.write_text(report)
+        write_report(out, report)
         (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
         if args.results:
             Path(args.results).write_text(json.dumps(results, indent=1, default=str))
