@@ -605,7 +605,7 @@ def main(argv=None) -> dict:
                                       demo_repeats=20 if args.smoke else 100), home, workdir, "probe")
 
         scale = []
-        pixel_files = list((home / "cache" / "pixels").glob("*.npy"))
+        pixel_files = list((home / "cache" / "pixels").rglob("*.npy"))
         for fraction in [float(f) for f in args.scale.split(",") if f.strip()]:
             sub_home = workdir / f"home-{fraction}"
             sub_source = subset_copy(source, workdir / f"source-{fraction}", fraction=fraction)
@@ -613,7 +613,7 @@ def main(argv=None) -> dict:
             prepare_weights(sub_home, template=home)
             res = measure("tlcore", {"config": tl_config(sub_ds.id)}, sub_home, workdir, f"scale-{fraction}")
             res.update(fraction=f"{fraction:g}", images=len(sub_entries),
-                       pixel_cache_mb=sum(p.stat().st_size for p in (sub_home / "cache" / "pixels").glob("*.npy")) / 2**20)
+                       pixel_cache_mb=sum(p.stat().st_size for p in (sub_home / "cache" / "pixels").rglob("*.npy")) / 2**20)
             scale.append(res)
         scale.append({**tl, "fraction": "1", "images": len(entries),
                       "pixel_cache_mb": sum(p.stat().st_size for p in pixel_files) / 2**20})
