@@ -99,7 +99,7 @@ def test_fine_tune_phase_trains_top_layers_with_batchnorm_frozen(store, ants_bee
                         augment=("flip", "zoom"))
     assert [e.phase for e in store.epochs(run.id)] == ["head", "finetune"]
     assert summary.timings.finetune_s is not None
-    assert "Mirrored training-image features computed and cached (12 images" in _log_text(store, run.id)
+    assert "Mirrored training-image features: 0 of 12 images reused" in _log_text(store, run.id)
     assert json.loads(RunFolder(run.id).checkpoint_state.read_text()) == {"phase": "finetune", "epoch": 1}
 
     spec = get_backbone("efficientnet_lite0")
