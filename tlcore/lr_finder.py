@@ -118,8 +118,8 @@ class _Data:
         from tlcore.backbones import get_backbone, resolve_weights
         from tlcore.backbones.folding import fold_batchnorm
         from tlcore.data import pipeline
-        from tlcore.data.manifest import load_manifest, resplit
-        from tlcore.features import cached_features, feature_cache_path
+        from tlcore.data.manifest import run_entries
+        from tlcore.features import cached_features, feature_cache
         from tlcore.jobs import resolve_dataset
         from tlcore.store import Store
         from tlcore.training import build_classifier, class_weights
@@ -127,9 +127,7 @@ class _Data:
         self.config = config
         store = store or Store()
         dataset = resolve_dataset(config.dataset, store, seed=config.seed, split=config.split)
-        entries = load_manifest(dataset.id)
-        if config.split and not dataset.report.get("given_splits"):
-            entries = resplit(entries, config.split, config.seed)
+        entries = run_entries(dataset, config.split, config.seed)
         spec = get_backbone(config.backbone)
         size = config.resolved_image_size(spec)
         labels = list(dataset.classes)
@@ -143,14 +141,15 @@ class _Data:
         self.class_weight = class_weights(config.class_weight, self.y_train, len(labels))
         keras.utils.set_random_seed(config.seed)
         say(f"Decoding {len(entries)} images at {size} px")
-        self.pixels, _ = pipeline.pixel_cache(dataset.id, entries, size)
+        self.pixels, _ = pipeline.pixel_cache(entries, size)
         self.model, self.base = build_classifier(spec, size, resolve_weights(spec, config.weights), len(labels),
                                                  config.dropout)
         say("Backbone features (cached after the first time)")
         feature_model = fold_batchnorm(keras.Model(self.model.input, self.model.get_layer("pool").output))
-        path = feature_cache_path(dataset.id, spec.name, size, config.weights, config.seed)
-        features, _, _ = cached_features(path, feature_model, self.pixels.images, max(config.batch_size, 32))
-        self.features = features[self.train]
+        cache = feature_cache(spec.name, size, config.weights, config.seed)
+        found, _ = cached_features(cache, [e.sha256 for e in entries], feature_model, self.pixels.images,
+                                   max(config.batch_size, 32))
+        self.features = np.asarray(found.array)[self.train]
 
     def head_model(self, learning_rate: float):
         """The classifier's head (its own layers) on feature vectors, compiled at `learning_rate`."""
