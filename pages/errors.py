@@ -38,14 +38,9 @@ if not choices:
     st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
     st.stop()
 
-if wanted and wanted != st.session_state.get("errors.url_seen"):
-    st.session_state["errors.run"] = wanted
-state.keep_choice("errors.run", choices)
-run_id = st.selectbox("Run", choices, key="errors.run",
-                      format_func=lambda i: f"{by_id[i].name} · {fmt.STATUS_ICON[by_id[i].status]} · "
-                                            f"{fmt.pct(by_id[i].accuracy)}")
-st.query_params["run"] = run_id
-st.session_state["errors.url_seen"] = run_id
+run_id = state.run_from_url("errors", choices,
+                            lambda i: f"{by_id[i].name} · {fmt.STATUS_ICON[by_id[i].status]} · "
+                                      f"{fmt.pct(by_id[i].accuracy)}")
 run = by_id[run_id]
 
 if run.status == RunStatus.FAILED:

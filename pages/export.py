@@ -41,15 +41,8 @@ if not finished:
     st.stop()
 by_id = {r.id: r for r in finished}
 choices = list(by_id)
-wanted = st.query_params.get("run")
-if wanted in by_id and wanted != st.session_state.get("export.url_seen"):
-    st.session_state["export.run"] = wanted
-state.keep_choice("export.run", choices)
-run_id = st.selectbox("Run", choices, key="export.run",
-                      format_func=lambda i: f"{by_id[i].name} · {fmt.pct(by_id[i].accuracy)} · "
-                                            f"{by_id[i].backbone}")
-st.query_params["run"] = run_id
-st.session_state["export.url_seen"] = run_id
+run_id = state.run_from_url("export", choices,
+                            lambda i: f"{by_id[i].name} · {fmt.pct(by_id[i].accuracy)} · {by_id[i].backbone}")
 run = by_id[run_id]
 
 folder, _ = inference.run_model_folder(run.id)

@@ -69,6 +69,19 @@ def keep_choice(key: str, options: Iterable[Hashable], default: Hashable | None 
         st.session_state[key] = options[0] if default is None else default
 
 
+def run_from_url(page: str, choices: list[str], label: Callable[[str], str]) -> str:
+    """The page's run selectbox (`{page}.run`), following `?run=` when the link changes and
+    writing the choice back to the URL, so a page with its run can be shared."""
+    wanted = st.query_params.get("run")
+    if wanted and wanted != st.session_state.get(f"{page}.url_seen"):
+        st.session_state[f"{page}.run"] = wanted
+    keep_choice(f"{page}.run", choices)
+    run_id = st.selectbox("Run", choices, key=f"{page}.run", format_func=label)
+    st.query_params["run"] = run_id
+    st.session_state[f"{page}.url_seen"] = run_id
+    return run_id
+
+
 @st.cache_resource(show_spinner=False)
 def _store_at(path: str) -> Store:
     return Store(path)
