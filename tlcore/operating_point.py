@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tlcore.calibration import apply_temperature
 from tlcore.errors import InvalidInput
 from tlcore.run_folder import RunFolder
 
@@ -36,10 +37,7 @@ class OperatingPoint:
         probs = np.asarray(probs, dtype="float64")
         if self.temperature is None or self.temperature == 1.0:
             return probs
-        logits = np.log(np.clip(probs, 1e-12, 1.0)) / self.temperature
-        logits -= logits.max(axis=-1, keepdims=True)
-        scaled = np.exp(logits)
-        return scaled / scaled.sum(axis=-1, keepdims=True)
+        return apply_temperature(probs, self.temperature)
 
     def abstains(self, confidence: float) -> bool:
         """True when the top probability is below the threshold; always False without one."""
