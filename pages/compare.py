@@ -287,8 +287,9 @@ if shown_groups:
     st.subheader("Seeds")
     st.caption("Runs whose recipes differ only in the seed: the spread between seeds is the noise any "
                "difference between recipes has to beat.")
-    st.plotly_chart(charts.seed_points({g.runs[0].name: [(s, r.accuracy) for s, r in zip(g.seeds, g.runs)]
-                                        for g in shown_groups}),
+    st.plotly_chart(charts.sweep_summary([
+        {"label": g.runs[0].name, "mean": g.mean_std()[0], "std": g.mean_std()[1],
+         "seeds": [(s, r.accuracy) for s, r in zip(g.seeds, g.runs)]} for g in shown_groups]),
                     key="compare.seeds", config={"displayModeBar": False})
 
 # ------------------------------------------------------------------- curves

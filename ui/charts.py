@@ -117,7 +117,8 @@ def topk_bar(top_k: Sequence[tuple[str, float]]) -> go.Figure:
 
 
 def sweep_summary(configurations: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> go.Figure:
-    """A sweep per configuration: mean ± std over seeds as a bar with error bars, each seed a point.
+    """Recipes (a sweep's configurations, or seed groups): mean ± std over seeds as a bar with
+    error bars, each seed a point.
 
     `configurations`: dicts with `label`, `mean`, `std` and `seeds` ([(seed, value), ...], finished seeds only).
     """
@@ -172,25 +173,6 @@ def coverage_curve(points: Sequence[Mapping[str, Any]], threshold: float | None 
     fig.update_xaxes(range=[0, 1.02], tickformat=".0%")
     fig.update_yaxes(tickformat=".0%")
     return _layout(fig, height=340)
-
-
-def seed_points(groups: Mapping[str, Sequence[tuple[int, float]]]) -> go.Figure:
-    """Each seed of each recipe as a point (accuracy), with the recipe's mean ± std as an error bar."""
-    fig = go.Figure()
-    for i, (name, points) in enumerate(groups.items()):
-        values = np.array([v for _, v in points], dtype=float)
-        color = PALETTE[i % len(PALETTE)]
-        fig.add_trace(go.Scatter(x=[name] * len(points), y=values, mode="markers", name=name, showlegend=False,
-                                 marker=dict(color=color, size=9, opacity=0.7), text=[f"seed {s}" for s, _ in points],
-                                 hovertemplate="%{text}: %{y:.2%}<extra></extra>"))
-        fig.add_trace(go.Scatter(x=[name], y=[values.mean()], mode="markers", showlegend=False,
-                                 marker=dict(color=color, symbol="line-ew-open", size=28),
-                                 error_y=dict(type="data", array=[values.std(ddof=1) if len(values) > 1 else 0]),
-                                 hovertemplate="mean %{y:.2%}<extra></extra>"))
-    fig.update_layout(title="Accuracy per seed (mean ± std)", yaxis_title="accuracy")
-    fig.update_xaxes(type="category")
-    fig.update_yaxes(tickformat=".1%")
-    return _layout(fig, height=320)
 
 
 def embedding_map(points: Sequence[Mapping[str, Any]], flagged: Mapping[str, str]) -> go.Figure:
