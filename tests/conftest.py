@@ -1,4 +1,9 @@
-"""Shared fixtures: every test gets its own empty data home."""
+"""Shared fixtures: every test gets its own empty data home; one tiny trained run per test process.
+
+The suite runs on two xdist workers, one test module at a time per worker (`--dist loadscope`, set
+in pyproject.toml), so a module's fixtures (a Ray cluster, a browser server, a served run) are
+built once. Modules known to be long go first, so that the two workers end together.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,19 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+# The slowest modules, longest first (from `--durations`): started first, the short ones fill in around them.
+LONG_MODULES = ("test_cluster.py", "test_bench_smoke.py", "test_e2e_browser.py", "test_gpu_path.py",
+                "test_training.py", "test_serve.py", "test_export_formats.py", "test_app_datasets.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def weight(item) -> int:
+        name = item.path.name
+        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+
+    items.sort(key=weight)  # stable: tests keep their order inside a module
 
 
 @pytest.fixture(autouse=True)
