@@ -616,9 +616,10 @@ def cmd_runs(args) -> int:
     calibration = run.summary.calibration if run.summary else None
     if calibration and calibration.temperature:
         lines.append(f"  calibrated: temperature {calibration.temperature:.2f} (fitted on {calibration.fitted_on} "
-                     f"val images), ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}")
+                     f"val images), ECE {_fmt(calibration.ece_before)} -> {_fmt(calibration.ece_after)}")
     elif calibration:
-        lines.append(f"  not calibrated: {calibration.reason}")
+        lines.append("  not calibrated, probabilities are the unscaled softmax"
+                     + (f": {calibration.reason}" if calibration.reason else ""))
     threshold = run.summary.threshold if run.summary else None
     if threshold:
         lines.append(f"  \"not sure\" below confidence {threshold.threshold:.3f} (target precision "
@@ -647,12 +648,14 @@ def _run_dict(r) -> dict[str, Any]:
 
 
 def _calibration_dict(run) -> dict[str, Any] | None:
-    """`{temperature, ece_before, ece_after, reason}` of a finished run; None before it finished."""
+    """`{temperature, ece_before, ece_after, reason, probabilities}` of a finished run; None before it
+    finished (and for runs from before calibration)."""
     calibration = run.summary.calibration if run.summary else None
     if calibration is None:
         return None
     return {"temperature": calibration.temperature, "ece_before": calibration.ece_before,
-            "ece_after": calibration.ece_after, "reason": calibration.reason}
+            "ece_after": calibration.ece_after, "reason": calibration.reason,
+            "probabilities": "temperature-scaled softmax" if calibration.temperature else "unscaled softmax"}
 
 
 def cmd_predict(args) -> int:
