@@ -55,7 +55,7 @@ if not folder.has_model():
 st.caption("Every model takes RGB 0-255 pixels at the run's image size: the preprocessing is inside it. "
            f"Files are kept in {folder.path / 'export'}.")
 try:
-    st.caption(f"Calibration carried by the bundle, the card and the endpoint: "
+    st.caption("Calibration (in the bundle, the card and the endpoint): "
                f"{read_operating_point(folder).describe_calibration()}")
 except TransferLabError as exc:
     st.warning(plain_message(exc))

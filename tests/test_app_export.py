@@ -77,8 +77,8 @@ def test_a_run_on_train_val_folders_says_its_exports_are_uncalibrated_and_makes_
     monkeypatch.setenv("TLCORE_HOME", str(data_home))
     at = seed.app("pages/export.py", run=trainval_run.run_id).run()
     assert not at.exception, at.exception
-    assert ("Calibration carried by the bundle, the card and the endpoint: none: probabilities are the "
-            "unscaled softmax. The dataset has no test split") in seed.texts(at)
+    assert ("Calibration (in the bundle, the card and the endpoint): none (unscaled softmax probabilities). "
+            "The dataset has no test split") in seed.texts(at)
     _buttons(at)["card"].click().run()
     assert not at.exception, at.exception
     assert not at.error and set(_downloads(at)) == {"keras", "card"}

@@ -33,15 +33,14 @@ def test_without_a_temperature_or_threshold_probabilities_stay_and_nothing_absta
     point = read_operating_point(_folder(calibration, threshold))
     assert point.temperature is None and point.threshold is None
     assert np.array_equal(point.calibrate(PROBS), PROBS) and not point.abstains(0.01)
-    assert point.describe_calibration().startswith("none: probabilities are the unscaled softmax")
+    assert point.describe_calibration().startswith("none (unscaled softmax probabilities).")
     assert set(point.files()) == {name for name, data in (("calibration.json", calibration),
                                                           ("threshold.json", threshold)) if data is not None}
 
 
 def test_the_reason_for_no_temperature_is_said():
     point = read_operating_point(_folder({"temperature": None, "reason": "The dataset has no test split."}))
-    assert point.describe_calibration() == ("none: probabilities are the unscaled softmax. "
-                                            "The dataset has no test split.")
+    assert point.describe_calibration() == "none (unscaled softmax probabilities). The dataset has no test split."
 
 
 def test_a_minimal_file_from_an_older_version_still_applies():

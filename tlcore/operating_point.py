@@ -63,7 +63,7 @@ class OperatingPoint:
             return (f"temperature scaling, T = {self.temperature:.3g}"
                     + (f" (fitted on {fitted} validation images)" if fitted else "") + ".")
         reason = self.calibration.reason if self.calibration else None
-        return "none: probabilities are the unscaled softmax" + (f". {reason}" if reason else ".")
+        return "none (unscaled softmax probabilities)." + (f" {reason}" if reason else "")
 
     def files(self) -> dict[str, dict[str, Any]]:
         """The files to ship with the model: file name -> contents as written, only those the run has."""
