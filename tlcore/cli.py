@@ -505,7 +505,7 @@ def _metrics_text(metrics) -> str:
     text = f"accuracy {metrics.accuracy:.4f}, macro F1 {metrics.macro_f1:.4f}"
     if metrics.smallest_class_recall is not None:
         text += f", smallest class ({metrics.smallest_class}) recall {metrics.smallest_class_recall:.4f}"
-    return text + (f", with {metrics.tta} TTA" if metrics.tta != "none" else "")
+    return text + (f", with {metrics.tta} TTA" if metrics.tta not in (None, "none") else "")
 
 
 def _summary_text(run) -> str:
