@@ -9,6 +9,7 @@ import streamlit as st
 
 from tlcore import export, inference
 from tlcore.errors import TransferLabError, plain_message
+from tlcore.operating_point import read_operating_point
 from tlcore.store import RunStatus
 from ui import format as fmt
 from ui import frame, state
@@ -53,6 +54,11 @@ if not folder.has_model():
 
 st.caption("Every model takes RGB 0-255 pixels at the run's image size: the preprocessing is inside it. "
            f"Files are kept in {folder.path / 'export'}.")
+try:
+    st.caption("Calibration (in the bundle, the card and the endpoint): "
+               f"{read_operating_point(folder).describe_calibration()}")
+except TransferLabError as exc:
+    st.warning(plain_message(exc))
 for key, title, what, suffix, mime in FORMATS:
     left, right = st.columns([4, 1], vertical_alignment="center")
     left.markdown(f"**{title}** · {what}")

@@ -69,3 +69,26 @@ def trained_run(tmp_path_factory) -> TrainedRun:
                                   Store())
     assert run.status.value == "succeeded", run.error
     return TrainedRun(data_home, run.id)
+
+
+@pytest.fixture(scope="session")
+def trainval_run(tmp_path_factory) -> TrainedRun:
+    """One small real run on the commonest folder shape, `train/` and `val/` only: it is evaluated on
+    val, so it has no fitted temperature (its calibration.json says why) and no threshold. Like
+    `trained_run` (EfficientNet-Lite0, ImageNet weights, head only, 48 px, two colour classes) with
+    12 photos per class in train/ and 6 in val/, 4 epochs, in a data home of its own."""
+    from tests.test_jobs import make_image_folder, tiny
+    from tlcore import jobs
+    from tlcore.store import Store
+
+    data_home = tmp_path_factory.mktemp("trainval_home")
+    folder = tmp_path_factory.mktemp("trainval") / "colours"
+    make_image_folder(folder / "train", per_class=12, size=48, seed=1)
+    make_image_folder(folder / "val", per_class=6, size=48, seed=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TLCORE_HOME", str(data_home))
+        run = jobs.run_foreground(tiny(str(folder), weights="imagenet", image_size=48, head_epochs=4, lr=0.01),
+                                  Store())
+    assert run.status.value == "succeeded", run.error
+    assert run.summary.eval_split == "val" and run.summary.calibration.temperature is None
+    return TrainedRun(data_home, run.id)

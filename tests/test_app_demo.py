@@ -198,3 +198,16 @@ def test_wrong_it_is_files_the_photo_in_the_dataset_inbox(store, monkeypatch):
     assert (item.label, item.predicted, item.run_id) == ("bees", "cat", run.id)
     with open(item.file, "rb") as f:
         assert f.read() == photo
+
+
+def test_a_run_on_train_val_folders_answers_with_unscaled_confidences_and_says_why(trainval_run, monkeypatch):
+    monkeypatch.setenv("TLCORE_HOME", str(trainval_run.home))
+    row = json.loads(RunFolder(trainval_run.run_id).predictions.read_text().splitlines()[0])
+    at = seed.app("pages/demo.py", timeout=300, run=trainval_run.run_id).run()
+    with open(row["path"], "rb") as f:
+        at.file_uploader(key="demo.upload").set_value(("val.png", f.read(), "image/png")).run()
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Prediction"] == row["pred"] and metrics["Confidence"] == f"{row['confidence']:.1%}"
+    assert "Confidences are raw softmax, and every photo gets an answer: The dataset has no test split" in \
+        seed.texts(at)

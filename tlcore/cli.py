@@ -35,15 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     datasets = sub.add_parser("datasets", help="import and list datasets")
     dsub = datasets.add_subparsers(dest="action", metavar="ACTION", required=True)
-    imp = dsub.add_parser("import", help="import a folder of class folders or a .zip of one")
-    imp.add_argument("source", help="folder (one subfolder per class, or train/ val/ [test/]) or .zip")
-    imp.add_argument("--name", help="dataset name (default: the folder or zip name)")
+    imp = dsub.add_parser("import", help="import a folder of class folders, a .zip of one, or a built-in dataset")
+    imp.add_argument("source", nargs="?", help="folder (one subfolder per class, or train/ val/ [test/]) or .zip")
+    imp.add_argument("--builtin", metavar="NAME",
+                     help="a built-in dataset made offline instead of SOURCE (`datasets builtin` lists them)")
+    imp.add_argument("--name", help="dataset name (default: the folder or zip name, or the built-in's)")
     imp.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
     imp.add_argument("--split", type=_split_arg, help="train,val,test fractions (default 0.7,0.15,0.15)")
     imp.add_argument("--new-version", action="store_true",
                      help="record a new version even if the latest one holds exactly these images")
     _json(imp)
     _json(dsub.add_parser("list", help="list datasets"))
+    _json(dsub.add_parser("builtin", help="list the built-in datasets (made offline, `datasets import --builtin`)"))
     fix = dsub.add_parser("fix", help="relabel or exclude images: a new version with a change log")
     fix.add_argument("dataset", help="dataset name, name@version or id")
     fix.add_argument("--relabel", nargs="+", default=[], metavar="SOURCE=LABEL", type=_relabel_arg,
@@ -268,12 +271,27 @@ def cmd_datasets(args) -> int:
                            for d in rows])
         _emit(args, {"datasets": [_dataset_dict(d) for d in rows]}, None if args.json else text)
         return 0
-    from tlcore.data.importer import import_dataset
-
+    if args.action == "builtin":
+        return _list_builtin(args, store)
     kwargs: dict[str, Any] = {"store": store, "seed": args.seed, "new_version": args.new_version}
     if args.split:
         kwargs["split"] = args.split
-    result = import_dataset(args.source, args.name, **kwargs)
+    if args.builtin:
+        from tlcore.data.builtin import BUILTIN, import_builtin
+
+        if args.source:
+            raise InvalidInput(f"Give a SOURCE or `--builtin`, not both. Received: {args.source!r} and "
+                               f"builtin={args.builtin!r}")
+        if args.builtin not in BUILTIN:
+            raise InvalidInput(f"`--builtin` must be one of {', '.join(BUILTIN)}. Received: builtin={args.builtin!r}")
+        result = import_builtin(args.builtin, dataset_name=args.name, **kwargs)
+    elif args.source:
+        from tlcore.data.importer import import_dataset
+
+        result = import_dataset(args.source, args.name, **kwargs)
+    else:
+        raise InvalidInput("`datasets import` needs a SOURCE folder or .zip, or `--builtin NAME` "
+                           "(`python -m tlcore datasets builtin` lists them).")
     d, report = result.dataset, result.report
     if result.unchanged:
         _emit(args, {"dataset": _dataset_dict(d), "report": report, "unchanged": True},
@@ -292,6 +310,22 @@ def cmd_datasets(args) -> int:
             lines.append(f"  ... and {len(skipped) - 50} more (see --json)")
     lines += [f"Warning: {w}" for w in report.get("warnings") or []]
     _emit(args, {"dataset": _dataset_dict(d), "report": report}, None if args.json else "\n".join(lines))
+    return 0
+
+
+def _list_builtin(args, store) -> int:
+    """The built-in datasets, one line each, and the newest version already imported of each."""
+    from tlcore.data.builtin import BUILTIN
+
+    imported: dict[str, str] = {}
+    for d in store.list_datasets():  # newest first
+        imported.setdefault(d.source, d.label)
+    rows = [{"name": name, "description": text, "imported": imported.get(f"builtin:{name}")}
+            for name, text in BUILTIN.items()]
+    lines = [f"{r['name']:<9} {r['description']}" + (f" Imported: {r['imported']}." if r["imported"] else "")
+             for r in rows]
+    lines.append("`python -m tlcore datasets import --builtin NAME` imports one.")
+    _emit(args, {"builtin": rows}, None if args.json else "\n".join(lines))
     return 0
 
 
@@ -471,7 +505,7 @@ def _metrics_text(metrics) -> str:
     text = f"accuracy {metrics.accuracy:.4f}, macro F1 {metrics.macro_f1:.4f}"
     if metrics.smallest_class_recall is not None:
         text += f", smallest class ({metrics.smallest_class}) recall {metrics.smallest_class_recall:.4f}"
-    return text + (f", with {metrics.tta} TTA" if metrics.tta != "none" else "")
+    return text + (f", with {metrics.tta} TTA" if metrics.tta not in (None, "none") else "")
 
 
 def _summary_text(run) -> str:
@@ -616,9 +650,10 @@ def cmd_runs(args) -> int:
     calibration = run.summary.calibration if run.summary else None
     if calibration and calibration.temperature:
         lines.append(f"  calibrated: temperature {calibration.temperature:.2f} (fitted on {calibration.fitted_on} "
-                     f"val images), ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}")
+                     f"val images), ECE {_fmt(calibration.ece_before)} -> {_fmt(calibration.ece_after)}")
     elif calibration:
-        lines.append(f"  not calibrated: {calibration.reason}")
+        lines.append("  not calibrated, probabilities are the unscaled softmax"
+                     + (f": {calibration.reason}" if calibration.reason else ""))
     threshold = run.summary.threshold if run.summary else None
     if threshold:
         lines.append(f"  \"not sure\" below confidence {threshold.threshold:.3f} (target precision "
@@ -647,12 +682,14 @@ def _run_dict(r) -> dict[str, Any]:
 
 
 def _calibration_dict(run) -> dict[str, Any] | None:
-    """`{temperature, ece_before, ece_after, reason}` of a finished run; None before it finished."""
+    """`{temperature, ece_before, ece_after, reason, probabilities}` of a finished run; None before it
+    finished (and for runs from before calibration)."""
     calibration = run.summary.calibration if run.summary else None
     if calibration is None:
         return None
     return {"temperature": calibration.temperature, "ece_before": calibration.ece_before,
-            "ece_after": calibration.ece_after, "reason": calibration.reason}
+            "ece_after": calibration.ece_after, "reason": calibration.reason,
+            "probabilities": "temperature-scaled softmax" if calibration.temperature else "unscaled softmax"}
 
 
 def cmd_predict(args) -> int:

@@ -69,7 +69,7 @@ def build_card(run_ref: str, store=None) -> dict[str, Any]:
     store = store or Store()
     run, folder = find_run(run_ref, store)
     dataset = store.get_dataset(run.dataset_id)
-    config = json.loads(folder.config_file.read_text())
+    config = folder.config() or dict(run.config)
     spec = get_backbone(run.backbone)
     report = evaluate_run(run.id)
     labels = list(report.labels)
@@ -109,8 +109,12 @@ def build_card(run_ref: str, store=None) -> dict[str, Any]:
             "per_class": metrics["per_class"],
             "confusions": report.top_confusions(10).to_dict("records"),
         },
-        "calibration": point.calibration or None,
-        "threshold": point.threshold_info or None,
+        # As written in the run folder (None when the run has no file); "probabilities" says what the
+        # model's answers are, also for a run without a fitted temperature.
+        "calibration": point.written.get(folder.calibration_file.name),
+        "threshold": point.written.get(folder.threshold_file.name),
+        "probabilities": ("temperature-scaled softmax" if point.temperature is not None
+                          else "unscaled softmax"),
         "intended_use": (f"Sorting photos into the {len(labels)} classes of {dataset.label}: "
                          f"{', '.join(labels)}."),
         "limits": _limits(labels, metrics, eval_split, counts, point, pretrained),
@@ -179,11 +183,14 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines += ["", "Most frequent confusions:", ""]
     lines += [f"- {c['true']} taken for {c['pred']}: {c['count']}" for c in ev["confusions"]] or ["- none"]
     lines += ["", "## Calibration and threshold", ""]
-    calibration, threshold = card["calibration"], card["threshold"]
-    lines.append(f"- Calibration: temperature scaling ({_scalars(calibration)})" if calibration
-                 else "- Calibration: none (raw softmax probabilities).")
-    lines.append(f"- Threshold: abstains below the threshold ({_scalars(threshold)})" if threshold
-                 else "- Threshold: none (never abstains).")
+    calibration, threshold = card["calibration"] or {}, card["threshold"] or {}
+    if calibration.get("temperature") is not None:
+        lines.append(f"- Calibration: temperature scaling ({_scalars(calibration)})")
+    else:
+        reason = f" {calibration['reason']}" if calibration.get("reason") else ""
+        lines.append(f"- Calibration: none (unscaled softmax probabilities).{reason}")
+    lines.append(f"- Threshold: abstains below the threshold ({_scalars(threshold)})"
+                 if threshold.get("threshold") is not None else "- Threshold: none (never abstains).")
     return "\n".join(lines) + "\n"
 
 
