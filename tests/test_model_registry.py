@@ -1,0 +1,292 @@
+"""The model registry and its review gate: versions, the fixed evaluation set, the gate's arithmetic, approval,
+promotion with its refusals, the audit trail, rollback, and two people racing.
+
+The gate tests build prediction tables directly (the gate reads predictions and nothing else). The flow
+tests use a copy of the session's `trained_run` home; a second "candidate" is that run's folder copied
+with other predictions, which is what a second run looks like to everything the review reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import threading
+
+import pandas as pd
+import pytest
+
+from tlcore import model_registry, review
+from tlcore.comparison import compare_predictions
+from tlcore.errors import InvalidInput, NotFound
+from tlcore.evaluation import read_predictions, write_predictions
+from tlcore.review import GatePolicy, judge
+from tlcore.run_folder import RunFolder
+from tlcore.store import ModelTables, RunStatus, Store
+
+# ----------------------------------------------------------- gate arithmetic
+
+
+def _table(labels: list[str], preds: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"path": [f"img{i}.png" for i in range(len(labels))], "source": "s", "true": labels,
+                         "pred": preds, "confidence": 0.9})
+
+
+def _gate(truth, base, cand, *, leaked=0, policy=None):
+    policy = policy or GatePolicy()
+    comparison = compare_predictions(_table(truth, base), _table(truth, cand), sorted(set(truth)))
+    accuracy = sum(t == p for t, p in zip(truth, cand)) / len(truth)
+    return judge(policy, candidate_accuracy=accuracy, leaked=leaked, eval_images=len(truth), comparison=comparison)
+
+
+TRUTH = ["a"] * 100 + ["b"] * 100
+
+
+def _flip(labels, indices):
+    other = {"a": "b", "b": "a"}
+    return [other[t] if i in indices else t for i, t in enumerate(labels)]
+
+
+def test_the_gate_passes_a_clearly_better_candidate():
+    base = _flip(TRUTH, set(range(0, 30)) | set(range(100, 130)))  # 70 % right
+    verdict = _gate(TRUTH, base, TRUTH)
+    assert verdict.passed
+    assert verdict.reasons[1].startswith("Better than production")
+
+
+def test_the_gate_passes_a_candidate_that_is_not_worse_than_the_margin():
+    # Identical predictions: delta 0 with a zero-width interval, inside the 1-pt margin.
+    base = _flip(TRUTH, {0, 100})
+    verdict = _gate(TRUTH, base, base)
+    assert verdict.passed
+    assert "Not worse than production by more than 1 pt" in verdict.reasons[1]
+
+
+def test_the_gate_fails_a_worse_candidate_and_says_by_how_much():
+    cand = _flip(TRUTH, set(range(0, 6)) | set(range(100, 106)))  # 6 pts worse on both classes
+    verdict = _gate(TRUTH, TRUTH, cand)
+    assert not verdict.passed
+    (reason,) = [r for r in verdict.reasons if r.startswith("May be worse")]
+    assert "delta −6.0 pts" in reason
+    # The same loss is within a 10-point margin (and a 10-point class drop), so a lenient policy passes it.
+    assert _gate(TRUTH, TRUTH, cand, policy=GatePolicy(non_inferiority_pts=10, max_class_drop_pts=10)).passed
+
+
+def test_the_gate_fails_a_leaked_candidate_however_good():
+    verdict = _gate(TRUTH, _flip(TRUTH, set(range(50))), TRUTH, leaked=3)
+    assert not verdict.passed
+    assert verdict.reasons == ["3 of the 200 evaluation images are among the candidate's training images "
+                               "(leaked), so its scores on them mean nothing."]
+
+
+def test_the_gate_fails_a_candidate_whose_class_recall_drops_even_if_overall_better():
+    # Class a: 10 images lost (-10 pts of its recall); class b: 40 fixed. Overall +15 pts.
+    base = _flip(TRUTH, set(range(100, 140)))
+    cand = _flip(TRUTH, set(range(0, 10)))
+    verdict = _gate(TRUTH, base, cand)
+    assert not verdict.passed
+    assert verdict.reasons == ["Recall drops by more than 5 pts for a (−10.0 pts)."]
+
+
+def test_a_minimum_accuracy_applies_without_production():
+    verdict = judge(GatePolicy(min_accuracy=0.9), candidate_accuracy=0.85, leaked=0, eval_images=10, comparison=None)
+    assert not verdict.passed and verdict.reasons == ["Accuracy 85.0 % is below the team's minimum of 90.0 %."]
+    assert judge(GatePolicy(), candidate_accuracy=0.1, leaked=0, eval_images=10, comparison=None).passed
+    with pytest.raises(InvalidInput, match="`min_accuracy` must be between 0 and 1"):
+        GatePolicy(min_accuracy=90)
+
+
+# ------------------------------------------------------------- the flow
+
+
+@pytest.fixture
+def home(trained_run, tmp_path, monkeypatch):
+    """A copy of the trained run's data home (store, datasets, runs; blobs are read where they are)."""
+    copy = tmp_path / "home"
+    copy.mkdir()
+    shutil.copy(trained_run.home / "store.db", copy / "store.db")
+    for folder in ("datasets", "runs"):
+        shutil.copytree(trained_run.home / folder, copy / folder, ignore=shutil.ignore_patterns("export"))
+    monkeypatch.setenv("TLCORE_HOME", str(copy))
+    return copy
+
+
+def copy_run(run_id: str, name: str, *, wrong: int = 0, config: dict | None = None) -> str:
+    """A new succeeded run: `run_id`'s folder and row, its first `wrong` evaluation predictions made wrong."""
+    store = Store()
+    run = store.get_run(run_id)
+    new = store.create_run(name, run.dataset_id, run.backbone, run.weights, {**run.config, **(config or {})})
+    shutil.copytree(RunFolder(run_id).path, RunFolder(new.id).path, ignore=shutil.ignore_patterns("export"))
+    folder = RunFolder(new.id)
+    (folder.path / "fixed_set_predictions.jsonl").unlink(missing_ok=True)
+    rows = read_predictions(folder.predictions).to_dict("records")
+    labels = folder.labels()
+    for row in rows[:wrong]:
+        row["pred"] = next(label for label in labels if label != row["true"])
+    write_predictions(folder.predictions, rows)
+    store.finish_run(new.id, RunStatus.SUCCEEDED, summary=run.summary)
+    return new.id
+
+
+def test_register_pins_the_fixed_set_and_numbers_versions(home, trained_run):
+    v1 = model_registry.register("colours", trained_run.run_id, "ana")
+    other = copy_run(trained_run.run_id, "second")
+    v2 = model_registry.register("colours", other, "ben")
+    assert (v1.version, v2.version) == (1, 2)
+    assert model_registry.register("colours", other, "ben").version == 2  # the same run keeps its version
+    shown = model_registry.describe("colours")
+    run = Store().get_run(trained_run.run_id)
+    assert shown["eval_set"]["images"] == run.summary.eval_images and shown["eval_set"]["labels"] == ["blue", "red"]
+    assert [v["run_id"] for v in shown["versions"]] == [trained_run.run_id, other]
+    assert shown["versions"][0]["accuracy"] == run.accuracy and shown["aliases"] == {}
+
+
+def test_bad_input_gets_one_sentence_and_changes_nothing(home, trained_run):
+    store = Store()
+    with pytest.raises(NotFound, match="No run 'nope'"):
+        model_registry.register("colours", "nope", "ana")
+    with pytest.raises(InvalidInput, match="letters, digits"):
+        model_registry.register("no spaces", trained_run.run_id, "ana")
+    failed = store.create_run("broken", "ds", "efficientnet_lite0", "imagenet", {})
+    store.finish_run(failed.id, RunStatus.FAILED, error="Out of memory.")
+    with pytest.raises(InvalidInput, match=r"cannot be a model version: it failed \(Out of memory.\)"):
+        model_registry.register("colours", failed.id, "ana")
+    assert ModelTables(store).list_models() == []
+    with pytest.raises(NotFound, match="No model named 'colours'"):
+        review.open_review("colours", trained_run.run_id, "ana")
+    model_registry.register("colours", trained_run.run_id, "ana")
+    with pytest.raises(NotFound, match="No review 'rev-x'"):
+        review.decide("rev-x", True, "ana", "")
+    with pytest.raises(NotFound, match="No review 'rev-x'"):
+        model_registry.promote("rev-x", "ana")
+    # A run on another label set.
+    other = copy_run(trained_run.run_id, "three-classes")
+    dataset = store.get_dataset(store.get_run(other).dataset_id)
+    with store._transaction() as db:
+        db.execute("UPDATE datasets SET classes = ? WHERE id = ?", (json.dumps(["blue", "green", "red"]), dataset.id))
+    with pytest.raises(InvalidInput, match="predicts blue, green, red, but model colours is judged on blue, red"):
+        review.open_review("colours", other, "ana")
+    assert [v.version for v in ModelTables(store).model_versions("colours")] == [1]
+    assert ModelTables(store).list_reviews() == []
+
+
+def test_review_approve_promote_audit_and_rollback(home, trained_run):
+    model_registry.register("colours", trained_run.run_id, "ana")
+    opened = review.open_review("colours", trained_run.run_id, "ana")
+    assert opened.baseline_version is None and opened.gate_passed
+    assert opened.evidence["candidate"]["leaked"] == 0 and opened.evidence["comparison"] is None
+    with pytest.raises(InvalidInput, match="is open, not approved, so production stays"):
+        model_registry.promote(opened.id, "ana")
+    review.decide(opened.id, True, "ben", "first model, fine")
+    model_registry.promote(opened.id, "ana")
+    with pytest.raises(InvalidInput, match="already promoted"):
+        model_registry.promote(opened.id, "ana")
+
+    # A worse candidate (the first 3 evaluation images wrong): the gate fails and promotion is refused.
+    worse = copy_run(trained_run.run_id, "worse", wrong=3)
+    bad = review.open_review("colours", worse, "ana")
+    assert not bad.gate_passed and bad.baseline_version == 1
+    evidence = bad.evidence
+    assert evidence["comparison"]["broken"] == 3 and evidence["comparison"]["fixed"] == 0
+    assert len(evidence["broken_images"]) == 3 and evidence["baseline"]["version"] == 1
+    assert evidence["candidate"]["size_mb"] > 0 and evidence["candidate"]["latency_ms"] > 0
+    assert {row["label"] for row in evidence["per_class"]} == {"blue", "red"}
+    review.decide(bad.id, True, "ben", "looks fine to me")
+    with pytest.raises(InvalidInput, match=f"Review {bad.id} did not pass its gate .*May be worse"):
+        model_registry.promote(bad.id, "ana")
+    assert model_registry.version_of("colours", "production").version == 1
+    with pytest.raises(InvalidInput, match="`--force` needs `--reason`"):
+        model_registry.promote(bad.id, "ana", force=True)
+    forced = model_registry.promote(bad.id, "cto", force=True, reason="hotfix for the demo")
+    assert (forced.from_version, forced.to_version, forced.action) == (1, 2, "force-promote")
+
+    back = model_registry.rollback("colours", "ana", reason="demo over")
+    assert (back.from_version, back.to_version, back.action) == (2, 1, "rollback")
+    assert model_registry.version_of("colours", "production").run_id == trained_run.run_id
+
+    trail = [(e.alias, e.from_version, e.to_version, e.action, e.by, e.review_id)
+             for e in ModelTables(Store()).model_audit("colours")]
+    assert trail == [("candidate", None, 1, "set", "ana", opened.id),
+                     ("production", None, 1, "promote", "ana", opened.id),
+                     ("candidate", 1, 2, "set", "ana", bad.id),
+                     ("production", 1, 2, "force-promote", "cto", bad.id),
+                     ("production", 2, 1, "rollback", "ana", None)]
+    entry = ModelTables(Store()).model_audit("colours")[3]
+    assert entry.reason == "hotfix for the demo" and entry.evidence["approved_by"] == "ben"
+    assert entry.evidence["delta"] == pytest.approx(-3 / Store().get_run(trained_run.run_id).summary.eval_images)
+
+
+def test_a_stale_review_cannot_promote_over_a_newer_production(home, trained_run):
+    model_registry.register("colours", trained_run.run_id, "ana")
+    first = review.open_review("colours", trained_run.run_id, "ana")
+    review.decide(first.id, True, "ben", "")
+    model_registry.promote(first.id, "ana")
+    a = review.open_review("colours", copy_run(trained_run.run_id, "a"), "ana")
+    b = review.open_review("colours", copy_run(trained_run.run_id, "b"), "ana")
+    for r in (a, b):
+        assert r.gate_passed
+        review.decide(r.id, True, "ben", "")
+    model_registry.promote(a.id, "ana")
+    with pytest.raises(InvalidInput, match="Production of colours is v2 now, not the v1 review .* compared against"):
+        model_registry.promote(b.id, "ana")
+    assert model_registry.version_of("colours", "production").version == 2
+
+
+def test_two_reviewers_racing_get_one_decision_and_one_sentence(home, trained_run):
+    model_registry.register("colours", trained_run.run_id, "ana")
+    opened = review.open_review("colours", trained_run.run_id, "ana")
+    results: dict[str, object] = {}
+    barrier = threading.Barrier(2)
+
+    def decide(who, approve):
+        barrier.wait()
+        try:
+            results[who] = review.decide(opened.id, approve, who, f"{who} says so")
+        except InvalidInput as exc:
+            results[who] = exc
+
+    threads = [threading.Thread(target=decide, args=(who, who == "ben")) for who in ("ben", "cy")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r in results.values() if not isinstance(r, Exception)]
+    (loser,) = [r for r in results.values() if isinstance(r, Exception)]
+    assert len(winners) == 1
+    assert str(loser) == f"Review {opened.id} is already {winners[0].status} by {winners[0].decided_by}; " \
+                         "nothing changed."
+    assert ModelTables(Store()).get_review(opened.id) == winners[0]
+
+
+def test_a_candidate_trained_on_the_fixed_set_is_flagged_leaked(home, trained_run):
+    model_registry.register("colours", trained_run.run_id, "ana")
+    # Re-split with another seed: some of the fixed test images land in its training split.
+    leaky = copy_run(trained_run.run_id, "leaky", config={"split": [0.7, 0.15, 0.15], "seed": 7})
+    opened = review.open_review("colours", leaky, "ana")
+    assert opened.evidence["candidate"]["leaked"] > 0 and not opened.gate_passed
+    assert "are among the candidate's training images" in opened.gate["reasons"][0]
+
+
+def test_a_candidate_is_judged_on_the_fixed_set_even_where_its_own_evaluation_was_elsewhere(home, trained_run):
+    model_registry.register("colours", trained_run.run_id, "ana")
+    first = review.open_review("colours", trained_run.run_id, "ana")
+    review.decide(first.id, True, "ben", "")
+    model_registry.promote(first.id, "ana")
+    other = copy_run(trained_run.run_id, "evaluated-elsewhere")
+    folder = RunFolder(other)
+    rows = read_predictions(folder.predictions).to_dict("records")
+    write_predictions(folder.predictions, rows[:2])  # its own evaluation covered 2 of the fixed images
+    opened = review.open_review("colours", other, "ana")
+    fixed = model_registry.eval_set(ModelTables(Store()).get_model("colours"))
+    predicted = read_predictions(folder.path / "fixed_set_predictions.jsonl")
+    assert len(predicted) == len(fixed.images) - 2
+    # Its model is the trained run's: predicted now, it agrees with the trained run's stored predictions.
+    assert opened.evidence["comparison"]["n_shared"] == len(fixed.images)
+    assert opened.evidence["comparison"]["fixed"] + opened.evidence["comparison"]["broken"] == 0
+
+
+def test_policy_is_per_model_and_recorded_with_each_review(home, trained_run):
+    model_registry.register("colours", trained_run.run_id, "ana")
+    review.set_policy("colours", GatePolicy(min_accuracy=0.999999))
+    strict = review.open_review("colours", copy_run(trained_run.run_id, "c", wrong=1), "ana")
+    assert strict.policy == dataclasses.asdict(GatePolicy(min_accuracy=0.999999)) and not strict.gate_passed
