@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import threading
 
 import pandas as pd
 import pytest
 
+from tests.registry_runs import copy_home, copy_run
 from tlcore import model_registry, review
 from tlcore.comparison import compare_predictions
 from tlcore.errors import InvalidInput, NotFound
@@ -101,31 +101,10 @@ def test_a_minimum_accuracy_applies_without_production():
 
 @pytest.fixture
 def home(trained_run, tmp_path, monkeypatch):
-    """A copy of the trained run's data home (store, datasets, runs; blobs are read where they are)."""
-    copy = tmp_path / "home"
-    copy.mkdir()
-    shutil.copy(trained_run.home / "store.db", copy / "store.db")
-    for folder in ("datasets", "runs"):
-        shutil.copytree(trained_run.home / folder, copy / folder, ignore=shutil.ignore_patterns("export"))
+    """A copy of the trained run's data home, so registry rows stay in this test."""
+    copy = copy_home(trained_run.home, tmp_path / "home")
     monkeypatch.setenv("TLCORE_HOME", str(copy))
     return copy
-
-
-def copy_run(run_id: str, name: str, *, wrong: int = 0, config: dict | None = None) -> str:
-    """A new succeeded run: `run_id`'s folder and row, its first `wrong` evaluation predictions made wrong."""
-    store = Store()
-    run = store.get_run(run_id)
-    new = store.create_run(name, run.dataset_id, run.backbone, run.weights, {**run.config, **(config or {})})
-    shutil.copytree(RunFolder(run_id).path, RunFolder(new.id).path, ignore=shutil.ignore_patterns("export"))
-    folder = RunFolder(new.id)
-    (folder.path / "fixed_set_predictions.jsonl").unlink(missing_ok=True)
-    rows = read_predictions(folder.predictions).to_dict("records")
-    labels = folder.labels()
-    for row in rows[:wrong]:
-        row["pred"] = next(label for label in labels if label != row["true"])
-    write_predictions(folder.predictions, rows)
-    store.finish_run(new.id, RunStatus.SUCCEEDED, summary=run.summary)
-    return new.id
 
 
 def test_register_pins_the_fixed_set_and_numbers_versions(home, trained_run):
@@ -290,3 +269,97 @@ def test_policy_is_per_model_and_recorded_with_each_review(home, trained_run):
     review.set_policy("colours", GatePolicy(min_accuracy=0.999999))
     strict = review.open_review("colours", copy_run(trained_run.run_id, "c", wrong=1), "ana")
     assert strict.policy == dataclasses.asdict(GatePolicy(min_accuracy=0.999999)) and not strict.gate_passed
+
+
+# ------------------------------------------------------------ serving the alias
+
+
+def test_serve_follows_production_and_swaps_without_dropping_requests(home, trained_run):
+    """A real uvicorn server on `--model colours`: while 8 clients keep asking, production moves to v2 (a copy
+    whose labels are reversed, so its answers show which model gave them) and back by rollback."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from tests.test_serve import _png, serving
+
+    model_registry.register("colours", trained_run.run_id, "ana")
+    first = review.open_review("colours", trained_run.run_id, "ana")
+    review.decide(first.id, True, "ben", "")
+    model_registry.promote(first.id, "ana")
+    flipped = copy_run(trained_run.run_id, "flipped", reverse_labels=True)
+    image = _png(seed=3)
+    answers: list[tuple[int, int | None, str | None]] = []
+    with serving(None, model="colours", poll_s=0.2) as url:
+        def ask(_):
+            reply = requests.post(f"{url}/v1/predict", files={"file": ("a.png", image, "image/png")}, timeout=60)
+            body = reply.json()
+            return reply.status_code, body.get("version"), body.get("predictions", [{}])[0].get("label")
+
+        card = requests.get(f"{url}/v1/model", timeout=10).json()
+        assert card["serving"] == {"run": trained_run.run_id, "run_name": card["serving"]["run_name"],
+                                   "model": "colours", "version": 1, "alias": "production"}
+        with ThreadPoolExecutor(8) as pool:
+            answers += pool.map(ask, range(16))
+            second = review.open_review("colours", flipped, "ana")
+            review.decide(second.id, True, "ben", "same weights, fine")
+            model_registry.promote(second.id, "ana")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not any(v == 2 for _, v, _ in answers[-8:]):
+                answers += pool.map(ask, range(16))
+            answers += pool.map(ask, range(16))
+        swapped = requests.get(f"{url}/v1/model", timeout=10).json()["serving"]
+        model_registry.rollback("colours", "ana", "checking rollback")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and requests.get(f"{url}/v1/model", timeout=10).json()["serving"][
+                "version"] != 1:
+            time.sleep(0.2)
+        back = requests.get(f"{url}/v1/model", timeout=10).json()["serving"]
+        last = ask(0)
+    print(f"{len(answers)} answers: {sum(v == 1 for _, v, _ in answers)} from v1, "
+          f"{sum(v == 2 for _, v, _ in answers)} from v2")
+    assert all(status == 200 for status, _, _ in answers)
+    labels = {version: {label for _, v, label in answers if v == version} for version in (1, 2)}
+    assert len(labels[1]) == 1 and len(labels[2]) == 1 and labels[1] != labels[2]  # each answer whole, from one model
+    assert swapped["version"] == 2 and swapped["run"] == flipped
+    assert back["version"] == 1 and back["run"] == trained_run.run_id and last[1:] == (1, *labels[1])
+
+
+def test_cli_models_and_review_with_json_and_one_sentence_errors(home, trained_run, capsys, tmp_path):
+    from tlcore.cli import main
+
+    def run(*argv):
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = run("models", "register", "colours", "--run", trained_run.run_id, "--by", "ana", "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1])["version"] == 1
+    code, out, _ = run("review", "open", "colours", "--candidate", trained_run.run_id, "--by", "ana", "--json")
+    opened = json.loads(out.splitlines()[-1])
+    assert code == 0 and opened["gate"]["passed"] is True and opened["review_id"].startswith("rev-")
+    assert run("models", "promote", "colours", "--review", opened["review_id"])[2].startswith(
+        f"Error: Review {opened['review_id']} is open, not approved")
+    assert run("review", "approve", opened["review_id"], "--by", "ben", "--comment", "ok")[0] == 0
+    code, _, err = run("review", "reject", opened["review_id"], "--by", "cy")
+    assert code == 2 and err == f"Error: Review {opened['review_id']} is already approved by ben; nothing changed.\n"
+    assert run("models", "promote", "colours", "--review", opened["review_id"], "--by", "ana")[0] == 0
+    code, _, err = run("models", "promote", "colours", "--review", opened["review_id"])
+    assert code == 2 and "already promoted" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = run("models", "show", "colours", "--json")
+    shown = json.loads(out.splitlines()[-1])
+    assert shown["aliases"] == {"candidate": 1, "production": 1} and shown["versions"][0]["aliases"] == [
+        "candidate", "production"]
+    code, out, _ = run("models", "list", "--json")
+    assert json.loads(out.splitlines()[-1])["models"][0]["name"] == "colours"
+    for argv, message in [(("models", "show", "nope"), "Error: No model named 'nope'. Known models: colours.\n"),
+                          (("review", "show", "rev-nope"), "Error: No review 'rev-nope'."),
+                          (("models", "rollback", "colours"), "Error: Model colours has no earlier production"),
+                          (("models", "alias", "colours", "production", "1"), "Error: `production` moves only"),
+                          (("serve", "--model", "colours@staging", "--port", "1"),
+                           "Error: Model colours has no alias 'staging'. Its aliases: candidate (v1), production")]:
+        code, _, err = run(*argv)
+        assert code == 2 and err.startswith(message), err
+    code, out, _ = run("review", "report", opened["review_id"], "--out", str(tmp_path / "r.html"), "--json")
+    assert code == 0 and (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
