@@ -860,8 +860,13 @@ def _review_lines(review) -> list[str]:
         facts = evidence.get(side)
         if facts:
             lines.append(f"  {side} v{facts['version']} {facts['run_name']}: accuracy {100 * facts['accuracy']:.1f} %, "
-                         f"ECE {facts['ece']:.3f}, {_fmt(facts['size_mb'])} MB, {_fmt(facts['latency_ms'])} ms/image")
+                         f"ECE {facts['ece']:.3f}, {_one_decimal(facts['size_mb'])} MB, "
+                         f"{_one_decimal(facts['latency_ms'])} ms/image")
     return lines
+
+
+def _one_decimal(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _review_json(review) -> dict[str, Any]:

@@ -152,7 +152,8 @@ def fixed_set_predictions(run: Run, fixed: EvalSet) -> pd.DataFrame:
             continue
         for row in table.to_dict("records"):
             known.setdefault(image_key(row["path"]), row)
-    missing = [image for image in fixed.images if image.sha256 not in known]
+    keys = [image_key(image.path) for image in fixed.images]  # as the predictions' paths are keyed
+    missing = [image for image, key in zip(fixed.images, keys) if key not in known]
     if missing:
         predicted = _predict(run, missing)
         from tlcore.evaluation import write_predictions
@@ -163,9 +164,9 @@ def fixed_set_predictions(run: Run, fixed: EvalSet) -> pd.DataFrame:
         except NotFound:
             earlier = []
         write_predictions(extra, earlier + predicted)
-        known.update({image.sha256: row for image, row in zip(missing, predicted)})
-    rows = [{**known[image.sha256], "path": image.path, "source": image.source, "true": image.label}
-            for image in fixed.images]
+        known.update({image_key(image.path): row for image, row in zip(missing, predicted)})
+    rows = [{**known[key], "path": image.path, "source": image.source, "true": image.label}
+            for image, key in zip(fixed.images, keys)]
     return pd.DataFrame(rows)
 
 
@@ -202,6 +203,8 @@ def version_facts(run: Run, predictions: pd.DataFrame, fixed: EvalSet, version: 
 
 def measure_latency_ms(run: Run, repeats: int = 5) -> float | None:
     """Median milliseconds of one image through the run's model on this machine (None without a model)."""
+    if not RunFolder(run.id).has_model():
+        return None
     from tlcore import inference
     from tlcore.errors import ModelLoadError
 
