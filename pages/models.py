@@ -102,7 +102,8 @@ if not reviews:
 else:
     labels = {r.id: f"{r.id} · v{r.candidate_version} vs "
                     f"{'v' + str(r.baseline_version) if r.baseline_version else 'nothing'} · "
-                    f"gate {'passed' if r.gate_passed else 'failed'} · {r.status}" for r in reviews}
+                    f"gate {'passed' if r.gate_passed else 'failed'} · {r.status}"
+                    + (" · promoted" if r.promoted_at else "") for r in reviews}
     state.keep_choice("models.review", list(labels))
     chosen = tables.get_review(st.selectbox("Review", list(labels), format_func=labels.get, key="models.review"))
     evidence, comparison = chosen.evidence, chosen.evidence.get("comparison")
@@ -117,14 +118,21 @@ else:
                           f"{100 * comparison['ci_low']:+.1f} to {100 * comparison['ci_high']:+.1f}")
         columns[2].metric("Fixed / broken", f"{comparison['fixed']} / {comparison['broken']}")
         columns[3].metric("McNemar p", f"{comparison['mcnemar_p']:.3g}")
-        st.dataframe(pd.DataFrame(evidence["per_class"]).rename(columns={
-            "recall_a": "production recall", "recall_b": "candidate recall", "delta": "delta"}),
-            hide_index=True, width="stretch")
+        per_class = pd.DataFrame(evidence["per_class"]).rename(columns={
+            "recall_a": "production recall", "recall_b": "candidate recall", "delta": "delta (pts)"})
+        per_class["delta (pts)"] *= 100
+        st.dataframe(per_class, hide_index=True, width="stretch", column_config={
+            "production recall": st.column_config.NumberColumn(format="percent"),
+            "candidate recall": st.column_config.NumberColumn(format="percent"),
+            "delta (pts)": st.column_config.NumberColumn(format="%+.1f")})
     if chosen.decided_by:
         st.markdown(f"**{chosen.status.capitalize()}** by {chosen.decided_by} at "
                     f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(chosen.decided_at))}"
                     + (f": {chosen.comment}" if chosen.comment else ""))
-    elif chosen.status == "open":
+    if chosen.promoted_at:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(chosen.promoted_at))
+        st.markdown(f"**Promoted** to production at {when}.")
+    if chosen.status == "open":
         comment = st.text_area("Comment", key="models.comment")
         left, right = st.columns(2)
         for column, approve in ((left, True), (right, False)):
@@ -140,7 +148,7 @@ else:
         force = st.checkbox("Override the gate or the missing approval", key="models.force")
         reason = st.text_input("Why (kept in the audit trail)", key="models.reason") if force else ""
         if st.button("Promote to production", key="models.promote", disabled=not reviewer
-                     or chosen.status == "promoted"):
+                     or chosen.promoted_at is not None):
             if attempt(lambda: model_registry.promote(chosen.id, reviewer, force=force, reason=reason, store=store),
                        f"Production of {name} is now v{chosen.candidate_version}."):
                 st.rerun()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 
 import pandas as pd
@@ -99,59 +100,78 @@ def test_a_minimum_accuracy_applies_without_production():
 # ------------------------------------------------------------- the flow
 
 
+@pytest.fixture(scope="module")
+def shared_home(trained_run, tmp_path_factory):
+    """One copy of the trained run's data home for this module: its models load once (the model cache is
+    keyed by file), and each test registers its own model name."""
+    return copy_home(trained_run.home, tmp_path_factory.mktemp("registry") / "home")
+
+
 @pytest.fixture
-def home(trained_run, tmp_path, monkeypatch):
-    """A copy of the trained run's data home, so registry rows stay in this test."""
-    copy = copy_home(trained_run.home, tmp_path / "home")
-    monkeypatch.setenv("TLCORE_HOME", str(copy))
-    return copy
+def home(shared_home, monkeypatch):
+    monkeypatch.setenv("TLCORE_HOME", str(shared_home))
+    return shared_home
 
 
-def test_register_pins_the_fixed_set_and_numbers_versions(home, trained_run):
-    v1 = model_registry.register("colours", trained_run.run_id, "ana")
-    other = copy_run(trained_run.run_id, "second")
-    v2 = model_registry.register("colours", other, "ben")
+@pytest.fixture(scope="module")
+def twin(shared_home, trained_run):
+    """A second run with the trained run's model and predictions (loaded once for the module)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TLCORE_HOME", str(shared_home))
+        return copy_run(trained_run.run_id, "twin")
+
+
+@pytest.fixture
+def name(request):
+    """A model name of this test's own."""
+    return re.sub(r"[^a-z0-9]+", "-", request.node.name.removeprefix("test_"))[:60]
+
+
+def test_register_pins_the_fixed_set_and_numbers_versions(home, trained_run, name, twin):
+    v1 = model_registry.register(name, trained_run.run_id, "ana")
+    other = twin
+    v2 = model_registry.register(name, other, "ben")
     assert (v1.version, v2.version) == (1, 2)
-    assert model_registry.register("colours", other, "ben").version == 2  # the same run keeps its version
-    shown = model_registry.describe("colours")
+    assert model_registry.register(name, other, "ben").version == 2  # the same run keeps its version
+    shown = model_registry.describe(name)
     run = Store().get_run(trained_run.run_id)
     assert shown["eval_set"]["images"] == run.summary.eval_images and shown["eval_set"]["labels"] == ["blue", "red"]
     assert [v["run_id"] for v in shown["versions"]] == [trained_run.run_id, other]
     assert shown["versions"][0]["accuracy"] == run.accuracy and shown["aliases"] == {}
 
 
-def test_bad_input_gets_one_sentence_and_changes_nothing(home, trained_run):
+def test_bad_input_gets_one_sentence_and_changes_nothing(home, trained_run, name):
     store = Store()
     with pytest.raises(NotFound, match="No run 'nope'"):
-        model_registry.register("colours", "nope", "ana")
+        model_registry.register(name, "nope", "ana")
     with pytest.raises(InvalidInput, match="letters, digits"):
         model_registry.register("no spaces", trained_run.run_id, "ana")
     failed = store.create_run("broken", "ds", "efficientnet_lite0", "imagenet", {})
     store.finish_run(failed.id, RunStatus.FAILED, error="Out of memory.")
     with pytest.raises(InvalidInput, match=r"cannot be a model version: it failed \(Out of memory.\)"):
-        model_registry.register("colours", failed.id, "ana")
-    assert ModelTables(store).list_models() == []
-    with pytest.raises(NotFound, match="No model named 'colours'"):
-        review.open_review("colours", trained_run.run_id, "ana")
-    model_registry.register("colours", trained_run.run_id, "ana")
+        model_registry.register(name, failed.id, "ana")
+    assert name not in [m.name for m in ModelTables(store).list_models()]
+    with pytest.raises(NotFound, match=f"No model named '{name}'"):
+        review.open_review(name, trained_run.run_id, "ana")
+    model_registry.register(name, trained_run.run_id, "ana")
     with pytest.raises(NotFound, match="No review 'rev-x'"):
         review.decide("rev-x", True, "ana", "")
     with pytest.raises(NotFound, match="No review 'rev-x'"):
         model_registry.promote("rev-x", "ana")
     # A run on another label set.
-    other = copy_run(trained_run.run_id, "three-classes")
-    dataset = store.get_dataset(store.get_run(other).dataset_id)
-    with store._transaction() as db:
-        db.execute("UPDATE datasets SET classes = ? WHERE id = ?", (json.dumps(["blue", "green", "red"]), dataset.id))
-    with pytest.raises(InvalidInput, match="predicts blue, green, red, but model colours is judged on blue, red"):
-        review.open_review("colours", other, "ana")
-    assert [v.version for v in ModelTables(store).model_versions("colours")] == [1]
-    assert ModelTables(store).list_reviews() == []
+    three = store.add_dataset("three", "test", ["blue", "green", "red"], {"train": {"green": 1}}, {})
+    other = store.create_run("three-classes", three.id, "efficientnet_lite0", "imagenet", {})
+    store.finish_run(other.id, RunStatus.SUCCEEDED)
+    other = other.id
+    with pytest.raises(InvalidInput, match=f"predicts blue, green, red, but model {name} is judged on blue, red"):
+        review.open_review(name, other, "ana")
+    assert [v.version for v in ModelTables(store).model_versions(name)] == [1]
+    assert ModelTables(store).list_reviews(name) == []
 
 
-def test_review_approve_promote_audit_and_rollback(home, trained_run):
-    model_registry.register("colours", trained_run.run_id, "ana")
-    opened = review.open_review("colours", trained_run.run_id, "ana")
+def test_review_approve_promote_audit_and_rollback(home, trained_run, name):
+    model_registry.register(name, trained_run.run_id, "ana")
+    opened = review.open_review(name, trained_run.run_id, "ana")
     assert opened.baseline_version is None and opened.gate_passed
     assert opened.evidence["candidate"]["leaked"] == 0 and opened.evidence["comparison"] is None
     with pytest.raises(InvalidInput, match="is open, not approved, so production stays"):
@@ -163,7 +183,7 @@ def test_review_approve_promote_audit_and_rollback(home, trained_run):
 
     # A worse candidate (the first 3 evaluation images wrong): the gate fails and promotion is refused.
     worse = copy_run(trained_run.run_id, "worse", wrong=3)
-    bad = review.open_review("colours", worse, "ana")
+    bad = review.open_review(name, worse, "ana")
     assert not bad.gate_passed and bad.baseline_version == 1
     evidence = bad.evidence
     assert evidence["comparison"]["broken"] == 3 and evidence["comparison"]["fixed"] == 0
@@ -173,47 +193,50 @@ def test_review_approve_promote_audit_and_rollback(home, trained_run):
     review.decide(bad.id, True, "ben", "looks fine to me")
     with pytest.raises(InvalidInput, match=f"Review {bad.id} did not pass its gate .*May be worse"):
         model_registry.promote(bad.id, "ana")
-    assert model_registry.version_of("colours", "production").version == 1
+    assert model_registry.version_of(name, "production").version == 1
     with pytest.raises(InvalidInput, match="`--force` needs `--reason`"):
         model_registry.promote(bad.id, "ana", force=True)
     forced = model_registry.promote(bad.id, "cto", force=True, reason="hotfix for the demo")
     assert (forced.from_version, forced.to_version, forced.action) == (1, 2, "force-promote")
+    kept = ModelTables(Store()).get_review(bad.id)
+    assert kept.status == "approved" and kept.decided_by == "ben" and kept.promoted_at is not None
 
-    back = model_registry.rollback("colours", "ana", reason="demo over")
+    back = model_registry.rollback(name, "ana", reason="demo over")
     assert (back.from_version, back.to_version, back.action) == (2, 1, "rollback")
-    assert model_registry.version_of("colours", "production").run_id == trained_run.run_id
+    assert model_registry.version_of(name, "production").run_id == trained_run.run_id
 
     trail = [(e.alias, e.from_version, e.to_version, e.action, e.by, e.review_id)
-             for e in ModelTables(Store()).model_audit("colours")]
+             for e in ModelTables(Store()).model_audit(name)]
     assert trail == [("candidate", None, 1, "set", "ana", opened.id),
                      ("production", None, 1, "promote", "ana", opened.id),
                      ("candidate", 1, 2, "set", "ana", bad.id),
                      ("production", 1, 2, "force-promote", "cto", bad.id),
                      ("production", 2, 1, "rollback", "ana", None)]
-    entry = ModelTables(Store()).model_audit("colours")[3]
+    entry = ModelTables(Store()).model_audit(name)[3]
     assert entry.reason == "hotfix for the demo" and entry.evidence["approved_by"] == "ben"
     assert entry.evidence["delta"] == pytest.approx(-3 / Store().get_run(trained_run.run_id).summary.eval_images)
 
 
-def test_a_stale_review_cannot_promote_over_a_newer_production(home, trained_run):
-    model_registry.register("colours", trained_run.run_id, "ana")
-    first = review.open_review("colours", trained_run.run_id, "ana")
+def test_a_stale_review_cannot_promote_over_a_newer_production(home, trained_run, name, twin):
+    model_registry.register(name, trained_run.run_id, "ana")
+    first = review.open_review(name, trained_run.run_id, "ana")
     review.decide(first.id, True, "ben", "")
     model_registry.promote(first.id, "ana")
-    a = review.open_review("colours", copy_run(trained_run.run_id, "a"), "ana")
-    b = review.open_review("colours", copy_run(trained_run.run_id, "b"), "ana")
+    # Two reviews of the same candidate, both against v1; the first promoted makes the second stale.
+    a = review.open_review(name, twin, "ana")
+    b = review.open_review(name, twin, "ana")
     for r in (a, b):
         assert r.gate_passed
         review.decide(r.id, True, "ben", "")
     model_registry.promote(a.id, "ana")
-    with pytest.raises(InvalidInput, match="Production of colours is v2 now, not the v1 review .* compared against"):
+    with pytest.raises(InvalidInput, match=f"Production of {name} is v2 now, not the v1 review .* compared against"):
         model_registry.promote(b.id, "ana")
-    assert model_registry.version_of("colours", "production").version == 2
+    assert model_registry.version_of(name, "production").version == 2
 
 
-def test_two_reviewers_racing_get_one_decision_and_one_sentence(home, trained_run):
-    model_registry.register("colours", trained_run.run_id, "ana")
-    opened = review.open_review("colours", trained_run.run_id, "ana")
+def test_two_reviewers_racing_get_one_decision_and_one_sentence(home, trained_run, name):
+    model_registry.register(name, trained_run.run_id, "ana")
+    opened = review.open_review(name, trained_run.run_id, "ana")
     results: dict[str, object] = {}
     barrier = threading.Barrier(2)
 
@@ -237,26 +260,28 @@ def test_two_reviewers_racing_get_one_decision_and_one_sentence(home, trained_ru
     assert ModelTables(Store()).get_review(opened.id) == winners[0]
 
 
-def test_a_candidate_trained_on_the_fixed_set_is_flagged_leaked(home, trained_run):
-    model_registry.register("colours", trained_run.run_id, "ana")
+def test_a_candidate_trained_on_the_fixed_set_is_flagged_leaked(home, trained_run, name):
+    model_registry.register(name, trained_run.run_id, "ana")
     # Re-split with another seed: some of the fixed test images land in its training split.
     leaky = copy_run(trained_run.run_id, "leaky", config={"split": [0.7, 0.15, 0.15], "seed": 7})
-    opened = review.open_review("colours", leaky, "ana")
+    review.set_policy(name, GatePolicy(non_inferiority_pts=2, min_accuracy=0.5))  # recorded with the review
+    opened = review.open_review(name, leaky, "ana")
+    assert opened.policy == dataclasses.asdict(GatePolicy(non_inferiority_pts=2, min_accuracy=0.5))
     assert opened.evidence["candidate"]["leaked"] > 0 and not opened.gate_passed
     assert "are among the candidate's training images" in opened.gate["reasons"][0]
 
 
-def test_a_candidate_is_judged_on_the_fixed_set_even_where_its_own_evaluation_was_elsewhere(home, trained_run):
-    model_registry.register("colours", trained_run.run_id, "ana")
-    first = review.open_review("colours", trained_run.run_id, "ana")
+def test_a_candidate_is_judged_on_the_fixed_set_even_where_its_own_evaluation_was_elsewhere(home, trained_run, name):
+    model_registry.register(name, trained_run.run_id, "ana")
+    first = review.open_review(name, trained_run.run_id, "ana")
     review.decide(first.id, True, "ben", "")
     model_registry.promote(first.id, "ana")
     other = copy_run(trained_run.run_id, "evaluated-elsewhere")
     folder = RunFolder(other)
     rows = read_predictions(folder.predictions).to_dict("records")
     write_predictions(folder.predictions, rows[:2])  # its own evaluation covered 2 of the fixed images
-    opened = review.open_review("colours", other, "ana")
-    fixed = model_registry.eval_set(ModelTables(Store()).get_model("colours"))
+    opened = review.open_review(name, other, "ana")
+    fixed = model_registry.eval_set(ModelTables(Store()).get_model(name))
     predicted = read_predictions(folder.path / "fixed_set_predictions.jsonl")
     assert len(predicted) == len(fixed.images) - 2
     # Its model is the trained run's: predicted now, it agrees with the trained run's stored predictions.
@@ -264,17 +289,10 @@ def test_a_candidate_is_judged_on_the_fixed_set_even_where_its_own_evaluation_wa
     assert opened.evidence["comparison"]["fixed"] + opened.evidence["comparison"]["broken"] == 0
 
 
-def test_policy_is_per_model_and_recorded_with_each_review(home, trained_run):
-    model_registry.register("colours", trained_run.run_id, "ana")
-    review.set_policy("colours", GatePolicy(min_accuracy=0.999999))
-    strict = review.open_review("colours", copy_run(trained_run.run_id, "c", wrong=1), "ana")
-    assert strict.policy == dataclasses.asdict(GatePolicy(min_accuracy=0.999999)) and not strict.gate_passed
-
-
 # ------------------------------------------------------------ serving the alias
 
 
-def test_serve_follows_production_and_swaps_without_dropping_requests(home, trained_run):
+def test_serve_follows_production_and_swaps_without_dropping_requests(home, trained_run, name):
     """A real uvicorn server on `--model colours`: while 8 clients keep asking, production moves to v2 (a copy
     whose labels are reversed, so its answers show which model gave them) and back by rollback."""
     import time
@@ -284,14 +302,14 @@ def test_serve_follows_production_and_swaps_without_dropping_requests(home, trai
 
     from tests.test_serve import _png, serving
 
-    model_registry.register("colours", trained_run.run_id, "ana")
-    first = review.open_review("colours", trained_run.run_id, "ana")
+    model_registry.register(name, trained_run.run_id, "ana")
+    first = review.open_review(name, trained_run.run_id, "ana")
     review.decide(first.id, True, "ben", "")
     model_registry.promote(first.id, "ana")
     flipped = copy_run(trained_run.run_id, "flipped", reverse_labels=True)
     image = _png(seed=3)
     answers: list[tuple[int, int | None, str | None]] = []
-    with serving(None, model="colours", poll_s=0.2) as url:
+    with serving(None, model=name, poll_s=0.2) as url:
         def ask(_):
             reply = requests.post(f"{url}/v1/predict", files={"file": ("a.png", image, "image/png")}, timeout=60)
             body = reply.json()
@@ -299,10 +317,10 @@ def test_serve_follows_production_and_swaps_without_dropping_requests(home, trai
 
         card = requests.get(f"{url}/v1/model", timeout=10).json()
         assert card["serving"] == {"run": trained_run.run_id, "run_name": card["serving"]["run_name"],
-                                   "model": "colours", "version": 1, "alias": "production"}
+                                   "model": name, "version": 1, "alias": "production"}
         with ThreadPoolExecutor(8) as pool:
             answers += pool.map(ask, range(16))
-            second = review.open_review("colours", flipped, "ana")
+            second = review.open_review(name, flipped, "ana")
             review.decide(second.id, True, "ben", "same weights, fine")
             model_registry.promote(second.id, "ana")
             deadline = time.monotonic() + 120
@@ -310,7 +328,7 @@ def test_serve_follows_production_and_swaps_without_dropping_requests(home, trai
                 answers += pool.map(ask, range(16))
             answers += pool.map(ask, range(16))
         swapped = requests.get(f"{url}/v1/model", timeout=10).json()["serving"]
-        model_registry.rollback("colours", "ana", "checking rollback")
+        model_registry.rollback(name, "ana", "checking rollback")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and requests.get(f"{url}/v1/model", timeout=10).json()["serving"][
                 "version"] != 1:
@@ -326,7 +344,7 @@ def test_serve_follows_production_and_swaps_without_dropping_requests(home, trai
     assert back["version"] == 1 and back["run"] == trained_run.run_id and last[1:] == (1, *labels[1])
 
 
-def test_cli_models_and_review_with_json_and_one_sentence_errors(home, trained_run, capsys, tmp_path):
+def test_cli_models_and_review_with_json_and_one_sentence_errors(home, trained_run, name, capsys, tmp_path):
     from tlcore.cli import main
 
     def run(*argv):
@@ -334,31 +352,31 @@ def test_cli_models_and_review_with_json_and_one_sentence_errors(home, trained_r
         out, err = capsys.readouterr()
         return code, out, err
 
-    code, out, _ = run("models", "register", "colours", "--run", trained_run.run_id, "--by", "ana", "--json")
+    code, out, _ = run("models", "register", name, "--run", trained_run.run_id, "--by", "ana", "--json")
     assert code == 0 and json.loads(out.splitlines()[-1])["version"] == 1
-    code, out, _ = run("review", "open", "colours", "--candidate", trained_run.run_id, "--by", "ana", "--json")
+    code, out, _ = run("review", "open", name, "--candidate", trained_run.run_id, "--by", "ana", "--json")
     opened = json.loads(out.splitlines()[-1])
     assert code == 0 and opened["gate"]["passed"] is True and opened["review_id"].startswith("rev-")
-    assert run("models", "promote", "colours", "--review", opened["review_id"])[2].startswith(
+    assert run("models", "promote", name, "--review", opened["review_id"])[2].startswith(
         f"Error: Review {opened['review_id']} is open, not approved")
     assert run("review", "approve", opened["review_id"], "--by", "ben", "--comment", "ok")[0] == 0
     code, _, err = run("review", "reject", opened["review_id"], "--by", "cy")
     assert code == 2 and err == f"Error: Review {opened['review_id']} is already approved by ben; nothing changed.\n"
-    assert run("models", "promote", "colours", "--review", opened["review_id"], "--by", "ana")[0] == 0
-    code, _, err = run("models", "promote", "colours", "--review", opened["review_id"])
+    assert run("models", "promote", name, "--review", opened["review_id"], "--by", "ana")[0] == 0
+    code, _, err = run("models", "promote", name, "--review", opened["review_id"])
     assert code == 2 and "already promoted" in err and len(err.strip().splitlines()) == 1
-    code, out, _ = run("models", "show", "colours", "--json")
+    code, out, _ = run("models", "show", name, "--json")
     shown = json.loads(out.splitlines()[-1])
     assert shown["aliases"] == {"candidate": 1, "production": 1} and shown["versions"][0]["aliases"] == [
         "candidate", "production"]
     code, out, _ = run("models", "list", "--json")
-    assert json.loads(out.splitlines()[-1])["models"][0]["name"] == "colours"
-    for argv, message in [(("models", "show", "nope"), "Error: No model named 'nope'. Known models: colours.\n"),
+    assert name in [m["name"] for m in json.loads(out.splitlines()[-1])["models"]]
+    for argv, message in [(("models", "show", "nope"), "Error: No model named 'nope'. Known models: "),
                           (("review", "show", "rev-nope"), "Error: No review 'rev-nope'."),
-                          (("models", "rollback", "colours"), "Error: Model colours has no earlier production"),
-                          (("models", "alias", "colours", "production", "1"), "Error: `production` moves only"),
-                          (("serve", "--model", "colours@staging", "--port", "1"),
-                           "Error: Model colours has no alias 'staging'. Its aliases: candidate (v1), production")]:
+                          (("models", "rollback", name), f"Error: Model {name} has no earlier production"),
+                          (("models", "alias", name, "production", "1"), "Error: `production` moves only"),
+                          (("serve", "--model", f"{name}@staging", "--port", "1"),
+                           f"Error: Model {name} has no alias 'staging'. Its aliases: candidate (v1), production")]:
         code, _, err = run(*argv)
         assert code == 2 and err.startswith(message), err
     code, out, _ = run("review", "report", opened["review_id"], "--out", str(tmp_path / "r.html"), "--json")

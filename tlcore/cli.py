@@ -847,6 +847,7 @@ def _review_lines(review) -> list[str]:
     base = f"v{review.baseline_version}" if review.baseline_version else "no production yet"
     lines = [f"Review {review.id}: {review.model} v{review.candidate_version} against {base} on "
              f"{evidence['eval_set']['images']} fixed images; {review.status}"
+             + (", promoted" if review.promoted_at else "")
              + (f" by {review.decided_by}" + (f" ({review.comment})" if review.comment else "")
                 if review.decided_by else ""),
              f"Gate {'PASSED' if review.gate_passed else 'FAILED'}:"] + [f"  - {r}" for r in review.gate["reasons"]]
@@ -892,7 +893,8 @@ def cmd_review(args) -> int:
         text = _table(["review", "model", "candidate", "against", "gate", "status"],
                       [[r.id, r.model, f"v{r.candidate_version}",
                         f"v{r.baseline_version}" if r.baseline_version else "-",
-                        "passed" if r.gate_passed else "failed", r.status] for r in found]) if found else "No reviews."
+                        "passed" if r.gate_passed else "failed", r.status + (", promoted" if r.promoted_at else "")]
+                       for r in found]) if found else "No reviews."
         _emit(args, {"reviews": [_review_json(r) for r in found]}, None if args.json else text)
         return 0
     else:

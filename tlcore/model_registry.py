@@ -204,9 +204,9 @@ def promote(review_id: str, by: str, *, force: bool = False, reason: str = "",
     """
     tables = registry(store)
     review = tables.get_review(review_id)
-    if review.status == "promoted":
-        raise InvalidInput(f"Review {review.id} was already promoted: production of {review.model} is "
-                           f"v{review.candidate_version}. Nothing changed.")
+    if review.promoted_at is not None:
+        raise InvalidInput(f"Review {review.id} was already promoted (v{review.candidate_version} of {review.model}); "
+                           "nothing changed.")
     if force and not reason.strip():
         raise InvalidInput("`--force` needs `--reason`: say why the gate or the approval is overridden.")
     if not force:
@@ -223,9 +223,10 @@ def promote(review_id: str, by: str, *, force: bool = False, reason: str = "",
             action="force-promote" if force else "promote", by=by, reason=reason, review_id=review.id,
             evidence=evidence, review_from=("open", "approved", "rejected") if force else ("approved",))
     except RegistryConflict as conflict:
-        if conflict.current in ("open", "approved", "rejected", "promoted"):
-            raise InvalidInput(f"Review {review.id} became {conflict.current} while promoting, so production "
-                               "stays; nothing changed.") from None
+        if isinstance(conflict.current, dict):
+            now = "promoted" if conflict.current["promoted_at"] else conflict.current["status"]
+            raise InvalidInput(f"Review {review.id} was {now} by someone else meanwhile, so this promotion "
+                               "did nothing.") from None
         now = f"v{conflict.current}" if conflict.current is not None else "unset"
         raise InvalidInput(f"Production of {review.model} is {now} now, not the "
                            f"v{review.baseline_version} review {review.id} compared against; open a new review "

@@ -142,6 +142,8 @@ def review_html(review: ReviewRecord, store: Store | None = None) -> str:
     decision = (f"<p><b>{_e(review.status)}</b> by {_e(review.decided_by)} at {_when(review.decided_at)}: "
                 f"“{_e(review.comment)}”</p>" if review.decided_by else f"<p><b>{_e(review.status)}</b>: "
                 "no reviewer has decided yet.</p>")
+    if review.promoted_at:
+        decision += f"<p><b>Promoted</b> to production at {_when(review.promoted_at)}.</p>"
     moves = [e for e in ModelTables(store or Store()).model_audit(review.model) if e.review_id == review.id]
     audit = "".join(f"<li>{_when(e.at)}: {_e(e.by)} moved <b>{_e(e.alias)}</b> "
                     f"{'v' + str(e.from_version) if e.from_version else 'unset'} → v{e.to_version} ({_e(e.action)})"

@@ -561,7 +561,7 @@ def _summary_or_none(data: dict[str, Any]) -> RunSummary | None:
 # The checks that must hold at the moment of a change (a review still open, production still where
 # the review saw it) are made inside the change's transaction, so two people racing get one winner.
 
-REVIEW_STATES = ("open", "approved", "rejected", "promoted")
+REVIEW_STATES = ("open", "approved", "rejected")
 
 _REGISTRY_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS models (
@@ -615,7 +615,8 @@ CREATE TABLE IF NOT EXISTS reviews (
     status TEXT NOT NULL CHECK (status IN ({", ".join(repr(s) for s in REVIEW_STATES)})),
     decided_by TEXT,
     decided_at REAL,
-    comment TEXT NOT NULL DEFAULT ''
+    comment TEXT NOT NULL DEFAULT '',
+    promoted_at REAL
 );
 """
 
@@ -673,10 +674,11 @@ class ReviewRecord:
     evidence: dict[str, Any]
     gate_passed: bool
     gate: dict[str, Any]
-    status: str  # open, approved, rejected, promoted
+    status: str  # open, approved, rejected
     decided_by: str | None
     decided_at: float | None
     comment: str
+    promoted_at: float | None = None  # when production moved to its candidate through it
 
 
 class RegistryConflict(Exception):
@@ -761,7 +763,8 @@ class ModelTables:
         """Point `alias` at `to_version` and write the audit entry, in one transaction.
 
         `expected`: the version the alias must still point at (None: unset), else `RegistryConflict`
-        with the current one. `review_from`: the states `review_id` must be in; it becomes `promoted`.
+        with the current one. `review_from`: the states `review_id` must be in, not yet promoted; it is
+        marked promoted (else `RegistryConflict` with `{"status": ..., "promoted_at": ...}`).
         """
         with self._store._transaction() as db:
             row = db.execute("SELECT version FROM model_aliases WHERE model = ? AND alias = ?",
@@ -771,11 +774,11 @@ class ModelTables:
                 raise RegistryConflict(current)
             if review_id and review_from:
                 changed = db.execute(
-                    f"UPDATE reviews SET status = 'promoted' WHERE id = ? AND status IN "
-                    f"({', '.join('?' * len(review_from))})", (review_id, *review_from)).rowcount
+                    f"UPDATE reviews SET promoted_at = ? WHERE id = ? AND promoted_at IS NULL AND status IN "
+                    f"({', '.join('?' * len(review_from))})", (time.time(), review_id, *review_from)).rowcount
                 if not changed:
-                    status = db.execute("SELECT status FROM reviews WHERE id = ?", (review_id,)).fetchone()
-                    raise RegistryConflict(status[0] if status else None)
+                    row = db.execute("SELECT status, promoted_at FROM reviews WHERE id = ?", (review_id,)).fetchone()
+                    raise RegistryConflict({"status": row[0], "promoted_at": row[1]} if row else None)
             db.execute("INSERT OR REPLACE INTO model_aliases VALUES (?, ?, ?)", (model, alias, int(to_version)))
             cursor = db.execute(
                 "INSERT INTO model_audit (model, alias, from_version, to_version, action, by, at, review_id,"
@@ -838,5 +841,6 @@ def _review_from_row(row: sqlite3.Row) -> ReviewRecord:
         baseline_version=row["baseline_version"], created_at=row["created_at"], created_by=row["created_by"],
         policy=json.loads(row["policy"]), evidence=json.loads(row["evidence"]),
         gate_passed=bool(row["gate_passed"]), gate=json.loads(row["gate"]), status=row["status"],
-        decided_by=row["decided_by"], decided_at=row["decided_at"], comment=row["comment"])
+        decided_by=row["decided_by"], decided_at=row["decided_at"], comment=row["comment"],
+        promoted_at=row["promoted_at"])
 
