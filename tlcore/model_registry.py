@@ -140,12 +140,17 @@ def register(name: str, run_ref: str, by: str, store: Store | None = None) -> Mo
             model = tables.create_model(name, by, {}, eval_set_of(run, store).to_dict())
         except RegistryConflict:  # registered by someone else a moment ago
             model = tables.get_model(name)
-    labels = EvalSet.from_dict(model.eval_set).labels
-    classes = sorted(store.get_dataset(run.dataset_id).classes)
-    if classes != labels:
-        raise InvalidInput(f"Run {run.name} predicts {', '.join(classes)}, but model {name} is judged on "
-                           f"{', '.join(labels)}; register it under another model name.")
+    check_classes(model, run, store)
     return tables.add_model_version(name, run.id, by)
+
+
+def check_classes(model: ModelRecord, run: Run, store: Store | None = None) -> None:
+    """One sentence if `run` predicts other classes than the ones `model` is judged on."""
+    labels = EvalSet.from_dict(model.eval_set).labels
+    classes = sorted((store or Store()).get_dataset(run.dataset_id).classes)
+    if classes != labels:
+        raise InvalidInput(f"Run {run.name} predicts {', '.join(classes)}, but model {model.name} is judged on "
+                           f"{', '.join(labels)}; register it under another model name.")
 
 
 def get_model(name: str, store: Store | None = None) -> ModelRecord:

@@ -271,13 +271,19 @@ def open_review(model_name: str, candidate_ref: str, by: str, store: Store | Non
     tables = model_registry.registry(store)
     model = tables.get_model(model_name)
     candidate = model_registry.finished_run(candidate_ref, store)
+    model_registry.check_classes(model, candidate, store)
     aliases = tables.model_aliases(model_name)
-    version = model_registry.register(model_name, candidate.id, by, store).version
-    if aliases.get(PRODUCTION) == version:
-        raise InvalidInput(f"Run {candidate.name} is v{version}, already production of {model_name}; "
-                           "review another run.")
+    registered = {v.run_id: v.version for v in tables.model_versions(model_name)}
+    if candidate.id in registered and aliases.get(PRODUCTION) == registered[candidate.id]:
+        raise InvalidInput(f"Run {candidate.name} is v{registered[candidate.id]}, already production of "
+                           f"{model_name}; review another run.")
     policy = GatePolicy.from_dict(model.policy)
-    evidence, verdict, production = gather_evidence(model_name, candidate, version, store, policy)
+    # The evidence first, so a candidate that cannot be judged (say its model is gone) is not registered.
+    expected = registered.get(candidate.id) or max(registered.values(), default=0) + 1
+    evidence, verdict, production = gather_evidence(model_name, candidate, expected, store, policy)
+    version = model_registry.register(model_name, candidate.id, by, store).version
+    if version != expected:  # someone registered another run meanwhile: the evidence names the version
+        evidence, verdict, production = gather_evidence(model_name, candidate, version, store, policy)
     review = tables.add_review(model_name, version, production, by, policy.to_dict(), evidence, verdict.to_dict())
     if aliases.get(CANDIDATE) != version:
         tables.move_alias(model_name, CANDIDATE, version, action="set", by=by, review_id=review.id,
