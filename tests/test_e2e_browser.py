@@ -305,7 +305,7 @@ def test_a_run_on_train_val_folders_demos_and_exports_without_a_temperature(trai
 
 # ------------------------------------------------- deep links as the first request
 
-NAVIGATION = ["Home", "Datasets", "Train", "Compare", "Errors", "Demo", "Export"]
+NAVIGATION = ["Home", "Datasets", "Train", "Compare", "Models", "Errors", "Demo", "Export"]
 
 
 def _navigation(page) -> list[str]:
@@ -439,3 +439,34 @@ def test_audit_a_dataset_and_apply_a_fix_as_a_new_version(server, page, tlcore_h
     fixed = store.get_dataset("flowers@2")
     assert {e.source: e.label for e in load_manifest(fixed.id)}["sunflower/misfiled.jpg"] == "daisy"
     assert len(load_manifest(flowers.id)) == 25  # the audited version is untouched
+
+
+def test_a_review_report_opens_offline_with_its_charts_and_thumbnails(page, trained_run, tmp_path, monkeypatch):
+    from registry_runs import copy_home, copy_run
+
+    from tlcore import model_registry, review
+    from tlcore.review_report import write_review_report
+
+    monkeypatch.setenv("TLCORE_HOME", str(copy_home(trained_run.home, tmp_path / "home")))
+    model_registry.register("colours", trained_run.run_id, "ana")
+    first = review.open_review("colours", trained_run.run_id, "ana")
+    review.decide(first.id, True, "ben", "first")
+    model_registry.promote(first.id, "ana")
+    worse = review.open_review("colours", copy_run(trained_run.run_id, "worse", wrong=3), "ana")
+    review.decide(worse.id, False, "ben", "three <red> squares broken")
+    path = write_review_report(worse.id, tmp_path / "review.html")
+    text = path.read_text()
+    assert not re.search(r"""<(script|link|img)[^>]+(src|href)=["']?https?:""", text)
+    assert text.count("data:image/jpeg;base64,") == 3 and "three &lt;red&gt; squares" in text
+
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(path.as_uri())
+    page.locator(".plotly-graph-div .main-svg").first.wait_for()
+    _shot(page, "review_report")
+    assert page.locator(".plotly-graph-div").count() == 2
+    assert page.get_by_text("Gate FAILED").is_visible()
+    assert page.get_by_text("three <red> squares broken").is_visible()
+    widths = page.eval_on_selector_all("figure img", "imgs => imgs.map(i => i.naturalWidth)")
+    assert len(widths) == 3 and all(w > 0 for w in widths)
+    assert all(url.startswith(("file:", "data:")) for url in requested), requested
