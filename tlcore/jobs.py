@@ -32,7 +32,7 @@ from tlcore import devices, home
 from tlcore.atomic import write_json_atomically
 from tlcore.backbones import get_backbone
 from tlcore.config import TrainConfig
-from tlcore.errors import InvalidInput, NotFound, RunCancelled, WorkerBusy, plain_message
+from tlcore.errors import InvalidInput, NotFound, RunCancelled, TransitionRefused, WorkerBusy, plain_message
 from tlcore.run_folder import RunFolder
 from tlcore.run_record import Executor
 from tlcore.store import Run, RunStatus, Store
@@ -248,6 +248,17 @@ def reap(store: Store | None = None, lease_s: float = LEASE_S) -> list[Run]:
 # ------------------------------------------------------------ running a run
 
 
+def record_end(store: Store, run_id: str, status: RunStatus, *, error: str | None = None,
+               summary=None) -> Run:
+    """Finish `run_id` with `status`; if it already finished (a reaper failed it while it trained on),
+    keep that record and say in the run's log what the late end was. Returns the run as stored."""
+    try:
+        return store.finish_run(run_id, status, error=error, summary=summary)
+    except TransitionRefused as exc:
+        store.log(run_id, f"It ended {status.value} after all, but too late to count: {exc}")
+        return store.get_run(run_id)
+
+
 def error_line(exc: BaseException) -> str:
     text = plain_message(exc)
     if isinstance(exc, MemoryError) or "ResourceExhausted" in type(exc).__name__:
@@ -292,7 +303,7 @@ def execute_claimed(run: Run, store: Store, *, stop: threading.Event | None = No
     shutdown = shutdown or threading.Event()
     beat = _Heartbeat(store, run.id, stop)
     if store.get_run(run.id).cancel_requested:
-        return store.finish_run(run.id, RunStatus.CANCELLED, error="Cancelled before it started.")
+        return record_end(store, run.id, RunStatus.CANCELLED, error="Cancelled before it started.")
     beat.start()
     try:
         from tlcore import devices, training
@@ -311,19 +322,19 @@ def execute_claimed(run: Run, store: Store, *, stop: threading.Event | None = No
             if beat.cancel_requested.is_set() or store.get_run(run.id).cancel_requested or not reason:
                 reason = "Cancelled by request; epochs logged so far are kept."
             _safe(store.log, run.id, f"Run cancelled: {reason}")
-            finished = _safe(store.finish_run, run.id, RunStatus.CANCELLED, error=reason)
+            finished = _safe(record_end, store, run.id, RunStatus.CANCELLED, error=reason)
         else:
             line = error_line(exc)
             _safe(store.log, run.id, "Run failed:\n" + "".join(
                 traceback.format_exception(type(exc), exc, exc.__traceback__)))
-            finished = _safe(store.finish_run, run.id, RunStatus.FAILED, error=line)
+            finished = _safe(record_end, store, run.id, RunStatus.FAILED, error=line)
         if not isinstance(exc, (Exception, KeyboardInterrupt)):
             raise  # SystemExit and friends: recorded as failed above, then let through
         _safe(release_models)
         return finished or store.get_run(run.id)
     beat.finish()
     release_models()
-    return store.finish_run(run.id, RunStatus.SUCCEEDED, summary=summary)
+    return record_end(store, run.id, RunStatus.SUCCEEDED, summary=summary)
 
 
 def release_models() -> None:
