@@ -337,6 +337,20 @@ def execute_claimed(run: Run, store: Store, *, stop: threading.Event | None = No
     return record_end(store, run.id, RunStatus.SUCCEEDED, summary=summary)
 
 
+def keep_caches_in_budget(store: Store) -> None:
+    """Prune the caches to `$TLCORE_CACHE_GB` after a run; a bad budget or a failed removal is only said."""
+    from tlcore import cache_budget
+
+    try:
+        pruned = cache_budget.enforce(store)
+    except Exception as exc:  # noqa: BLE001 - the queue goes on whatever the caches do
+        say(f"could not keep the caches in their budget: {error_line(exc)}")
+        return
+    if pruned.removed or pruned.kept_for_runs:
+        say(f"cache budget: removed {pruned.removed} least recently used cache file(s) ({pruned.freed / 1e9:.2f} GB)"
+            + (f"; kept {pruned.kept_for_runs} over the budget that queued runs need" if pruned.kept_for_runs else ""))
+
+
 def release_models() -> None:
     # A long-lived worker builds a new graph per run; clearing Keras' global state keeps its
     # memory from creeping up run after run.
@@ -441,6 +455,7 @@ def worker_loop(store: Store | None = None, *, once: bool = False, poll_s: float
             finished.append(done)
             _write_worker_json(info)
             say(f"{done.id} {done.status.value}" + (f": {done.error}" if done.error else ""))
+            keep_caches_in_budget(store)
             if once:
                 break
     return finished
