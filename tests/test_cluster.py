@@ -301,3 +301,35 @@ def test_a_killed_node_fails_its_run_with_the_node_named_and_resume_continues_it
     assert store.epochs(resumed.id)[0].step == kept + 1  # it continues where the lost run stopped
     jobs.cancel(resumed.id, store)
     wait_for(lambda: store.get_run(resumed.id).status.is_terminal, 120, "the resumed run to stop")
+
+
+def test_a_node_copies_only_the_images_it_lacks_from_a_shared_folder_and_refuses_damaged_ones(tmp_path,
+                                                                                            monkeypatch):
+    import hashlib
+
+    from tlcore.data.manifest import ManifestEntry
+
+    shared, node = tmp_path / "shared", tmp_path / "node"
+    entries = []
+    for i in range(4):
+        data = f"image {i}".encode()
+        sha = hashlib.sha256(data).hexdigest()
+        (shared / sha[:2]).mkdir(parents=True, exist_ok=True)
+        (shared / sha[:2] / f"{sha}.jpg").write_bytes(data)
+        entries.append(ManifestEntry(path=Path("/dispatcher/blobs") / sha[:2] / f"{sha}.jpg", label="a",
+                                     split="train", sha256=sha, source=f"a/{i}.jpg", width=32, height=32))
+    (node / entries[0].sha256[:2]).mkdir(parents=True)
+    (node / entries[0].sha256[:2] / entries[0].path.name).write_bytes(b"image 0")  # already on this node
+    monkeypatch.setenv(tlcluster.SHARED_BLOBS, str(shared))
+
+    source, described_as = tlcluster.blob_source(None)
+    fetched = tlcluster.fetch_blobs(entries, source, node, described_as)
+
+    assert (fetched.images, fetched.total) == (3, 4)
+    assert fetched.describe().startswith(f"Fetched 3 of 4 images (0.0 MB in 1 shards) from the shared folder {shared}")
+    assert all((node / e.sha256[:2] / e.path.name).read_bytes() == f"image {i}".encode() for i, e in enumerate(entries))
+    damaged = shared / entries[1].sha256[:2] / entries[1].path.name
+    damaged.write_bytes(b"not image 1")
+    (node / entries[1].sha256[:2] / entries[1].path.name).unlink()
+    with pytest.raises(RuntimeError, match="arrived damaged from the shared folder"):
+        tlcluster.fetch_blobs(entries, source, node, described_as)

@@ -8,7 +8,8 @@ No filesystem is shared, and nothing the size of the dataset travels as one obje
 gets references: the run and dataset records, the manifest (content hashes, labels, splits), a
 downloaded backbone weights file and, for a resumed run, its checkpoint. On the node the task
 fetches the image files its node lacks by content hash, in shards, from a `BlobServer` actor on
-the dispatcher's node (which reads the data home's blob store), into a persistent node-local
+the dispatcher's node (which reads the data home's blob store; or from a folder every node mounts,
+`$TLCORE_SHARED_BLOBS`, when a team has one), into a persistent node-local
 cache (`$TLCORE_NODE_CACHE`, default `~/.tlcore-node`) whose blobs, pixel and feature caches
 later runs and sweeps reuse. It trains in a private data home over that cache with
 `training.execute_run`, reporting through a `RunSink` that pushes log lines, epochs, progress and
@@ -41,7 +42,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tlcore import home, jobs
 from tlcore.atomic import write_bytes_atomically, write_json_atomically, write_text_atomically
@@ -146,38 +147,53 @@ class Fetched:
     total: int  # files the manifest names
     bytes: int
     shards: int
+    source: str
 
     def describe(self) -> str:
         return (f"Fetched {self.images} of {self.total} images ({self.bytes / 1e6:.1f} MB in {self.shards} "
-                f"shards) from the dispatcher; {self.total - self.images} were already on this node.")
+                f"shards) from {self.source}; {self.total - self.images} were already on this node.")
 
 
-def fetch_blobs(entries: list[ManifestEntry], server, blobs: Path) -> Fetched:
-    """Copy the image files of `entries` that `blobs` lacks from the `BlobServer` `server`, shard by shard.
+SHARED_BLOBS = "TLCORE_SHARED_BLOBS"  # a folder every node mounts, in the data home's blobs/ layout
 
-    Raises:
-        RuntimeError: the server lacks a file, or sent bytes that do not match their content hash.
-    """
+
+def blob_source(server) -> tuple[Callable[[list[str]], dict[str, bytes]], str]:
+    """Where this node gets image files: `$TLCORE_SHARED_BLOBS` when a team has a shared folder, else the
+    dispatcher's `BlobServer` actor `server`. Returns (names -> {name: bytes} for a shard, its description)."""
+    shared = os.environ.get(SHARED_BLOBS)
+    if shared:
+        return BlobServer(shared).shard, f"the shared folder {shared}"
     import ray
 
+    return (lambda names: ray.get(server.shard.remote(names))), "the dispatcher"
+
+
+def fetch_blobs(entries: list[ManifestEntry], source: Callable[[list[str]], dict[str, bytes]], blobs: Path,
+                described_as: str) -> Fetched:
+    """Copy the image files of `entries` that `blobs` lacks from `source` (see `blob_source`), shard by shard.
+
+    Raises:
+        RuntimeError: the source lacks a file, or sent bytes that do not match their content hash.
+    """
     names = {e.sha256: e.path.name for e in entries}
     missing = [sha for sha, name in names.items() if not (blobs / sha[:2] / name).is_file()]
     total_bytes, shards, remaining = 0, 0, list(missing)
     while remaining:
-        shard: dict[str, bytes] = ray.get(server.shard.remote([names[sha] for sha in remaining[:SHARD_FILES]]))
+        shard = source([names[sha] for sha in remaining[:SHARD_FILES]])
         if not shard:
-            raise RuntimeError(f"The dispatcher's blob store has no file for image {remaining[0]}.")
+            raise RuntimeError(f"{described_as[0].upper() + described_as[1:]} has no file for image {remaining[0]}.")
         for name, data in shard.items():
             sha = name.split(".")[0]
             if hashlib.sha256(data).hexdigest() != sha:
-                raise RuntimeError(f"Image {name} arrived damaged (its content hash does not match).")
+                raise RuntimeError(f"Image {name} arrived damaged from {described_as} (its content hash does not "
+                                   "match).")
             (blobs / sha[:2]).mkdir(parents=True, exist_ok=True)
             write_bytes_atomically(blobs / sha[:2] / name, data, mode=0o444)
             total_bytes += len(data)
         shards += 1
         got = {name.split(".")[0] for name in shard}
         remaining = [sha for sha in remaining if sha not in got]
-    return Fetched(len(missing), len(names), total_bytes, shards)
+    return Fetched(len(missing), len(names), total_bytes, shards, described_as)
 
 
 def train_on_node(inputs: RunInputs, blob_server, channel) -> RunOutcome:
@@ -248,7 +264,8 @@ def _lay_out_inputs(inputs: RunInputs, blob_server, sink: ChannelSink) -> tuple[
     store.create_run(run.name, run.dataset_id, run.backbone, run.weights, run.config,
                      status=RunStatus.RUNNING, run_id=run.id)
     blobs = home.blobs_dir()
-    sink.log(fetch_blobs(inputs.entries, blob_server, blobs).describe())
+    source, described_as = blob_source(blob_server)
+    sink.log(fetch_blobs(inputs.entries, source, blobs, described_as).describe())
     here = [dataclasses.replace(e, path=blobs / e.sha256[:2] / e.path.name) for e in inputs.entries]
     write_manifest(dataset.id, here)
     if inputs.weights_file is not None:
