@@ -12,7 +12,10 @@ streams in batches). A sampler thread in each step's process reads /proc/self/st
 50 ms: "peak anon" is the largest RssAnon + RssShmem seen (resident memory minus file-backed
 pages such as the memory-mapped pixel cache), "peak RSS" the kernel's VmHWM. The growth ratio
 divides the largest set's figures by the smallest's. Results go to a JSON file (a set already in
-it is not measured again unless `--again`) and a Markdown table on stdout.
+it is not measured again unless `--again`) and a Markdown table on stdout. With `--ray-runs N`,
+N head-only runs of the largest set then go to a fresh 2-node local Ray cluster (`python -m tlcore
+worker --cluster`), one after the other: the dispatcher's peak RSS, what the nodes fetched into
+their (fresh) node cache and reused, and what came back.
 """
 
 from __future__ import annotations
@@ -133,6 +136,67 @@ def measure_set(folder: Path, image_size: int) -> dict:
     return {"set": str(folder), "images": state["images"], "home": str(home), "steps": steps}
 
 
+def measure_ray(result: dict, image_size: int, runs: int) -> dict:
+    """`runs` head-only runs of a measured set dispatched to a fresh 2-node local Ray cluster: the
+    dispatcher's peak memory (sampled every 50 ms), what the nodes fetched, what came back."""
+    import psutil
+
+    sys.path.insert(0, str(ROOT))
+    from bench.cluster import ray_cluster, stop
+    from tlcore import jobs
+    from tlcore.config import TrainConfig
+    from tlcore.run_folder import RunFolder
+    from tlcore.store import Store
+
+    os.environ["TLCORE_HOME"] = result["home"]
+    node_cache = Path(tempfile.mkdtemp(prefix="tl-node-", dir="/work/wt/data"))
+    os.environ["TLCORE_NODE_CACHE"] = str(node_cache)  # the nodes inherit it from this process
+    cluster = ray_cluster(2)
+    log = open(Path(result["home"]) / "dispatcher.out", "ab")
+    dispatcher = subprocess.Popen([sys.executable, "-m", "tlcore", "worker", "--cluster", cluster.address],
+                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    peak = {"rss_mb": 0.0, "anon_mb": 0.0}
+    done = threading.Event()
+
+    def sample() -> None:
+        proc = psutil.Process(dispatcher.pid)
+        while not done.wait(0.05):
+            try:
+                info = proc.memory_full_info()
+            except psutil.Error:
+                return
+            peak["rss_mb"] = max(peak["rss_mb"], info.rss / 2**20)
+            peak["anon_mb"] = max(peak["anon_mb"], (info.rss - info.shared) / 2**20)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    store, out = Store(), []
+    try:
+        for seed in range(runs):
+            started = time.perf_counter()
+            run = jobs.submit(TrainConfig(dataset=result["steps"]["import"]["dataset_id"],
+                                          backbone="efficientnet_lite0", weights="imagenet", image_size=image_size,
+                                          head_epochs=3, finetune_epochs=0, batch_size=64, seed=seed,
+                                          name=f"scale-ray-{seed}"), store)
+            while not store.get_run(run.id).status.is_terminal:
+                time.sleep(0.5)
+            run = store.get_run(run.id)
+            folder = RunFolder(run.id).path
+            said = ("Fetched", "Pixel cache", "Backbone features", "Dispatched")
+            out.append({"status": run.status.value, "error": run.error,
+                        "seconds": round(time.perf_counter() - started, 1),
+                        "log": [line.message for line in store.logs(run.id) if line.message.startswith(said)],
+                        "returned_mb": round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6, 1)})
+            print(f"ray run {seed}: {json.dumps(out[-1])}", flush=True)
+    finally:
+        done.set()
+        stop(dispatcher)
+        cluster.shutdown()
+    return {"images": result["images"], "runs": out, "dispatcher_peak_rss_mb": round(peak["rss_mb"], 1),
+            "dispatcher_peak_rss_minus_shared_mb": round(peak["anon_mb"], 1)}
+
+
 def table(results: list[dict]) -> str:
     lines = ["| step | " + " | ".join(f"{r['images']:,} photos: s / img/s / peak anon MB / peak RSS MB"
                                         for r in results) + " | growth (largest/smallest): time per photo, peak anon |",
@@ -158,6 +222,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
     parser.add_argument("--again", action="store_true", help="measure sets the results file already holds again")
+    parser.add_argument("--ray-runs", type=int, default=0,
+                        help="then dispatch this many head-only runs of the largest set to a 2-node local Ray cluster")
     args = parser.parse_args()
     done = {}
     if args.out.is_file():  # sets measured by an earlier call at this size are kept, not measured again
@@ -171,6 +237,12 @@ def main() -> None:
                                             "machine": f"{os.cpu_count()} cores, shared"}, indent=1))
     results = sorted((done[str(folder)] for folder in args.sets), key=lambda r: r["images"])
     print(table(results))
+    if args.ray_runs:
+        ray = measure_ray(results[-1], args.image_size, args.ray_runs)
+        data = json.loads(args.out.read_text())
+        data["ray"] = ray
+        args.out.write_text(json.dumps(data, indent=1))
+        print(json.dumps(ray, indent=1))
 
 
 if __name__ == "__main__":
