@@ -44,7 +44,7 @@ TERMINAL_STATES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CA
 # The statuses a run may move to from each status. A finished run never changes status again, so a
 # late "succeeded" cannot overwrite the "failed" a reaper wrote (nor clear its error).
 ALLOWED_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
-    RunStatus.QUEUED: TERMINAL_STATES | {RunStatus.RUNNING},
+    RunStatus.QUEUED: TERMINAL_STATES | {RunStatus.QUEUED, RunStatus.RUNNING},
     RunStatus.RUNNING: TERMINAL_STATES | {RunStatus.RUNNING},
     **{status: frozenset() for status in TERMINAL_STATES},
 }
