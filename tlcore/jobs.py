@@ -520,7 +520,7 @@ def _execute_in_child(run: Run, store: Store, shutdown: threading.Event) -> Run:
     finished = store.get_run(run.id)
     if not finished.status.is_terminal:
         finished = record_end(store, run.id, RunStatus.FAILED,
-                                    error=f"The job process exited with code {proc.returncode} before it finished.")
+                              error=f"The job process exited with code {proc.returncode} before it finished.")
     return finished
 
 
