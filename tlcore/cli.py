@@ -444,16 +444,21 @@ def cmd_audit(args) -> int:
              f"Likely label errors: {len(report.label_issues)}"]
     lines += [f"  {i.source} ({i.split}): given {i.given}, looks like {i.suggested} (score {i.score:.3f})"
               for i in report.label_issues[:top]]
-    cross = sum(d.cross_split for d in report.near_duplicates)
-    lines.append(f"Near-duplicates: {len(report.near_duplicates)} pair(s), {cross} across splits (leakage)")
-    lines += [f"  {d.a} ({d.splits[0]}) ~ {d.b} ({d.splits[1]}): similarity {d.similarity:.3f}"
-              for d in report.near_duplicates[:top]]
+    groups = report.duplicate_groups
+    pairs = report.duplicate_pairs if report.duplicate_pairs is not None else len(report.near_duplicates)
+    lines.append(f"Near-duplicates: {len(groups)} group(s) of copies ({sum(g.cross_split for g in groups)} across "
+                 f"splits: leakage), {pairs} pair(s)")
+    lines += [f"  {g.size} images ({', '.join(g.splits)}; {', '.join(g.labels)}), most similar {g.similarity:.3f}: "
+              + ", ".join(g.members[:3]) + (" ..." if g.size > 3 else "") for g in groups[:top]]
     lines.append(f"Outliers: {len(report.outliers)}")
     lines += [f"  {o.source} ({o.split}, {o.label}): neighbour similarity {o.score:.3f}" for o in report.outliers[:top]]
     lines.append(f"Classes: largest {balance['largest']} ({balance['per_class'][balance['largest']]}), smallest "
                  f"{balance['smallest']} ({balance['per_class'][balance['smallest']]}), ratio {balance['ratio']}.")
     payload = report.to_dict()
     del payload["embedding_map"]  # thousands of points: the dashboard draws them from the saved audit
+    for finding in ("label_issues", "near_duplicates", "duplicate_groups", "outliers"):  # `--top` bounds them
+        payload[f"{finding}_total"] = len(payload[finding])
+        payload[finding] = payload[finding][:top]
     _emit(args, payload, None if args.json else "\n".join(lines))
     return 0
 

@@ -58,20 +58,6 @@ def pixel_cache(entries: Sequence, size: int, *, workers: int | None = None,
     return PixelCache(found.array, found.path, size), found.reused
 
 
-def adopt_pixel_cache(entries: Sequence, images: np.ndarray) -> None:
-    """Make `images` (decoded elsewhere, in `entries` order) this data home's cache for them.
-
-    A Ray node receives a dataset's pixels through the object store instead of its image files;
-    with the cache in place, `pixel_cache` reuses it and never opens a file.
-    """
-    size = images.shape[1]
-
-    def copy(positions: np.ndarray, out: np.ndarray) -> None:
-        out[positions] = images[positions]
-
-    _pixel_store(size).rows([e.sha256 for e in entries], (size, size, 3), np.uint8, copy)
-
-
 def _pixel_store(size: int) -> ContentCache:
     return ContentCache(home.cache_dir("pixels") / str(size))
 
