@@ -689,8 +689,6 @@ def cmd_runs(args) -> int:
 
     store = _store()
     jobs.reap(store)  # a dead worker's run shows as failed, not running forever
-    if args.action == "fix":
-        return cmd_fix(args)
     if args.action == "list":
         runs = store.list_runs(limit=args.limit)
         text = _table(["id", "name", "status", "backbone", "weights", "accuracy", "created"],
