@@ -94,7 +94,7 @@ def plan(mixed_precision: str = "auto", xla: str = "auto") -> DevicePlan:
     use_xla = (on_gpu and not several) if xla == "auto" else xla == "on"
     if several:
         strategy = "MirroredStrategy"
-    elif on_gpu:
+    elif found:  # one GPU, or one device named in $TLCORE_TRAIN_DEVICES: placed there
         strategy = "OneDevice"
     else:
         strategy = "default (CPU)"

@@ -23,10 +23,10 @@ TRANSLATION = 0.1  # fraction of the side
 CONTRAST = 0.2
 
 
-def batch_rng(seed: int, positions: np.ndarray) -> np.random.Generator:
-    """Random numbers for one batch: the same batch of the same seed gets the same draws,
-    and a reshuffled epoch (other positions) gets new ones, whatever thread runs it."""
-    return np.random.default_rng([int(seed), *np.asarray(positions, np.int64).tolist()])
+def batch_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
+    """Random numbers for batch `step` of epoch `epoch`: a pure function of the three, so the
+    same run draws the same augmentations on any device and in any thread, and each epoch new ones."""
+    return np.random.default_rng([int(seed), int(epoch), int(step)])
 
 
 def augment_batch(images: np.ndarray, augment: Sequence[str], rng: np.random.Generator) -> np.ndarray:
