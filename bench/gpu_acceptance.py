@@ -185,7 +185,7 @@ def check_shared_gpu(env: dict[str, str], dataset: str, run_id: str) -> bool:
     dashboard = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time, numpy as np
         from tlcore import devices, inference
-        print(devices.configure_ui_process(), flush=True)
+        print(devices.declare_process("dashboard"), flush=True)
         loaded = inference.load_run_model({run_id!r})
         end = time.time() + 60
         while time.time() < end:

@@ -204,3 +204,52 @@ def test_worker_environment_leaves_the_dashboard_device_limits_behind():
     assert "TLCORE_UI_DEVICE" not in env and "TLCORE_UI_GPU_MEMORY_MB" not in env
     assert env["TLCORE_TRAIN_DEVICES"] == "/gpu:1" and env["PATH"] == "/bin"
     assert env["TLCORE_HOME"] == "/data" and env["PYTHONPATH"] == f"/app{os.pathsep}/extra"
+
+
+@pytest.fixture
+def fresh_policy(monkeypatch):
+    """This process as if nothing had declared a device policy yet (pytest runs every path in one)."""
+    monkeypatch.setattr(devices, "_declared_roles", [])
+    monkeypatch.setattr(devices, "_policy", None)
+
+
+def test_each_process_declares_its_device_policy_once_and_the_first_applies(fresh_policy):
+    policy = devices.declare_process("serve")
+    assert policy == "serve: on the CPU (no GPU visible)"
+    assert devices.declare_process("worker") == policy  # applied once; later roles are only recorded
+    assert devices.declared_roles() == ("serve", "worker")
+    with pytest.raises(InvalidInput, match="must be one of worker, ray_task, dashboard, serve, cli"):
+        devices.declare_process("notebook")
+
+
+def test_memory_growth_after_a_virtual_device_cap_is_left_to_the_cap(monkeypatch):
+    import tensorflow as tf
+
+    calls = []
+
+    def capped(device, enable):  # what TensorFlow raises once a logical-device memory limit is set
+        calls.append(device)
+        raise ValueError("Cannot set memory growth on device when virtual devices configured")
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0", "GPU:1"])
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", capped)
+    devices.enable_memory_growth()
+    assert calls == ["GPU:0", "GPU:1"]
+
+
+def test_cli_commands_that_load_a_model_declare_the_cli_policy_and_others_do_not(fresh_policy, tlcore_home):
+    from tlcore import cli
+
+    assert cli.main(["runs", "list"]) == 0
+    assert devices.declared_roles() == ()  # listing runs never starts TensorFlow
+    assert cli.main(["export", "--run", "no-such-run", "--format", "keras"]) == 2
+    assert devices.declared_roles() == ("cli",)
+
+
+def test_the_worker_declares_its_policy_before_training(trained_run, monkeypatch):
+    from tlcore.store import Store
+
+    monkeypatch.setenv("TLCORE_HOME", str(trained_run.home))
+    log = [line.message for line in Store().logs(trained_run.run_id)]
+    assert any("Process device policy: " in m and "none declared" not in m for m in log)
+    assert "worker" in devices.declared_roles()

@@ -73,8 +73,11 @@ def _fit_tiny_model(strategy, data, steps):
         model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
                                   keras.layers.Dense(2, activation="softmax")])
         model.compile(optimizer=keras.optimizers.SGD(0.001), loss="sparse_categorical_crossentropy")
+    traces = []
+    step = model.train_step
+    model.train_step = lambda batch: (traces.append(1), step(batch))[1]  # runs only while tracing
     model.fit(data, epochs=3, steps_per_epoch=steps, verbose=0)
-    return model.get_weights()[0]
+    return model.get_weights()[0], len(traces)
 
 
 def test_the_same_seed_trains_on_the_same_batches_on_the_default_and_a_one_device_strategy():
@@ -87,8 +90,12 @@ def test_the_same_seed_trains_on_the_same_batches_on_the_default_and_a_one_devic
     def fresh():
         return pipeline.epoch_batches(images, np.arange(24), labels, 5, seed=0, epochs=3, augment=("flip",))
 
-    gap = np.abs(_fit_tiny_model(tf.distribute.get_strategy(), *fresh()) - _fit_tiny_model(one_device, *fresh()))
+    (default, default_traces), (one, one_traces) = (_fit_tiny_model(tf.distribute.get_strategy(), *fresh()),
+                                                    _fit_tiny_model(one_device, *fresh()))
+    gap = np.abs(default - one)
     assert gap.max() < 1e-6
+    # 24 images in batches of 5: the short last batch is filled up, one step shape, one trace.
+    assert default_traces == one_traces == 1
 
     # The pipeline it replaced: tf.data reshuffling each iteration. Keras' extra iterator under the
     # one-device strategy eats the first order, so the two trained on different batches.
@@ -97,7 +104,7 @@ def test_the_same_seed_trains_on_the_same_batches_on_the_default_and_a_one_devic
         pixels = tf.constant(images, tf.float32)
         return order.map(lambda p: (tf.gather(pixels, p), tf.gather(labels, p))), None
 
-    old_gap = np.abs(_fit_tiny_model(tf.distribute.get_strategy(), *reshuffling())
-                     - _fit_tiny_model(one_device, *reshuffling()))
+    old_gap = np.abs(_fit_tiny_model(tf.distribute.get_strategy(), *reshuffling())[0]
+                     - _fit_tiny_model(one_device, *reshuffling())[0])
     print(f"default vs one-device weight gap: {gap.max():.1e} now, {old_gap.max():.1e} with reshuffling")
     assert old_gap.max() > 1e-3

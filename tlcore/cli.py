@@ -781,10 +781,19 @@ def quiet_native_startup_logs():
     return restore
 
 
+# Commands that load a model in this process take at most one GPU, capped (`devices.declare_process`);
+# `train` and `worker` declare the worker's policy when they train, `serve` the server's.
+MODEL_COMMANDS = ("predict", "export", "audit", "lr-find")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in MODEL_COMMANDS:
+            from tlcore import devices
+
+            devices.declare_process("cli")
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)

@@ -117,8 +117,9 @@ def train_on_node(inputs: RunInputs, pixels, channel) -> RunOutcome:
             gpus=len(ray.get_gpu_ids()), cpus=inputs.cpus, began_at=time.time()).to_dict())
         summary, status, error, trace = None, RunStatus.SUCCEEDED, None, None
         try:
-            from tlcore import training
+            from tlcore import devices, training
 
+            devices.declare_process("ray_task")
             store = _lay_out_inputs(inputs, pixels)
             summary = training.execute_run(run.id, store, sink=ChannelSink(channel, run.id))
         except RunCancelled as exc:

@@ -172,7 +172,8 @@ class _Training:
             kind=plan.kind, devices=list(plan.devices), replicas=plan.replicas, strategy=plan.strategy_name,
             mixed_precision=plan.mixed_precision, xla=plan.xla, batch_per_replica=per_replica,
             global_batch=self.global_batch, lr_scaling=self.config.lr_scaling, lr_scale=self.lr_scale)
-        self.log(f"Device: {plan.describe()}; {self.device_record.describe()}.")
+        self.log(f"Device: {plan.describe()}; {self.device_record.describe()}. "
+                 f"Process device policy: {devices.current_policy() or 'none declared'}.")
         keras.utils.set_random_seed(self.config.seed)
 
     def decode_pixels(self) -> None:
