@@ -129,6 +129,31 @@ def overflow_on_one_replica() -> dict:
             "loss_scale": float(np.asarray(model.optimizer.dynamic_scale))}
 
 
+def features_across_replicas() -> dict:
+    """Backbone-feature extraction under two replicas: each batch split across both, same features."""
+    from tlcore.features import extract_features
+
+    _use(TWO_REPLICAS)
+    strategy = devices.apply(devices.plan("off", "off"))
+    traced = []
+
+    class Spy(keras.layers.Layer):
+        def call(self, x):
+            traced.append(int(x.shape[0]) if x.shape[0] is not None else None)  # runs while tracing only
+            return x
+
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((8, 8, 3)), Spy(), keras.layers.Conv2D(4, 3),
+                                  keras.layers.GlobalAveragePooling2D()])
+    traced.clear()  # building the model called it once, symbolically
+    images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    split = extract_features(model, images, 4, strategy=strategy)
+    split_traces = list(traced)
+    whole = extract_features(model, images, 4)
+    return {"split_traces": split_traces, "whole_traces": traced[len(split_traces):],
+            "max_gap": float(np.abs(split - whole).max())}
+
+
 def main(dataset_id: str, out: str) -> None:
     store = Store()
     results, timings = {}, {}
@@ -137,7 +162,8 @@ def main(dataset_id: str, out: str) -> None:
                       ("weights_only", lambda: resumed_from_weights_only(
                           store, dataset_id, results["resumed"]["interrupted_run_id"])),
                       ("mixed_precision", lambda: mixed_precision_run(store, dataset_id)),
-                      ("overflow", overflow_on_one_replica)):
+                      ("overflow", overflow_on_one_replica),
+                      ("features", features_across_replicas)):
         started = time.perf_counter()
         results[name] = job()
         timings[name] = round(time.perf_counter() - started, 1)

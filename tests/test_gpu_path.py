@@ -105,6 +105,13 @@ def test_a_checkpoint_with_weights_only_still_resumes_and_says_so(replica_runs):
     assert _gap(old, replica_runs["default"]) > SAME_RUN_TOLERANCE  # Adam restarted: not the same run
 
 
+def test_feature_extraction_splits_each_batch_across_every_replica(replica_runs):
+    features = replica_runs["features"]
+    assert features["split_traces"] == [2, 2]  # one trace per replica, half the batch of 4 each
+    assert features["whole_traces"] == [4]
+    assert features["max_gap"] < 1e-5
+
+
 def test_an_overflow_on_one_replica_skips_the_step_on_every_replica(replica_runs):
     overflow = replica_runs["overflow"]
     assert overflow["weights_finite"] and overflow["weights_unchanged"]

@@ -123,9 +123,10 @@ class LoadedModel:
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """The predictor's softmax for a float32 batch, run padded up to the next of `BATCH_BUCKETS`."""
+        from tlcore.features import pad_batch
+
         bucket = next(b for b in BATCH_BUCKETS if b >= len(batch))
-        padded = np.concatenate([batch, np.zeros((bucket - len(batch), *batch.shape[1:]), batch.dtype)])
-        return np.asarray(self._predictor.predict_on_batch(padded), dtype="float64")[:len(batch)]
+        return np.asarray(self._predictor.predict_on_batch(pad_batch(batch, bucket)), dtype="float64")[:len(batch)]
 
     def warm_up(self, buckets: Sequence[int] = (1,)) -> None:
         """Run blank images through the model at each of `buckets` (batch sizes, see `BATCH_BUCKETS`),

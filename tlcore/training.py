@@ -431,7 +431,8 @@ class _FeatureExtraction:
                 raise RunCancelled("Cancelled during feature extraction; the epochs logged so far are kept.")
 
         found, seconds = cached_features(cache, [e.sha256 for e in t.entries], self.feature_model, images,
-                                         self.batch_size, rows=rows, mirror=mirror, on_batch=on_batch)
+                                         self.batch_size, rows=rows, mirror=mirror, on_batch=on_batch,
+                                         strategy=t.strategy)
         what = "Mirrored training-image features" if mirror else "Backbone features"
         t.log(f"{what}: {found.reused} of {len(found.array)} images reused from the cache, the rest computed "
               f"({seconds:.1f} s).")
