@@ -99,8 +99,10 @@ class ChannelSink:
 
         checkpoint = folder.checkpoint()
         # Waited for: once this returns the checkpoint is home, even if the node dies next.
+        state = folder.checkpoint_training_state  # optimizer and early stopping (fine-tune only)
         ray.get(self.channel.push.remote(self.run_id, "checkpoint", (
-            checkpoint.phase, checkpoint.epoch, checkpoint.weights.read_bytes())))
+            checkpoint.phase, checkpoint.epoch, checkpoint.weights.read_bytes(),
+            state.read_bytes() if checkpoint.phase == "finetune" and state.is_file() else None)))
 
 
 def train_on_node(inputs: RunInputs, pixels, channel) -> RunOutcome:
@@ -434,8 +436,10 @@ class Dispatcher:
                 self.store.heartbeat(run_id, RunProgress.from_dict(payload))
                 flight.last_beat = time.monotonic()
             elif kind == "checkpoint":
-                phase, epoch, weights = payload
+                phase, epoch, weights, state = payload
                 folder = RunFolder(run_id).created()
+                if state is not None:
+                    write_bytes_atomically(folder.checkpoint_training_state, state)
                 write_bytes_atomically(folder.checkpoint_weights, weights)
                 folder.write_checkpoint_state(phase, epoch)
             elif kind == "started" and flight is not None:
@@ -503,8 +507,8 @@ class Dispatcher:
         resume_from = run.config.get("resume_from")
         if resume_from:
             old = RunFolder(resume_from)
-            resume_files = {p.name: p.read_bytes() for p in (old.checkpoint_weights, old.checkpoint_state)
-                            if p.is_file()}
+            resume_files = {p.name: p.read_bytes() for p in (old.checkpoint_weights, old.checkpoint_state,
+                                                             old.checkpoint_training_state) if p.is_file()}
             resume_epochs = self.store.epochs(resume_from)
             shipped.append(f"checkpoint {sum(map(len, resume_files.values())) / 1e6:.1f} MB")
         self.store.log(run.id, f"Dispatched to the Ray cluster at {self.address} ({self.cpus:g} CPU, "
