@@ -335,6 +335,7 @@ class _Training:
             epochs=config.head_epochs,
             class_weight=self.class_weight,
             validation_data=(features[val], self.y_all[val]) if len(val) else None,
+            shuffle=False,  # the batches come in `epoch_order`
             verbose=2 if self.progress_bar else 0,
             callbacks=self.callbacks("head", config.head_epochs),
         )
@@ -369,6 +370,7 @@ class _Training:
             class_weight=self.class_weight,
             initial_epoch=initial_epoch,
             validation_data=val_data,
+            shuffle=False,  # the batches come in `epoch_order`
             verbose=1 if self.progress_bar else 0,
             callbacks=callbacks,
         )
