@@ -3,10 +3,13 @@
 Two measurements per augmentation on random uint8 images (default 224 px):
 - one core: `augment_batch` over batches of 32 in this thread;
 - all cores: the same batches through `tf.data` with `numpy_function` and as many parallel calls
-  as cores, the way `tlcore.data.pipeline.epoch_batches` runs it; per core = total / cores.
+  as cores, the way `tlcore.data.pipeline.epoch_batches` runs it.
+Each is reported per CPU-second (images / CPU time this process used: what one core of its own
+delivers, and much less moved by other sessions on a shared machine than wall time) and per
+wall-clock second (what this machine delivered while the measurement ran).
 
 A GPU trains EfficientNet-Lite0 at 224 px at roughly 3,000 img/s (issue 24): the cores one
-GPU needs are 3,000 / (per-core img/s of the recipe's augmentations).
+GPU needs are 3,000 / (images per CPU-second through tf.data).
 
     nice -n 15 python bench/pipeline.py                      # this tree
     nice -n 15 python bench/pipeline.py --package-root /work/main --label before
@@ -58,29 +61,32 @@ def main() -> None:
     print(f"{args.label}: {args.package_root}, {args.images} images at {args.size} px, {cores} cores "
           "(a shared machine: other sessions were running)")
     for name, names in RECIPES.items():
-        single = _one_core(augment_batch, batches, names)
-        parallel = _tf_data(augment_batch, batches, names, cores)
-        results[name] = {"one_core_img_s": round(single, 1), "all_cores_img_s": round(parallel, 1),
-                         "per_core_img_s": round(parallel / cores, 1),
-                         "cores_per_gpu": round(GPU_IMAGES_PER_S / max(single, 1e-9), 1)}
-        print(f"{name:18s} one core {single:8.0f} img/s · {cores} cores through tf.data {parallel:8.0f} img/s "
-              f"({parallel / cores:6.0f} per core) · cores for {GPU_IMAGES_PER_S} img/s: "
-              f"{GPU_IMAGES_PER_S / max(single, 1e-9):5.1f}", flush=True)
+        single_cpu, single_wall = _one_core(augment_batch, batches, names)
+        parallel_cpu, parallel_wall = _tf_data(augment_batch, batches, names, cores)
+        results[name] = {"one_core_img_per_cpu_s": round(single_cpu), "one_core_img_per_wall_s": round(single_wall),
+                         "tf_data_img_per_cpu_s": round(parallel_cpu), "tf_data_img_per_wall_s": round(parallel_wall),
+                         "cores_per_gpu": round(GPU_IMAGES_PER_S / parallel_cpu, 2)}
+        print(f"{name:18s} one thread {single_cpu:7.0f} img/CPU-s ({single_wall:6.0f} img/s wall) · tf.data, "
+              f"{cores} calls {parallel_cpu:7.0f} img/CPU-s ({parallel_wall:6.0f} img/s wall) · cores for "
+              f"{GPU_IMAGES_PER_S} img/s: {GPU_IMAGES_PER_S / parallel_cpu:5.2f}", flush=True)
     out = Path(__file__).resolve().parent / "results" / f"pipeline-{args.label}.json"
     out.write_text(json.dumps({"size": args.size, "images": args.images, "cores": cores, "results": results},
                               indent=2))
     print(f"wrote {out}")
 
 
-def _one_core(augment_batch, batches, names) -> float:
+def _one_core(augment_batch, batches, names) -> tuple[float, float]:
+    """(images per CPU-second of this thread, images per wall-clock second)."""
     augment_batch(batches[0], names, np.random.default_rng(0))  # imports and first-call set-up
-    started = time.perf_counter()
+    cpu, wall = time.thread_time(), time.perf_counter()
     for step, batch in enumerate(batches):
         augment_batch(batch, names, np.random.default_rng([0, step]))
-    return sum(map(len, batches)) / (time.perf_counter() - started)
+    count = sum(map(len, batches))
+    return count / max(time.thread_time() - cpu, 1e-9), count / (time.perf_counter() - wall)
 
 
-def _tf_data(augment_batch, batches, names, cores: int) -> float:
+def _tf_data(augment_batch, batches, names, cores: int) -> tuple[float, float]:
+    """(images per CPU-second of the whole process, images per wall-clock second) through tf.data."""
     import tensorflow as tf
 
     stacked = np.stack(batches[:len(batches) - (len(batches[-1]) != 32)])
@@ -92,10 +98,11 @@ def _tf_data(augment_batch, batches, names, cores: int) -> float:
         lambda step: tf.numpy_function(one, [step], tf.uint8), num_parallel_calls=cores).prefetch(2)
     for _ in data.take(1):  # graph and thread pool set-up
         pass
-    started = time.perf_counter()
+    cpu, wall = time.process_time(), time.perf_counter()
     for _ in data:
         pass
-    return len(stacked) * 32 / (time.perf_counter() - started)
+    count = len(stacked) * 32
+    return count / max(time.process_time() - cpu, 1e-9), count / (time.perf_counter() - wall)
 
 
 if __name__ == "__main__":
