@@ -267,19 +267,25 @@ def check_serve(env: dict[str, str], run_id: str, port: int = 8765) -> bool:
     import statistics
     import urllib.request
 
-    server = subprocess.Popen([sys.executable, "-m", "tlcore", "serve", "--run", run_id, "--port", str(port)],
-                              env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    errors = Path(env["TLCORE_HOME"]) / "serve-acceptance.log"
+    with open(errors, "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "tlcore", "serve", "--run", run_id, "--port", str(port)],
+                                  env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         health = None
-        for _ in range(240):
+        for _ in range(600):
+            if server.poll() is not None:
+                break
             try:
                 health = json.loads(urllib.request.urlopen(f"{base}/healthz", timeout=2).read())
                 break
             except OSError:
                 time.sleep(0.5)
         if health is None:
-            return verdict(False, "serve on the GPU, 8 concurrent clients", "the server did not answer in 120 s")
+            tail = (errors.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
+            return verdict(False, "serve on the GPU, 8 concurrent clients",
+                           f"the server did not answer in 300 s (exit {server.poll()}): {tail}")
         rows = [json.loads(line) for line in (Path(env["TLCORE_HOME"]) / "runs" / run_id / "predictions.jsonl")
                 .read_text().splitlines()]
         photo = Path(rows[0]["path"]).read_bytes()
