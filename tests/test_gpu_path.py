@@ -28,9 +28,12 @@ from tlcore.errors import InvalidInput
 ROOT = Path(__file__).resolve().parents[1]
 # The batches and augmentation draws are a function of (seed, epoch, step) on every strategy,
 # so runs of one recipe differ by float32 rounding only: 2 replicas sum two half-batch
-# gradients where 1 sums one. Measured gaps are printed; the tolerances are the issue's
-# (1e-5 across devices and strategies; 1e-3 for a stopped-and-resumed run). A data-order shift
-# (what reshuffling tf.data did under any strategy) moved them by 4e-3.
+# gradients where 1 sums one. Measured: 3e-8 between the run stopped on one device and resumed
+# on two replicas and the same run uninterrupted on the default strategy; 2.7e-4 when the resume
+# had the weights only (Adam restarted), 4e-3 with the data-order shift reshuffling tf.data gave
+# under any strategy. The tolerances are the issue's: 1e-5 across devices and strategies, 1e-3
+# for a stopped-and-resumed run. (Random weights at 32 px: each run's outputs barely differ
+# between images, but any change to the training path moves them, as the gaps above show.)
 SAME_RUN_TOLERANCE = 1e-5
 RESUME_TOLERANCE = 1e-3
 @pytest.fixture(scope="module")
