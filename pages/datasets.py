@@ -312,6 +312,7 @@ st.caption("Likely label errors (out-of-fold heads on the backbone features, ran
 if st.button("Run audit", key="datasets.audit.run"):
     with st.spinner("Auditing… the first audit of a dataset runs the backbone over every image."):
         try:
+            state.declare_device_policy()
             audit.audit_dataset(ds.id, store=store)
         except ValueError as exc:
             st.error(f"Could not audit {ds.label}: {exc}")

@@ -67,6 +67,7 @@ for key, title, what, suffix, mime in FORMATS:
         if right.button("Prepare", key=f"export.make.{key}", width="stretch"):
             bar = st.progress(0.0, text=f"Preparing {title}")
             try:
+                state.declare_device_policy()
                 export.download_file(run.id, key, progress=lambda f, m, bar=bar: bar.progress(min(max(f, 0.0), 1.0),
                                                                                               text=m))
             except (TransferLabError, OSError) as exc:

@@ -176,6 +176,7 @@ def test_two_runs_train_at_once_on_two_nodes_and_match_a_local_run(home, colours
     shown = subprocess.run([sys.executable, "-m", "tlcore", "runs", "show", first.id], env=worker_env(home),
                            cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
     assert f"ran on: ray on node {first.executor.node_id[:8]}" in shown
+    assert any("Process device policy: ray_task" in line.message for line in store.logs(first.id))
 
     # The same recipe and seed trained here by the local worker predicts the same.
     local = jobs.run_foreground(short(colours.id, seed=0), store)

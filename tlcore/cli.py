@@ -247,6 +247,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-scope", choices=("replica", "global"),
                    help="replica (default): --batch-size per replica, the global batch grows with the GPUs; "
                         "global: --batch-size split across them")
+    p.add_argument("--lr-scaling", choices=("sqrt", "linear", "none"),
+                   help="how the learning rates follow a global batch larger than --batch-size "
+                        "(sqrt, the default: by the square root of the ratio; see the README)")
     p.add_argument("--mixed-precision", choices=("auto", "on", "off"),
                    help="float16 compute (auto: on with a GPU, off on the CPU)")
     p.add_argument("--xla", choices=("auto", "on", "off"), help="XLA compilation (auto: on with exactly one GPU)")
@@ -308,8 +311,8 @@ def config_from_args(args: argparse.Namespace):
 def _explicit_options(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe options given on the command line (those left out are None)."""
     options = ("backbone", "weights", "image_size", "head_epochs", "finetune_epochs", "finetune_layers",
-               "augment", "lr", "batch_size", "batch_scope", "mixed_precision", "xla", "seed", "split", "name",
-               "class_weight", "tta")
+               "augment", "lr", "batch_size", "batch_scope", "lr_scaling", "mixed_precision", "xla", "seed", "split",
+               "name", "class_weight", "tta")
     return {option: getattr(args, option) for option in options if getattr(args, option, None) is not None}
 
 
@@ -1014,10 +1017,19 @@ def quiet_native_startup_logs():
     return restore
 
 
+# Commands that load a model in this process take at most one GPU, capped (`devices.declare_process`);
+# `train` and `worker` declare the worker's policy when they train, `serve` the server's.
+MODEL_COMMANDS = ("predict", "export", "audit", "lr-find")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in MODEL_COMMANDS:
+            from tlcore import devices
+
+            devices.declare_process("cli")
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)

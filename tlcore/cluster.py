@@ -122,8 +122,10 @@ class ChannelSink:
 
         checkpoint = folder.checkpoint()
         self.checkpoints_sent += 1
+        state = folder.checkpoint_training_state  # optimizer and early stopping (fine-tune only)
         ray.get(self.channel.push.remote(self.run_id, "checkpoint", (
-            self.checkpoints_sent, checkpoint.phase, checkpoint.epoch, checkpoint.weights.read_bytes())))
+            self.checkpoints_sent, checkpoint.phase, checkpoint.epoch, checkpoint.weights.read_bytes(),
+            state.read_bytes() if checkpoint.phase == "finetune" and state.is_file() else None)))
         deadline = time.monotonic() + CHECKPOINT_ACK_S
         while ray.get(self.channel.durable.remote(self.run_id)) < self.checkpoints_sent:
             if time.monotonic() > deadline:
@@ -211,8 +213,9 @@ def train_on_node(inputs: RunInputs, blob_server, channel) -> RunOutcome:
         summary, status, error, trace = None, RunStatus.SUCCEEDED, None, None
         originals: dict[str, str] = {}
         try:
-            from tlcore import training
+            from tlcore import devices, training
 
+            devices.declare_process("ray_task")
             sink = ChannelSink(channel, run.id)
             store, originals = _lay_out_inputs(inputs, blob_server, sink)
             summary = training.execute_run(run.id, store, sink=sink)
@@ -543,10 +546,13 @@ def _what_is_kept(run_id: str) -> str:
             f"kept: `python -m tlcore resume {run_id}` continues it.")
 
 
-def write_checkpoint(channel, run_id: str, payload: tuple[int, str, int, bytes]) -> None:
-    """Write a checkpoint a task sent into the run folder here, then tell the task it is durable."""
-    sequence, phase, epoch, weights = payload
+def write_checkpoint(channel, run_id: str, payload: tuple[int, str, int, bytes, bytes | None]) -> None:
+    """Write a checkpoint a task sent (weights, and the fine-tune's optimizer and early-stopping state)
+    into the run folder here, then tell the task it is durable."""
+    sequence, phase, epoch, weights, state = payload
     folder = RunFolder(run_id).created()
+    if state is not None:
+        write_bytes_atomically(folder.checkpoint_training_state, state)
     write_bytes_atomically(folder.checkpoint_weights, weights)
     folder.write_checkpoint_state(phase, epoch)
     channel.acknowledge.remote(run_id, sequence)
@@ -690,8 +696,8 @@ class Dispatcher:
         resume_from = run.config.get("resume_from")
         if resume_from:
             old = RunFolder(resume_from)
-            resume_files = {p.name: p.read_bytes() for p in (old.checkpoint_weights, old.checkpoint_state)
-                            if p.is_file()}
+            resume_files = {p.name: p.read_bytes() for p in (old.checkpoint_weights, old.checkpoint_state,
+                                                             old.checkpoint_training_state) if p.is_file()}
             resume_epochs = self.store.epochs(resume_from)
             shipped.append(f"checkpoint {sum(map(len, resume_files.values())) / 1e6:.1f} MB")
         self.store.log(run.id, f"Dispatched to the Ray cluster at {self.address} ({self.cpus:g} CPU, "

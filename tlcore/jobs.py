@@ -308,6 +308,7 @@ def execute_claimed(run: Run, store: Store, *, stop: threading.Event | None = No
     try:
         from tlcore import devices, training
 
+        devices.declare_process("worker")
         store.update_run(run.id, executor=Executor(kind="local", host=socket.gethostname(),
                                                    gpus=len(devices.gpus()), began_at=time.time()))
         summary = training.execute_run(run.id, store,
