@@ -208,7 +208,8 @@ def test_balanced_class_weights_reach_both_phases_and_the_small_class_is_reporte
         return fit(self, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "fit", recording_fit)
-    run, summary = _run(store, few_bees, head_epochs=1, finetune_epochs=1, finetune_layers=4)
+    run, summary = _run(store, few_bees, head_epochs=1, finetune_epochs=1, finetune_layers=4, class_weight="balanced",
+                        head_search="off")
     # n / (classes * count): 8 / (2 * 6) for ants, 8 / (2 * 2) for bees.
     assert seen == [pytest.approx({0: 8 / 12, 1: 2.0})] * 2
     assert "Class weights (balanced, both phases): ants 0.67, bees 2.00." in _log_text(store, run.id)
@@ -217,7 +218,7 @@ def test_balanced_class_weights_reach_both_phases_and_the_small_class_is_reporte
     assert metrics.smallest_class_recall == metrics.per_class[metrics.smallest_class].recall
 
     seen.clear()
-    _run(store, few_bees, head_epochs=1, class_weight="none")
+    _run(store, few_bees, head_epochs=1, class_weight="none", head_search="off")
     assert seen == [None]
 
 
