@@ -443,9 +443,7 @@ def head_choice(summary) -> None:
     fine-tune was kept."""
     search = summary.head_search
     if search and search.class_weight:
-        choice = search.class_weight
-        st.caption(f"Class weighting auto: **{choice.chosen}** kept (best validation macro F1: none "
-                   f"{fmt.pct(choice.none_val_macro_f1)}, balanced {fmt.pct(choice.balanced_val_macro_f1)}).")
+        st.caption(search.class_weight.describe())
     elif summary.class_weight:
         st.caption(f"Class weighting: {summary.class_weight}.")
     if summary.finetune:
@@ -453,9 +451,7 @@ def head_choice(summary) -> None:
         caption(summary.finetune.describe())
     if search and len(search.trials) > 2:
         chosen = search.trials[search.chosen]
-        with st.expander(f"Head search: {len(search.trials)} trials, kept lr {chosen.lr:g}, dropout "
-                         f"{chosen.dropout:g}, label smoothing {chosen.label_smoothing:g}, class weight "
-                         f"{chosen.class_weight}"):
+        with st.expander(f"Head search: {len(search.trials)} trials, kept {chosen.settings()}"):
             st.dataframe(
                 [{"kept": "✓" if k == search.chosen else "", "lr": t.lr, "dropout": t.dropout,
                   "label smoothing": t.label_smoothing, "class weight": t.class_weight,

@@ -233,7 +233,7 @@ def test_run_view_shows_the_heads_choice_its_trials_and_a_fine_tune_that_was_not
     at = seed.app("pages/train.py", run=run.id, timeout=120).run()
     assert not at.exception
     text = seed.texts(at)
-    assert "Class weighting auto: **none** kept (best validation macro F1: none 86.0 %, balanced 81.0 %)." in text
+    assert "Class weighting auto: none kept (best validation macro F1: none 0.8600, balanced 0.8100)." in text
     assert "so the head's weights were kept" in text
     table = at.dataframe[0].value
     assert len(table) == 3 and list(table["val macro F1"])[0] == 0.86 and list(table["kept"])[0] == "✓"

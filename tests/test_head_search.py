@@ -98,7 +98,7 @@ def test_a_default_run_logs_every_head_trial_and_records_the_choice(trained_run,
     assert cli.main(["runs", "show", run.id]) == 0
     shown = capsys.readouterr().out
     assert f"head search: {len(search.trials)} trials" in shown
-    assert "class weighting auto:" in shown
+    assert search.class_weight.describe() in shown
 
 
 def test_a_fine_tune_that_ends_below_the_head_gives_the_heads_weights_back(store, monkeypatch, tmp_path):

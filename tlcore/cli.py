@@ -649,14 +649,11 @@ def _head_choice_lines(summary) -> list[str]:
     search = summary.head_search
     if search and search.trials:
         chosen = search.trials[search.chosen]
-        lines.append(f"  head search: {len(search.trials)} trials in {search.seconds or 0:.1f} s; kept lr "
-                     f"{chosen.lr:g}, dropout {chosen.dropout:g}, label smoothing {chosen.label_smoothing:g}, class "
-                     f"weight {chosen.class_weight} (val macro F1 {chosen.val_macro_f1:.4f}, accuracy "
+        lines.append(f"  head search: {len(search.trials)} trials in {search.seconds or 0:.1f} s; kept "
+                     f"{chosen.settings()} (val macro F1 {chosen.val_macro_f1:.4f}, accuracy "
                      f"{chosen.val_accuracy:.4f})")
     if search and search.class_weight:
-        choice = search.class_weight
-        lines.append(f"  class weighting auto: {choice.chosen} (val macro F1 none {choice.none_val_macro_f1:.4f}, "
-                     f"balanced {choice.balanced_val_macro_f1:.4f})")
+        lines.append(f"  {search.class_weight.describe()}")
     elif summary.class_weight:
         lines.append(f"  class weighting: {summary.class_weight}")
     if summary.finetune:

@@ -238,6 +238,11 @@ class HeadTrial(Record):
     best_epoch: int = 0
     epochs: int = 0  # epochs it trained before early stopping
 
+    def settings(self) -> str:
+        """'lr 0.001, dropout 0.2, label smoothing 0.1, class weight none'."""
+        return (f"lr {self.lr:g}, dropout {self.dropout:g}, label smoothing {self.label_smoothing:g}, "
+                f"class weight {self.class_weight}")
+
 
 @dataclasses.dataclass(frozen=True)
 class ClassWeightChoice(Record):
@@ -246,6 +251,10 @@ class ClassWeightChoice(Record):
     chosen: str  # "none" or "balanced"
     none_val_macro_f1: float
     balanced_val_macro_f1: float
+
+    def describe(self) -> str:
+        return (f"Class weighting auto: {self.chosen} kept (best validation macro F1: none "
+                f"{self.none_val_macro_f1:.4f}, balanced {self.balanced_val_macro_f1:.4f}).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -408,14 +408,11 @@ class _Training:
         self.raise_if_cancelled()
         record, chosen = fitted.record, fitted.chosen
         for k, trial in enumerate(record.trials):
-            self.log(f"Head trial {k + 1}/{len(trials)}{' (chosen)' if k == record.chosen else ''}: lr {trial.lr:g}, "
-                     f"dropout {trial.dropout:g}, label smoothing {trial.label_smoothing:g}, class weight "
-                     f"{trial.class_weight}: val macro F1 {trial.val_macro_f1:.4f}, accuracy {trial.val_accuracy:.4f} "
+            self.log(f"Head trial {k + 1}/{len(trials)}{' (chosen)' if k == record.chosen else ''}: "
+                     f"{trial.settings()}: val macro F1 {trial.val_macro_f1:.4f}, accuracy {trial.val_accuracy:.4f} "
                      f"(best epoch {trial.best_epoch} of {trial.epochs}).")
         if record.class_weight is not None:
-            choice = record.class_weight
-            self.log(f"Class weighting auto: {choice.chosen} kept (best val macro F1: none "
-                     f"{choice.none_val_macro_f1:.4f}, balanced {choice.balanced_val_macro_f1:.4f}).")
+            self.log(record.class_weight.describe())
         history = fitted.chosen_history()
         for epoch, metrics in enumerate(history, start=1):
             self.step += 1
