@@ -60,6 +60,9 @@ def test_head_phase_caches_backbone_features_and_a_second_run_reuses_them(store,
     assert 0.0 <= summary.metrics.accuracy <= 1.0
     assert set(summary.metrics.per_class) == {"ants", "bees"}
     assert [(e.phase, e.epoch) for e in store.epochs(first.id)] == [("head", 1), ("head", 2)]
+    # Train and val only: val is the evaluation split, so nothing is chosen on it (no head search,
+    # class weighting auto trains unweighted).
+    assert summary.head_search is None and summary.class_weight == "none"
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(store.epochs(first.id)[0].metrics)
     folder = RunFolder(first.id).created().path
     for artifact in ("model.keras", "labels.json", "config.json", "predictions.jsonl", "tensorboard"):

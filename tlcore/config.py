@@ -55,12 +55,13 @@ class TrainConfig:
     # "balanced": each class's loss weighted by n / (classes * its count) in both phases, so a
     # small class counts as much as a large one; "none": every image weighs the same; "auto": the
     # head is fitted both ways on the cached features and the better validation macro F1 is kept
-    # (ties: none); without cached features or a validation split, "auto" trains unweighted.
+    # (ties: none); without cached features or a validation split apart from the evaluation
+    # split, "auto" trains unweighted.
     class_weight: str = "auto"
-    # "auto": with a validation split and cached features, the head fits a small fixed grid
-    # (learning rate, dropout, label smoothing, class weighting; `tlcore.head_search`) and keeps
-    # the best on validation macro F1, and the fine-tune continues with its settings. "off": the
-    # recipe's own settings only.
+    # "auto": with a validation split (apart from the evaluation split) and cached features, the
+    # head fits a small fixed grid (learning rate, dropout, label smoothing, class weighting;
+    # `tlcore.head_search`) and keeps the best on validation macro F1, and the fine-tune continues
+    # with its settings. "off": the recipe's own settings only.
     head_search: str = "auto"
     # Evaluation with test-time augmentation: "flip" averages each image and its mirror (twice
     # the evaluation cost); predict and the Demo then do the same for this run's model.

@@ -125,8 +125,8 @@ class _Training:
         if self.config.head_epochs and not resume:
             self.timed("head_s", self.fit_head)
         if self.settings.class_weight == "auto":
-            self.log("Class weighting auto: no head was fitted both ways here (resumed, head augmented or no "
-                     "validation split), so it trains unweighted.")
+            self.log("Class weighting auto: no head was fitted both ways here (resumed, head augmented, or no "
+                     "validation split apart from the evaluation split), so it trains unweighted.")
             self.use_class_weight("none")
         if self.config.finetune_epochs:
             self.timed("finetune_s", lambda: self.fine_tune(resume))
@@ -167,6 +167,9 @@ class _Training:
             raise InvalidInput(
                 f"Dataset {self.dataset.label} needs images in both train and {self.eval_split} splits; it has "
                 f"{len(self.splits['train'])} and {len(self.splits[self.eval_split])}. Add images per class.")
+        # Choosing on validation (head search, class weighting auto, keeping the fine-tune) needs a
+        # validation split that is not also the evaluation split: it would grade its own choice.
+        self.choose_on_val = bool(len(self.splits["val"])) and self.eval_split != "val"
         self.folder.write_config({**config.to_dict(), "dataset_id": self.dataset.id, "image_size": self.size})
         self.folder.write_labels(self.labels)
 
@@ -229,7 +232,7 @@ class _Training:
             if self.settings.class_weight == "auto":
                 self.use_class_weight("none")
             self.fit_pixels("head", config.head_epochs, config.lr)
-            if config.finetune_epochs and len(self.splits["val"]):
+            if config.finetune_epochs and self.choose_on_val:
                 self.head_val_accuracy = self.val_accuracy_on_pixels()
         else:
             self.head_on_features = self.fit_head_on_features()
@@ -364,7 +367,7 @@ class _Training:
 
         val = splits["val"]
         search = config.head_search == "auto"
-        if len(val) and (search or config.class_weight == "auto"):
+        if self.choose_on_val and (search or config.class_weight == "auto"):
             self.search_head(x_train, y_train, features[val], self.y_all[val], search)
         # The head model shares its layers with the classifier, so training it trains the classifier.
         with self.strategy.scope():
@@ -387,7 +390,7 @@ class _Training:
             callbacks=self.callbacks("head", config.head_epochs),
         )
         self.raise_if_cancelled()
-        if len(val) and config.finetune_epochs:
+        if self.choose_on_val and config.finetune_epochs:
             probs = head.predict(features[val], batch_size=256, verbose=0)
             self.head_val_accuracy = float((probs.argmax(axis=1) == self.y_all[val]).mean())
         return head, features
