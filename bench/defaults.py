@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import shutil
 import statistics
@@ -96,52 +97,80 @@ def run_set(source: Path, args, workdir: Path) -> dict:
     from tlcore.evaluation import read_predictions
 
     name = source.name
-    home = workdir / f"home-{name}"
-    counts = sampled_copy(source, workdir / f"source-{name}", args.max_images)
-    dataset, entries, _ = import_into(home, workdir / f"source-{name}", name)
-    prepare_weights(home, template=args.weights_home)
+    home, sample = workdir / f"home-{name}", workdir / f"source-{name}"
+    if (home / "runs").is_dir():  # set up by an earlier invocation with this --workdir
+        dataset, entries = _imported(home, name)
+        counts = {d.name: len(list(d.iterdir())) for d in sorted(sample.iterdir())}
+    else:
+        counts = sampled_copy(source, sample, args.max_images)
+        dataset, entries, _ = import_into(home, sample, name)
+        prepare_weights(home, template=args.weights_home)
     args.weights_home = args.weights_home or home
-    split_dir = split_folders(entries, workdir / f"splits-{name}")
+    split_dir = workdir / f"splits-{name}"
+    if not split_dir.is_dir():
+        split_folders(entries, split_dir)
     labels = list(dataset.classes)
+
+    def run(task: str, task_args: dict, label: str) -> dict | None:
+        """A finished measurement from this workdir, else measured now (None with --finished-only)."""
+        done = workdir / f"{label}.result.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        return None if args.finished_only else measure(task, task_args, home, workdir, label)
+
     common = dict(head_epochs=args.head_epochs, finetune_epochs=args.finetune_epochs, finetune_layers=20,
                   batch_size=32, lr=1e-3, dropout=0.2)
     sides: dict[str, list[dict]] = {"tutorial": [], "default": []}
     preds: dict[str, list[pd.DataFrame]] = {"tutorial": [], "default": []}
     for seed in args.seeds:
-        tutorial = measure("baseline", dict(split_dir=str(split_dir), labels=labels, size=args.image_size,
-                                            seed=seed, eval_split="test", **common),
-                           home, workdir, f"{name}-tutorial-{seed}")
-        default = measure("tlcore", {"config": dict(dataset=dataset.id, image_size=args.image_size, seed=seed,
-                                                    augment=list(AUGMENT), **common)},
-                          home, workdir, f"{name}-default-{seed}")
+        tutorial = run("baseline", dict(split_dir=str(split_dir), labels=labels, size=args.image_size,
+                                        seed=seed, eval_split="test", **common), f"{name}-tutorial-{seed}")
+        default = run("tlcore", {"config": dict(dataset=dataset.id, image_size=args.image_size, seed=seed,
+                                                augment=list(AUGMENT), **common)}, f"{name}-default-{seed}")
+        if tutorial is None or default is None:
+            continue
         for side, result, table in (
                 ("tutorial", tutorial, pd.DataFrame(tutorial.pop("predictions"))),
                 ("default", default, read_predictions(home / "runs" / default["run_id"] / "predictions.jsonl"))):
             table["path"] = [f"seed{seed}:{Path(p).stem}" for p in table["path"]]  # each image once per seed
             preds[side].append(table)
             sides[side].append(_row(side, result))
-    reference = measure("tlcore", {"config": dict(dataset=dataset.id, image_size=args.image_size, seed=0,
-                                                  head_search="off", class_weight="none",
-                                                  **{**common, "finetune_epochs": 0})},
-                        home, workdir, f"{name}-single-head")
+    if not sides["default"]:
+        return None
+    reference = run("tlcore", {"config": dict(dataset=dataset.id, image_size=args.image_size, seed=0,
+                                              head_search="off", class_weight="none",
+                                              **{**common, "finetune_epochs": 0})}, f"{name}-single-head")
     paired = compare_predictions(pd.concat(preds["tutorial"]), pd.concat(preds["default"]), labels,
                                  name_a="tutorial", name_b="default")
     return {"name": name, "source": str(source), "images": len(entries), "class_counts": counts,
             "splits": {s: sum(e.split == s for e in entries) for s in ("train", "val", "test")},
-            "runs": sides, "single_head": _row("default", reference), "paired": paired.to_json()}
+            "seeds": [seed for seed in args.seeds if (workdir / f"{name}-default-{seed}.result.json").exists()
+                      and (workdir / f"{name}-tutorial-{seed}.result.json").exists()],
+            "runs": sides, "single_head": _row("default", reference) if reference else None,
+            "paired": paired.to_json()}
+
+
+def _imported(home: Path, name: str):
+    """The dataset `name` already imported into data home `home`, and its manifest entries."""
+    os.environ["TLCORE_HOME"] = str(home)
+    from tlcore.data.manifest import load_manifest
+    from tlcore.store import Store
+
+    dataset = next(d for d in Store().list_datasets() if d.name == name)
+    return dataset, load_manifest(dataset.id)
 
 
 def _row(side: str, result: dict) -> dict:
     if side == "tutorial":
         return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
-                "total_s": result["timings"]["total_s"], "process_s": result["process_wall_s"]}
+                "total_s": result["timings"]["total_s"], "process_s": result.get("process_wall_s")}
     summary = result["summary"]
     timings = summary["timings"]
     search = summary.get("head_search") or {}
     trials = search.get("trials") or []
     chosen = trials[search["chosen"]] if trials else None
     return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "total_s": timings["total_s"],
-            "process_s": result["process_wall_s"],
+            "process_s": result.get("process_wall_s"),
             "head_fit_s": (timings.get("head_s") or 0) - (timings.get("features_s") or 0),
             "features_reused": timings.get("features_reused"), "chosen": chosen, "trials": len(trials),
             "class_weight": summary.get("class_weight"), "class_weight_scores": search.get("class_weight"),
@@ -158,9 +187,10 @@ def _ms(stat: dict, digits: int = 3) -> str:
 def report(results: dict) -> str:
     cfg = results["config"]
     lines = [TITLE, "",
-             f"Measured {results['date']} with `{results['command']}` (the machine was shared with other sessions and "
-             f"heavily loaded: load average above 10 on {results['machine'].get('cpus', 2)} cores, so seconds are "
-             f"noisy; both recipes ran one after the other under the same load).",
+             f"Measured {results['date']} with `{results['command']}` (the machine was shared with other sessions: "
+             f"load average {results.get('load_average', float('nan')):.0f} on {os.cpu_count()} cores when the "
+             "command started, and this ran at `nice -n 15`, so seconds are noisy; in each seed the two recipes "
+             "ran one after the other under the same load).",
              f"Scale: {cfg['image_size']} px, head {cfg['head_epochs']} + fine-tune {cfg['finetune_epochs']} epochs "
              f"for both recipes, at most {cfg['max_images']} images per set (each class the same share of its "
              f"images, so the natural imbalance stays), seeds {', '.join(map(str, cfg['seeds']))}; test split of "
@@ -173,7 +203,8 @@ def report(results: dict) -> str:
                  for side, runs in s["runs"].items()}
         counts = s["class_counts"]
         lines.append(
-            f"| {s['name']} | {s['images']} ({len(counts)}, {max(counts.values())}:{min(counts.values())}) "
+            f"| {s['name']} (seeds {', '.join(map(str, s.get('seeds', cfg['seeds'])))}) "
+            f"| {s['images']} ({len(counts)}, {max(counts.values())}:{min(counts.values())}) "
             f"| {_ms(stats['tutorial']['accuracy'])} | {_ms(stats['default']['accuracy'])} "
             f"| {_ms(stats['tutorial']['macro_f1'])} | {_ms(stats['default']['macro_f1'])} "
             f"| {stats['tutorial']['total_s']['mean']:.0f} | {stats['default']['total_s']['mean']:.0f} "
@@ -185,16 +216,16 @@ def report(results: dict) -> str:
               "| set | seed | chosen head (lr, dropout, smoothing, class weight) | val macro F1 none / balanced "
               "| fine-tune | head phase s (search) | single head fit s |", "|---|---|---|---|---|---|---|"]
     for s in results["sets"]:
-        for seed, r in zip(results["config"]["seeds"], s["runs"]["default"]):
+        for seed, r in zip(s.get("seeds", results["config"]["seeds"]), s["runs"]["default"]):
             c = r["chosen"]
             head = (f"{c['lr']:g}, {c['dropout']:g}, {c['label_smoothing']:g}, {c['class_weight']} "
                     f"(of {r['trials']})") if c else "-"
             ft = r.get("finetune") or {}
             ft_text = (f"kept {ft['kept']} (val acc {ft['head_val_accuracy']:.3f} → {ft['finetune_val_accuracy']:.3f})"
                        if ft else "-")
+            single = f"{s['single_head']['head_fit_s']:.1f}" if s.get("single_head") else "not run"
             lines.append(f"| {s['name']} | {seed} | {head} | {_cw_scores(r)} | {ft_text} | "
-                         f"{r['head_fit_s']:.1f}{'' if r['features_reused'] else ' (features computed)'} "
-                         f"| {s['single_head']['head_fit_s']:.1f} |")
+                         f"{r['head_fit_s']:.1f}{'' if r['features_reused'] else ' (features computed)'} | {single} |")
     return "\n".join(lines) + "\n"
 
 
@@ -213,6 +244,10 @@ def main(argv=None) -> None:
     p.add_argument("--head-epochs", type=int, default=5)
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--max-images", type=int, default=240)
+    p.add_argument("--workdir", help="where the data homes and each run's result go (default: a new temporary "
+                                     "folder); a run whose result is already there is not run again")
+    p.add_argument("--finished-only", action="store_true",
+                   help="start no run: report the runs already finished in --workdir")
     p.add_argument("--report", action="store_true", help="write the BENCHMARKS.md section from the results file")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     p.add_argument("--results", default=str(RESULTS), help="the results file (sets already in it at the same "
@@ -227,11 +262,12 @@ def main(argv=None) -> None:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.weights_home = None
     command = "python bench/defaults.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    workdir = Path(tempfile.mkdtemp(prefix="tldefaults-"))
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tldefaults-"))
+    print(f"[defaults] working in {workdir}", flush=True)
     config = {"seeds": args.seeds, "image_size": args.image_size, "head_epochs": args.head_epochs,
               "finetune_epochs": args.finetune_epochs, "max_images": args.max_images}
     results = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "command": command,
-               "machine": machine(), "sets": [], "config": config}
+               "machine": machine(), "sets": [], "config": config, "load_average": os.getloadavg()[1]}
     results_path = Path(args.results)
     if results_path.exists():
         # Sets measured earlier at the same scale stay; a set measured again replaces its row.
@@ -241,6 +277,9 @@ def main(argv=None) -> None:
             results["command"] = earlier["command"] + " ; " + command
     for folder in args.data:
         row = run_set(Path(folder).resolve(), args, workdir)
+        if row is None:
+            print(f"[defaults] {folder}: no seed finished both recipes yet", flush=True)
+            continue
         results["sets"] = [s for s in results["sets"] if s["name"] != row["name"]] + [row]
         results_path.write_text(json.dumps(results, indent=1, default=str))  # what is done so far survives a stop
         print(f"[defaults] {folder}: done", flush=True)
