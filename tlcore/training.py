@@ -236,8 +236,6 @@ class _Training:
                 self.head_val_accuracy = self.val_accuracy_on_pixels()
         else:
             self.head_on_features = self.fit_head_on_features()
-        if config.finetune_epochs and self.head_val_accuracy is not None:
-            self.head_weights = [(v, np.array(v.numpy())) for v in self.model.weights]
         self.save_checkpoint("head", config.head_epochs)
 
     def keep_better_of_head_and_finetune(self) -> None:
@@ -265,6 +263,9 @@ class _Training:
         """Phase 2: the top layers of the backbone unfrozen, a lower rate, warm-up and cosine decay."""
         config = self.config
         unfrozen = unfreeze_top(self.base, config.finetune_layers)
+        if self.head_val_accuracy is not None:
+            # What the fine-tune can change (BatchNorm stays frozen), as the head left it.
+            self.head_weights = [(v, np.array(v.numpy())) for v in self.model.trainable_weights]
         learning_rate = self.settings.lr * config.finetune_lr_scale
         smoothing = f", label smoothing {self.settings.label_smoothing:g}" if self.settings.label_smoothing else ""
         self.log(f"Fine-tuning the top {unfrozen} layers of {self.spec.display_name} (BatchNorm frozen), "
