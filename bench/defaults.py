@@ -187,16 +187,18 @@ def _ms(stat: dict, digits: int = 3) -> str:
 def report(results: dict) -> str:
     cfg = results["config"]
     lines = [TITLE, "",
-             f"Measured {results['date']} with `{results['command']}` (the machine was shared with other sessions: "
-             f"load average {results.get('load_average', float('nan')):.0f} on {os.cpu_count()} cores when the "
-             "command started, and this ran at `nice -n 15`, so seconds are noisy; in each seed the two recipes "
-             "ran one after the other under the same load).",
+             f"Measured {results['date']} with `{results['command']}` (the machine was shared with other sessions"
+             + (f": load average {results['load_average']:.0f} on {os.cpu_count()} cores when the command started"
+                if results.get("load_average") else "") +
+             "; this ran at `nice -n 15`, so seconds are noisy; in each seed the two recipes ran one after the "
+             "other, and the load changed between seeds, so the speed-up is given per seed as well).",
              f"Scale: {cfg['image_size']} px, head {cfg['head_epochs']} + fine-tune {cfg['finetune_epochs']} epochs "
              f"for both recipes, at most {cfg['max_images']} images per set (each class the same share of its "
              f"images, so the natural imbalance stays), seeds {', '.join(map(str, cfg['seeds']))}; test split of "
              "tlcore's stratified 70/15/15 split, the same images for both recipes.", "",
              "| set | images (classes, largest:smallest) | tutorial accuracy | default accuracy | tutorial macro F1 "
-             "| default macro F1 | tutorial s | default s | speed-up | paired verdict (seeds pooled) |",
+             "| default macro F1 | tutorial s | default s | speed-up (of the means; per seed) "
+             "| paired verdict (seeds pooled) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in results["sets"]:
         stats = {side: {k: mean_std(r[k] for r in runs) for k in ("accuracy", "macro_f1", "total_s")}
@@ -208,7 +210,9 @@ def report(results: dict) -> str:
             f"| {_ms(stats['tutorial']['accuracy'])} | {_ms(stats['default']['accuracy'])} "
             f"| {_ms(stats['tutorial']['macro_f1'])} | {_ms(stats['default']['macro_f1'])} "
             f"| {stats['tutorial']['total_s']['mean']:.0f} | {stats['default']['total_s']['mean']:.0f} "
-            f"| {stats['tutorial']['total_s']['mean'] / stats['default']['total_s']['mean']:.1f}× "
+            f"| {stats['tutorial']['total_s']['mean'] / stats['default']['total_s']['mean']:.1f}×; "
+            + ", ".join(f"{t['total_s'] / d['total_s']:.1f}×"
+                        for t, d in zip(s["runs"]["tutorial"], s["runs"]["default"])) + " "
             f"| {s['paired']['verdict']} |")
     lines += ["", "What the default recipe chose per run (head search on cached features, class weighting auto, "
               "fine-tune kept only when it beat the head on validation), and its head phase against one plain "
