@@ -131,8 +131,14 @@ def run_baseline(split_dir: str, labels: list[str], *, size: int, head_epochs: i
     y_pred = probs.argmax(-1)
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
+    # Per image, as tlcore's predictions.jsonl has them (the split folders link to the blobs, whose
+    # names are the images' sha256), so `tlcore.comparison` can pair the two recipes image by image.
+    predictions = [{"path": str(Path(path).resolve()), "true": labels[int(t)], "pred": labels[int(p)],
+                    "confidence": float(row[int(p)])}
+                   for path, t, p, row in zip(eval_raw.file_paths, y_true, y_pred, probs)]
     return {"timings": timings, "epochs": clock.records, "eval_images": int(len(y_true)),
-            "accuracy": float((y_true == y_pred).mean()), "macro_f1": macro_f1(y_true, y_pred, len(labels))}
+            "accuracy": float((y_true == y_pred).mean()), "macro_f1": macro_f1(y_true, y_pred, len(labels)),
+            "predictions": predictions}
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:

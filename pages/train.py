@@ -9,7 +9,7 @@ import dataclasses
 import streamlit as st
 
 from tlcore import sweeps
-from tlcore.config import AUGMENTATIONS, CLASS_WEIGHTS, PRESETS, SWITCHES, TTA_MODES, TrainConfig
+from tlcore.config import AUGMENTATIONS, CLASS_WEIGHTS, HEAD_SEARCH_MODES, PRESETS, SWITCHES, TTA_MODES, TrainConfig
 from tlcore.store import RunStatus
 from ui import charts, frame, sidebar, state
 from ui import format as fmt
@@ -69,6 +69,7 @@ def apply_preset() -> None:
     ss["train.xla"] = values["xla"]
     ss["train.class_weight"] = values["class_weight"]
     ss["train.tta"] = values["tta"]
+    ss["train.head_search"] = values["head_search"]
     split = values.get("split")
     ss["train.resplit"] = split is not None
     ss.setdefault("train.split_train", 70)
@@ -105,6 +106,7 @@ def form_config(dataset_id: str) -> TrainConfig:
         seed=int(ss["train.seed"]),
         class_weight=ss["train.class_weight"],
         tta=ss["train.tta"],
+        head_search=ss["train.head_search"],
         split=split,
         name=(ss.get("train.name") or "").strip() or None,
     )
@@ -316,8 +318,13 @@ with form_col:
                      help="auto: on with exactly one GPU; off with several (it does not work under "
                           "MirroredStrategy) and on the CPU.")
         c2.radio("Class weighting", CLASS_WEIGHTS, key="train.class_weight", horizontal=True,
-                 help="balanced: a rare class's images weigh more in the loss (both phases), so a small class "
-                      "is not ignored. none: every image weighs the same.")
+                 help="auto: the head is fitted both ways on the cached features and the better validation "
+                      "macro F1 is kept (a tie keeps none). balanced: a rare class's images weigh more in the "
+                      "loss (both phases), so a small class is not ignored. none: every image weighs the same.")
+        c1.radio("Head search", HEAD_SEARCH_MODES, key="train.head_search", horizontal=True,
+                 help="auto: with a validation split, the head tries a small fixed grid (learning rate, dropout, "
+                      "label smoothing, class weighting) on the cached features, keeps the best on validation "
+                      "macro F1 and fine-tunes with its settings. off: the settings above only.")
         c2.radio("Evaluation TTA", TTA_MODES, key="train.tta", horizontal=True,
                  format_func=lambda m: "flip (image + mirror averaged)" if m == "flip" else "none",
                  help="Test-time augmentation: twice the prediction cost. The Demo and predict then use it "
@@ -397,6 +404,7 @@ def run_panel(run_id: str, live: bool = False) -> None:
             st.caption(f"Evaluated with {metrics.tta} TTA; the Demo and predict use it too.")
         if run.summary.device_record:
             st.caption(f"Trained on {run.summary.device_record.describe()}.")
+        head_choice(run.summary)
         l1, l2 = st.columns(2)
         l1.page_link("pages/errors.py", label="See its errors", icon=":material/error:", query_params={"run": run.id})
         l2.page_link("pages/demo.py", label="Try it in the demo", icon=":material/photo_camera:",
@@ -429,6 +437,32 @@ def run_panel(run_id: str, live: bool = False) -> None:
     if logs:
         with st.expander("Log (last lines)", expanded=run.status == RunStatus.FAILED):
             st.code("\n".join(line.message for line in logs), language=None)
+
+
+def head_choice(summary) -> None:
+    """What the head chose on the cached features (class weighting, search trials) and whether the
+    fine-tune was kept."""
+    search = summary.head_search
+    if search and search.class_weight:
+        st.caption(search.class_weight.describe())
+    elif summary.class_weight:
+        st.caption(f"Class weighting: {summary.class_weight}.")
+    if summary.finetune:
+        caption = st.warning if summary.finetune.kept == "head" else st.caption
+        caption(summary.finetune.describe())
+    if search and len(search.trials) > 2:
+        chosen = search.trials[search.chosen]
+        with st.expander(f"Head search: {len(search.trials)} trials, kept {chosen.settings()}"):
+            st.dataframe(
+                [{"kept": "✓" if k == search.chosen else "", "lr": t.lr, "dropout": t.dropout,
+                  "label smoothing": t.label_smoothing, "class weight": t.class_weight,
+                  "val macro F1": round(t.val_macro_f1, 4), "val accuracy": round(t.val_accuracy, 4),
+                  "best epoch": t.best_epoch, "epochs": t.epochs}
+                 for k, t in sorted(enumerate(search.trials), key=lambda kt: -kt[1].val_macro_f1)],
+                hide_index=True, key="train.head_trials")
+            st.caption(f"All trials trained at once on the cached features in {search.seconds or 0:.1f} s; the "
+                       "weaker half stopped after every few epochs, each trial also on its own early stop. "
+                       "The fine-tune continued with the kept settings.")
 
 
 @st.fragment(run_every=2)

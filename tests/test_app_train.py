@@ -189,7 +189,7 @@ def test_lr_finder_draws_its_curve_and_use_this_fills_the_form(store, monkeypatc
     at = seed.app("pages/train.py", timeout=120).run()
     at.button(key="train.lr_find").click().run()
     assert not at.exception
-    assert calls == [("efficientnet_lite0", "balanced", "head")]
+    assert calls == [("efficientnet_lite0", "auto", "head")]
     assert "Suggested head rate **0.0023**" in seed.texts(at)
     assert at.get("plotly_chart")  # the loss-vs-LR curve
     at.button(key="train.lr_use").click().run()
@@ -214,3 +214,29 @@ def test_succeeded_run_shows_the_smallest_class_recall(store):
     recall = next(m for m in at.metric if m.label == "Smallest class recall")
     assert recall.value == "50.0 %"
     assert "Evaluated with flip TTA" in seed.texts(at)
+
+
+def test_run_view_shows_the_heads_choice_its_trials_and_a_fine_tune_that_was_not_kept(store):
+    import dataclasses
+
+    from tlcore.run_record import ClassWeightChoice, FinetuneDecision, HeadSearch, HeadTrial
+
+    ds = seed.dataset(store)
+    run = seed.run(store, ds, "searched")
+    trials = [HeadTrial(lr=lr, dropout=0.2, label_smoothing=0.0, class_weight=cw, val_macro_f1=f1, val_accuracy=f1,
+                        best_epoch=3, epochs=4)
+              for lr, cw, f1 in ((1e-3, "none", 0.84), (1e-3, "balanced", 0.81), (3e-3, "none", 0.86))]
+    summary = dataclasses.replace(
+        store.get_run(run.id).summary, class_weight="none",
+        head_search=HeadSearch(trials=trials, chosen=2, seconds=4.2, class_weight=ClassWeightChoice(
+            chosen="none", none_val_macro_f1=0.86, balanced_val_macro_f1=0.81)),
+        finetune=FinetuneDecision(head_val_accuracy=0.866, finetune_val_accuracy=0.858, kept="head"))
+    store.update_run(run.id, summary=summary)
+
+    at = seed.app("pages/train.py", run=run.id, timeout=120).run()
+    assert not at.exception
+    text = seed.texts(at)
+    assert "Class weighting auto: none kept (best validation macro F1: none 0.8600, balanced 0.8100)." in text
+    assert "so the head's weights were kept" in text
+    table = at.dataframe[0].value
+    assert len(table) == 3 and list(table["val macro F1"])[0] == 0.86 and list(table["kept"])[0] == "✓"

@@ -60,6 +60,9 @@ def test_head_phase_caches_backbone_features_and_a_second_run_reuses_them(store,
     assert 0.0 <= summary.metrics.accuracy <= 1.0
     assert set(summary.metrics.per_class) == {"ants", "bees"}
     assert [(e.phase, e.epoch) for e in store.epochs(first.id)] == [("head", 1), ("head", 2)]
+    # Train and val only: val is the evaluation split, so nothing is chosen on it (no head search,
+    # class weighting auto trains unweighted).
+    assert summary.head_search is None and summary.class_weight == "none"
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(store.epochs(first.id)[0].metrics)
     folder = RunFolder(first.id).created().path
     for artifact in ("model.keras", "labels.json", "config.json", "predictions.jsonl", "tensorboard"):
@@ -213,7 +216,8 @@ def test_balanced_class_weights_reach_both_phases_and_the_small_class_is_reporte
         return fit(self, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "fit", recording_fit)
-    run, summary = _run(store, few_bees, head_epochs=1, finetune_epochs=1, finetune_layers=4)
+    run, summary = _run(store, few_bees, head_epochs=1, finetune_epochs=1, finetune_layers=4, class_weight="balanced",
+                        head_search="off")
     # n / (classes * count): 8 / (2 * 6) for ants, 8 / (2 * 2) for bees.
     assert seen == [pytest.approx({0: 8 / 12, 1: 2.0})] * 2
     assert "Class weights (balanced, both phases): ants 0.67, bees 2.00." in _log_text(store, run.id)
@@ -222,7 +226,7 @@ def test_balanced_class_weights_reach_both_phases_and_the_small_class_is_reporte
     assert metrics.smallest_class_recall == metrics.per_class[metrics.smallest_class].recall
 
     seen.clear()
-    _run(store, few_bees, head_epochs=1, class_weight="none")
+    _run(store, few_bees, head_epochs=1, class_weight="none", head_search="off")
     assert seen == [None]
 
 

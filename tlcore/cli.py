@@ -255,8 +255,13 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xla", choices=("auto", "on", "off"), help="XLA compilation (auto: on with exactly one GPU)")
     p.add_argument("--seed", type=int)
     p.add_argument("--split", type=_split_arg, help="train,val,test fractions, e.g. 0.8,0.1,0.1")
-    p.add_argument("--class-weight", choices=("balanced", "none"),
-                   help="weight each class's loss by its rarity in both phases (default balanced)")
+    p.add_argument("--class-weight", choices=("auto", "balanced", "none"),
+                   help="weight each class's loss by its rarity in both phases; auto (default): the head is "
+                        "fitted both ways on the cached features and the better validation macro F1 is kept")
+    p.add_argument("--head-search", choices=("auto", "off"),
+                   help="auto (default): with a validation split, the head tries a small fixed grid (learning "
+                        "rate, dropout, label smoothing, class weighting) on the cached features and keeps the "
+                        "best on validation macro F1; off: the recipe's own settings only")
     p.add_argument("--tta", choices=("none", "flip"),
                    help="evaluate with test-time augmentation: each image and its mirror averaged; predict "
                         "and the Demo then do the same for this run (default none)")
@@ -312,7 +317,7 @@ def _explicit_options(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe options given on the command line (those left out are None)."""
     options = ("backbone", "weights", "image_size", "head_epochs", "finetune_epochs", "finetune_layers",
                "augment", "lr", "batch_size", "batch_scope", "lr_scaling", "mixed_precision", "xla", "seed", "split",
-               "name", "class_weight", "tta")
+               "name", "class_weight", "head_search", "tta")
     return {option: getattr(args, option) for option in options if getattr(args, option, None) is not None}
 
 
@@ -724,6 +729,8 @@ def cmd_runs(args) -> int:
         lines.append(f"  {run.summary.eval_split} {_metrics_text(run.summary.metrics)}")
         if run.summary.device_record:
             lines.append(f"  trained on {run.summary.device_record.describe()}")
+    if run.summary:
+        lines += _head_choice_lines(run.summary)
     calibration = run.summary.calibration if run.summary else None
     if calibration and calibration.temperature:
         lines.append(f"  calibrated: temperature {calibration.temperature:.2f} (fitted on {calibration.fitted_on} "
@@ -746,6 +753,24 @@ def cmd_runs(args) -> int:
         lines += [f"  {line.message.splitlines()[0] if line.message else ''}" for line in logs]
     print("\n".join(lines))
     return 0
+
+
+def _head_choice_lines(summary) -> list[str]:
+    """What the head phase chose (search, class weighting auto) and whether the fine-tune was kept."""
+    lines = []
+    search = summary.head_search
+    if search and search.trials:
+        chosen = search.trials[search.chosen]
+        lines.append(f"  head search: {len(search.trials)} trials in {search.seconds or 0:.1f} s; kept "
+                     f"{chosen.settings()} (val macro F1 {chosen.val_macro_f1:.4f}, accuracy "
+                     f"{chosen.val_accuracy:.4f})")
+    if search and search.class_weight:
+        lines.append(f"  {search.class_weight.describe()}")
+    elif summary.class_weight:
+        lines.append(f"  class weighting: {summary.class_weight}")
+    if summary.finetune:
+        lines.append(f"  fine-tune: {summary.finetune.describe()}")
+    return lines
 
 
 def _run_dict(r) -> dict[str, Any]:

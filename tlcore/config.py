@@ -24,7 +24,8 @@ def check_switch(name: str, value: str) -> str:
         raise InvalidInput(f"`{name}` must be one of {', '.join(SWITCHES)}. Received: {name}={value!r}")
     return value
 
-CLASS_WEIGHTS = ("balanced", "none")
+CLASS_WEIGHTS = ("auto", "balanced", "none")
+HEAD_SEARCH_MODES = ("auto", "off")
 TTA_MODES = ("none", "flip")
 
 
@@ -56,8 +57,16 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto, on, off; the rule for auto is in `devices.plan`
     xla: str = "auto"  # auto, on, off
     # "balanced": each class's loss weighted by n / (classes * its count) in both phases, so a
-    # small class counts as much as a large one; "none": every image weighs the same.
-    class_weight: str = "balanced"
+    # small class counts as much as a large one; "none": every image weighs the same; "auto": the
+    # head is fitted both ways on the cached features and the better validation macro F1 is kept
+    # (ties: none); without cached features or a validation split apart from the evaluation
+    # split, "auto" trains unweighted.
+    class_weight: str = "auto"
+    # "auto": with a validation split (apart from the evaluation split) and cached features, the
+    # head fits a small fixed grid (learning rate, dropout, label smoothing, class weighting;
+    # `tlcore.head_search`) and keeps the best on validation macro F1, and the fine-tune continues
+    # with its settings. "off": the recipe's own settings only.
+    head_search: str = "auto"
     # Evaluation with test-time augmentation: "flip" averages each image and its mirror (twice
     # the evaluation cost); predict and the Demo then do the same for this run's model.
     tta: str = "none"
@@ -92,6 +101,9 @@ class TrainConfig:
         if self.class_weight not in CLASS_WEIGHTS:
             raise InvalidInput(f"`class_weight` must be one of {', '.join(CLASS_WEIGHTS)}. "
                                f"Received: class_weight={self.class_weight!r}")
+        if self.head_search not in HEAD_SEARCH_MODES:
+            raise InvalidInput(f"`head_search` must be one of {', '.join(HEAD_SEARCH_MODES)}. "
+                               f"Received: head_search={self.head_search!r}")
         if self.tta not in TTA_MODES:
             raise InvalidInput(f"`tta` must be one of {', '.join(TTA_MODES)}. Received: tta={self.tta!r}")
         if not 0 < self.lr < 1:

@@ -232,6 +232,64 @@ class Threshold(Record):
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadTrial(Record):
+    """One head recipe fitted on the cached features, and how it did on validation at its best epoch."""
+
+    lr: float
+    dropout: float
+    label_smoothing: float
+    class_weight: str  # "none" or "balanced"
+    val_macro_f1: float
+    val_accuracy: float
+    best_epoch: int = 0
+    epochs: int = 0  # epochs it trained before early stopping
+
+    def settings(self) -> str:
+        """'lr 0.001, dropout 0.2, label smoothing 0.1, class weight none'."""
+        return (f"lr {self.lr:g}, dropout {self.dropout:g}, label smoothing {self.label_smoothing:g}, "
+                f"class weight {self.class_weight}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassWeightChoice(Record):
+    """`class_weight="auto"`: the weighting kept, and the best validation macro F1 each one reached."""
+
+    chosen: str  # "none" or "balanced"
+    none_val_macro_f1: float
+    balanced_val_macro_f1: float
+
+    def describe(self) -> str:
+        return (f"Class weighting auto: {self.chosen} kept (best validation macro F1: none "
+                f"{self.none_val_macro_f1:.4f}, balanced {self.balanced_val_macro_f1:.4f}).")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSearch(Record):
+    """The heads fitted on cached features (one per trial) and the one kept (`chosen`, an index)."""
+
+    trials: list[HeadTrial] = dataclasses.field(default_factory=list)
+    chosen: int = 0
+    seconds: float | None = None
+    class_weight: ClassWeightChoice | None = None  # set when both weightings were tried
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneDecision(Record):
+    """Whether the fine-tuned weights were kept: validation accuracy after the head and after the fine-tune."""
+
+    head_val_accuracy: float
+    finetune_val_accuracy: float
+    kept: str  # "finetune", or "head" when the fine-tune ended below the head
+
+    def describe(self) -> str:
+        if self.kept == "head":
+            return (f"The fine-tune ended below the head on validation (accuracy {self.finetune_val_accuracy:.3f} vs "
+                    f"{self.head_val_accuracy:.3f}), so the head's weights were kept.")
+        return (f"Fine-tuned weights kept: validation accuracy {self.head_val_accuracy:.3f} after the head, "
+                f"{self.finetune_val_accuracy:.3f} after the fine-tune.")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSummary(Record):
     """What a finished run produced and how good it is."""
 
@@ -249,6 +307,10 @@ class RunSummary(Record):
     model_path: str = ""
     calibration: Calibration | None = None  # temperature scaling fitted on validation, ECE on eval
     threshold: Threshold | None = None  # the "not sure" threshold chosen on validation
+    # The head phase's choice on cached features (None: not searched, e.g. runs before it existed).
+    head_search: HeadSearch | None = None
+    class_weight: str | None = None  # the weighting the run trained with ("none"/"balanced"); None: not recorded
+    finetune: FinetuneDecision | None = None  # None: no fine-tune, or a run from before the decision
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from tlcore import calibration, devices, training_state
+from tlcore import calibration, devices, head_search, training_state
 from tlcore.atomic import write_atomically
 from tlcore.backbones import get_backbone, resolve_weights
 from tlcore.backbones.folding import fold_batchnorm
@@ -29,8 +29,9 @@ from tlcore.data.manifest import run_entries
 from tlcore.errors import InvalidInput, RunCancelled
 from tlcore.evaluation import EvalReport, compute_report, write_predictions
 from tlcore.features import cached_features, feature_cache
+from tlcore.head_search import TrialSettings, class_weights
 from tlcore.run_folder import Checkpoint, RunFolder
-from tlcore.run_record import DeviceRecord, RunProgress, RunSummary, Timings
+from tlcore.run_record import DeviceRecord, FinetuneDecision, HeadSearch, RunProgress, RunSummary, Timings
 from tlcore.store import Store
 
 TOP_K = 5
@@ -91,6 +92,12 @@ class _Training:
         self.feature_extraction: _FeatureExtraction | None = None
         self.resumed: Checkpoint | None = None
         self.trainer = self.early_stopping = None  # of the phase training now, for its checkpoints
+        # What the head phase settled on, carried into the fine-tune (the search may change it).
+        self.settings = TrialSettings(self.config.lr, self.config.dropout, 0.0, self.config.class_weight)
+        self.head_search: HeadSearch | None = None
+        self.head_val_accuracy: float | None = None  # the head's, for the fine-tune decision
+        self.head_weights: list | None = None
+        self.finetune_decision: FinetuneDecision | None = None
 
     def log(self, message: str) -> None:
         self.sink.log(message)
@@ -119,8 +126,13 @@ class _Training:
         resume = self.restore_checkpoint()
         if self.config.head_epochs and not resume:
             self.timed("head_s", self.fit_head)
+        if self.settings.class_weight == "auto":
+            self.log("Class weighting auto: no head was fitted both ways here (resumed, head augmented, or no "
+                     "validation split apart from the evaluation split), so it trains unweighted.")
+            self.use_class_weight("none")
         if self.config.finetune_epochs:
             self.timed("finetune_s", lambda: self.fine_tune(resume))
+            self.keep_better_of_head_and_finetune()
         with self.strategy.scope():
             # What is saved and evaluated computes in float32: a mixed-precision model would
             # reload as float16 on a CPU host and could not be converted to TFLite.
@@ -150,17 +162,26 @@ class _Training:
         self.entries, self.labels = entries, list(self.dataset.classes)
         self.y_all = np.array([self.labels.index(e.label) for e in entries], dtype=np.int32)
         self.splits = pipeline.split_indices(entries)
-        self.class_weight = class_weights(config.class_weight, self.y_all[self.splits["train"]], len(self.labels))
-        if self.class_weight:
-            self.log("Class weights (balanced, both phases): " + ", ".join(
-                f"{label} {self.class_weight[i]:.2f}" for i, label in enumerate(self.labels)) + ".")
+        if config.class_weight != "auto":
+            self.use_class_weight(config.class_weight)
         self.eval_split = "test" if len(self.splits["test"]) else "val"
         if not len(self.splits["train"]) or not len(self.splits[self.eval_split]):
             raise InvalidInput(
                 f"Dataset {self.dataset.label} needs images in both train and {self.eval_split} splits; it has "
                 f"{len(self.splits['train'])} and {len(self.splits[self.eval_split])}. Add images per class.")
+        # Choosing on validation (head search, class weighting auto, keeping the fine-tune) needs a
+        # validation split that is not also the evaluation split: it would grade its own choice.
+        self.choose_on_val = bool(len(self.splits["val"])) and self.eval_split != "val"
         self.folder.write_config({**config.to_dict(), "dataset_id": self.dataset.id, "image_size": self.size})
         self.folder.write_labels(self.labels)
+
+    def use_class_weight(self, mode: str) -> None:
+        """Train both phases with class weighting `mode` ("none" or "balanced") from now on."""
+        self.settings = dataclasses.replace(self.settings, class_weight=mode)
+        self.class_weight = class_weights(mode, self.y_all[self.splits["train"]], len(self.labels))
+        if self.class_weight:
+            self.log("Class weights (balanced, both phases): " + ", ".join(
+                f"{label} {self.class_weight[i]:.2f}" for i, label in enumerate(self.labels)) + ".")
 
     def prepare_devices(self) -> None:
         """The device plan (the rule for "auto" is in `devices.plan`), its strategy and batch sizes."""
@@ -213,18 +234,47 @@ class _Training:
         """Phase 1: the head on the frozen backbone, on cached features unless it augments."""
         config = self.config
         if config.head_augment:
+            if self.settings.class_weight == "auto":
+                self.use_class_weight("none")
             self.fit_pixels("head", config.head_epochs, config.lr * self.lr_scale)
+            if config.finetune_epochs and self.choose_on_val:
+                self.head_val_accuracy = self.val_accuracy_on_pixels()
         else:
             self.head_on_features = self.fit_head_on_features()
         self.save_checkpoint("head", config.head_epochs)
+
+    def keep_better_of_head_and_finetune(self) -> None:
+        """Fine-tune only when it helps: the head's weights come back when the fine-tune ends with
+        a lower validation accuracy than the head had."""
+        if self.head_weights is None:
+            return
+        tuned = self.val_accuracy_on_pixels()
+        kept = "head" if tuned < self.head_val_accuracy else "finetune"
+        if kept == "head":
+            for variable, value in self.head_weights:
+                variable.assign(value)
+        self.head_weights = None
+        self.finetune_decision = FinetuneDecision(head_val_accuracy=round(self.head_val_accuracy, 6),
+                                                  finetune_val_accuracy=round(tuned, 6), kept=kept)
+        self.log(self.finetune_decision.describe())
+
+    def val_accuracy_on_pixels(self) -> float:
+        """The classifier's accuracy on the validation split, through the backbone."""
+        val = np.sort(self.splits["val"])
+        probs = model_probabilities(self.model, self.pixels.images, val, self.global_batch)
+        return float((probs.argmax(axis=1) == self.y_all[val]).mean())
 
     def fine_tune(self, resume: Checkpoint | None) -> None:
         """Phase 2: the top layers of the backbone unfrozen, a lower rate, warm-up and cosine decay."""
         config = self.config
         unfrozen = unfreeze_top(self.base, config.finetune_layers)
-        learning_rate = config.lr * config.finetune_lr_scale * self.lr_scale
+        if self.head_val_accuracy is not None:
+            # What the fine-tune can change (BatchNorm stays frozen), as the head left it.
+            self.head_weights = [(v, np.array(v.numpy())) for v in self.model.trainable_weights]
+        learning_rate = self.settings.lr * config.finetune_lr_scale * self.lr_scale
+        smoothing = f", label smoothing {self.settings.label_smoothing:g}" if self.settings.label_smoothing else ""
         self.log(f"Fine-tuning the top {unfrozen} layers of {self.spec.display_name} (BatchNorm frozen), "
-                 f"lr {learning_rate:g} with warm-up and cosine decay.")
+                 f"lr {learning_rate:g} with warm-up and cosine decay{smoothing}.")
         initial = resume.epoch if resume and resume.phase == "finetune" else 0
         self.fit_pixels("finetune", config.finetune_epochs, learning_rate, initial_epoch=initial, schedule=True)
 
@@ -298,6 +348,9 @@ class _Training:
             model_path=str(model_path),
             calibration=self.calibration,
             threshold=self.threshold,
+            head_search=self.head_search,
+            class_weight=self.settings.class_weight,
+            finetune=self.finetune_decision,
         )
 
     # ---------------------------------------------------------------- fitting
@@ -318,13 +371,20 @@ class _Training:
             self.timings["features_s"] += seconds
             x_train, y_train = np.concatenate([x_train, mirrored]), np.concatenate([y_train, y_train])
 
+        val = splits["val"]
+        search = config.head_search == "auto"
+        if self.choose_on_val and (search or config.class_weight == "auto"):
+            self.search_head(x_train, y_train, features[val], self.y_all[val], search)
         # The head model shares its layers with the classifier, so training it trains the classifier.
         with self.strategy.scope():
             feat_in = keras.Input(features.shape[1:], name="features")
             out = self.model.get_layer("head")(self.model.get_layer("head_dropout")(feat_in))
             head = keras.Model(feat_in, out, name="head_only")
             _compile(head, config.lr * self.lr_scale, xla=False)
-        val = splits["val"]
+        if self.head_search is not None:
+            return head, features
+        if self.settings.class_weight == "auto":
+            self.use_class_weight("none")
         # Shuffled in `pipeline.epoch_order`, as the pixels are: the same batches under any strategy.
         train_data, steps = pipeline.shuffled_batches(
             len(x_train), self.global_batch, lambda _e, _s, p: (x_train[p], y_train[p]), x_train.shape[1:],
@@ -340,7 +400,44 @@ class _Training:
             callbacks=self.callbacks("head", config.head_epochs),
         )
         self.raise_if_cancelled()
+        if self.choose_on_val and config.finetune_epochs:
+            probs = head.predict(features[val], batch_size=256, verbose=0)
+            self.head_val_accuracy = float((probs.argmax(axis=1) == self.y_all[val]).mean())
         return head, features
+
+    def search_head(self, x_train, y_train, x_val, y_val, search: bool) -> None:
+        """Heads fitted at once on the cached features (`tlcore.head_search`): the recipe's own
+        settings both ways for `class_weight="auto"`, the fixed grid too with `search`. The best on
+        validation macro F1 becomes the classifier's head; its settings carry into the fine-tune."""
+        config = self.config
+        trials = head_search.trial_grid(config.lr, config.dropout, config.class_weight, search)
+        self.log(f"Head search: {len(trials)} heads fitted at once on the cached features, chosen on validation "
+                 f"macro F1 ({len(x_val)} images), early stopping after {config.early_stopping_patience} epochs.")
+        fitted = head_search.fit_heads(
+            x_train, y_train, x_val, y_val, len(self.labels), trials, batch_size=self.global_batch,
+            max_epochs=config.head_epochs, patience=config.early_stopping_patience, seed=config.seed,
+            on_epoch=lambda epoch: self.beat(RunProgress(phase="head", epoch=epoch, epochs=config.head_epochs,
+                                                         step=self.step, message=f"Head search, {len(trials)} heads")))
+        self.raise_if_cancelled()
+        record, chosen = fitted.record, fitted.chosen
+        for k, trial in enumerate(record.trials):
+            self.log(f"Head trial {k + 1}/{len(trials)}{' (chosen)' if k == record.chosen else ''}: "
+                     f"{trial.settings()}: val macro F1 {trial.val_macro_f1:.4f}, accuracy {trial.val_accuracy:.4f} "
+                     f"(best epoch {trial.best_epoch} of {trial.epochs}).")
+        if record.class_weight is not None:
+            self.log(record.class_weight.describe())
+        history = fitted.chosen_history()
+        for epoch, metrics in enumerate(history, start=1):
+            self.step += 1
+            self.sink.log_epoch("head", epoch, self.step, metrics)
+        _write_tensorboard(self.folder.tensorboard("head"), history)
+        self.model.get_layer("head").set_weights(fitted.chosen_weights())
+        self.model.get_layer("head_dropout").rate = chosen.dropout
+        if chosen.class_weight != self.settings.class_weight:
+            self.use_class_weight(chosen.class_weight)
+        self.settings = TrialSettings(chosen.lr, chosen.dropout, chosen.label_smoothing, chosen.class_weight)
+        self.head_search = record
+        self.head_val_accuracy = chosen.val_accuracy
 
     def fit_pixels(self, phase: str, epochs: int, learning_rate: float, *, initial_epoch: int = 0,
                    schedule: bool = False) -> None:
@@ -357,7 +454,7 @@ class _Training:
         with self.strategy.scope():
             # The twin shares every trainable weight with `model`: training it trains `model`.
             trainer = self.trainer = fold_batchnorm(self.model)
-            _compile(trainer, learning_rate, self.device_plan.xla)
+            _compile(trainer, learning_rate, self.device_plan.xla, label_smoothing=self.settings.label_smoothing)
         callbacks = self.callbacks(phase, epochs, checkpoint=phase == "finetune")
         if initial_epoch:
             with self.strategy.scope():
@@ -466,16 +563,6 @@ def build_classifier(spec, size: int, weights_path: str | None, num_classes: int
     return keras.Model(inputs, outputs, name=f"{spec.name}_classifier"), base
 
 
-def class_weights(mode: str, y_train: np.ndarray, num_classes: int) -> dict[int, float] | None:
-    """Keras `class_weight` for `mode` ("balanced": n / (classes present * count), as scikit-learn's;
-    "none": None). A class without training images gets weight 0 (it never reaches the loss)."""
-    if mode == "none":
-        return None
-    counts = np.bincount(y_train, minlength=num_classes)
-    present = int((counts > 0).sum())
-    return {c: float(len(y_train) / (present * n)) if n else 0.0 for c, n in enumerate(counts)}
-
-
 def unfreeze_top(base, n_layers: int) -> int:
     """Make the top `n_layers` weighted layers of `base` trainable, BatchNorm excluded."""
     base.trainable = True
@@ -488,20 +575,34 @@ def unfreeze_top(base, n_layers: int) -> int:
     return count
 
 
-def _compile(model, learning_rate, xla: bool) -> None:
-    """Adam, sparse cross-entropy and accuracy; XLA when `xla` (never over several replicas:
-    `devices.plan` sees to that); under mixed precision a loss-scale optimizer that skips a
-    step on every replica when any replica's gradients overflow."""
+def _compile(model, learning_rate, xla: bool, label_smoothing: float = 0.0) -> None:
+    """Adam, sparse cross-entropy (labels smoothed by `label_smoothing`) and accuracy; XLA when
+    `xla` (never over several replicas: `devices.plan` sees to that); under mixed precision a
+    loss-scale optimizer that skips a step on every replica when any replica's gradients overflow."""
     optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
     if model.dtype_policy.name == "mixed_float16":
         optimizer = _ReplicaSafeLossScaleOptimizer(optimizer)
     # Keras 3 compile takes keywords: a positional list would land in the wrong parameter.
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(),
+        loss=_SmoothedSparseCrossentropy(label_smoothing) if label_smoothing else
+        keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=xla,
     )
+
+
+class _SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Sparse categorical cross-entropy with label smoothing (Keras' sparse loss has none)."""
+
+    def __init__(self, label_smoothing: float, name: str = "smoothed_sparse_crossentropy"):
+        super().__init__(name=name)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+        one_hot = keras.ops.one_hot(labels, keras.ops.shape(y_pred)[-1], dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
 
 
 class _ReplicaSafeLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
@@ -597,6 +698,20 @@ class _StoreProgress(keras.callbacks.Callback):
             self.ctx.save_checkpoint(self.phase, epoch + 1)
         self.epoch, self.epoch_started = epoch + 2, self.clock()
         self.ctx.beat(self._progress(0), force=True)
+
+
+def _write_tensorboard(folder: Path, history: list[dict[str, float]]) -> None:
+    """Per-epoch scalars as Keras' TensorBoard callback writes them (train/ and validation/, epoch_*)."""
+    import tensorflow as tf
+
+    for side, prefix in (("train", ""), ("validation", "val_")):
+        writer = tf.summary.create_file_writer(str(folder / side))
+        with writer.as_default():
+            for epoch, metrics in enumerate(history):
+                for name, value in metrics.items():
+                    if name.startswith(prefix) and (prefix or not name.startswith("val_")):
+                        tf.summary.scalar(f"epoch_{name[len(prefix):]}", value, step=epoch)
+        writer.close()
 
 
 def model_probabilities(model, images: np.ndarray, indices: np.ndarray, batch_size: int, *,

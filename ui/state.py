@@ -42,7 +42,7 @@ TRAIN_FORM_KEYS = (
     "train.split_train", "train.split_val", "train.name", "train.batch_scope", "train.mixed_precision",
     "train.xla",
     "train.split_train", "train.split_val", "train.name", "train.class_weight", "train.tta",
-    "train.lr_find_finetune",
+    "train.head_search", "train.lr_find_finetune",
 )
 
 

@@ -1,0 +1,303 @@
+"""Issue 21: the default recipe vs the Keras tutorial recipe on several real photo sets, 3 seeds.
+
+    python bench/defaults.py DATA_FOLDER [DATA_FOLDER ...] [--seeds 0,1,2] [--image-size 128]
+        [--head-epochs 5] [--finetune-epochs 2] [--max-images 240]
+    python bench/defaults.py --report      # the BENCHMARKS.md section from bench/results/defaults.json
+
+Each folder is a photo set, one sub-folder per class; a set laid out as `train/` and `val/`
+(hymenoptera) is pooled first. With `--max-images` each class keeps the same share of its images
+(a seeded sample), so a set's natural imbalance stays. The set is imported once (tlcore's
+stratified 70/15/15 split) into its own data home; both recipes train on that split:
+
+- "default": `TrainConfig`'s defaults (class weighting auto, head search auto, the fine-tune kept
+  only when it beats the head on validation) with the bench's epochs, size, batch 32, lr 1e-3,
+  dropout 0.2, flip/rotate/zoom in the fine-tune;
+- "tutorial": `bench/baseline.py` (the Keras transfer-learning tutorial), same epochs, size,
+  batch, lr, dropout and augmentation.
+
+Every run is its own process (`bench/run.py`'s `measure`). The seed changes initialisation, batch
+order and augmentation, not the split. Per set: mean ± std over seeds of test accuracy, macro F1
+and seconds end to end; the paired verdict (`tlcore.comparison.compare_predictions`) pools the
+seeds' test predictions (each image once per seed). One more default run per set with
+`--head-search off --class-weight none`, head only, times the single head fit the search is
+held against (both on warm feature caches: `head_s - features_s`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.run import (  # noqa: E402
+    AUGMENT,
+    IMAGE_SUFFIXES,
+    import_into,
+    machine,
+    measure,
+    prepare_weights,
+    split_folders,
+)
+
+RESULTS = REPO / "bench" / "results" / "defaults.json"
+TITLE = "## Defaults vs the tutorial recipe on several photo sets (issue 21)"
+
+
+def class_files(source: Path) -> dict[str, list[Path]]:
+    """Images per class of `source`: class folders at the top, or under split folders (train/, val/, ...)."""
+    splits = [p for p in source.iterdir() if p.is_dir() and p.name in ("train", "val", "valid", "test")]
+    files: dict[str, list[Path]] = {}
+    for root in splits or [source]:
+        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            files.setdefault(class_dir.name, []).extend(
+                sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+    return files
+
+
+def sampled_copy(source: Path, dest: Path, max_images: int | None, seed: int = 0) -> dict[str, int]:
+    """The same seeded share of every class of `source` (at most `max_images` in all) copied flat into `dest`."""
+    files = class_files(source)
+    total = sum(len(f) for f in files.values())
+    share = min(1.0, max_images / total) if max_images else 1.0
+    rng = np.random.default_rng(seed)
+    counts = {}
+    for label, paths in files.items():
+        size = min(len(paths), max(8, round(len(paths) * share)))
+        keep = sorted(rng.choice(len(paths), size=size, replace=False))
+        (dest / label).mkdir(parents=True, exist_ok=True)
+        for i in keep:
+            shutil.copy2(paths[i], dest / label / f"{i:05d}{paths[i].suffix.lower()}")
+        counts[label] = len(keep)
+    return counts
+
+
+def mean_std(values) -> dict:
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def run_set(source: Path, args, workdir: Path) -> dict:
+    """Both recipes, every seed, on one photo set; the numbers for its table row."""
+    import pandas as pd
+
+    from tlcore.comparison import compare_predictions
+    from tlcore.evaluation import read_predictions
+
+    name = source.name
+    home, sample = workdir / f"home-{name}", workdir / f"source-{name}"
+    if (home / "runs").is_dir():  # set up by an earlier invocation with this --workdir
+        dataset, entries = _imported(home, name)
+        counts = {d.name: len(list(d.iterdir())) for d in sorted(sample.iterdir())}
+    else:
+        counts = sampled_copy(source, sample, args.max_images)
+        dataset, entries, _ = import_into(home, sample, name)
+        prepare_weights(home, template=args.weights_home)
+    args.weights_home = args.weights_home or home
+    split_dir = workdir / f"splits-{name}"
+    if not split_dir.is_dir():
+        split_folders(entries, split_dir)
+    labels = list(dataset.classes)
+
+    def run(task: str, task_args: dict, label: str) -> dict | None:
+        """A finished measurement from this workdir, else measured now (None with --finished-only)."""
+        done = workdir / f"{label}.result.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        return None if args.finished_only else measure(task, task_args, home, workdir, label)
+
+    common = dict(head_epochs=args.head_epochs, finetune_epochs=args.finetune_epochs, finetune_layers=20,
+                  batch_size=32, lr=1e-3, dropout=0.2)
+    sides: dict[str, list[dict]] = {"tutorial": [], "default": []}
+    preds: dict[str, list[pd.DataFrame]] = {"tutorial": [], "default": []}
+    for seed in args.seeds:
+        tutorial = run("baseline", dict(split_dir=str(split_dir), labels=labels, size=args.image_size,
+                                        seed=seed, eval_split="test", **common), f"{name}-tutorial-{seed}")
+        default = run("tlcore", {"config": dict(dataset=dataset.id, image_size=args.image_size, seed=seed,
+                                                augment=list(AUGMENT), **common)}, f"{name}-default-{seed}")
+        if tutorial is None or default is None:
+            continue
+        for side, result, table in (
+                ("tutorial", tutorial, pd.DataFrame(tutorial.pop("predictions"))),
+                ("default", default, read_predictions(home / "runs" / default["run_id"] / "predictions.jsonl"))):
+            table["path"] = [f"seed{seed}:{Path(p).stem}" for p in table["path"]]  # each image once per seed
+            preds[side].append(table)
+            sides[side].append(_row(side, result))
+    if not sides["default"]:
+        return None
+    reference = run("tlcore", {"config": dict(dataset=dataset.id, image_size=args.image_size, seed=0,
+                                              head_search="off", class_weight="none",
+                                              **{**common, "finetune_epochs": 0})}, f"{name}-single-head")
+    paired = compare_predictions(pd.concat(preds["tutorial"]), pd.concat(preds["default"]), labels,
+                                 name_a="tutorial", name_b="default")
+    return {"name": name, "source": str(source), "images": len(entries), "class_counts": counts,
+            "splits": {s: sum(e.split == s for e in entries) for s in ("train", "val", "test")},
+            "seeds": [seed for seed in args.seeds if (workdir / f"{name}-default-{seed}.result.json").exists()
+                      and (workdir / f"{name}-tutorial-{seed}.result.json").exists()],
+            "runs": sides, "single_head": _row("default", reference) if reference else None,
+            "paired": paired.to_json()}
+
+
+def _imported(home: Path, name: str):
+    """The dataset `name` already imported into data home `home`, and its manifest entries."""
+    os.environ["TLCORE_HOME"] = str(home)
+    from tlcore.data.manifest import load_manifest
+    from tlcore.store import Store
+
+    dataset = next(d for d in Store().list_datasets() if d.name == name)
+    return dataset, load_manifest(dataset.id)
+
+
+def _row(side: str, result: dict) -> dict:
+    if side == "tutorial":
+        return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
+                "total_s": result["timings"]["total_s"], "process_s": result.get("process_wall_s")}
+    summary = result["summary"]
+    timings = summary["timings"]
+    search = summary.get("head_search") or {}
+    trials = search.get("trials") or []
+    chosen = trials[search["chosen"]] if trials else None
+    return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "total_s": timings["total_s"],
+            "process_s": result.get("process_wall_s"),
+            "head_fit_s": (timings.get("head_s") or 0) - (timings.get("features_s") or 0),
+            "features_reused": timings.get("features_reused"), "chosen": chosen, "trials": len(trials),
+            "class_weight": summary.get("class_weight"), "class_weight_scores": search.get("class_weight"),
+            "finetune": summary.get("finetune")}
+
+
+# ---------------------------------------------------------------- report
+
+
+def _ms(stat: dict, digits: int = 3) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def report(results: dict) -> str:
+    cfg = results["config"]
+    lines = [TITLE, "",
+             f"Measured {results['date']} with `{results['command']}` (the machine was shared with other sessions"
+             + (f": load average {results['load_average']:.0f} on {os.cpu_count()} cores when the command started"
+                if results.get("load_average") else "") +
+             "; this ran at `nice -n 15`, so seconds are noisy; in each seed the two recipes ran one after the "
+             "other, and the load changed between seeds, so the speed-up is given per seed as well).",
+             f"Scale: {cfg['image_size']} px, head {cfg['head_epochs']} + fine-tune {cfg['finetune_epochs']} epochs "
+             f"for both recipes, at most {cfg['max_images']} images per set (each class the same share of its "
+             f"images, so the natural imbalance stays), seeds {', '.join(map(str, cfg['seeds']))}; test split of "
+             "tlcore's stratified 70/15/15 split, the same images for both recipes.", "",
+             "| set | images (classes, largest:smallest) | tutorial accuracy | default accuracy | tutorial macro F1 "
+             "| default macro F1 | tutorial s | default s | speed-up (of the means; per seed) "
+             "| paired verdict (seeds pooled) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in results["sets"]:
+        stats = {side: {k: mean_std(r[k] for r in runs) for k in ("accuracy", "macro_f1", "total_s")}
+                 for side, runs in s["runs"].items()}
+        counts = s["class_counts"]
+        lines.append(
+            f"| {s['name']} (seeds {', '.join(map(str, s.get('seeds', cfg['seeds'])))}) "
+            f"| {s['images']} ({len(counts)}, {max(counts.values())}:{min(counts.values())}) "
+            f"| {_ms(stats['tutorial']['accuracy'])} | {_ms(stats['default']['accuracy'])} "
+            f"| {_ms(stats['tutorial']['macro_f1'])} | {_ms(stats['default']['macro_f1'])} "
+            f"| {stats['tutorial']['total_s']['mean']:.0f} | {stats['default']['total_s']['mean']:.0f} "
+            f"| {stats['tutorial']['total_s']['mean'] / stats['default']['total_s']['mean']:.1f}×; "
+            + ", ".join(f"{t['total_s'] / d['total_s']:.1f}×"
+                        for t, d in zip(s["runs"]["tutorial"], s["runs"]["default"])) + " "
+            f"| {s['paired']['verdict']} |")
+    lines += ["", "What the default recipe chose per run (head search on cached features, class weighting auto, "
+              "fine-tune kept only when it beat the head on validation), and its head phase against one plain "
+              "head fit on the same warm feature cache:", "",
+              "| set | seed | chosen head (lr, dropout, smoothing, class weight) | val macro F1 none / balanced "
+              "| fine-tune | head phase s (search) | single head fit s |", "|---|---|---|---|---|---|---|"]
+    for s in results["sets"]:
+        for seed, r in zip(s.get("seeds", results["config"]["seeds"]), s["runs"]["default"]):
+            c = r["chosen"]
+            head = (f"{c['lr']:g}, {c['dropout']:g}, {c['label_smoothing']:g}, {c['class_weight']} "
+                    f"(of {r['trials']})") if c else "-"
+            ft = r.get("finetune") or {}
+            ft_text = (f"kept {ft['kept']} (val acc {ft['head_val_accuracy']:.3f} → {ft['finetune_val_accuracy']:.3f})"
+                       if ft else "-")
+            single = f"{s['single_head']['head_fit_s']:.1f}" if s.get("single_head") else "not run"
+            lines.append(f"| {s['name']} | {seed} | {head} | {_cw_scores(r)} | {ft_text} | "
+                         f"{r['head_fit_s']:.1f}{'' if r['features_reused'] else ' (features computed)'} | {single} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cw_scores(row: dict) -> str:
+    scores = row.get("class_weight_scores")
+    if not scores:
+        return row.get("class_weight") or "-"
+    return f"{scores['none_val_macro_f1']:.3f} / {scores['balanced_val_macro_f1']:.3f} → {scores['chosen']}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", nargs="*", help="photo set folders (one sub-folder per class)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--head-epochs", type=int, default=5)
+    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--max-images", type=int, default=240)
+    p.add_argument("--workdir", help="where the data homes and each run's result go (default: a new temporary "
+                                     "folder); a run whose result is already there is not run again")
+    p.add_argument("--finished-only", action="store_true",
+                   help="start no run: report the runs already finished in --workdir")
+    p.add_argument("--report", action="store_true", help="write the BENCHMARKS.md section from the results file")
+    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    p.add_argument("--results", default=str(RESULTS), help="the results file (sets already in it at the same "
+                                                            "scale are kept)")
+    args = p.parse_args(argv)
+    if args.report:  # several results files (comma list): their sets in one table
+        parts = [json.loads(Path(f).read_text()) for f in args.results.split(",")]
+        merged = {**parts[0], "sets": [s for part in parts for s in part["sets"]],
+                  "command": " & ".join(part["command"] for part in parts)}
+        _write_section(Path(args.out), report(merged))
+        return
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.weights_home = None
+    command = "python bench/defaults.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tldefaults-"))
+    print(f"[defaults] working in {workdir}", flush=True)
+    config = {"seeds": args.seeds, "image_size": args.image_size, "head_epochs": args.head_epochs,
+              "finetune_epochs": args.finetune_epochs, "max_images": args.max_images}
+    results = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "command": command,
+               "machine": machine(), "sets": [], "config": config, "load_average": os.getloadavg()[1]}
+    results_path = Path(args.results)
+    if results_path.exists():
+        # Sets measured earlier at the same scale stay; a set measured again replaces its row.
+        earlier = json.loads(results_path.read_text())
+        if earlier.get("config") == config:
+            results["sets"] = earlier["sets"]
+            results["command"] = earlier["command"] + " ; " + command
+    for folder in args.data:
+        row = run_set(Path(folder).resolve(), args, workdir)
+        if row is None:
+            print(f"[defaults] {folder}: no seed finished both recipes yet", flush=True)
+            continue
+        results["sets"] = [s for s in results["sets"] if s["name"] != row["name"]] + [row]
+        results_path.write_text(json.dumps(results, indent=1, default=str))  # what is done so far survives a stop
+        print(f"[defaults] {folder}: done", flush=True)
+    _write_section(Path(args.out), report(results))
+    print(report(results), flush=True)
+
+
+def _write_section(out: Path, section: str) -> None:
+    """Replace (or add) this benchmark's section of BENCHMARKS.md, keeping every other section."""
+    text = out.read_text() if out.exists() else ""
+    head, _, rest = text.partition(TITLE)
+    after = rest[rest.find("\n## "):] if "\n## " in rest else ""
+    out.write_text(head.rstrip("\n") + "\n\n" + section + after if head else section + after)
+
+
+if __name__ == "__main__":
+    main()
