@@ -114,7 +114,7 @@ class LoadedModel:
 
     def abstains(self, confidence: float) -> bool:
         """Whether an answer at `confidence` is below the run's "not sure" threshold."""
-        return self.threshold is not None and confidence < self.threshold.threshold
+        return self.threshold is not None and self.threshold.usable and confidence < self.threshold.threshold
 
     def warm_up(self) -> None:
         """Run one blank image through the model, so the first real prediction does not pay for

@@ -126,6 +126,10 @@ def _limits(labels, metrics, eval_split, counts, point, pretrained) -> list[str]
     if point.threshold is not None:
         limits.append(f"Answers whose top probability is below {point.threshold:g} are marked "
                       "abstained; treat them as 'none of these'.")
+    elif point.threshold_info:
+        target = point.threshold_info.get("target_precision", 0.95)
+        limits.append(f"It has no usable abstention threshold: no confidence below 1 reached {target:.0%} "
+                      "precision on the validation images, so every photo gets a label, however unsure.")
     else:
         limits.append("It has no abstention threshold: every photo gets a label, however unsure.")
     fewest = min(labels, key=lambda label: metrics["per_class"][label]["support"])
@@ -182,8 +186,13 @@ def card_markdown(card: dict[str, Any]) -> str:
     calibration, threshold = card["calibration"], card["threshold"]
     lines.append(f"- Calibration: temperature scaling ({_scalars(calibration)})" if calibration
                  else "- Calibration: none (raw softmax probabilities).")
-    lines.append(f"- Threshold: abstains below the threshold ({_scalars(threshold)})" if threshold
-                 else "- Threshold: none (never abstains).")
+    if threshold and threshold.get("reached", True) and threshold.get("threshold", 1.0) < 1.0:
+        lines.append(f"- Threshold: abstains below the threshold ({_scalars(threshold)})")
+    elif threshold:
+        lines.append(f"- Threshold: none usable: no confidence below 1 reached the target precision on "
+                     f"validation ({_scalars(threshold)}), so it never abstains.")
+    else:
+        lines.append("- Threshold: none (never abstains).")
     return "\n".join(lines) + "\n"
 
 

@@ -64,6 +64,8 @@ def read_operating_point(folder: RunFolder) -> OperatingPoint:
     temperature = _number(calibration, "temperature", folder.calibration_file, lambda v: v > 0, "above 0")
     threshold = _number(threshold_info, "threshold", folder.threshold_file, lambda v: 0 <= v <= 1,
                         "between 0 and 1")
+    if threshold is not None and (threshold_info.get("reached") is False or threshold >= 1.0):
+        threshold = None  # the target precision was not reached below 1.0: no usable threshold
     return OperatingPoint(temperature, threshold, calibration, threshold_info)
 
 
