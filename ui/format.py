@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Iterable
 
@@ -25,6 +26,13 @@ def ago(ts: float | None, now: float | None = None) -> str:
     if delta < 86400:
         return f"{delta / 3600:.0f} h ago"
     return f"{delta / 86400:.0f} d ago"
+
+
+def file_name(name: str, suffix: str, limit: int = 64) -> str:
+    """A download's file name from a run's name: only letters, digits, '.', '-' and '_', the stem
+    at most `limit` characters, then `suffix` (e.g. '.keras')."""
+    stem = re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("._-")
+    return (stem[:limit].rstrip("._-") or "model") + suffix
 
 
 def duration(seconds: float | None) -> str:
