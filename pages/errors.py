@@ -179,11 +179,12 @@ else:
         else:
             st.plotly_chart(charts.coverage_curve([p.to_dict() for p in threshold.curve], threshold.threshold),
                             key="errors.coverage", config={"displayModeBar": False})
-            if threshold.reached:
+            if threshold.usable:
                 target = fmt.pct(threshold.target_precision, 0)
                 st.caption(f"Below confidence **{threshold.threshold:.3f}** the Demo and `predict` answer "
                            f"\"not sure\": on validation that keeps {fmt.pct(threshold.coverage)} of the answers "
                            f"at {fmt.pct(threshold.precision)} precision (target {target}).")
             else:
-                st.caption(f"No confidence gives {fmt.pct(threshold.target_precision, 0)} precision on validation, "
-                           "so every answer is \"not sure\"; the Demo can lower the target.")
+                st.caption(f"No usable \"not sure\" threshold: no confidence below 1 gives "
+                           f"{fmt.pct(threshold.target_precision, 0)} precision on validation, so every photo gets "
+                           "an answer; the Demo can try a lower target.")
