@@ -237,7 +237,7 @@ def feedback_photos(items, key: str) -> None:
 st.markdown("**Feedback inbox**")
 filed = feedback.inbox(ds.name)
 if not filed:
-    st.caption(f"No photo filed for {ds.name} yet. Under a prediction on the **Demo** page, \"Wrong? It is …\" "
+    st.caption(f"No photo filed for {ds.name} yet. Under a prediction on the **Demo** page, \"What is it really?\" "
                "files the photo here with its right class.")
 else:
     plan = feedback.fold_plan(ds.name, store)

@@ -9,7 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from tlcore.store import RunStatus
-from ui import charts, frame, state
+from ui import charts, frame, state, tables
 from ui import format as fmt
 
 frame.require()
@@ -112,9 +112,10 @@ with right:
                      selection_mode="single-row")
     st.markdown("**Per class**")
     per_class = report.per_class.reset_index()
+    shares = ("precision", "recall", "f1")
+    per_class[list(shares)] = 100 * per_class[list(shares)]  # in percent, as every metric on the page
     st.dataframe(per_class, hide_index=True, key="errors.per_class",
-                 column_config={c: st.column_config.NumberColumn(c, format="%.2f")
-                                for c in ("precision", "recall", "f1")})
+                 column_config={c: st.column_config.NumberColumn(c, format=tables.PERCENT) for c in shares})
 
 # -------------------------------------------------------------------- gallery
 
