@@ -524,7 +524,7 @@ def parse_args(argv=None):
     p.add_argument("--scale", default="0.25,0.5", help="fractions of the data for the scale runs (1 is the main run)")
     p.add_argument("--out", default="BENCHMARKS.md")
     p.add_argument("--smoke", action="store_true",
-                   help="a few images per class at 64 px, 1 epoch per phase: checks the bench runs end to end")
+                   help="a few images per class at 32 px, 1 epoch per phase: checks the bench runs end to end")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (data homes, logs)")
     p.add_argument("--results", default=None,
                    help="also save the raw measurements as JSON here (re-render with --from-results)")
@@ -532,8 +532,8 @@ def parse_args(argv=None):
                    help="write the report from a saved results JSON instead of measuring")
     args = p.parse_args(argv)
     if args.smoke:
-        args.image_size, args.head_epochs, args.finetune_epochs = 64, 1, 1
-        args.limit_per_class = args.limit_per_class or 12
+        args.image_size, args.head_epochs, args.finetune_epochs = 32, 1, 1
+        args.limit_per_class = args.limit_per_class or 8
         args.scale = "0.5"
     return args
 
@@ -601,7 +601,7 @@ def main(argv=None) -> dict:
         probe = measure("probe", dict(run_id=tl["run_id"], demo_files=demo_files, size=cfg["image_size"],
                                       batch_size=cfg["batch_size"], num_classes=len(dataset.classes),
                                       finetune_layers=cfg["finetune_layers"],
-                                      min_seconds=2 if args.smoke else 15,
+                                      min_seconds=0.5 if args.smoke else 15,
                                       demo_repeats=20 if args.smoke else 100), home, workdir, "probe")
 
         scale = []

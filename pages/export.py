@@ -9,6 +9,7 @@ import streamlit as st
 
 from tlcore import export, inference
 from tlcore.errors import TransferLabError, plain_message
+from tlcore.operating_point import read_operating_point
 from tlcore.store import RunStatus
 from ui import format as fmt
 from ui import frame, state
@@ -72,6 +73,11 @@ def prepare(key: str, title: str) -> None:
 # The checks run on the run's evaluation split: test, or validation when the dataset has no test split.
 eval_split = run.summary.eval_split if run.summary else ""
 split_words = {"test": "test", "val": "validation (the dataset has no test split)"}.get(eval_split, "evaluation")
+try:
+    st.caption("Calibration (in the bundle, the card and the endpoint): "
+               f"{read_operating_point(folder).describe_calibration()}")
+except TransferLabError as exc:
+    st.warning(plain_message(exc))
 for key, title, what, suffix, mime in FORMATS:
     left, right = st.columns([4, 1], vertical_alignment="center")
     left.markdown(f"**{title}** · {what.format(split=split_words)}")

@@ -74,7 +74,7 @@ def test_unknown_run_in_link_is_reported(store, runs):
     assert "not in this data home" in at.warning[0].value
 
 
-def test_compare_with_50_runs_is_fast(store):
+def test_compare_lists_every_one_of_50_runs_in_its_table(store):
     import time
 
     ds = seed.dataset(store)

@@ -240,3 +240,15 @@ def test_a_target_reached_only_at_confidence_1_is_no_usable_threshold(store, mon
             "so every photo gets an answer.") in seed.texts(at)
     at.slider(key="demo.target").set_value(70).run()  # 3 of 4 right from 0.6 up: a usable threshold
     assert {m.label: m.value for m in at.metric}["Prediction"] == "Not sure"
+
+
+def test_a_run_on_train_val_folders_answers_with_unscaled_confidences_and_says_why(trainval_run, monkeypatch):
+    monkeypatch.setenv("TLCORE_HOME", str(trainval_run.home))
+    row = json.loads(RunFolder(trainval_run.run_id).predictions.read_text().splitlines()[0])
+    at = seed.app("pages/demo.py", timeout=300, run=trainval_run.run_id).run()
+    with open(row["path"], "rb") as f:
+        at.file_uploader(key="demo.upload").set_value(("val.png", f.read(), "image/png")).run()
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Prediction"] == row["pred"] and metrics["Confidence"] == f"{row['confidence']:.1%}"
+    assert "Confidences are raw softmax, not temperature-scaled. The dataset has no test split" in seed.texts(at)

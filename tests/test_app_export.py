@@ -98,3 +98,19 @@ def test_download_names_are_file_safe_and_short():
     assert len(fmt.file_name("x" * 300, ".onnx")) == 64 + len(".onnx")
     assert fmt.file_name("lr=3e-4 · seed 1 (0e566b)", "-bundle.zip") == "lr_3e-4_seed_1_0e566b-bundle.zip"
     assert fmt.file_name("../..", ".onnx") == "model.onnx"
+
+
+def test_a_run_on_train_val_folders_says_its_exports_are_uncalibrated_and_makes_its_card(
+        trainval_run, tmp_path, monkeypatch):
+    data_home = tmp_path / "home"
+    shutil.copytree(trainval_run.home, data_home, ignore=shutil.ignore_patterns("export", "cache"))
+    monkeypatch.setenv("TLCORE_HOME", str(data_home))
+    at = seed.app("pages/export.py", run=trainval_run.run_id).run()
+    assert not at.exception, at.exception
+    assert ("Calibration (in the bundle, the card and the endpoint): none (unscaled softmax probabilities). "
+            "The dataset has no test split") in seed.texts(at)
+    _buttons(at)["card"].click().run()
+    assert not at.exception, at.exception
+    assert not at.error and set(_downloads(at)) == {"keras", "card"}
+    card = (data_home / "runs" / trainval_run.run_id / "export" / "model_card.md").read_text()
+    assert "- Calibration: none (unscaled softmax probabilities)." in card

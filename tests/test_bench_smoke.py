@@ -1,4 +1,4 @@
-"""The benchmark runs end to end (`bench/run.py --smoke`: a few images per class, 64 px, 1 epoch
+"""The benchmark runs end to end (`bench/run.py --smoke`: a few images per class, 32 px, 1 epoch
 per phase) and writes a report with every section filled with numbers. The full benchmark is
 not a test; this only checks the machinery."""
 

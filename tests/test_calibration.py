@@ -12,13 +12,12 @@ from tlcore.calibration import (
     choose_threshold,
     expected_calibration_error,
     fit_temperature,
-    load_calibration,
-    load_threshold,
     reliability,
     retarget,
     write_run_calibration,
 )
 from tlcore.errors import InvalidInput
+from tlcore.operating_point import read_operating_point
 from tlcore.run_folder import RunFolder
 from tlcore.run_record import Calibration, RunSummary
 
@@ -103,8 +102,10 @@ def test_run_files_round_trip_and_old_summaries_read_without_calibration(tlcore_
     t = choose_threshold([0.9, 0.6], [1, 0])
     RunFolder("run-x").created()
     write_run_calibration("run-x", c, t)
-    assert load_calibration("run-x") == c and load_threshold("run-x") == t
-    assert load_calibration("run-other") is None and load_threshold("run-other") is None
+    point = read_operating_point(RunFolder("run-x"))
+    assert point.calibration == c and point.abstention == t
+    other = read_operating_point(RunFolder("run-other"))
+    assert other.calibration is None and other.abstention is None and other.files() == {}
     old = RunSummary.from_dict({"backbone": "b", "weights": "imagenet", "dataset": "d v1", "dataset_id": "d",
                                 "image_size": 32, "eval_split": "test", "eval_images": 1,
                                 "metrics": {"accuracy": 1.0, "macro_f1": 1.0}})
@@ -119,9 +120,9 @@ def test_a_run_with_no_usable_threshold_never_abstains_and_its_card_says_so(tlco
 
     folder = RunFolder("run-x").created()
     threshold = choose_threshold([1.0, 1.0, 0.9], [1, 1, 0])
-    write_run_calibration("run-x", Calibration(temperature=1.2, ece_before=0.1), threshold)
+    write_run_calibration("run-x", Calibration(ece_before=0.1, reason="No val split."), threshold)
     point = read_operating_point(folder)
-    assert point.threshold is None and not point.abstains(0.99) and point.threshold_info["reached"] is False
+    assert point.threshold is None and not point.abstains(0.99) and point.declined.reached is False
     metrics = {"per_class": {"a": {"support": 30}, "b": {"support": 30}}}
     limits = " ".join(_limits(["a", "b"], metrics, "test", {"train": {"a": 50, "b": 50}}, point, True))
     assert "It has no usable abstention threshold: no confidence below 1 reached 95% precision" in limits

@@ -144,6 +144,38 @@ def test_submit_prints_the_run_id_and_cancel(tmp_path, capsys, store):
     assert code == 0 and last_json(out)["status"] == "cancelled"
 
 
+def test_builtin_datasets_list_and_import_headless_then_the_offline_preset_is_accepted(capsys, store):
+    code, out, _ = run_cli(capsys, "datasets", "builtin", "--json")
+    assert code == 0 and [(b["name"], b["imported"]) for b in last_json(out)["builtin"]] == [
+        ("textures", None), ("digits", None)]
+    code, out, _ = run_cli(capsys, "datasets", "import", "--builtin", "textures", "--json")
+    dataset = last_json(out)["dataset"]
+    assert code == 0 and (dataset["name"], dataset["source"]) == ("textures", "builtin:textures")
+    assert dataset["classes"] == ["brick", "grass", "gravel"] and dataset["num_images"] == 120
+    code, out, _ = run_cli(capsys, "datasets", "builtin")
+    assert code == 0 and "Imported: textures v1." in out.splitlines()[0]
+    code, out, _ = run_cli(capsys, "datasets", "import", "--builtin", "textures", "--name", "my-textures")
+    assert code == 0 and out.startswith("Imported my-textures v1 (")
+
+    code, out, _ = run_cli(capsys, "submit", "--data", "textures", "--preset", "fast-offline", "--json")
+    run = store.get_run(last_json(out)["run_id"])
+    assert code == 0 and run.status.value == "queued" and run.dataset_id == dataset["id"]
+    assert (run.backbone, run.weights, run.config["head_epochs"]) == ("efficientnet_lite0", "imagenet", 20)
+    train = cli.config_from_args(cli.build_parser().parse_args(["train", "--data", "textures", "--preset",
+                                                                "fast-offline"]))
+    assert (train.dataset, train.backbone, train.head_epochs) == ("textures", "efficientnet_lite0", 20)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--builtin", "imagenet"], "`--builtin` must be one of textures, digits. Received: builtin='imagenet'"),
+    ([], "`datasets import` needs a SOURCE folder or .zip, or `--builtin NAME`"),
+    (["photos/", "--builtin", "textures"], "Give a SOURCE or `--builtin`, not both."),
+])
+def test_builtin_import_mistakes_are_one_sentence(capsys, argv, message):
+    code, _, err = run_cli(capsys, "datasets", "import", *argv)
+    assert code == 2 and err.startswith(f"Error: {message}")
+
+
 def test_predict_imagenet_model_names_the_cat(tmp_path, capsys):
     from PIL import Image
     from skimage import data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import app_seed as seed
 import numpy as np
 import pytest
 from PIL import Image
@@ -63,10 +64,34 @@ def test_unknown_builtin(tmp_path):
         materialize_builtin("imagenet", tmp_path)
 
 
-def test_catalog_entries():
-    assert set(CATALOG) == {"cifar10", "fashion_mnist", "tf_flowers", "cats_vs_dogs"}
-    assert CATALOG["tf_flowers"].url.endswith("flower_photos.tgz")
-    assert "kagglecatsanddogs" in CATALOG["cats_vs_dogs"].url
+def test_a_catalog_archive_already_downloaded_is_imported_without_the_network(monkeypatch, store, tlcore_home,
+                                                                             tmp_path):
+    """tf_flowers as its archive is laid out (flower_photos/<class>/*.jpg and a LICENSE.txt), put where
+    the download would have cached it: the import takes it from there, limited per class."""
+    import tarfile
+
+    from tlcore import home
+
+    entry = CATALOG["tf_flowers"]
+    classes = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+    root = tmp_path / "flower_photos"
+    for k, label in enumerate(classes):
+        for i in range(3):
+            seed.image_file(root / label, f"{label}_{i}.jpg", color=(40 * k, 200 - 30 * i, 90), size=(48, 48))
+    (root / "LICENSE.txt").write_text("CC-BY 2.0")
+    with tarfile.open(home.cache_dir("downloads") / entry.url.rsplit("/", 1)[1], "w:gz") as tar:
+        tar.add(root, arcname="flower_photos")
+    monkeypatch.setattr(builtin, "check_reachable", lambda url, timeout: None)  # as if the host answered
+    monkeypatch.setattr(builtin.urllib.request, "urlopen", _no_network)
+
+    result = download_catalog("tf_flowers", limit_per_class=2, store=store)
+    ds = result.dataset
+    assert (ds.name, ds.source, ds.classes) == ("tf_flowers", entry.url, classes)
+    assert len(ds.classes) == entry.classes and ds.num_images == 2 * entry.classes
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError("the cached archive should have been used")
 
 
 @pytest.mark.parametrize("name", ["tf_flowers", "cats_vs_dogs", "cifar10"])

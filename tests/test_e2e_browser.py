@@ -258,9 +258,54 @@ def test_import_train_watch_inspect_demo(server, page, tlcore_home, tmp_path):
     print(f"browser timings: {timings}")  # judged in bench/, never here
 
 
+@pytest.fixture
+def trainval_home(trainval_run, tlcore_home, monkeypatch):
+    """The shared train/val-only run copied into this test's data home, without its exports; listed
+    before `server` in a test's arguments, so it is there when that server starts (without the
+    device check, a second TensorFlow import this test does not need)."""
+    import shutil
+
+    monkeypatch.setenv("TLAB_DEVICE_PROBE", "off")
+    shutil.copytree(trainval_run.home, tlcore_home, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("export", "cache"))
+    return trainval_run
+
+
+def test_a_run_on_train_val_folders_demos_and_exports_without_a_temperature(trainval_home, server, page):
+    from tlcore.run_folder import RunFolder
+
+    run_id = trainval_home.run_id
+    row = json.loads(RunFolder(run_id).predictions.read_text().splitlines()[0])  # a val image, raw softmax
+    start = time.perf_counter()
+    _goto(page, f"{server}/demo?run={run_id}", "Upload a photo")
+    page.locator("input[type=file]").set_input_files(row["path"])
+    page.get_by_text("Latency").wait_for(timeout=180_000)
+    _settle(page)
+    page.get_by_text("Confidences are raw softmax, and every photo gets an answer").wait_for()
+    prediction = page.locator('[data-testid="stMetric"]', has_text="Prediction").inner_text()
+    confidence = page.locator('[data-testid="stMetric"]', has_text="Confidence").inner_text()
+    assert prediction.split("\n")[-1].strip() == row["pred"]
+    assert confidence.split("\n")[-1].strip() == f"{row['confidence']:.1%}"
+    _shot(page, "14-demo-train-val-run")
+    demo_s = time.perf_counter() - start
+
+    _goto(page, f"{server}/export?run={run_id}", "Calibration (in the bundle")
+    page.get_by_text(re.compile(r"none \(unscaled softmax probabilities\)\. The dataset has no test split")
+                     ).wait_for()
+    page.get_by_role("button", name="Prepare").last.click()  # the model card, the last format
+    page.get_by_role("button", name="Download").nth(1).wait_for(timeout=120_000)
+    _settle(page)
+    assert page.get_by_role("button", name="Download").count() == 2  # Keras and the card
+    assert page.get_by_test_id("stAlert").filter(has_text="could not be made").count() == 0
+    _shot(page, "15-export-train-val-run")
+    print(f"demo (first page, model load, prediction) {demo_s:.1f} s, export page and card "
+          f"{time.perf_counter() - start - demo_s:.1f} s")
+    assert "Calibration: none (unscaled softmax" in (RunFolder(run_id).export_dir / "model_card.md").read_text()
+
+
 # ------------------------------------------------- deep links as the first request
 
-NAVIGATION = ["Home", "Datasets", "Train", "Compare", "Errors", "Demo", "Export"]
+NAVIGATION = ["Home", "Datasets", "Train", "Compare", "Models", "Errors", "Demo", "Export"]
 
 
 def _navigation(page) -> list[str]:
@@ -394,6 +439,37 @@ def test_audit_a_dataset_and_apply_a_fix_as_a_new_version(server, page, tlcore_h
     fixed = store.get_dataset("flowers@2")
     assert {e.source: e.label for e in load_manifest(fixed.id)}["sunflower/misfiled.jpg"] == "daisy"
     assert len(load_manifest(flowers.id)) == 25  # the audited version is untouched
+
+
+def test_a_review_report_opens_offline_with_its_charts_and_thumbnails(page, trained_run, tmp_path, monkeypatch):
+    from registry_runs import copy_home, copy_run
+
+    from tlcore import model_registry, review
+    from tlcore.review_report import write_review_report
+
+    monkeypatch.setenv("TLCORE_HOME", str(copy_home(trained_run.home, tmp_path / "home")))
+    model_registry.register("colours", trained_run.run_id, "ana")
+    first = review.open_review("colours", trained_run.run_id, "ana")
+    review.decide(first.id, True, "ben", "first")
+    model_registry.promote(first.id, "ana")
+    worse = review.open_review("colours", copy_run(trained_run.run_id, "worse", wrong=3), "ana")
+    review.decide(worse.id, False, "ben", "three <red> squares broken")
+    path = write_review_report(worse.id, tmp_path / "review.html")
+    text = path.read_text()
+    assert not re.search(r"""<(script|link|img)[^>]+(src|href)=["']?https?:""", text)
+    assert text.count("data:image/jpeg;base64,") == 3 and "three &lt;red&gt; squares" in text
+
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(path.as_uri())
+    page.locator(".plotly-graph-div .main-svg").first.wait_for()
+    _shot(page, "review_report")
+    assert page.locator(".plotly-graph-div").count() == 2
+    assert page.get_by_text("Gate FAILED").is_visible()
+    assert page.get_by_text("three <red> squares broken").is_visible()
+    widths = page.eval_on_selector_all("figure img", "imgs => imgs.map(i => i.naturalWidth)")
+    assert len(widths) == 3 and all(w > 0 for w in widths)
+    assert all(url.startswith(("file:", "data:")) for url in requested), requested
 
 
 # -------------------------------------------- feedback, a confusion-matrix click, a sweep

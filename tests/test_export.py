@@ -76,3 +76,19 @@ def test_download_files_are_made_once_and_savedmodel_comes_zipped():
     assert download_file("run-fake", "savedmodel") == archive and archive.stat().st_mtime_ns == mtime
     save_fake_run(seed=1)  # a new model: the old export is stale
     assert cached_download("run-fake", "savedmodel") is None
+
+
+def test_an_export_report_from_another_version_or_damaged_loses_only_what_it_lacks(tmp_path):
+    from tlcore.export import describe_report, read_report
+
+    model = tmp_path / "model_int8.tflite"
+    model.write_bytes(b"tflite")
+    assert read_report(model) is None  # none written
+    report = tmp_path / "model_int8.tflite.report.json"
+    report.write_text("{damaged")
+    assert read_report(model) is None
+    report.write_text(json.dumps({"format": "tflite-int8", "int8": {"accuracy": 0.9, "size_bytes": 2**20,
+                                                                    "latency_ms_p50": 1.5}}))
+    assert describe_report(read_report(model)) == [
+        "int8: evaluation accuracy 90.0%, 1.0 MB, 1.50 ms per image (TFLite interpreter, median)."]
+    assert describe_report({"format": "onnx", "eval_images": 6}) == []

@@ -201,7 +201,7 @@ def test_predict_on_raw_files_equals_evaluation_and_gradcam_on_a_trained_run(tmp
     assert loaded.image_size == 32 and loaded.labels == store.get_dataset(run.dataset_id).classes
     preds = loaded.predict_files([row["path"] for row in stored], top_k=2)
     # predictions.jsonl keeps the raw softmax; a loaded run model applies the run's temperature.
-    assert loaded.temperature and loaded.temperature == loaded.calibration.temperature
+    assert loaded.temperature and loaded.temperature == loaded.point.calibration.temperature
     for row, pred in zip(stored, preds):
         assert pred.label == row["pred"]
         calibrated = apply_temperature(np.array([p for _, p in row["topk"]]), loaded.temperature)

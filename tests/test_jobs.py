@@ -23,9 +23,9 @@ from tlcore.store import RunStatus
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_image_folder(folder: Path, per_class: int = 6, size: int = 40) -> Path:
-    """Two colour classes of noisy little PNGs, one subfolder per class."""
-    rng = np.random.default_rng(0)
+def make_image_folder(folder: Path, per_class: int = 6, size: int = 40, seed: int = 0) -> Path:
+    """Two colour classes of noisy little PNGs, one subfolder per class (another `seed`, other photos)."""
+    rng = np.random.default_rng(seed)
     for label, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
         (folder / label).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):

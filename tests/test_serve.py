@@ -28,15 +28,15 @@ def tlcore_home(trained_run, monkeypatch):
 
 
 @contextlib.contextmanager
-def serving(run_id: str, token: str | None = None):
-    """A uvicorn server for `run_id` on a free port of 127.0.0.1; yields its base URL."""
+def serving(run_id: str | None, token: str | None = None, **app_options):
+    """A uvicorn server for `run_id` (or `model=NAME[@ALIAS]`) on a free port of 127.0.0.1; yields its base URL."""
     import uvicorn
 
     from tlcore.serve import create_app
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(run_id, token=token), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(run_id, token=token, **app_options), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

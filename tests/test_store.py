@@ -120,3 +120,28 @@ def test_a_version_1_store_gains_sweep_ids_and_executors_and_keeps_its_runs(tmp_
     assert store.sweep_ids() == ["sweep-1"]
     assert [r.id for r in store.list_runs(sweep_id="sweep-1")] == [swept.id]
     assert store.get_run(swept.id).executor == Executor(kind="ray", host="gpu-box", node_id="abc123", gpus=1)
+
+
+def test_a_version_2_store_gains_the_model_registry_and_keeps_its_runs(tmp_path):
+    from tlcore.store import ModelTables
+
+    path = tmp_path / "store.db"
+    _old_store(path)
+    Store(path)  # up to the current version, then back to how version 2 left it: no registry tables
+    db = sqlite3.connect(path)
+    for table in ("models", "model_versions", "model_aliases", "model_audit", "reviews"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+
+    store = Store(path)
+
+    assert store.schema_version() == SCHEMA_VERSION >= 3
+    assert store.get_run("run-old").accuracy == 0.925
+    tables = ModelTables(store)
+    assert tables.list_models() == []
+    tables.create_model("bugs", "ana", {}, {"images": []})
+    assert tables.add_model_version("bugs", "run-old", "ana").version == 1
+    entry = tables.move_alias("bugs", "production", 1, action="promote", by="ana")
+    assert (entry.from_version, entry.to_version) == (None, 1) and tables.model_aliases("bugs") == {"production": 1}

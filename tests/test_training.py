@@ -167,22 +167,27 @@ def test_eta_counts_the_current_epoch_and_reaches_zero_at_the_end():
 
     from tlcore.training import _StoreProgress
 
+    now = [100.0]  # an injected clock: each epoch takes exactly ten seconds, however busy the machine
     beats = []
     ctx = types.SimpleNamespace(step=0, run_id="r", sink=types.SimpleNamespace(log_epoch=lambda *a: None),
                                 beat=lambda progress, force=False: beats.append(progress) or False,
                                 log=lambda message: None)
-    callback = _StoreProgress(ctx, "finetune", 3, checkpoint=False)
+    callback = _StoreProgress(ctx, "finetune", 3, checkpoint=False, clock=lambda: now[0])
     callback.set_model(types.SimpleNamespace(optimizer=None, stop_training=False))
     callback.on_epoch_begin(0)
-    callback.epoch_started -= 10.0  # the first epoch took ten seconds
+    now[0] += 10.0
     callback.on_epoch_end(0, {"loss": 1.0})
     after_first = beats[-1]
-    assert after_first.epoch == 2 and after_first.eta_s == pytest.approx(20.0, abs=0.5)
-    for epoch in (1, 2):
-        callback.on_epoch_begin(epoch)
-        callback.epoch_started -= 10.0
-        callback.on_epoch_end(epoch, {"loss": 1.0})
-    assert beats[-1].eta_s == pytest.approx(0.0, abs=0.01)
+    assert after_first.epoch == 2 and after_first.eta_s == 20.0
+    callback.on_epoch_begin(1)
+    now[0] += 4.0  # four seconds into the second epoch: 6 s of it and 10 s of the third are left
+    assert callback._progress(batch=3).eta_s == 16.0
+    now[0] += 6.0
+    callback.on_epoch_end(1, {"loss": 1.0})
+    callback.on_epoch_begin(2)
+    now[0] += 10.0
+    callback.on_epoch_end(2, {"loss": 1.0})
+    assert beats[-1].eta_s == 0.0
 
 
 @pytest.fixture

@@ -3,14 +3,13 @@ reliability data, and the confidence threshold below which the model should answ
 
 Pure numpy/scipy (no Keras). Training fits both on the validation split and stores them with the
 run (`RunSummary.calibration`, `RunSummary.threshold`, and the run folder's `calibration.json` /
-`threshold.json`); `predict`, the Demo and exports read them back with `load_calibration` /
-`load_threshold` and apply the temperature with `apply_temperature`.
+`threshold.json`); `tlcore.operating_point` reads them back for predict, the Demo, exports and the
+endpoint, which apply the temperature with `apply_temperature`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 
@@ -21,7 +20,7 @@ from tlcore.run_record import Calibration, CoveragePoint, ReliabilityBin, Thresh
 
 __all__ = ["Calibration", "CoveragePoint", "ReliabilityBin", "Threshold", "apply_temperature", "calibrate",
            "choose_threshold", "coverage_curve", "expected_calibration_error", "fit_temperature",
-           "load_calibration", "load_threshold", "reliability", "retarget", "write_run_calibration"]
+           "reliability", "retarget", "write_run_calibration"]
 
 ECE_BINS = 15
 DEFAULT_TARGET_PRECISION = 0.95
@@ -168,14 +167,3 @@ def write_run_calibration(run_id: str, calibration: Calibration, threshold: Thre
     if threshold is not None:
         write_json_atomically(folder.threshold_file, threshold.to_dict())
 
-
-def load_calibration(run_id: str) -> Calibration | None:
-    """The run's calibration from its folder, or None when it has none (a run from before calibration)."""
-    path = RunFolder(run_id).calibration_file
-    return Calibration.from_dict(json.loads(path.read_text())) if path.is_file() else None
-
-
-def load_threshold(run_id: str) -> Threshold | None:
-    """The run's "not sure" threshold from its folder, or None when it has none."""
-    path = RunFolder(run_id).threshold_file
-    return Threshold.from_dict(json.loads(path.read_text())) if path.is_file() else None

@@ -35,15 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     datasets = sub.add_parser("datasets", help="import and list datasets")
     dsub = datasets.add_subparsers(dest="action", metavar="ACTION", required=True)
-    imp = dsub.add_parser("import", help="import a folder of class folders or a .zip of one")
-    imp.add_argument("source", help="folder (one subfolder per class, or train/ val/ [test/]) or .zip")
-    imp.add_argument("--name", help="dataset name (default: the folder or zip name)")
+    imp = dsub.add_parser("import", help="import a folder of class folders, a .zip of one, or a built-in dataset")
+    imp.add_argument("source", nargs="?", help="folder (one subfolder per class, or train/ val/ [test/]) or .zip")
+    imp.add_argument("--builtin", metavar="NAME",
+                     help="a built-in dataset made offline instead of SOURCE (`datasets builtin` lists them)")
+    imp.add_argument("--name", help="dataset name (default: the folder or zip name, or the built-in's)")
     imp.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
     imp.add_argument("--split", type=_split_arg, help="train,val,test fractions (default 0.7,0.15,0.15)")
     imp.add_argument("--new-version", action="store_true",
                      help="record a new version even if the latest one holds exactly these images")
     _json(imp)
     _json(dsub.add_parser("list", help="list datasets"))
+    _json(dsub.add_parser("builtin", help="list the built-in datasets (made offline, `datasets import --builtin`)"))
     fix = dsub.add_parser("fix", help="relabel or exclude images: a new version with a change log")
     fix.add_argument("dataset", help="dataset name, name@version or id")
     fix.add_argument("--relabel", nargs="+", default=[], metavar="SOURCE=LABEL", type=_relabel_arg,
@@ -145,13 +148,84 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="file (folder for savedmodel); default: export/ in the run folder")
     _json(export)
 
+    _registry_options(sub)
+
     serve = sub.add_parser("serve", help="serve a run's model over HTTP (POST /v1/predict, docs at /docs)")
-    serve.add_argument("--run", required=True, help="run id or name")
+    served = serve.add_mutually_exclusive_group(required=True)
+    served.add_argument("--run", help="run id or name")
+    served.add_argument("--model", metavar="NAME[@ALIAS]",
+                        help="a registered model's alias (default production); follows the alias when it moves")
+    serve.add_argument("--poll", type=float, default=2.0,
+                       help="with --model: seconds between checks of the alias (default 2)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--token", default=os.environ.get("TLCORE_SERVE_TOKEN"),
                        help="require `Authorization: Bearer TOKEN` (default: $TLCORE_SERVE_TOKEN, else none)")
     return parser
+
+
+def _registry_options(sub) -> None:
+    by = {"default": None, "help": "who does it (default: $TLCORE_USER, else the login name)"}
+    models = sub.add_parser("models", help="the model registry: versions, aliases, promotion, rollback")
+    msub = models.add_subparsers(dest="action", metavar="ACTION", required=True)
+    register = msub.add_parser("register", help="register a finished run as a model's next version")
+    register.add_argument("name", help="model name (created with its first version)")
+    register.add_argument("--run", required=True, help="run id or name")
+    register.add_argument("--by", **by)
+    _json(register)
+    _json(msub.add_parser("list", help="list models with their aliases"))
+    mshow = msub.add_parser("show", help="a model's versions, aliases, fixed evaluation set and audit trail")
+    mshow.add_argument("name")
+    _json(mshow)
+    promote = msub.add_parser("promote", help="move production to a review's candidate (gate passed and approved)")
+    promote.add_argument("name")
+    promote.add_argument("--review", required=True, help="review id")
+    promote.add_argument("--force", action="store_true", help="promote although the gate failed or nobody approved")
+    promote.add_argument("--reason", default="", help="why (required with --force; kept in the audit trail)")
+    promote.add_argument("--by", **by)
+    _json(promote)
+    rollback = msub.add_parser("rollback", help="move production back to the version before its last move")
+    rollback.add_argument("name")
+    rollback.add_argument("--reason", default="")
+    rollback.add_argument("--by", **by)
+    _json(rollback)
+    alias = msub.add_parser("alias", help="point an alias other than production at a version")
+    alias.add_argument("name")
+    alias.add_argument("alias")
+    alias.add_argument("version", help="version number")
+    alias.add_argument("--reason", default="")
+    alias.add_argument("--by", **by)
+    _json(alias)
+    policy = msub.add_parser("policy", help="show or set the gate of a model's next reviews")
+    policy.add_argument("name")
+    policy.add_argument("--non-inferiority-pts", type=float, help="largest loss allowed at 95 %% (default 1)")
+    policy.add_argument("--max-class-drop-pts", type=float, help="largest drop of one class's recall (default 5)")
+    policy.add_argument("--min-accuracy", type=float, help="minimum accuracy on the fixed set, 0-1 (default none)")
+    _json(policy)
+
+    reviews = sub.add_parser("review", help="open, decide and report reviews of a model's candidate")
+    rsub = reviews.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ropen = rsub.add_parser("open", help="judge a run against production on the model's fixed evaluation set")
+    ropen.add_argument("name", help="model name")
+    ropen.add_argument("--candidate", required=True, help="run id or name")
+    ropen.add_argument("--by", **by)
+    _json(ropen)
+    for action in ("approve", "reject"):
+        decide = rsub.add_parser(action, help=f"{action} an open review (once)")
+        decide.add_argument("review", help="review id")
+        decide.add_argument("--by", required=True, help="the reviewer's name")
+        decide.add_argument("--comment", default="", help="why")
+        _json(decide)
+    rshow = rsub.add_parser("show", help="a review's evidence, gate and decision")
+    rshow.add_argument("review")
+    _json(rshow)
+    rlist = rsub.add_parser("list", help="reviews, newest first")
+    rlist.add_argument("name", nargs="?", help="only this model's")
+    _json(rlist)
+    report = rsub.add_parser("report", help="write a review as one self-contained HTML file")
+    report.add_argument("review")
+    report.add_argument("--out", required=True, help="the .html file to write")
+    _json(report)
 
 
 def _json(p: argparse.ArgumentParser) -> None:
@@ -268,12 +342,27 @@ def cmd_datasets(args) -> int:
                            for d in rows])
         _emit(args, {"datasets": [_dataset_dict(d) for d in rows]}, None if args.json else text)
         return 0
-    from tlcore.data.importer import import_dataset
-
+    if args.action == "builtin":
+        return _list_builtin(args, store)
     kwargs: dict[str, Any] = {"store": store, "seed": args.seed, "new_version": args.new_version}
     if args.split:
         kwargs["split"] = args.split
-    result = import_dataset(args.source, args.name, **kwargs)
+    if args.builtin:
+        from tlcore.data.builtin import BUILTIN, import_builtin
+
+        if args.source:
+            raise InvalidInput(f"Give a SOURCE or `--builtin`, not both. Received: {args.source!r} and "
+                               f"builtin={args.builtin!r}")
+        if args.builtin not in BUILTIN:
+            raise InvalidInput(f"`--builtin` must be one of {', '.join(BUILTIN)}. Received: builtin={args.builtin!r}")
+        result = import_builtin(args.builtin, dataset_name=args.name, **kwargs)
+    elif args.source:
+        from tlcore.data.importer import import_dataset
+
+        result = import_dataset(args.source, args.name, **kwargs)
+    else:
+        raise InvalidInput("`datasets import` needs a SOURCE folder or .zip, or `--builtin NAME` "
+                           "(`python -m tlcore datasets builtin` lists them).")
     d, report = result.dataset, result.report
     if result.unchanged:
         _emit(args, {"dataset": _dataset_dict(d), "report": report, "unchanged": True},
@@ -292,6 +381,22 @@ def cmd_datasets(args) -> int:
             lines.append(f"  ... and {len(skipped) - 50} more (see --json)")
     lines += [f"Warning: {w}" for w in report.get("warnings") or []]
     _emit(args, {"dataset": _dataset_dict(d), "report": report}, None if args.json else "\n".join(lines))
+    return 0
+
+
+def _list_builtin(args, store) -> int:
+    """The built-in datasets, one line each, and the newest version already imported of each."""
+    from tlcore.data.builtin import BUILTIN
+
+    imported: dict[str, str] = {}
+    for d in store.list_datasets():  # newest first
+        imported.setdefault(d.source, d.label)
+    rows = [{"name": name, "description": text, "imported": imported.get(f"builtin:{name}")}
+            for name, text in BUILTIN.items()]
+    lines = [f"{r['name']:<9} {r['description']}" + (f" Imported: {r['imported']}." if r["imported"] else "")
+             for r in rows]
+    lines.append("`python -m tlcore datasets import --builtin NAME` imports one.")
+    _emit(args, {"builtin": rows}, None if args.json else "\n".join(lines))
     return 0
 
 
@@ -471,7 +576,7 @@ def _metrics_text(metrics) -> str:
     text = f"accuracy {metrics.accuracy:.4f}, macro F1 {metrics.macro_f1:.4f}"
     if metrics.smallest_class_recall is not None:
         text += f", smallest class ({metrics.smallest_class}) recall {metrics.smallest_class_recall:.4f}"
-    return text + (f", with {metrics.tta} TTA" if metrics.tta != "none" else "")
+    return text + (f", with {metrics.tta} TTA" if metrics.tta not in (None, "none") else "")
 
 
 def _summary_text(run) -> str:
@@ -616,9 +721,10 @@ def cmd_runs(args) -> int:
     calibration = run.summary.calibration if run.summary else None
     if calibration and calibration.temperature:
         lines.append(f"  calibrated: temperature {calibration.temperature:.2f} (fitted on {calibration.fitted_on} "
-                     f"val images), ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}")
+                     f"val images), ECE {_fmt(calibration.ece_before)} -> {_fmt(calibration.ece_after)}")
     elif calibration:
-        lines.append(f"  not calibrated: {calibration.reason}")
+        lines.append("  not calibrated, probabilities are the unscaled softmax"
+                     + (f": {calibration.reason}" if calibration.reason else ""))
     threshold = run.summary.threshold if run.summary else None
     if threshold and threshold.usable:
         lines.append(f"  \"not sure\" below confidence {threshold.threshold:.3f} (target precision "
@@ -649,12 +755,14 @@ def _run_dict(r) -> dict[str, Any]:
 
 
 def _calibration_dict(run) -> dict[str, Any] | None:
-    """`{temperature, ece_before, ece_after, reason}` of a finished run; None before it finished."""
+    """`{temperature, ece_before, ece_after, reason, probabilities}` of a finished run; None before it
+    finished (and for runs from before calibration)."""
     calibration = run.summary.calibration if run.summary else None
     if calibration is None:
         return None
     return {"temperature": calibration.temperature, "ece_before": calibration.ece_before,
-            "ece_after": calibration.ece_after, "reason": calibration.reason}
+            "ece_after": calibration.ece_after, "reason": calibration.reason,
+            "probabilities": "temperature-scaled softmax" if calibration.temperature else "unscaled softmax"}
 
 
 def cmd_predict(args) -> int:
@@ -664,8 +772,8 @@ def cmd_predict(args) -> int:
     if args.top_k < 1:
         raise InvalidInput(f"`--top-k` must be 1 or more. Received: top_k={args.top_k}")
     loaded = inference.load_run_model(args.run) if args.run else inference.load_imagenet_model(args.model)
-    threshold = getattr(loaded, "threshold", None)
-    if threshold is not None and not threshold.usable and not args.json:
+    threshold = loaded.point.declined
+    if threshold is not None and not args.json:
         print(f"No usable \"not sure\" threshold: no confidence below 1 reached {threshold.target_precision:.0%} "
               "precision on validation, so every image gets an answer.", file=sys.stderr)
     results: list[dict[str, Any]] = []
@@ -714,14 +822,139 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from tlcore import serve
 
-    serve.run_server(args.run, host=args.host, port=args.port, token=args.token)
+    serve.run_server(args.run, model=args.model, poll_s=args.poll, host=args.host, port=args.port,
+                     token=args.token)
+    return 0
+
+
+def _by(args) -> str:
+    import getpass
+
+    return args.by or os.environ.get("TLCORE_USER") or getpass.getuser()
+
+
+def _audit_line(entry) -> str:
+    moved = f"v{entry.from_version}" if entry.from_version is not None else "unset"
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(entry.at))
+    return (f"{when}  {entry.by}: {entry.alias} {moved} -> v{entry.to_version} ({entry.action})"
+            + (f" review {entry.review_id}" if entry.review_id else "") + (f": {entry.reason}" if entry.reason else ""))
+
+
+def cmd_models(args) -> int:
+    from tlcore import model_registry as registry
+    from tlcore.review import GatePolicy, set_policy
+
+    if args.action == "register":
+        v = registry.register(args.name, args.run, _by(args))
+        _emit(args, dataclasses.asdict(v), None if args.json else f"{args.name} v{v.version} is run {v.run_id}.")
+    elif args.action == "list":
+        models = registry.list_models()
+        rows = [[m["name"], m["versions"], ", ".join(f"{a}=v{n}" for a, n in m["aliases"].items()) or "-"]
+                for m in models]
+        text = (_table(["model", "versions", "aliases"], rows) if models else
+                "No models yet: `python -m tlcore models register NAME --run RUN`.")
+        _emit(args, {"models": models}, None if args.json else text)
+    elif args.action == "show":
+        shown = registry.describe(args.name)
+        fixed = shown["eval_set"]
+        lines = [f"{args.name}: fixed evaluation set of {fixed['images']} images ({fixed['dataset']}, "
+                 f"{fixed['split']} split, {fixed['content_hash'][:12]}); gate policy {shown['policy'] or 'default'}",
+                 _table(["version", "run", "accuracy", "macro F1", "aliases"],
+                        [[f"v{v['version']}", v["run_name"], _fmt(v["accuracy"]), _fmt(v["macro_f1"]),
+                          ", ".join(v["aliases"]) or "-"] for v in shown["versions"]])]
+        lines += ["Audit trail:"] + [f"  {_audit_line(e)}" for e in registry.registry().model_audit(args.name)]
+        _emit(args, shown, None if args.json else "\n".join(lines))
+    elif args.action == "promote":
+        review = registry.registry().get_review(args.review)
+        if review.model != args.name:
+            raise InvalidInput(f"Review {review.id} is a review of model {review.model}, not {args.name}.")
+        entry = registry.promote(args.review, _by(args), force=args.force, reason=args.reason)
+        _emit(args, dataclasses.asdict(entry), None if args.json else _audit_line(entry))
+    elif args.action == "rollback":
+        entry = registry.rollback(args.name, _by(args), args.reason)
+        _emit(args, dataclasses.asdict(entry), None if args.json else _audit_line(entry))
+    elif args.action == "alias":
+        entry = registry.set_alias(args.name, args.alias, args.version, _by(args), args.reason)
+        _emit(args, dataclasses.asdict(entry), None if args.json else _audit_line(entry))
+    elif args.action == "policy":
+        current = GatePolicy.from_dict(registry.get_model(args.name).policy)
+        changes = {k: getattr(args, k) for k in ("non_inferiority_pts", "max_class_drop_pts", "min_accuracy")
+                   if getattr(args, k) is not None}
+        policy = set_policy(args.name, dataclasses.replace(current, **changes)) if changes else current
+        _emit(args, policy.to_dict(), None if args.json else str(policy.to_dict()))
+    return 0
+
+
+def _review_lines(review) -> list[str]:
+    evidence, comparison = review.evidence, review.evidence.get("comparison")
+    base = f"v{review.baseline_version}" if review.baseline_version else "no production yet"
+    lines = [f"Review {review.id}: {review.model} v{review.candidate_version} against {base} on "
+             f"{evidence['eval_set']['images']} fixed images; {review.status}"
+             + (", promoted" if review.promoted_at else "")
+             + (f" by {review.decided_by}" + (f" ({review.comment})" if review.comment else "")
+                if review.decided_by else ""),
+             f"Gate {'PASSED' if review.gate_passed else 'FAILED'}:"] + [f"  - {r}" for r in review.gate["reasons"]]
+    if comparison:
+        lines.append(f"  {comparison['verdict']}; macro F1 {100 * comparison['f1_delta']:+.1f} pts "
+                     f"({100 * comparison['f1_ci_low']:+.1f} to {100 * comparison['f1_ci_high']:+.1f}); "
+                     f"fixed {comparison['fixed']}, broke {comparison['broken']}")
+        for row in evidence["per_class"]:
+            lines.append(f"  {row['label']}: recall {100 * row['recall_a']:.1f} -> {100 * row['recall_b']:.1f} %")
+    for side in ("baseline", "candidate"):
+        facts = evidence.get(side)
+        if facts:
+            lines.append(f"  {side} v{facts['version']} {facts['run_name']}: accuracy {100 * facts['accuracy']:.1f} %, "
+                         f"ECE {facts['ece']:.3f}, {_one_decimal(facts['size_mb'])} MB, "
+                         f"{_one_decimal(facts['latency_ms'])} ms/image")
+    return lines
+
+
+def _one_decimal(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _review_json(review) -> dict[str, Any]:
+    data = dataclasses.asdict(review)
+    data["review_id"] = review.id
+    return data
+
+
+def cmd_review(args) -> int:
+    from tlcore import model_registry as registry
+    from tlcore import review as reviews
+
+    if args.action == "open":
+        review = reviews.open_review(args.name, args.candidate, _by(args))
+    elif args.action in ("approve", "reject"):
+        review = reviews.decide(args.review, args.action == "approve", args.by, args.comment)
+    elif args.action == "show":
+        review = registry.registry().get_review(args.review)
+    elif args.action == "list":
+        if args.name:
+            registry.get_model(args.name)
+        found = registry.registry().list_reviews(args.name)
+        text = _table(["review", "model", "candidate", "against", "gate", "status"],
+                      [[r.id, r.model, f"v{r.candidate_version}",
+                        f"v{r.baseline_version}" if r.baseline_version else "-",
+                        "passed" if r.gate_passed else "failed", r.status + (", promoted" if r.promoted_at else "")]
+                       for r in found]) if found else "No reviews."
+        _emit(args, {"reviews": [_review_json(r) for r in found]}, None if args.json else text)
+        return 0
+    else:
+        from tlcore.review_report import write_review_report
+
+        path = write_review_report(args.review, args.out)
+        _emit(args, {"review_id": args.review, "path": str(path)}, None if args.json else str(path))
+        return 0
+    _emit(args, _review_json(review), None if args.json else "\n".join(_review_lines(review)))
     return 0
 
 
 COMMANDS = {"datasets": cmd_datasets, "backbones": cmd_backbones, "train": cmd_train, "submit": cmd_submit,
             "lr-find": cmd_lr_find, "sweep": cmd_sweep, "sweeps": cmd_sweeps, "worker": cmd_worker,
             "cancel": cmd_cancel, "resume": cmd_resume, "runs": cmd_runs, "predict": cmd_predict,
-            "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve, "audit": cmd_audit}
+            "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve, "audit": cmd_audit,
+            "models": cmd_models, "review": cmd_review}
 
 
 # -------------------------------------------------------------------- helpers

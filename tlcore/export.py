@@ -168,21 +168,35 @@ def is_fresh(path: Path, folder: RunFolder, fmt: str) -> bool:
 
 
 def read_report(path: str | Path) -> dict[str, Any] | None:
-    """What the export check found for an exported file (ONNX or int8), or None if it has no report."""
-    report = _report_path(Path(path))
-    return json.loads(report.read_text()) if report.is_file() else None
+    """What the export check found for an exported file (ONNX or int8), or None if it has no
+    readable report (none was written, or the file is damaged: the export itself still stands)."""
+    try:
+        report = json.loads(_report_path(Path(path)).read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def describe_report(report: dict[str, Any]) -> list[str]:
-    """An export check's findings as plain sentences (the last one the int8 warning, if any)."""
-    if report["format"] == "onnx":
-        return [f"ONNX Runtime agrees with Keras on the top-1 class of {report['top1_agreement']:.1%} of "
-                f"{report['eval_images']} {report['eval_split']} images; largest probability difference "
-                f"{report['max_probability_difference']:.2g}."]
-    lines = [f"{name}: {report['eval_split']} accuracy {r['accuracy']:.1%}, {r['size_bytes'] / 2**20:.1f} MB, "
-             f"{r['latency_ms_p50']:.2f} ms per image (TFLite interpreter, median)."
-             for name, r in (("int8", report["int8"]), ("float32", report["float32"]))]
-    return lines + ([f"Warning: {report['warning']}"] if report["warning"] else [])
+    """An export check's findings as plain sentences (the last one the int8 warning, if any).
+    A report written by another version that lacks a figure loses only the sentence needing it."""
+    split = report.get("eval_split") or "evaluation"
+    try:
+        if report.get("format") == "onnx":
+            return [f"ONNX Runtime agrees with Keras on the top-1 class of {report['top1_agreement']:.1%} of "
+                    f"{report['eval_images']} {split} images; largest probability difference "
+                    f"{report['max_probability_difference']:.2g}."]
+    except (KeyError, TypeError, ValueError):
+        return []
+    lines = []
+    for name in ("int8", "float32"):
+        r = report.get(name)
+        try:
+            lines.append(f"{name}: {split} accuracy {r['accuracy']:.1%}, {r['size_bytes'] / 2**20:.1f} MB, "
+                         f"{r['latency_ms_p50']:.2f} ms per image (TFLite interpreter, median).")
+        except (KeyError, TypeError, ValueError):
+            continue
+    return lines + ([f"Warning: {report['warning']}"] if report.get("warning") else [])
 
 
 def _check_format(fmt: str) -> str:
@@ -241,18 +255,14 @@ def _eval_set(folder: RunFolder, size: int) -> tuple[np.ndarray, list[str], str]
     return pixels, list(rows["true"]), split or "evaluation"
 
 
-def _run_config(folder: RunFolder) -> dict[str, Any] | None:
-    return json.loads(folder.config_file.read_text()) if folder.config_file.is_file() else None
-
-
 def _representative_pixels(folder: RunFolder, size: int) -> np.ndarray:
     """Up to `REPRESENTATIVE_IMAGES` training images, classes taken in turn, seeded."""
     from tlcore.data.images import load_resized
     from tlcore.data.manifest import run_entries
     from tlcore.store import Store
 
-    config = _run_config(folder)
-    if config is None or "dataset_id" not in config:
+    config = folder.config()
+    if "dataset_id" not in config:
         raise InvalidInput(f"The run folder {folder.path} has no config.json naming its dataset; int8 "
                            "quantization needs the run's training images. Retrain the run.")
     dataset = Store().get_dataset(config["dataset_id"])
@@ -422,13 +432,14 @@ def _export_bundle(run_id: str, loaded, folder: RunFolder, target: Path, report:
     members: dict[str, Path | str] = {
         MODEL_FILE: Path(loaded.path),
         "model.onnx": onnx_path,
-        "model.onnx.report.json": _report_path(onnx_path),
         LABELS_FILE: json.dumps(loaded.labels),
         "preprocessing.json": json.dumps(preprocessing_facts(card["model"]["backbone_name"],
                                                              loaded.image_size, loaded.labels), indent=2),
         "model_card.md": card_markdown(card),
         "model_card.json": json.dumps(card, indent=2),
     }
+    if _report_path(onnx_path).is_file():  # an ONNX file kept from an older version may have none
+        members["model.onnx.report.json"] = _report_path(onnx_path)
     point = read_operating_point(folder)
-    members.update({name: json.dumps(data, indent=2) for name, data in point.files(folder).items()})
+    members.update({name: json.dumps(data, indent=2) for name, data in point.files().items()})
     write_atomically(target, lambda tmp: _zip(tmp, members))

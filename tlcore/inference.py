@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tlcore.calibration import Calibration, Threshold, apply_temperature, load_calibration, load_threshold
 from tlcore.errors import InvalidInput, ModelLoadError
+from tlcore.operating_point import OperatingPoint, read_operating_point
 from tlcore.run_folder import RunFolder
 
 PREDICT_BATCH = 32
@@ -60,8 +60,7 @@ class LoadedModel:
     """
 
     def __init__(self, model, labels: Sequence[str], *, name: str, path: str | None = None,
-                 run_id: str | None = None, calibration: Calibration | None = None,
-                 threshold: Threshold | None = None, tta: str = "none"):
+                 run_id: str | None = None, point: OperatingPoint | None = None, tta: str = "none"):
         from tlcore.backbones.folding import fold_batchnorm
         from tlcore.devices import float32_model
 
@@ -76,9 +75,8 @@ class LoadedModel:
         self.path = path
         self.run_id = run_id  # the run it was trained by, None for a plain ImageNet model
         # Fitted on the run's validation split: probabilities are temperature-scaled, and an
-        # answer below the threshold is "not sure". None for runs without them (and ImageNet).
-        self.calibration = calibration
-        self.threshold = threshold
+        # answer below the threshold is "not sure". Empty for runs without them (and ImageNet).
+        self.point = point or OperatingPoint()
         self.tta = tta
         shape = model.input_shape
         self.image_size = int(shape[1]) if shape[1] else 224
@@ -90,7 +88,7 @@ class LoadedModel:
 
     @property
     def temperature(self) -> float | None:
-        return self.calibration.temperature if self.calibration else None
+        return self.point.temperature
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """The model's raw softmax for a uint8 batch `(n, size, size, 3)` (`calibrated` scales it)."""
@@ -110,11 +108,11 @@ class LoadedModel:
 
     def calibrated(self, probs: np.ndarray) -> np.ndarray:
         """`probs` temperature-scaled when the run was calibrated (what `predict_*` answer with)."""
-        return apply_temperature(probs, self.temperature) if self.temperature else probs
+        return self.point.calibrate(probs)
 
     def abstains(self, confidence: float) -> bool:
         """Whether an answer at `confidence` is below the run's "not sure" threshold."""
-        return self.threshold is not None and self.threshold.usable and confidence < self.threshold.threshold
+        return self.point.abstains(confidence)
 
     def warm_up(self) -> None:
         """Run one blank image through the model, so the first real prediction does not pay for
@@ -290,8 +288,7 @@ def load_run_model(run_ref: str, store=None) -> LoadedModel:
             return _cache[key]
         model = load_model_file(path, name=name)
         loaded = LoadedModel(model, _read_labels(folder.labels_file), name=name, path=str(path),
-                             run_id=folder.run_id, calibration=load_calibration(folder.run_id),
-                             threshold=load_threshold(folder.run_id), tta=folder.tta())
+                             run_id=folder.run_id, point=read_operating_point(folder), tta=folder.tta())
         for stale in [k for k in _cache if k[0] == key[0]]:
             del _cache[stale]  # an older version of the same file
         while len(_cache) >= _CACHE_SIZE:

@@ -15,7 +15,7 @@ from typing import Any
 
 from tlcore import __version__
 from tlcore.atomic import write_json_atomically, write_text_atomically
-from tlcore.operating_point import read_operating_point
+from tlcore.operating_point import read_operating_point, usable_threshold
 from tlcore.run_folder import RunFolder
 
 CARD_VERSION = 1
@@ -69,7 +69,7 @@ def build_card(run_ref: str, store=None) -> dict[str, Any]:
     store = store or Store()
     run, folder = find_run(run_ref, store)
     dataset = store.get_dataset(run.dataset_id)
-    config = json.loads(folder.config_file.read_text())
+    config = folder.config() or dict(run.config)
     spec = get_backbone(run.backbone)
     report = evaluate_run(run.id)
     labels = list(report.labels)
@@ -109,8 +109,12 @@ def build_card(run_ref: str, store=None) -> dict[str, Any]:
             "per_class": metrics["per_class"],
             "confusions": report.top_confusions(10).to_dict("records"),
         },
-        "calibration": point.calibration or None,
-        "threshold": point.threshold_info or None,
+        # As written in the run folder (None when the run has no file); "probabilities" says what the
+        # model's answers are, also for a run without a fitted temperature.
+        "calibration": point.written.get(folder.calibration_file.name),
+        "threshold": point.written.get(folder.threshold_file.name),
+        "probabilities": ("temperature-scaled softmax" if point.temperature is not None
+                          else "unscaled softmax"),
         "intended_use": (f"Sorting photos into the {len(labels)} classes of {dataset.label}: "
                          f"{', '.join(labels)}."),
         "limits": _limits(labels, metrics, eval_split, counts, point, pretrained),
@@ -126,8 +130,8 @@ def _limits(labels, metrics, eval_split, counts, point, pretrained) -> list[str]
     if point.threshold is not None:
         limits.append(f"Answers whose top probability is below {point.threshold:g} are marked "
                       "abstained; treat them as 'none of these'.")
-    elif point.threshold_info:
-        target = point.threshold_info.get("target_precision", 0.95)
+    elif point.declined is not None:
+        target = point.declined.target_precision
         limits.append(f"It has no usable abstention threshold: no confidence below 1 reached {target:.0%} "
                       "precision on the validation images, so every photo gets a label, however unsure.")
     else:
@@ -183,12 +187,15 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines += ["", "Most frequent confusions:", ""]
     lines += [f"- {c['true']} taken for {c['pred']}: {c['count']}" for c in ev["confusions"]] or ["- none"]
     lines += ["", "## Calibration and threshold", ""]
-    calibration, threshold = card["calibration"], card["threshold"]
-    lines.append(f"- Calibration: temperature scaling ({_scalars(calibration)})" if calibration
-                 else "- Calibration: none (raw softmax probabilities).")
-    if threshold and threshold.get("reached", True) and threshold.get("threshold", 1.0) < 1.0:
+    calibration, threshold = card["calibration"] or {}, card["threshold"] or {}
+    if calibration.get("temperature") is not None:
+        lines.append(f"- Calibration: temperature scaling ({_scalars(calibration)})")
+    else:
+        reason = f" {calibration['reason']}" if calibration.get("reason") else ""
+        lines.append(f"- Calibration: none (unscaled softmax probabilities).{reason}")
+    if usable_threshold(threshold):
         lines.append(f"- Threshold: abstains below the threshold ({_scalars(threshold)})")
-    elif threshold:
+    elif threshold.get("threshold") is not None:
         lines.append(f"- Threshold: none usable: no confidence below 1 reached the target precision on "
                      f"validation ({_scalars(threshold)}), so it never abstains.")
     else:

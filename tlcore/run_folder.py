@@ -115,12 +115,20 @@ class RunFolder:
     def write_labels(self, labels: list[str]) -> None:
         write_json_atomically(self.labels_file, list(labels))
 
+    def config(self) -> dict[str, Any]:
+        """The recipe as run; empty when the folder has no config.json (or an unreadable one), so
+        callers fall back to defaults or the stored run's config."""
+        try:
+            data = json.loads(self.config_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
     def tta(self) -> str:
-        """How the run's evaluation predicted: "flip" (each image and its mirror averaged) or "none".
-        Predictions with its model do the same, so they match what the evaluation measured."""
-        if not self.config_file.is_file():
-            return "none"
-        return json.loads(self.config_file.read_text()).get("tta") or "none"
+        """How the run's evaluation predicted: "flip" (each image and its mirror averaged) or "none"
+        (also for runs from before TTA). Predictions with its model do the same, so they match what
+        the evaluation measured."""
+        return "flip" if self.config().get("tta") == "flip" else "none"
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json_atomically(self.config_file, config, indent=2)
@@ -130,7 +138,10 @@ class RunFolder:
 
     def checkpoint(self) -> Checkpoint | None:
         """The last checkpoint, or None when the run saved none."""
-        if not (self.checkpoint_state.is_file() and self.checkpoint_weights.is_file()):
+        if not self.checkpoint_weights.is_file():
             return None
-        state = json.loads(self.checkpoint_state.read_text())
-        return Checkpoint(self.checkpoint_weights, state["phase"], int(state["epoch"]))
+        try:
+            state = json.loads(self.checkpoint_state.read_text())
+            return Checkpoint(self.checkpoint_weights, str(state["phase"]), int(state["epoch"]))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None  # no state (or a damaged one): which epoch the weights are after is unknown

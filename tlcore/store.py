@@ -199,6 +199,7 @@ def _migrate_2_sweeps_and_executors(db: sqlite3.Connection) -> None:
 MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [
     (1, _migrate_1_typed_run_records),
     (2, _migrate_2_sweeps_and_executors),
+    (3, lambda db: _migrate_3_model_registry(db)),  # defined with the registry's tables below
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -553,3 +554,293 @@ def _run_from_row(row: sqlite3.Row) -> Run:
 
 def _summary_or_none(data: dict[str, Any]) -> RunSummary | None:
     return RunSummary.from_dict(data) if data else None
+
+
+# ------------------------------------------------------------ model registry
+# Named models, their versions (each a run), aliases, reviews and the audit trail of alias moves.
+# The checks that must hold at the moment of a change (a review still open, production still where
+# the review saw it) are made inside the change's transaction, so two people racing get one winner.
+
+REVIEW_STATES = ("open", "approved", "rejected")
+
+_REGISTRY_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL,
+    policy TEXT NOT NULL DEFAULT '{{}}',
+    eval_set TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE TABLE IF NOT EXISTS model_versions (
+    model TEXT NOT NULL REFERENCES models (name),
+    version INTEGER NOT NULL,
+    run_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL,
+    PRIMARY KEY (model, version),
+    UNIQUE (model, run_id)
+);
+CREATE TABLE IF NOT EXISTS model_aliases (
+    model TEXT NOT NULL REFERENCES models (name),
+    alias TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (model, alias)
+);
+CREATE TABLE IF NOT EXISTS model_audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    from_version INTEGER,
+    to_version INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    by TEXT NOT NULL,
+    at REAL NOT NULL,
+    review_id TEXT,
+    reason TEXT NOT NULL DEFAULT '',
+    evidence TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE INDEX IF NOT EXISTS model_audit_model ON model_audit (model, id);
+CREATE TABLE IF NOT EXISTS reviews (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    model TEXT NOT NULL REFERENCES models (name),
+    candidate_version INTEGER NOT NULL,
+    baseline_version INTEGER,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    evidence TEXT NOT NULL,
+    gate_passed INTEGER NOT NULL,
+    gate TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ({", ".join(repr(s) for s in REVIEW_STATES)})),
+    decided_by TEXT,
+    decided_at REAL,
+    comment TEXT NOT NULL DEFAULT '',
+    promoted_at REAL
+);
+"""
+
+
+def _migrate_3_model_registry(db: sqlite3.Connection) -> None:
+    """2 -> 3: the model registry (models, versions, aliases, reviews, audit trail)."""
+    # Statement by statement: `executescript` would commit the migration's open transaction.
+    for statement in _REGISTRY_SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    created_at: float
+    created_by: str
+    policy: dict[str, Any]  # the gate policy reviews of this model use
+    eval_set: dict[str, Any]  # the fixed evaluation set every version is judged on
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelVersion:
+    model: str
+    version: int
+    run_id: str
+    created_at: float
+    created_by: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    model: str
+    alias: str
+    from_version: int | None
+    to_version: int
+    action: str  # set, promote, force-promote, rollback
+    by: str
+    at: float
+    review_id: str | None
+    reason: str
+    evidence: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReviewRecord:
+    id: str
+    model: str
+    candidate_version: int
+    baseline_version: int | None  # production when the review was opened
+    created_at: float
+    created_by: str
+    policy: dict[str, Any]
+    evidence: dict[str, Any]
+    gate_passed: bool
+    gate: dict[str, Any]
+    status: str  # open, approved, rejected
+    decided_by: str | None
+    decided_at: float | None
+    comment: str
+    promoted_at: float | None = None  # when production moved to its candidate through it
+
+
+class RegistryConflict(Exception):
+    """A registry change lost a race or found the state changed; `current` is what it found."""
+
+    def __init__(self, current: Any):
+        super().__init__(repr(current))
+        self.current = current
+
+
+class ModelTables:
+    """The registry's rows in a `Store`'s file: `ModelTables(store).list_models()` and so on."""
+
+    def __init__(self, store: "Store"):
+        self._store = store
+
+    def create_model(self, name: str, by: str, policy: dict[str, Any], eval_set: dict[str, Any]) -> ModelRecord:
+        with self._store._transaction() as db:
+            if db.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone():
+                raise RegistryConflict(name)
+            db.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?)",
+                       (name, time.time(), by, json.dumps(policy), json.dumps(eval_set)))
+        return self.get_model(name)
+
+    def get_model(self, name: str) -> ModelRecord:
+        with self._store._connect() as db:
+            row = db.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            known = ", ".join(m.name for m in self.list_models()) or "none yet"
+            raise NotFound(f"No model named {name!r}. Known models: {known}.")
+        return ModelRecord(row["name"], row["created_at"], row["created_by"], json.loads(row["policy"]),
+                           json.loads(row["eval_set"]))
+
+    def list_models(self) -> list[ModelRecord]:
+        with self._store._connect() as db:
+            rows = db.execute("SELECT * FROM models ORDER BY name").fetchall()
+        return [ModelRecord(r["name"], r["created_at"], r["created_by"], json.loads(r["policy"]),
+                            json.loads(r["eval_set"])) for r in rows]
+
+    def set_model_policy(self, name: str, policy: dict[str, Any]) -> ModelRecord:
+        with self._store._transaction() as db:
+            db.execute("UPDATE models SET policy = ? WHERE name = ?", (json.dumps(policy), name))
+        return self.get_model(name)
+
+    def add_model_version(self, model: str, run_id: str, by: str) -> ModelVersion:
+        """The next version of `model` for `run_id`, or the version it already is."""
+        with self._store._transaction() as db:
+            row = db.execute("SELECT version FROM model_versions WHERE model = ? AND run_id = ?",
+                             (model, run_id)).fetchone()
+            if row is None:
+                (version,) = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM model_versions"
+                                        " WHERE model = ?", (model,)).fetchone()
+                db.execute("INSERT INTO model_versions VALUES (?, ?, ?, ?, ?)",
+                           (model, version, run_id, time.time(), by))
+            else:
+                version = row[0]
+        return self.model_version(model, version)
+
+    def model_version(self, model: str, version: int) -> ModelVersion:
+        with self._store._connect() as db:
+            row = db.execute("SELECT * FROM model_versions WHERE model = ? AND version = ?",
+                             (model, int(version))).fetchone()
+        if row is None:
+            raise NotFound(f"Model {model} has no version {version}.")
+        return ModelVersion(row["model"], row["version"], row["run_id"], row["created_at"], row["created_by"])
+
+    def model_versions(self, model: str) -> list[ModelVersion]:
+        with self._store._connect() as db:
+            rows = db.execute("SELECT * FROM model_versions WHERE model = ? ORDER BY version",
+                              (model,)).fetchall()
+        return [ModelVersion(r["model"], r["version"], r["run_id"], r["created_at"], r["created_by"]) for r in rows]
+
+    def model_aliases(self, model: str) -> dict[str, int]:
+        with self._store._connect() as db:
+            rows = db.execute("SELECT alias, version FROM model_aliases WHERE model = ? ORDER BY alias",
+                              (model,)).fetchall()
+        return {r["alias"]: r["version"] for r in rows}
+
+    def move_alias(self, model: str, alias: str, to_version: int, *, expected: int | None | str = "any",
+                   action: str, by: str, reason: str = "", review_id: str | None = None,
+                   evidence: dict[str, Any] | None = None, review_from: tuple[str, ...] = ()) -> AuditEntry:
+        """Point `alias` at `to_version` and write the audit entry, in one transaction.
+
+        `expected`: the version the alias must still point at (None: unset), else `RegistryConflict`
+        with the current one. `review_from`: the states `review_id` must be in, not yet promoted; it is
+        marked promoted (else `RegistryConflict` with `{"status": ..., "promoted_at": ...}`).
+        """
+        with self._store._transaction() as db:
+            row = db.execute("SELECT version FROM model_aliases WHERE model = ? AND alias = ?",
+                             (model, alias)).fetchone()
+            current = row[0] if row else None
+            if expected != "any" and current != expected:
+                raise RegistryConflict(current)
+            if review_id and review_from:
+                changed = db.execute(
+                    f"UPDATE reviews SET promoted_at = ? WHERE id = ? AND promoted_at IS NULL AND status IN "
+                    f"({', '.join('?' * len(review_from))})", (time.time(), review_id, *review_from)).rowcount
+                if not changed:
+                    row = db.execute("SELECT status, promoted_at FROM reviews WHERE id = ?", (review_id,)).fetchone()
+                    raise RegistryConflict({"status": row[0], "promoted_at": row[1]} if row else None)
+            db.execute("INSERT OR REPLACE INTO model_aliases VALUES (?, ?, ?)", (model, alias, int(to_version)))
+            cursor = db.execute(
+                "INSERT INTO model_audit (model, alias, from_version, to_version, action, by, at, review_id,"
+                " reason, evidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (model, alias, current, int(to_version), action, by, time.time(), review_id, reason,
+                 json.dumps(evidence or {})))
+            entry_id = cursor.lastrowid
+        return next(e for e in self.model_audit(model) if e.id == entry_id)
+
+    def model_audit(self, model: str) -> list[AuditEntry]:
+        """Every alias move of `model`, oldest first."""
+        with self._store._connect() as db:
+            rows = db.execute("SELECT * FROM model_audit WHERE model = ? ORDER BY id", (model,)).fetchall()
+        return [AuditEntry(r["id"], r["model"], r["alias"], r["from_version"], r["to_version"], r["action"],
+                           r["by"], r["at"], r["review_id"], r["reason"], json.loads(r["evidence"]))
+                for r in rows]
+
+    def add_review(self, model: str, candidate_version: int, baseline_version: int | None, by: str,
+                   policy: dict[str, Any], evidence: dict[str, Any], gate: dict[str, Any]) -> ReviewRecord:
+        review_id = new_id("rev")
+        with self._store._transaction() as db:
+            db.execute(
+                "INSERT INTO reviews (id, model, candidate_version, baseline_version, created_at, created_by,"
+                " policy, evidence, gate_passed, gate, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open')",
+                (review_id, model, candidate_version, baseline_version, time.time(), by, json.dumps(policy),
+                 json.dumps(evidence), int(bool(gate.get("passed"))), json.dumps(gate)))
+        return self.get_review(review_id)
+
+    def get_review(self, review_id: str) -> ReviewRecord:
+        with self._store._connect() as db:
+            row = db.execute("SELECT * FROM reviews WHERE id = ?", (review_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"No review {review_id!r}. `python -m tlcore review list MODEL` shows a model's reviews.")
+        return _review_from_row(row)
+
+    def list_reviews(self, model: str | None = None) -> list[ReviewRecord]:
+        """Reviews, newest first (of `model` when given)."""
+        with self._store._connect() as db:
+            if model is None:
+                rows = db.execute("SELECT * FROM reviews ORDER BY seq DESC").fetchall()
+            else:
+                rows = db.execute("SELECT * FROM reviews WHERE model = ? ORDER BY seq DESC", (model,)).fetchall()
+        return [_review_from_row(r) for r in rows]
+
+    def decide_review(self, review_id: str, status: str, by: str, comment: str) -> ReviewRecord:
+        """Approve or reject an open review; `RegistryConflict` with the review as it is if it is not open."""
+        with self._store._transaction() as db:
+            changed = db.execute(
+                "UPDATE reviews SET status = ?, decided_by = ?, decided_at = ?, comment = ?"
+                " WHERE id = ? AND status = 'open'", (status, by, time.time(), comment, review_id)).rowcount
+        review = self.get_review(review_id)
+        if not changed:
+            raise RegistryConflict(review)
+        return review
+
+
+def _review_from_row(row: sqlite3.Row) -> ReviewRecord:
+    return ReviewRecord(
+        id=row["id"], model=row["model"], candidate_version=row["candidate_version"],
+        baseline_version=row["baseline_version"], created_at=row["created_at"], created_by=row["created_by"],
+        policy=json.loads(row["policy"]), evidence=json.loads(row["evidence"]),
+        gate_passed=bool(row["gate_passed"]), gate=json.loads(row["gate"]), status=row["status"],
+        decided_by=row["decided_by"], decided_at=row["decided_at"], comment=row["comment"],
+        promoted_at=row["promoted_at"])
+

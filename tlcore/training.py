@@ -507,12 +507,14 @@ class _StoreProgress(keras.callbacks.Callback):
 
     async_safe = True
 
-    def __init__(self, training: _Training, phase: str, epochs: int, checkpoint: bool):
+    def __init__(self, training: _Training, phase: str, epochs: int, checkpoint: bool,
+                 clock: Callable[[], float] = time.monotonic):
         super().__init__()
         self.ctx, self.phase, self.epochs = training, phase, epochs
         self.checkpoint = checkpoint  # save the classifier's weights after every epoch
+        self.clock = clock
         self.cancelled = False
-        self.epoch_started = time.monotonic()
+        self.epoch_started = clock()
         self.epoch_seconds: list[float] = []
         self.epoch = 1
         self.batches = None
@@ -520,7 +522,7 @@ class _StoreProgress(keras.callbacks.Callback):
     def _progress(self, batch: int | None) -> RunProgress:
         """Progress in the current epoch (1-based `self.epoch`); the ETA covers it and the rest."""
         per_epoch = (sum(self.epoch_seconds) / len(self.epoch_seconds)) if self.epoch_seconds else None
-        elapsed = time.monotonic() - self.epoch_started
+        elapsed = self.clock() - self.epoch_started
         left = self.epochs - self.epoch + 1  # epochs not finished yet, the current one included
         eta = None
         if per_epoch is not None:
@@ -532,7 +534,7 @@ class _StoreProgress(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch + 1
-        self.epoch_started = time.monotonic()
+        self.epoch_started = self.clock()
         self.batches = self.params.get("steps") if self.params else None
         if self.ctx.beat(self._progress(0), force=True):
             self._stop()
@@ -546,7 +548,7 @@ class _StoreProgress(keras.callbacks.Callback):
         self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
-        seconds = time.monotonic() - self.epoch_started
+        seconds = self.clock() - self.epoch_started
         self.epoch_seconds.append(seconds)
         if self.cancelled:
             return
@@ -562,7 +564,7 @@ class _StoreProgress(keras.callbacks.Callback):
         self.ctx.log(f"{self.phase} epoch {epoch + 1}/{self.epochs}: {shown} ({seconds:.1f} s)")
         if self.checkpoint:
             self.ctx.save_checkpoint(self.phase, epoch + 1)
-        self.epoch, self.epoch_started = epoch + 2, time.monotonic()
+        self.epoch, self.epoch_started = epoch + 2, self.clock()
         self.ctx.beat(self._progress(0), force=True)
 
 

@@ -29,6 +29,7 @@ def _pages() -> list:
         st.Page("pages/datasets.py", title="Datasets", icon=":material/photo_library:"),
         st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
         st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
+        st.Page("pages/models.py", title="Models", icon=":material/verified:"),
         st.Page("pages/errors.py", title="Errors", icon=":material/error:"),
         st.Page("pages/demo.py", title="Demo", icon=":material/photo_camera:"),
         st.Page("pages/export.py", title="Export", icon=":material/download:"),

@@ -46,6 +46,13 @@ def signed_in() -> bool:
     return gate == "open" or bool(st.session_state.get("gate.ok"))
 
 
+def user_name() -> str | None:
+    """Who is signed in with the team login (their e-mail or name); None without one."""
+    if mode() == "oidc" and getattr(st.user, "is_logged_in", False):
+        return st.user.get("email") or st.user.get("name")
+    return None
+
+
 def check() -> bool:
     """Draw the sign-in screen if the visitor is not in yet; True once they are."""
     gate = mode()

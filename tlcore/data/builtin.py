@@ -77,8 +77,14 @@ def materialize_builtin(name: str, dest: str | os.PathLike, per_class: int = 40,
     return root
 
 
-def import_builtin(name: str, store=None, per_class: int = 40, seed: int = 0):
+def import_builtin(name: str, store=None, per_class: int = 40, seed: int = 0, *, dataset_name: str | None = None,
+                   split: tuple[float, float, float] = (0.7, 0.15, 0.15), new_version: bool = False):
     """Build built-in dataset `name` and import it (the existing version if it is already imported).
+
+    Args:
+        dataset_name: the name to import it under. Defaults to `name`.
+        split: train, val and test fractions. Defaults to 0.7, 0.15, 0.15.
+        new_version: record a new version even if the latest one holds exactly these images.
 
     Returns:
         `ImportResult` from the importer.
@@ -88,8 +94,8 @@ def import_builtin(name: str, store=None, per_class: int = 40, seed: int = 0):
     work = Path(tempfile.mkdtemp(prefix="builtin-", dir=home.uploads_dir()))
     try:
         folder = materialize_builtin(name, work, per_class=per_class, seed=seed)
-        return _import(folder, name, store=store, seed=seed, split=(0.7, 0.15, 0.15),
-                       roots=None, source_label=f"builtin:{name}")
+        return _import(folder, dataset_name or name, store=store, seed=seed, split=split,
+                       roots=None, source_label=f"builtin:{name}", new_version=new_version)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
