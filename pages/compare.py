@@ -299,7 +299,8 @@ else:
 
 # -------------------------------------------------------------------- seeds
 
-shown_groups = [g for g in groups.values() if set(r.id for r in g.runs) & set(chosen_ids)]
+shown_groups = sorted((g for g in groups.values() if set(r.id for r in g.runs) & set(chosen_ids)),
+                      key=lambda g: min(chosen_ids.index(r.id) for r in g.runs if r.id in chosen_ids))  # Metrics' order
 if shown_groups:
     st.subheader("Seeds")
     st.caption("Runs whose recipes differ only in the seed: the spread between seeds is the noise any "

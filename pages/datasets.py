@@ -229,9 +229,15 @@ with right:
 def feedback_photos(items, key: str) -> None:
     """Filed photos with what was answered for each (the first 48)."""
     with st.container(key=key):
-        st.image([i.file for i in items[:48]], width=96,
-                 caption=[(i.label or "none of these") + (f" ({i.answer}; said {i.predicted})" if i.predicted
-                                                          else "") for i in items[:48]])
+        st.image([i.file for i in items[:48]], width=96, caption=[caption(i) for i in items[:48]])
+
+
+def caption(item) -> str:
+    """'blue (corrected; said red)', 'none of these (said blue)'."""
+    said = f"said {item.predicted}" if item.predicted else ""
+    if not item.trainable:
+        return "none of these" + (f" ({said})" if said else "")
+    return f"{item.label} ({item.answer}" + (f"; {said})" if said else ")")
 
 
 st.markdown("**Feedback inbox**")

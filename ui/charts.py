@@ -111,8 +111,9 @@ def confusion_heatmap(matrix: Any, labels: Sequence[str], normalize: bool = Fals
         selected=dict(marker=invisible), unselected=dict(marker=invisible),
         hovertemplate="true %{y}<br>predicted %{x}<br>%{customdata[2]} images<extra></extra>",
     ))
-    fig.update_xaxes(title_text="predicted", side="bottom", type="category")
-    fig.update_yaxes(title_text="true", autorange="reversed", type="category")
+    # Fixed ranges: the markers' size would otherwise pad the axes around the cells.
+    fig.update_xaxes(title_text="predicted", side="bottom", type="category", range=[-0.5, len(labels) - 0.5])
+    fig.update_yaxes(title_text="true", type="category", range=[len(labels) - 0.5, -0.5])
     if title_lines:
         fig.update_layout(title=dict(text="<br>".join(title_lines), font=dict(size=14)))
     return _layout(fig, height=size, top=top)
