@@ -9,7 +9,8 @@ Measures, each in a fresh data home:
   2. a 4-run sweep (2 learning rates x 2 seeds) on that one-node cluster (1 CPU; its worker is
      warm by then) and on a fresh two-node cluster (1 CPU each; both workers cold): wall time
      from queueing to the last run finishing;
-  3. bytes shipped per run against the dataset's size on disk, and bytes that came back.
+  3. the image files each node fetched (by content hash, once per node) against the dataset's size on
+     disk, and bytes that came back.
 
 Both "nodes" are processes on the same machine sharing its cores (and whatever else runs on
 it), so the two-node figure shows concurrency, not extra hardware. Results go to a JSON file.
@@ -193,10 +194,11 @@ def main() -> None:
                 folder = RunFolder(ids[0]).path
                 results["bytes"] = {
                     "dataset_files": sum(e.path.stat().st_size for e in entries),
-                    "pixels_shipped": len(entries) * args.image_size ** 2 * 3,
                     "returned": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
                     "images": len(entries),
-                    "dispatch_log": [line.message for line in store.logs(ids[0]) if "shipped" in line.message],
+                    # what was sent (the manifest) and what each run's node fetched by content hash
+                    "dispatch_log": [line.message for r in ids for line in store.logs(r)
+                                     if "sent the manifest" in line.message or line.message.startswith("Fetched ")],
                 }
         finally:
             stop(dispatcher)

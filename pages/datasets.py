@@ -333,6 +333,7 @@ st.caption("Likely label errors (out-of-fold heads on the backbone features, ran
 if st.button("Run audit", key="datasets.audit.run"):
     with st.spinner("Auditing… the first audit of a dataset runs the backbone over every image."):
         try:
+            state.declare_device_policy()
             audit.audit_dataset(ds.id, store=store)
         except ValueError as exc:
             st.error(f"Could not audit {ds.label}: {exc}")
@@ -344,7 +345,13 @@ ACTIONS = ["keep", "relabel", "exclude"]
 cross = [d for d in report_audit.near_duplicates if d.cross_split]
 a1, a2, a3, a4 = st.columns(4)
 a1.metric("Likely label errors", len(report_audit.label_issues))
-a2.metric("Near-duplicate pairs (across splits)", f"{len(report_audit.near_duplicates)} ({len(cross)})")
+if report_audit.duplicate_pairs is None:  # an audit saved before copies were grouped
+    a2.metric("Near-duplicate pairs (across splits)", f"{len(report_audit.near_duplicates)} ({len(cross)})")
+else:
+    groups = report_audit.duplicate_groups
+    a2.metric("Groups of near-duplicates (across splits)", f"{len(groups)} ({sum(g.cross_split for g in groups)})",
+              help=f"{report_audit.duplicate_pairs} pairs in all; the table lists the first "
+                   f"{len(report_audit.near_duplicates)}, cross-split first.")
 a3.metric("Outliers", len(report_audit.outliers))
 a4.metric("Largest / smallest class", f"{report_audit.class_balance['ratio']}×")
 st.caption(f"{report_audit.backbone} at {report_audit.image_size} px · {report_audit.images} images · "

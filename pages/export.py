@@ -63,6 +63,7 @@ def prepare(key: str, title: str) -> None:
     failures.pop((run.id, key), None)
     bar = st.progress(0.0, text=f"Preparing {title}")
     try:
+        state.declare_device_policy()
         export.download_file(run.id, key, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
     except Exception as exc:  # noqa: BLE001 - whatever went wrong is said in words
         reason = plain_message(exc) if isinstance(exc, (TransferLabError, OSError)) else f"{type(exc).__name__}: {exc}"

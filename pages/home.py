@@ -6,7 +6,8 @@ Reads the store only (no TensorFlow import); the live part polls every 2 s.
 
 import streamlit as st
 
-from tlcore import home
+from tlcore import cache_budget, home
+from tlcore.errors import InvalidInput
 from tlcore.store import RunStatus
 from ui import format as fmt
 from ui import frame, sidebar, state, tables
@@ -106,3 +107,7 @@ with s1:
 with s2:
     st.markdown("**Data home**")
     st.code(str(home.data_home()), language=None)
+    try:
+        st.caption(cache_budget.usage().describe())
+    except InvalidInput as exc:
+        st.warning(str(exc))

@@ -121,6 +121,7 @@ def find_lr(dataset_id: str) -> None:
         config = form_config(dataset_id)
         with st.spinner("Learning-rate range test" + (" through the top layers (a minute or more on CPU)…"
                                                       if phase == "finetune" else " on cached features…")):
+            state.declare_device_policy()
             finding = need("lr_finder").find_lr(config, store, phase=phase)
     except ValueError as exc:
         ss["train.lr_error"] = f"No learning rate found: {exc}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -29,10 +30,12 @@ from tlcore.store import RunStatus, Store  # noqa: E402
 from tlcore.training import _compile, execute_run  # noqa: E402
 
 TWO_REPLICAS = "/cpu:0,/cpu:1"
-ONE_REPLICA = "/cpu:0"
-# Nothing random inside the model, so that runs can be compared: each replica draws its own
-# dropout masks. Head dropout off, and MobileNetV2 (no dropout in its body; EfficientNet-Lite0
-# draws drop-connect masks while fine-tuning), from random weights (nothing to download).
+ONE_DEVICE = "/cpu:0"  # OneDeviceStrategy, the one-GPU path
+DEFAULT = ""  # no devices named and no GPU: the default strategy
+# Nothing random inside the model, so that runs can be compared: each replica would draw its
+# own head dropout masks, so head dropout is off. The backbone runs with training=False, so no
+# backbone draws anything (EfficientNet-Lite's drop-connect included: two calls differ by 0.0);
+# MobileNetV2 from random weights because it needs nothing downloaded.
 RECIPE = dict(backbone="mobilenet_v2", weights="none", image_size=32, batch_size=4, batch_scope="global",
               head_epochs=1, finetune_epochs=2, finetune_layers=10, augment=("flip", "zoom"), dropout=0.0,
               lr=0.05)  # a rate that moves the outputs well away from uniform in a few steps
@@ -51,20 +54,49 @@ def _result(store: Store, run_id: str, summary) -> dict:
             "log": "\n".join(line.message for line in store.logs(run_id))}
 
 
-def interrupted_then_resumed(store: Store, dataset_id: str, devices: str) -> dict:
-    """Head on cached features and one fine-tune epoch, stopped; then resumed to the end."""
-    os.environ["TLCORE_TRAIN_DEVICES"] = devices
+def _use(devices: str) -> None:
+    if devices:
+        os.environ["TLCORE_TRAIN_DEVICES"] = devices
+    else:
+        os.environ.pop("TLCORE_TRAIN_DEVICES", None)
+
+
+def uninterrupted(store: Store, dataset_id: str, devices: str) -> dict:
+    """The recipe from start to end without a stop."""
+    _use(devices)
     config = TrainConfig(dataset=dataset_id, **RECIPE)
-    first = _create(store, dataset_id, f"interrupted on {devices}", config)
+    run = _create(store, dataset_id, f"uninterrupted on {devices or 'the default strategy'}", config)
+    return _result(store, run.id, execute_run(run.id, store))
+
+
+def interrupted_then_resumed(store: Store, dataset_id: str, first_devices: str, then_devices: str) -> dict:
+    """Head on cached features and one fine-tune epoch on `first_devices`, stopped; then resumed to
+    the end on `then_devices` (as a run moved to another machine would be)."""
+    _use(first_devices)
+    config = TrainConfig(dataset=dataset_id, **RECIPE)
+    first = _create(store, dataset_id, f"interrupted on {first_devices}", config)
     try:
         execute_run(first.id, store, should_stop=lambda: len(store.epochs(first.id)) >= 2)
         raise AssertionError("the run was not stopped after its first fine-tune epoch")
     except RunCancelled:
         pass
-    second = _create(store, dataset_id, f"resumed on {devices}", config, {"resume_from": first.id})
+    _use(then_devices)
+    second = _create(store, dataset_id, f"resumed on {then_devices}", config, {"resume_from": first.id})
     result = _result(store, second.id, execute_run(second.id, store))
     result["first_log"] = "\n".join(line.message for line in store.logs(first.id))
+    result["first_strategy"] = re.search(r"strategy (\w+)", result["first_log"]).group(1)
+    result["interrupted_run_id"] = first.id
     return result
+
+
+def resumed_from_weights_only(store: Store, dataset_id: str, interrupted_run_id: str) -> dict:
+    """The same stopped run resumed after its optimizer state was removed, as a checkpoint from
+    before that state was kept: it still resumes, from the weights."""
+    _use(DEFAULT)
+    RunFolder(interrupted_run_id).checkpoint_training_state.unlink()
+    config = TrainConfig(dataset=dataset_id, **RECIPE)
+    run = _create(store, dataset_id, "resumed from weights only", config, {"resume_from": interrupted_run_id})
+    return _result(store, run.id, execute_run(run.id, store))
 
 
 def mixed_precision_run(store: Store, dataset_id: str) -> dict:
@@ -97,13 +129,41 @@ def overflow_on_one_replica() -> dict:
             "loss_scale": float(np.asarray(model.optimizer.dynamic_scale))}
 
 
+def features_across_replicas() -> dict:
+    """Backbone-feature extraction under two replicas: each batch split across both, same features."""
+    from tlcore.features import extract_features
+
+    _use(TWO_REPLICAS)
+    strategy = devices.apply(devices.plan("off", "off"))
+    traced = []
+
+    class Spy(keras.layers.Layer):
+        def call(self, x):
+            traced.append(int(x.shape[0]) if x.shape[0] is not None else None)  # runs while tracing only
+            return x
+
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((8, 8, 3)), Spy(), keras.layers.Conv2D(4, 3),
+                                  keras.layers.GlobalAveragePooling2D()])
+    traced.clear()  # building the model called it once, symbolically
+    images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    split = extract_features(model, images, 4, strategy=strategy)
+    split_traces = list(traced)
+    whole = extract_features(model, images, 4)
+    return {"split_traces": split_traces, "whole_traces": traced[len(split_traces):],
+            "max_gap": float(np.abs(split - whole).max())}
+
+
 def main(dataset_id: str, out: str) -> None:
     store = Store()
     results, timings = {}, {}
-    for name, job in (("two_replicas", lambda: interrupted_then_resumed(store, dataset_id, TWO_REPLICAS)),
-                      ("one_replica", lambda: interrupted_then_resumed(store, dataset_id, ONE_REPLICA)),
+    for name, job in (("resumed", lambda: interrupted_then_resumed(store, dataset_id, ONE_DEVICE, TWO_REPLICAS)),
+                      ("default", lambda: uninterrupted(store, dataset_id, DEFAULT)),
+                      ("weights_only", lambda: resumed_from_weights_only(
+                          store, dataset_id, results["resumed"]["interrupted_run_id"])),
                       ("mixed_precision", lambda: mixed_precision_run(store, dataset_id)),
-                      ("overflow", overflow_on_one_replica)):
+                      ("overflow", overflow_on_one_replica),
+                      ("features", features_across_replicas)):
         started = time.perf_counter()
         results[name] = job()
         timings[name] = round(time.perf_counter() - started, 1)

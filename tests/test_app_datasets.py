@@ -239,3 +239,18 @@ def test_audit_of_a_dataset_too_small_for_k_folds_says_why(store):
     at.button(key="datasets.audit.run").click().run()
     assert not at.exception
     assert "Could not audit tiny v1: Class 'ants' of tiny v1 has 2 image(s)" in seed.texts(at)
+
+
+def test_the_audit_runs_under_the_dashboard_device_policy(store, monkeypatch):
+    from tlcore import audit, devices
+
+    monkeypatch.setattr(devices, "_declared_roles", [])
+    monkeypatch.setattr(devices, "_policy", "dashboard: (this test applies nothing)")
+    seen = []
+    # The audit itself is tested in test_audit.py; here only what it runs under.
+    monkeypatch.setattr(audit, "audit_dataset", lambda dataset_id, store: seen.append(devices.declared_roles()))
+    seed.dataset(store)
+    at = seed.app("pages/datasets.py").run()
+    at.button(key="datasets.audit.run").click().run()
+    assert not at.exception
+    assert seen == [("dashboard",)]

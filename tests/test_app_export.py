@@ -30,8 +30,11 @@ def _downloads(at):
     return {b.key.rsplit(".", 1)[1]: b for b in at.download_button}
 
 
-def test_keras_downloads_at_once_and_other_formats_after_preparing(copied_run):
-    from tlcore import home
+def test_keras_downloads_at_once_and_other_formats_after_preparing(copied_run, monkeypatch):
+    from tlcore import devices, home
+
+    monkeypatch.setattr(devices, "_declared_roles", [])
+    monkeypatch.setattr(devices, "_policy", "dashboard: (this test applies nothing)")
 
     at = seed.app("pages/export.py", timeout=300, run=copied_run).run()
     assert not at.exception, at.exception
@@ -50,6 +53,7 @@ def test_keras_downloads_at_once_and_other_formats_after_preparing(copied_run):
     assert set(_downloads(at)) == {"keras", "card", "onnx"}
     assert "ONNX Runtime agrees with Keras on the top-1 class of 100.0% of 6 test images" in seed.texts(at)
     assert "accuracy and speed checked on the test images" in seed.texts(at)  # the split the checks use
+    assert set(devices.declared_roles()) == {"dashboard"}  # the export ran under the dashboard's cap
 
     # Made once: a fresh session finds the files and offers them without preparing again.
     again = seed.app("pages/export.py", run=copied_run).run()

@@ -22,6 +22,7 @@ def test_empty_home_says_what_to_do_first(store):
     assert "No runs yet" in text
     assert "Nothing is training" in text
     assert "Worker:" in text and "stopped" in text
+    assert "Pixel and feature caches: 0.00 GB in 0 file(s); no budget (set TLCORE_CACHE_GB" in text
     # The worker can be started from the sidebar.
     assert at.button(key="sidebar.start_worker")
 
@@ -48,6 +49,14 @@ def test_home_shows_training_now_queue_and_recent_runs(store):
     recent = seed.table(at, "accuracy")
     assert {"done-0", "done-2", "broken", "live-run"} <= set(recent["name"])
     assert at.sidebar.progress and live.id  # the sidebar shows the live run's progress
+
+
+def test_home_shows_the_caches_against_their_budget_and_a_bad_budget_in_a_sentence(store, monkeypatch):
+    monkeypatch.setenv("TLCORE_CACHE_GB", "20")
+    assert "0.00 GB in 0 file(s) of a 20.00 GB budget (TLCORE_CACHE_GB)" in seed.texts(seed.app().run())
+    monkeypatch.setenv("TLCORE_CACHE_GB", "lots")
+    at = seed.app().run()
+    assert not at.exception and any("must be a number of gigabytes" in w.value for w in at.warning)
 
 
 def test_queue_without_worker_offers_to_start_it(store):

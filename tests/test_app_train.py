@@ -172,11 +172,14 @@ def test_the_run_panel_says_where_the_run_trained(store):
 
 
 def test_lr_finder_draws_its_curve_and_use_this_fills_the_form(store, monkeypatch):
-    from tlcore import lr_finder
+    from tlcore import devices, lr_finder
 
     calls = []
+    monkeypatch.setattr(devices, "_declared_roles", [])
+    monkeypatch.setattr(devices, "_policy", "dashboard: (this test applies nothing)")
 
     def fake_find_lr(config, store, *, phase):  # the range test itself is tested in test_lr_finder.py
+        assert devices.declared_roles() == ("dashboard",)  # capped before it could start TensorFlow
         calls.append((config.backbone, config.class_weight, phase))
         curve = [(lr, 2.0 - 0.1 * i if i < 30 else 9.0) for i, lr in enumerate(lr_finder.learning_rates(1e-6, 1, 40))]
         return lr_finder.LRFinding(phase, 0.0023, 0.023, curve, 1.5)

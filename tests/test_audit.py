@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from conftest import SHARED_DATASETS
 from PIL import Image, ImageDraw
 
 from tlcore import cli
-from tlcore.audit import audit_dataset, saved_audit
+from tlcore.audit import audit_dataset, embedding_map, near_duplicates, saved_audit
 from tlcore.data.importer import import_dataset
 from tlcore.data.manifest import ManifestEntry, write_manifest
 from tlcore.errors import InvalidInput
@@ -107,6 +108,46 @@ def test_a_second_audit_reads_cached_features_and_the_cli_prints_json(audit_home
                                       for key in ("source", "split", "given", "suggested", "score")}
     assert out["near_duplicates"][0]["a"] in (COPY, audit_home[2]) and out["near_duplicates"][0]["splits"]
     assert out["outliers"][0]["source"] == STRAY and out["timings"]["total_s"] > 0
+    copies = out["duplicate_groups"][0]  # the copy of a test photo: a group across splits, listed first
+    assert copies["size"] >= 2 and "test" in copies["splits"] and len(copies["splits"]) == 2
+
+    cli.main(["audit", "flowers", "--image-size", str(SIZE), "--json", "--top", "1"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all(len(out[k]) <= 1 for k in ("label_issues", "near_duplicates", "duplicate_groups", "outliers"))
+    assert out["near_duplicates_total"] == len(report.near_duplicates)  # the totals still count them all
+
+
+def _entry(i: int, split: str = "train", label: str = "a") -> ManifestEntry:
+    return ManifestEntry(path=f"/x/{i}.jpg", label=label, split=split, sha256=f"{i:064d}", source=f"{split}/{i}.jpg",
+                         width=64, height=64)
+
+
+def test_copies_of_one_photo_are_one_group_and_the_pairs_kept_are_bounded():
+    rng = np.random.default_rng(0)
+    photos = rng.normal(size=(4, 32))
+    # photo 0 with 5 variants (one in test), photo 1 with 2, photos 2 and 3 alone; 20 unrelated images
+    rows = [photos[0] + rng.normal(scale=0.05, size=32) for _ in range(6)] + \
+           [photos[1] + rng.normal(scale=0.05, size=32) for _ in range(3)] + [photos[2], photos[3]] + \
+           list(rng.normal(size=(20, 32)))
+    unit = np.array(rows) / np.linalg.norm(rows, axis=1, keepdims=True)
+    entries = [_entry(i, "test" if i == 5 else "train") for i in range(len(rows))]
+
+    pairs, groups, total = near_duplicates(entries, unit, 0.9, max_pairs=4)
+
+    assert total == 15 + 3  # every pair of the 6 copies, and of the 3
+    assert [(g.size, g.splits) for g in groups] == [(6, ["test", "train"]), (3, ["train"])]
+    assert len(pairs) == 4 and all(p.cross_split for p in pairs)  # the 5 pairs with the test copy come first
+    assert all(p.similarity >= 0.9 for p in pairs) and groups[0].similarity >= max(p.similarity for p in pairs)
+
+
+def test_the_embedding_map_draws_a_sample_of_a_large_set():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(300, 8))
+    labels = np.arange(300) % 3
+    entries = [_entry(i, label="abc"[i % 3]) for i in range(300)]
+    points = embedding_map(entries, features, labels, points=50)
+    assert len(points) == 50 and len({p.source for p in points}) == 50
+    assert embedding_map(entries, features, labels, points=50) == points  # the same sample each time
 
 
 def test_too_few_images_in_a_class_or_a_single_class_is_refused_in_a_sentence(store, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The queue on a real two-node Ray cluster (never mocked): concurrency, streaming, artifacts, parity,
-cancel, a killed node, resume, and the plain sentences for a cluster that cannot be used.
+images fetched by content into the node cache, durable checkpoints, cancel, a killed node, resume,
+a restarted dispatcher, and the plain sentences for a cluster that cannot be used.
 
 One cluster (`ray.cluster_utils.Cluster`, two nodes of 1 CPU) and one dispatcher process
 (`python -m tlcore worker --cluster ADDRESS`) serve every test of this module, in one data home:
@@ -9,19 +10,23 @@ each Ray worker imports TensorFlow once, and a new dispatcher would mean new wor
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.test_jobs import ROOT, make_image_folder, tiny, wait_for, worker_env
+from tlcore import cluster as tlcluster
 from tlcore import jobs
 from tlcore.run_folder import RunFolder
+from tlcore.run_record import Executor
 from tlcore.store import RunStatus, Store
 
 pytestmark = pytest.mark.timeout(900)
@@ -40,6 +45,8 @@ def ray_cluster():
         # nodes without the package.
         env.delenv("PYTHONPATH", raising=False)
         env.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+        # Both nodes run on this machine, so they share one node cache (as two nodes of one host would).
+        env.setenv("TLCORE_NODE_CACHE", str(Path(temp) / "node-cache"))
         started = time.monotonic()
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
         worker_node = cluster.add_node(num_cpus=1)
@@ -162,9 +169,14 @@ def test_two_runs_train_at_once_on_two_nodes_and_match_a_local_run(home, colours
         assert any(folder.tensorboard("finetune").rglob("*tfevents*"))
         assert run.summary.model_path == str(folder.model) and run.summary.dataset == "colours v1"
         assert all(Path(row["path"]).is_file() for row in predictions(run.id))  # paths on this host
+    for run in (first, second):  # references crossed the cluster; each node fetched the files it lacked
+        fetched = [line.message for line in store.logs(run.id) if line.message.startswith("Fetched ")]
+        assert len(fetched) == 1 and re.match(r"Fetched \d+ of 12 images", fetched[0]), fetched
+        assert any("sent the manifest of 12 images" in line.message for line in store.logs(run.id))
     shown = subprocess.run([sys.executable, "-m", "tlcore", "runs", "show", first.id], env=worker_env(home),
                            cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
     assert f"ran on: ray on node {first.executor.node_id[:8]}" in shown
+    assert any("Process device policy: ray_task" in line.message for line in store.logs(first.id))
 
     # The same recipe and seed trained here by the local worker predicts the same.
     local = jobs.run_foreground(short(colours.id, seed=0), store)
@@ -172,6 +184,80 @@ def test_two_runs_train_at_once_on_two_nodes_and_match_a_local_run(home, colours
     for remote_row, local_row in zip(predictions(first.id), predictions(local.id), strict=True):
         assert remote_row["pred"] == local_row["pred"] and remote_row["path"] == local_row["path"]
         assert remote_row["confidence"] == pytest.approx(local_row["confidence"], abs=1e-4)
+
+
+def node_blobs(ray_cluster) -> Path:
+    return Path(ray_cluster[2]) / "node-cache" / "blobs"
+
+
+def test_a_node_fetches_only_the_images_it_lacks_and_reuses_its_pixel_and_feature_caches(home, colours,
+                                                                                        ray_cluster):
+    store = Store()
+    cached = sorted(node_blobs(ray_cluster).rglob("*.*"))
+    assert len(cached) == 12  # the earlier runs fetched the dataset once into the node cache
+    for blob in cached[:5]:
+        blob.unlink()
+    run = jobs.submit(short(colours.id, seed=4, finetune_epochs=0), store)
+    watch(store, [run.id], timeout=300)
+    run = store.get_run(run.id)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    log = [line.message for line in store.logs(run.id)]
+    assert any(m.startswith("Fetched 5 of 12 images") and "7 were already on this node" in m for m in log), log
+    assert any(m.startswith("Pixel cache: 12 of 12 images") for m in log), log  # decoded by earlier runs
+    assert run.summary.timings.features_reused  # and their features too
+    assert len(list(node_blobs(ray_cluster).rglob("*.*"))) == 12
+
+
+def test_a_checkpoint_is_acknowledged_only_once_written_on_the_dispatchers_disk(ray_cluster, tmp_path,
+                                                                              monkeypatch):
+    import ray
+
+    node_home, dispatcher_home = tmp_path / "node", tmp_path / "dispatcher"
+    ray.init(address=ray_cluster[0].address, log_to_driver=False, logging_level="ERROR")
+    try:
+        channel = ray.remote(num_cpus=0)(tlcluster.RunChannel).remote()
+        monkeypatch.setenv("TLCORE_HOME", str(node_home))
+        folder = RunFolder("run-ack").created()
+        folder.checkpoint_weights.write_bytes(b"weights after epoch 3")
+        folder.write_checkpoint_state("finetune", 3)
+        sink = tlcluster.ChannelSink(channel, "run-ack")
+        sent = threading.Thread(target=sink.checkpoint_saved, args=(folder,))
+        sent.start()
+        sent.join(timeout=2.0)
+        assert sent.is_alive()  # the checkpoint is in the channel, not on the dispatcher's disk: no ack yet
+
+        monkeypatch.setenv("TLCORE_HOME", str(dispatcher_home))
+        (event,) = [e for e in ray.get(channel.drain.remote()) if e[1] == "checkpoint"]
+        tlcluster.write_checkpoint(channel, "run-ack", event[2])
+        sent.join(timeout=30)
+        assert not sent.is_alive()
+        assert RunFolder("run-ack").checkpoint().epoch == 3
+        assert RunFolder("run-ack").checkpoint_weights.read_bytes() == b"weights after epoch 3"
+    finally:
+        ray.shutdown()
+
+
+def test_a_restarted_dispatcher_fails_the_runs_it_left_running_and_resume_continues_them(store):
+    with_checkpoint = store.create_run("kept", "ds-1", "efficientnet_lite0", "imagenet", {"dataset": "ds-1"})
+    without = store.create_run("early", "ds-1", "efficientnet_lite0", "imagenet", {"dataset": "ds-1"})
+    for run in (with_checkpoint, without):
+        store.claim_next("old-host:4242")
+        store.update_run(run.id, executor=Executor(kind="ray", host="gpu-1", node_id="abc"))
+    folder = RunFolder(with_checkpoint.id).created()
+    folder.checkpoint_weights.write_bytes(b"w")
+    folder.write_checkpoint_state("finetune", 2)
+
+    failed = {run.id: run for run in tlcluster.fail_orphaned_runs(store)}
+
+    assert {r.status for r in failed.values()} == {RunStatus.FAILED}
+    kept = failed[with_checkpoint.id].error
+    assert "dispatcher that sent it to the cluster (old-host:4242) stopped" in kept
+    assert ("checkpoint written here (finetune epoch 2) are kept: "
+            f"`python -m tlcore resume {with_checkpoint.id}` continues it") in kept
+    assert "no checkpoint reached this machine, so submit it again" in failed[without.id].error
+    resumed = jobs.resume(with_checkpoint.id, store)
+    assert resumed.status is RunStatus.QUEUED and resumed.config["resume_from"] == with_checkpoint.id
+    assert tlcluster.fail_orphaned_runs(store) == []
 
 
 def test_cancel_stops_a_ray_run_between_batches_and_keeps_its_epochs(home, colours):
@@ -216,3 +302,35 @@ def test_a_killed_node_fails_its_run_with_the_node_named_and_resume_continues_it
     assert store.epochs(resumed.id)[0].step == kept + 1  # it continues where the lost run stopped
     jobs.cancel(resumed.id, store)
     wait_for(lambda: store.get_run(resumed.id).status.is_terminal, 120, "the resumed run to stop")
+
+
+def test_a_node_copies_only_the_images_it_lacks_from_a_shared_folder_and_refuses_damaged_ones(tmp_path,
+                                                                                            monkeypatch):
+    import hashlib
+
+    from tlcore.data.manifest import ManifestEntry
+
+    shared, node = tmp_path / "shared", tmp_path / "node"
+    entries = []
+    for i in range(4):
+        data = f"image {i}".encode()
+        sha = hashlib.sha256(data).hexdigest()
+        (shared / sha[:2]).mkdir(parents=True, exist_ok=True)
+        (shared / sha[:2] / f"{sha}.jpg").write_bytes(data)
+        entries.append(ManifestEntry(path=Path("/dispatcher/blobs") / sha[:2] / f"{sha}.jpg", label="a",
+                                     split="train", sha256=sha, source=f"a/{i}.jpg", width=32, height=32))
+    (node / entries[0].sha256[:2]).mkdir(parents=True)
+    (node / entries[0].sha256[:2] / entries[0].path.name).write_bytes(b"image 0")  # already on this node
+    monkeypatch.setenv(tlcluster.SHARED_BLOBS, str(shared))
+
+    source, described_as = tlcluster.blob_source(None)
+    fetched = tlcluster.fetch_blobs(entries, source, node, described_as)
+
+    assert (fetched.images, fetched.total) == (3, 4)
+    assert fetched.describe().startswith(f"Fetched 3 of 4 images (0.0 MB in 1 shards) from the shared folder {shared}")
+    assert all((node / e.sha256[:2] / e.path.name).read_bytes() == f"image {i}".encode() for i, e in enumerate(entries))
+    damaged = shared / entries[1].sha256[:2] / entries[1].path.name
+    damaged.write_bytes(b"not image 1")
+    (node / entries[1].sha256[:2] / entries[1].path.name).unlink()
+    with pytest.raises(RuntimeError, match="arrived damaged from the shared folder"):
+        tlcluster.fetch_blobs(entries, source, node, described_as)

@@ -206,6 +206,30 @@ def test_exif_orientation_is_applied():
     assert bottom[2] > 200 and bottom[0] < 60, bottom  # blue below
 
 
+def test_a_big_jpeg_decodes_at_a_fraction_of_its_size_and_keeps_its_full_size_and_look():
+    """A 2400x1600 photo (smooth, like a real one) at 64 px: `load_resized` drafts it, close to a full decode."""
+    import time
+
+    y, x = np.mgrid[0:1600, 0:2400]
+    a = np.stack([x * 255 // 2400, y * 255 // 1600, (x + y) * 255 // 4000], axis=-1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown portrait: 1600 wide, 2400 high
+    data = encode(Image.fromarray(a), "JPEG", quality=90, exif=exif.tobytes())
+
+    started = time.perf_counter()
+    drafted = open_image(data, at_least=128)
+    drafted_s = time.perf_counter() - started
+    started = time.perf_counter()
+    full = open_image(data)
+    print(f"2400x1600 JPEG: drafted {drafted_s * 1000:.0f} ms, full {(time.perf_counter() - started) * 1000:.0f} ms")
+    assert full.size == full.info["full_size"] == (1600, 2400)
+    assert drafted.info["full_size"] == (1600, 2400) and drafted.size == (200, 300)  # 1/8, both sides >= 128
+    small = load_resized(data, 64).astype(int)
+    exact = np.asarray(full.resize((64, 64), Image.BILINEAR)).astype(int)
+    assert np.abs(small - exact).mean() < 2.0
+    assert open_image(make_photo(64, 48), at_least=128).size == (64, 48)  # small images decode as before
+
+
 # ----------------------------------------------------------------- bad inputs
 
 

@@ -23,16 +23,24 @@ def _eval_rows(run_id):
     return read_predictions(RunFolder(run_id).predictions)
 
 
-def test_onnx_export_agrees_with_keras_and_reports_it(trained_run, tmp_path):
+def test_onnx_export_agrees_with_keras_and_reports_it(trained_run, tmp_path, monkeypatch):
     import onnxruntime
 
-    from tlcore import inference
+    from tlcore import export, inference
     from tlcore.data.images import load_resized
     from tlcore.export import export_run, read_report
+
+    # The check decodes the evaluation images a batch at a time, never the whole split at once.
+    decoded = []
+    real_decode = export._decode
+    monkeypatch.setattr(export, "EVAL_BATCH", 4)
+    monkeypatch.setattr(export, "_decode", lambda paths, size: decoded.append(len(paths)) or real_decode(paths, size))
+    (RunFolder(trained_run.run_id).export_dir / "model.onnx").unlink(missing_ok=True)  # made by an earlier test?
 
     path = export_run(trained_run.run_id, "onnx")
     report = read_report(path)
     rows = _eval_rows(trained_run.run_id)
+    assert len(rows) > 4 and max(decoded) == 4 and sum(decoded) == len(rows)
     assert report["eval_images"] == len(rows) and report["eval_split"] == "test"
     assert report["top1_agreement"] == 1.0 and report["disagreements"] == 0
     assert report["max_probability_difference"] < 1e-4
@@ -166,3 +174,4 @@ def test_cli_exports_onnx_and_prints_the_check(trained_run, capsys):
     assert main(["export", "--run", trained_run.run_id, "--format", "onnx"]) == 0
     out = capsys.readouterr().out
     assert "ONNX Runtime agrees with Keras on the top-1 class of 100.0% of 6 test images" in out
+

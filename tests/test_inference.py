@@ -114,6 +114,30 @@ def test_a_warmed_up_model_answers_its_first_photo_at_full_speed(tmp_path):
     print(f"first photo: {first.latency_ms:.1f} ms warmed up, {cold.latency_ms:.1f} ms cold")
 
 
+def test_after_warm_up_no_batch_size_traces_the_forward_pass_again(tmp_path):
+    """What the server's batcher sends (1..32 images) runs in the warmed buckets: on a GPU each new
+    input shape would be a compile in a request's latency. Counted as traces, not seconds."""
+    from tlcore import inference
+
+    _, folder = save_fake_run()
+    loaded = inference.LoadedModel(inference.load_model_file(folder / "model.keras"), ["ants", "bees"], name="m")
+    predictor = loaded._predictor
+    traces, shapes = [], set()
+    step, on_batch = predictor.predict_step, predictor.predict_on_batch
+    predictor.predict_step = lambda data: (traces.append(1), step(data))[1]  # runs only while tracing
+    predictor.predict_on_batch = lambda x: (shapes.add(x.shape), on_batch(x))[1]
+    loaded.warm_up(inference.BATCH_BUCKETS)  # what the server does at start
+    warmed = len(traces)
+    size = loaded.image_size
+    for n in range(1, 33):
+        probs = loaded.probabilities(np.zeros((n, size, size, 3), np.uint8))
+        assert probs.shape == (n, 2)
+    print(f"traces: {warmed} at warm-up, {len(traces) - warmed} after it for batch sizes 1..32")
+    assert len(traces) == warmed
+    assert {shape[0] for shape in shapes} == set(inference.BATCH_BUCKETS)
+    assert predictor.jit_compile is False
+
+
 def test_lambda_model_is_refused_in_safe_mode_and_runs_no_code(tmp_path):
     import keras
 

@@ -104,6 +104,10 @@ def test_model_card_health_and_docs(server, trained_run):
     assert card["model"]["run_id"] == trained_run.run_id and card["dataset"]["classes"] == ["blue", "red"]
     health = requests.get(f"{server}/healthz", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    from tlcore import devices
+
+    assert "serve" in devices.declared_roles()  # the server declared its device policy before loading
+    assert health.json()["device_policy"] == devices.current_policy()  # what it applied, e.g. "serve: on GPU 0, …"
     assert requests.get(f"{server}/docs", timeout=10).status_code == 200
     schema = requests.get(f"{server}/openapi.json", timeout=10).json()
     assert "/v1/predict" in schema["paths"] and "/v1/model" in schema["paths"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 import pytest
 
@@ -145,3 +146,24 @@ def test_a_version_2_store_gains_the_model_registry_and_keeps_its_runs(tmp_path)
     assert tables.add_model_version("bugs", "run-old", "ana").version == 1
     entry = tables.move_alias("bugs", "production", 1, action="promote", by="ana")
     assert (entry.from_version, entry.to_version) == (None, 1) and tables.model_aliases("bugs") == {"production": 1}
+
+
+def test_a_run_the_reaper_failed_stays_failed_when_its_late_success_arrives(store):
+    from tlcore import jobs
+    from tlcore.errors import TransitionRefused
+
+    run = store.create_run("r", "ds", "efficientnet_lite0", "imagenet", {})
+    store.claim_next("dispatcher:1")
+    store.update_run(run.id, heartbeat_at=time.time() - 31)  # its lease ran out while it was being shipped
+    (reaped,) = store.reap_stale(lease_s=30)
+    assert reaped.status is RunStatus.FAILED and "no heartbeat" in reaped.error
+
+    with pytest.raises(TransitionRefused, match="is failed .*cannot become succeeded"):
+        store.finish_run(run.id, RunStatus.SUCCEEDED)
+    after = jobs.record_end(store, run.id, RunStatus.SUCCEEDED)
+    assert after.status is RunStatus.FAILED and after.error == reaped.error  # the reason is not cleared
+    assert "ended succeeded after all" in store.logs(run.id)[-1].message
+    with pytest.raises(TransitionRefused):
+        store.update_run(run.id, status=RunStatus.RUNNING)
+    store.request_cancel(run.id)
+    assert store.get_run(run.id).status is RunStatus.FAILED

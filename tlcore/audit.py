@@ -7,11 +7,14 @@ feature cache: a dataset a run has trained on audits without a backbone pass):
   the features, each image scored by cleanlab's label-quality score and flagged by cleanlab's
   confident-learning filter;
 - near-duplicates: pairs whose centred, normalised features have cosine similarity above a
-  threshold, cross-split pairs first (a copy of a test image in train inflates test accuracy);
+  threshold, cross-split pairs first (a copy of a test image in train inflates test accuracy),
+  found a block of rows at a time; copies of one photo are grouped into clusters (so a photo with
+  30 variants is one finding, not 435 pairs) and the report keeps at most `MAX_PAIRS` pairs;
 - outliers: images whose nearest neighbours are far less similar than a typical image's, on
   uncentred features (centring removes what all photos of a dataset share, and with it the
   difference between a flower and a page of text);
-- an embedding map: a 2-D projection for a scatter coloured by class. Linear discriminant
+- an embedding map: a 2-D projection for a scatter coloured by class (fitted on every image, drawn
+  for a seeded sample of at most `MAP_POINTS`). Linear discriminant
   analysis on a PCA of the features, chosen over UMAP and t-SNE for speed: on the 2 shared
   cores, umap-learn took 20-116 s to import (numba) and 60-120 s to fit 3,300 points, sklearn's
   t-SNE 93 s; LDA takes well under a second and still pulls classes apart (a mislabelled image
@@ -49,6 +52,9 @@ OUTLIER_SPREAD = 4.0  # robust z-score (median/MAD) below which an image is an o
 PCA_DIMS = 128
 HEAD_C = 10.0  # inverse L2 strength of the out-of-fold heads, on unit-length features
 BLOCK = 1024  # rows of the similarity matrix held at once
+MAX_PAIRS = 1000  # near-duplicate pairs a report keeps (cross-split first, then most similar); groups count all
+GROUP_MEMBERS = 50  # images a near-duplicate group lists by name (its size counts them all)
+MAP_POINTS = 5000  # images drawn on the embedding map
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +76,21 @@ class NearDuplicate:
     @property
     def cross_split(self) -> bool:
         return self.splits[0] != self.splits[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class DuplicateGroup:
+    """Images linked by near-duplicate pairs (copies, crops, re-encodes of one photo)."""
+
+    size: int
+    members: list[str]  # sources, at most GROUP_MEMBERS of them
+    splits: list[str]  # the splits its images are in
+    labels: list[str]  # the classes its images are labelled with
+    similarity: float  # its most similar pair
+
+    @property
+    def cross_split(self) -> bool:
+        return len(self.splits) > 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +123,8 @@ class AuditReport:
     class_balance: dict[str, Any]
     embedding_map: list[MapPoint]
     timings: dict[str, float]
+    duplicate_groups: list[DuplicateGroup] = dataclasses.field(default_factory=list)  # absent in older audits
+    duplicate_pairs: int | None = None  # every pair found; `near_duplicates` keeps at most MAX_PAIRS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +137,7 @@ class AuditReport:
                                      for x in data["near_duplicates"]]
         fields["outliers"] = [Outlier(**x) for x in data["outliers"]]
         fields["embedding_map"] = [MapPoint(**x) for x in data["embedding_map"]]
+        fields["duplicate_groups"] = [DuplicateGroup(**x) for x in data.get("duplicate_groups", [])]
         return cls(**fields)
 
 
@@ -161,15 +185,16 @@ def audit_dataset(ref: str, backbone: str = DEFAULT_BACKBONE, *, store: Store | 
         probs = timed("heads_s", f"{folds}-fold heads", lambda: out_of_fold_probabilities(reduced, labels, folds))
         issues = timed("label_issues_s", "Ranking label issues",
                        lambda: rank_label_issues(entries, dataset.classes, labels, probs))
-        duplicates = timed("duplicates_s", "Near-duplicates",
-                           lambda: near_duplicates(entries, unit, duplicate_similarity))
+        duplicates, groups, pair_count = timed("duplicates_s", "Near-duplicates",
+                                               lambda: near_duplicates(entries, unit, duplicate_similarity))
         outliers = timed("outliers_s", "Outliers", lambda: find_outliers(entries, _unit(uncentred)))
         points = timed("map_s", "Embedding map", lambda: embedding_map(entries, reduced, labels))
     timings["total_s"] = round(time.perf_counter() - started, 3)
     report = AuditReport(
         dataset_id=dataset.id, dataset=dataset.label, backbone=spec.name, image_size=size, images=len(entries),
         label_issues=issues, near_duplicates=duplicates, outliers=outliers,
-        class_balance=class_balance(dataset), embedding_map=points, timings=timings)
+        class_balance=class_balance(dataset), embedding_map=points, timings=timings,
+        duplicate_groups=groups, duplicate_pairs=pair_count)
     write_json_atomically(audit_path(dataset.id, spec.name), report.to_dict())
     return report
 
@@ -301,17 +326,57 @@ def _blocks(unit: np.ndarray):
         yield start, sims
 
 
-def near_duplicates(entries: Sequence[ManifestEntry], unit: np.ndarray, threshold: float) -> list[NearDuplicate]:
-    """Pairs of images with cosine similarity >= `threshold`, cross-split pairs first, then most similar."""
-    pairs = []
+def near_duplicates(entries: Sequence[ManifestEntry], unit: np.ndarray, threshold: float,
+                    max_pairs: int = MAX_PAIRS) -> tuple[list[NearDuplicate], list[DuplicateGroup], int]:
+    """Images with cosine similarity >= `threshold`, a block of rows at a time.
+
+    Returns (at most `max_pairs` pairs, cross-split first, then most similar; the groups the pairs
+    link, cross-split first, then largest; how many pairs there are in all). Memory holds one block
+    of similarities, the kept pairs and one group id per image, never every pair.
+    """
+    import heapq
+
+    parent = np.arange(len(unit))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    kept: list[tuple[bool, float, int, int]] = []  # a min-heap: the weakest kept pair on top
+    best: dict[int, float] = {}
+    total = 0
     for start, sims in _blocks(unit):
-        for i, j in zip(*np.nonzero(sims >= threshold)):
-            if start + i < j:
-                pairs.append((start + i, int(j), float(sims[i, j])))
+        rows, cols = np.nonzero(sims >= threshold)
+        for i, j in zip((rows + start).tolist(), cols.tolist()):
+            if i >= j:
+                continue
+            total += 1
+            similarity = float(sims[i - start, j])
+            a, b = root(i), root(j)
+            if a != b:
+                parent[b] = a
+            best[a] = max(best.get(a, 0.0), best.pop(b, 0.0) if a != b else 0.0, similarity)
+            pair = (entries[i].split != entries[j].split, similarity, i, j)
+            if len(kept) < max_pairs:
+                heapq.heappush(kept, pair)
+            elif pair > kept[0]:
+                heapq.heapreplace(kept, pair)
     duplicates = [NearDuplicate(a=entries[i].source, b=entries[j].source, similarity=round(s, 4),
-                                splits=(entries[i].split, entries[j].split)) for i, j, s in pairs]
-    duplicates.sort(key=lambda d: (not d.cross_split, -d.similarity))
-    return duplicates
+                                splits=(entries[i].split, entries[j].split))
+                  for _, s, i, j in sorted(kept, reverse=True)]
+    members: dict[int, list[int]] = {}
+    for i in range(len(unit)):
+        if parent[i] != i or i in best:
+            members.setdefault(root(i), []).append(i)
+    groups = [DuplicateGroup(size=len(group), members=[entries[i].source for i in group[:GROUP_MEMBERS]],
+                             splits=sorted({entries[i].split for i in group}),
+                             labels=sorted({entries[i].label for i in group}),
+                             similarity=round(best.get(r, 0.0), 4))
+              for r, group in members.items() if len(group) > 1]
+    groups.sort(key=lambda g: (not g.cross_split, -g.size, -g.similarity))
+    return duplicates, groups, total
 
 
 def find_outliers(entries: Sequence[ManifestEntry], unit: np.ndarray) -> list[Outlier]:
@@ -337,13 +402,19 @@ def class_balance(dataset: Dataset) -> dict[str, Any]:
             "ratio": round(totals[largest] / max(1, totals[smallest]), 2)}
 
 
-def embedding_map(entries: Sequence[ManifestEntry], features: np.ndarray, labels: np.ndarray) -> list[MapPoint]:
-    """A 2-D projection of the features (LDA; with two classes, LDA's axis and the first principal one)."""
+def embedding_map(entries: Sequence[ManifestEntry], features: np.ndarray, labels: np.ndarray,
+                  points: int = MAP_POINTS) -> list[MapPoint]:
+    """A 2-D projection of the features (LDA; with two classes, LDA's axis and the first principal one),
+    fitted on every image and drawn for a seeded sample of at most `points` of them."""
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
     n_classes = int(labels.max()) + 1
-    xy = LinearDiscriminantAnalysis(n_components=min(2, n_classes - 1)).fit_transform(features, labels)
+    lda = LinearDiscriminantAnalysis(n_components=min(2, n_classes - 1)).fit(features, labels)
+    shown = np.arange(len(entries))
+    if len(shown) > points:
+        shown = np.sort(np.random.default_rng(0).choice(len(shown), points, replace=False))
+    xy = lda.transform(features[shown])
     if xy.shape[1] == 1:
-        xy = np.column_stack([xy[:, 0], features[:, 0]])
-    return [MapPoint(source=e.source, split=e.split, label=e.label, x=round(float(x), 4), y=round(float(y), 4))
-            for e, (x, y) in zip(entries, xy)]
+        xy = np.column_stack([xy[:, 0], features[shown, 0]])
+    return [MapPoint(source=entries[i].source, split=entries[i].split, label=entries[i].label,
+                     x=round(float(x), 4), y=round(float(y), 4)) for i, (x, y) in zip(shown.tolist(), xy)]

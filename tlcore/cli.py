@@ -247,6 +247,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-scope", choices=("replica", "global"),
                    help="replica (default): --batch-size per replica, the global batch grows with the GPUs; "
                         "global: --batch-size split across them")
+    p.add_argument("--lr-scaling", choices=("sqrt", "linear", "none"),
+                   help="how the learning rates follow a global batch larger than --batch-size "
+                        "(sqrt, the default: by the square root of the ratio; see the README)")
     p.add_argument("--mixed-precision", choices=("auto", "on", "off"),
                    help="float16 compute (auto: on with a GPU, off on the CPU)")
     p.add_argument("--xla", choices=("auto", "on", "off"), help="XLA compilation (auto: on with exactly one GPU)")
@@ -308,8 +311,8 @@ def config_from_args(args: argparse.Namespace):
 def _explicit_options(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe options given on the command line (those left out are None)."""
     options = ("backbone", "weights", "image_size", "head_epochs", "finetune_epochs", "finetune_layers",
-               "augment", "lr", "batch_size", "batch_scope", "mixed_precision", "xla", "seed", "split", "name",
-               "class_weight", "tta")
+               "augment", "lr", "batch_size", "batch_scope", "lr_scaling", "mixed_precision", "xla", "seed", "split",
+               "name", "class_weight", "tta")
     return {option: getattr(args, option) for option in options if getattr(args, option, None) is not None}
 
 
@@ -444,16 +447,21 @@ def cmd_audit(args) -> int:
              f"Likely label errors: {len(report.label_issues)}"]
     lines += [f"  {i.source} ({i.split}): given {i.given}, looks like {i.suggested} (score {i.score:.3f})"
               for i in report.label_issues[:top]]
-    cross = sum(d.cross_split for d in report.near_duplicates)
-    lines.append(f"Near-duplicates: {len(report.near_duplicates)} pair(s), {cross} across splits (leakage)")
-    lines += [f"  {d.a} ({d.splits[0]}) ~ {d.b} ({d.splits[1]}): similarity {d.similarity:.3f}"
-              for d in report.near_duplicates[:top]]
+    groups = report.duplicate_groups
+    pairs = report.duplicate_pairs if report.duplicate_pairs is not None else len(report.near_duplicates)
+    lines.append(f"Near-duplicates: {len(groups)} group(s) of copies ({sum(g.cross_split for g in groups)} across "
+                 f"splits: leakage), {pairs} pair(s)")
+    lines += [f"  {g.size} images ({', '.join(g.splits)}; {', '.join(g.labels)}), most similar {g.similarity:.3f}: "
+              + ", ".join(g.members[:3]) + (" ..." if g.size > 3 else "") for g in groups[:top]]
     lines.append(f"Outliers: {len(report.outliers)}")
     lines += [f"  {o.source} ({o.split}, {o.label}): neighbour similarity {o.score:.3f}" for o in report.outliers[:top]]
     lines.append(f"Classes: largest {balance['largest']} ({balance['per_class'][balance['largest']]}), smallest "
                  f"{balance['smallest']} ({balance['per_class'][balance['smallest']]}), ratio {balance['ratio']}.")
     payload = report.to_dict()
     del payload["embedding_map"]  # thousands of points: the dashboard draws them from the saved audit
+    for finding in ("label_issues", "near_duplicates", "duplicate_groups", "outliers"):  # `--top` bounds them
+        payload[f"{finding}_total"] = len(payload[finding])
+        payload[finding] = payload[finding][:top]
     _emit(args, payload, None if args.json else "\n".join(lines))
     return 0
 
@@ -684,8 +692,6 @@ def cmd_runs(args) -> int:
 
     store = _store()
     jobs.reap(store)  # a dead worker's run shows as failed, not running forever
-    if args.action == "fix":
-        return cmd_fix(args)
     if args.action == "list":
         runs = store.list_runs(limit=args.limit)
         text = _table(["id", "name", "status", "backbone", "weights", "accuracy", "created"],
@@ -1017,10 +1023,19 @@ def quiet_native_startup_logs():
     return restore
 
 
+# Commands that load a model in this process take at most one GPU, capped (`devices.declare_process`);
+# `train` and `worker` declare the worker's policy when they train, `serve` the server's.
+MODEL_COMMANDS = ("predict", "export", "audit", "lr-find")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in MODEL_COMMANDS:
+            from tlcore import devices
+
+            devices.declare_process("cli")
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)

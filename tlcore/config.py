@@ -12,6 +12,9 @@ from tlcore.errors import InvalidInput
 
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast", "translate")
 BATCH_SCOPES = ("replica", "global")
+# How the learning rate follows the global batch (images per optimizer step) when it differs from
+# `batch_size`, the batch the rate was chosen for on one device (see `TrainConfig.lr_scale`).
+LR_SCALINGS = ("sqrt", "linear", "none")
 SWITCHES = ("auto", "on", "off")  # mixed precision and XLA; the rule for "auto" is in `devices.plan`
 
 
@@ -42,6 +45,7 @@ class TrainConfig:
     finetune_lr_scale: float = 0.1
     batch_size: int = 32  # per replica (batch_scope "replica") or split across replicas ("global")
     batch_scope: str = "replica"  # "replica": the global batch grows with the replicas
+    lr_scaling: str = "sqrt"  # the rule in `lr_scale`
     dropout: float = 0.2
     early_stopping_patience: int = 3
     seed: int = 0
@@ -80,6 +84,9 @@ class TrainConfig:
         if self.batch_scope not in BATCH_SCOPES:
             raise InvalidInput(f"`batch_scope` must be one of {', '.join(BATCH_SCOPES)}. "
                                f"Received: batch_scope={self.batch_scope!r}")
+        if self.lr_scaling not in LR_SCALINGS:
+            raise InvalidInput(f"`lr_scaling` must be one of {', '.join(LR_SCALINGS)}. "
+                               f"Received: lr_scaling={self.lr_scaling!r}")
         check_switch("mixed_precision", self.mixed_precision)
         check_switch("xla", self.xla)
         if self.class_weight not in CLASS_WEIGHTS:
@@ -101,6 +108,22 @@ class TrainConfig:
             return self.batch_size, self.batch_size * replicas
         per_replica = max(1, self.batch_size // replicas)
         return per_replica, per_replica * replicas
+
+    def lr_scale(self, global_batch: int) -> float:
+        """The factor both phases' learning rates are multiplied by at `global_batch` images per step.
+
+        The rule: `lr` (and `finetune_lr_scale`) are written for a step of `batch_size` images,
+        what one device trains on. When replicas make the step larger (batch_scope "replica":
+        k replicas, k times the images), the rate grows with sqrt(k) by default, the scaling
+        that keeps Adam's updates comparable (Malladi et al., 2022: "On the SDEs and scaling
+        rules for adaptive gradient algorithms"); "linear" multiplies by k (Goyal et al., 2017,
+        for SGD; the fine-tune's warm-up over its first tenth of steps is what makes it safe);
+        "none" keeps the rate. With batch_scope "global" the step stays `batch_size` (rounded
+        down to a multiple of the replicas): the factor is 1 or just below, and a run on k
+        devices reproduces the one-device run. One device: always 1.
+        """
+        ratio = global_batch / self.batch_size
+        return {"sqrt": ratio ** 0.5, "linear": ratio, "none": 1.0}[self.lr_scaling]
 
     def resolved_image_size(self, spec) -> int:
         """The image size this recipe trains `spec` at: `image_size`, or the backbone's default.

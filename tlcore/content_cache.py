@@ -6,13 +6,15 @@ the digest of that list, with a `.keys` file beside it naming the image of each 
 the same list again (the same dataset version, or an unchanged folder imported again) opens that
 one file, as fast as a cache keyed by dataset. Asking for a new list (a fixed version, a new
 split) copies the rows of images any earlier file holds and computes only the unseen ones.
-The `.keys` file is written after its array, so a listed file is always complete.
+The `.keys` file is written after its array, so a listed file is always complete; its time is
+touched on each use, so `tlcore.cache_budget` removes the least recently used files first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -54,6 +56,7 @@ class ContentCache:
         path = self.folder / f"{_digest(shas)}.npy"
         keys_path = path.with_suffix(".keys")
         if path.exists() and keys_path.exists():
+            _touch(keys_path)
             return CachedRows(self._open(path, mmap), path, len(shas))
         known = self._index(exclude=keys_path)
         reused = 0
@@ -85,6 +88,7 @@ class ContentCache:
         shas = list(shas)
         path = self.folder / f"{_digest(shas)}.npy"
         if path.exists() and path.with_suffix(".keys").exists():
+            _touch(path.with_suffix(".keys"))
             return CachedRows(self._open(path, mmap), path, len(shas))
         known = self._index(exclude=path.with_suffix(".keys"))
         if not shas or any(sha not in known for sha in shas):
@@ -111,11 +115,20 @@ class ContentCache:
 def _copy_rows(source: Path, pairs: list[tuple[int, int]], out: np.ndarray) -> int:
     """Copy rows of `source` into `out` ((out position, source row) pairs); returns rows copied."""
     array = np.load(source, mmap_mode="r")
+    _touch(source.with_suffix(".keys"))
     pairs.sort(key=lambda pair: pair[1])  # sequential reads
     for start in range(0, len(pairs), COPY_CHUNK):
         chunk = np.array(pairs[start:start + COPY_CHUNK])
         out[chunk[:, 0]] = array[chunk[:, 1]]
     return len(pairs)
+
+
+def _touch(keys_path: Path) -> None:
+    # The `.keys` file's time is when its rows were last used: the cache budget removes the oldest first.
+    try:
+        os.utime(keys_path)
+    except OSError:  # removed meanwhile, or a read-only cache: its age only orders pruning
+        pass
 
 
 def _nothing_missing(positions: np.ndarray, out: np.ndarray) -> None:

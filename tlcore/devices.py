@@ -1,5 +1,5 @@
 """Where training runs (GPUs or the CPU, one replica or several), with which speed-ups, and
-how the dashboard process keeps its hands off the worker's GPUs.
+how every other process keeps its hands off the worker's GPUs.
 
 `plan` decides, `apply` sets the dtype policy and returns the distribution strategy. The
 rule for the "auto" switches lives in `plan`. No GPU has ever run this code (the project's
@@ -23,6 +23,14 @@ TRAIN_DEVICES_ENV = "TLCORE_TRAIN_DEVICES"
 UI_DEVICE_ENV = "TLCORE_UI_DEVICE"
 UI_GPU_MEMORY_ENV = "TLCORE_UI_GPU_MEMORY_MB"
 UI_GPU_MEMORY_MB = 2048  # enough for a few loaded classifiers at 224 px; the rest stays the worker's
+
+# Every process that may touch a GPU declares its role once, at its start (`declare_process`):
+# training processes take memory as they need it on every GPU; every other process takes at
+# most one GPU, capped by the two variables above (named for the dashboard, the first of them).
+TRAINING_ROLES = ("worker", "ray_task")
+SIDE_ROLES = ("dashboard", "serve", "cli")
+_declared_roles: list[str] = []
+_policy: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +65,8 @@ def enable_memory_growth() -> None:
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:  # already initialised: growth can no longer be changed
+            pass
+        except ValueError:  # a virtual-device memory cap is set (`declare_process`): the cap rules
             pass
 
 
@@ -94,7 +104,7 @@ def plan(mixed_precision: str = "auto", xla: str = "auto") -> DevicePlan:
     use_xla = (on_gpu and not several) if xla == "auto" else xla == "on"
     if several:
         strategy = "MirroredStrategy"
-    elif on_gpu:
+    elif found:  # one GPU, or one device named in $TLCORE_TRAIN_DEVICES: placed there
         strategy = "OneDevice"
     else:
         strategy = "default (CPU)"
@@ -183,31 +193,61 @@ def ui_device(environ: dict[str, str] | None = None) -> tuple[int | None, int]:
     return int(index), int(memory)
 
 
-def configure_ui_process() -> str:
-    """Give the dashboard process at most one GPU with a memory cap (`ui_device`), or none.
+def declare_process(role: str) -> str:
+    """Apply this process's device policy for `role`, once, before TensorFlow touches a GPU.
 
-    Only this process is limited, through TensorFlow (never `CUDA_VISIBLE_DEVICES`, which the
-    worker would inherit). Call before TensorFlow touches a GPU; returns what was done.
+    "worker" and "ray_task" train: memory growth on every GPU they see. "dashboard", "serve"
+    and "cli" (commands that load a model) take at most one GPU with a memory cap, or none
+    (`ui_device`); only this process is limited, through TensorFlow (never
+    `CUDA_VISIBLE_DEVICES`, which a worker it starts would inherit). Later calls apply nothing
+    and return what the first did. Returns what was done, for the log.
+
+    Raises:
+        InvalidInput: `role` is unknown, or the side-process variables do not parse.
     """
+    global _policy
+    if role not in TRAINING_ROLES + SIDE_ROLES:
+        raise InvalidInput(f"`role` must be one of {', '.join(TRAINING_ROLES + SIDE_ROLES)}. Received: {role!r}")
+    _declared_roles.append(role)
+    if _policy is None:
+        if role in TRAINING_ROLES:
+            enable_memory_growth()
+            _policy = f"{role}: memory growth on every visible GPU ({len(gpus())})"
+        else:
+            _policy = f"{role}: {_cap_side_process()}"
+    return _policy
+
+
+def current_policy() -> str | None:
+    """What `declare_process` applied in this process, or None when nothing declared one."""
+    return _policy
+
+
+def declared_roles() -> tuple[str, ...]:
+    """The roles `declare_process` was called with in this process, in order (the first was applied)."""
+    return tuple(_declared_roles)
+
+
+def _cap_side_process() -> str:
     import tensorflow as tf
 
     index, memory = ui_device()
     found = tf.config.list_physical_devices("GPU")
     if not found:
-        return "dashboard on the CPU (no GPU visible)"
+        return "on the CPU (no GPU visible)"
     if index is not None and index >= len(found):
         raise InvalidInput(f"`{UI_DEVICE_ENV}` names GPU {index}, but this machine shows {len(found)} GPU(s). "
                            f"Received: gpu:{index}")
     try:
         if index is None:
             tf.config.set_visible_devices([], "GPU")
-            return "dashboard on the CPU (GPUs left to the worker)"
+            return "on the CPU (GPUs left to the worker)"
         tf.config.set_visible_devices([found[index]], "GPU")
         tf.config.set_logical_device_configuration(
             found[index], [tf.config.LogicalDeviceConfiguration(memory_limit=memory)])
     except RuntimeError:  # TensorFlow already started in this process: too late to limit it
-        return "dashboard device settings not applied (TensorFlow had already started)"
-    return f"dashboard on GPU {index}, capped at {memory} MB"
+        return "device settings not applied (TensorFlow had already started)"
+    return f"on GPU {index}, capped at {memory} MB"
 
 
 def worker_environment(base: dict[str, str], data_home: str, package_root: str) -> dict[str, str]:

@@ -81,6 +81,10 @@ class WorkerBusy(TransferLabError, RuntimeError):
     """Another worker already serves this data home."""
 
 
+class TransitionRefused(TransferLabError, RuntimeError):
+    """A run's status change the store does not allow (a finished run never changes status again)."""
+
+
 class RunCancelled(TransferLabError):
     """The run was asked to stop; raised between batches."""
 

@@ -9,6 +9,7 @@ once and reused until the model, its predictions or its operating point change.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -34,6 +35,8 @@ INT8_TOLERANCE_POINTS = 1.0
 REPRESENTATIVE_IMAGES = 100
 # Evaluation images timed one by one for the TFLite latency figures.
 LATENCY_IMAGES = 50
+# Evaluation images decoded at once by the export checks: memory stays flat however large the split.
+EVAL_BATCH = 32
 
 Progress = Callable[[float, str], None]  # (fraction done 0-1, what is happening)
 _EXPORT_LOCK = threading.RLock()  # re-entrant: int8 and bundle exports make other formats first
@@ -239,20 +242,42 @@ def _export_savedmodel(model, target: Path) -> None:
 # ------------------------------------------------------------------ the run's images
 
 
-def _eval_set(folder: RunFolder, size: int) -> tuple[np.ndarray, list[str], str]:
-    """(uint8 pixels, true labels, split name) of the run's evaluation images, as evaluation saw them."""
+@dataclasses.dataclass(frozen=True)
+class _EvalImages:
+    """A run's evaluation images (paths and true labels), decoded batch by batch as evaluation saw them."""
+
+    paths: list[str]
+    truth: list[str]
+    split: str
+    size: int
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batches(self) -> Iterator[np.ndarray]:
+        """uint8 `(n, size, size, 3)` batches of at most `EVAL_BATCH` images, in order."""
+        for start in range(0, len(self.paths), EVAL_BATCH):
+            yield _decode(self.paths[start:start + EVAL_BATCH], self.size)
+
+
+def _decode(paths: list[str], size: int) -> np.ndarray:
     from tlcore.data.images import load_resized
+
+    return np.stack([load_resized(path, size) for path in paths])
+
+
+def _eval_set(folder: RunFolder, size: int) -> _EvalImages:
+    """The run's evaluation images, as evaluation saw them (decoded only when a batch is asked for)."""
     from tlcore.evaluation import read_predictions
     from tlcore.store import Store
 
     rows = read_predictions(folder.predictions)
-    pixels = np.stack([load_resized(path, size) for path in rows["path"]])
     try:
         summary = Store().get_run(folder.run_id).summary
     except NotFound:  # a run folder without a stored run
         summary = None
     split = summary.eval_split if summary else None
-    return pixels, list(rows["true"]), split or "evaluation"
+    return _EvalImages(list(rows["path"]), list(rows["true"]), split or "evaluation", size)
 
 
 def _representative_pixels(folder: RunFolder, size: int) -> np.ndarray:
@@ -339,18 +364,23 @@ class TFLiteClassifier:
         return y
 
 
-def _tflite_scores(path: Path, pixels: np.ndarray, truth: list[str], labels: list[str]) -> dict[str, Any]:
-    """Accuracy over `pixels`, median latency per image and file size of a TFLite file."""
-    model = TFLiteClassifier(path)
-    latencies, correct = [], 0
-    for i, image in enumerate(pixels):
-        start = time.perf_counter()
-        probs = model.probabilities(image)
-        if i < LATENCY_IMAGES:
-            latencies.append((time.perf_counter() - start) * 1000)
-        correct += labels[int(np.argmax(probs))] == truth[i]
-    return {"file": path.name, "accuracy": correct / len(pixels), "size_bytes": path.stat().st_size,
-            "latency_ms_p50": float(np.median(latencies))}
+def _tflite_scores(paths: list[Path], images: _EvalImages, labels: list[str]) -> list[dict[str, Any]]:
+    """For each TFLite file: accuracy over `images`, median latency per image and file size (one decode pass)."""
+    models = [TFLiteClassifier(path) for path in paths]
+    latencies: list[list[float]] = [[] for _ in paths]
+    correct = [0] * len(paths)
+    i = 0
+    for batch in images.batches():
+        for image in batch:
+            for m, model in enumerate(models):
+                start = time.perf_counter()
+                probs = model.probabilities(image)
+                if i < LATENCY_IMAGES:
+                    latencies[m].append((time.perf_counter() - start) * 1000)
+                correct[m] += labels[int(np.argmax(probs))] == images.truth[i]
+            i += 1
+    return [{"file": path.name, "accuracy": correct[m] / len(images), "size_bytes": path.stat().st_size,
+             "latency_ms_p50": float(np.median(latencies[m]))} for m, path in enumerate(paths)]
 
 
 def int8_warning(float_accuracy: float, int8_accuracy: float, images: int, split: str) -> str | None:
@@ -374,16 +404,14 @@ def _export_int8(loaded, folder: RunFolder, target: Path, report: Progress) -> N
     _write_tflite(loaded.model, targets)
     _write_labels(float_path, "tflite", loaded.labels)
     report(0.6, "Measuring int8 and float32 accuracy on the evaluation images")
-    pixels, truth, split = _eval_set(folder, loaded.image_size)
-    int8 = _tflite_scores(target, pixels, truth, loaded.labels)
-    report(0.8, "Measuring the float32 model")
-    float32 = _tflite_scores(float_path, pixels, truth, loaded.labels)
+    images = _eval_set(folder, loaded.image_size)
+    int8, float32 = _tflite_scores([target, float_path], images, loaded.labels)
     drop = (float32["accuracy"] - int8["accuracy"]) * 100
     write_json_atomically(_report_path(target), {
-        "format": "tflite-int8", "eval_split": split, "eval_images": len(pixels),
+        "format": "tflite-int8", "eval_split": images.split, "eval_images": len(images),
         "representative_images": len(representative), "int8": int8, "float32": float32,
         "accuracy_drop_points": round(drop, 3), "tolerance_points": INT8_TOLERANCE_POINTS,
-        "warning": int8_warning(float32["accuracy"], int8["accuracy"], len(pixels), split),
+        "warning": int8_warning(float32["accuracy"], int8["accuracy"], len(images), images.split),
         "input": "uint8 RGB 0-255", "output": "uint8 probabilities (scale 1/256)",
     }, indent=2)
 
@@ -402,17 +430,20 @@ def _export_onnx(loaded, folder: RunFolder, target: Path, report: Progress) -> N
     write_atomically(target, lambda tmp: loaded.model.export(str(tmp), format="onnx", input_signature=[spec],
                                                              verbose=False))
     report(0.5, "Checking ONNX Runtime against Keras on the evaluation images")
-    pixels, _, split = _eval_set(folder, size)
+    images = _eval_set(folder, size)
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    onnx_probs = np.concatenate([session.run(None, {name: pixels[i:i + 32].astype("float32")})[0]
-                                 for i in range(0, len(pixels), 32)])
-    keras_probs = loaded.model.predict(pixels.astype("float32"), batch_size=32, verbose=0)
-    agree = onnx_probs.argmax(-1) == keras_probs.argmax(-1)
+    disagreements, largest_difference = 0, 0.0
+    for batch in images.batches():
+        x = batch.astype("float32")
+        onnx_probs = session.run(None, {name: x})[0]
+        keras_probs = np.asarray(loaded.model.predict_on_batch(x))
+        disagreements += int((onnx_probs.argmax(-1) != keras_probs.argmax(-1)).sum())
+        largest_difference = max(largest_difference, float(np.abs(onnx_probs - keras_probs).max()))
     write_json_atomically(_report_path(target), {
-        "format": "onnx", "eval_split": split, "eval_images": len(pixels),
-        "top1_agreement": float(agree.mean()), "disagreements": int((~agree).sum()),
-        "max_probability_difference": float(np.abs(onnx_probs - keras_probs).max()),
+        "format": "onnx", "eval_split": images.split, "eval_images": len(images),
+        "top1_agreement": 1 - disagreements / len(images), "disagreements": disagreements,
+        "max_probability_difference": largest_difference,
         "input": {"name": name, "shape": [None, size, size, 3], "dtype": "float32", "range": "RGB 0-255"},
         "onnxruntime_version": onnxruntime.__version__,
     }, indent=2)

@@ -39,17 +39,25 @@ def pad_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def extract_features(feature_model, images: np.ndarray, batch_size: int, *, rows: np.ndarray | None = None,
-                     mirror: bool = False, on_batch=None) -> np.ndarray:
+                     mirror: bool = False, on_batch=None, strategy=None) -> np.ndarray:
     """Run `feature_model` (RGB 0-255 in, pooled vector out) over a uint8 array, batch by batch.
 
     `rows` picks (sorted) rows of `images`, default all; `mirror` flips each image left-right.
     `on_batch(done, total)` is called after every batch; an exception it raises stops the pass.
+    With a multi-replica `strategy` (the model built in its scope) each batch is split evenly
+    across its replicas (`batch_size` is rounded up to a multiple of them).
     """
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
-    def forward(x):
+    def one_device(x):
         return feature_model(tf.cast(x, tf.float32), training=False)
+
+    forward = one_device
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if replicas > 1:
+        batch_size = -(-batch_size // replicas) * replicas
+        forward = _across_replicas(feature_model, strategy, batch_size // replicas)
 
     out = None
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
@@ -59,7 +67,7 @@ def extract_features(feature_model, images: np.ndarray, batch_size: int, *, rows
         if mirror:
             batch = batch[:, :, ::-1]
         count = len(batch)
-        chunk = forward(pad_batch(batch, batch_size)).numpy()[:count]
+        chunk = np.asarray(forward(pad_batch(batch, batch_size)))[:count]
         if out is None:
             out = np.empty((total, chunk.shape[-1]), np.float32)
         out[start:start + count] = chunk
@@ -68,9 +76,27 @@ def extract_features(feature_model, images: np.ndarray, batch_size: int, *, rows
     return out
 
 
+def _across_replicas(feature_model, strategy, per_replica: int):
+    """A forward pass that runs slice i of each batch on replica i and returns the whole batch's outputs."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def step(x):
+        return feature_model(tf.cast(x, tf.float32), training=False)
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        parts = strategy.experimental_distribute_values_from_function(
+            lambda context: batch[context.replica_id_in_sync_group * per_replica:
+                                  (context.replica_id_in_sync_group + 1) * per_replica])
+        outputs = strategy.run(step, args=(parts,))
+        return np.concatenate([np.asarray(o) for o in strategy.experimental_local_results(outputs)])
+
+    return forward
+
+
 def cached_features(cache: ContentCache, shas: Sequence[str], feature_model, images: np.ndarray,
                     batch_size: int, *, rows: np.ndarray | None = None, mirror: bool = False,
-                    on_batch=None) -> tuple[CachedRows, float]:
+                    on_batch=None, strategy=None) -> tuple[CachedRows, float]:
     """Features of `images` (or their `rows`, optionally mirrored), whose contents are `shas`
     (one per image of `images`), from `cache` where known, the rest extracted and cached.
     Returns (cached rows, seconds); `on_batch` sees only the batches actually extracted."""
@@ -80,7 +106,7 @@ def cached_features(cache: ContentCache, shas: Sequence[str], feature_model, ima
 
     def compute(positions: np.ndarray, out: np.ndarray) -> None:
         out[positions] = extract_features(feature_model, images, batch_size, rows=rows[positions],
-                                          mirror=mirror, on_batch=on_batch)
+                                          mirror=mirror, on_batch=on_batch, strategy=strategy)
 
     found = cache.rows([shas[r] for r in rows], (width,), np.float32, compute)
     return found, time.perf_counter() - started

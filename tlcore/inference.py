@@ -22,6 +22,9 @@ from tlcore.operating_point import OperatingPoint, read_operating_point
 from tlcore.run_folder import RunFolder
 
 PREDICT_BATCH = 32
+# Batch sizes a forward pass is padded up to: at most six input shapes, so at most six traces (and
+# XLA compiles, where XLA is on), all made by `warm_up`; the server's batcher sends any size 1..32.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +73,9 @@ class LoadedModel:
         self.model = model
         # Predictions run on a twin with BatchNorm folded into the convolutions: same outputs, faster.
         self._predictor = fold_batchnorm(model, only_frozen=False)
+        # Never XLA when serving ("auto" turns it on with a GPU): a compile per new batch shape
+        # would land in a request's latency; the buckets bound the shapes for TensorFlow's traces.
+        self._predictor.compile(jit_compile=False)
         self.labels = list(labels)
         self.name = name
         self.path = path
@@ -99,10 +105,9 @@ class LoadedModel:
         with self._lock:
             for start in range(0, len(images), PREDICT_BATCH):
                 batch = images[start:start + PREDICT_BATCH].astype("float32")
-                probs = np.asarray(self._predictor.predict_on_batch(batch), dtype="float64")
+                probs = self._forward(batch)
                 if self.tta == "flip":
-                    mirrored = np.ascontiguousarray(batch[:, :, ::-1])
-                    probs = (probs + np.asarray(self._predictor.predict_on_batch(mirrored), dtype="float64")) / 2
+                    probs = (probs + self._forward(np.ascontiguousarray(batch[:, :, ::-1]))) / 2
                 out.append(probs)
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
 
@@ -114,10 +119,19 @@ class LoadedModel:
         """Whether an answer at `confidence` is below the run's "not sure" threshold."""
         return self.point.abstains(confidence)
 
-    def warm_up(self) -> None:
-        """Run one blank image through the model, so the first real prediction does not pay for
-        building the forward pass (a few hundred ms at 224 px)."""
-        self.probabilities(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        """The predictor's softmax for a float32 batch, run padded up to the next of `BATCH_BUCKETS`."""
+        from tlcore.features import pad_batch
+
+        bucket = next(b for b in BATCH_BUCKETS if b >= len(batch))
+        return np.asarray(self._predictor.predict_on_batch(pad_batch(batch, bucket)), dtype="float64")[:len(batch)]
+
+    def warm_up(self, buckets: Sequence[int] = (1,)) -> None:
+        """Run blank images through the model at each of `buckets` (batch sizes, see `BATCH_BUCKETS`),
+        so no prediction of those sizes pays for building a forward pass (a few hundred ms each at
+        224 px on a CPU). Defaults to (1,): one photo at a time, as the Demo predicts."""
+        for size in buckets:
+            self.probabilities(np.zeros((size, self.image_size, self.image_size, 3), np.uint8))
 
     def _top(self, probs: np.ndarray, top_k: int) -> tuple[list[tuple[str, float]], list[int]]:
         k = max(1, min(int(top_k), len(self.labels)))

@@ -32,7 +32,7 @@ from tlcore import devices, home
 from tlcore.atomic import write_json_atomically
 from tlcore.backbones import get_backbone
 from tlcore.config import TrainConfig
-from tlcore.errors import InvalidInput, NotFound, RunCancelled, WorkerBusy, plain_message
+from tlcore.errors import InvalidInput, NotFound, RunCancelled, TransitionRefused, WorkerBusy, plain_message
 from tlcore.run_folder import RunFolder
 from tlcore.run_record import Executor
 from tlcore.store import Run, RunStatus, Store
@@ -248,6 +248,17 @@ def reap(store: Store | None = None, lease_s: float = LEASE_S) -> list[Run]:
 # ------------------------------------------------------------ running a run
 
 
+def record_end(store: Store, run_id: str, status: RunStatus, *, error: str | None = None,
+               summary=None) -> Run:
+    """Finish `run_id` with `status`; if it already finished (a reaper failed it while it trained on),
+    keep that record and say in the run's log what the late end was. Returns the run as stored."""
+    try:
+        return store.finish_run(run_id, status, error=error, summary=summary)
+    except TransitionRefused as exc:
+        store.log(run_id, f"It ended {status.value} after all, but too late to count: {exc}")
+        return store.get_run(run_id)
+
+
 def error_line(exc: BaseException) -> str:
     text = plain_message(exc)
     if isinstance(exc, MemoryError) or "ResourceExhausted" in type(exc).__name__:
@@ -292,11 +303,12 @@ def execute_claimed(run: Run, store: Store, *, stop: threading.Event | None = No
     shutdown = shutdown or threading.Event()
     beat = _Heartbeat(store, run.id, stop)
     if store.get_run(run.id).cancel_requested:
-        return store.finish_run(run.id, RunStatus.CANCELLED, error="Cancelled before it started.")
+        return record_end(store, run.id, RunStatus.CANCELLED, error="Cancelled before it started.")
     beat.start()
     try:
         from tlcore import devices, training
 
+        devices.declare_process("worker")
         store.update_run(run.id, executor=Executor(kind="local", host=socket.gethostname(),
                                                    gpus=len(devices.gpus()), began_at=time.time()))
         summary = training.execute_run(run.id, store,
@@ -311,19 +323,33 @@ def execute_claimed(run: Run, store: Store, *, stop: threading.Event | None = No
             if beat.cancel_requested.is_set() or store.get_run(run.id).cancel_requested or not reason:
                 reason = "Cancelled by request; epochs logged so far are kept."
             _safe(store.log, run.id, f"Run cancelled: {reason}")
-            finished = _safe(store.finish_run, run.id, RunStatus.CANCELLED, error=reason)
+            finished = _safe(record_end, store, run.id, RunStatus.CANCELLED, error=reason)
         else:
             line = error_line(exc)
             _safe(store.log, run.id, "Run failed:\n" + "".join(
                 traceback.format_exception(type(exc), exc, exc.__traceback__)))
-            finished = _safe(store.finish_run, run.id, RunStatus.FAILED, error=line)
+            finished = _safe(record_end, store, run.id, RunStatus.FAILED, error=line)
         if not isinstance(exc, (Exception, KeyboardInterrupt)):
             raise  # SystemExit and friends: recorded as failed above, then let through
         _safe(release_models)
         return finished or store.get_run(run.id)
     beat.finish()
     release_models()
-    return store.finish_run(run.id, RunStatus.SUCCEEDED, summary=summary)
+    return record_end(store, run.id, RunStatus.SUCCEEDED, summary=summary)
+
+
+def keep_caches_in_budget(store: Store) -> None:
+    """Prune the caches to `$TLCORE_CACHE_GB` after a run; a bad budget or a failed removal is only said."""
+    from tlcore import cache_budget
+
+    try:
+        pruned = cache_budget.enforce(store)
+    except Exception as exc:  # noqa: BLE001 - the queue goes on whatever the caches do
+        say(f"could not keep the caches in their budget: {error_line(exc)}")
+        return
+    if pruned.removed or pruned.kept_for_runs:
+        say(f"cache budget: removed {pruned.removed} least recently used cache file(s) ({pruned.freed / 1e9:.2f} GB)"
+            + (f"; kept {pruned.kept_for_runs} over the budget that queued runs need" if pruned.kept_for_runs else ""))
 
 
 def release_models() -> None:
@@ -430,6 +456,7 @@ def worker_loop(store: Store | None = None, *, once: bool = False, poll_s: float
             finished.append(done)
             _write_worker_json(info)
             say(f"{done.id} {done.status.value}" + (f": {done.error}" if done.error else ""))
+            keep_caches_in_budget(store)
             if once:
                 break
     return finished
@@ -493,8 +520,8 @@ def _execute_in_child(run: Run, store: Store, shutdown: threading.Event) -> Run:
         time.sleep(0.5)
     finished = store.get_run(run.id)
     if not finished.status.is_terminal:
-        finished = store.finish_run(run.id, RunStatus.FAILED,
-                                    error=f"The job process exited with code {proc.returncode} before it finished.")
+        finished = record_end(store, run.id, RunStatus.FAILED,
+                              error=f"The job process exited with code {proc.returncode} before it finished.")
     return finished
 
 

@@ -6,6 +6,8 @@
     runs/<id>/predictions.jsonl        one object per evaluation image
     runs/<id>/checkpoint.weights.h5    the last checkpoint's weights
     runs/<id>/checkpoint.json          which phase and epoch that checkpoint is after
+    runs/<id>/checkpoint.state.npz     optimizer and early-stopping state of a fine-tune checkpoint
+                                       (optional: older checkpoints resume from the weights alone)
     runs/<id>/tensorboard/<phase>/     TensorBoard logs
     runs/<id>/calibration.json         temperature scaling fitted on validation, ECE before/after
                                        (optional: runs from before calibration have none)
@@ -30,6 +32,7 @@ CONFIG_FILE = "config.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 CHECKPOINT_WEIGHTS_FILE = "checkpoint.weights.h5"
 CHECKPOINT_STATE_FILE = "checkpoint.json"
+CHECKPOINT_TRAINING_STATE_FILE = "checkpoint.state.npz"
 CALIBRATION_FILE = "calibration.json"
 THRESHOLD_FILE = "threshold.json"
 
@@ -81,6 +84,10 @@ class RunFolder:
     @property
     def checkpoint_state(self) -> Path:
         return self.path / CHECKPOINT_STATE_FILE
+
+    @property
+    def checkpoint_training_state(self) -> Path:
+        return self.path / CHECKPOINT_TRAINING_STATE_FILE
 
     @property
     def calibration_file(self) -> Path:

@@ -161,6 +161,10 @@ class DeviceRecord(Record):
     xla: bool = False
     batch_per_replica: int | None = None
     global_batch: int | None = None  # images per optimizer step, summed over replicas
+    # The rule the learning rates followed for that global batch (`TrainConfig.lr_scale`) and the
+    # factor it gave; runs from before the rule trained with the rate unscaled.
+    lr_scaling: str = "none"
+    lr_scale: float = 1.0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def describe(self) -> str:
@@ -169,6 +173,8 @@ class DeviceRecord(Record):
         bits += [name for name, on in (("mixed precision", self.mixed_precision), ("XLA", self.xla)) if on]
         if self.batch_per_replica:
             bits.append(f"batch {self.batch_per_replica} per replica = {self.global_batch} global")
+        if self.lr_scale != 1.0:
+            bits.append(f"learning rates × {self.lr_scale:.3g} ({self.lr_scaling} rule)")
         return " · ".join(bits)
 
 

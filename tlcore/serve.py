@@ -106,17 +106,18 @@ class ServedModel:
     """What one server holds: the loaded run model, its card, its operating point and the batcher."""
 
     def __init__(self, run_ref: str, store=None, version=None):
-        from tlcore import inference
+        from tlcore import devices, inference
         from tlcore.model_card import build_card, find_run
         from tlcore.operating_point import read_operating_point
 
+        self.device_policy = devices.declare_process("serve")
         self.loaded = inference.load_run_model(run_ref, store)
         run, folder = find_run(run_ref, store)
         self.run_id, self.run_name = run.id, run.name
         self.card = build_card(run.id, store)
         self.point = read_operating_point(folder)
         self.version = version  # the registry's `ModelVersion`, when serving a model's alias
-        self.loaded.warm_up()
+        self.loaded.warm_up(inference.BATCH_BUCKETS)  # the batcher sends any size up to MAX_BATCH
         self.batcher = Batcher(self.loaded)
 
     def identity(self) -> dict[str, Any]:
@@ -263,10 +264,10 @@ def create_app(run_ref: str | None = None, *, model: str | None = None, poll_s: 
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        """Liveness: the model is loaded and the server answers."""
+        """Liveness: the model is loaded and the server answers; which GPU (capped) it holds."""
         served = source.current
         return {"status": "ok", "run": served.run_id, "version": served.identity()["version"],
-                "classes": len(served.loaded.labels)}
+                "classes": len(served.loaded.labels), "device_policy": served.device_policy}
 
     @app.get("/v1/model", dependencies=[Depends(check_token)])
     def model_card() -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from tlcore import home
-from tlcore.errors import NotFound
+from tlcore.errors import NotFound, TransitionRefused
 from tlcore.run_record import Executor, RunProgress, RunSummary
 
 
@@ -40,6 +40,14 @@ class RunStatus(str, enum.Enum):
 
 
 TERMINAL_STATES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+# The statuses a run may move to from each status. A finished run never changes status again, so a
+# late "succeeded" cannot overwrite the "failed" a reaper wrote (nor clear its error).
+ALLOWED_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
+    RunStatus.QUEUED: TERMINAL_STATES | {RunStatus.QUEUED, RunStatus.RUNNING},
+    RunStatus.RUNNING: TERMINAL_STATES | {RunStatus.RUNNING},
+    **{status: frozenset() for status in TERMINAL_STATES},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,9 +421,21 @@ class Store:
                 value = int(bool(value))
             sets.append(f"{key} = ?")
             args.append(value)
+        where, where_args = "id = ?", [run_id]
+        if "status" in fields:
+            target = RunStatus(fields["status"])
+            sources = [s.value for s, targets in ALLOWED_TRANSITIONS.items() if target in targets]
+            where += f" AND status IN ({', '.join('?' * len(sources))})" if sources else " AND 0"
+            where_args += sources
         with self._transaction() as db:
-            db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*args, run_id))
-        return self.get_run(run_id)
+            changed = db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE {where}", (*args, *where_args)).rowcount
+        run = self.get_run(run_id)
+        if not changed and "status" in fields:
+            raise TransitionRefused(
+                f"Run {run.name} ({run.id}) is {run.status.value}"
+                + (f" ({run.error})" if run.error else "")
+                + f"; it cannot become {RunStatus(fields['status']).value}, so its record stays as it is.")
+        return run
 
     def heartbeat(self, run_id: str, progress: RunProgress | None = None) -> bool:
         """Renew a running run's lease; returns True if a cancel was requested."""
@@ -430,6 +450,11 @@ class Store:
 
     def finish_run(self, run_id: str, status: RunStatus, error: str | None = None,
                    summary: RunSummary | None = None) -> Run:
+        """Move a queued or running run to a final `status`.
+
+        Raises:
+            TransitionRefused: the run already finished (a reaper marked it failed, say); nothing changes.
+        """
         fields: dict[str, Any] = {"status": status, "finished_at": time.time(), "error": error}
         if summary is not None:
             fields["summary"] = summary

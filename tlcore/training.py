@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from tlcore import calibration, devices
+from tlcore import calibration, devices, training_state
 from tlcore.atomic import write_atomically
 from tlcore.backbones import get_backbone, resolve_weights
 from tlcore.backbones.folding import fold_batchnorm
@@ -89,6 +89,8 @@ class _Training:
         self.head_on_features: tuple[Any, np.ndarray] | None = None
         self.predictor = None  # the saved model with BatchNorm folded, made once for evaluation
         self.feature_extraction: _FeatureExtraction | None = None
+        self.resumed: Checkpoint | None = None
+        self.trainer = self.early_stopping = None  # of the phase training now, for its checkpoints
 
     def log(self, message: str) -> None:
         self.sink.log(message)
@@ -165,11 +167,13 @@ class _Training:
         plan = self.device_plan = devices.plan(self.config.mixed_precision, self.config.xla)
         self.strategy = devices.apply(plan)
         per_replica, self.global_batch = self.config.batch_sizes(plan.replicas)
+        self.lr_scale = self.config.lr_scale(self.global_batch)
         self.device_record = DeviceRecord(
             kind=plan.kind, devices=list(plan.devices), replicas=plan.replicas, strategy=plan.strategy_name,
             mixed_precision=plan.mixed_precision, xla=plan.xla, batch_per_replica=per_replica,
-            global_batch=self.global_batch)
-        self.log(f"Device: {plan.describe()}; {self.device_record.describe()}.")
+            global_batch=self.global_batch, lr_scaling=self.config.lr_scaling, lr_scale=self.lr_scale)
+        self.log(f"Device: {plan.describe()}; {self.device_record.describe()}. "
+                 f"Process device policy: {devices.current_policy() or 'none declared'}.")
         keras.utils.set_random_seed(self.config.seed)
 
     def decode_pixels(self) -> None:
@@ -201,6 +205,7 @@ class _Training:
             raise InvalidInput(f"Run {resume_from} left no checkpoint to resume from; relaunch it instead.")
         self.model.load_weights(checkpoint.weights)
         self.step = len(self.store.epochs(resume_from))
+        self.resumed = checkpoint
         self.log(f"Resumed from run {resume_from} after {checkpoint.phase} epoch {checkpoint.epoch}.")
         return checkpoint
 
@@ -208,7 +213,7 @@ class _Training:
         """Phase 1: the head on the frozen backbone, on cached features unless it augments."""
         config = self.config
         if config.head_augment:
-            self.fit_pixels("head", config.head_epochs, config.lr)
+            self.fit_pixels("head", config.head_epochs, config.lr * self.lr_scale)
         else:
             self.head_on_features = self.fit_head_on_features()
         self.save_checkpoint("head", config.head_epochs)
@@ -217,7 +222,7 @@ class _Training:
         """Phase 2: the top layers of the backbone unfrozen, a lower rate, warm-up and cosine decay."""
         config = self.config
         unfrozen = unfreeze_top(self.base, config.finetune_layers)
-        learning_rate = config.lr * config.finetune_lr_scale
+        learning_rate = config.lr * config.finetune_lr_scale * self.lr_scale
         self.log(f"Fine-tuning the top {unfrozen} layers of {self.spec.display_name} (BatchNorm frozen), "
                  f"lr {learning_rate:g} with warm-up and cosine decay.")
         initial = resume.epoch if resume and resume.phase == "finetune" else 0
@@ -318,15 +323,19 @@ class _Training:
             feat_in = keras.Input(features.shape[1:], name="features")
             out = self.model.get_layer("head")(self.model.get_layer("head_dropout")(feat_in))
             head = keras.Model(feat_in, out, name="head_only")
-            _compile(head, config.lr, xla=False)
+            _compile(head, config.lr * self.lr_scale, xla=False)
         val = splits["val"]
+        # Shuffled in `pipeline.epoch_order`, as the pixels are: the same batches under any strategy.
+        train_data, steps = pipeline.shuffled_batches(
+            len(x_train), self.global_batch, lambda _e, _s, p: (x_train[p], y_train[p]), x_train.shape[1:],
+            "float32", seed=config.seed, epochs=config.head_epochs)
         head.fit(
-            x_train, y_train,
-            batch_size=self.global_batch,
+            train_data,
+            steps_per_epoch=steps,
             epochs=config.head_epochs,
             class_weight=self.class_weight,
             validation_data=(features[val], self.y_all[val]) if len(val) else None,
-            shuffle=True,
+            shuffle=False,  # the batches come in `epoch_order`
             verbose=2 if self.progress_bar else 0,
             callbacks=self.callbacks("head", config.head_epochs),
         )
@@ -337,7 +346,9 @@ class _Training:
                    schedule: bool = False) -> None:
         config, images = self.config, self.pixels.images
         train, val = self.splits["train"], self.splits["val"]
-        steps = -(-len(train) // self.global_batch)
+        train_data, steps = pipeline.epoch_batches(images, train, self.y_all[train], self.global_batch,
+                                                   seed=config.seed, epochs=epochs, initial_epoch=initial_epoch,
+                                                   augment=config.augment)
         if schedule:
             warmup = min(steps, max(1, steps * epochs // 10))
             learning_rate = keras.optimizers.schedules.CosineDecay(
@@ -345,35 +356,54 @@ class _Training:
                 warmup_target=learning_rate, warmup_steps=warmup)
         with self.strategy.scope():
             # The twin shares every trainable weight with `model`: training it trains `model`.
-            trainer = fold_batchnorm(self.model)
+            trainer = self.trainer = fold_batchnorm(self.model)
             _compile(trainer, learning_rate, self.device_plan.xla)
-        train_data = pipeline.batches(images, train, self.y_all[train], self.global_batch,
-                                      shuffle=True, seed=config.seed, augment=config.augment)
-        val_data = (pipeline.batches(images, val, self.y_all[val], self.global_batch, shuffle=False, seed=0)
-                    if len(val) else None)
+        callbacks = self.callbacks(phase, epochs, checkpoint=phase == "finetune")
+        if initial_epoch:
+            with self.strategy.scope():
+                self.restore_training_state(trainer)
+        val_data = pipeline.batches(images, val, self.y_all[val], self.global_batch) if len(val) else None
         trainer.fit(
             train_data,
+            steps_per_epoch=steps,
             epochs=epochs,
             class_weight=self.class_weight,
             initial_epoch=initial_epoch,
             validation_data=val_data,
-            shuffle=False,  # the tf.data pipeline shuffles
+            shuffle=False,  # the batches come in `epoch_order`
             verbose=1 if self.progress_bar else 0,
-            callbacks=self.callbacks(phase, epochs, checkpoint=phase == "finetune"),
+            callbacks=callbacks,
         )
         self.raise_if_cancelled()
 
+    def restore_training_state(self, trainer) -> None:
+        """The stopped run's optimizer moments and step (hence the schedule's step) and early-stopping
+        state, when its checkpoint holds them (`tlcore.training_state`); else the weights alone."""
+        path = RunFolder(self.run.config["resume_from"]).checkpoint_training_state
+        if training_state.restore(path, trainer.optimizer, trainer.trainable_variables, self.early_stopping,
+                                  epoch=self.resumed.epoch):
+            step = int(np.asarray(trainer.optimizer.iterations))
+            self.log(f"Optimizer and early-stopping state restored: step {step}.")
+        else:
+            self.log("The checkpoint holds weights only (saved before optimizer state was kept): Adam's moments "
+                     "start empty and the learning-rate schedule from step 0.")
+
     def callbacks(self, phase: str, epochs: int, *, checkpoint: bool = False) -> list:
         monitor = "val_loss" if len(self.splits["val"]) else "loss"
+        self.early_stopping = training_state.ResumableEarlyStopping(
+            monitor=monitor, patience=self.config.early_stopping_patience, restore_best_weights=True, verbose=0)
         return [
+            self.early_stopping,  # before the checkpoint is saved, so the checkpoint holds this epoch's state
             _StoreProgress(self, phase, epochs, checkpoint),
-            keras.callbacks.EarlyStopping(monitor=monitor, patience=self.config.early_stopping_patience,
-                                          restore_best_weights=True, verbose=0),
             _EpochTensorBoard(log_dir=str(self.folder.tensorboard(phase)), write_graph=False, profile_batch=0),
         ]
 
     def save_checkpoint(self, phase: str, epoch: int) -> None:
-        """Weights after `phase` epoch `epoch`; a failed save keeps the previous checkpoint."""
+        """Weights after `phase` epoch `epoch` (in the fine-tune also the optimizer and early-stopping
+        state, written first); a failed save keeps the previous checkpoint."""
+        if phase == "finetune":
+            training_state.save(self.folder.checkpoint_training_state, self.trainer.optimizer, self.early_stopping,
+                                epoch=epoch)
         write_atomically(self.folder.checkpoint_weights, self.model.save_weights)
         self.folder.write_checkpoint_state(phase, epoch)
         self.sink.checkpoint_saved(self.folder)
@@ -403,7 +433,8 @@ class _FeatureExtraction:
                 raise RunCancelled("Cancelled during feature extraction; the epochs logged so far are kept.")
 
         found, seconds = cached_features(cache, [e.sha256 for e in t.entries], self.feature_model, images,
-                                         self.batch_size, rows=rows, mirror=mirror, on_batch=on_batch)
+                                         self.batch_size, rows=rows, mirror=mirror, on_batch=on_batch,
+                                         strategy=t.strategy)
         what = "Mirrored training-image features" if mirror else "Backbone features"
         t.log(f"{what}: {found.reused} of {len(found.array)} images reused from the cache, the rest computed "
               f"({seconds:.1f} s).")
@@ -574,11 +605,13 @@ def model_probabilities(model, images: np.ndarray, indices: np.ndarray, batch_si
     each image mirrored left-right if `mirror`.
 
     `predict` over the prefetching pixel pipeline: a model built under a multi-replica
-    strategy splits each batch across its replicas.
+    strategy splits each batch across its replicas. The last batch is filled up with copies of
+    the last image (their outputs dropped), so every batch has one shape: one compiled step.
     """
     source = images[:, :, ::-1] if mirror else images
-    data = pipeline.batches(source, indices, np.zeros(len(indices), np.int32), batch_size, shuffle=False, seed=0)
-    return np.asarray(model.predict(data, verbose=0))
+    padded = np.concatenate([indices, np.repeat(indices[-1:], -len(indices) % batch_size)])
+    data = pipeline.batches(source, padded, np.zeros(len(padded), np.int32), batch_size)
+    return np.asarray(model.predict(data, verbose=0))[:len(indices)]
 
 
 def prediction_rows(probs: np.ndarray, indices: np.ndarray, entries, labels) -> list[dict[str, Any]]:

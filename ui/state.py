@@ -196,12 +196,13 @@ class CachedModel:
 _LOAD_LOCK = threading.Lock()
 
 
-@st.cache_resource(show_spinner=False)
-def _ui_device() -> str:
-    """At most one GPU, capped, for this process (`tlcore.devices.configure_ui_process`), once."""
+def declare_device_policy() -> str:
+    """At most one GPU, capped, for the dashboard process (`tlcore.devices.declare_process`, which
+    applies it once): called before every path that may start TensorFlow (model loading, the LR
+    finder, the audit, export)."""
     from tlcore import devices
 
-    return devices.configure_ui_process()
+    return devices.declare_process("dashboard")
 
 
 @st.cache_resource(show_spinner=False, max_entries=6)
@@ -210,7 +211,7 @@ def _load_model(data_home: str, ref: str) -> CachedModel:
     with _LOAD_LOCK:
         from tlcore import inference
 
-        _ui_device()
+        declare_device_policy()
         if ref.startswith("imagenet:"):
             loaded = inference.load_imagenet_model(ref.split(":", 1)[1])
         else:

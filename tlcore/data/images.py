@@ -67,16 +67,21 @@ def read_bytes(path: str | os.PathLike, name: str | None = None) -> bytes:
         ) from e
 
 
-def open_image(source: ImageSource, name: str | None = None) -> Image.Image:
+def open_image(source: ImageSource, name: str | None = None, *, at_least: int | None = None) -> Image.Image:
     """Open, fully decode and normalise one image.
 
     Args:
         source: a path, the file's bytes, or a binary file object.
         name: how to call the file in messages. Defaults to the file name, or "the image".
+        at_least: a JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 of its size that keeps both
+            sides at least this many pixels (`Image.draft`: every byte is still decoded, so damage
+            still shows, but a 12-megapixel photo takes a third of the time and a sixteenth of the
+            memory). None decodes at full size.
 
     Returns:
         An RGB `PIL.Image`, EXIF-transposed upright, independent of any open file. Its
-        `info` holds `source_format` (e.g. "JPEG") and `source_mode` (e.g. "CMYK").
+        `info` holds `source_format` (e.g. "JPEG"), `source_mode` (e.g. "CMYK") and
+        `full_size` (upright width and height before any draft scaling).
 
     Raises:
         ImageRejected: empty, not an image, truncated or corrupt, smaller than
@@ -122,8 +127,12 @@ def open_image(source: ImageSource, name: str | None = None) -> Image.Image:
             )
         try:
             im.seek(0)  # the first frame of an animation
+            if at_least and fmt in ("JPEG", "MPO"):
+                im.draft(None, (at_least, at_least))
             im.load()  # decode every pixel now: truncation and corruption surface here
             mode = im.mode
+            turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+            full_size = (height, width) if turned else (width, height)
             im = ImageOps.exif_transpose(im)
             rgb = _to_rgb(im)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -137,6 +146,7 @@ def open_image(source: ImageSource, name: str | None = None) -> Image.Image:
             ) from e
     rgb.info["source_format"] = fmt
     rgb.info["source_mode"] = mode
+    rgb.info["full_size"] = full_size
     return rgb
 
 
@@ -157,7 +167,9 @@ def load_resized(path: ImageSource, size: int, name: str | None = None) -> np.nd
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= 4096:
         raise InvalidInput(f"`size` must be an integer between 1 and 4096. Received: size={size!r}")
     size = int(size)
-    image = open_image(path, name)
+    # Decoding at twice the target size or more keeps the bilinear resize's quality; images under
+    # twice the size (most datasets at 224 px) decode exactly as before.
+    image = open_image(path, name, at_least=2 * size)
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
     return np.asarray(image, dtype=np.uint8).copy()

@@ -355,6 +355,9 @@ def _count_files(d: Path) -> int:
 # ---------------------------------------------------------------- validating
 
 
+VALIDATE_AT_LEAST = 256  # import only checks that an image decodes: big JPEGs decode at a fraction of their size
+
+
 def _workers() -> int:
     return min(8, 2 * (os.cpu_count() or 2))
 
@@ -363,12 +366,12 @@ def _check_one(c: _Candidate) -> _Candidate | images.ImageRejected:
     try:
         data = images.read_bytes(c.path, c.rel)
         digest = hashlib.sha256(data).hexdigest()
-        im = images.open_image(data, name=c.rel)
+        im = images.open_image(data, name=c.rel, at_least=VALIDATE_AT_LEAST)
     except images.ImageRejected as e:
         return e
     except Exception as e:  # never let one file stop an import
         return images.ImageRejected("unreadable", f"{c.rel} could not be checked ({e}).")
-    c.sha256, (c.width, c.height), c.ext = digest, im.size, images.blob_extension(im)
+    c.sha256, (c.width, c.height), c.ext = digest, im.info["full_size"], images.blob_extension(im)
     return c
 
 

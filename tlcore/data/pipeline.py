@@ -58,20 +58,6 @@ def pixel_cache(entries: Sequence, size: int, *, workers: int | None = None,
     return PixelCache(found.array, found.path, size), found.reused
 
 
-def adopt_pixel_cache(entries: Sequence, images: np.ndarray) -> None:
-    """Make `images` (decoded elsewhere, in `entries` order) this data home's cache for them.
-
-    A Ray node receives a dataset's pixels through the object store instead of its image files;
-    with the cache in place, `pixel_cache` reuses it and never opens a file.
-    """
-    size = images.shape[1]
-
-    def copy(positions: np.ndarray, out: np.ndarray) -> None:
-        out[positions] = images[positions]
-
-    _pixel_store(size).rows([e.sha256 for e in entries], (size, size, 3), np.uint8, copy)
-
-
 def _pixel_store(size: int) -> ContentCache:
     return ContentCache(home.cache_dir("pixels") / str(size))
 
@@ -82,34 +68,95 @@ def split_indices(entries: Sequence) -> dict[str, np.ndarray]:
             for split in SPLITS}
 
 
-def batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, batch_size: int, *,
-            shuffle: bool, seed: int, augment: Sequence[str] = ()):
-    """A `tf.data.Dataset` of (float32 RGB 0-255 images, int labels) read from the memory map.
+def epoch_order(count: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """Positions (into the training rows) of every batch of epoch `epoch`: shape (steps, batch_size).
 
-    Batches are gathered from the cache by index (sorted within a batch for sequential reads),
-    so only one batch at a time is in memory, then augmented (`augment` names, see
-    `tlcore.data.augment`) with draws that depend on `seed` and the batch.
+    A pure function of (seed, epoch): the same on the CPU, one GPU or N replicas, however many
+    iterators the caller opens. The last batch is filled up by wrapping round to the start of
+    the epoch's order, so every batch has one shape (one compiled step) and no image is left out.
+    """
+    order = np.random.default_rng([int(seed), int(epoch)]).permutation(count)
+    steps = -(-count // batch_size)
+    return np.resize(order, steps * batch_size).reshape(steps, batch_size)
+
+
+def epoch_batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, batch_size: int, *,
+                  seed: int, epochs: int, initial_epoch: int = 0, augment: Sequence[str] = ()):
+    """Shuffled, augmented training batches of the cached pixel rows `indices` (see `shuffled_batches`).
+
+    Returns (dataset of float32 RGB 0-255 images and int labels, steps per epoch).
+    """
+    def gather(epoch, step, positions):
+        x = _gather(images, indices, positions)
+        if augment:
+            x = augment_batch(x, augment, batch_rng(seed, epoch, step))
+        return x, labels[positions].astype(np.int32)
+
+    return shuffled_batches(len(indices), batch_size, gather, images.shape[1:], "uint8",
+                            seed=seed, epochs=epochs, initial_epoch=initial_epoch)
+
+
+def shuffled_batches(count: int, batch_size: int, gather, x_shape: tuple, x_dtype: str, *,
+                     seed: int, epochs: int, initial_epoch: int = 0):
+    """Batches for epochs `initial_epoch`..`epochs - 1`, one after the other, in `epoch_order`.
+
+    `gather(epoch, step, positions)` returns the (x, int32 y) numpy batch of those positions; x
+    has per-item shape `x_shape` and dtype `x_dtype` and reaches the model as float32.
+    Returns (dataset, steps per epoch); pass both to `fit` (`steps_per_epoch`), so Keras keeps
+    one iterator across epochs. Every new iterator starts again at `initial_epoch`: the batches
+    and their augmentation draws depend only on (seed, epoch, step), never on how many
+    iterators Keras opened before (it opens an extra one under any distribution strategy).
+    """
+    import tensorflow as tf
+
+    steps = -(-count // batch_size)
+
+    def one_epoch(epoch):
+        order = tf.numpy_function(lambda e: epoch_order(count, batch_size, seed, int(e)), [epoch], tf.int64)
+        return tf.data.Dataset.from_tensor_slices((tf.fill([steps], epoch), tf.range(steps, dtype=tf.int64),
+                                                   tf.ensure_shape(order, (steps, batch_size))))
+
+    def load(epoch, step, positions):
+        x, y = tf.numpy_function(gather, [epoch, step, positions], (tf.as_dtype(x_dtype), tf.int32))
+        x = tf.cast(tf.ensure_shape(x, (batch_size, *x_shape)), tf.float32)
+        return x, tf.ensure_shape(y, (batch_size,))
+
+    data = tf.data.Dataset.range(initial_epoch, epochs).flat_map(one_epoch)
+    return data.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE), steps
+
+
+def batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, batch_size: int, *,
+            seed: int = 0, augment: Sequence[str] = ()):
+    """A `tf.data.Dataset` of (float32 RGB 0-255 images, int labels) in the order of `indices`.
+
+    Batches are gathered from the memory map by index, so only one batch at a time is in
+    memory, then augmented (`augment` names, see `tlcore.data.augment`) with draws that depend
+    on `seed` and the batch's number. The last batch may be short (evaluation pads its rows to
+    whole batches: `tlcore.training.model_probabilities`).
     """
     import tensorflow as tf
 
     size = images.shape[1]
-    order = tf.data.Dataset.from_tensor_slices(np.arange(len(indices), dtype=np.int64))
-    if shuffle:
-        order = order.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
-    order = order.batch(batch_size)
+    order = tf.data.Dataset.from_tensor_slices(np.arange(len(indices), dtype=np.int64)).batch(batch_size)
 
-    def gather(positions):
-        rows = indices[positions]
-        sort = np.argsort(rows)
-        x = np.empty((len(rows), size, size, 3), np.uint8)
-        x[sort] = images[rows[sort]]
+    def gather(step, positions):
+        x = _gather(images, indices, positions)
         if augment:
-            x = augment_batch(x, augment, batch_rng(seed, positions))
+            x = augment_batch(x, augment, batch_rng(seed, 0, step))
         return x, labels[positions].astype(np.int32)
 
-    def load(positions):
-        x, y = tf.numpy_function(gather, [positions], (tf.uint8, tf.int32))
+    def load(step, positions):
+        x, y = tf.numpy_function(gather, [step, positions], (tf.uint8, tf.int32))
         x = tf.cast(tf.ensure_shape(x, (None, size, size, 3)), tf.float32)
         return x, tf.ensure_shape(y, (None,))
 
-    return order.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return order.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def _gather(images: np.ndarray, indices: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The cached pixels of training rows `indices[positions]`, read in row order (sequential on disk)."""
+    rows = indices[positions]
+    sort = np.argsort(rows)
+    x = np.empty((len(rows), *images.shape[1:]), np.uint8)
+    x[sort] = images[rows[sort]]
+    return x
