@@ -9,16 +9,17 @@ Reads the store and the runs' predictions only; TensorFlow is imported only when
 gallery is asked for its Grad-CAMs.
 """
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
 
 from tlcore import sweeps
-from tlcore.comparison import seed_groups
+from tlcore.comparison import recipe_key, seed_groups
 from tlcore.data.images import open_image
 from tlcore.errors import InvalidInput
-from ui import charts, frame, images, state
+from ui import charts, frame, images, state, tables
 from ui import format as fmt
 
 frame.require()
@@ -68,6 +69,13 @@ def take_sweep() -> None:
         st.session_state["compare.runs"] = [r.run_id for r in sweeps.sweep_report(chosen_sweep, store).runs]
 
 
+def tidy_selection() -> None:
+    """A seed group stands for its runs: choosing both ("Select all") keeps the group only."""
+    chosen_refs = st.session_state.get("compare.runs") or []
+    covered = {r.id for ref in chosen_refs if ref in groups for r in groups[ref].runs}
+    st.session_state["compare.runs"] = [ref for ref in chosen_refs if ref in groups or ref not in covered]
+
+
 def take_table_selection() -> None:
     ids = st.session_state.get("compare.table_ids") or []
     rows = st.session_state["compare.table"].selection.rows
@@ -105,10 +113,7 @@ st.dataframe(
     shown, hide_index=True, key="compare.table", on_select=take_table_selection,
     selection_mode="multi-row",
     column_config={
-        "accuracy": st.column_config.ProgressColumn("accuracy", min_value=0, max_value=1, format="percent"),
-        "macro F1": st.column_config.NumberColumn("macro F1", format="%.3f"),
-        "smallest-class recall": st.column_config.NumberColumn(
-            "smallest-class recall", format="%.3f", help="Recall of the class with the fewest evaluation images"),
+        **tables.metric_columns(),
         "lr": st.column_config.NumberColumn("lr", format="%g"),
         "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
     },
@@ -129,15 +134,21 @@ if sweep_ids:
 
 
 
+# A chosen sweep's runs are named by what varies in it ("lr=3e-4 · seed 1"), whatever their stored names.
+names = {r.id: r.name for r in runs}
+if sweep:
+    names.update(sweeps.sweep_report(sweep, store).run_names())
+
+
 def entry_label(ref: str) -> str:
     if ref in groups:
         mean, std = groups[ref].mean_std()
-        return f"{groups[ref].name} (seeds {fmt.seed_list(groups[ref].seeds)}: {fmt.pct(mean)} ± {fmt.pct(std)})"
-    return f"{by_id[ref].name} ({fmt.pct(by_id[ref].accuracy)})"
+        return f"{groups[ref].name} (seeds {fmt.seed_list(groups[ref].seeds)}: {fmt.mean_std(mean, std)})"
+    return f"{names[ref]} ({fmt.pct(by_id[ref].accuracy)})"
 
 
 selected = st.multiselect("Runs to compare", list(by_id) + list(groups), key="compare.runs",
-                          format_func=entry_label,
+                          format_func=entry_label, on_change=tidy_selection,
                           placeholder="Tick rows above or choose runs here (or a group of seeds)")
 if selected:
     st.query_params["runs"] = ",".join(selected)
@@ -176,17 +187,18 @@ if sweep:
 # ------------------------------------------------------------------ metrics
 
 st.subheader("Metrics")
+st.caption(fmt.EVAL_SPLIT_NOTE)
 if chosen_groups:
     cols = st.columns(min(4, len(chosen_groups)))
     for col, group in zip(cols * len(chosen_groups), chosen_groups):
         acc, acc_std = group.mean_std("accuracy")
         f1, f1_std = group.mean_std("macro_f1")
         with col.container(border=True):
-            st.metric(f"{group.runs[0].name} · {len(group.runs)} seeds", f"{fmt.pct(acc)} ± {fmt.pct(acc_std)}",
+            st.metric(group.name, fmt.mean_std(acc, acc_std),
                       help="Mean ± standard deviation of the runs of one recipe that differ only in the seed.")
-            st.caption(f"macro F1 {fmt.pct(f1)} ± {fmt.pct(f1_std)} · seeds {fmt.seed_list(group.seeds)}")
+            st.caption(f"macro F1 {fmt.mean_std(f1, f1_std)} · seeds {fmt.seed_list(group.seeds)}")
 baseline = chosen[0]
-st.caption(f"Deltas are against **{baseline.name}**, the first run chosen.")
+st.caption(f"Deltas are against **{names[baseline.id]}**, the first run chosen.")
 for start in range(0, len(chosen), 4):
     cols = st.columns(4)
     for col, run in zip(cols, chosen[start:start + 4]):
@@ -196,10 +208,11 @@ for start in range(0, len(chosen), 4):
         if run is not baseline and acc is not None and base_acc is not None:
             delta = f"{100 * (acc - base_acc):+.1f} pts"
         with col.container(border=True):
-            st.metric(run.name, fmt.pct(acc), delta=delta, help=f"{run.backbone} · {fmt.STATUS_ICON[run.status]}")
+            st.metric(names[run.id], fmt.pct(acc), delta=delta,
+                      help=f"{run.name} · {run.backbone} · {fmt.STATUS_ICON[run.status]}")
             f1_delta = (f" ({100 * (f1v - base_f1):+.1f} pts)"
                         if run is not baseline and f1v is not None and base_f1 is not None else "")
-            st.caption(f"macro F1 {fmt.pct(f1v)}{f1_delta} · smallest-class recall "
+            st.caption(f"accuracy on {fmt.eval_split(run)} · macro F1 {fmt.pct(f1v)}{f1_delta} · smallest-class recall "
                        f"{fmt.pct(run.smallest_class_recall)} · {fmt.duration(fmt.run_duration(run))}")
             if run.status.value == "failed":
                 st.caption(f":red[failed: {run.error or 'no reason recorded'}]")
@@ -223,8 +236,8 @@ def paired_gallery(comparison, table, kind: str) -> None:
         path = Path(str(row["path"]))
         cols = st.columns([1, 1, 1, 2] if cams else [1, 4])
         cols[-1].markdown(f"**{row['source']}**  \ntrue **{row['true']}**  \n"
-                          f"{comparison.name_a}: {row['pred_a']} ({row['confidence_a']:.0%})  \n"
-                          f"{comparison.name_b}: {row['pred_b']} ({row['confidence_b']:.0%})")
+                          f"{names[comparison.run_a]}: {row['pred_a']} ({row['confidence_a']:.0%})  \n"
+                          f"{names[comparison.run_b]}: {row['pred_b']} ({row['confidence_b']:.0%})")
         if not path.is_file():
             cols[0].caption("(image missing)")
             continue
@@ -235,8 +248,8 @@ def paired_gallery(comparison, table, kind: str) -> None:
         photo.thumbnail((GALLERY_SIDE, GALLERY_SIDE))
         rgb = np.asarray(photo)
         cols[0].image(rgb, caption="photo", width="stretch")
-        for col, run_id, name in ((cols[1], comparison.run_a, comparison.name_a),
-                                  (cols[2], comparison.run_b, comparison.name_b)):
+        for col, run_id, name in ((cols[1], comparison.run_a, names[comparison.run_a]),
+                                  (cols[2], comparison.run_b, names[comparison.run_b])):
             try:
                 heat = state.load_model(run_id).gradcam(rgb)
                 col.image(images.overlay(rgb, heat), caption=f"{name} looked here", width="stretch")
@@ -250,12 +263,16 @@ if len(pairable) < 2:
     st.caption("Choose two finished runs to see whether one is really better, image by image.")
 else:
     state.keep_choice("compare.pair_a", pairable)
-    state.keep_choice("compare.pair_b", pairable, default=pairable[1])
+    # By default B is the first run of another recipe than A's: two settings, not two seeds of one.
+    recipe_a = recipe_key(by_id[st.session_state["compare.pair_a"]].config)
+    other_recipe = [i for i in pairable if recipe_key(by_id[i].config) != recipe_a]
+    state.keep_choice("compare.pair_b", pairable, default=(other_recipe or pairable[1:])[0])
     pa, pb = st.columns(2)
-    run_a = pa.selectbox("A (reference)", pairable, key="compare.pair_a", format_func=lambda i: by_id[i].name)
-    run_b = pb.selectbox("B (challenger)", pairable, key="compare.pair_b", format_func=lambda i: by_id[i].name)
+    run_a = pa.selectbox("A (reference)", pairable, key="compare.pair_a", format_func=names.get)
+    run_b = pb.selectbox("B (challenger)", pairable, key="compare.pair_b", format_func=names.get)
     try:
-        comparison = state.paired_comparison(run_a, run_b)
+        comparison = dataclasses.replace(state.paired_comparison(run_a, run_b), name_a=names[run_a],
+                                         name_b=names[run_b])
     except InvalidInput as exc:
         st.warning(str(exc))
     else:
@@ -282,13 +299,14 @@ else:
 
 # -------------------------------------------------------------------- seeds
 
-shown_groups = [g for g in groups.values() if set(r.id for r in g.runs) & set(chosen_ids)]
+shown_groups = sorted((g for g in groups.values() if set(r.id for r in g.runs) & set(chosen_ids)),
+                      key=lambda g: min(chosen_ids.index(r.id) for r in g.runs if r.id in chosen_ids))  # Metrics' order
 if shown_groups:
     st.subheader("Seeds")
     st.caption("Runs whose recipes differ only in the seed: the spread between seeds is the noise any "
                "difference between recipes has to beat.")
     st.plotly_chart(charts.sweep_summary([
-        {"label": g.runs[0].name, "mean": g.mean_std()[0], "std": g.mean_std()[1],
+        {"label": g.name, "mean": g.mean_std()[0], "std": g.mean_std()[1],
          "seeds": [(s, r.accuracy) for s, r in zip(g.seeds, g.runs)]} for g in shown_groups]),
                     key="compare.seeds", config={"displayModeBar": False})
 
@@ -300,7 +318,7 @@ metric = st.segmented_control("Metric", ["val_accuracy", "val_loss", "accuracy",
 series = {}
 for run in chosen:
     epochs = store.epochs(run.id)
-    series[run.name] = [{"step": e.step, "phase": e.phase, "metrics": e.metrics} for e in epochs]
+    series[names[run.id]] = [{"step": e.step, "phase": e.phase, "metrics": e.metrics} for e in epochs]
 if any(series.values()):
     st.plotly_chart(charts.overlay_curves(series, metric or "val_accuracy"), key="compare.curves",
                     config={"displayModeBar": False})
@@ -310,7 +328,7 @@ else:
 # --------------------------------------------------------------- config diff
 
 st.subheader("Config differences")
-diff = fmt.config_diff({r.name: r.config for r in chosen})
+diff = fmt.config_diff({names[r.id]: r.config for r in chosen})
 if len(chosen) < 2:
     st.caption("Choose a second run to see how the recipes differ.")
 elif diff.empty:
@@ -322,24 +340,25 @@ else:
 
 st.subheader("Confusion matrices")
 normalize = st.toggle("Show row percentages", key="compare.normalize")
-cols = st.columns(min(3, len(chosen)))
-for i, run in enumerate(chosen):
-    with cols[i % len(cols)]:
-        try:
-            report = state.eval_report(run.id)
-        except state.NoEvaluation as exc:
-            st.markdown(f"**{run.name}**")
-            st.caption(str(exc))
-            continue
-        st.plotly_chart(charts.confusion_heatmap(report.confusion, report.labels, normalize, title=run.name,
-                                                 height=360),
-                        key=f"compare.cm.{run.id}", config={"displayModeBar": False})
+PER_ROW = 3  # row by row, so they read in the order of the Metrics above
+for start in range(0, len(chosen), PER_ROW):
+    for col, run in zip(st.columns(PER_ROW), chosen[start:start + PER_ROW]):
+        with col:
+            try:
+                report = state.eval_report(run.id)
+            except state.NoEvaluation as exc:
+                st.markdown(f"**{names[run.id]}**")
+                st.caption(str(exc))
+                continue
+            st.plotly_chart(charts.confusion_heatmap(report.confusion, report.labels, normalize,
+                                                     title=names[run.id], height=360),
+                            key=f"compare.cm.{run.id}", config={"displayModeBar": False})
 
 # ------------------------------------------------------------ tags and notes
 
 st.subheader("Tag and note")
 state.keep_choice("compare.note_run", chosen_ids)
-target = st.selectbox("Run", chosen_ids, key="compare.note_run", format_func=lambda i: by_id[i].name)
+target = st.selectbox("Run", chosen_ids, key="compare.note_run", format_func=names.get)
 run = by_id[target]
 with st.form(f"compare.note_form.{target}"):
     new_tags = st.multiselect("Tags", sorted(set(all_tags) | set(run.tags)), default=run.tags,

@@ -226,23 +226,44 @@ with right:
 
 # ------------------------------------------------------------------ feedback
 
+def feedback_photos(items, key: str) -> None:
+    """Filed photos with what was answered for each (the first 48)."""
+    with st.container(key=key):
+        st.image([i.file for i in items[:48]], width=96, caption=[caption(i) for i in items[:48]])
+
+
+def caption(item) -> str:
+    """'blue (corrected; said red)', 'none of these (said blue)'."""
+    said = f"said {item.predicted}" if item.predicted else ""
+    if not item.trainable:
+        return "none of these" + (f" ({said})" if said else "")
+    return f"{item.label} ({item.answer}" + (f"; {said})" if said else ")")
+
+
 st.markdown("**Feedback inbox**")
 filed = feedback.inbox(ds.name)
 if not filed:
-    st.caption(f"No photo filed for {ds.name} yet. Under a prediction on the **Demo** page, \"Wrong? It is …\" "
+    st.caption(f"No photo filed for {ds.name} yet. Under a prediction on the **Demo** page, \"What is it really?\" "
                "files the photo here with its right class.")
 else:
-    latest = store.get_dataset(ds.name)
-    there = feedback.already_in(latest.id, filed)
-    st.caption(f"{len(filed)} photo(s) filed from the Demo for {ds.name}. Folding adds them to the train split "
-               f"of a new version, {ds.name} v{latest.version + 1}; {latest.label} stays as it is.")
-    st.image([i.file for i in filed[:48]], width=96,
-             caption=[i.label + (f" (said {i.predicted})" if i.predicted else "") for i in filed[:48]])
-    if there:
-        st.warning(f"{len(there)} of them are already in {latest.label} (perhaps under another class); folding "
-                   "leaves them in the inbox.")
-    st.button(f"Fold into {ds.name} v{latest.version + 1}", key="datasets.fold", type="primary",
-              disabled=len(there) == len(filed),
+    plan = feedback.fold_plan(ds.name, store)
+    st.caption(f"{len(filed)} photo(s) filed from the Demo for {ds.name}. Folding adds the labelled ones to the "
+               f"train split of a new version, {plan.next_label}; {plan.dataset_label} stays as it is.")
+    if plan.added:
+        st.markdown(f"**Folding adds {len(plan.added)} photo(s) to train:** "
+                    + ", ".join(f"{label} +{n}" for label, n in plan.added_per_class().items()))
+        feedback_photos(plan.added, "datasets.fold_added")
+    else:
+        st.info(f"Folding would add nothing: no labelled photo that {plan.dataset_label} lacks.")
+    if plan.already_in:
+        st.warning(f"{len(plan.already_in)} labelled photo(s) are already in {plan.dataset_label} (perhaps under "
+                   "another class); folding leaves them in the inbox.")
+    if plan.not_in_any_class:
+        st.caption(f"{len(plan.not_in_any_class)} photo(s) filed as none of these classes: kept here as a "
+                   "record, never added to the data.")
+        feedback_photos(plan.not_in_any_class, "datasets.fold_none")
+    st.button(f"Fold {len(plan.added)} photo(s) into {plan.next_label}", key="datasets.fold", type="primary",
+              disabled=not plan.added,
               on_click=lambda: run_import(f"the feedback inbox of {ds.name}", feedback.fold_inbox, ds.name,
                                           store=store))
 

@@ -2,7 +2,9 @@
 a camera snapshot: top-k classes, a Grad-CAM overlay of where it looked, and the latency. A
 calibrated run's confidences are temperature-scaled, and below the confidence its validation
 split needs for the target precision (95 % unless the user moves it) it answers "not sure".
-"Wrong? It is …" files the photo with the right class in its dataset's feedback inbox.
+"What is it really?" files the photo in its dataset's feedback inbox: with the class the user
+chooses (nothing is preselected), confirming or correcting the prediction, or as none of the
+classes (recorded, never trained on).
 
 Models load once per process (`ui.state.load_model`, `st.cache_resource`) and are shared by
 every session; TensorFlow is imported only here, when a model is first needed. The prediction
@@ -29,6 +31,7 @@ frame.require()
 
 MAX_SIDE = 512  # the photo is shown (and Grad-CAM drawn) at most this large
 MAX_TOP_K = 10
+NONE_CHOICE = "\u2014 none of these \u2014"  # the "not in any class" answer (no class can be named so)
 store = state.store()
 
 st.title("Demo")
@@ -146,7 +149,7 @@ with right:
                            help="How often an answer must be right on validation; below the confidence that "
                                 "gives it, the model answers \"not sure\".")
         active = threshold if target == stored_target else retarget(threshold, target / 100)
-        not_sure = pred.confidence < active.threshold
+        not_sure = active.usable and pred.confidence < active.threshold
     m1, m2 = st.columns(2)
     if not_sure:
         m1.metric("Prediction", "Not sure", help="Below the run's confidence threshold: the top guesses follow.")
@@ -157,13 +160,14 @@ with right:
         guesses = ", ".join(f"{name} {p:.0%}" for name, p in pred.top_k[:3])
         st.caption(f"Not sure: {target} % precision on validation needs a confidence of at least "
                    f"{active.threshold:.0%}. Top guesses: {guesses}.")
-    elif threshold is not None and not active.reached:
-        st.caption(f"No confidence reached {target} % precision on validation; lower the target.")
+    elif threshold is not None and not active.usable:
+        st.caption(f"No usable \"not sure\" threshold: no confidence below 100 % reached {target} % precision on "
+                   "validation, so every photo gets an answer. A lower target may give one.")
     calibration = summary.calibration if summary else None
     if calibration is not None and calibration.temperature:
         st.caption(f"Confidences are temperature-scaled (T = {calibration.temperature:.2f}, fitted on validation).")
     elif calibration is not None:
-        st.caption(f"Confidences are raw softmax, and every photo gets an answer: {calibration.reason}")
+        st.caption(f"Confidences are raw softmax, not temperature-scaled. {calibration.reason}")
     m3, m4 = st.columns(2)
     m3.metric("Latency", f"{pred.latency_ms:.0f} ms", help="Decode, resize and forward pass for this image")
     if cam_ms is not None and heat is not None:
@@ -178,17 +182,32 @@ if run is not None:
     except KeyError:
         st.caption("This run's dataset is not in this data home, so the photo cannot be filed for it.")
         st.stop()
-    st.markdown("**Wrong? It is …**")
+    st.markdown("**What is it really?**")
+    st.caption(f"File this photo for {dataset.name}: its class confirms or corrects the answer and can be folded "
+               "into the training data on **Datasets**; \"none of these\" is only recorded.")
+
+    def answer_label(choice: str) -> str:
+        if choice == NONE_CHOICE:
+            return "None of these: it is not in any class"
+        return f"{choice} (the model said so)" if choice == label else choice
+
     f1, f2 = st.columns([3, 1], vertical_alignment="bottom")
-    state.keep_choice("demo.feedback_label", dataset.classes)
-    truth = f1.selectbox("The right class", dataset.classes, key="demo.feedback_label",
-                         label_visibility="collapsed")
-    if f2.button("File it", key="demo.feedback_file"):
+    # Keyed by the photo, so a new photo starts with nothing chosen: the prediction is never the silent default.
+    answer = f1.selectbox("What is it really?", [*dataset.classes, NONE_CHOICE], index=None,
+                          key=f"demo.feedback_label.{photo_key[1][:16]}", format_func=answer_label,
+                          placeholder="Choose its class, or none of these", label_visibility="collapsed")
+    if f2.button("File it", key="demo.feedback_file", disabled=answer is None):
+        truth = feedback.NONE_OF_THESE if answer == NONE_CHOICE else answer
         try:
-            feedback.add_feedback(dataset.name, photo_bytes, truth, dataset.classes, run_id=run.id,
-                                  predicted=label)
+            item = feedback.add_feedback(dataset.name, photo_bytes, truth, dataset.classes, run_id=run.id,
+                                         predicted=label)
         except TransferLabError as exc:
             st.error(f"The photo could not be filed: {exc}")
         else:
-            st.success(f"Filed as **{truth}** in the feedback inbox of {dataset.name}. The **Datasets** page can "
-                       "fold the inbox into a new version.")
+            what = {feedback.CONFIRMED: f"**{truth}**, confirming the answer",
+                    feedback.CORRECTED: f"**{truth}**, correcting the answer {label}",
+                    feedback.NOT_IN_ANY_CLASS: f"**none of these** (the model said {label}); it is recorded and "
+                                               "never added to the training data"}[item.answer]
+            st.success(f"Filed as {what}, in the feedback inbox of {dataset.name}."
+                       + ("" if item.answer == feedback.NOT_IN_ANY_CLASS else
+                          " The **Datasets** page shows what folding the inbox adds before it does."))

@@ -9,7 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from tlcore.store import RunStatus
-from ui import charts, frame, state
+from ui import charts, frame, state, tables
 from ui import format as fmt
 
 frame.require()
@@ -112,9 +112,10 @@ with right:
                      selection_mode="single-row")
     st.markdown("**Per class**")
     per_class = report.per_class.reset_index()
+    shares = ("precision", "recall", "f1")
+    per_class[list(shares)] = 100 * per_class[list(shares)]  # in percent, as every metric on the page
     st.dataframe(per_class, hide_index=True, key="errors.per_class",
-                 column_config={c: st.column_config.NumberColumn(c, format="%.2f")
-                                for c in ("precision", "recall", "f1")})
+                 column_config={c: st.column_config.NumberColumn(c, format=tables.PERCENT) for c in shares})
 
 # -------------------------------------------------------------------- gallery
 
@@ -179,11 +180,12 @@ else:
         else:
             st.plotly_chart(charts.coverage_curve([p.to_dict() for p in threshold.curve], threshold.threshold),
                             key="errors.coverage", config={"displayModeBar": False})
-            if threshold.reached:
+            if threshold.usable:
                 target = fmt.pct(threshold.target_precision, 0)
                 st.caption(f"Below confidence **{threshold.threshold:.3f}** the Demo and `predict` answer "
                            f"\"not sure\": on validation that keeps {fmt.pct(threshold.coverage)} of the answers "
                            f"at {fmt.pct(threshold.precision)} precision (target {target}).")
             else:
-                st.caption(f"No confidence gives {fmt.pct(threshold.target_precision, 0)} precision on validation, "
-                           "so every answer is \"not sure\"; the Demo can lower the target.")
+                st.caption(f"No usable \"not sure\" threshold: no confidence below 1 gives "
+                           f"{fmt.pct(threshold.target_precision, 0)} precision on validation, so every photo gets "
+                           "an answer; the Demo can try a lower target.")

@@ -24,9 +24,11 @@ FORMATS = [
      "application/zip"),
     ("tflite", "TFLite float32", "for phones and edge devices, same answers as Keras", ".tflite",
      "application/octet-stream"),
-    ("tflite-int8", "TFLite int8", "about 4x smaller, uint8 pixels in; accuracy and speed checked on the test images",
-     "-int8.tflite", "application/octet-stream"),
-    ("onnx", "ONNX", "for ONNX Runtime in any language, checked against Keras", ".onnx", "application/octet-stream"),
+    ("tflite-int8", "TFLite int8",
+     "about 4x smaller, uint8 pixels in; accuracy and speed checked on the {split} images", "-int8.tflite",
+     "application/octet-stream"),
+    ("onnx", "ONNX", "for ONNX Runtime in any language, checked against Keras on the {split} images", ".onnx",
+     "application/octet-stream"),
     ("bundle", "Bundle (zip)", "Keras and ONNX models, labels, preprocessing, calibration and threshold if "
      "any, and the model card", "-bundle.zip", "application/zip"),
     ("card", "Model card", "what the model is for, its data, recipe, test metrics and limits (Markdown)",
@@ -54,6 +56,24 @@ if not folder.has_model():
 
 st.caption("Every model takes RGB 0-255 pixels at the run's image size: the preprocessing is inside it. "
            f"Files are kept in {folder.path / 'export'}.")
+def prepare(key: str, title: str) -> None:
+    """Make one format; its failure is kept for the session, so every rerun (the first included)
+    shows it until the next attempt."""
+    failures = st.session_state.setdefault("export.failures", {})
+    failures.pop((run.id, key), None)
+    bar = st.progress(0.0, text=f"Preparing {title}")
+    try:
+        state.declare_device_policy()
+        export.download_file(run.id, key, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
+    except Exception as exc:  # noqa: BLE001 - whatever went wrong is said in words
+        reason = plain_message(exc) if isinstance(exc, (TransferLabError, OSError)) else f"{type(exc).__name__}: {exc}"
+        failures[(run.id, key)] = f"{title} could not be made: {reason}"
+    st.rerun()
+
+
+# The checks run on the run's evaluation split: test, or validation when the dataset has no test split.
+eval_split = run.summary.eval_split if run.summary else ""
+split_words = {"test": "test", "val": "validation (the dataset has no test split)"}.get(eval_split, "evaluation")
 try:
     st.caption("Calibration (in the bundle, the card and the endpoint): "
                f"{read_operating_point(folder).describe_calibration()}")
@@ -61,21 +81,16 @@ except TransferLabError as exc:
     st.warning(plain_message(exc))
 for key, title, what, suffix, mime in FORMATS:
     left, right = st.columns([4, 1], vertical_alignment="center")
-    left.markdown(f"**{title}** · {what}")
+    left.markdown(f"**{title}** · {what.format(split=split_words)}")
     path = export.cached_download(run.id, key)
     if path is None:
         if right.button("Prepare", key=f"export.make.{key}", width="stretch"):
-            bar = st.progress(0.0, text=f"Preparing {title}")
-            try:
-                state.declare_device_policy()
-                export.download_file(run.id, key, progress=lambda f, m, bar=bar: bar.progress(min(max(f, 0.0), 1.0),
-                                                                                              text=m))
-            except (TransferLabError, OSError) as exc:
-                st.error(f"{title} could not be made: {plain_message(exc)}")
-            else:
-                st.rerun()
+            prepare(key, title)
+        failure = st.session_state.get("export.failures", {}).get((run.id, key))
+        if failure:
+            left.error(failure)
         continue
-    right.download_button("Download", data=lambda p=path: p.read_bytes(), file_name=f"{run.name}{suffix}",
+    right.download_button("Download", data=lambda p=path: p.read_bytes(), file_name=fmt.file_name(run.name, suffix),
                           mime=mime, key=f"export.download.{key}", on_click="ignore", width="stretch",
                           icon=":material/download:")
     report = export.read_report(path)

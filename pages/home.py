@@ -1,5 +1,5 @@
 """Home: what is training now, the queue, the Ray cluster (when the worker dispatches to one),
-recent runs, the worker, the device, the data home.
+recent runs, the worker, the data home (the device is in the sidebar).
 
 Reads the store only (no TensorFlow import); the live part polls every 2 s.
 """
@@ -10,7 +10,7 @@ from tlcore import cache_budget, home
 from tlcore.errors import InvalidInput
 from tlcore.store import RunStatus
 from ui import format as fmt
-from ui import frame, sidebar, state
+from ui import frame, sidebar, state, tables
 from ui.engine import maybe
 
 frame.require()
@@ -92,26 +92,19 @@ else:
     c3.metric("Best accuracy", fmt.pct(best.accuracy) if best else "—",
               help=f"{best.name}" if best else None)
     datasets = {d.id: d for d in store.list_datasets()}
-    frame = fmt.runs_frame(runs, datasets)[["name", "status", "accuracy", "smallest-class recall", "dataset",
-                                            "backbone", "duration", "created"]]
-    st.dataframe(
-        frame, hide_index=True, key="home.recent",
-        column_config={"accuracy": st.column_config.ProgressColumn("accuracy", min_value=0, max_value=1,
-                                                                   format="percent"),
-                       "smallest-class recall": st.column_config.NumberColumn(format="%.3f")},
-    )
+    frame = fmt.runs_frame(runs, datasets)[["name", "status", "accuracy", "smallest-class recall", "split",
+                                            "dataset", "backbone", "duration", "created"]]
+    st.dataframe(frame, hide_index=True, key="home.recent", column_config=tables.metric_columns())
     st.page_link("pages/compare.py", label="Compare all runs", icon=":material/compare_arrows:")
 
 st.subheader("Server")
-s1, s2, s3 = st.columns(3)
+# The device is in the sidebar, which keeps it current: said once, not "checking…" twice.
+s1, s2 = st.columns(2)
 with s1:
     st.markdown("**Worker**")
     status = sidebar.worker_status()
     sidebar.worker_line(status)
 with s2:
-    st.markdown("**Device**")
-    st.write(state.device_summary(state.device_probe()))
-with s3:
     st.markdown("**Data home**")
     st.code(str(home.data_home()), language=None)
     try:

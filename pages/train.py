@@ -254,11 +254,12 @@ with form_col:
                    "downloads them on first use; without internet the run fails and says which file to "
                    "drop in the weights folder. EfficientNet-Lite0 works offline.")
 
-    c1, c2 = st.columns(2)
-    c1.checkbox(f"Backbone's size ({spec['default_size']} px)", key="train.size_default")
+    # Checkboxes get whole lines: in a half column their labels were cut off.
+    st.checkbox(f"Backbone's size ({spec['default_size']} px)", key="train.size_default")
     if "train.image_size" not in st.session_state:
         st.session_state["train.image_size"] = spec["default_size"]
-    c2.number_input("Image size (px)", min_value=32, max_value=1024, step=16, key="train.image_size",
+    c1, c2 = st.columns(2)
+    c1.number_input("Image size (px)", min_value=32, max_value=1024, step=16, key="train.image_size",
                     disabled=st.session_state["train.size_default"])
 
     c1, c2, c3 = st.columns(3)
@@ -277,11 +278,10 @@ with form_col:
                  help="Images per training step on each GPU (replica): with 4 GPUs a step sees 4 × this many. "
                       "Change it to a global batch split across the GPUs under More settings." if per_replica
                  else "Images per training step across all GPUs, split evenly between them.")
-    c1, c2 = st.columns([1, 1])
-    c1.button("Find a learning rate", key="train.lr_find", icon=":material/query_stats:", on_click=find_lr,
+    st.button("Find a learning rate", key="train.lr_find", icon=":material/query_stats:", on_click=find_lr,
               args=(dataset_id,), help="An exponential learning-rate range test: seconds on the cached backbone "
                                        "features (the first time extracts them).")
-    c2.checkbox("Through the top layers (fine-tune rate)", key="train.lr_find_finetune",
+    st.checkbox("Through the top layers (fine-tune rate)", key="train.lr_find_finetune",
                 help="Test the fine-tune phase instead: slower, it trains the backbone's top layers on pixels.")
     lr_error = st.session_state.pop("train.lr_error", None)
     if lr_error:
@@ -392,14 +392,20 @@ def run_panel(run_id: str, live: bool = False) -> None:
             st.warning("This run waits for the worker, which is not running.")
             sidebar.start_worker("train.start_worker")
     elif run.status == RunStatus.SUCCEEDED:
-        m1, m2, m3, m4 = st.columns(4)
-        m1.metric("Accuracy", fmt.pct(run.accuracy))
+        # Two by two: four metrics in this half of the page cut their labels and values off.
+        m1, m2 = st.columns(2)
+        m3, m4 = st.columns(2)
+        on_val = run.summary.eval_split == "val"
+        m1.metric("Validation accuracy" if on_val else "Test accuracy", fmt.pct(run.accuracy))
         m2.metric("Macro F1", fmt.pct(run.macro_f1))
         metrics = run.summary.metrics
         m3.metric("Smallest class recall", fmt.pct(metrics.smallest_class_recall),
                   help=f"Recall of {metrics.smallest_class}, the class with the fewest evaluation images"
                   if metrics.smallest_class else "Not recorded for this run")
         m4.metric("Took", fmt.duration(fmt.run_duration(run)))
+        if on_val:
+            st.caption("The dataset has no test split, so these are on the validation split, which also chose "
+                       "the early-stopping epoch: expect new photos to score a little lower.")
         if metrics.tta != "none":
             st.caption(f"Evaluated with {metrics.tta} TTA; the Demo and predict use it too.")
         if run.summary.device_record:

@@ -89,8 +89,12 @@ def test_compare_lists_every_one_of_50_runs_in_its_table(store):
 
 
 def test_a_shared_sweep_link_groups_its_runs_by_configuration(store):
+    import json
+
     ds = seed.dataset(store)
-    runs = [seed.run(store, ds, f"lr {lr} seed {s}", accuracy=accuracy, config={"lr": lr, "seed": s})
+    # Stored under the long names sweeps used to get: the page names them by what varies.
+    runs = [seed.run(store, ds, f"insects backbone=efficientnet_lite0 lr={lr} seed={s} (0e566b)", accuracy=accuracy,
+                     config={"lr": lr, "seed": s})
             for lr, s, accuracy in ((1e-3, 0, 0.6), (1e-3, 1, 0.8), (1e-4, 0, 0.5), (1e-4, 1, 0.5))]
     for run in runs:
         store.update_run(run.id, sweep_id="sweep-20261129-1")
@@ -99,9 +103,25 @@ def test_a_shared_sweep_link_groups_its_runs_by_configuration(store):
     assert at.selectbox(key="compare.sweep").value == "sweep-20261129-1"
     assert sorted(at.multiselect(key="compare.runs").value) == sorted(r.id for r in runs)
     grouped = seed.table(at, "configuration")
-    assert list(grouped["configuration"]) == ["backbone=efficientnet_lite0, lr=0.001",
-                                              "backbone=efficientnet_lite0, lr=0.0001"]
+    assert list(grouped["configuration"]) == ["lr=1e-3", "lr=1e-4"]
     assert list(grouped["accuracy"]) == ["70.0 % ± 14.1", "50.0 % ± 0.0"]
+    names = ["lr=1e-3 · seed 0", "lr=1e-3 · seed 1", "lr=1e-4 · seed 0", "lr=1e-4 · seed 1"]
+    cards = [m.label for m in at.metric][:4]
+    assert cards == names
+    # The confusion matrices: in the Metrics' order, titles in full.
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")
+              if json.loads(c.proto.spec)["layout"].get("title", {}).get("text") in names]
+    assert titles == names
+    # The default paired comparison is between the two settings, not two seeds of one.
+    pair = at.selectbox(key="compare.pair_a"), at.selectbox(key="compare.pair_b")
+    assert [p.format_func(p.value) for p in pair] == ["lr=1e-3 · seed 0", "lr=1e-4 · seed 0"]
+    # One number format in the runs table: every metric column in percent.
+    table = seed.table(at, "accuracy")
+    assert list(table["accuracy"].round(1))[:2] == [50.0, 50.0] and "split" in table.columns
+    formats = {name: column["type_config"].get("format") for name, column in
+               json.loads(at.dataframe[0].proto.columns).items() if name in ("accuracy", "macro F1",
+                                                                              "smallest-class recall")}
+    assert formats == dict.fromkeys(("accuracy", "macro F1", "smallest-class recall"), "%.1f %%")
     assert "?sweep=sweep-20261129-1" in at.code[0].value
     chart = at.get("plotly_chart")[0].proto.spec
     assert '"one seed"' in chart  # each seed drawn as a point beside the mean
@@ -178,7 +198,20 @@ def test_a_seed_group_is_one_entry_with_mean_and_std(store):
     assert not at.exception, at.exception
     assert at.multiselect(key="compare.runs").value == [group]
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["lite-s0 · 3 seeds"] == "84.0 % ± 4.0 %"
+    assert metrics["backbone=efficientnet_lite0 · lr=1e-3 · 3 seeds"] == "84.0 % ± 4.0"  # named by its recipe
     assert {"lite-s0", "lite-s1", "lite-s2"} <= set(metrics)  # each seed is also shown
     assert "Seeds" in [h.value for h in at.subheader]
     assert "seeds 0, 1, 2" in seed.texts(at)
+
+
+def test_select_all_keeps_a_seed_group_without_its_runs_twice(store):
+    ds = seed.dataset(store)
+    members = [seed.run(store, ds, f"lite-s{s}", accuracy=0.8, config={"seed": s}) for s in (0, 1)]
+    other = seed.run(store, ds, "other-recipe", accuracy=0.5, config={"lr": 0.1})
+    at = seed.app("pages/compare.py").run()
+    assert len(at.multiselect(key="compare.runs").options) == 4  # "Select all" picks the runs and the group
+    at.multiselect(key="compare.runs").set_value([*(m.id for m in members), other.id, f"seeds:{members[0].id}"]).run()
+    assert not at.exception, at.exception
+    assert sorted(at.multiselect(key="compare.runs").value) == sorted([f"seeds:{members[0].id}", other.id])
+    cards = [m.label for m in at.metric]
+    assert cards.count("lite-s0") == 1 and cards.count("lite-s1") == 1

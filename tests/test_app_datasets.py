@@ -144,33 +144,42 @@ def test_catalog_offline_says_so(store, monkeypatch):
     assert "no internet" in at.error[0].value
 
 
-def test_the_feedback_inbox_folds_into_a_new_version(store, monkeypatch):
+def test_the_feedback_inbox_shows_what_folding_adds_and_folds_only_labelled_photos(store, monkeypatch):
     import io
 
     import numpy as np
     from PIL import Image
 
-    from tlcore.data.feedback import add_feedback, inbox
+    from tlcore.data.feedback import NONE_OF_THESE, add_feedback, inbox
     from ui import format as fmt
 
     # The dataset selector's labels say "created N s ago": fixed, so the widget keeps its value across reruns.
     monkeypatch.setattr(fmt, "ago", lambda ts, now=None: "just now")
     ds = seed.dataset(store)
-    buf = io.BytesIO()
-    Image.fromarray(np.full((48, 48, 3), (90, 30, 200), np.uint8)).save(buf, "PNG")
-    add_feedback(ds.name, buf.getvalue(), "wasps", ds.classes, predicted="bees")
+    for colour, label, said in (((90, 30, 200), "wasps", "bees"), ((30, 200, 90), "bees", "bees"),
+                                ((128, 128, 120), NONE_OF_THESE, "ants")):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((48, 48, 3), colour, np.uint8)).save(buf, "PNG")
+        add_feedback(ds.name, buf.getvalue(), label, ds.classes, predicted=said)
     at = seed.app("pages/datasets.py").run()
     assert not at.exception, at.exception
     text = seed.texts(at)
-    assert "1 photo(s) filed from the Demo for insects" in text and "insects v2" in text
-    assert "wasps (said bees)" in [c for image in at.image for c in image.captions]
+    assert "3 photo(s) filed from the Demo for insects" in text
+    # Before folding: what it adds per class, with the photos; the "none of these" photo apart.
+    assert "**Folding adds 2 photo(s) to train:** bees +1, wasps +1" in text
+    assert "1 photo(s) filed as none of these classes: kept here as a record, never added to the data." in text
+    captions = [c for image in at.image for c in image.captions]
+    assert {"wasps (corrected; said bees)", "bees (confirmed; said bees)",
+            "none of these (said ants)"} <= set(captions)
+    assert at.button(key="datasets.fold").label == "Fold 2 photo(s) into insects v2"
     at.button(key="datasets.fold").click().run()
     assert not at.exception, at.exception
     assert "Imported **insects v2** from the feedback inbox of insects" in at.success[0].value
     v2 = store.get_dataset("insects")
-    assert v2.version == 2 and v2.num_images == ds.num_images + 1
+    assert v2.version == 2 and v2.num_images == ds.num_images + 2
     assert at.selectbox(key="datasets.selected").value == v2.id
-    assert inbox("insects") == []
+    assert [i.answer for i in inbox("insects")] == ["none of these"]
+    assert "Folding would add nothing" in seed.texts(at) and at.button(key="datasets.fold").disabled
 
 
 def _saved_audit(ds):

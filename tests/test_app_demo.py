@@ -77,15 +77,16 @@ def test_failed_run_link_is_explained(store):
 class _CountingModel:
     """Stands in for a loaded model: answers at once and records each forward pass it is asked for."""
 
-    def __init__(self, ref: str, calls: list):
-        self.ref, self.calls = ref, calls
+    RANKED = [("cat", 0.5), ("dog", 0.2), ("fox", 0.15), ("owl", 0.1), ("bee", 0.05)]
+
+    def __init__(self, ref: str, calls: list, ranked=None):
+        self.ref, self.calls, self.ranked = ref, calls, ranked or self.RANKED
 
     def predict(self, image: bytes, top_k: int):
         from tlcore.inference import Prediction
 
         self.calls.append(("predict", self.ref, image))
-        ranked = [("cat", 0.5), ("dog", 0.2), ("fox", 0.15), ("owl", 0.1), ("bee", 0.05)]
-        return Prediction(ranked[:top_k], 12.0)
+        return Prediction(self.ranked[:top_k], 12.0)
 
     def gradcam(self, rgb: np.ndarray) -> np.ndarray:
         self.calls.append(("gradcam", self.ref, rgb.shape))
@@ -177,27 +178,68 @@ def test_a_run_without_threshold_answers_and_says_why(store, monkeypatch):
     at.file_uploader(key="demo.upload").set_value(("a.png", _png((200, 60, 40)), "image/png")).run()
     assert not at.exception, at.exception
     assert {m.label: m.value for m in at.metric}["Prediction"] == "cat"
-    assert "every photo gets an answer: The dataset has no validation split" in seed.texts(at)
+    assert "Confidences are raw softmax, not temperature-scaled. The dataset has no validation split" in seed.texts(at)
 
 
-def test_wrong_it_is_files_the_photo_in_the_dataset_inbox(store, monkeypatch):
+NONE_CHOICE = "\u2014 none of these \u2014"  # the Demo's "not in any class" option
+
+
+def _feedback_box(at):
+    [box] = [s for s in at.selectbox if s.label == "What is it really?"]
+    return box
+
+
+def test_feedback_preselects_nothing_and_files_confirmed_corrected_or_none_of_these(store, monkeypatch):
     from tlcore.data.feedback import inbox
     from ui import state
 
     ds = seed.dataset(store)
     run = seed.run(store, ds, "insects")
-    monkeypatch.setattr(state, "load_model", lambda ref: _CountingModel(ref, []))
-    photo = _png((200, 60, 40))
+    ranked = [("bees", 0.8), ("ants", 0.15), ("wasps", 0.05)]
+    monkeypatch.setattr(state, "load_model", lambda ref: _CountingModel(ref, [], ranked))
+    photos = [_png((200, 60, 40)), _png((40, 60, 200)), _png((128, 128, 120))]
     at = seed.app("pages/demo.py", run=run.id).run()
-    at.file_uploader(key="demo.upload").set_value(("a.png", photo, "image/png")).run()
-    at.selectbox(key="demo.feedback_label").select("bees").run()
-    at.button(key="demo.feedback_file").click().run()
+    for photo, answer, said in ((photos[0], "bees", "Filed as **bees**, confirming the answer"),
+                                (photos[1], "ants", "Filed as **ants**, correcting the answer bees"),
+                                (photos[2], None, "Filed as **none of these** (the model said bees); it is "
+                                                  "recorded and never added to the training data")):
+        at.file_uploader(key="demo.upload").set_value(("p.png", photo, "image/png")).run()
+        assert not at.exception, at.exception
+        box = _feedback_box(at)
+        # A new photo: nothing chosen, so filing waits for the user's answer.
+        assert box.value is None and at.button(key="demo.feedback_file").disabled
+        assert box.options == ["ants", "bees (the model said so)", "wasps", "None of these: it is not in any class"]
+        box.select(answer or NONE_CHOICE).run()
+        at.button(key="demo.feedback_file").click().run()
+        assert not at.exception, at.exception
+        assert said in at.success[0].value
+    assert [(i.label, i.predicted, i.answer) for i in inbox("insects")] == [
+        ("bees", "bees", "confirmed"), ("ants", "bees", "corrected"), (None, "bees", "none of these")]
+    with open(inbox("insects")[0].file, "rb") as f:
+        assert f.read() == photos[0]
+
+
+def test_a_target_reached_only_at_confidence_1_is_no_usable_threshold(store, monkeypatch):
+    import dataclasses
+
+    from tlcore.calibration import choose_threshold
+    from ui import state
+
+    ds = seed.dataset(store)
+    run = seed.run(store, ds, "insects")
+    # On validation only the answers at confidence 1.0 are all right: a threshold of 1 would refuse everything.
+    threshold = choose_threshold([1.0, 1.0, 0.9, 0.6], [1, 1, 0, 1])
+    assert not threshold.usable
+    store.update_run(run.id, summary=dataclasses.replace(run.summary, threshold=threshold))
+    monkeypatch.setattr(state, "load_model", lambda ref: _CountingModel(ref, []))
+    at = seed.app("pages/demo.py", run=run.id).run()
+    at.file_uploader(key="demo.upload").set_value(("a.png", _png((200, 60, 40)), "image/png")).run()
     assert not at.exception, at.exception
-    assert "Filed as **bees** in the feedback inbox of insects" in at.success[0].value
-    [item] = inbox("insects")
-    assert (item.label, item.predicted, item.run_id) == ("bees", "cat", run.id)
-    with open(item.file, "rb") as f:
-        assert f.read() == photo
+    assert {m.label: m.value for m in at.metric}["Prediction"] == "cat"
+    assert ("No usable \"not sure\" threshold: no confidence below 100 % reached 95 % precision on validation, "
+            "so every photo gets an answer.") in seed.texts(at)
+    at.slider(key="demo.target").set_value(70).run()  # 3 of 4 right from 0.6 up: a usable threshold
+    assert {m.label: m.value for m in at.metric}["Prediction"] == "Not sure"
 
 
 def test_a_run_on_train_val_folders_answers_with_unscaled_confidences_and_says_why(trainval_run, monkeypatch):
@@ -209,5 +251,4 @@ def test_a_run_on_train_val_folders_answers_with_unscaled_confidences_and_says_w
     assert not at.exception, at.exception
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Prediction"] == row["pred"] and metrics["Confidence"] == f"{row['confidence']:.1%}"
-    assert "Confidences are raw softmax, and every photo gets an answer: The dataset has no test split" in \
-        seed.texts(at)
+    assert "Confidences are raw softmax, not temperature-scaled. The dataset has no test split" in seed.texts(at)

@@ -34,6 +34,20 @@ def test_gallery_of_one_cell_is_worst_first(store):
     assert len(at.image) == 4
 
 
+def test_every_confusion_cell_is_a_clickable_point_naming_its_cell(store):
+    """Plotly selects no heatmap cell, so the matrix carries a selectable point per cell (the
+    click itself is walked in the real-browser test)."""
+    ds = seed.dataset(store, per_class=8)
+    run = seed.run(store, ds, "alpha")
+    at = seed.app("pages/errors.py", run=run.id).run()
+    chart = at.get("plotly_chart")[0]
+    spec = json.loads(chart.proto.spec)
+    [points] = [trace for trace in spec["data"] if trace["type"] == "scatter"]
+    cells = {(x, y): custom for x, y, custom in zip(points["x"], points["y"], points["customdata"])}
+    assert cells[("bees", "ants")] == ["ants", "bees", 4]  # x predicted, y true
+    assert len(cells) == 9 and list(chart.proto.selection_mode)  # the chart reports point selections
+
+
 def test_clean_run_says_so(store):
     ds = seed.dataset(store, classes=("wasps", "bees"), per_class=2)
     run = seed.run(store, ds, "clean")

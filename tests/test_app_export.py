@@ -52,6 +52,7 @@ def test_keras_downloads_at_once_and_other_formats_after_preparing(copied_run, m
     assert not at.exception, at.exception
     assert set(_downloads(at)) == {"keras", "card", "onnx"}
     assert "ONNX Runtime agrees with Keras on the top-1 class of 100.0% of 6 test images" in seed.texts(at)
+    assert "accuracy and speed checked on the test images" in seed.texts(at)  # the split the checks use
     assert set(devices.declared_roles()) == {"dashboard"}  # the export ran under the dashboard's cap
 
     # Made once: a fresh session finds the files and offers them without preparing again.
@@ -72,6 +73,35 @@ def test_no_finished_run_points_to_train(store):
     at = seed.app("pages/export.py").run()
     assert not at.exception, at.exception
     assert "No finished run yet" in seed.texts(at)
+
+
+def test_a_failed_export_says_why_at_the_first_attempt_and_keeps_saying_it(copied_run, monkeypatch):
+    from tlcore import export
+
+    def broken(run_id, fmt, progress=None):
+        progress(0.5, "Converting")
+        raise TypeError("float() argument must be a string or a real number, not 'NoneType'")
+
+    monkeypatch.setattr(export, "download_file", broken)
+    at = seed.app("pages/export.py", run=copied_run).run()
+    _buttons(at)["bundle"].click().run()
+    assert not at.exception, at.exception
+    message = ("Bundle (zip) could not be made: TypeError: float() argument must be a string or a real number, "
+               "not 'NoneType'")
+    assert [e.value for e in at.error] == [message]
+    assert "bundle" not in _downloads(at)
+    at.run()  # any later rerun (another click, the sidebar) still shows it
+    assert [e.value for e in at.error] == [message]
+
+
+def test_download_names_are_file_safe_and_short():
+    from ui import format as fmt
+
+    assert (fmt.file_name("catsdogs backbone=efficientnet_lite0 lr=0.0003 seed=1 (0e566b)", ".keras")
+            == "catsdogs_backbone_efficientnet_lite0_lr_0.0003_seed_1_0e566b.keras")
+    assert len(fmt.file_name("x" * 300, ".onnx")) == 64 + len(".onnx")
+    assert fmt.file_name("lr=3e-4 · seed 1 (0e566b)", "-bundle.zip") == "lr_3e-4_seed_1_0e566b-bundle.zip"
+    assert fmt.file_name("../..", ".onnx") == "model.onnx"
 
 
 def test_a_run_on_train_val_folders_says_its_exports_are_uncalibrated_and_makes_its_card(

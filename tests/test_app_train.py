@@ -214,6 +214,9 @@ def test_succeeded_run_shows_the_smallest_class_recall(store):
     recall = next(m for m in at.metric if m.label == "Smallest class recall")
     assert recall.value == "50.0 %"
     assert "Evaluated with flip TTA" in seed.texts(at)
+    # Which split the numbers come from: this dataset has no test split.
+    assert {m.label: m.value for m in at.metric}["Validation accuracy"] == "83.0 %"
+    assert "on the validation split, which also chose the early-stopping epoch" in seed.texts(at)
 
 
 def test_run_view_shows_the_heads_choice_its_trials_and_a_fine_tune_that_was_not_kept(store):

@@ -76,9 +76,13 @@ def test_threshold_is_the_lowest_confidence_reaching_the_target_precision():
     assert [p.threshold for p in t.curve] == confidence
 
 
-def test_an_unreachable_target_answers_nothing():
+def test_an_unreachable_target_is_no_usable_threshold():
     t = choose_threshold([0.9, 0.8], [0, 0])
-    assert (t.reached, t.threshold, t.coverage) == (False, 1.0, 0.0)
+    assert (t.reached, t.usable, t.coverage) == (False, False, 0.0)
+    # Reached only by the answers at confidence 1.0: abstaining below 1 would refuse nearly every photo.
+    at_one = choose_threshold([1.0, 1.0, 0.9, 0.6], [1, 1, 0, 1])
+    assert (at_one.reached, at_one.usable) == (False, False)
+    assert choose_threshold([1.0, 1.0, 0.9, 0.6], [1, 1, 0, 1], target_precision=0.7).threshold == 0.6
     tied = choose_threshold([0.9, 0.9, 0.5], [1, 0, 1])  # ties are answered together
     assert [(p.threshold, p.coverage, p.precision) for p in tied.curve] == [(0.9, 2 / 3, 0.5), (0.5, 1.0, 2 / 3)]
 
@@ -108,3 +112,18 @@ def test_run_files_round_trip_and_old_summaries_read_without_calibration(tlcore_
     assert old.calibration is None and old.threshold is None
     again = RunSummary.from_dict({**old.to_dict(), "calibration": c.to_dict()})
     assert isinstance(again.calibration, Calibration) and again.calibration == c
+
+
+def test_a_run_with_no_usable_threshold_never_abstains_and_its_card_says_so(tlcore_home):
+    from tlcore.model_card import _limits
+    from tlcore.operating_point import read_operating_point
+
+    folder = RunFolder("run-x").created()
+    threshold = choose_threshold([1.0, 1.0, 0.9], [1, 1, 0])
+    write_run_calibration("run-x", Calibration(ece_before=0.1, reason="No val split."), threshold)
+    point = read_operating_point(folder)
+    assert point.threshold is None and not point.abstains(0.99) and point.declined.reached is False
+    metrics = {"per_class": {"a": {"support": 30}, "b": {"support": 30}}}
+    limits = " ".join(_limits(["a", "b"], metrics, "test", {"train": {"a": 50, "b": 50}}, point, True))
+    assert "It has no usable abstention threshold: no confidence below 1 reached 95% precision" in limits
+    assert "below 1 are marked abstained" not in limits

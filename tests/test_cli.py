@@ -13,6 +13,7 @@ from tests.test_jobs import ROOT, make_image_folder, worker_env
 from tlcore import cli
 from tlcore.calibration import apply_temperature
 from tlcore.run_folder import RunFolder
+from tlcore.run_record import Threshold
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -117,12 +118,14 @@ def test_end_to_end_import_train_show_predict_export(tmp_path, capsys):
                            "--json")
     assert code == 0
     temperature, threshold = shown["calibration"]["temperature"], shown["summary"]["threshold"]["threshold"]
+    # A target reached only at 1.0 (or not at all) is no usable threshold: then nothing abstains.
+    usable = Threshold.from_dict(shown["summary"]["threshold"]).usable
     for row, pred in zip(stored, last_json(out)["predictions"]):
         assert pred["label"] == row["pred"]
         # predictions.jsonl keeps the raw softmax; predict answers with the run's temperature applied
         calibrated = apply_temperature(np.array([p for _, p in row["topk"]]), temperature)
         assert pred["confidence"] == pytest.approx(calibrated[0], abs=1e-4)
-        assert pred["abstained"] == (pred["confidence"] < threshold)
+        assert pred["abstained"] == (usable and pred["confidence"] < threshold)
 
     code, out, _ = run_cli(capsys, "export", "--run", "tiny", "--format", "keras", "--out",
                            str(tmp_path / "m.keras"), "--json")

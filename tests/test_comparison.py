@@ -168,6 +168,19 @@ def test_runs_differing_only_in_seed_are_grouped(store, runs):
     assert {r.name for r in group.runs} == {"alpha", "beta"} and group.seeds == [0, 1]
     mean, std = group.mean_std("accuracy")
     assert mean == pytest.approx(0.8) and std == pytest.approx(0.0)
+    assert group.name == "backbone=efficientnet_lite0 · lr=1e-3 · 2 seeds"  # its recipe, not one member
+    seed.run(store, ds, "other-lr-again", config={"seed": 3, "lr": 0.01})
+    names = sorted(g.name for g in seed_groups(store.list_runs()))
+    assert names == ["lr=0.01 · 2 seeds", "lr=1e-3 · 2 seeds"]  # among other groups: what differs
+
+
+def test_recipe_values_have_short_names():
+    from tlcore.config import recipe_labels, short_value
+
+    assert [short_value(v) for v in (0.0003, 1e-3, 0.25, 224, 3e-5, ["flip", "zoom"])] == [
+        "3e-4", "1e-3", "0.25", "224", "3e-5", "flip+zoom"]
+    assert recipe_labels([{"lr": 3e-4, "seed": 1, "batch_size": 8}, {"lr": 1e-3, "seed": 2, "batch_size": 8}]) == [
+        "lr=3e-4", "lr=1e-3"]
 
 
 def test_a_clear_difference_between_two_seeds_is_called_run_to_run_noise(store, runs):

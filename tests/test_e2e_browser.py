@@ -470,3 +470,112 @@ def test_a_review_report_opens_offline_with_its_charts_and_thumbnails(page, trai
     widths = page.eval_on_selector_all("figure img", "imgs => imgs.map(i => i.naturalWidth)")
     assert len(widths) == 3 and all(w > 0 for w in widths)
     assert all(url.startswith(("file:", "data:")) for url in requested), requested
+
+
+# -------------------------------------------- feedback, a confusion-matrix click, a sweep
+
+@pytest.fixture
+def trained_home(trained_run, tlcore_home):
+    """The session's trained run (colours: red, blue) copied into this test's data home, before
+    the `server` fixture starts over it."""
+    import shutil
+
+    shutil.copytree(trained_run.home, tlcore_home, ignore=shutil.ignore_patterns("export", "cache"),
+                    dirs_exist_ok=True)
+    return trained_run.run_id
+
+
+def _plain_photo(path: Path, colour) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(sum(colour))
+    Image.fromarray(np.clip(np.array(colour) + rng.normal(0, 20, (64, 64, 3)), 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _choose(page, label: str, option: str) -> None:
+    """Pick `option` in the select box named `label` with the mouse, as a user does."""
+    page.get_by_role("combobox", name=label).click()
+    page.get_by_role("option", name=option).click()
+    _settle(page)
+
+
+def test_feedback_a_confusion_cell_click_and_a_sweep_in_the_browser(trained_home, server, page, tlcore_home,
+                                                                     tmp_path):
+    from tlcore.data.feedback import inbox
+    from tlcore.store import Store
+
+    store = Store(tlcore_home / "store.db")
+    [colours] = store.list_datasets()
+    # A sweep as sweeps used to name it: two learning rates × two seeds, seeded (no training).
+    insects = seed.dataset(store, per_class=6)
+    sweep_runs = []
+    for lr, s, accuracy in ((0.0003, 1, 0.75), (0.0003, 2, 0.79), (0.001, 1, 0.87), (0.001, 2, 0.86)):
+        name = f"insects backbone=efficientnet_lite0 lr={lr} seed={s} (0e566b)"
+        run = seed.run(store, insects, name, accuracy=accuracy, config={"lr": lr, "seed": s})
+        store.update_run(run.id, sweep_id="sweep-20261207-0e566b")
+        sweep_runs.append(run)
+
+    # Errors: a real click on the cell "true ants, predicted bees" filters the gallery.
+    _goto(page, f"{server}/errors?run={sweep_runs[0].id}", "Wrong images")
+    page.get_by_text(re.compile(r"\d+ wrong image\(s\) for all mistakes")).wait_for()
+    cells = page.locator(".js-plotly-plot").first.locator(".scatterlayer .point")
+    assert cells.count() == 9  # 3 true × 3 predicted, rows first: ants→bees is the second
+    box = cells.nth(1).bounding_box()
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.get_by_text(re.compile(r"\d+ wrong image\(s\) for true ants predicted as bees")).wait_for(timeout=30_000)
+    _settle(page)
+    _shot(page, "30-errors-cell-clicked")
+
+    # Demo: nothing is preselected; "none of these" is recorded, a class is filed as confirming or correcting.
+    _goto(page, f"{server}/demo?run={trained_home}", "Upload a photo")
+    page.locator("input[type=file]").set_input_files(str(_plain_photo(tmp_path / "bottle.png", (150, 150, 140))))
+    page.get_by_text("What is it really?").first.wait_for(timeout=180_000)
+    _settle(page)
+    answer = page.get_by_role("combobox", name="What is it really?")
+    assert answer.input_value() == "" and answer.get_attribute("placeholder") == "Choose its class, or none of these"
+    assert page.get_by_role("button", name="File it").is_disabled()
+    _shot(page, "31-demo-feedback-unchosen")
+    _choose(page, "What is it really?", "None of these: it is not in any class")
+    page.get_by_role("button", name="File it").click()
+    page.get_by_text(re.compile(r"Filed as none of these \(the model said (red|blue)\); it is recorded")).wait_for()
+    page.locator("input[type=file]").set_input_files(str(_plain_photo(tmp_path / "red.png", (210, 40, 40))))
+    # The new photo's run is over once the last filing's message is gone.
+    page.get_by_text(re.compile(r"Filed as none of these")).wait_for(state="detached", timeout=180_000)
+    _settle(page)
+    assert answer.input_value() == ""  # a new photo: nothing chosen again
+    answer.click()
+    page.get_by_role("option", name=re.compile(r"^red")).click()
+    _settle(page)
+    page.get_by_role("button", name="File it").click()
+    page.get_by_text(re.compile(r"Filed as red, (confirming the answer|correcting the answer blue)")).wait_for()
+    _shot(page, "32-demo-feedback-filed")
+    assert sorted(i.answer for i in inbox("colours")) in (["confirmed", "none of these"],
+                                                          ["corrected", "none of these"])
+
+    # Datasets: folding says what it adds before it does, and leaves the "none of these" photo out.
+    _goto(page, f"{server}/datasets", "Your datasets")
+    dataset_box = page.get_by_role("combobox", name="Dataset")
+    dataset_box.click()
+    dataset_box.fill("colours")
+    dataset_box.press("Enter")
+    _settle(page)
+    page.get_by_text("Folding adds 1 photo(s) to train: red +1").wait_for()
+    page.get_by_text("1 photo(s) filed as none of these classes").wait_for()
+    _shot(page, "33-datasets-fold-plan")
+    page.get_by_role("button", name="Fold 1 photo(s) into colours v2").click()
+    page.get_by_text(re.compile(r"Imported colours v2 from the feedback inbox")).wait_for(timeout=120_000)
+    assert store.get_dataset("colours").num_images == colours.num_images + 1
+    assert [i.answer for i in inbox("colours")] == ["none of these"]
+
+    # Compare a sweep: runs named by what varies, titles in full, the default pair between settings.
+    _goto(page, f"{server}/compare?sweep=sweep-20261207-0e566b", "Confusion matrices")
+    names = ["lr=3e-4 · seed 1", "lr=3e-4 · seed 2", "lr=1e-3 · seed 1", "lr=1e-3 · seed 2"]
+    cards = page.locator('[data-testid="stMetric"] [data-testid="stMetricLabel"]').all_inner_texts()
+    assert [c.strip() for c in cards[:4]] == names
+    titles = page.locator(".js-plotly-plot .gtitle").all_text_contents()
+    assert [t for t in titles if t in names] == names  # whole, and in the order of the Metrics
+    pair = [page.get_by_role("combobox", name=label).input_value() for label in ("A (reference)", "B (challenger)")]
+    assert pair == ["lr=3e-4 · seed 1", "lr=1e-3 · seed 1"]
+    _shot(page, "34-compare-sweep")

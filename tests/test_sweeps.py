@@ -30,6 +30,9 @@ def test_sweep_queues_the_grid_and_show_gives_mean_and_std_per_configuration(cap
     queued = last_json(out)
     assert code == 0 and queued["sweep_id"].startswith("sweep-") and len(queued["runs"]) == 6
     runs = [store.get_run(run_id) for run_id in queued["runs"]]
+    # Named by what varies: short, with the sweep's id for runs of several sweeps.
+    assert [r.name for r in runs][:2] == [f"lr=1e-3 · seed 0 ({queued['sweep_id'][-6:]})",
+                                          f"lr=1e-3 · seed 1 ({queued['sweep_id'][-6:]})"]
     assert {r.status for r in runs} == {RunStatus.QUEUED} and {r.sweep_id for r in runs} == {queued["sweep_id"]}
     assert sorted((r.config["lr"], r.config["seed"]) for r in runs) == sorted(
         (lr, seed) for lr in (1e-3, 3e-4) for seed in (0, 1, 2))
@@ -44,7 +47,7 @@ def test_sweep_queues_the_grid_and_show_gives_mean_and_std_per_configuration(cap
     shown = last_json(out)
     assert code == 0 and shown["sweep_id"] == queued["sweep_id"]
     fast, slow = shown["configurations"]
-    assert fast["config"] == {"backbone": "efficientnet_lite0", "lr": 1e-3}
+    assert fast["config"] == {"backbone": "efficientnet_lite0", "lr": 1e-3} and fast["label"] == "lr=1e-3"
     assert [(r["seed"], r["status"], r["accuracy"]) for r in fast["runs"]] == [
         (0, "succeeded", 0.5), (1, "succeeded", 0.75), (2, "succeeded", 1.0)]
     assert fast["mean_accuracy"] == pytest.approx(0.75) and fast["std_accuracy"] == pytest.approx(0.25)
@@ -56,7 +59,7 @@ def test_sweep_queues_the_grid_and_show_gives_mean_and_std_per_configuration(cap
     code, out, _ = run_cli(capsys, "sweeps", "list")
     assert code == 0 and queued["sweep_id"] in out and "0.7500" in out
     code, out, _ = run_cli(capsys, "sweeps", "show", queued["sweep_id"])
-    assert "lr=0.001" in out and "0.7500 ± 0.2500" in out
+    assert "lr=1e-3" in out and "0.7500 ± 0.2500" in out
     code, out, _ = run_cli(capsys, "runs", "show", by_point[(1e-3, 0)])
     assert f"sweep: {queued['sweep_id']}" in out
 

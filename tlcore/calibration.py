@@ -148,7 +148,8 @@ def retarget(threshold: Threshold, target_precision: float) -> Threshold:
 def _pick(curve: list[CoveragePoint], target_precision: float) -> Threshold:
     if not 0 < target_precision <= 1:
         raise InvalidInput(f"`target_precision` must be in (0, 1]. Received: target_precision={target_precision!r}")
-    meeting = [p for p in curve if p.precision >= target_precision - 1e-12]
+    # A threshold at (or above) 1.0 would abstain on nearly every photo: it is no usable threshold.
+    meeting = [p for p in curve if p.precision >= target_precision - 1e-12 and p.threshold < 1.0]
     if not meeting:
         return Threshold(target_precision=target_precision, curve=curve)
     best = min(meeting, key=lambda p: p.threshold)

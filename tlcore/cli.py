@@ -739,10 +739,12 @@ def cmd_runs(args) -> int:
         lines.append("  not calibrated, probabilities are the unscaled softmax"
                      + (f": {calibration.reason}" if calibration.reason else ""))
     threshold = run.summary.threshold if run.summary else None
-    if threshold:
+    if threshold and threshold.usable:
         lines.append(f"  \"not sure\" below confidence {threshold.threshold:.3f} (target precision "
-                     f"{threshold.target_precision:.0%}{'' if threshold.reached else ', not reached on val'}; "
-                     f"answers {threshold.coverage:.0%} of val)")
+                     f"{threshold.target_precision:.0%}; answers {threshold.coverage:.0%} of val)")
+    elif threshold:
+        lines.append(f"  no usable \"not sure\" threshold: no confidence below 1 reached "
+                     f"{threshold.target_precision:.0%} precision on val, so every image gets an answer")
     if epochs:
         lines.append(_table(["step", "phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"],
                             [[e.step, e.phase, e.epoch] + [_fmt(e.metrics.get(k)) for k in
@@ -801,6 +803,10 @@ def cmd_predict(args) -> int:
     if args.top_k < 1:
         raise InvalidInput(f"`--top-k` must be 1 or more. Received: top_k={args.top_k}")
     loaded = inference.load_run_model(args.run) if args.run else inference.load_imagenet_model(args.model)
+    threshold = loaded.point.declined
+    if threshold is not None and not args.json:
+        print(f"No usable \"not sure\" threshold: no confidence below 1 reached {threshold.target_precision:.0%} "
+              "precision on validation, so every image gets an answer.", file=sys.stderr)
     results: list[dict[str, Any]] = []
     rejected = 0
     for path in args.images:

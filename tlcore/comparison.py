@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from tlcore.config import recipe_labels
 from tlcore.errors import InvalidInput, NotFound
 from tlcore.evaluation import read_predictions
 from tlcore.run_folder import RunFolder
@@ -323,6 +324,7 @@ class SeedGroup:
     """Finished runs of one recipe that differ only in their seed."""
 
     runs: list  # store `Run`s, by seed
+    recipe: str = ""  # the recipe's short name among the other groups, e.g. "lr=3e-4"
 
     @property
     def id(self) -> str:
@@ -335,6 +337,8 @@ class SeedGroup:
 
     @property
     def name(self) -> str:
+        if self.recipe:
+            return f"{self.recipe} · {len(self.runs)} seeds"
         return f"{self.runs[0].name} and {len(self.runs) - 1} other seed(s)"
 
     def mean_std(self, metric: str = "accuracy") -> tuple[float, float]:
@@ -354,6 +358,8 @@ def seed_groups(runs: Sequence) -> list[SeedGroup]:
     for run in runs:
         if run.summary is not None:
             by_recipe.setdefault(recipe_key(run.config), []).append(run)
-    groups = [SeedGroup(sorted(members, key=lambda r: (int(r.config.get("seed", 0)), r.created_at)))
+    seeded = [sorted(members, key=lambda r: (int(r.config.get("seed", 0)), r.created_at))
               for members in by_recipe.values() if len({int(r.config.get("seed", 0)) for r in members}) > 1]
+    names = recipe_labels([members[0].config for members in seeded], fallback=("backbone", "lr"))
+    groups = [SeedGroup(members, name) for members, name in zip(seeded, names)]
     return sorted(groups, key=lambda g: -len(g.runs))

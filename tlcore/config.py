@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 from tlcore.errors import InvalidInput
 
@@ -200,3 +200,28 @@ def comparison_configs(name: str, dataset: str, **overrides: Any) -> list[TrainC
     preset, backbones = COMPARISONS[name]
     return [TrainConfig(dataset=dataset, **{**PRESETS[preset], **overrides, "backbone": backbone})
             for backbone in backbones]
+
+
+# Recipe fields that never tell two recipes apart in a name.
+_NOT_NAMED = ("seed", "name", "resume_from")
+
+
+def short_value(value: Any) -> str:
+    """A recipe value as a short name part: 0.0003 -> '3e-4', 0.25 -> '0.25', 224 -> '224'."""
+    if isinstance(value, float):
+        if value and abs(value) < 0.01:
+            mantissa, exponent = f"{value:.3e}".split("e")
+            return f"{float(mantissa):g}e{int(exponent)}"
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "+".join(map(str, value)) or "none"
+    return str(value)
+
+
+def recipe_labels(configs: Sequence[dict[str, Any]], fallback: Sequence[str] = ("backbone",)) -> list[str]:
+    """A short name for each recipe in `configs`: the fields in which they differ, such as
+    'lr=3e-4 · batch_size=16' (seed and name left out); the `fallback` fields when none differ."""
+    keys = list(dict.fromkeys(k for config in configs for k in config if k not in _NOT_NAMED))
+    differing = [k for k in keys if len({repr(config.get(k)) for config in configs}) > 1]
+    shown = differing or [k for k in fallback if any(k in config for config in configs)]
+    return [" · ".join(f"{k}={short_value(config.get(k))}" for k in shown) for config in configs]

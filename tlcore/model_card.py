@@ -15,7 +15,7 @@ from typing import Any
 
 from tlcore import __version__
 from tlcore.atomic import write_json_atomically, write_text_atomically
-from tlcore.operating_point import read_operating_point
+from tlcore.operating_point import read_operating_point, usable_threshold
 from tlcore.run_folder import RunFolder
 
 CARD_VERSION = 1
@@ -130,6 +130,10 @@ def _limits(labels, metrics, eval_split, counts, point, pretrained) -> list[str]
     if point.threshold is not None:
         limits.append(f"Answers whose top probability is below {point.threshold:g} are marked "
                       "abstained; treat them as 'none of these'.")
+    elif point.declined is not None:
+        target = point.declined.target_precision
+        limits.append(f"It has no usable abstention threshold: no confidence below 1 reached {target:.0%} "
+                      "precision on the validation images, so every photo gets a label, however unsure.")
     else:
         limits.append("It has no abstention threshold: every photo gets a label, however unsure.")
     fewest = min(labels, key=lambda label: metrics["per_class"][label]["support"])
@@ -189,8 +193,13 @@ def card_markdown(card: dict[str, Any]) -> str:
     else:
         reason = f" {calibration['reason']}" if calibration.get("reason") else ""
         lines.append(f"- Calibration: none (unscaled softmax probabilities).{reason}")
-    lines.append(f"- Threshold: abstains below the threshold ({_scalars(threshold)})"
-                 if threshold.get("threshold") is not None else "- Threshold: none (never abstains).")
+    if usable_threshold(threshold):
+        lines.append(f"- Threshold: abstains below the threshold ({_scalars(threshold)})")
+    elif threshold.get("threshold") is not None:
+        lines.append(f"- Threshold: none usable: no confidence below 1 reached the target precision on "
+                     f"validation ({_scalars(threshold)}), so it never abstains.")
+    else:
+        lines.append("- Threshold: none (never abstains).")
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,7 @@ class OperatingPoint:
 
     calibration: Calibration | None = None  # None: no calibration.json (a run from before calibration)
     abstention: Threshold | None = None  # None: no usable threshold (the model never abstains)
+    declined: Threshold | None = None  # a threshold.json whose target was not reached below 1.0: said, not applied
     written: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # file name -> contents
 
     @property
@@ -83,11 +84,20 @@ def read_operating_point(folder: RunFolder) -> OperatingPoint:
                         "between 0 and 1")
     written = {path.name: data for path, data in ((folder.calibration_file, calibration_data),
                                                   (folder.threshold_file, threshold_data)) if data is not None}
+    # Without its number a threshold record would default to 1.0 and abstain on everything; a
+    # threshold of 1.0 (the target reached only there, or not at all) would too: neither is applied.
+    record = Threshold.from_dict(threshold_data) if threshold is not None else None
+    usable = usable_threshold(threshold_data)
     return OperatingPoint(
         calibration=Calibration.from_dict(calibration_data) if calibration_data is not None else None,
-        # Without its number a threshold record would default to 1.0 and abstain on everything.
-        abstention=Threshold.from_dict(threshold_data) if threshold is not None else None,
-        written=written)
+        abstention=record if usable else None, declined=None if usable else record, written=written)
+
+
+def usable_threshold(threshold_data: dict[str, Any] | None) -> bool:
+    """Whether a threshold.json's contents can be applied: a threshold below 1.0 whose target
+    precision was reached (a file without `reached` counts as reached)."""
+    value = (threshold_data or {}).get("threshold")
+    return value is not None and value < 1.0 and threshold_data.get("reached", True) is not False
 
 
 def _read(path: Path) -> dict[str, Any] | None:

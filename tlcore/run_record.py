@@ -219,8 +219,9 @@ class CoveragePoint(Record):
 class Threshold(Record):
     """The confidence below which the model answers "not sure", chosen on validation for a target precision.
 
-    `reached` is False when no threshold gave the target precision on validation: every answer
-    is then "not sure" (`threshold` 1.0), which is what the validation images support.
+    `reached` is False when no threshold below 1.0 gave the target precision on validation: the
+    run then has no usable threshold and every photo gets an answer (`threshold` 1.0 is a
+    placeholder nobody applies; `usable` says so).
     """
 
     target_precision: float = 0.95
@@ -229,6 +230,11 @@ class Threshold(Record):
     precision: float | None = None  # on validation, above the threshold
     coverage: float = 0.0  # share of validation images answered
     curve: list[CoveragePoint] = dataclasses.field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        """Whether answers below `threshold` should be marked "not sure" (a reached target below 1.0)."""
+        return self.reached and self.threshold < 1.0
 
 
 @dataclasses.dataclass(frozen=True)

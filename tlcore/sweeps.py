@@ -14,7 +14,7 @@ import itertools
 import statistics
 from typing import Any, Sequence
 
-from tlcore.config import PRESETS, TrainConfig
+from tlcore.config import PRESETS, TrainConfig, recipe_labels, short_value
 from tlcore.errors import InvalidInput, NotFound
 from tlcore.store import Run, Store, new_id
 
@@ -38,18 +38,15 @@ class SweepRun:
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfiguration:
-    """One recipe of a sweep (what differs from the others) and its runs over the seeds."""
+    """One recipe of a sweep (its backbone and what differs from the others) and its runs over the seeds."""
 
     config: dict[str, Any]
+    label: str  # what differs from the sweep's other configurations, e.g. "lr=3e-4"
     runs: list[SweepRun]
     mean_accuracy: float | None  # over the runs that succeeded; None when none did
     std_accuracy: float | None  # sample standard deviation; 0.0 with one run
     mean_macro_f1: float | None
     std_macro_f1: float | None
-
-    @property
-    def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.config.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +59,10 @@ class SweepReport:
     @property
     def runs(self) -> list[SweepRun]:
         return [run for c in self.configurations for run in c.runs]
+
+    def run_names(self) -> dict[str, str]:
+        """Each run named by what varies in the sweep, e.g. "lr=3e-4 · seed 1" (whatever its stored name)."""
+        return {r.run_id: f"{c.label} · seed {r.seed}" for c in self.configurations for r in c.runs}
 
     def status_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -146,8 +147,8 @@ def submit_sweep(dataset: str, swept: dict[str, Sequence], seeds: Sequence[int],
     sweep_id = new_id("sweep")
     runs = []
     for point, config_dict in prepared:
-        label = " ".join(f"{k}={v}" for k, v in point.items())
-        name = f"{resolved.name} {label} ({sweep_id[-6:]})"
+        varied = [f"{k}={short_value(v)}" for k, v in point.items() if k != "seed" and len(swept[k]) > 1]
+        name = f"{' · '.join(varied) or resolved.name} · seed {point['seed']} ({sweep_id[-6:]})"
         config_dict["name"] = name
         runs.append(store.create_run(name, resolved.id, config_dict["backbone"], config_dict["weights"],
                                      config_dict, sweep_id=sweep_id))
@@ -172,15 +173,17 @@ def sweep_report(sweep_id: str, store: Store | None = None) -> SweepReport:
     for run, recipe in zip(runs, recipes):
         key = repr(sorted((k, repr(v)) for k, v in recipe.items()))
         groups.setdefault(key, ({k: recipe.get(k) for k in shown}, []))[1].append(run)
+    labels = recipe_labels([config for config, _ in groups.values()])
     return SweepReport(sweep_id, runs[0].dataset_id, runs[0].created_at,
-                       [_configuration(config, members) for config, members in groups.values()])
+                       [_configuration(config, label, members)
+                        for (config, members), label in zip(groups.values(), labels)])
 
 
-def _configuration(config: dict[str, Any], runs: list[Run]) -> SweepConfiguration:
+def _configuration(config: dict[str, Any], label: str, runs: list[Run]) -> SweepConfiguration:
     accuracy = [r.accuracy for r in runs if r.accuracy is not None]
     macro_f1 = [r.macro_f1 for r in runs if r.macro_f1 is not None]
     return SweepConfiguration(
-        config=config,
+        config=config, label=label,
         runs=[SweepRun(r.id, int(r.config.get("seed", 0)), r.status.value, r.accuracy, r.macro_f1) for r in runs],
         mean_accuracy=_mean(accuracy), std_accuracy=_std(accuracy),
         mean_macro_f1=_mean(macro_f1), std_macro_f1=_std(macro_f1),

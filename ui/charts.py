@@ -79,9 +79,11 @@ def class_balance(counts: Mapping[str, Mapping[str, int]]) -> go.Figure:
 
 def confusion_heatmap(matrix: Any, labels: Sequence[str], normalize: bool = False,
                       title: str | None = None, height: int | None = None) -> go.Figure:
-    """Rows true, columns predicted. Cell text: counts (and row share when normalized).
+    """Rows true, columns predicted. Cell text: counts (and row share when normalized); a long
+    `title` wraps.
 
-    Each cell carries `customdata = [true, pred, count]` so a click can name the cell."""
+    Plotly reports no selection on a heatmap, so each cell also has an invisible square marker
+    (a scatter point) with `customdata = [true, pred, count]`: clicking a cell selects it."""
     counts = np.asarray(matrix, dtype=float)
     labels = [str(x) for x in labels]
     shown = counts
@@ -92,17 +94,36 @@ def confusion_heatmap(matrix: Any, labels: Sequence[str], normalize: bool = Fals
              for j in range(len(labels))] for i in range(len(labels))]
     custom = [[[labels[i], labels[j], int(counts[i, j])] for j in range(len(labels))]
               for i in range(len(labels))]
+    size = height or max(300, min(720, 60 + 46 * len(labels)))
+    title_lines = _wrap(title, 44) if title else []
+    top = 50 + 18 * max(0, len(title_lines) - 1)
+    cell_px = max(8, (size - top - 70) / max(1, len(labels)))  # minus margins, ticks and the axis title
     fig = go.Figure(go.Heatmap(
-        z=shown, x=labels, y=labels, text=text, texttemplate="%{text}", customdata=custom,
+        z=shown, x=labels, y=labels, text=text, texttemplate="%{text}", hoverinfo="skip",
         colorscale="Blues", showscale=False, xgap=1, ygap=1,
+    ))
+    cells = [(i, j) for i in range(len(labels)) for j in range(len(labels))]
+    invisible = dict(opacity=0)
+    fig.add_trace(go.Scatter(
+        x=[labels[j] for _, j in cells], y=[labels[i] for i, _ in cells], mode="markers", showlegend=False,
+        customdata=[custom[i][j] for i, j in cells],
+        marker=dict(symbol="square", size=0.9 * cell_px, color="rgba(0,0,0,0)"),
+        selected=dict(marker=invisible), unselected=dict(marker=invisible),
         hovertemplate="true %{y}<br>predicted %{x}<br>%{customdata[2]} images<extra></extra>",
     ))
-    fig.update_xaxes(title_text="predicted", side="bottom", type="category")
-    fig.update_yaxes(title_text="true", autorange="reversed", type="category")
-    size = height or max(300, min(720, 60 + 46 * len(labels)))
-    if title:
-        fig.update_layout(title=title)
-    return _layout(fig, height=size)
+    # Fixed ranges: the markers' size would otherwise pad the axes around the cells.
+    fig.update_xaxes(title_text="predicted", side="bottom", type="category", range=[-0.5, len(labels) - 0.5])
+    fig.update_yaxes(title_text="true", type="category", range=[len(labels) - 0.5, -0.5])
+    if title_lines:
+        fig.update_layout(title=dict(text="<br>".join(title_lines), font=dict(size=14)))
+    return _layout(fig, height=size, top=top)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """`text` in lines of at most about `width` characters, broken at spaces (a long word stays whole)."""
+    import textwrap
+
+    return textwrap.wrap(text, width, break_long_words=False) or [text]
 
 
 def topk_bar(top_k: Sequence[tuple[str, float]]) -> go.Figure:

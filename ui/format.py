@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Iterable
 
@@ -25,6 +26,13 @@ def ago(ts: float | None, now: float | None = None) -> str:
     if delta < 86400:
         return f"{delta / 3600:.0f} h ago"
     return f"{delta / 86400:.0f} d ago"
+
+
+def file_name(name: str, suffix: str, limit: int = 64) -> str:
+    """A download's file name from a run's name: only letters, digits, '.', '-' and '_', the stem
+    at most `limit` characters, then `suffix` (e.g. '.keras')."""
+    stem = re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("._-")
+    return (stem[:limit].rstrip("._-") or "model") + suffix
 
 
 def duration(seconds: float | None) -> str:
@@ -100,8 +108,22 @@ def progress_text(run: Run) -> str:
     return " · ".join(bits) or ("waiting for the worker" if run.status == RunStatus.QUEUED else "starting…")
 
 
+EVAL_SPLIT_NOTE = ("Accuracy and macro F1 are on each run's evaluation split: test, or validation when the "
+                   "dataset has no test split (validation also chose the early-stopping epoch).")
+
+
+def eval_split(run: Run) -> str:
+    """The split a finished run's metrics come from, in words: 'test', 'validation (no test split)'."""
+    split = run.summary.eval_split if run.summary else ""
+    return {"test": "test", "val": "validation (no test split)"}.get(split, split or "—")
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
 def runs_frame(runs: Iterable[Run], datasets: dict[str, Dataset] | None = None) -> pd.DataFrame:
-    """One row per run, the columns the runs tables show."""
+    """One row per run, the columns the runs tables show; metrics in percent (0-100)."""
     datasets = datasets or {}
     rows = []
     for run in runs:
@@ -109,9 +131,10 @@ def runs_frame(runs: Iterable[Run], datasets: dict[str, Dataset] | None = None) 
         rows.append({
             "name": run.name,
             "status": STATUS_ICON.get(run.status, run.status.value),
-            "accuracy": run.accuracy,
-            "macro F1": run.macro_f1,
-            "smallest-class recall": run.smallest_class_recall,
+            "accuracy": _percent(run.accuracy),
+            "macro F1": _percent(run.macro_f1),
+            "smallest-class recall": _percent(run.smallest_class_recall),
+            "split": run.summary.eval_split if run.summary else None,
             "dataset": ds.label if ds else run.dataset_id,
             "backbone": run.backbone,
             "weights": run.weights,
@@ -124,8 +147,8 @@ def runs_frame(runs: Iterable[Run], datasets: dict[str, Dataset] | None = None) 
             "note": run.note,
             "id": run.id,
         })
-    columns = ["name", "status", "accuracy", "macro F1", "smallest-class recall", "dataset", "backbone", "weights",
-               "epochs", "image size", "lr", "duration", "created", "tags", "note", "id"]
+    columns = ["name", "status", "accuracy", "macro F1", "smallest-class recall", "split", "dataset", "backbone",
+               "weights", "epochs", "image size", "lr", "duration", "created", "tags", "note", "id"]
     return pd.DataFrame(rows, columns=columns)
 
 
