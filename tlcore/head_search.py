@@ -52,7 +52,8 @@ class FittedHeads:
     record: HeadSearch
     kernels: np.ndarray  # (trials, features, classes), each trial's best epoch
     biases: np.ndarray  # (trials, classes)
-    history: dict[str, np.ndarray]  # loss, accuracy, val_loss, val_accuracy, val_macro_f1: (epochs, trials)
+    # loss, accuracy, val_loss, val_accuracy, val_macro_f1, seconds (of the epoch, all live trials): (epochs, trials)
+    history: dict[str, np.ndarray]
 
     @property
     def chosen(self) -> HeadTrial:
@@ -126,9 +127,10 @@ def _fit_heads(x_train, y_train, x_val, y_val, num_classes, trials, *, batch_siz
     best_kernel, best_bias = live.kernel.copy(), live.bias.copy()
     waited = np.zeros(n_trials, int)
     ran = np.zeros(n_trials, int)
-    names = ("loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1")
+    names = ("loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "seconds")
     history = {name: np.full((max_epochs, n_trials), np.nan) for name in names}
     for epoch in range(max_epochs):
+        epoch_started = time.perf_counter()
         order = rng.permutation(n)
         loss_sum, correct = np.zeros(len(live.ids)), np.zeros(len(live.ids))
         for start in range(0, n, batch_size):
@@ -138,7 +140,8 @@ def _fit_heads(x_train, y_train, x_val, y_val, num_classes, trials, *, batch_siz
             correct += batch_correct
         ids = live.ids
         val_loss, val_acc, val_f1 = _evaluate(live.kernel, live.bias, x_val, y_val, num_classes)
-        for name, values in zip(names, (loss_sum / n, correct / n, val_loss, val_acc, val_f1)):
+        seconds = time.perf_counter() - epoch_started  # the epoch of every trial still live, fitted together
+        for name, values in zip(names, (loss_sum / n, correct / n, val_loss, val_acc, val_f1, seconds)):
             history[name][epoch, ids] = values
         ran[ids] += 1
         better = (val_f1 > best["f1"][ids] + 1e-12) | ((np.abs(val_f1 - best["f1"][ids]) <= 1e-12)
