@@ -51,6 +51,8 @@ def _result(store: Store, run_id: str, summary) -> dict:
     return {"run_id": run_id, "device_record": summary.device_record.to_dict(), "model_path": summary.model_path,
             "probabilities": [[p for _, p in sorted(row["topk"])] for row in rows],
             "losses": [e.metrics["loss"] for e in store.epochs(run_id)],
+            "epochs": [(e.phase, e.epoch, e.step) for e in store.epochs(run_id)],
+            "has_model": RunFolder(run_id).model.exists(),
             "log": "\n".join(line.message for line in store.logs(run_id))}
 
 
@@ -80,12 +82,15 @@ def interrupted_then_resumed(store: Store, dataset_id: str, first_devices: str, 
         raise AssertionError("the run was not stopped after its first fine-tune epoch")
     except RunCancelled:
         pass
+    stopped_at = json.loads(RunFolder(first.id).checkpoint_state.read_text())
     _use(then_devices)
     second = _create(store, dataset_id, f"resumed on {then_devices}", config, {"resume_from": first.id})
     result = _result(store, second.id, execute_run(second.id, store))
     result["first_log"] = "\n".join(line.message for line in store.logs(first.id))
     result["first_strategy"] = re.search(r"strategy (\w+)", result["first_log"]).group(1)
     result["interrupted_run_id"] = first.id
+    result["stopped_checkpoint"] = stopped_at
+    result["stopped_has_model"] = RunFolder(first.id).model.exists()
     return result
 
 

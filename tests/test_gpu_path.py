@@ -88,8 +88,12 @@ def test_a_run_stopped_on_one_device_and_resumed_on_two_replicas_ends_where_the_
     # float32 features, any strategy: all of them reused
     assert re.search(r"Backbone features: (\d+) of \1 images reused", default["log"])
 
-    assert "Resumed from run" in resumed["log"] and "finetune epoch 2/2" in resumed["log"]
+    # Stopped after its first fine-tune epoch: that epoch's checkpoint, no model yet.
+    assert resumed["stopped_checkpoint"] == {"phase": "finetune", "epoch": 1} and not resumed["stopped_has_model"]
+    assert f"Resumed from run {resumed['interrupted_run_id']}" in resumed["log"]
+    assert "finetune epoch 2/2" in resumed["log"] and resumed["has_model"]
     assert "finetune epoch 1/2" not in resumed["log"]  # it did not train the first epoch again
+    assert resumed["epochs"] == [["finetune", 2, 3]]  # its steps go on from the stopped run's (head 1, finetune 2)
     assert "Optimizer and early-stopping state restored: step 2." in resumed["log"]  # 2 steps per epoch
     assert np.isfinite(resumed["losses"]).all()
     assert resumed["losses"] == pytest.approx(default["losses"][-1:], abs=1e-4)

@@ -152,19 +152,6 @@ def test_too_small_image_size_for_a_backbone_is_refused(store, ants_bees):
         execute_run(run.id, store)
 
 
-def test_a_stopped_run_resumes_from_its_last_checkpoint(store, ants_bees):
-    first = _running(store, ants_bees, "interrupted", head_epochs=1, finetune_epochs=2)
-    with pytest.raises(RunCancelled):
-        execute_run(first.id, store, should_stop=lambda: len(store.epochs(first.id)) >= 2)
-    assert json.loads(RunFolder(first.id).checkpoint_state.read_text()) == {"phase": "finetune", "epoch": 1}
-
-    second = _running(store, ants_bees, "resumed", extra={"resume_from": first.id}, head_epochs=1, finetune_epochs=2)
-    summary = execute_run(second.id, store)
-    assert [(e.phase, e.epoch, e.step) for e in store.epochs(second.id)] == [("finetune", 2, 3)]
-    assert f"Resumed from run {first.id}" in _log_text(store, second.id)
-    assert RunFolder(second.id).model.exists() and summary.metrics.accuracy >= 0
-
-
 def test_eta_counts_the_current_epoch_and_reaches_zero_at_the_end():
     import types
 
