@@ -19,8 +19,8 @@ SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 # The slowest modules, longest first (from `--durations`): started first, the short ones fill in around them.
-LONG_MODULES = ("test_cluster.py", "test_bench_smoke.py", "test_e2e_browser.py", "test_gpu_path.py",
-                "test_training.py", "test_serve.py", "test_export_formats.py", "test_app_datasets.py")
+LONG_MODULES = ("test_e2e_browser.py", "test_cluster.py", "test_bench_smoke.py", "test_gpu_path.py", "test_jobs.py",
+                "test_backbones.py", "test_training.py", "test_model_registry.py", "test_app_demo.py")
 
 
 def pytest_collection_modifyitems(config, items):
