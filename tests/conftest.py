@@ -19,7 +19,8 @@ SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 # The slowest modules, longest first (from `--durations`): started first, the short ones fill in around them.
-LONG_MODULES = ("test_e2e_browser.py", "test_cluster.py", "test_bench_smoke.py", "test_gpu_path.py", "test_jobs.py",
+# The first and third go to one worker, the second and fourth to the other.
+LONG_MODULES = ("test_e2e_browser.py", "test_bench_smoke.py", "test_cluster.py", "test_gpu_path.py", "test_jobs.py",
                 "test_backbones.py", "test_training.py", "test_model_registry.py", "test_app_demo.py")
 
 

@@ -4,6 +4,7 @@ not a test; this only checks the machinery."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -98,3 +99,23 @@ def test_bench_smoke_writes_every_section_with_numbers(tmp_path):
                              ("tlcore", "finetune"), ("tlcore, features cached", "head"),
                              ("tlcore, features cached", "finetune")):
         assert re.search(rf"\| {side_name} \| {phase} \| 1 \| [\d.]+ \| [\d.]+ \|", epochs), (side_name, phase)
+
+
+def test_the_memory_cap_kills_a_process_over_its_limit_and_spares_one_under_it():
+    """`bench.memcap.MemoryCap`, the limit the full benchmark's capped side runs under (the smoke run skips
+    that side): a child that fills 200 MB of anonymous memory under a 96 MB cap is killed, one filling 16 MB
+    is not, and the cgroup reports the kill."""
+    sys.path.insert(0, str(REPO))
+    from bench.memcap import MemoryCap
+
+    fill = "import sys; block = bytearray(int(sys.argv[1]) * 2**20); block[::4096] = b'x' * len(block[::4096])"
+    outcomes = {}
+    for mb in (16, 200):
+        cap = MemoryCap(96, f"tltest-{os.getpid()}-{mb}")
+        try:
+            child = subprocess.run([sys.executable, "-c", fill, str(mb)], preexec_fn=cap.enter, timeout=60)
+            outcomes[mb] = (child.returncode, cap.stats())
+        finally:
+            cap.close()
+    assert outcomes[16][0] == 0 and outcomes[16][1]["oom_kills"] == 0
+    assert outcomes[200][0] == -9 and outcomes[200][1]["oom_kills"] >= 1, outcomes[200]
