@@ -18,7 +18,7 @@ What differs from the tutorial, so both sides see the same data and model:
 - Backbone: EfficientNet-Lite0 with the same offline ImageNet weights and the same
   preprocessing layer tlcore uses (Keras' own downloadable weights are unavailable offline).
 - The layers unfrozen for fine-tuning are the same as tlcore's (`finetune_layers` weighted layers
-  from the top, BatchNorm kept frozen), via `tlcore.training.unfreeze_top`, so both fine-tune
+  from the top, BatchNorm kept frozen), via `tlcore.backbones.classifier.unfreeze_top`, so both fine-tune
   the same parameters. The tutorial's constant lower learning rate is kept (no schedule, no
   early stopping).
 """
@@ -65,8 +65,8 @@ def run_baseline(split_dir: str, labels: list[str], *, size: int, head_epochs: i
     import tensorflow as tf
 
     from tlcore.backbones import get_backbone, resolve_weights
+    from tlcore.backbones.classifier import unfreeze_top
     from tlcore.backbones.preprocessing import BackbonePreprocessing
-    from tlcore.training import unfreeze_top
 
     keras.utils.set_random_seed(seed)
     timings = {}
@@ -132,7 +132,7 @@ def run_baseline(split_dir: str, labels: list[str], *, size: int, head_epochs: i
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     # Per image, as tlcore's predictions.jsonl has them (the split folders link to the blobs, whose
-    # names are the images' sha256), so `tlcore.comparison` can pair the two recipes image by image.
+    # names are the images' sha256), so `tlcore.evaluate.comparison` can pair the two recipes image by image.
     predictions = [{"path": str(Path(path).resolve()), "true": labels[int(t)], "pred": labels[int(p)],
                     "confidence": float(row[int(p)])}
                    for path, t, p, row in zip(eval_raw.file_paths, y_true, y_pred, probs)]
@@ -142,7 +142,7 @@ def run_baseline(split_dir: str, labels: list[str], *, size: int, head_epochs: i
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    """Mean F1 over the classes present in `y_true` (as tlcore.evaluation computes it)."""
+    """Mean F1 over the classes present in `y_true` (as tlcore.evaluate.evaluation computes it)."""
     scores = []
     for c in range(num_classes):
         support = int((y_true == c).sum())

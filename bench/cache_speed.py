@@ -29,10 +29,10 @@ def best_of(fn, repeats: int = 5) -> float:
 def main() -> int:
     os.environ["TLCORE_HOME"] = sys.argv[1]
     size = int(sys.argv[3]) if len(sys.argv) > 3 else 224
+    from tlcore.backbones.features import feature_cache
     from tlcore.data.manifest import load_manifest
     from tlcore.data.pipeline import pixel_cache
-    from tlcore.features import feature_cache
-    from tlcore.store import Store
+    from tlcore.records.store import Store
 
     entries = load_manifest(Store().get_dataset(sys.argv[2]).id)
     shas = [e.sha256 for e in entries]

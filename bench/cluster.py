@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tlcore import jobs  # noqa: E402
-from tlcore.config import TrainConfig  # noqa: E402
-from tlcore.store import RunStatus, Store  # noqa: E402
+from tlcore.queue import jobs  # noqa: E402
+from tlcore.records.config import TrainConfig  # noqa: E402
+from tlcore.records.store import RunStatus, Store  # noqa: E402
 
 WORK_PHASES = ("features", "head", "finetune")
 
@@ -118,7 +118,7 @@ def ray_cluster(nodes: int):
 
 
 def sweep_wall_time(store: Store, dataset: str, size: int) -> tuple[float, list[str]]:
-    from tlcore.sweeps import submit_sweep
+    from tlcore.queue.sweeps import submit_sweep
 
     started = time.time()
     queued = submit_sweep(dataset, {"lr": [1e-3, 3e-4]}, [10, 11],
@@ -188,7 +188,7 @@ def main() -> None:
             print(f"sweep on {nodes} node(s)", results[f"sweep_{nodes}_node"], flush=True)
             if nodes == 2:
                 from tlcore.data.manifest import load_manifest
-                from tlcore.run_folder import RunFolder
+                from tlcore.records.run_folder import RunFolder
 
                 entries = load_manifest(dataset.id)
                 folder = RunFolder(ids[0]).path

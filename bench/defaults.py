@@ -17,7 +17,7 @@ stratified 70/15/15 split) into its own data home; both recipes train on that sp
 
 Every run is its own process (`bench/run.py`'s `measure`). The seed changes initialisation, batch
 order and augmentation, not the split. Per set: mean ± std over seeds of test accuracy, macro F1
-and seconds end to end; the paired verdict (`tlcore.comparison.compare_predictions`) pools the
+and seconds end to end; the paired verdict (`tlcore.evaluate.comparison.compare_predictions`) pools the
 seeds' test predictions (each image once per seed). One more default run per set with
 `--head-search off --class-weight none`, head only, times the single head fit the search is
 held against (both on warm feature caches: `head_s - features_s`).
@@ -93,8 +93,8 @@ def run_set(source: Path, args, workdir: Path) -> dict:
     """Both recipes, every seed, on one photo set; the numbers for its table row."""
     import pandas as pd
 
-    from tlcore.comparison import compare_predictions
-    from tlcore.evaluation import read_predictions
+    from tlcore.evaluate.comparison import compare_predictions
+    from tlcore.evaluate.evaluation import read_predictions
 
     name = source.name
     home, sample = workdir / f"home-{name}", workdir / f"source-{name}"
@@ -154,7 +154,7 @@ def _imported(home: Path, name: str):
     """The dataset `name` already imported into data home `home`, and its manifest entries."""
     os.environ["TLCORE_HOME"] = str(home)
     from tlcore.data.manifest import load_manifest
-    from tlcore.store import Store
+    from tlcore.records.store import Store
 
     dataset = next(d for d in Store().list_datasets() if d.name == name)
     return dataset, load_manifest(dataset.id)

@@ -103,7 +103,7 @@ def bench_endpoint(run_id: str, photos: list[tuple[str, bytes]], requests_n: int
 
 
 def bench_in_process(run_id: str, photos: list[tuple[str, bytes]], requests_n: int) -> dict:
-    from tlcore import inference
+    from tlcore.deploy import inference
 
     loaded = inference.load_run_model(run_id)
     loaded.warm_up()
@@ -120,8 +120,8 @@ def bench_in_process(run_id: str, photos: list[tuple[str, bytes]], requests_n: i
 def bench_onnx_vs_keras(run_id: str, pixels: np.ndarray, repeats: int) -> dict:
     import onnxruntime
 
-    from tlcore import inference
-    from tlcore.export import export_run, read_report
+    from tlcore.deploy import inference
+    from tlcore.deploy.export import export_run, read_report
 
     onnx_path = export_run(run_id, "onnx")
     loaded = inference.load_run_model(run_id)
@@ -154,7 +154,7 @@ def bench_onnx_vs_keras(run_id: str, pixels: np.ndarray, repeats: int) -> dict:
 
 
 def bench_int8(run_id: str) -> dict:
-    from tlcore.export import export_run, read_report
+    from tlcore.deploy.export import export_run, read_report
 
     t = time.perf_counter()
     path = export_run(run_id, "tflite-int8")
@@ -228,8 +228,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from tlcore.data.images import load_resized
-    from tlcore.evaluation import read_predictions
-    from tlcore.model_card import find_run
+    from tlcore.evaluate.evaluation import read_predictions
+    from tlcore.evaluate.model_card import find_run
 
     run, folder = find_run(args.run)
     rows = read_predictions(folder.predictions)

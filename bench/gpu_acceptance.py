@@ -141,9 +141,9 @@ def check_cpu_reload(env: dict[str, str], run_id: str) -> bool:
     cpu_only = {**env, "CUDA_VISIBLE_DEVICES": ""}
     result = python(cpu_only, f"""
         import json, numpy as np
-        from tlcore import inference
+        from tlcore.deploy import inference
         from tlcore.data.images import load_resized
-        from tlcore.run_folder import RunFolder
+        from tlcore.records.run_folder import RunFolder
         loaded = inference.load_run_model({run_id!r})
         import keras
         raw = keras.saving.load_model(str(RunFolder({run_id!r}).model), safe_mode=True)
@@ -184,11 +184,11 @@ def check_two_replicas(env: dict[str, str], dataset: str, gpus: int) -> bool:
     two = {**env, "TLCORE_TRAIN_DEVICES": "/gpu:0,/gpu:1"}
     result = python(two, f"""
         import json
-        from tlcore import jobs
+        from tlcore.queue import jobs
         from tlcore.cli import build_parser, config_from_args
         from tlcore.errors import RunCancelled
-        from tlcore.store import Store
-        from tlcore.training import execute_run
+        from tlcore.records.store import Store
+        from tlcore.train.training import execute_run
         store = Store()
         args = build_parser().parse_args(["train", "--data", {dataset!r}, *{RECIPE!r}, "--finetune-epochs", "3"])
         config = config_from_args(args)
@@ -218,7 +218,8 @@ def check_shared_gpu(env: dict[str, str], dataset: str, run_id: str) -> bool:
     ui = {**env, "TLCORE_UI_DEVICE": "gpu:0", "TLCORE_UI_GPU_MEMORY_MB": str(UI_CAP_MB)}
     dashboard = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time, numpy as np
-        from tlcore import devices, inference
+        from tlcore.train import devices
+        from tlcore.deploy import inference
         print(devices.declare_process("dashboard"), flush=True)
         loaded = inference.load_run_model({run_id!r})
         end = time.time() + 60
@@ -245,8 +246,10 @@ def check_dashboard_paths(env: dict[str, str], dataset: str, run_id: str) -> boo
     """The dashboard's other GPU paths (LR finder, audit, export) in one process under its cap."""
     ui = {**env, "TLCORE_UI_DEVICE": "gpu:0", "TLCORE_UI_GPU_MEMORY_MB": str(UI_CAP_MB)}
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        from tlcore import audit, devices, export, lr_finder
-        from tlcore.config import TrainConfig
+        from tlcore.evaluate import audit
+        from tlcore.train import devices, lr_finder
+        from tlcore.deploy import export
+        from tlcore.records.config import TrainConfig
         print(devices.declare_process("dashboard"), flush=True)
         lr_finder.find_lr(TrainConfig(dataset={dataset!r}, image_size=160))
         audit.audit_dataset({dataset!r})
@@ -325,7 +328,7 @@ def check_ray_gpu(env: dict[str, str]) -> bool:
 
         @ray.remote(num_gpus=1)
         def on_gpu():
-            from tlcore import devices
+            from tlcore.train import devices
             return {"policy": devices.declare_process("ray_task"), "tf_gpus": devices.gpus(),
                     "ray_gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
 
@@ -344,7 +347,8 @@ def check_compile_counts(env: dict[str, str], run_id: str) -> bool:
     """Traces on the GPU (with XLA each is a compile): training with a ragged dataset size, serving 1..32."""
     result = python({**env, "TLCORE_TRAIN_DEVICES": "/gpu:0"}, f"""
         import json, keras, numpy as np
-        from tlcore import devices, inference
+        from tlcore.train import devices
+        from tlcore.deploy import inference
         from tlcore.data import pipeline
         devices.declare_process("worker")
         model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3),

@@ -8,7 +8,7 @@ EfficientNet-Lite0's feature width (1280), batch 32, the same epochs and early-s
 
 - "single fit": what `--head-search off` runs: `Dropout(0.2) -> Dense(softmax)` compiled with Adam 1e-3
   and `model.fit` with `EarlyStopping(patience=3, restore_best_weights=True)` on validation;
-- "search": `tlcore.head_search.fit_heads` on the default grid (24 trials: the recipe's own settings
+- "search": `tlcore.train.head_search.fit_heads` on the default grid (24 trials: the recipe's own settings
   both ways plus lr x dropout x label smoothing x class weighting), successive halving and per-trial
   early stopping.
 
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
 
     import keras
 
-    from tlcore import head_search
+    from tlcore.train import head_search
 
     rng = np.random.default_rng(0)
     # Classes close enough that a head does not reach 100 %: its epochs and early stops look like real ones.

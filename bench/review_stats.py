@@ -40,9 +40,9 @@ FOREIGN = ("digits", "textures")
 
 def train_runs(data: str, store) -> dict:
     """The finished run of each recipe, trained now if this data home has none yet."""
-    from tlcore import jobs
-    from tlcore.config import TrainConfig
     from tlcore.data.importer import import_dataset
+    from tlcore.queue import jobs
+    from tlcore.records.config import TrainConfig
 
     names = {d.name for d in store.list_datasets()}
     if "flowers" in names:
@@ -63,9 +63,9 @@ def train_runs(data: str, store) -> dict:
 
 def abstention(run, folder: Path) -> dict:
     """Share answered "not sure" on built-in foreign images vs share answered on flowers test images."""
-    from tlcore import inference
     from tlcore.data.builtin import materialize_builtin
-    from tlcore.evaluation import evaluate_run
+    from tlcore.deploy import inference
+    from tlcore.evaluate.evaluation import evaluate_run
 
     model = inference.load_run_model(run.id)
     out = {"threshold": model.threshold.threshold if model.threshold else None}
@@ -94,13 +94,13 @@ def main() -> int:
     args = parser.parse_args()
     os.environ["TLCORE_HOME"] = args.home
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tlcore.store import Store
+    from tlcore.records.store import Store
 
     store = Store()
     runs = train_runs(args.data, store)
     if args.train_only:
         return 0
-    from tlcore.comparison import compare_runs
+    from tlcore.evaluate.comparison import compare_runs
 
     results: dict = {"runs": {}, "comparisons": {}, "abstention": {}}
     for name, run in runs.items():
@@ -115,7 +115,7 @@ def main() -> int:
                  ("head-s1", "head-s2"), ("head-s0", "head-s2")):
         c = compare_runs(runs[a].id, runs[b].id, store=store)
         results["comparisons"][f"{a} vs {b}"] = {**c.to_json(), "verdict": c.verdict}
-    from tlcore.comparison import SeedGroup
+    from tlcore.evaluate.comparison import SeedGroup
 
     group = SeedGroup([store.get_run(runs[name].id) for name in ("head-s0", "head-s1", "head-s2")])
     results["seed_group"] = {"runs": [r.name for r in group.runs], "accuracy": group.mean_std("accuracy"),

@@ -33,7 +33,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tlcore.run_record import RunSummary, Timings  # noqa: E402
+from tlcore.records.run_record import RunSummary, Timings  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 AUGMENT = ("flip", "rotate", "zoom")
@@ -146,7 +146,7 @@ def import_into(home: Path, source: Path, name: str):
     os.environ["TLCORE_HOME"] = str(home)
     from tlcore.data.importer import import_dataset
     from tlcore.data.manifest import load_manifest
-    from tlcore.store import Store
+    from tlcore.records.store import Store
 
     t = time.perf_counter()
     dataset = import_dataset(source, name=name, store=Store()).dataset

@@ -68,7 +68,7 @@ class MemorySampler(threading.Thread):
 
 
 def run_step(step: str, folder: str, image_size: int, state: dict) -> dict:
-    from tlcore.store import Store
+    from tlcore.records.store import Store
 
     store = Store()
     if step == "import":
@@ -77,8 +77,8 @@ def run_step(step: str, folder: str, image_size: int, state: dict) -> dict:
         dataset = import_dataset(folder, name="large", store=store).dataset
         return {"dataset_id": dataset.id, "images": dataset.num_images}
     if step == "train":
-        from tlcore import jobs
-        from tlcore.config import TrainConfig
+        from tlcore.queue import jobs
+        from tlcore.records.config import TrainConfig
 
         run = jobs.run_foreground(TrainConfig(
             dataset=state["dataset_id"], backbone="efficientnet_lite0", weights="imagenet", image_size=image_size,
@@ -89,13 +89,13 @@ def run_step(step: str, folder: str, image_size: int, state: dict) -> dict:
         return {"run_id": run.id, "images": state["images"], "accuracy": run.accuracy,
                 "parts_s": {"pixels": t.pixels_s, "features": t.features_s, "head": t.head_s, "eval": t.eval_s}}
     if step == "audit":
-        from tlcore.audit import audit_dataset
+        from tlcore.evaluate.audit import audit_dataset
 
         report = audit_dataset(state["dataset_id"], image_size=image_size, store=store)
         return {"images": report.images, "duplicate_groups": len(report.duplicate_groups),
                 "duplicate_pairs": report.duplicate_pairs, "label_issues": len(report.label_issues)}
     if step == "export":
-        from tlcore.export import export_run, read_report
+        from tlcore.deploy.export import export_run, read_report
 
         report = read_report(export_run(state["run_id"], "onnx"))
         return {"images": report["eval_images"], "top1_agreement": report["top1_agreement"]}
@@ -143,10 +143,10 @@ def measure_ray(result: dict, image_size: int, runs: int) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from bench.cluster import ray_cluster, stop
-    from tlcore import jobs
-    from tlcore.config import TrainConfig
-    from tlcore.run_folder import RunFolder
-    from tlcore.store import Store
+    from tlcore.queue import jobs
+    from tlcore.records.config import TrainConfig
+    from tlcore.records.run_folder import RunFolder
+    from tlcore.records.store import Store
 
     os.environ["TLCORE_HOME"] = result["home"]
     node_cache = Path(tempfile.mkdtemp(prefix="tl-node-", dir="/work/wt/data"))

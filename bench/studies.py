@@ -6,7 +6,7 @@
     python bench/studies.py tta [--data ...] [--seeds 3]
     python bench/studies.py report     # the BENCHMARKS.md section, from the four results files
 
-Each study trains through the engine (`tlcore.jobs.run_foreground`, head only on cached
+Each study trains through the engine (`tlcore.queue.jobs.run_foreground`, head only on cached
 features, the `fast-offline` recipe unless said otherwise) in one data home under
 /tmp/bench_studies (so the pixel and feature caches are shared between seeds: the first seed
 of each backbone pays the feature extraction, the later ones reuse it), and writes its numbers
@@ -44,7 +44,7 @@ def mean_std(values) -> dict:
 def dataset_id(source: Path, name: str) -> str:
     """`source` imported once into the study home (reused when already there)."""
     from tlcore.data.importer import import_dataset
-    from tlcore.store import Store
+    from tlcore.records.store import Store
 
     store = Store()
     for dataset in store.list_datasets():
@@ -55,8 +55,8 @@ def dataset_id(source: Path, name: str) -> str:
 
 def train(dataset: str, **options):
     """One run through the engine; returns its stored `Run` (summary typed)."""
-    from tlcore.config import PRESETS, TrainConfig
-    from tlcore.jobs import run_foreground
+    from tlcore.queue.jobs import run_foreground
+    from tlcore.records.config import PRESETS, TrainConfig
 
     run = run_foreground(TrainConfig(dataset=dataset, **{**PRESETS["fast-offline"], **options}))
     if run.summary is None:
@@ -68,7 +68,7 @@ def demo_latency_ms(run_id: str, files: list[str], repeats: int = 40) -> dict:
     """Median and p95 of the Demo's path: `load_run_model(run).predict_image(file bytes)`, warmed up."""
     import numpy as np
 
-    from tlcore.inference import load_run_model
+    from tlcore.deploy.inference import load_run_model
 
     loaded = load_run_model(run_id)
     loaded.warm_up()
@@ -104,8 +104,8 @@ def study_backbones(args) -> dict:
 
 def study_lr_finder(args) -> dict:
     """Per seed: the head-phase suggestion (Lite0), then a run at the recipe's 1e-3 and one at the suggestion."""
-    from tlcore.config import PRESETS, TrainConfig
-    from tlcore.lr_finder import find_lr
+    from tlcore.records.config import PRESETS, TrainConfig
+    from tlcore.train.lr_finder import find_lr
 
     data = dataset_id(Path(args.data), "flowers")
     rows = []

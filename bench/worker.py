@@ -3,7 +3,7 @@
     python bench/worker.py TASK ARGS.json RESULT.json
 
 TASK is `baseline` (the Keras tutorial recipe), `tlcore` (the same job through
-`tlcore.training.execute_run`) or `probe` (demo latency of a saved run, then the raw
+`tlcore.train.training.execute_run`) or `probe` (demo latency of a saved run, then the raw
 forward and forward+backward throughput of the backbone on tensors already in memory).
 `$TLCORE_HOME` is set by the caller.
 """
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from tlcore.atomic import write_text_atomically  # noqa: E402
+from tlcore.records.atomic import write_text_atomically  # noqa: E402
 
 
 def task_baseline(args: dict) -> dict:
@@ -31,9 +31,9 @@ def task_baseline(args: dict) -> dict:
 
 
 def task_tlcore(args: dict) -> dict:
-    from tlcore.config import TrainConfig
-    from tlcore.store import RunStatus, Store
-    from tlcore.training import execute_run
+    from tlcore.records.config import TrainConfig
+    from tlcore.records.store import RunStatus, Store
+    from tlcore.train.training import execute_run
 
     wall0, t0 = time.time(), time.perf_counter()
     store = Store()
@@ -69,7 +69,7 @@ def task_probe(args: dict) -> dict:
     run_id, files = args.get("run_id"), args.get("demo_files") or []
     if run_id and files:
         try:
-            from tlcore.inference import load_run_model
+            from tlcore.deploy.inference import load_run_model
         except ImportError:
             load_run_model = None
         blobs = [Path(f).read_bytes() for f in files]
@@ -80,11 +80,11 @@ def task_probe(args: dict) -> dict:
             t = time.perf_counter()
             loaded.predict_image(blobs[0])
             out["demo_cold_ms"] = (time.perf_counter() - t) * 1000
-            out["demo_via"] = "tlcore.inference.load_run_model(run_id).predict_image(file bytes)"
+            out["demo_via"] = "tlcore.deploy.inference.load_run_model(run_id).predict_image(file bytes)"
             predict = loaded.predict_image
         else:  # fallback: a keras model on one load_resized image through a tf.function
             from tlcore.data.images import load_resized
-            from tlcore.run_folder import RunFolder
+            from tlcore.records.run_folder import RunFolder
 
             t = time.perf_counter()
             model = keras.saving.load_model(RunFolder(run_id).model, compile=False)
@@ -112,8 +112,9 @@ def task_probe(args: dict) -> dict:
     # Raw backbone pace on tensors already in memory (the ceiling a pipeline can reach), for the
     # stock Keras model and for the BatchNorm-folded twin tlcore actually runs.
     from tlcore.backbones import get_backbone, resolve_weights
+    from tlcore.backbones.classifier import build_classifier, unfreeze_top
     from tlcore.backbones.folding import fold_batchnorm
-    from tlcore.training import _compile, build_classifier, unfreeze_top
+    from tlcore.train.training import _compile
 
     size, batch, classes = args["size"], args["batch_size"], args["num_classes"]
     spec = get_backbone("efficientnet_lite0")

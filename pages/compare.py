@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from tlcore import sweeps
-from tlcore.comparison import recipe_key, seed_groups
 from tlcore.data.images import open_image
 from tlcore.errors import InvalidInput
+from tlcore.evaluate.comparison import recipe_key, seed_groups
+from tlcore.queue import sweeps
 from ui import charts, frame, images, state, tables
 from ui import format as fmt
 

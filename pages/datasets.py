@@ -10,20 +10,16 @@ from pathlib import Path
 
 import streamlit as st
 
-from tlcore import home
+from tlcore.data import builtin, feedback, fixes, importer, manifest, snapshots, sources
+from tlcore.evaluate import audit, evaluation
+from tlcore.queue import jobs
+from tlcore.records import home
 from ui import charts, frame, state
 from ui import format as fmt
-from ui.engine import need
 
 frame.require()
 
 store = state.store()
-importer = need("data.importer")
-builtin = need("data.builtin")
-sources = need("data.sources")
-manifest = need("data.manifest")
-snapshots = need("data.snapshots")
-feedback = need("data.feedback")
 
 SAMPLES_PER_CLASS = 8
 
@@ -296,8 +292,6 @@ for label in ds.classes:
 
 st.divider()
 st.subheader("Audit")
-audit = need("audit")
-fixes = need("data.fixes")
 log = fixes.change_log(ds)
 if log:
     st.info(f"Fixed from **{log['parent_label']}** by {log['author']} {fmt.ago(log['at'])}"
@@ -311,12 +305,10 @@ if log:
         pick_run = st.selectbox("Run", list(runs_by_id), key="datasets.audit.retrain_run",
                                 format_func=lambda i: f"{runs_by_id[i].name} · accuracy {runs_by_id[i].accuracy:.3f}")
         if st.button(f"Retrain on {ds.label} with the same recipe", key="datasets.audit.retrain"):
-            jobs = need("jobs")
             queued = jobs.retrain_on(pick_run, ds.id, store)
             st.success(f"Queued **{queued.name}**; the Train page shows it running.")
         after_runs = [r for r in store.list_runs() if r.dataset_id == ds.id and r.summary is not None]
         if after_runs:
-            evaluation = need("evaluation")
             after = after_runs[0]
             judged = evaluation.compare_before_after(pick_run, after.id, log["parent"], ds.id)
             st.markdown(f"**Before / after** on the {judged.images} images both runs evaluated (matched by content, "

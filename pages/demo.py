@@ -19,11 +19,11 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from tlcore.calibration import retarget
 from tlcore.data import feedback
 from tlcore.data.images import ImageRejected, open_image
 from tlcore.errors import TransferLabError
-from tlcore.store import RunStatus
+from tlcore.evaluate.calibration import retarget
+from tlcore.records.store import RunStatus
 from ui import charts, frame, images, state
 from ui import format as fmt
 

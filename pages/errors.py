@@ -1,14 +1,14 @@
 """Errors: one run's confusion matrix (click a cell), the gallery of the images it got wrong for
 that cell or class (most confident mistakes first), per-class metrics and top confusions.
 
-Everything comes from the run's stored predictions via `tlcore.evaluation` (no TensorFlow).
+Everything comes from the run's stored predictions via `tlcore.evaluate.evaluation` (no TensorFlow).
 """
 
 from pathlib import Path
 
 import streamlit as st
 
-from tlcore.store import RunStatus
+from tlcore.records.store import RunStatus
 from ui import charts, frame, state, tables
 from ui import format as fmt
 

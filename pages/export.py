@@ -2,15 +2,15 @@
 
 Keras is the run's own file; every other format is prepared on request (with progress), then
 offered for download. What the export checks found (ONNX against Keras, int8 against float32)
-is shown beside it. The work is `tlcore.export`'s; this page only draws it.
+is shown beside it. The work is `tlcore.deploy.export`'s; this page only draws it.
 """
 
 import streamlit as st
 
-from tlcore import export, inference
+from tlcore.deploy import export, inference
 from tlcore.errors import TransferLabError, plain_message
-from tlcore.operating_point import read_operating_point
-from tlcore.store import RunStatus
+from tlcore.evaluate.operating_point import read_operating_point
+from tlcore.records.store import RunStatus
 from ui import format as fmt
 from ui import frame, state
 

@@ -6,12 +6,13 @@ Reads the store only (no TensorFlow import); the live part polls every 2 s.
 
 import streamlit as st
 
-from tlcore import cache_budget, home
+from tlcore.data import cache_budget
 from tlcore.errors import InvalidInput
-from tlcore.store import RunStatus
+from tlcore.queue import cluster
+from tlcore.records import home
+from tlcore.records.store import RunStatus
 from ui import format as fmt
 from ui import frame, sidebar, state, tables
-from ui.engine import maybe
 
 frame.require()
 
@@ -23,8 +24,7 @@ st.caption("Fine-tune ImageNet backbones on your own images, watch them train, c
 
 def cluster_panel(running_names: dict[str, str]) -> None:
     """The cluster the worker dispatches to: nodes, what each trains, how many more runs fit now."""
-    cluster = maybe("cluster")
-    status = cluster.cluster_status() if cluster is not None else None
+    status = cluster.cluster_status()
     if status is None:
         return
     st.subheader("Cluster")

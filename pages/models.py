@@ -2,7 +2,7 @@
 production on the model's fixed evaluation set, approve or reject it as the signed-in user (or a typed
 name), promote it when its gate passed, roll production back, and download a review as one HTML file.
 
-Every decision goes through `tlcore.model_registry` / `tlcore.review`; a refusal is shown as its sentence.
+Every decision goes through `tlcore.deploy.model_registry` / `tlcore.deploy.review`; a refusal is shown as its sentence.
 """
 
 import time
@@ -10,9 +10,9 @@ import time
 import pandas as pd
 import streamlit as st
 
-from tlcore import model_registry, review
+from tlcore.deploy import model_registry, review
+from tlcore.deploy.review_report import review_html
 from tlcore.errors import TransferLabError, plain_message
-from tlcore.review_report import review_html
 from ui import frame, gate, state
 
 frame.require()

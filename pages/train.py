@@ -8,17 +8,25 @@ import dataclasses
 
 import streamlit as st
 
-from tlcore import sweeps
-from tlcore.config import AUGMENTATIONS, CLASS_WEIGHTS, HEAD_SEARCH_MODES, PRESETS, SWITCHES, TTA_MODES, TrainConfig
-from tlcore.store import RunStatus
+from tlcore.data import builtin
+from tlcore.queue import jobs, sweeps
+from tlcore.records.config import (
+    AUGMENTATIONS,
+    CLASS_WEIGHTS,
+    HEAD_SEARCH_MODES,
+    PRESETS,
+    SWITCHES,
+    TTA_MODES,
+    TrainConfig,
+)
+from tlcore.records.store import RunStatus
+from tlcore.train import lr_finder
 from ui import charts, frame, sidebar, state
 from ui import format as fmt
-from ui.engine import maybe, need
 
 frame.require()
 
 store = state.store()
-jobs = need("jobs")
 
 LRS = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5]
 BATCHES = [8, 16, 32, 64, 128]
@@ -124,7 +132,7 @@ def find_lr(dataset_id: str) -> None:
         with st.spinner("Learning-rate range test" + (" through the top layers (a minute or more on CPU)…"
                                                       if phase == "finetune" else " on cached features…")):
             state.declare_device_policy()
-            finding = need("lr_finder").find_lr(config, store, phase=phase)
+            finding = lr_finder.find_lr(config, store, phase=phase)
     except ValueError as exc:
         ss["train.lr_error"] = f"No learning rate found: {exc}"
         return
@@ -167,7 +175,7 @@ def autostart() -> str:
     if not st.session_state.get("train.autostart", True) or (status is not None and status.alive):
         return ""
     try:
-        pid = sidebar.start_worker_process(jobs)
+        pid = sidebar.start_worker_process()
     except Exception as exc:  # noqa: BLE001
         return f" The worker did not start ({exc}); start it from the sidebar."
     return f" Started the worker (pid {pid}); it picks the runs up in a moment."
@@ -202,8 +210,7 @@ st.title("Train")
 datasets = store.list_datasets()
 if not datasets:
     st.info("There is no dataset yet. Import one first — the built-in offline sets need no internet.")
-    builtin = maybe("data.builtin")
-    if builtin is not None and getattr(builtin, "BUILTIN", None):
+    if builtin.BUILTIN:
         name = next(iter(builtin.BUILTIN))
         if st.button(f"Import the built-in '{name}' dataset", key="train.import_builtin", type="primary"):
             with st.spinner(f"Importing {name}…"):

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tlcore import home
-from tlcore.run_folder import RunFolder
-from tlcore.run_record import Metrics, RunProgress, RunSummary
-from tlcore.store import Dataset, Run, RunStatus, Store
+from tlcore.records import home
+from tlcore.records.run_folder import RunFolder
+from tlcore.records.run_record import Metrics, RunProgress, RunSummary
+from tlcore.records.store import Dataset, Run, RunStatus, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "streamlit_app.py")

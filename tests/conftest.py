@@ -42,7 +42,7 @@ def tlcore_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def store(tlcore_home):
-    from tlcore.store import Store
+    from tlcore.records.store import Store
 
     return Store()
 
@@ -59,8 +59,8 @@ def trained_run(tmp_path_factory) -> TrainedRun:
     ImageNet weights, head only, 48 px, two colour classes (20 photos each). Trained once per
     session in its own data home; tests point `$TLCORE_HOME` at it (exports made there are reused)."""
     from tests.test_jobs import make_image_folder, tiny
-    from tlcore import jobs
-    from tlcore.store import Store
+    from tlcore.queue import jobs
+    from tlcore.records.store import Store
 
     data_home = tmp_path_factory.mktemp("trained_home")
     with pytest.MonkeyPatch.context() as patch:
@@ -79,8 +79,8 @@ def trainval_run(tmp_path_factory) -> TrainedRun:
     `trained_run` (EfficientNet-Lite0, ImageNet weights, head only, 48 px, two colour classes) with
     12 photos per class in train/ and 6 in val/, 4 epochs, in a data home of its own."""
     from tests.test_jobs import make_image_folder, tiny
-    from tlcore import jobs
-    from tlcore.store import Store
+    from tlcore.queue import jobs
+    from tlcore.records.store import Store
 
     data_home = tmp_path_factory.mktemp("trainval_home")
     folder = tmp_path_factory.mktemp("trainval") / "colours"

@@ -7,9 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
-from tlcore.evaluation import read_predictions, write_predictions
-from tlcore.run_folder import RunFolder
-from tlcore.store import RunStatus, Store
+from tlcore.evaluate.evaluation import read_predictions, write_predictions
+from tlcore.records.run_folder import RunFolder
+from tlcore.records.store import RunStatus, Store
 
 
 def copy_home(source: Path, dest: Path) -> Path:

@@ -22,12 +22,12 @@ tf.config.set_logical_device_configuration(
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tlcore import devices  # noqa: E402
-from tlcore.config import TrainConfig  # noqa: E402
 from tlcore.errors import RunCancelled  # noqa: E402
-from tlcore.run_folder import RunFolder  # noqa: E402
-from tlcore.store import RunStatus, Store  # noqa: E402
-from tlcore.training import _compile, execute_run  # noqa: E402
+from tlcore.records.config import TrainConfig  # noqa: E402
+from tlcore.records.run_folder import RunFolder  # noqa: E402
+from tlcore.records.store import RunStatus, Store  # noqa: E402
+from tlcore.train import devices  # noqa: E402
+from tlcore.train.training import _compile, execute_run  # noqa: E402
 
 TWO_REPLICAS = "/cpu:0,/cpu:1"
 ONE_DEVICE = "/cpu:0"  # OneDeviceStrategy, the one-GPU path
@@ -136,7 +136,7 @@ def overflow_on_one_replica() -> dict:
 
 def features_across_replicas() -> dict:
     """Backbone-feature extraction under two replicas: each batch split across both, same features."""
-    from tlcore.features import extract_features
+    from tlcore.backbones.features import extract_features
 
     _use(TWO_REPLICAS)
     strategy = devices.apply(devices.plan("off", "off"))

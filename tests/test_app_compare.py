@@ -5,7 +5,7 @@ from __future__ import annotations
 import app_seed as seed
 import pytest
 
-from tlcore.store import RunStatus
+from tlcore.records.store import RunStatus
 
 
 @pytest.fixture(autouse=True)
@@ -134,7 +134,7 @@ def _all_right(run_id):
     """Rewrite a seeded run's predictions so that it gets every image right."""
     import json
 
-    from tlcore.run_folder import RunFolder
+    from tlcore.records.run_folder import RunFolder
 
     path = RunFolder(run_id).predictions
     rows = [json.loads(line) for line in path.read_text().splitlines()]

@@ -184,9 +184,9 @@ def test_the_feedback_inbox_shows_what_folding_adds_and_folds_only_labelled_phot
 
 def _saved_audit(ds):
     """An audit of the seed dataset as `audit_dataset` saves it: one finding of each kind."""
-    from tlcore import audit
-    from tlcore.atomic import write_json_atomically
     from tlcore.data.manifest import load_manifest
+    from tlcore.evaluate import audit
+    from tlcore.records.atomic import write_json_atomically
 
     report = audit.AuditReport(
         dataset_id=ds.id, dataset=ds.label, backbone="efficientnet_lite0", image_size=224, images=12,
@@ -242,7 +242,8 @@ def test_audit_of_a_dataset_too_small_for_k_folds_says_why(store):
 
 
 def test_the_audit_runs_under_the_dashboard_device_policy(store, monkeypatch):
-    from tlcore import audit, devices
+    from tlcore.evaluate import audit
+    from tlcore.train import devices
 
     monkeypatch.setattr(devices, "_declared_roles", [])
     monkeypatch.setattr(devices, "_policy", "dashboard: (this test applies nothing)")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcore.run_folder import RunFolder
+from tlcore.records.run_folder import RunFolder
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +65,7 @@ def test_not_an_image_is_explained(store):
 
 
 def test_failed_run_link_is_explained(store):
-    from tlcore.store import RunStatus
+    from tlcore.records.store import RunStatus
 
     ds = seed.dataset(store)
     run = seed.run(store, ds, "broken", RunStatus.FAILED, error="Out of memory.")
@@ -83,7 +83,7 @@ class _CountingModel:
         self.ref, self.calls, self.ranked = ref, calls, ranked or self.RANKED
 
     def predict(self, image: bytes, top_k: int):
-        from tlcore.inference import Prediction
+        from tlcore.deploy.inference import Prediction
 
         self.calls.append(("predict", self.ref, image))
         return Prediction(self.ranked[:top_k], 12.0)
@@ -138,7 +138,7 @@ def test_a_rerun_reuses_the_prediction_and_a_new_photo_or_model_is_predicted_aga
 def test_below_the_threshold_the_demo_says_not_sure_with_its_top_guesses(store, monkeypatch):
     import dataclasses
 
-    from tlcore.calibration import calibrate, choose_threshold
+    from tlcore.evaluate.calibration import calibrate, choose_threshold
     from ui import state
 
     ds = seed.dataset(store)
@@ -166,7 +166,7 @@ def test_below_the_threshold_the_demo_says_not_sure_with_its_top_guesses(store, 
 def test_a_run_without_threshold_answers_and_says_why(store, monkeypatch):
     import dataclasses
 
-    from tlcore.run_record import Calibration
+    from tlcore.records.run_record import Calibration
     from ui import state
 
     ds = seed.dataset(store)
@@ -222,7 +222,7 @@ def test_feedback_preselects_nothing_and_files_confirmed_corrected_or_none_of_th
 def test_a_target_reached_only_at_confidence_1_is_no_usable_threshold(store, monkeypatch):
     import dataclasses
 
-    from tlcore.calibration import choose_threshold
+    from tlcore.evaluate.calibration import choose_threshold
     from ui import state
 
     ds = seed.dataset(store)

@@ -7,7 +7,7 @@ import json
 import app_seed as seed
 import pytest
 
-from tlcore.store import RunStatus
+from tlcore.records.store import RunStatus
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +84,7 @@ def _calibrated(store, run, val_images: int = 6):
 
     import numpy as np
 
-    from tlcore.calibration import calibrate, choose_threshold
+    from tlcore.evaluate.calibration import calibrate, choose_threshold
 
     rng = np.random.default_rng(0)
     probs = rng.dirichlet([4, 1, 1], 40)
@@ -114,7 +114,7 @@ def test_reliability_diagram_ece_and_coverage_curve_are_shown(store):
 def test_a_run_without_validation_split_says_why_it_is_not_calibrated(store):
     import dataclasses
 
-    from tlcore.run_record import Calibration
+    from tlcore.records.run_record import Calibration
 
     ds = seed.dataset(store)
     run = seed.run(store, ds, "uncalibrated")

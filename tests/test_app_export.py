@@ -31,7 +31,8 @@ def _downloads(at):
 
 
 def test_keras_downloads_at_once_and_other_formats_after_preparing(copied_run, monkeypatch):
-    from tlcore import devices, home
+    from tlcore.records import home
+    from tlcore.train import devices
 
     monkeypatch.setattr(devices, "_declared_roles", [])
     monkeypatch.setattr(devices, "_policy", "dashboard: (this test applies nothing)")
@@ -76,7 +77,7 @@ def test_no_finished_run_points_to_train(store):
 
 
 def test_a_failed_export_says_why_at_the_first_attempt_and_keeps_saying_it(copied_run, monkeypatch):
-    from tlcore import export
+    from tlcore.deploy import export
 
     def broken(run_id, fmt, progress=None):
         progress(0.5, "Converting")

@@ -7,7 +7,7 @@ import time
 import app_seed as seed
 import pytest
 
-from tlcore.store import RunStatus
+from tlcore.records.store import RunStatus
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +125,7 @@ def test_home_shows_the_cluster_and_the_sidebar_says_cluster(store, tlcore_home)
     import os
     import socket
 
-    from tlcore.cluster import CLUSTER_FILE, ClusterStatus, Node
+    from tlcore.queue.cluster import CLUSTER_FILE, ClusterStatus, Node
 
     ds = seed.dataset(store)
     live = seed.run(store, ds, "on-node-a", RunStatus.RUNNING, progress={"phase": "head", "epoch": 1, "epochs": 5})

@@ -6,8 +6,8 @@ from __future__ import annotations
 import app_seed as seed
 import pytest
 
-from tlcore import model_registry
-from tlcore.store import ModelTables
+from tlcore.deploy import model_registry
+from tlcore.records.store import ModelTables
 
 
 @pytest.fixture(autouse=True)

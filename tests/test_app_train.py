@@ -10,14 +10,14 @@ import textwrap
 import app_seed as seed
 import pytest
 
-from tlcore.store import RunStatus
+from tlcore.records.store import RunStatus
 
 
 @pytest.fixture(autouse=True)
 def _no_processes(monkeypatch):
     """No device probe and no real worker: starting one is recorded instead."""
     monkeypatch.setenv("TLAB_DEVICE_PROBE", "off")
-    from tlcore import jobs
+    from tlcore.queue import jobs
 
     started = []
     monkeypatch.setattr(jobs, "start_worker_process", lambda cluster=None: started.append(cluster or 1) or 4242)
@@ -161,7 +161,7 @@ def test_a_sweep_launched_from_the_form_queues_the_grid_on_the_cluster_set_in_th
 
 
 def test_the_run_panel_says_where_the_run_trained(store):
-    from tlcore.run_record import Executor
+    from tlcore.records.run_record import Executor
 
     ds = seed.dataset(store)
     run = seed.run(store, ds, "on the cluster")
@@ -172,7 +172,7 @@ def test_the_run_panel_says_where_the_run_trained(store):
 
 
 def test_lr_finder_draws_its_curve_and_use_this_fills_the_form(store, monkeypatch):
-    from tlcore import devices, lr_finder
+    from tlcore.train import devices, lr_finder
 
     calls = []
     monkeypatch.setattr(devices, "_declared_roles", [])
@@ -201,7 +201,7 @@ def test_lr_finder_draws_its_curve_and_use_this_fills_the_form(store, monkeypatc
 
 
 def test_succeeded_run_shows_the_smallest_class_recall(store):
-    from tlcore.run_record import ClassMetrics, Metrics, RunSummary
+    from tlcore.records.run_record import ClassMetrics, Metrics, RunSummary
 
     ds = seed.dataset(store)
     run = seed.run(store, ds, "done", RunStatus.SUCCEEDED)
@@ -222,7 +222,7 @@ def test_succeeded_run_shows_the_smallest_class_recall(store):
 def test_run_view_shows_the_heads_choice_its_trials_and_a_fine_tune_that_was_not_kept(store):
     import dataclasses
 
-    from tlcore.run_record import ClassWeightChoice, FinetuneDecision, HeadSearch, HeadTrial
+    from tlcore.records.run_record import ClassWeightChoice, FinetuneDecision, HeadSearch, HeadTrial
 
     ds = seed.dataset(store)
     run = seed.run(store, ds, "searched")

@@ -11,11 +11,11 @@ from conftest import SHARED_DATASETS
 from PIL import Image, ImageDraw
 
 from tlcore import cli
-from tlcore.audit import audit_dataset, embedding_map, near_duplicates, saved_audit
 from tlcore.data.importer import import_dataset
 from tlcore.data.manifest import ManifestEntry, write_manifest
 from tlcore.errors import InvalidInput
-from tlcore.store import Store
+from tlcore.evaluate.audit import audit_dataset, embedding_map, near_duplicates, saved_audit
+from tlcore.records.store import Store
 
 SIZE = 96
 CLASSES = ("daisy", "dandelion", "sunflower")
@@ -100,7 +100,7 @@ def test_a_second_audit_reads_cached_features_and_the_cli_prints_json(audit_home
     def no_backbone(*args, **kwargs):
         raise AssertionError("the backbone was built although every feature is cached")
 
-    monkeypatch.setattr("tlcore.training.build_classifier", no_backbone)
+    monkeypatch.setattr("tlcore.backbones.classifier.build_classifier", no_backbone)
     code = cli.main(["audit", "flowers", "--image-size", str(SIZE), "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0

@@ -8,10 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from tlcore import cache_budget, home
-from tlcore.content_cache import ContentCache
+from tlcore.data import cache_budget
+from tlcore.data.content_cache import ContentCache
 from tlcore.data.manifest import ManifestEntry, write_manifest
 from tlcore.errors import InvalidInput
+from tlcore.records import home
 
 ROW = (32, 32, 3)  # 3 KB a row
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tlcore.calibration import (
+from tlcore.errors import InvalidInput
+from tlcore.evaluate.calibration import (
     apply_temperature,
     calibrate,
     choose_threshold,
@@ -16,10 +17,9 @@ from tlcore.calibration import (
     retarget,
     write_run_calibration,
 )
-from tlcore.errors import InvalidInput
-from tlcore.operating_point import read_operating_point
-from tlcore.run_folder import RunFolder
-from tlcore.run_record import Calibration, RunSummary
+from tlcore.evaluate.operating_point import read_operating_point
+from tlcore.records.run_folder import RunFolder
+from tlcore.records.run_record import Calibration, RunSummary
 
 
 def test_ece_is_the_weighted_gap_between_confidence_and_accuracy():
@@ -115,8 +115,8 @@ def test_run_files_round_trip_and_old_summaries_read_without_calibration(tlcore_
 
 
 def test_a_run_with_no_usable_threshold_never_abstains_and_its_card_says_so(tlcore_home):
-    from tlcore.model_card import _limits
-    from tlcore.operating_point import read_operating_point
+    from tlcore.evaluate.model_card import _limits
+    from tlcore.evaluate.operating_point import read_operating_point
 
     folder = RunFolder("run-x").created()
     threshold = choose_threshold([1.0, 1.0, 0.9], [1, 1, 0])

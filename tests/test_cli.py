@@ -11,9 +11,9 @@ import pytest
 
 from tests.test_jobs import ROOT, make_image_folder, worker_env
 from tlcore import cli
-from tlcore.calibration import apply_temperature
-from tlcore.run_folder import RunFolder
-from tlcore.run_record import Threshold
+from tlcore.evaluate.calibration import apply_temperature
+from tlcore.records.run_folder import RunFolder
+from tlcore.records.run_record import Threshold
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

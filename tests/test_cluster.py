@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 from tests.test_jobs import ROOT, make_image_folder, tiny, wait_for, worker_env
-from tlcore import cluster as tlcluster
-from tlcore import jobs
-from tlcore.run_folder import RunFolder
-from tlcore.run_record import Executor
-from tlcore.store import RunStatus, Store
+from tlcore.queue import cluster as tlcluster
+from tlcore.queue import jobs
+from tlcore.records.run_folder import RunFolder
+from tlcore.records.run_record import Executor
+from tlcore.records.store import RunStatus, Store
 
 pytestmark = pytest.mark.timeout(900)
 

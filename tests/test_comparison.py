@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from tlcore import cli
-from tlcore.comparison import (
+from tlcore.errors import InvalidInput
+from tlcore.evaluate.comparison import (
     bootstrap_counts,
     compare_predictions,
     compare_runs,
@@ -21,9 +22,8 @@ from tlcore.comparison import (
     resampled_accuracy,
     seed_groups,
 )
-from tlcore.errors import InvalidInput
-from tlcore.run_folder import RunFolder
-from tlcore.store import RunStatus
+from tlcore.records.run_folder import RunFolder
+from tlcore.records.store import RunStatus
 
 LABELS = ["ants", "bees"]
 
@@ -175,7 +175,7 @@ def test_runs_differing_only_in_seed_are_grouped(store, runs):
 
 
 def test_recipe_values_have_short_names():
-    from tlcore.config import recipe_labels, short_value
+    from tlcore.records.config import recipe_labels, short_value
 
     assert [short_value(v) for v in (0.0003, 1e-3, 0.25, 224, 3e-5, ["flip", "zoom"])] == [
         "3e-4", "1e-3", "0.25", "224", "3e-5", "flip+zoom"]

@@ -70,7 +70,7 @@ def test_a_catalog_archive_already_downloaded_is_imported_without_the_network(mo
     the download would have cached it: the import takes it from there, limited per class."""
     import tarfile
 
-    from tlcore import home
+    from tlcore.records import home
 
     entry = CATALOG["tf_flowers"]
     classes = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]

@@ -9,14 +9,14 @@ import pytest
 from conftest import SHARED_DATASETS
 
 from tlcore import cli
-from tlcore.config import TrainConfig
 from tlcore.data.fixes import change_log, fix_dataset
 from tlcore.data.importer import import_dataset
 from tlcore.data.manifest import load_manifest
 from tlcore.errors import InvalidInput
-from tlcore.evaluation import compare_before_after
-from tlcore.store import RunStatus
-from tlcore.training import execute_run
+from tlcore.evaluate.evaluation import compare_before_after
+from tlcore.records.config import TrainConfig
+from tlcore.records.store import RunStatus
+from tlcore.train.training import execute_run
 
 MISFILED = "val/sunflower/misfiled-daisy.jpg"
 

@@ -28,12 +28,12 @@ from test_data_images import (
     make_webp,
 )
 
-from tlcore import home
 from tlcore.data.archive import UnsafeArchive
 from tlcore.data.images import load_resized
 from tlcore.data.importer import DatasetImportError, import_dataset
 from tlcore.data.manifest import ManifestEntry, load_manifest, resplit, stratified_split
 from tlcore.data.sources import SourceNotAllowed
+from tlcore.records import home
 
 SHELL_NAME = "$(rm -rf x) ;&.jpg"
 

@@ -25,7 +25,7 @@ import app_seed as seed
 import pytest
 from playwright import sync_api as playwright_api
 
-from tlcore.store import RunStatus
+from tlcore.records.store import RunStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -152,7 +152,7 @@ def _sample_photo(dataset_id: str, tmp_path: Path) -> Path:
 
 
 def test_import_train_watch_inspect_demo(server, page, tlcore_home, tmp_path):
-    from tlcore.store import Store
+    from tlcore.records.store import Store
 
     timings = {}
     # Home: first paint.
@@ -272,7 +272,7 @@ def trainval_home(trainval_run, tlcore_home, monkeypatch):
 
 
 def test_a_run_on_train_val_folders_demos_and_exports_without_a_temperature(trainval_home, server, page):
-    from tlcore.run_folder import RunFolder
+    from tlcore.records.run_folder import RunFolder
 
     run_id = trainval_home.run_id
     row = json.loads(RunFolder(run_id).predictions.read_text().splitlines()[0])  # a val image, raw softmax
@@ -369,7 +369,7 @@ def test_train_link_as_the_first_request_still_asks_for_the_password(page, tlcor
 
 
 def test_paired_comparison_of_two_runs(server, page, tlcore_home, store):
-    from tlcore.run_folder import RunFolder
+    from tlcore.records.run_folder import RunFolder
 
     ds = seed.dataset(store, per_class=8)
     head = seed.run(store, ds, "head-only", accuracy=0.75)
@@ -396,10 +396,10 @@ def test_audit_a_dataset_and_apply_a_fix_as_a_new_version(server, page, tlcore_h
 
     from conftest import SHARED_DATASETS
 
-    from tlcore.audit import saved_audit
     from tlcore.data.importer import import_dataset
     from tlcore.data.manifest import load_manifest
-    from tlcore.store import Store
+    from tlcore.evaluate.audit import saved_audit
+    from tlcore.records.store import Store
 
     # Three flower classes, 8 photos each, and a daisy filed under sunflower.
     root = tmp_path / "flowers"
@@ -444,8 +444,8 @@ def test_audit_a_dataset_and_apply_a_fix_as_a_new_version(server, page, tlcore_h
 def test_a_review_report_opens_offline_with_its_charts_and_thumbnails(page, trained_run, tmp_path, monkeypatch):
     from registry_runs import copy_home, copy_run
 
-    from tlcore import model_registry, review
-    from tlcore.review_report import write_review_report
+    from tlcore.deploy import model_registry, review
+    from tlcore.deploy.review_report import write_review_report
 
     monkeypatch.setenv("TLCORE_HOME", str(copy_home(trained_run.home, tmp_path / "home")))
     model_registry.register("colours", trained_run.run_id, "ana")
@@ -504,7 +504,7 @@ def _choose(page, label: str, option: str) -> None:
 def test_feedback_a_confusion_cell_click_and_a_sweep_in_the_browser(trained_home, server, page, tlcore_home,
                                                                      tmp_path):
     from tlcore.data.feedback import inbox
-    from tlcore.store import Store
+    from tlcore.records.store import Store
 
     store = Store(tlcore_home / "store.db")
     [colours] = store.list_datasets()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tlcore.evaluation import compute_report
+from tlcore.evaluate.evaluation import compute_report
 
 LABELS = ["cat", "dog", "fox"]
 

@@ -15,8 +15,8 @@ def _probe():
 
 
 def test_export_keras_copy_and_unknown_format(tmp_path):
-    from tlcore import inference
-    from tlcore.export import export_run
+    from tlcore.deploy import inference
+    from tlcore.deploy.export import export_run
 
     model, folder = save_fake_run()
     out = export_run("run-fake", "keras", tmp_path / "out")  # a new path: `.keras` is added
@@ -35,7 +35,7 @@ def test_export_keras_copy_and_unknown_format(tmp_path):
 def test_export_savedmodel_and_tflite_match_keras(tmp_path):
     import tensorflow as tf
 
-    from tlcore.export import export_run
+    from tlcore.deploy.export import export_run
 
     model, _ = save_fake_run()
     x = _probe()
@@ -63,7 +63,7 @@ def test_export_savedmodel_and_tflite_match_keras(tmp_path):
 def test_download_files_are_made_once_and_savedmodel_comes_zipped():
     import zipfile
 
-    from tlcore.export import cached_download, download_file
+    from tlcore.deploy.export import cached_download, download_file
 
     _, folder = save_fake_run()
     assert download_file("run-fake", "keras") == folder / "model.keras"
@@ -79,7 +79,7 @@ def test_download_files_are_made_once_and_savedmodel_comes_zipped():
 
 
 def test_an_export_report_from_another_version_or_damaged_loses_only_what_it_lacks(tmp_path):
-    from tlcore.export import describe_report, read_report
+    from tlcore.deploy.export import describe_report, read_report
 
     model = tmp_path / "model_int8.tflite"
     model.write_bytes(b"tflite")

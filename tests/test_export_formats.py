@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from tlcore.run_folder import RunFolder
+from tlcore.records.run_folder import RunFolder
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +18,7 @@ def tlcore_home(trained_run, monkeypatch):
 
 
 def _eval_rows(run_id):
-    from tlcore.evaluation import read_predictions
+    from tlcore.evaluate.evaluation import read_predictions
 
     return read_predictions(RunFolder(run_id).predictions)
 
@@ -26,9 +26,9 @@ def _eval_rows(run_id):
 def test_onnx_export_agrees_with_keras_and_reports_it(trained_run, tmp_path, monkeypatch):
     import onnxruntime
 
-    from tlcore import export, inference
     from tlcore.data.images import load_resized
-    from tlcore.export import export_run, read_report
+    from tlcore.deploy import export, inference
+    from tlcore.deploy.export import export_run, read_report
 
     # The check decodes the evaluation images a batch at a time, never the whole split at once.
     decoded = []
@@ -61,7 +61,7 @@ def test_onnx_export_agrees_with_keras_and_reports_it(trained_run, tmp_path, mon
 
 @pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
 def test_int8_export_is_quantized_smaller_and_as_accurate_as_float(trained_run):
-    from tlcore.export import INT8_TOLERANCE_POINTS, TFLiteClassifier, export_run, read_report
+    from tlcore.deploy.export import INT8_TOLERANCE_POINTS, TFLiteClassifier, export_run, read_report
 
     path = export_run(trained_run.run_id, "tflite-int8")
     report = read_report(path)
@@ -82,7 +82,7 @@ def _eval_accuracy(run_id):
 
 
 def test_int8_warning_says_how_much_accuracy_is_lost():
-    from tlcore.export import int8_warning
+    from tlcore.deploy.export import int8_warning
 
     assert int8_warning(0.90, 0.895, 200, "test") is None  # half a point: within the tolerance
     text = int8_warning(0.90, 0.85, 200, "test")
@@ -91,8 +91,8 @@ def test_int8_warning_says_how_much_accuracy_is_lost():
 
 
 def test_model_card_says_what_the_model_is_and_how_good(trained_run):
-    from tlcore.export import export_run
-    from tlcore.store import Store
+    from tlcore.deploy.export import export_run
+    from tlcore.records.store import Store
 
     md_path = export_run(trained_run.run_id, "card")
     card = json.loads(md_path.with_suffix(".json").read_text())
@@ -125,7 +125,7 @@ def test_model_card_says_what_the_model_is_and_how_good(trained_run):
 
 
 def test_card_and_bundle_carry_calibration_and_threshold_when_the_run_has_them(trained_run, tmp_path):
-    from tlcore.export import export_run
+    from tlcore.deploy.export import export_run
 
     folder = RunFolder(trained_run.run_id)
     own = {path: path.read_bytes() for path in (folder.calibration_file, folder.threshold_file) if path.is_file()}
@@ -155,7 +155,7 @@ def test_card_and_bundle_carry_calibration_and_threshold_when_the_run_has_them(t
 
 def test_a_broken_threshold_file_is_named_in_a_plain_error():
     from tlcore.errors import InvalidInput
-    from tlcore.operating_point import read_operating_point
+    from tlcore.evaluate.operating_point import read_operating_point
 
     folder = RunFolder("run-with-a-broken-threshold").created()
     folder.threshold_file.write_text(json.dumps({"threshold": 1.7}))

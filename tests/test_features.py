@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from tlcore.features import cached_features, extract_features, feature_cache
+from tlcore.backbones.features import cached_features, extract_features, feature_cache
 
 
 def _feature_model():

@@ -88,6 +88,6 @@ def test_confirming_correcting_and_none_of_these_are_told_apart_and_only_labels_
 
 
 def _inbox_files(store):
-    from tlcore import home
+    from tlcore.records import home
 
     return (home.subdir("feedback")).rglob("inbox.jsonl")

@@ -6,8 +6,8 @@ import pytest
 from keras import layers
 
 from tlcore.backbones import get_backbone
+from tlcore.backbones.classifier import build_classifier, unfreeze_top
 from tlcore.backbones.folding import fold_batchnorm
-from tlcore.training import build_classifier, unfreeze_top
 
 RNG = np.random.default_rng(0)
 

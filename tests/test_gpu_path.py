@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATASETS
 
-from tlcore import devices
-from tlcore.config import TrainConfig
 from tlcore.errors import InvalidInput
+from tlcore.records.config import TrainConfig
+from tlcore.train import devices
 
 ROOT = Path(__file__).resolve().parents[1]
 # The batches and augmentation draws are a function of (seed, epoch, step) on every strategy,
@@ -54,7 +54,7 @@ def replica_runs(tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TLCORE_HOME", str(home))
         from tlcore.data.importer import import_dataset
-        from tlcore.store import Store
+        from tlcore.records.store import Store
 
         dataset = import_dataset(slice_root, name="ants-bees", store=Store()).dataset
     out = home / "results.json"
@@ -137,7 +137,7 @@ def test_a_mixed_precision_model_reloads_in_float32_and_exports_to_tflite(replic
     assert all(np.isfinite(w).all() for w in model.get_weights())
 
     monkeypatch.setenv("TLCORE_HOME", replica_runs["home"])
-    from tlcore.export import export_run
+    from tlcore.deploy.export import export_run
 
     tflite = export_run(run["run_id"], "tflite")
     assert tflite.stat().st_size > 100_000
@@ -189,7 +189,7 @@ def test_configs_saved_before_the_switches_were_words_still_load():
 def test_feature_cache_keeps_float16_features_apart(tlcore_home):
     import numpy as np
 
-    from tlcore.features import feature_cache
+    from tlcore.backbones.features import feature_cache
 
     def fill(value):
         return lambda positions, out: out.__setitem__(positions, value)
@@ -261,7 +261,7 @@ def test_cli_commands_that_load_a_model_declare_the_cli_policy_and_others_do_not
 
 
 def test_the_worker_declares_its_policy_before_training(trained_run, monkeypatch):
-    from tlcore.store import Store
+    from tlcore.records.store import Store
 
     monkeypatch.setenv("TLCORE_HOME", str(trained_run.home))
     log = [line.message for line in Store().logs(trained_run.run_id)]

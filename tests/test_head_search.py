@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from tlcore import head_search
-from tlcore.head_search import TrialSettings
-from tlcore.run_record import HeadTrial, RunSummary
+from tlcore.records.run_record import HeadTrial, RunSummary
+from tlcore.train import head_search
+from tlcore.train.head_search import TrialSettings
 
 
 def _trial(f1: float, accuracy: float, class_weight: str) -> HeadTrial:
@@ -71,7 +71,7 @@ def test_a_heads_training_matches_keras_dense_softmax_with_adam():
 def test_a_default_run_logs_every_head_trial_and_records_the_choice(trained_run, monkeypatch, capsys):
     """The session's trained run used the defaults (head search and class weighting auto)."""
     from tlcore import cli
-    from tlcore.store import Store
+    from tlcore.records.store import Store
 
     monkeypatch.setenv("TLCORE_HOME", str(trained_run.home))
     store = Store()
@@ -104,9 +104,9 @@ def test_a_default_run_logs_every_head_trial_and_records_the_choice(trained_run,
 def test_a_fine_tune_that_ends_below_the_head_gives_the_heads_weights_back(store, monkeypatch, tmp_path):
     from tests.test_jobs import make_image_folder
     from tlcore.data.importer import import_dataset
-    from tlcore.inference import load_run_model
-    from tlcore.store import RunStatus
-    from tlcore.training import _Training, execute_run
+    from tlcore.deploy.inference import load_run_model
+    from tlcore.records.store import RunStatus
+    from tlcore.train.training import _Training, execute_run
 
     folder = make_image_folder(tmp_path / "colours", per_class=8, size=32)
     dataset = import_dataset(folder, name="colours", store=store).dataset

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcore.calibration import apply_temperature
-from tlcore.run_folder import RunFolder
+from tlcore.evaluate.calibration import apply_temperature
+from tlcore.records.run_folder import RunFolder
 
 
 def save_fake_run(run_id: str = "run-fake", size: int = 32, labels=("ants", "bees"), seed: int = 0):
@@ -51,8 +51,8 @@ def write_images(folder, n=3, size=48):
 
 
 def test_predict_files_matches_model_on_load_resized_pixels(tmp_path):
-    from tlcore import inference
     from tlcore.data.images import load_resized
+    from tlcore.deploy import inference
 
     model, _ = save_fake_run()
     paths = write_images(tmp_path / "imgs")
@@ -78,7 +78,7 @@ def test_predict_files_matches_model_on_load_resized_pixels(tmp_path):
 def test_load_run_model_is_cached_and_thread_safe(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from tlcore import inference
+    from tlcore.deploy import inference
 
     save_fake_run()
     paths = write_images(tmp_path / "imgs", n=2)
@@ -92,7 +92,7 @@ def test_load_run_model_is_cached_and_thread_safe(tmp_path):
 
 
 def test_a_warmed_up_model_answers_its_first_photo_at_full_speed(tmp_path):
-    from tlcore import inference
+    from tlcore.deploy import inference
 
     _, folder = save_fake_run()
     raw = write_images(tmp_path / "imgs", n=1)[0].read_bytes()
@@ -117,7 +117,7 @@ def test_a_warmed_up_model_answers_its_first_photo_at_full_speed(tmp_path):
 def test_after_warm_up_no_batch_size_traces_the_forward_pass_again(tmp_path):
     """What the server's batcher sends (1..32 images) runs in the warmed buckets: on a GPU each new
     input shape would be a compile in a request's latency. Counted as traces, not seconds."""
-    from tlcore import inference
+    from tlcore.deploy import inference
 
     _, folder = save_fake_run()
     loaded = inference.LoadedModel(inference.load_model_file(folder / "model.keras"), ["ants", "bees"], name="m")
@@ -141,7 +141,7 @@ def test_after_warm_up_no_batch_size_traces_the_forward_pass_again(tmp_path):
 def test_lambda_model_is_refused_in_safe_mode_and_runs_no_code(tmp_path):
     import keras
 
-    from tlcore import inference
+    from tlcore.deploy import inference
 
     sentinel = tmp_path / "pwned"
     folder = RunFolder("run-evil").created().path
@@ -168,7 +168,7 @@ def test_lambda_model_is_refused_in_safe_mode_and_runs_no_code(tmp_path):
 
 
 def test_missing_and_corrupt_models_give_plain_errors(store):
-    from tlcore import inference
+    from tlcore.deploy import inference
 
     with pytest.raises(KeyError, match="No run"):
         inference.load_run_model("run-nothing")
@@ -184,7 +184,7 @@ def test_missing_and_corrupt_models_give_plain_errors(store):
 
 
 def test_gradcam_heatmap_shape_range_and_focus():
-    from tlcore import inference
+    from tlcore.deploy import inference
 
     save_fake_run()
     loaded = inference.load_run_model("run-fake")
@@ -202,7 +202,7 @@ def test_gradcam_heatmap_shape_range_and_focus():
 def test_imagenet_model_names_a_photo():
     from skimage import data
 
-    from tlcore import inference
+    from tlcore.deploy import inference
 
     loaded = inference.load_imagenet_model("efficientnet_lite0")
     assert len(loaded.labels) == 1000
@@ -214,8 +214,9 @@ def test_imagenet_model_names_a_photo():
 
 def test_predict_on_raw_files_equals_evaluation_and_gradcam_on_a_trained_run(tmp_path, store):
     from tests.test_jobs import make_image_folder, tiny
-    from tlcore import inference, jobs
     from tlcore.data.images import load_resized
+    from tlcore.deploy import inference
+    from tlcore.queue import jobs
 
     folder = make_image_folder(tmp_path / "colours", per_class=6, size=48)
     run = jobs.run_foreground(tiny(str(folder), head_epochs=2), store)

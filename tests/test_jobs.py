@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcore import jobs
-from tlcore.config import TrainConfig
 from tlcore.errors import NotFound
-from tlcore.run_folder import RunFolder
-from tlcore.store import RunStatus
+from tlcore.queue import jobs
+from tlcore.records.config import TrainConfig
+from tlcore.records.run_folder import RunFolder
+from tlcore.records.store import RunStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_cancel_queued_job(store, dataset):
 
 
 def test_failure_is_one_plain_line_with_traceback_in_log(store, dataset, monkeypatch):
-    from tlcore import training
+    from tlcore.train import training
 
     def broken(run_id, store, **kwargs):
         raise RuntimeError("the disk\nis full")
@@ -245,8 +245,8 @@ def test_stale_lease_is_reaped_even_if_the_pid_looks_alive(store, dataset):
 
 _WRITER = """
 import sys, time
-from tlcore.run_record import RunProgress
-from tlcore.store import Store, RunStatus
+from tlcore.records.run_record import RunProgress
+from tlcore.records.store import Store, RunStatus
 store = Store()
 run = store.create_run("writer", "ds-x", "efficientnet_lite0", "none", {}, status=RunStatus.RUNNING)
 print(run.id, flush=True)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATASETS
 
-from tlcore.config import TrainConfig
 from tlcore.data.importer import import_dataset
 from tlcore.errors import InvalidInput
-from tlcore.lr_finder import find_lr, learning_rates, range_test, suggest
+from tlcore.records.config import TrainConfig
+from tlcore.train.lr_finder import find_lr, learning_rates, range_test, suggest
 
 
 def test_range_test_stops_at_divergence_and_suggests_a_tenth_of_the_minimum():

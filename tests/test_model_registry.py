@@ -17,13 +17,13 @@ import pandas as pd
 import pytest
 
 from tests.registry_runs import copy_home, copy_run
-from tlcore import model_registry, review
-from tlcore.comparison import compare_predictions
+from tlcore.deploy import model_registry, review
+from tlcore.deploy.review import GatePolicy, judge
 from tlcore.errors import InvalidInput, NotFound
-from tlcore.evaluation import read_predictions, write_predictions
-from tlcore.review import GatePolicy, judge
-from tlcore.run_folder import RunFolder
-from tlcore.store import ModelTables, RunStatus, Store
+from tlcore.evaluate.comparison import compare_predictions
+from tlcore.evaluate.evaluation import read_predictions, write_predictions
+from tlcore.records.run_folder import RunFolder
+from tlcore.records.store import ModelTables, RunStatus, Store
 
 # ----------------------------------------------------------- gate arithmetic
 

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from tlcore.operating_point import read_operating_point
-from tlcore.run_folder import RunFolder
+from tlcore.evaluate.operating_point import read_operating_point
+from tlcore.records.run_folder import RunFolder
 
 PROBS = np.array([[0.7, 0.2, 0.1]])
 

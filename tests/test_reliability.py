@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from tlcore.atomic import write_atomically
+from tlcore.records.atomic import write_atomically
 
 
 def _full_disk(tmp):

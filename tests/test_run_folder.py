@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tlcore.run_folder import RunFolder
+from tlcore.records.run_folder import RunFolder
 
 
 @pytest.mark.parametrize("config, tta", [(None, "none"), ({}, "none"), ({"tta": None}, "none"),

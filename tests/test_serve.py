@@ -15,8 +15,8 @@ import requests
 from PIL import Image
 
 from tests.test_data_images import make_bomb_png
-from tlcore.operating_point import read_operating_point
-from tlcore.run_folder import RunFolder
+from tlcore.evaluate.operating_point import read_operating_point
+from tlcore.records.run_folder import RunFolder
 
 TOKEN = "s3cret-token"
 
@@ -32,7 +32,7 @@ def serving(run_id: str | None, token: str | None = None, **app_options):
     """A uvicorn server for `run_id` (or `model=NAME[@ALIAS]`) on a free port of 127.0.0.1; yields its base URL."""
     import uvicorn
 
-    from tlcore.serve import create_app
+    from tlcore.deploy.serve import create_app
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -64,7 +64,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _eval_rows(run_id):
-    from tlcore.evaluation import read_predictions
+    from tlcore.evaluate.evaluation import read_predictions
 
     return read_predictions(RunFolder(run_id).predictions)
 
@@ -104,7 +104,7 @@ def test_model_card_health_and_docs(server, trained_run):
     assert card["model"]["run_id"] == trained_run.run_id and card["dataset"]["classes"] == ["blue", "red"]
     health = requests.get(f"{server}/healthz", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    from tlcore import devices
+    from tlcore.train import devices
 
     assert "serve" in devices.declared_roles()  # the server declared its device policy before loading
     assert health.json()["device_policy"] == devices.current_policy()  # what it applied, e.g. "serve: on GPU 0, …"
@@ -123,7 +123,7 @@ def test_token_is_required_when_set(server):
 
 
 def test_bad_input_gets_a_plain_4xx(server, monkeypatch):
-    from tlcore import serve
+    from tlcore.deploy import serve
 
     def refused(reply, status, *phrases):
         assert reply.status_code == status, reply.text
@@ -154,7 +154,7 @@ def _png(size=48, seed=0) -> bytes:
 
 
 def test_concurrent_clients_each_get_their_own_answer(server, trained_run):
-    from tlcore import inference
+    from tlcore.deploy import inference
 
     loaded = inference.load_run_model(trained_run.run_id)
     images = [_png(seed=i) for i in range(16)]
@@ -173,8 +173,8 @@ def test_concurrent_clients_each_get_their_own_answer(server, trained_run):
 
 
 def test_threshold_and_calibration_of_the_run_are_applied(trained_run):
-    from tlcore import inference
-    from tlcore.operating_point import read_operating_point
+    from tlcore.deploy import inference
+    from tlcore.evaluate.operating_point import read_operating_point
 
     folder = RunFolder(trained_run.run_id)
     own = {path: path.read_bytes() for path in (folder.calibration_file, folder.threshold_file) if path.is_file()}

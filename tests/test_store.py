@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from tlcore.run_record import Executor, Metrics, RunProgress, RunSummary, Timings
-from tlcore.store import SCHEMA_VERSION, RunStatus, Store
+from tlcore.records.run_record import Executor, Metrics, RunProgress, RunSummary, Timings
+from tlcore.records.store import SCHEMA_VERSION, RunStatus, Store
 
 # The tables exactly as a data home made before schema versions had them (user_version 0).
 _SCHEMA_V0 = """
@@ -124,7 +124,7 @@ def test_a_version_1_store_gains_sweep_ids_and_executors_and_keeps_its_runs(tmp_
 
 
 def test_a_version_2_store_gains_the_model_registry_and_keeps_its_runs(tmp_path):
-    from tlcore.store import ModelTables
+    from tlcore.records.store import ModelTables
 
     path = tmp_path / "store.db"
     _old_store(path)
@@ -149,8 +149,8 @@ def test_a_version_2_store_gains_the_model_registry_and_keeps_its_runs(tmp_path)
 
 
 def test_a_run_the_reaper_failed_stays_failed_when_its_late_success_arrives(store):
-    from tlcore import jobs
     from tlcore.errors import TransitionRefused
+    from tlcore.queue import jobs
 
     run = store.create_run("r", "ds", "efficientnet_lite0", "imagenet", {})
     store.claim_next("dispatcher:1")

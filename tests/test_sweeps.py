@@ -6,8 +6,8 @@ import pytest
 
 from tests.test_cli import last_json, run_cli
 from tests.test_jobs import make_image_folder
-from tlcore.run_record import Metrics, RunSummary
-from tlcore.store import RunStatus
+from tlcore.records.run_record import Metrics, RunSummary
+from tlcore.records.store import RunStatus
 
 
 @pytest.fixture

@@ -11,13 +11,14 @@ import pytest
 from conftest import SHARED_DATASETS
 
 from tlcore.backbones import get_backbone
-from tlcore.config import TrainConfig
+from tlcore.backbones.classifier import build_classifier, unfreeze_top
 from tlcore.data.images import load_resized
 from tlcore.data.importer import import_dataset
 from tlcore.data.manifest import load_manifest
-from tlcore.run_folder import RunFolder
-from tlcore.store import RunStatus
-from tlcore.training import RunCancelled, build_classifier, execute_run, unfreeze_top
+from tlcore.records.config import TrainConfig
+from tlcore.records.run_folder import RunFolder
+from tlcore.records.store import RunStatus
+from tlcore.train.training import RunCancelled, execute_run
 
 SIZE = 64
 
@@ -155,7 +156,7 @@ def test_too_small_image_size_for_a_backbone_is_refused(store, ants_bees):
 def test_eta_counts_the_current_epoch_and_reaches_zero_at_the_end():
     import types
 
-    from tlcore.training import _StoreProgress
+    from tlcore.train.training import _StoreProgress
 
     now = [100.0]  # an injected clock: each epoch takes exactly ten seconds, however busy the machine
     beats = []
@@ -218,7 +219,7 @@ def test_balanced_class_weights_reach_both_phases_and_the_small_class_is_reporte
 
 
 def test_flip_tta_averages_each_image_with_its_mirror_in_evaluation_and_prediction(store, ants_bees):
-    from tlcore.inference import load_run_model
+    from tlcore.deploy.inference import load_run_model
 
     run, summary = _run(store, ants_bees, head_epochs=1, tta="flip")
     assert summary.metrics.tta == "flip"

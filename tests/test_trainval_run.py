@@ -12,7 +12,7 @@ import requests
 
 from tests.test_serve import serving
 from tlcore.cli import main
-from tlcore.run_folder import RunFolder
+from tlcore.records.run_folder import RunFolder
 
 REASON = "no test split"  # in the reason training wrote into calibration.json
 

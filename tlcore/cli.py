@@ -271,7 +271,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _sweep_options(p: argparse.ArgumentParser) -> None:
-    from tlcore.sweeps import SWEEPABLE
+    from tlcore.queue.sweeps import SWEEPABLE
 
     p.add_argument("--data", required=True, metavar="DATASET_OR_FOLDER",
                    help="dataset name or id, or a folder / .zip to import first")
@@ -302,7 +302,7 @@ def _augment_arg(text: str) -> tuple[str, ...]:
 
 def config_from_args(args: argparse.Namespace):
     """A `TrainConfig` from a preset (if given) overridden by the explicit options."""
-    from tlcore.config import PRESETS, TrainConfig
+    from tlcore.records.config import PRESETS, TrainConfig
 
     values: dict[str, Any] = {}
     if args.preset:
@@ -332,7 +332,7 @@ def _emit(args, payload: dict[str, Any], text: str | None = None) -> None:
 
 
 def _store():
-    from tlcore.store import Store
+    from tlcore.records.store import Store
 
     return Store()
 
@@ -429,7 +429,7 @@ def cmd_fix(args) -> int:
     payload: dict[str, Any] = {"dataset": _dataset_dict(d), "parent": _dataset_dict(result.parent),
                                "changes": [dataclasses.asdict(c) for c in result.changes]}
     if args.retrain:
-        from tlcore.jobs import retrain_on
+        from tlcore.queue.jobs import retrain_on
 
         run = retrain_on(args.retrain, d.id, store)
         payload["run"] = _run_dict(run)
@@ -440,7 +440,7 @@ def cmd_fix(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from tlcore.audit import audit_dataset
+    from tlcore.evaluate.audit import audit_dataset
 
     store = _store()
     report = audit_dataset(args.dataset, args.backbone, store=store, image_size=args.image_size,
@@ -499,7 +499,7 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from tlcore import jobs
+    from tlcore.queue import jobs
 
     store = _store()
     if args.compare:
@@ -521,13 +521,14 @@ def _submit_comparison(args, store) -> int:
     """Queue one run per backbone of comparison `args.compare`, explicit options over its preset."""
     import dataclasses
 
-    from tlcore import jobs
-    from tlcore.config import comparison_configs
+    from tlcore.data.importer import resolve_dataset
+    from tlcore.queue import jobs
+    from tlcore.records.config import comparison_configs
 
     options = {k: v for k, v in _explicit_options(args).items() if k not in ("backbone", "name")}
     configs = comparison_configs(args.compare, args.data, **options)
     # A folder is imported once, so every run of the comparison trains on the same dataset version.
-    dataset = jobs.resolve_dataset(args.data, store, seed=configs[0].seed, split=configs[0].split)
+    dataset = resolve_dataset(args.data, store, seed=configs[0].seed, split=configs[0].split)
     runs = [jobs.submit(dataclasses.replace(config, dataset=dataset.id), store) for config in configs]
     if not args.json:
         for run in runs:
@@ -539,7 +540,7 @@ def _submit_comparison(args, store) -> int:
 
 
 def cmd_lr_find(args) -> int:
-    from tlcore.lr_finder import find_lr
+    from tlcore.train.lr_finder import find_lr
 
     config = config_from_args(args)
     finding = find_lr(config, _store(), phase=args.phase,
@@ -553,7 +554,7 @@ def cmd_lr_find(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from tlcore import jobs
+    from tlcore.queue import jobs
 
     config = config_from_args(args)
     store = _store()
@@ -606,7 +607,7 @@ def _summary_text(run) -> str:
 
 
 def cmd_sweep(args) -> int:
-    from tlcore.sweeps import SWEEPABLE, parse_values, submit_sweep
+    from tlcore.queue.sweeps import SWEEPABLE, parse_values, submit_sweep
 
     swept = {option: parse_values(option, getattr(args, option))
              for option in SWEEPABLE if getattr(args, option) is not None}
@@ -620,7 +621,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_sweeps(args) -> int:
-    from tlcore import jobs, sweeps
+    from tlcore.queue import jobs, sweeps
 
     store = _store()
     jobs.reap(store)
@@ -653,14 +654,14 @@ def _mean_std(mean: float | None, std: float | None) -> str:
 
 
 def cmd_worker(args) -> int:
-    from tlcore import jobs
+    from tlcore.queue import jobs
 
     cluster = args.cluster or os.environ.get("TLCORE_CLUSTER")
     if not cluster and (args.gpus_per_run is not None or args.cpus_per_run is not None):
         raise InvalidInput("`--gpus-per-run` and `--cpus-per-run` apply to a cluster: pass --cluster ADDRESS "
                            "(or set TLCORE_CLUSTER). The local worker trains one run at a time with what it has.")
     if cluster:
-        from tlcore import cluster as ray_cluster
+        from tlcore.queue import cluster as ray_cluster
 
         runs = ray_cluster.serve_forever(cluster, once=args.once, gpus_per_run=args.gpus_per_run,
                                          cpus_per_run=args.cpus_per_run)
@@ -671,7 +672,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from tlcore import jobs
+    from tlcore.queue import jobs
 
     run = jobs.cancel(args.run, _store())
     state = ("cancelled" if run.status.value == "cancelled"
@@ -683,7 +684,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from tlcore import jobs
+    from tlcore.queue import jobs
 
     run = jobs.resume(args.run, _store())
     _emit(args, {"run_id": run.id, "name": run.name, "status": run.status.value,
@@ -693,7 +694,7 @@ def cmd_resume(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from tlcore import jobs
+    from tlcore.queue import jobs
 
     store = _store()
     jobs.reap(store)  # a dead worker's run shows as failed, not running forever
@@ -797,8 +798,8 @@ def _calibration_dict(run) -> dict[str, Any] | None:
 
 
 def cmd_predict(args) -> int:
-    from tlcore import inference
     from tlcore.data.images import ImageRejected
+    from tlcore.deploy import inference
 
     if args.top_k < 1:
         raise InvalidInput(f"`--top-k` must be 1 or more. Received: top_k={args.top_k}")
@@ -827,7 +828,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from tlcore.comparison import compare_runs
+    from tlcore.evaluate.comparison import compare_runs
 
     c = compare_runs(args.run_a, args.run_b, _store(), resamples=args.resamples, seed=args.seed)
     lines = [c.verdict, c.coverage_note or f"{c.n_shared} shared evaluation images.",
@@ -840,7 +841,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from tlcore.export import describe_report, export_run, read_report
+    from tlcore.deploy.export import describe_report, export_run, read_report
 
     path = export_run(args.run, args.format, args.out)
     report = read_report(path)
@@ -851,7 +852,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from tlcore import serve
+    from tlcore.deploy import serve
 
     serve.run_server(args.run, model=args.model, poll_s=args.poll, host=args.host, port=args.port,
                      token=args.token)
@@ -872,8 +873,8 @@ def _audit_line(entry) -> str:
 
 
 def cmd_models(args) -> int:
-    from tlcore import model_registry as registry
-    from tlcore.review import GatePolicy, set_policy
+    from tlcore.deploy import model_registry as registry
+    from tlcore.deploy.review import GatePolicy, set_policy
 
     if args.action == "register":
         v = registry.register(args.name, args.run, _by(args))
@@ -951,8 +952,8 @@ def _review_json(review) -> dict[str, Any]:
 
 
 def cmd_review(args) -> int:
-    from tlcore import model_registry as registry
-    from tlcore import review as reviews
+    from tlcore.deploy import model_registry as registry
+    from tlcore.deploy import review as reviews
 
     if args.action == "open":
         review = reviews.open_review(args.name, args.candidate, _by(args))
@@ -972,7 +973,7 @@ def cmd_review(args) -> int:
         _emit(args, {"reviews": [_review_json(r) for r in found]}, None if args.json else text)
         return 0
     else:
-        from tlcore.review_report import write_review_report
+        from tlcore.deploy.review_report import write_review_report
 
         path = write_review_report(args.review, args.out)
         _emit(args, {"review_id": args.review, "path": str(path)}, None if args.json else str(path))
@@ -1058,7 +1059,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command in MODEL_COMMANDS:
-            from tlcore import devices
+            from tlcore.train import devices
 
             devices.declare_process("cli")
         return COMMANDS[args.command](args)

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from tlcore.store import Dataset, Run, RunStatus
+from tlcore.records.store import Dataset, Run, RunStatus
 
 # Plain words: they read the same in every browser and font (emoji do not on bare servers).
 STATUS_ICON = {s: s.value for s in RunStatus}

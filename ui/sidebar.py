@@ -11,20 +11,17 @@ import os
 
 import streamlit as st
 
-from tlcore import home
-from tlcore.store import RunStatus
+from tlcore.queue import jobs
+from tlcore.records import home
+from tlcore.records.store import RunStatus
 from ui import format as fmt
 from ui import state
-from ui.engine import maybe
 
 POLL_S = 3
 
 
 def worker_status():
-    """`tlcore.jobs.worker_status()` or None when the jobs module is missing or fails."""
-    jobs = maybe("jobs")
-    if jobs is None:
-        return None
+    """`tlcore.queue.jobs.worker_status()`, or None when it fails."""
     try:
         return jobs.worker_status()
     except Exception:  # noqa: BLE001 - the sidebar must never break a page
@@ -33,12 +30,10 @@ def worker_status():
 
 def reap() -> None:
     """Mark runs whose worker died as failed (the engine's reaper; cheap, safe to repeat)."""
-    jobs = maybe("jobs")
-    if jobs is not None:
-        try:
-            jobs.reap(state.store())
-        except Exception:  # noqa: BLE001 - a busy store just means: next poll
-            pass
+    try:
+        jobs.reap(state.store())
+    except Exception:  # noqa: BLE001 - a busy store just means: next poll
+        pass
 
 
 def cluster_setting() -> str | None:
@@ -47,23 +42,19 @@ def cluster_setting() -> str | None:
     return value.strip() or None
 
 
-def start_worker_process(jobs) -> int:
+def start_worker_process() -> int:
     """Start the worker: the local one, or the dispatcher to the cluster set in the sidebar."""
     return jobs.start_worker_process(cluster=cluster_setting())
 
 
 def start_worker(key: str) -> None:
     """A 'Start worker' button; starting it is the only thing it does."""
-    jobs = maybe("jobs")
-    if jobs is None:
-        st.caption("The jobs module is not installed; start a worker with `python -m tlcore worker`.")
-        return
     where = f"dispatches them to the Ray cluster at {cluster_setting()}" if cluster_setting() \
         else "trains queued runs one by one"
     if st.button("Start worker", key=key, type="primary", icon=":material/play_arrow:",
                  help=f"Starts `python -m tlcore worker` in the background; it {where}."):
         try:
-            pid = start_worker_process(jobs)
+            pid = start_worker_process()
         except Exception as exc:  # noqa: BLE001 - shown in words
             st.error(f"The worker did not start: {exc}")
         else:

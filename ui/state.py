@@ -20,10 +20,10 @@ from typing import Any, Callable, Hashable, Iterable, TypeVar
 
 import streamlit as st
 
-from tlcore import home
 from tlcore.errors import NotFound, TransferLabError
-from tlcore.run_folder import RunFolder
-from tlcore.store import Store
+from tlcore.records import home
+from tlcore.records.run_folder import RunFolder
+from tlcore.records.store import Store
 
 IMAGENET_REF = "imagenet:efficientnet_lite0"
 T = TypeVar("T")
@@ -96,7 +96,7 @@ def store() -> Store:
 
 @dataclasses.dataclass
 class DeviceProbe:
-    """`tlcore.devices.describe()` run once in a child process, so that no page waits for
+    """`tlcore.train.devices.describe()` run once in a child process, so that no page waits for
     TensorFlow to import just to say which device the server has."""
 
     result: dict[str, Any] | None = None
@@ -111,7 +111,7 @@ class DeviceProbe:
         # Let the first pages paint before TensorFlow's import competes for the CPU, and run
         # the check at the lowest priority: on a 2-core server it must not slow the UI.
         time.sleep(float(os.environ.get("TLAB_DEVICE_PROBE_DELAY", "6")))
-        code = ("import json; from tlcore.devices import describe; "
+        code = ("import json; from tlcore.train.devices import describe; "
                 "print('TLAB-DEVICE ' + json.dumps(describe(), default=str))")
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
         try:
@@ -187,7 +187,7 @@ class CachedModel:
             return self.loaded.predict_image(image, top_k)
 
     def gradcam(self, image_uint8: Any):
-        from tlcore import inference
+        from tlcore.deploy import inference
 
         with self.lock:
             return inference.gradcam(self.loaded, image_uint8)
@@ -197,10 +197,10 @@ _LOAD_LOCK = threading.Lock()
 
 
 def declare_device_policy() -> str:
-    """At most one GPU, capped, for the dashboard process (`tlcore.devices.declare_process`, which
+    """At most one GPU, capped, for the dashboard process (`tlcore.train.devices.declare_process`, which
     applies it once): called before every path that may start TensorFlow (model loading, the LR
     finder, the audit, export)."""
-    from tlcore import devices
+    from tlcore.train import devices
 
     return devices.declare_process("dashboard")
 
@@ -209,7 +209,7 @@ def declare_device_policy() -> str:
 def _load_model(data_home: str, ref: str) -> CachedModel:
     # One model load at a time: two sessions asking for the same run wait for one load.
     with _LOAD_LOCK:
-        from tlcore import inference
+        from tlcore.deploy import inference
 
         declare_device_policy()
         if ref.startswith("imagenet:"):
@@ -253,7 +253,7 @@ def _predictions_stamp(run_id: str) -> float:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _eval_report(data_home: str, run_id: str, stamp: float):
-    from tlcore.evaluation import evaluate_run
+    from tlcore.evaluate.evaluation import evaluate_run
 
     return evaluate_run(run_id)
 
@@ -279,7 +279,7 @@ def eval_report(run_id: str):
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _paired_comparison(data_home: str, run_a: str, run_b: str, stamps: tuple[float, float]):
-    from tlcore.comparison import compare_runs
+    from tlcore.evaluate.comparison import compare_runs
 
     return compare_runs(run_a, run_b, store())
 

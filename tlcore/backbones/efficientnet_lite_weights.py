@@ -17,9 +17,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tlcore import home
-from tlcore.atomic import write_atomically
 from tlcore.backbones.torch_pickle import load_state_dict
+from tlcore.records import home
+from tlcore.records.atomic import write_atomically
 
 _CACHE_FORMAT = 1
 

@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlcore import home
 from tlcore.errors import InvalidInput, WeightsUnavailable
+from tlcore.records import home
 
 if TYPE_CHECKING:
     import keras

@@ -26,10 +26,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from tlcore import home
-from tlcore.atomic import write_atomically
 from tlcore.data.archive import ZipLimits, is_ignored_name, safe_extract_zip
 from tlcore.errors import DatasetDownloadError, InvalidInput
+from tlcore.records import home
+from tlcore.records.atomic import write_atomically
 
 # The first entry is the offline default the dashboard offers.
 BUILTIN: dict[str, str] = {

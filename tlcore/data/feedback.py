@@ -22,13 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from tlcore import home
-from tlcore.atomic import write_bytes_atomically, write_text_atomically
 from tlcore.data import images
 from tlcore.data.importer import ImportResult, import_dataset
 from tlcore.data.manifest import load_manifest
 from tlcore.errors import InvalidInput
-from tlcore.store import Store
+from tlcore.records import home
+from tlcore.records.atomic import write_bytes_atomically, write_text_atomically
+from tlcore.records.store import Store
 
 INBOX_FILE = "inbox.jsonl"
 FOLD_SPLIT = "train"  # filed photos are hard cases to learn from, not a fair test

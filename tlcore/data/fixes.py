@@ -14,11 +14,11 @@ import shutil
 import time
 from typing import Any, Iterable, Mapping
 
-from tlcore import home
 from tlcore.data.importer import count_per_split
 from tlcore.data.manifest import ManifestEntry, load_manifest, write_manifest
 from tlcore.errors import InvalidInput
-from tlcore.store import Dataset, Store, new_id
+from tlcore.records import home
+from tlcore.records.store import Dataset, Store, new_id
 
 
 @dataclasses.dataclass(frozen=True)

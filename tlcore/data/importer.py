@@ -24,8 +24,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from tlcore import home
-from tlcore.atomic import write_bytes_atomically
 from tlcore.data import images
 from tlcore.data.archive import UnsafeArchive, ZipLimits, is_ignored_name, safe_extract_zip
 from tlcore.data.manifest import (
@@ -37,8 +35,10 @@ from tlcore.data.manifest import (
     write_manifest,
 )
 from tlcore.data.sources import is_under, resolve_under_roots
-from tlcore.errors import DatasetImportError, NotFound
-from tlcore.store import Dataset, Store, new_id
+from tlcore.errors import DatasetImportError, InvalidInput, NotFound
+from tlcore.records import home
+from tlcore.records.atomic import write_bytes_atomically
+from tlcore.records.store import Dataset, Store, new_id
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -577,3 +577,31 @@ def _looks_like_zip(path: Path) -> bool:
 
 
 __all__ = ["DatasetImportError", "ImportResult", "UnsafeArchive", "import_dataset"]
+
+
+def resolve_dataset(ref: str, store: Store, *, seed: int = 0, split=None) -> Dataset:
+    """A stored dataset for `ref`: an id or name, or a folder / `.zip` path imported now.
+
+    A bare word names a stored dataset first; only if none matches is it tried as a folder
+    in the working directory. Anything with a path separator, `.` or `~` in front, or a
+    `.zip` ending is a path.
+    """
+    ref = str(ref).strip()
+    if not ref:
+        raise InvalidInput("`dataset` must name a dataset or a folder. Received: an empty string.")
+    path = Path(ref).expanduser()
+    looks_like_path = os.sep in ref or ref.startswith((".", "~")) or ref.lower().endswith(".zip")
+    importable = path.exists() and (path.is_dir() or path.suffix.lower() == ".zip")
+    if not looks_like_path:
+        try:
+            return store.get_dataset(ref)
+        except NotFound:
+            if not importable:
+                raise
+    if not importable:
+        raise InvalidInput(f"No folder or .zip at {ref}. Pass an existing folder (one subfolder per class), "
+                         "a .zip of one, or a dataset name from `python -m tlcore datasets list`.")
+    kwargs: dict[str, Any] = {"store": store, "seed": seed}
+    if split is not None:
+        kwargs["split"] = tuple(split)
+    return import_dataset(str(path), **kwargs).dataset

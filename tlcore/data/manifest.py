@@ -14,9 +14,9 @@ import random
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tlcore import home
-from tlcore.atomic import write_text_atomically
 from tlcore.errors import InvalidInput
+from tlcore.records import home
+from tlcore.records.atomic import write_text_atomically
 
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.jsonl"

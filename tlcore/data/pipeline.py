@@ -1,6 +1,6 @@
 """Pixels for training: decode and resize each image once into a uint8 cache, then stream batches.
 
-The cache is keyed by image content (`tlcore.content_cache`): a `.npy` file per list of images
+The cache is keyed by image content (`tlcore.data.content_cache`): a `.npy` file per list of images
 at one size, opened as a memory map, so a dataset larger than memory streams from disk; a new
 dataset version decodes only the images no earlier version had. Augmentation runs on the fly on each gathered
 uint8 batch (`tlcore.data.augment`), outside the model, so saved models stay plain.
@@ -16,10 +16,10 @@ from typing import Sequence
 
 import numpy as np
 
-from tlcore import home
-from tlcore.content_cache import ContentCache
 from tlcore.data.augment import augment_batch, batch_rng
+from tlcore.data.content_cache import ContentCache
 from tlcore.data.images import load_resized
+from tlcore.records import home
 
 SPLITS = ("train", "val", "test")
 
@@ -132,7 +132,7 @@ def batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, batch_s
     Batches are gathered from the memory map by index, so only one batch at a time is in
     memory, then augmented (`augment` names, see `tlcore.data.augment`) with draws that depend
     on `seed` and the batch's number. The last batch may be short (evaluation pads its rows to
-    whole batches: `tlcore.training.model_probabilities`).
+    whole batches: `tlcore.train.training.model_probabilities`).
     """
     import tensorflow as tf
 

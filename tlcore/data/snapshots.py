@@ -11,10 +11,10 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from tlcore import home
 from tlcore.data.importer import ImportResult, import_dataset
 from tlcore.errors import InvalidInput
-from tlcore.store import Store
+from tlcore.records import home
+from tlcore.records.store import Store
 
 MAX_CLASS_NAME = 100
 

@@ -1,0 +1,420 @@
+"""The data audit: likely label errors, near-duplicates, outliers and class balance of a dataset.
+
+Everything is computed from the backbone features of the dataset's images (the content-addressed
+feature cache: a dataset a run has trained on audits without a backbone pass):
+
+- label errors: out-of-fold class probabilities from k softmax heads (logistic regression) on
+  the features, each image scored by cleanlab's label-quality score and flagged by cleanlab's
+  confident-learning filter;
+- near-duplicates: pairs whose centred, normalised features have cosine similarity above a
+  threshold, cross-split pairs first (a copy of a test image in train inflates test accuracy),
+  found a block of rows at a time; copies of one photo are grouped into clusters (so a photo with
+  30 variants is one finding, not 435 pairs) and the report keeps at most `MAX_PAIRS` pairs;
+- outliers: images whose nearest neighbours are far less similar than a typical image's, on
+  uncentred features (centring removes what all photos of a dataset share, and with it the
+  difference between a flower and a page of text);
+- an embedding map: a 2-D projection for a scatter coloured by class (fitted on every image, drawn
+  for a seeded sample of at most `MAP_POINTS`). Linear discriminant
+  analysis on a PCA of the features, chosen over UMAP and t-SNE for speed: on the 2 shared
+  cores, umap-learn took 20-116 s to import (numba) and 60-120 s to fit 3,300 points, sklearn's
+  t-SNE 93 s; LDA takes well under a second and still pulls classes apart (a mislabelled image
+  sits among the class it looks like, in the other class's colour).
+
+The report is saved beside the dataset (`audit-<backbone>.json`) so the dashboard shows it
+without recomputing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from tlcore.backbones import get_backbone
+from tlcore.backbones.features import feature_cache
+from tlcore.data.manifest import ManifestEntry, load_manifest
+from tlcore.errors import InvalidInput
+from tlcore.records import home
+from tlcore.records.atomic import write_json_atomically
+from tlcore.records.store import Dataset, Store
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+FOLDS = 5
+MIN_PER_CLASS = 3  # fewer images in a class than this and out-of-fold heads say nothing about it
+DUPLICATE_SIMILARITY = 0.90  # centred cosine similarity; see BENCHMARKS.md for how it was chosen
+OUTLIER_NEIGHBOURS = 5
+OUTLIER_SPREAD = 4.0  # robust z-score (median/MAD) below which an image is an outlier
+PCA_DIMS = 128
+HEAD_C = 10.0  # inverse L2 strength of the out-of-fold heads, on unit-length features
+BLOCK = 1024  # rows of the similarity matrix held at once
+MAX_PAIRS = 1000  # near-duplicate pairs a report keeps (cross-split first, then most similar); groups count all
+GROUP_MEMBERS = 50  # images a near-duplicate group lists by name (its size counts them all)
+MAP_POINTS = 5000  # images drawn on the embedding map
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelIssue:
+    source: str
+    split: str
+    given: str
+    suggested: str
+    score: float  # cleanlab label quality in [0, 1]: low means the given label is likely wrong
+
+
+@dataclasses.dataclass(frozen=True)
+class NearDuplicate:
+    a: str
+    b: str
+    similarity: float
+    splits: tuple[str, str]
+
+    @property
+    def cross_split(self) -> bool:
+        return self.splits[0] != self.splits[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class DuplicateGroup:
+    """Images linked by near-duplicate pairs (copies, crops, re-encodes of one photo)."""
+
+    size: int
+    members: list[str]  # sources, at most GROUP_MEMBERS of them
+    splits: list[str]  # the splits its images are in
+    labels: list[str]  # the classes its images are labelled with
+    similarity: float  # its most similar pair
+
+    @property
+    def cross_split(self) -> bool:
+        return len(self.splits) > 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Outlier:
+    source: str
+    split: str
+    label: str
+    score: float  # mean similarity to its nearest neighbours
+
+
+@dataclasses.dataclass(frozen=True)
+class MapPoint:
+    source: str
+    split: str
+    label: str
+    x: float
+    y: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditReport:
+    dataset_id: str
+    dataset: str
+    backbone: str
+    image_size: int
+    images: int
+    label_issues: list[LabelIssue]
+    near_duplicates: list[NearDuplicate]
+    outliers: list[Outlier]
+    class_balance: dict[str, Any]
+    embedding_map: list[MapPoint]
+    timings: dict[str, float]
+    duplicate_groups: list[DuplicateGroup] = dataclasses.field(default_factory=list)  # absent in older audits
+    duplicate_pairs: int | None = None  # every pair found; `near_duplicates` keeps at most MAX_PAIRS
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditReport:
+        fields = dict(data)
+        fields["label_issues"] = [LabelIssue(**x) for x in data["label_issues"]]
+        fields["near_duplicates"] = [NearDuplicate(**{**x, "splits": tuple(x["splits"])})
+                                     for x in data["near_duplicates"]]
+        fields["outliers"] = [Outlier(**x) for x in data["outliers"]]
+        fields["embedding_map"] = [MapPoint(**x) for x in data["embedding_map"]]
+        fields["duplicate_groups"] = [DuplicateGroup(**x) for x in data.get("duplicate_groups", [])]
+        return cls(**fields)
+
+
+def audit_dataset(ref: str, backbone: str = DEFAULT_BACKBONE, *, store: Store | None = None,
+                  image_size: int | None = None, weights: str = "imagenet", folds: int = FOLDS,
+                  duplicate_similarity: float = DUPLICATE_SIMILARITY,
+                  on_progress: Callable[[str], None] | None = None) -> AuditReport:
+    """Audit dataset `ref` (id, name or `name@version`) with `backbone`'s features; save and return it.
+
+    Args:
+        ref: the dataset.
+        backbone: whose features to use. Defaults to EfficientNet-Lite0.
+        image_size: the features' input size. Defaults to the backbone's default size.
+        weights: "imagenet" or "none". Defaults to "imagenet".
+        folds: k of the out-of-fold heads (fewer if the smallest class is smaller). Defaults to 5.
+        duplicate_similarity: cosine similarity from which two images are near-duplicates.
+        on_progress: called with a short sentence as each step starts.
+
+    Raises:
+        InvalidInput: fewer than two classes, or a class with fewer than 3 images.
+        NotFound: no such dataset.
+    """
+    say = on_progress or (lambda message: None)
+    started = time.perf_counter()
+    store = store or Store()
+    dataset = store.get_dataset(ref)
+    entries = load_manifest(dataset.id)
+    labels = np.array([dataset.classes.index(e.label) for e in entries])
+    folds = _check_enough_images(dataset, entries, folds)
+    spec = get_backbone(backbone)
+    size = image_size or spec.default_size
+    timings: dict[str, float] = {}
+
+    def timed(key: str, message: str, step: Callable[[], Any]) -> Any:
+        say(message)
+        t = time.perf_counter()
+        result = step()
+        timings[key] = round(time.perf_counter() - t, 3)
+        return result
+
+    features = timed("features_s", "Backbone features", lambda: dataset_features(entries, spec.name, size, weights))
+    with timed("imports_s", "Loading the audit's libraries", _one_blas_thread):
+        reduced, uncentred = timed("pca_s", "Reducing features", lambda: _reduce(features))
+        unit = _unit(reduced)
+        probs = timed("heads_s", f"{folds}-fold heads", lambda: out_of_fold_probabilities(reduced, labels, folds))
+        issues = timed("label_issues_s", "Ranking label issues",
+                       lambda: rank_label_issues(entries, dataset.classes, labels, probs))
+        duplicates, groups, pair_count = timed("duplicates_s", "Near-duplicates",
+                                               lambda: near_duplicates(entries, unit, duplicate_similarity))
+        outliers = timed("outliers_s", "Outliers", lambda: find_outliers(entries, _unit(uncentred)))
+        points = timed("map_s", "Embedding map", lambda: embedding_map(entries, reduced, labels))
+    timings["total_s"] = round(time.perf_counter() - started, 3)
+    report = AuditReport(
+        dataset_id=dataset.id, dataset=dataset.label, backbone=spec.name, image_size=size, images=len(entries),
+        label_issues=issues, near_duplicates=duplicates, outliers=outliers,
+        class_balance=class_balance(dataset), embedding_map=points, timings=timings,
+        duplicate_groups=groups, duplicate_pairs=pair_count)
+    write_json_atomically(audit_path(dataset.id, spec.name), report.to_dict())
+    return report
+
+
+def _one_blas_thread():
+    """A context with one BLAS/OpenMP thread per library, the audit's libraries loaded first.
+
+    The audit's LAPACK calls (QR, SVD, the heads' solver) are many small steps; with two OpenBLAS
+    threads on two cores shared with other work, every step waits for a descheduled thread: on
+    the 2 shared cores a QR took 10.5 s with two threads and 0.55 s with one.
+    """
+    import cleanlab.filter  # noqa: F401 - loaded now so the limit covers its BLAS too
+    import sklearn.discriminant_analysis  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import sklearn.utils.extmath  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1)
+
+
+def audit_path(dataset_id: str, backbone: str) -> Path:
+    """Where the last audit of a dataset with a backbone is saved."""
+    return home.dataset_dir(dataset_id) / f"audit-{backbone}.json"
+
+
+def saved_audit(dataset_id: str, backbone: str = DEFAULT_BACKBONE) -> AuditReport | None:
+    """The last saved audit of the dataset with `backbone`, or None."""
+    path = audit_path(dataset_id, backbone)
+    if not path.exists():
+        return None
+    return AuditReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _check_enough_images(dataset: Dataset, entries: Sequence[ManifestEntry], folds: int) -> int:
+    counts = Counter(e.label for e in entries)
+    if len(counts) < 2:
+        raise InvalidInput(f"Dataset {dataset.label} has only one class ({next(iter(counts), 'none')}); "
+                           "an audit compares classes, so it needs at least two.")
+    smallest = min(counts, key=counts.get)
+    if counts[smallest] < MIN_PER_CLASS:
+        raise InvalidInput(
+            f"Class {smallest!r} of {dataset.label} has {counts[smallest]} image(s); the audit's out-of-fold "
+            f"heads need at least {MIN_PER_CLASS} per class. Add images to it or leave the class out.")
+    return max(2, min(folds, counts[smallest]))
+
+
+def dataset_features(entries: Sequence[ManifestEntry], backbone: str, size: int, weights: str = "imagenet",
+                     seed: int = 0) -> np.ndarray:
+    """Pooled backbone features of `entries`, from the feature cache; unseen images go through the
+    backbone (the same features a head-only training run caches and reuses)."""
+    cache = feature_cache(backbone, size, weights, seed)
+    shas = [e.sha256 for e in entries]
+    found = cache.complete(shas)
+    if found is not None:
+        return found.array
+    import keras
+
+    from tlcore.backbones import resolve_weights
+    from tlcore.backbones.classifier import build_classifier
+    from tlcore.backbones.features import cached_features
+    from tlcore.backbones.folding import fold_batchnorm
+    from tlcore.data.pipeline import pixel_cache
+
+    spec = get_backbone(backbone)
+    keras.utils.set_random_seed(seed)
+    model, _ = build_classifier(spec, size, resolve_weights(spec, weights), 2, 0.0)
+    feature_model = fold_batchnorm(keras.Model(model.input, model.get_layer("pool").output))
+    pixels, _ = pixel_cache(entries, size)
+    found, _ = cached_features(cache, shas, feature_model, pixels.images, 32)
+    return found.array
+
+
+def _reduce(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(centred features on their top principal components, the uncentred features in the span of
+    those components and the mean): the heads, duplicates and map use the first; the outliers the
+    second, where what every photo of the dataset shares still counts."""
+    from sklearn.utils.extmath import randomized_svd
+
+    features = features.astype(np.float32)
+    mean = features.mean(axis=0)
+    centred = features - mean
+    dims = min(PCA_DIMS, centred.shape[0] - 1, centred.shape[1])
+    # A randomized SVD: a few matrix products, where a full eigendecomposition took 25 s on 2 busy cores.
+    _, _, components = randomized_svd(centred, dims, n_iter=4, random_state=0)
+    basis, _ = np.linalg.qr(np.column_stack([components.T, mean]))
+    return centred @ components.T, features @ basis
+
+
+def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """Class probabilities for every image from a softmax head that never saw it (stratified k-fold),
+    trained on the features scaled to unit length (the cosine geometry the duplicates use too)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    x = features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-12)
+    probs = np.zeros((len(labels), int(labels.max()) + 1), np.float64)
+    for train, held_out in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, labels):
+        head = LogisticRegression(C=HEAD_C, max_iter=300).fit(x[train], labels[train])
+        probs[np.ix_(held_out, head.classes_)] = head.predict_proba(x[held_out])
+    return probs
+
+
+def rank_label_issues(entries: Sequence[ManifestEntry], classes: Sequence[str], labels: np.ndarray,
+                      probs: np.ndarray) -> list[LabelIssue]:
+    """Images cleanlab flags as likely mislabelled, most likely first."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    scores = get_label_quality_scores(labels, probs)
+    # n_jobs=1: cleanlab would otherwise fork worker processes, and a fork of the threaded dashboard
+    # server can deadlock (a forked child hung the browser test once).
+    flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
+    suggested = probs.argmax(axis=1)
+    return [LabelIssue(source=entries[i].source, split=entries[i].split, given=classes[labels[i]],
+                       suggested=classes[suggested[i]], score=round(float(scores[i]), 4))
+            for i in flagged]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+
+
+def _blocks(unit: np.ndarray):
+    """(first row, cosine similarities of a block of rows with every row), self-similarity -inf."""
+    for start in range(0, len(unit), BLOCK):
+        sims = unit[start:start + BLOCK] @ unit.T
+        rows = np.arange(len(sims))
+        sims[rows, start + rows] = -np.inf
+        yield start, sims
+
+
+def near_duplicates(entries: Sequence[ManifestEntry], unit: np.ndarray, threshold: float,
+                    max_pairs: int = MAX_PAIRS) -> tuple[list[NearDuplicate], list[DuplicateGroup], int]:
+    """Images with cosine similarity >= `threshold`, a block of rows at a time.
+
+    Returns (at most `max_pairs` pairs, cross-split first, then most similar; the groups the pairs
+    link, cross-split first, then largest; how many pairs there are in all). Memory holds one block
+    of similarities, the kept pairs and one group id per image, never every pair.
+    """
+    import heapq
+
+    parent = np.arange(len(unit))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    kept: list[tuple[bool, float, int, int]] = []  # a min-heap: the weakest kept pair on top
+    best: dict[int, float] = {}
+    total = 0
+    for start, sims in _blocks(unit):
+        rows, cols = np.nonzero(sims >= threshold)
+        for i, j in zip((rows + start).tolist(), cols.tolist()):
+            if i >= j:
+                continue
+            total += 1
+            similarity = float(sims[i - start, j])
+            a, b = root(i), root(j)
+            if a != b:
+                parent[b] = a
+            best[a] = max(best.get(a, 0.0), best.pop(b, 0.0) if a != b else 0.0, similarity)
+            pair = (entries[i].split != entries[j].split, similarity, i, j)
+            if len(kept) < max_pairs:
+                heapq.heappush(kept, pair)
+            elif pair > kept[0]:
+                heapq.heapreplace(kept, pair)
+    duplicates = [NearDuplicate(a=entries[i].source, b=entries[j].source, similarity=round(s, 4),
+                                splits=(entries[i].split, entries[j].split))
+                  for _, s, i, j in sorted(kept, reverse=True)]
+    members: dict[int, list[int]] = {}
+    for i in range(len(unit)):
+        if parent[i] != i or i in best:
+            members.setdefault(root(i), []).append(i)
+    groups = [DuplicateGroup(size=len(group), members=[entries[i].source for i in group[:GROUP_MEMBERS]],
+                             splits=sorted({entries[i].split for i in group}),
+                             labels=sorted({entries[i].label for i in group}),
+                             similarity=round(best.get(r, 0.0), 4))
+              for r, group in members.items() if len(group) > 1]
+    groups.sort(key=lambda g: (not g.cross_split, -g.size, -g.similarity))
+    return duplicates, groups, total
+
+
+def find_outliers(entries: Sequence[ManifestEntry], unit: np.ndarray) -> list[Outlier]:
+    """Images whose nearest neighbours are far less similar than a typical image's (robust z-score
+    below -OUTLIER_SPREAD), least similar first."""
+    k = min(OUTLIER_NEIGHBOURS, len(unit) - 1)
+    neighbour_similarity = np.empty(len(unit), np.float32)
+    for start, sims in _blocks(unit):
+        neighbour_similarity[start:start + len(sims)] = np.partition(sims, -k, axis=1)[:, -k:].mean(axis=1)
+    median = np.median(neighbour_similarity)
+    spread = 1.4826 * np.median(np.abs(neighbour_similarity - median)) or 1e-6
+    z = (neighbour_similarity - median) / spread
+    return [Outlier(source=entries[i].source, split=entries[i].split, label=entries[i].label,
+                    score=round(float(neighbour_similarity[i]), 4))
+            for i in np.argsort(neighbour_similarity) if z[i] < -OUTLIER_SPREAD]
+
+
+def class_balance(dataset: Dataset) -> dict[str, Any]:
+    """Images per class (all splits and per split), the largest/smallest ratio and the smallest class."""
+    totals = {c: sum(dataset.counts.get(s, {}).get(c, 0) for s in dataset.counts) for c in dataset.classes}
+    smallest, largest = min(totals, key=totals.get), max(totals, key=totals.get)
+    return {"per_class": totals, "per_split": dataset.counts, "smallest": smallest, "largest": largest,
+            "ratio": round(totals[largest] / max(1, totals[smallest]), 2)}
+
+
+def embedding_map(entries: Sequence[ManifestEntry], features: np.ndarray, labels: np.ndarray,
+                  points: int = MAP_POINTS) -> list[MapPoint]:
+    """A 2-D projection of the features (LDA; with two classes, LDA's axis and the first principal one),
+    fitted on every image and drawn for a seeded sample of at most `points` of them."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    n_classes = int(labels.max()) + 1
+    lda = LinearDiscriminantAnalysis(n_components=min(2, n_classes - 1)).fit(features, labels)
+    shown = np.arange(len(entries))
+    if len(shown) > points:
+        shown = np.sort(np.random.default_rng(0).choice(len(shown), points, replace=False))
+    xy = lda.transform(features[shown])
+    if xy.shape[1] == 1:
+        xy = np.column_stack([xy[:, 0], features[shown, 0]])
+    return [MapPoint(source=entries[i].source, split=entries[i].split, label=entries[i].label,
+                     x=round(float(x), 4), y=round(float(y), 4)) for i, (x, y) in zip(shown.tolist(), xy)]

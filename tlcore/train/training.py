@@ -1,0 +1,727 @@
+"""The two-phase transfer recipe, run for one stored run.
+
+Phase 1 (head): the backbone is frozen. Without augmentation its pooled features are
+computed once and cached, and a new softmax head trains on them in seconds.
+Phase 2 (fine-tune): the top layers of the backbone are unfrozen (BatchNorm stays in inference
+mode), the whole model trains on augmented pixels with a warm-up + cosine learning rate,
+early stopping and best-epoch weights restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import keras
+import numpy as np
+import pandas as pd
+
+from tlcore.backbones import get_backbone, resolve_weights
+from tlcore.backbones.classifier import build_classifier, unfreeze_top
+from tlcore.backbones.features import cached_features, feature_cache
+from tlcore.backbones.folding import fold_batchnorm
+from tlcore.data import pipeline
+from tlcore.data.manifest import run_entries
+from tlcore.errors import InvalidInput, RunCancelled
+from tlcore.evaluate import calibration
+from tlcore.evaluate.evaluation import EvalReport, compute_report, write_predictions
+from tlcore.records.atomic import write_atomically
+from tlcore.records.config import TrainConfig
+from tlcore.records.run_folder import Checkpoint, RunFolder
+from tlcore.records.run_record import DeviceRecord, FinetuneDecision, HeadSearch, RunProgress, RunSummary, Timings
+from tlcore.records.store import Store
+from tlcore.train import devices, head_search, training_state
+from tlcore.train.head_search import TrialSettings, class_weights
+
+TOP_K = 5
+
+
+class RunSink(Protocol):
+    """Where a run reports while it trains: the store here, or a channel back to a Ray dispatcher."""
+
+    def log(self, message: str) -> None: ...
+
+    def log_epoch(self, phase: str, epoch: int, step: int, metrics: dict[str, float]) -> None: ...
+
+    def heartbeat(self, progress: RunProgress) -> bool:
+        """Record progress and renew the lease; True when a cancel was requested."""
+        ...
+
+    def checkpoint_saved(self, folder: RunFolder) -> None:
+        """A new checkpoint is in `folder` (a remote run sends it home)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSink:
+    """The local worker's sink: straight into the store; checkpoints are already in the run folder."""
+
+    store: Store
+    run_id: str
+
+    def log(self, message: str) -> None:
+        self.store.log(self.run_id, message)
+
+    def log_epoch(self, phase: str, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        self.store.log_epoch(self.run_id, phase, epoch, step, metrics)
+
+    def heartbeat(self, progress: RunProgress) -> bool:
+        return self.store.heartbeat(self.run_id, progress)
+
+    def checkpoint_saved(self, folder: RunFolder) -> None:
+        pass
+
+
+class _Training:
+    """One run being trained: what its steps share, and the steps in the order they run."""
+
+    def __init__(self, run_id: str, store: Store, should_stop: Callable[[], bool], progress_bar: bool,
+                 sink: RunSink | None = None):
+        self.run = store.get_run(run_id)
+        self.run_id, self.store = run_id, store
+        self.sink = sink or StoreSink(store, run_id)
+        self.config = TrainConfig.from_dict(self.run.config)
+        self.folder = RunFolder(run_id).created()
+        self.should_stop, self.progress_bar = should_stop, progress_bar
+        self.step = 0  # epochs finished across phases: the x axis of the curves
+        self.last_beat = 0.0
+        self.timings: dict[str, float] = {}
+        self.head_on_features: tuple[Any, np.ndarray] | None = None
+        self.predictor = None  # the saved model with BatchNorm folded, made once for evaluation
+        self.feature_extraction: _FeatureExtraction | None = None
+        self.resumed: Checkpoint | None = None
+        self.trainer = self.early_stopping = None  # of the phase training now, for its checkpoints
+        # What the head phase settled on, carried into the fine-tune (the search may change it).
+        self.settings = TrialSettings(self.config.lr, self.config.dropout, 0.0, self.config.class_weight)
+        self.head_search: HeadSearch | None = None
+        self.head_val_accuracy: float | None = None  # the head's, for the fine-tune decision
+        self.head_weights: list | None = None
+        self.finetune_decision: FinetuneDecision | None = None
+
+    def log(self, message: str) -> None:
+        self.sink.log(message)
+        if self.progress_bar:
+            print(message, flush=True)
+
+    def beat(self, progress: RunProgress, force: bool = False) -> bool:
+        """Write progress at most once a second; True when the run should stop."""
+        now = time.monotonic()
+        cancel = False
+        if force or now - self.last_beat > 1.0:
+            self.last_beat = now
+            cancel = self.sink.heartbeat(progress)
+        return cancel or self.should_stop()
+
+    def raise_if_cancelled(self) -> None:
+        if self.beat(RunProgress(phase="stopping"), force=True):
+            raise RunCancelled("Cancelled by request; the epochs logged so far are kept.")
+
+    def execute(self) -> RunSummary:
+        started = time.perf_counter()
+        self.load_data()
+        self.prepare_devices()
+        self.decode_pixels()
+        self.build_model()
+        resume = self.restore_checkpoint()
+        if self.config.head_epochs and not resume:
+            self.timed("head_s", self.fit_head)
+        if self.settings.class_weight == "auto":
+            self.log("Class weighting auto: no head was fitted both ways here (resumed, head augmented, or no "
+                     "validation split apart from the evaluation split), so it trains unweighted.")
+            self.use_class_weight("none")
+        if self.config.finetune_epochs:
+            self.timed("finetune_s", lambda: self.fine_tune(resume))
+            self.keep_better_of_head_and_finetune()
+        with self.strategy.scope():
+            # What is saved and evaluated computes in float32: a mixed-precision model would
+            # reload as float16 on a CPU host and could not be converted to TFLite.
+            self.final_model = devices.float32_model(self.model)
+        report = self.timed("eval_s", self.evaluate)
+        model_path = save_model_atomically(self.final_model, self.folder.model)
+        self.timings["total_s"] = time.perf_counter() - started
+        self.log(f"Done: {self.eval_split} accuracy {report.accuracy:.4f}, macro F1 {report.macro_f1:.4f} "
+                 f"in {self.timings['total_s']:.1f} s.")
+        return self.summary(report, model_path)
+
+    def timed(self, key: str, step: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        result = step()
+        self.timings[key] = time.perf_counter() - t
+        return result
+
+    # ------------------------------------------------------------------ steps
+
+    def load_data(self) -> None:
+        """The dataset's entries (re-split if the recipe asks), labels and split rows."""
+        config = self.config
+        self.dataset = self.store.get_dataset(self.run.dataset_id)
+        self.spec = get_backbone(config.backbone)
+        self.size = config.resolved_image_size(self.spec)
+        entries = run_entries(self.dataset, config.split, config.seed)
+        self.entries, self.labels = entries, list(self.dataset.classes)
+        self.y_all = np.array([self.labels.index(e.label) for e in entries], dtype=np.int32)
+        self.splits = pipeline.split_indices(entries)
+        if config.class_weight != "auto":
+            self.use_class_weight(config.class_weight)
+        self.eval_split = "test" if len(self.splits["test"]) else "val"
+        if not len(self.splits["train"]) or not len(self.splits[self.eval_split]):
+            raise InvalidInput(
+                f"Dataset {self.dataset.label} needs images in both train and {self.eval_split} splits; it has "
+                f"{len(self.splits['train'])} and {len(self.splits[self.eval_split])}. Add images per class.")
+        # Choosing on validation (head search, class weighting auto, keeping the fine-tune) needs a
+        # validation split that is not also the evaluation split: it would grade its own choice.
+        self.choose_on_val = bool(len(self.splits["val"])) and self.eval_split != "val"
+        self.folder.write_config({**config.to_dict(), "dataset_id": self.dataset.id, "image_size": self.size})
+        self.folder.write_labels(self.labels)
+
+    def use_class_weight(self, mode: str) -> None:
+        """Train both phases with class weighting `mode` ("none" or "balanced") from now on."""
+        self.settings = dataclasses.replace(self.settings, class_weight=mode)
+        self.class_weight = class_weights(mode, self.y_all[self.splits["train"]], len(self.labels))
+        if self.class_weight:
+            self.log("Class weights (balanced, both phases): " + ", ".join(
+                f"{label} {self.class_weight[i]:.2f}" for i, label in enumerate(self.labels)) + ".")
+
+    def prepare_devices(self) -> None:
+        """The device plan (the rule for "auto" is in `devices.plan`), its strategy and batch sizes."""
+        plan = self.device_plan = devices.plan(self.config.mixed_precision, self.config.xla)
+        self.strategy = devices.apply(plan)
+        per_replica, self.global_batch = self.config.batch_sizes(plan.replicas)
+        self.lr_scale = self.config.lr_scale(self.global_batch)
+        self.device_record = DeviceRecord(
+            kind=plan.kind, devices=list(plan.devices), replicas=plan.replicas, strategy=plan.strategy_name,
+            mixed_precision=plan.mixed_precision, xla=plan.xla, batch_per_replica=per_replica,
+            global_batch=self.global_batch, lr_scaling=self.config.lr_scaling, lr_scale=self.lr_scale)
+        self.log(f"Device: {plan.describe()}; {self.device_record.describe()}. "
+                 f"Process device policy: {devices.current_policy() or 'none declared'}.")
+        keras.utils.set_random_seed(self.config.seed)
+
+    def decode_pixels(self) -> None:
+        t = time.perf_counter()
+        self.beat(RunProgress(phase="preparing", message="Decoding images"), force=True)
+        self.pixels, reused = pipeline.pixel_cache(
+            self.entries, self.size,
+            on_progress=lambda done, total: self.beat(
+                RunProgress(phase="preparing", message=f"Decoded {done}/{total} images")))
+        self.timings["pixels_s"] = time.perf_counter() - t
+        self.log(f"Pixel cache: {reused} of {len(self.pixels)} images at {self.size} px reused, the rest decoded "
+                 f"({self.timings['pixels_s']:.1f} s).")
+
+    def build_model(self) -> None:
+        weights_path = resolve_weights(self.spec, self.config.weights)
+        self.log(f"Backbone {self.spec.display_name}, weights: "
+                 f"{'ImageNet' if weights_path else 'none (random initialisation, no transfer)'}.")
+        with self.strategy.scope():
+            self.model, self.base = build_classifier(self.spec, self.size, weights_path, len(self.labels),
+                                                     self.config.dropout)
+
+    def restore_checkpoint(self) -> Checkpoint | None:
+        """Load the checkpoint of the run this one resumes, if it resumes one."""
+        resume_from = self.run.config.get("resume_from")
+        if not resume_from:
+            return None
+        checkpoint = RunFolder(resume_from).checkpoint()
+        if checkpoint is None:
+            raise InvalidInput(f"Run {resume_from} left no checkpoint to resume from; relaunch it instead.")
+        self.model.load_weights(checkpoint.weights)
+        self.step = len(self.store.epochs(resume_from))
+        self.resumed = checkpoint
+        self.log(f"Resumed from run {resume_from} after {checkpoint.phase} epoch {checkpoint.epoch}.")
+        return checkpoint
+
+    def fit_head(self) -> None:
+        """Phase 1: the head on the frozen backbone, on cached features unless it augments."""
+        config = self.config
+        if config.head_augment:
+            if self.settings.class_weight == "auto":
+                self.use_class_weight("none")
+            self.fit_pixels("head", config.head_epochs, config.lr * self.lr_scale)
+            if config.finetune_epochs and self.choose_on_val:
+                self.head_val_accuracy = self.val_accuracy_on_pixels()
+        else:
+            self.head_on_features = self.fit_head_on_features()
+        self.save_checkpoint("head", config.head_epochs)
+
+    def keep_better_of_head_and_finetune(self) -> None:
+        """Fine-tune only when it helps: the head's weights come back when the fine-tune ends with
+        a lower validation accuracy than the head had."""
+        if self.head_weights is None:
+            return
+        tuned = self.val_accuracy_on_pixels()
+        kept = "head" if tuned < self.head_val_accuracy else "finetune"
+        if kept == "head":
+            for variable, value in self.head_weights:
+                variable.assign(value)
+        self.head_weights = None
+        self.finetune_decision = FinetuneDecision(head_val_accuracy=round(self.head_val_accuracy, 6),
+                                                  finetune_val_accuracy=round(tuned, 6), kept=kept)
+        self.log(self.finetune_decision.describe())
+
+    def val_accuracy_on_pixels(self) -> float:
+        """The classifier's accuracy on the validation split, through the backbone."""
+        val = np.sort(self.splits["val"])
+        probs = model_probabilities(self.model, self.pixels.images, val, self.global_batch)
+        return float((probs.argmax(axis=1) == self.y_all[val]).mean())
+
+    def fine_tune(self, resume: Checkpoint | None) -> None:
+        """Phase 2: the top layers of the backbone unfrozen, a lower rate, warm-up and cosine decay."""
+        config = self.config
+        unfrozen = unfreeze_top(self.base, config.finetune_layers)
+        if self.head_val_accuracy is not None:
+            # What the fine-tune can change (BatchNorm stays frozen), as the head left it.
+            self.head_weights = [(v, np.array(v.numpy())) for v in self.model.trainable_weights]
+        learning_rate = self.settings.lr * config.finetune_lr_scale * self.lr_scale
+        smoothing = f", label smoothing {self.settings.label_smoothing:g}" if self.settings.label_smoothing else ""
+        self.log(f"Fine-tuning the top {unfrozen} layers of {self.spec.display_name} (BatchNorm frozen), "
+                 f"lr {learning_rate:g} with warm-up and cosine decay{smoothing}.")
+        initial = resume.epoch if resume and resume.phase == "finetune" else 0
+        self.fit_pixels("finetune", config.finetune_epochs, learning_rate, initial_epoch=initial, schedule=True)
+
+    def evaluate(self) -> EvalReport:
+        """Predictions on the evaluation split, written to the run folder, and their report."""
+        self.beat(RunProgress(phase="evaluating", message=f"Evaluating on {self.eval_split}"), force=True)
+        eval_rows = np.sort(self.splits[self.eval_split])
+        probs = self.probabilities(eval_rows)
+        rows = prediction_rows(probs, eval_rows, self.entries, self.labels)
+        write_predictions(self.folder.predictions, rows)
+        self.calibrate(probs, self.y_all[eval_rows])
+        return compute_report(self.labels, pd.DataFrame(rows))
+
+    def probabilities(self, rows: np.ndarray) -> np.ndarray:
+        """The saved model's class probabilities for the dataset rows `rows` (sorted); with test-time
+        augmentation (`tta="flip"`), averaged with those of the mirrored images."""
+        flip = self.config.tta == "flip"
+        if self.head_on_features is not None and not self.config.finetune_epochs \
+                and not self.device_plan.mixed_precision:
+            # The head shares its weights with the saved model, so its output on the cached
+            # (float32) features is the model's output on the pixels, without a second backbone pass.
+            head, features = self.head_on_features
+            probs = head.predict(features[rows], batch_size=256, verbose=0)
+            if flip:
+                mirrored, _, _ = self.feature_extraction.features(rows, mirror=True)
+                probs = (probs + head.predict(mirrored, batch_size=256, verbose=0)) / 2
+            return probs
+        if self.predictor is None:
+            with self.strategy.scope():
+                self.predictor = fold_batchnorm(self.final_model, only_frozen=False)
+        probs = model_probabilities(self.predictor, self.pixels.images, rows, self.global_batch)
+        if flip:
+            probs = (probs + model_probabilities(self.predictor, self.pixels.images, rows, self.global_batch,
+                                                 mirror=True)) / 2
+        return probs
+
+    def calibrate(self, eval_probs: np.ndarray, eval_labels: np.ndarray) -> None:
+        """Temperature and "not sure" threshold fitted on the validation split, kept with the run."""
+        val_rows = np.sort(self.splits["val"])
+        if self.eval_split == "val" or not len(val_rows):
+            reason = ("The dataset has no test split, so its validation split is the evaluation split: "
+                      "a temperature fitted on it would grade itself." if self.eval_split == "val" else
+                      "The dataset has no validation split to fit a temperature on.")
+            self.calibration, self.threshold = calibration.calibrate(None, None, eval_probs, eval_labels,
+                                                                     no_val_reason=reason), None
+        else:
+            val_probs = self.probabilities(val_rows)
+            val_labels = self.y_all[val_rows]
+            self.calibration = calibration.calibrate(val_probs, val_labels, eval_probs, eval_labels)
+            scaled = calibration.apply_temperature(val_probs, self.calibration.temperature)
+            self.threshold = calibration.choose_threshold(scaled.max(axis=1), scaled.argmax(axis=1) == val_labels)
+        calibration.write_run_calibration(self.run_id, self.calibration, self.threshold)
+        after = (f"{self.calibration.ece_after:.3f} at T = {self.calibration.temperature:.2f}"
+                 if self.calibration.temperature else f"not calibrated ({self.calibration.reason})")
+        self.log(f"Calibration: ECE {self.calibration.ece_before:.3f} before, {after}.")
+
+    def summary(self, report: EvalReport, model_path: Path) -> RunSummary:
+        timings = {k: round(v, 3) for k, v in self.timings.items() if k != "features_reused"}
+        return RunSummary(
+            backbone=self.spec.name,
+            weights=self.config.weights,
+            dataset=self.dataset.label,
+            dataset_id=self.dataset.id,
+            image_size=self.size,
+            eval_split=self.eval_split,
+            eval_images=int(len(self.splits[self.eval_split])),
+            metrics=report.metrics(tta=self.config.tta),
+            timings=Timings(**timings, features_reused=bool(self.timings.get("features_reused"))),
+            device=self.device_plan.describe(),
+            device_record=self.device_record,
+            model_path=str(model_path),
+            calibration=self.calibration,
+            threshold=self.threshold,
+            head_search=self.head_search,
+            class_weight=self.settings.class_weight,
+            finetune=self.finetune_decision,
+        )
+
+    # ---------------------------------------------------------------- fitting
+
+    def fit_head_on_features(self):
+        config, splits = self.config, self.splits
+        with self.strategy.scope():
+            feature_model = fold_batchnorm(keras.Model(self.model.input, self.model.get_layer("pool").output))
+        extractor = self.feature_extraction = _FeatureExtraction(self, feature_model)
+        features, reused, seconds = extractor.features()
+        self.timings["features_s"] = seconds
+        self.timings["features_reused"] = float(reused)
+        train = splits["train"]
+        x_train, y_train = features[train], self.y_all[train]
+        if "flip" in config.augment:
+            # Flip augmentation without giving up the cache: the head also sees each training image mirrored.
+            mirrored, _, seconds = extractor.features(train, mirror=True)
+            self.timings["features_s"] += seconds
+            x_train, y_train = np.concatenate([x_train, mirrored]), np.concatenate([y_train, y_train])
+
+        val = splits["val"]
+        search = config.head_search == "auto"
+        if self.choose_on_val and (search or config.class_weight == "auto"):
+            self.search_head(x_train, y_train, features[val], self.y_all[val], search)
+        # The head model shares its layers with the classifier, so training it trains the classifier.
+        with self.strategy.scope():
+            feat_in = keras.Input(features.shape[1:], name="features")
+            out = self.model.get_layer("head")(self.model.get_layer("head_dropout")(feat_in))
+            head = keras.Model(feat_in, out, name="head_only")
+            _compile(head, config.lr * self.lr_scale, xla=False)
+        if self.head_search is not None:
+            return head, features
+        if self.settings.class_weight == "auto":
+            self.use_class_weight("none")
+        # Shuffled in `pipeline.epoch_order`, as the pixels are: the same batches under any strategy.
+        train_data, steps = pipeline.shuffled_batches(
+            len(x_train), self.global_batch, lambda _e, _s, p: (x_train[p], y_train[p]), x_train.shape[1:],
+            "float32", seed=config.seed, epochs=config.head_epochs)
+        head.fit(
+            train_data,
+            steps_per_epoch=steps,
+            epochs=config.head_epochs,
+            class_weight=self.class_weight,
+            validation_data=(features[val], self.y_all[val]) if len(val) else None,
+            shuffle=False,  # the batches come in `epoch_order`
+            verbose=2 if self.progress_bar else 0,
+            callbacks=self.callbacks("head", config.head_epochs),
+        )
+        self.raise_if_cancelled()
+        if self.choose_on_val and config.finetune_epochs:
+            probs = head.predict(features[val], batch_size=256, verbose=0)
+            self.head_val_accuracy = float((probs.argmax(axis=1) == self.y_all[val]).mean())
+        return head, features
+
+    def search_head(self, x_train, y_train, x_val, y_val, search: bool) -> None:
+        """Heads fitted at once on the cached features (`tlcore.train.head_search`): the recipe's own
+        settings both ways for `class_weight="auto"`, the fixed grid too with `search`. The best on
+        validation macro F1 becomes the classifier's head; its settings carry into the fine-tune."""
+        config = self.config
+        trials = head_search.trial_grid(config.lr, config.dropout, config.class_weight, search)
+        self.log(f"Head search: {len(trials)} heads fitted at once on the cached features, chosen on validation "
+                 f"macro F1 ({len(x_val)} images), early stopping after {config.early_stopping_patience} epochs.")
+        fitted = head_search.fit_heads(
+            x_train, y_train, x_val, y_val, len(self.labels), trials, batch_size=self.global_batch,
+            max_epochs=config.head_epochs, patience=config.early_stopping_patience, seed=config.seed,
+            on_epoch=lambda epoch: self.beat(RunProgress(phase="head", epoch=epoch, epochs=config.head_epochs,
+                                                         step=self.step, message=f"Head search, {len(trials)} heads")))
+        self.raise_if_cancelled()
+        record, chosen = fitted.record, fitted.chosen
+        for k, trial in enumerate(record.trials):
+            self.log(f"Head trial {k + 1}/{len(trials)}{' (chosen)' if k == record.chosen else ''}: "
+                     f"{trial.settings()}: val macro F1 {trial.val_macro_f1:.4f}, accuracy {trial.val_accuracy:.4f} "
+                     f"(best epoch {trial.best_epoch} of {trial.epochs}).")
+        if record.class_weight is not None:
+            self.log(record.class_weight.describe())
+        history = fitted.chosen_history()
+        for epoch, metrics in enumerate(history, start=1):
+            self.step += 1
+            self.sink.log_epoch("head", epoch, self.step, metrics)
+        _write_tensorboard(self.folder.tensorboard("head"), history)
+        self.model.get_layer("head").set_weights(fitted.chosen_weights())
+        self.model.get_layer("head_dropout").rate = chosen.dropout
+        if chosen.class_weight != self.settings.class_weight:
+            self.use_class_weight(chosen.class_weight)
+        self.settings = TrialSettings(chosen.lr, chosen.dropout, chosen.label_smoothing, chosen.class_weight)
+        self.head_search = record
+        self.head_val_accuracy = chosen.val_accuracy
+
+    def fit_pixels(self, phase: str, epochs: int, learning_rate: float, *, initial_epoch: int = 0,
+                   schedule: bool = False) -> None:
+        config, images = self.config, self.pixels.images
+        train, val = self.splits["train"], self.splits["val"]
+        train_data, steps = pipeline.epoch_batches(images, train, self.y_all[train], self.global_batch,
+                                                   seed=config.seed, epochs=epochs, initial_epoch=initial_epoch,
+                                                   augment=config.augment)
+        if schedule:
+            warmup = min(steps, max(1, steps * epochs // 10))
+            learning_rate = keras.optimizers.schedules.CosineDecay(
+                initial_learning_rate=learning_rate * 0.1, decay_steps=max(1, steps * epochs - warmup),
+                warmup_target=learning_rate, warmup_steps=warmup)
+        with self.strategy.scope():
+            # The twin shares every trainable weight with `model`: training it trains `model`.
+            trainer = self.trainer = fold_batchnorm(self.model)
+            _compile(trainer, learning_rate, self.device_plan.xla, label_smoothing=self.settings.label_smoothing)
+        callbacks = self.callbacks(phase, epochs, checkpoint=phase == "finetune")
+        if initial_epoch:
+            with self.strategy.scope():
+                self.restore_training_state(trainer)
+        val_data = pipeline.batches(images, val, self.y_all[val], self.global_batch) if len(val) else None
+        trainer.fit(
+            train_data,
+            steps_per_epoch=steps,
+            epochs=epochs,
+            class_weight=self.class_weight,
+            initial_epoch=initial_epoch,
+            validation_data=val_data,
+            shuffle=False,  # the batches come in `epoch_order`
+            verbose=1 if self.progress_bar else 0,
+            callbacks=callbacks,
+        )
+        self.raise_if_cancelled()
+
+    def restore_training_state(self, trainer) -> None:
+        """The stopped run's optimizer moments and step (hence the schedule's step) and early-stopping
+        state, when its checkpoint holds them (`tlcore.train.training_state`); else the weights alone."""
+        path = RunFolder(self.run.config["resume_from"]).checkpoint_training_state
+        if training_state.restore(path, trainer.optimizer, trainer.trainable_variables, self.early_stopping,
+                                  epoch=self.resumed.epoch):
+            step = int(np.asarray(trainer.optimizer.iterations))
+            self.log(f"Optimizer and early-stopping state restored: step {step}.")
+        else:
+            self.log("The checkpoint holds weights only (saved before optimizer state was kept): Adam's moments "
+                     "start empty and the learning-rate schedule from step 0.")
+
+    def callbacks(self, phase: str, epochs: int, *, checkpoint: bool = False) -> list:
+        monitor = "val_loss" if len(self.splits["val"]) else "loss"
+        self.early_stopping = training_state.ResumableEarlyStopping(
+            monitor=monitor, patience=self.config.early_stopping_patience, restore_best_weights=True, verbose=0)
+        return [
+            self.early_stopping,  # before the checkpoint is saved, so the checkpoint holds this epoch's state
+            _StoreProgress(self, phase, epochs, checkpoint),
+            _EpochTensorBoard(log_dir=str(self.folder.tensorboard(phase)), write_graph=False, profile_batch=0),
+        ]
+
+    def save_checkpoint(self, phase: str, epoch: int) -> None:
+        """Weights after `phase` epoch `epoch` (in the fine-tune also the optimizer and early-stopping
+        state, written first); a failed save keeps the previous checkpoint."""
+        if phase == "finetune":
+            training_state.save(self.folder.checkpoint_training_state, self.trainer.optimizer, self.early_stopping,
+                                epoch=epoch)
+        write_atomically(self.folder.checkpoint_weights, self.model.save_weights)
+        self.folder.write_checkpoint_state(phase, epoch)
+        self.sink.checkpoint_saved(self.folder)
+
+
+class _FeatureExtraction:
+    """Backbone features of a run's images, from the feature cache or computed into it."""
+
+    def __init__(self, training: _Training, feature_model):
+        self.training, self.feature_model = training, feature_model
+        self.batch_size = max(training.global_batch, 32)
+
+    def features(self, rows: np.ndarray | None = None, mirror: bool = False) -> tuple[np.ndarray, bool, float]:
+        t, config = self.training, self.training.config
+        images = t.pixels.images
+        cache = feature_cache(t.spec.name, t.size, config.weights, config.seed, mirror=mirror,
+                              mixed_precision=t.device_plan.mixed_precision)
+        bar = None
+
+        def on_batch(done, total):  # total: the images not cached yet
+            nonlocal bar
+            if t.progress_bar:
+                bar = bar or keras.utils.Progbar(total, unit_name="image")
+                bar.update(done)
+            if t.beat(RunProgress(phase="features", message=f"Backbone features {done}/{total}",
+                                  batch=done, batches=total)):
+                raise RunCancelled("Cancelled during feature extraction; the epochs logged so far are kept.")
+
+        found, seconds = cached_features(cache, [e.sha256 for e in t.entries], self.feature_model, images,
+                                         self.batch_size, rows=rows, mirror=mirror, on_batch=on_batch,
+                                         strategy=t.strategy)
+        what = "Mirrored training-image features" if mirror else "Backbone features"
+        t.log(f"{what}: {found.reused} of {len(found.array)} images reused from the cache, the rest computed "
+              f"({seconds:.1f} s).")
+        return found.array, found.all_reused, seconds
+
+
+def execute_run(run_id: str, store: Store, *, should_stop: Callable[[], bool] = lambda: False,
+                progress_bar: bool = False, sink: RunSink | None = None) -> RunSummary:
+    """Train, evaluate and save run `run_id` from its stored config; return its summary.
+
+    Writes epochs, logs and progress to `sink` (defaults to `store`) as it goes and artifacts
+    to the run folder. Raises `RunCancelled` if `should_stop()` (or a cancel the sink reports)
+    stops it. The caller sets the final status.
+    """
+    return _Training(run_id, store, should_stop, progress_bar, sink).execute()
+
+
+def _compile(model, learning_rate, xla: bool, label_smoothing: float = 0.0) -> None:
+    """Adam, sparse cross-entropy (labels smoothed by `label_smoothing`) and accuracy; XLA when
+    `xla` (never over several replicas: `devices.plan` sees to that); under mixed precision a
+    loss-scale optimizer that skips a step on every replica when any replica's gradients overflow."""
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    if model.dtype_policy.name == "mixed_float16":
+        optimizer = _ReplicaSafeLossScaleOptimizer(optimizer)
+    # Keras 3 compile takes keywords: a positional list would land in the wrong parameter.
+    model.compile(
+        optimizer=optimizer,
+        loss=_SmoothedSparseCrossentropy(label_smoothing) if label_smoothing else
+        keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=xla,
+    )
+
+
+class _SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Sparse categorical cross-entropy with label smoothing (Keras' sparse loss has none)."""
+
+    def __init__(self, label_smoothing: float, name: str = "smoothed_sparse_crossentropy"):
+        super().__init__(name=name)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+        one_hot = keras.ops.one_hot(labels, keras.ops.shape(y_pred)[-1], dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+
+
+class _ReplicaSafeLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras' loss-scale optimizer, with the inf/NaN check agreed across replicas.
+
+    Under MirroredStrategy Keras checks each replica's own gradients before they are summed:
+    one replica can skip the step while the others apply it, so an overflow on one device
+    can reach the weights. Here a step is skipped everywhere when any replica saw inf/NaN.
+    """
+
+    def check_finite(self, grads):
+        import tensorflow as tf
+
+        finite = super().check_finite(grads)
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return finite
+        overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+        return tf.equal(overflowed, 0.0)
+
+
+class _EpochTensorBoard(keras.callbacks.TensorBoard):
+    """TensorBoard logs per epoch, safe to call off the training thread between batches."""
+
+    async_safe = True  # it writes nothing per batch (update_freq "epoch")
+
+
+class _StoreProgress(keras.callbacks.Callback):
+    """Streams batch progress and epoch metrics into the store; stops training on cancel.
+
+    `async_safe`: its batch hook reads no metric, so Keras may call it off the training
+    thread instead of waiting for the device after every step.
+    """
+
+    async_safe = True
+
+    def __init__(self, training: _Training, phase: str, epochs: int, checkpoint: bool,
+                 clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.ctx, self.phase, self.epochs = training, phase, epochs
+        self.checkpoint = checkpoint  # save the classifier's weights after every epoch
+        self.clock = clock
+        self.cancelled = False
+        self.epoch_started = clock()
+        self.epoch_seconds: list[float] = []
+        self.epoch = 1
+        self.batches = None
+
+    def _progress(self, batch: int | None) -> RunProgress:
+        """Progress in the current epoch (1-based `self.epoch`); the ETA covers it and the rest."""
+        per_epoch = (sum(self.epoch_seconds) / len(self.epoch_seconds)) if self.epoch_seconds else None
+        elapsed = self.clock() - self.epoch_started
+        left = self.epochs - self.epoch + 1  # epochs not finished yet, the current one included
+        eta = None
+        if per_epoch is not None:
+            eta = max(0.0, per_epoch * left - elapsed)
+        elif batch and self.batches:
+            eta = elapsed / batch * (self.batches * left - batch)
+        return RunProgress(phase=self.phase, epoch=self.epoch, epochs=self.epochs, batch=batch,
+                           batches=self.batches, eta_s=eta, step=self.ctx.step)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+        self.epoch_started = self.clock()
+        self.batches = self.params.get("steps") if self.params else None
+        if self.ctx.beat(self._progress(0), force=True):
+            self._stop()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.ctx.beat(self._progress(batch + 1)):
+            self._stop()
+
+    def _stop(self):
+        self.cancelled = True
+        self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = self.clock() - self.epoch_started
+        self.epoch_seconds.append(seconds)
+        if self.cancelled:
+            return
+        self.ctx.step += 1
+        metrics = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) or np.ndim(v) == 0}
+        lr = getattr(self.model.optimizer, "learning_rate", None)
+        if lr is not None:
+            metrics["lr"] = float(np.asarray(lr))
+        metrics["seconds"] = seconds
+        self.ctx.sink.log_epoch(self.phase, epoch + 1, self.ctx.step, metrics)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in
+                          ("loss", "accuracy", "val_loss", "val_accuracy"))
+        self.ctx.log(f"{self.phase} epoch {epoch + 1}/{self.epochs}: {shown} ({seconds:.1f} s)")
+        if self.checkpoint:
+            self.ctx.save_checkpoint(self.phase, epoch + 1)
+        self.epoch, self.epoch_started = epoch + 2, self.clock()
+        self.ctx.beat(self._progress(0), force=True)
+
+
+def _write_tensorboard(folder: Path, history: list[dict[str, float]]) -> None:
+    """Per-epoch scalars as Keras' TensorBoard callback writes them (train/ and validation/, epoch_*)."""
+    import tensorflow as tf
+
+    for side, prefix in (("train", ""), ("validation", "val_")):
+        writer = tf.summary.create_file_writer(str(folder / side))
+        with writer.as_default():
+            for epoch, metrics in enumerate(history):
+                for name, value in metrics.items():
+                    if name.startswith(prefix) and (prefix or not name.startswith("val_")):
+                        tf.summary.scalar(f"epoch_{name[len(prefix):]}", value, step=epoch)
+        writer.close()
+
+
+def model_probabilities(model, images: np.ndarray, indices: np.ndarray, batch_size: int, *,
+                        mirror: bool = False) -> np.ndarray:
+    """Class probabilities of the full model for the cached pixel rows `indices`, in that order,
+    each image mirrored left-right if `mirror`.
+
+    `predict` over the prefetching pixel pipeline: a model built under a multi-replica
+    strategy splits each batch across its replicas. The last batch is filled up with copies of
+    the last image (their outputs dropped), so every batch has one shape: one compiled step.
+    """
+    source = images[:, :, ::-1] if mirror else images
+    padded = np.concatenate([indices, np.repeat(indices[-1:], -len(indices) % batch_size)])
+    data = pipeline.batches(source, padded, np.zeros(len(padded), np.int32), batch_size)
+    return np.asarray(model.predict(data, verbose=0))[:len(indices)]
+
+
+def prediction_rows(probs: np.ndarray, indices: np.ndarray, entries, labels) -> list[dict[str, Any]]:
+    """Per-image predictions (path, source, true, pred, confidence, top-k) for the rows `indices`."""
+    rows = []
+    k = min(TOP_K, len(labels))
+    for index, p in zip(indices, probs):
+        entry = entries[index]
+        order = np.argsort(-p)[:k]
+        rows.append({
+            "path": str(entry.path),
+            "source": getattr(entry, "source", str(entry.path)),
+            "true": entry.label,
+            "pred": labels[int(order[0])],
+            "confidence": float(p[order[0]]),
+            "topk": [[labels[int(i)], float(p[i])] for i in order],
+        })
+    return rows
+
+
+def save_model_atomically(model, path: Path) -> Path:
+    """Save the model; a full disk leaves the previous `path` readable."""
+    return write_atomically(path, model.save)
