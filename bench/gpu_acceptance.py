@@ -201,7 +201,7 @@ def check_two_replicas(env: dict[str, str], dataset: str, gpus: int) -> bool:
             pass
         store.finish_run(first.id, jobs.RunStatus.CANCELLED, error="stopped by the acceptance check")
         second = jobs.resume(first.id, store)
-        store.update_run(second.id, status=jobs.RunStatus.RUNNING)
+        store.start_run(second.id, "gpu-acceptance:1")
         summary = execute_run(second.id, store)
         losses = [e.metrics["loss"] for e in store.epochs(first.id) + store.epochs(second.id)]
         print(json.dumps({{"accuracy": summary.metrics.accuracy, "losses": losses,

@@ -367,7 +367,7 @@ with st.form(f"compare.note_form.{target}"):
     note = st.text_area("Note for the team", value=run.note, key=f"compare.note.{target}")
     if st.form_submit_button("Save", type="primary"):
         clean = sorted({t.strip() for t in new_tags if t and t.strip()})
-        store.update_run(run.id, tags=clean, note=note.strip())
+        store.annotate(run.id, clean, note.strip())
         st.session_state["compare.saved"] = run.name
         st.rerun()
 saved = st.session_state.pop("compare.saved", None)

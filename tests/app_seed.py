@@ -69,34 +69,31 @@ def dataset(store: Store, name: str = "insects", classes=("ants", "bees", "wasps
 def run(store: Store, ds: Dataset, name: str, status: RunStatus = RunStatus.SUCCEEDED, *,
         accuracy: float = 0.8, epochs: int = 4, backbone: str = "efficientnet_lite0",
         predictions: bool = True, config: dict | None = None, error: str | None = None,
-        tags: list[str] | None = None, progress: dict | None = None) -> Run:
+        tags: list[str] | None = None, progress: dict | None = None, sweep_id: str | None = None) -> Run:
     """A run with `epochs` logged epochs; succeeded runs get a run folder with predictions."""
     cfg = {"dataset": ds.id, "backbone": backbone, "weights": "imagenet", "image_size": 224,
            "head_epochs": epochs, "finetune_epochs": 0, "lr": 0.001, "batch_size": 32, "seed": 0,
            "augment": []}
     cfg.update(config or {})
-    r = store.create_run(name, ds.id, backbone, "imagenet", cfg)
+    r = store.create_run(name, ds.id, backbone, "imagenet", cfg, sweep_id=sweep_id)
     for step in range(1, epochs + 1):
         f = step / epochs
         store.log_epoch(r.id, "head", step, step, {
             "loss": 1.2 - 0.8 * f * accuracy, "accuracy": 0.4 + 0.5 * f * accuracy,
             "val_loss": 1.3 - 0.8 * f * accuracy, "val_accuracy": 0.35 + (accuracy - 0.35) * f})
     now = time.time()
-    fields: dict = {"status": status, "started_at": now - 60}
+    if status is not RunStatus.QUEUED:
+        store.start_run(r.id, "seed:1", at=now - 60)
     if status.is_terminal:
-        fields["finished_at"] = now
-    if status == RunStatus.SUCCEEDED:
-        fields["summary"] = RunSummary(
+        summary = RunSummary(
             backbone=backbone, weights="imagenet", dataset=ds.label, dataset_id=ds.id, image_size=224,
-            eval_split="val", eval_images=8, metrics=Metrics(accuracy=accuracy, macro_f1=accuracy - 0.05))
-    if error:
-        fields["error"] = error
+            eval_split="val", eval_images=8,
+            metrics=Metrics(accuracy=accuracy, macro_f1=accuracy - 0.05)) if status is RunStatus.SUCCEEDED else None
+        store.finish_run(r.id, status, error=error, summary=summary, at=now)
     if tags:
-        fields["tags"] = tags
+        store.annotate(r.id, tags, "")
     if progress:
-        fields["progress"] = RunProgress.from_dict(progress)
-        fields["heartbeat_at"] = now
-    store.update_run(r.id, **fields)
+        store.heartbeat(r.id, RunProgress.from_dict(progress))
     if status == RunStatus.SUCCEEDED and predictions:
         write_predictions(r.id, ds)
     return store.get_run(r.id)

@@ -94,10 +94,8 @@ def test_a_shared_sweep_link_groups_its_runs_by_configuration(store):
     ds = seed.dataset(store)
     # Stored under the long names sweeps used to get: the page names them by what varies.
     runs = [seed.run(store, ds, f"insects backbone=efficientnet_lite0 lr={lr} seed={s} (0e566b)", accuracy=accuracy,
-                     config={"lr": lr, "seed": s})
+                     config={"lr": lr, "seed": s}, sweep_id="sweep-20261129-1")
             for lr, s, accuracy in ((1e-3, 0, 0.6), (1e-3, 1, 0.8), (1e-4, 0, 0.5), (1e-4, 1, 0.5))]
-    for run in runs:
-        store.update_run(run.id, sweep_id="sweep-20261129-1")
     at = seed.app("pages/compare.py", sweep="sweep-20261129-1").run()
     assert not at.exception
     assert at.selectbox(key="compare.sweep").value == "sweep-20261129-1"

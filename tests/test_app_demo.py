@@ -146,7 +146,7 @@ def test_below_the_threshold_the_demo_says_not_sure_with_its_top_guesses(store, 
     # On validation: 0.9, 0.8, 0.6 right, 0.45 wrong, 0.3 right -> 95 % needs >= 0.6, 80 % needs >= 0.3.
     threshold = choose_threshold([0.9, 0.8, 0.6, 0.45, 0.3], [1, 1, 1, 0, 1])
     calibration = calibrate(np.array([[0.7, 0.3]]), np.array([0]), np.array([[0.9, 0.1]]), np.array([0]))
-    store.update_run(run.id, summary=dataclasses.replace(run.summary, threshold=threshold, calibration=calibration))
+    store.set_summary(run.id, dataclasses.replace(run.summary, threshold=threshold, calibration=calibration))
     monkeypatch.setattr(state, "load_model", lambda ref: _CountingModel(ref, []))
 
     at = seed.app("pages/demo.py", run=run.id).run()
@@ -171,7 +171,7 @@ def test_a_run_without_threshold_answers_and_says_why(store, monkeypatch):
 
     ds = seed.dataset(store)
     run = seed.run(store, ds, "no-val")
-    store.update_run(run.id, summary=dataclasses.replace(run.summary, calibration=Calibration(
+    store.set_summary(run.id, dataclasses.replace(run.summary, calibration=Calibration(
         ece_before=0.2, reason="The dataset has no validation split to fit a temperature on.")))
     monkeypatch.setattr(state, "load_model", lambda ref: _CountingModel(ref, []))
     at = seed.app("pages/demo.py", run=run.id).run()
@@ -230,7 +230,7 @@ def test_a_target_reached_only_at_confidence_1_is_no_usable_threshold(store, mon
     # On validation only the answers at confidence 1.0 are all right: a threshold of 1 would refuse everything.
     threshold = choose_threshold([1.0, 1.0, 0.9, 0.6], [1, 1, 0, 1])
     assert not threshold.usable
-    store.update_run(run.id, summary=dataclasses.replace(run.summary, threshold=threshold))
+    store.set_summary(run.id, dataclasses.replace(run.summary, threshold=threshold))
     monkeypatch.setattr(state, "load_model", lambda ref: _CountingModel(ref, []))
     at = seed.app("pages/demo.py", run=run.id).run()
     at.file_uploader(key="demo.upload").set_value(("a.png", _png((200, 60, 40)), "image/png")).run()

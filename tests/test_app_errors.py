@@ -92,7 +92,7 @@ def _calibrated(store, run, val_images: int = 6):
     calibration = calibrate(probs[:val_images], labels[:val_images], probs[20:], labels[20:])
     threshold = choose_threshold(probs[:20].max(axis=1), probs[:20].argmax(axis=1) == labels[:20], 0.9)
     summary = dataclasses.replace(run.summary, calibration=calibration, threshold=threshold)
-    store.update_run(run.id, summary=summary)
+    store.set_summary(run.id, summary)
     return calibration, threshold
 
 
@@ -119,7 +119,7 @@ def test_a_run_without_validation_split_says_why_it_is_not_calibrated(store):
     ds = seed.dataset(store)
     run = seed.run(store, ds, "uncalibrated")
     reason = "The dataset has no test split, so its validation split is the evaluation split."
-    store.update_run(run.id, summary=dataclasses.replace(run.summary, calibration=Calibration(
+    store.set_summary(run.id, dataclasses.replace(run.summary, calibration=Calibration(
         ece_before=0.1, reason=reason)))
     at = seed.app("pages/errors.py", run=run.id).run()
     assert not at.exception, at.exception

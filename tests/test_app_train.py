@@ -165,7 +165,7 @@ def test_the_run_panel_says_where_the_run_trained(store):
 
     ds = seed.dataset(store)
     run = seed.run(store, ds, "on the cluster")
-    store.update_run(run.id, executor=Executor(kind="ray", host="gpu-box-2", node_id="3f2a9c0d1e", gpus=1))
+    store.set_executor(run.id, Executor(kind="ray", host="gpu-box-2", node_id="3f2a9c0d1e", gpus=1))
     at = seed.app("pages/train.py", run=run.id, timeout=120).run()
     assert not at.exception
     assert "Ran on: ray on node 3f2a9c0d… (gpu-box-2), 1 GPU" in seed.texts(at)
@@ -206,7 +206,7 @@ def test_succeeded_run_shows_the_smallest_class_recall(store):
     ds = seed.dataset(store)
     run = seed.run(store, ds, "done", RunStatus.SUCCEEDED)
     per_class = {"ants": ClassMetrics(1.0, 0.9, 0.9, 10), "bees": ClassMetrics(0.8, 0.5, 0.6, 2)}
-    store.update_run(run.id, summary=RunSummary(
+    store.set_summary(run.id, RunSummary(
         backbone="efficientnet_lite0", weights="imagenet", dataset=ds.label, dataset_id=ds.id, image_size=64,
         eval_split="val", eval_images=12, metrics=Metrics(0.83, 0.75, per_class, "bees", 0.5, tta="flip")))
     at = seed.app("pages/train.py", timeout=120, run=run.id).run()
@@ -234,7 +234,7 @@ def test_run_view_shows_the_heads_choice_its_trials_and_a_fine_tune_that_was_not
         head_search=HeadSearch(trials=trials, chosen=2, seconds=4.2, class_weight=ClassWeightChoice(
             chosen="none", none_val_macro_f1=0.86, balanced_val_macro_f1=0.81)),
         finetune=FinetuneDecision(head_val_accuracy=0.866, finetune_val_accuracy=0.858, kept="head"))
-    store.update_run(run.id, summary=summary)
+    store.set_summary(run.id, summary)
 
     at = seed.app("pages/train.py", run=run.id, timeout=120).run()
     assert not at.exception

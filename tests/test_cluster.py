@@ -24,7 +24,7 @@ import pytest
 
 from tests.test_jobs import ROOT, make_image_folder, tiny, wait_for, worker_env
 from tlcore.queue import cluster as tlcluster
-from tlcore.queue import jobs
+from tlcore.queue import jobs, leases
 from tlcore.records.run_folder import RunFolder
 from tlcore.records.run_record import Executor
 from tlcore.records.store import RunStatus, Store
@@ -241,8 +241,8 @@ def test_a_restarted_dispatcher_fails_the_runs_it_left_running_and_resume_contin
     with_checkpoint = store.create_run("kept", "ds-1", "efficientnet_lite0", "imagenet", {"dataset": "ds-1"})
     without = store.create_run("early", "ds-1", "efficientnet_lite0", "imagenet", {"dataset": "ds-1"})
     for run in (with_checkpoint, without):
-        store.claim_next("old-host:4242")
-        store.update_run(run.id, executor=Executor(kind="ray", host="gpu-1", node_id="abc"))
+        leases.claim_next(store, "old-host:4242")
+        store.set_executor(run.id, Executor(kind="ray", host="gpu-1", node_id="abc"))
     folder = RunFolder(with_checkpoint.id).created()
     folder.checkpoint_weights.write_bytes(b"w")
     folder.write_checkpoint_state("finetune", 2)
@@ -287,7 +287,7 @@ def test_a_killed_node_fails_its_run_with_the_node_named_and_resume_continues_it
     wait_for(lambda: RunFolder(doomed.id).checkpoint() is not None, 300, "a checkpoint to come back")
     cluster.remove_node(worker_node)
 
-    wait_for(lambda: store.get_run(doomed.id).status.is_terminal, jobs.LEASE_S + 60, "the lost run to fail")
+    wait_for(lambda: store.get_run(doomed.id).status.is_terminal, leases.LEASE_S + 60, "the lost run to fail")
     doomed = store.get_run(doomed.id)
     assert doomed.status is RunStatus.FAILED and doomed.error.startswith(f"Ray node {worker_node.node_id[:8]}")
     assert "resume" in doomed.error and store.epochs(doomed.id)

@@ -86,7 +86,7 @@ def test_retraining_on_the_fixed_version_reuses_features_and_is_judged_on_the_sa
     same_recipe = {k: v for k, v in retrain.config.items() if k not in ("dataset", "name")}
     assert same_recipe == {k: v for k, v in original.config.items() if k not in ("dataset", "name")}
 
-    store.update_run(retrain.id, status=RunStatus.RUNNING)
+    store.start_run(retrain.id, "test:1")
     summary = execute_run(retrain.id, store)
     assert summary.timings.features_reused  # same photos, one label changed: no backbone pass
 

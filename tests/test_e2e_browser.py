@@ -513,8 +513,8 @@ def test_feedback_a_confusion_cell_click_and_a_sweep_in_the_browser(trained_home
     sweep_runs = []
     for lr, s, accuracy in ((0.0003, 1, 0.75), (0.0003, 2, 0.79), (0.001, 1, 0.87), (0.001, 2, 0.86)):
         name = f"insects backbone=efficientnet_lite0 lr={lr} seed={s} (0e566b)"
-        run = seed.run(store, insects, name, accuracy=accuracy, config={"lr": lr, "seed": s})
-        store.update_run(run.id, sweep_id="sweep-20261207-0e566b")
+        run = seed.run(store, insects, name, accuracy=accuracy, config={"lr": lr, "seed": s},
+                       sweep_id="sweep-20261207-0e566b")
         sweep_runs.append(run)
 
     # Errors: a real click on the cell "true ants, predicted bees" filters the gallery.

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcore.errors import NotFound
-from tlcore.queue import jobs
+from tlcore.errors import NotFound, WorkerBusy
+from tlcore.queue import jobs, leases, worker
+from tlcore.queue.executors import InProcessExecutor, ProcessPerJobExecutor
 from tlcore.records.config import TrainConfig
 from tlcore.records.run_folder import RunFolder
 from tlcore.records.store import RunStatus
@@ -52,6 +53,11 @@ def long_running(dataset_ref: str) -> TrainConfig:
     """Runs for minutes unless stopped: a head epoch, then many fine-tune epochs (checkpointed)."""
     return tiny(dataset_ref, finetune_epochs=500, finetune_layers=5, batch_size=2,
                 early_stopping_patience=1000)
+
+
+def work_once(store, executor=None):
+    """A worker that takes one queued run (with `executor`, in process by default) and returns."""
+    return worker.work(executor or InProcessExecutor(), store, once=True, max_jobs=1)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
@@ -114,7 +120,7 @@ def test_cancel_queued_job(store, dataset):
     run = jobs.submit(tiny(dataset.name), store)
     cancelled = jobs.cancel(run.name, store)
     assert cancelled.status is RunStatus.CANCELLED and "before it started" in cancelled.error
-    assert jobs.worker_loop(store, once=True) == []  # nothing left to take
+    assert work_once(store) == []  # nothing left to take
     with pytest.raises(ValueError, match="already finished"):
         jobs.cancel(run.id, store)
 
@@ -127,20 +133,20 @@ def test_failure_is_one_plain_line_with_traceback_in_log(store, dataset, monkeyp
 
     monkeypatch.setattr(training, "execute_run", broken)
     run = jobs.submit(tiny(dataset.name), store)
-    (done,) = jobs.worker_loop(store, once=True)
+    (done,) = work_once(store)
     assert done.id == run.id and done.status is RunStatus.FAILED
     assert done.error == "RuntimeError: the disk is full"
     assert any("Traceback" in line.message for line in store.logs(run.id))
-    assert not jobs.worker_status(store).alive  # the worker left
+    assert not worker.worker_status(store).alive  # the worker left
 
 
 def test_process_per_job_trains_each_run_in_a_child_that_exits(store, dataset):
     run = jobs.submit(tiny(dataset.name), store)
-    (done,) = jobs.worker_loop(store, once=True, process_per_job=True)
+    (done,) = work_once(store, ProcessPerJobExecutor())
     assert done.id == run.id and done.status is RunStatus.SUCCEEDED, done.error
     [line] = [line.message for line in store.logs(run.id) if line.message.startswith("Training in job process")]
     child_pid = int(line.split()[4].rstrip(";"))
-    assert child_pid != os.getpid() and not jobs._pid_alive(child_pid)
+    assert child_pid != os.getpid() and not leases.pid_alive(child_pid)
 
 
 def test_resume_needs_a_stopped_run_with_a_checkpoint(store, dataset):
@@ -162,26 +168,26 @@ def test_resume_needs_a_stopped_run_with_a_checkpoint(store, dataset):
 
 
 def test_cancel_running_job_stops_between_batches(store, dataset, monkeypatch):
-    monkeypatch.setattr(jobs, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(leases, "HEARTBEAT_S", 0.2)
     run = jobs.submit(long_running(dataset.name), store)
     finished = []
-    worker = threading.Thread(target=lambda: finished.extend(jobs.worker_loop(store, once=True)))
-    worker.start()
+    loop = threading.Thread(target=lambda: finished.extend(work_once(store)))
+    loop.start()
     try:
         wait_for(lambda: store.epochs(run.id), 120, "the first epoch")
-        status = jobs.worker_status(store)
+        status = worker.worker_status(store)
         assert status.alive and status.pid == os.getpid() and status.current_run_id == run.id
         # A second worker on the same data home is refused while this one holds the lock.
-        with pytest.raises(jobs.WorkerBusy, match="already running"):
-            jobs.worker_loop(store, once=True)
+        with pytest.raises(WorkerBusy, match="already running"):
+            work_once(store)
         asked = time.monotonic()
         assert jobs.cancel(run.id, store).cancel_requested
-        worker.join(timeout=60)
+        loop.join(timeout=60)
         stopped_after = time.monotonic() - asked
     finally:
-        if worker.is_alive():
+        if loop.is_alive():
             store.request_cancel(run.id)
-            worker.join(timeout=60)
+            loop.join(timeout=60)
     done = store.get_run(run.id)
     assert done.status is RunStatus.CANCELLED, done.error
     assert "Cancelled" in done.error
@@ -199,15 +205,15 @@ def test_killed_worker_is_reaped_and_the_queue_goes_on(tlcore_home, store, datas
     try:
         assert jobs.start_worker_process() == pid  # no second worker
         wait_for(lambda: len(store.epochs(doomed.id)) >= 2, 180, "two epochs of the doomed run")
-        status = jobs.worker_status(store)
+        status = worker.worker_status(store)
         assert status.alive and status.pid == pid and status.current_run_id == doomed.id
         before = [(e.step, e.metrics) for e in store.epochs(doomed.id)]
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        wait_for(lambda: not jobs.worker_status(store).alive, 10, "the worker to be gone")
+        wait_for(lambda: not worker.worker_status(store).alive, 10, "the worker to be gone")
 
         # Readers (`runs list`, the dashboard) reap it: the pid is gone, so no lease wait.
-        reaped = wait_for(lambda: jobs.reap(store), jobs.LEASE_S, "the reaper")
+        reaped = wait_for(lambda: leases.reap(store), leases.LEASE_S, "the reaper")
         print(f"SIGKILL -> reaped in {time.monotonic() - killed_at:.2f} s")
         assert [r.id for r in reaped] == [doomed.id]
         failed = store.get_run(doomed.id)
@@ -231,21 +237,20 @@ def test_killed_worker_is_reaped_and_the_queue_goes_on(tlcore_home, store, datas
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        jobs._collect_children()
+        worker._collect_children()
 
 
 def test_stale_lease_is_reaped_even_if_the_pid_looks_alive(store, dataset):
     run = jobs.submit(tiny(dataset.name), store)
-    store.claim_next("some-other-host:1234")  # cannot be checked from here: the lease decides
-    assert jobs.reap(store, lease_s=30) == []
-    store.update_run(run.id, heartbeat_at=time.time() - 31)
-    (reaped,) = jobs.reap(store, lease_s=30)
-    assert reaped.status is RunStatus.FAILED and "no heartbeat for 31 s" in reaped.error
+    leases.claim_next(store, "some-other-host:1234")  # cannot be checked from here: the lease decides
+    assert leases.reap(store, lease_s=30) == []
+    (reaped,) = leases.reap(store, lease_s=30, now=time.time() + 31)
+    assert reaped.id == run.id and reaped.status is RunStatus.FAILED and "no heartbeat for 31 s" in reaped.error
 
 
 _WRITER = """
 import sys, time
-from tlcore.records.run_record import RunProgress
+from tlcore.records.run_record import Executor, RunProgress
 from tlcore.records.store import Store, RunStatus
 store = Store()
 run = store.create_run("writer", "ds-x", "efficientnet_lite0", "none", {}, status=RunStatus.RUNNING)
@@ -257,7 +262,7 @@ while time.time() < end:
     store.log_epoch(run.id, "head", step, step, {"loss": 1.0 / step, "accuracy": 0.5})
     store.heartbeat(run.id, RunProgress(phase="head", epoch=step))
     store.log(run.id, f"epoch {step}")
-    store.update_run(run.id, progress=RunProgress(step=step))
+    store.set_executor(run.id, Executor(kind="local", host="here", began_at=float(step)))
 print(step, flush=True)
 """
 
@@ -276,7 +281,7 @@ def test_readers_polling_while_a_worker_writes_never_see_locked(tlcore_home, sto
                 store.epochs(run_id)
                 store.logs(run_id, tail=20)
                 store.queue()
-                jobs.worker_status(store)
+                worker.worker_status(store)
                 reads[0] += 1
             except Exception as exc:
                 errors.append(exc)

@@ -117,7 +117,7 @@ def test_a_version_1_store_gains_sweep_ids_and_executors_and_keeps_its_runs(tmp_
     assert old.sweep_id is None and old.executor is None and old.accuracy == 0.925
     assert store.sweep_ids() == []
     swept = store.create_run("s", "ds-old", "efficientnet_lite0", "imagenet", {}, sweep_id="sweep-1")
-    store.update_run(swept.id, executor=Executor(kind="ray", host="gpu-box", node_id="abc123", gpus=1))
+    store.set_executor(swept.id, Executor(kind="ray", host="gpu-box", node_id="abc123", gpus=1))
     assert store.sweep_ids() == ["sweep-1"]
     assert [r.id for r in store.list_runs(sweep_id="sweep-1")] == [swept.id]
     assert store.get_run(swept.id).executor == Executor(kind="ray", host="gpu-box", node_id="abc123", gpus=1)
@@ -149,21 +149,23 @@ def test_a_version_2_store_gains_the_model_registry_and_keeps_its_runs(tmp_path)
 
 
 def test_a_run_the_reaper_failed_stays_failed_when_its_late_success_arrives(store):
-    from tlcore.errors import TransitionRefused
-    from tlcore.queue import jobs
+    from tlcore.errors import InvalidInput, TransitionRefused
+    from tlcore.queue import jobs, leases
+    from tlcore.queue.outcome import Outcome, conclude
 
     run = store.create_run("r", "ds", "efficientnet_lite0", "imagenet", {})
-    store.claim_next("dispatcher:1")
-    store.update_run(run.id, heartbeat_at=time.time() - 31)  # its lease ran out while it was being shipped
-    (reaped,) = store.reap_stale(lease_s=30)
+    leases.claim_next(store, "dispatcher:1")
+    # Its lease ran out while it was being shipped.
+    (reaped,) = leases.reap(store, lease_s=30, now=time.time() + 31)
     assert reaped.status is RunStatus.FAILED and "no heartbeat" in reaped.error
 
     with pytest.raises(TransitionRefused, match="is failed .*cannot become succeeded"):
         store.finish_run(run.id, RunStatus.SUCCEEDED)
-    after = jobs.record_end(store, run.id, RunStatus.SUCCEEDED)
+    after = conclude(store, run.id, Outcome(RunStatus.SUCCEEDED))
     assert after.status is RunStatus.FAILED and after.error == reaped.error  # the reason is not cleared
     assert "ended succeeded after all" in store.logs(run.id)[-1].message
     with pytest.raises(TransitionRefused):
-        store.update_run(run.id, status=RunStatus.RUNNING)
-    store.request_cancel(run.id)
-    assert store.get_run(run.id).status is RunStatus.FAILED
+        store.start_run(run.id, "another-worker:2")
+    with pytest.raises(InvalidInput, match="already finished"):
+        jobs.cancel(run.id, store)
+    assert store.get_run(run.id).status is RunStatus.FAILED and leases.claim_next(store, "another-worker:2") is None

@@ -6,6 +6,7 @@ import pytest
 
 from tests.test_cli import last_json, run_cli
 from tests.test_jobs import make_image_folder
+from tlcore.queue import jobs
 from tlcore.records.run_record import Metrics, RunSummary
 from tlcore.records.store import RunStatus
 
@@ -41,7 +42,7 @@ def test_sweep_queues_the_grid_and_show_gives_mean_and_std_per_configuration(cap
     for seed, accuracy in enumerate((0.5, 0.75, 1.0)):
         _succeed(store, by_point[(1e-3, seed)], accuracy, accuracy - 0.1)
     _succeed(store, by_point[(3e-4, 0)], 0.25, 0.2)
-    store.request_cancel(by_point[(3e-4, 1)])
+    jobs.cancel(by_point[(3e-4, 1)], store)
 
     code, out, _ = run_cli(capsys, "sweeps", "show", queued["sweep_id"], "--json")
     shown = last_json(out)

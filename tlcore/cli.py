@@ -500,13 +500,14 @@ def cmd_backbones(args) -> int:
 
 def cmd_submit(args) -> int:
     from tlcore.queue import jobs
+    from tlcore.queue.worker import worker_status
 
     store = _store()
     if args.compare:
         return _submit_comparison(args, store)
     run = jobs.submit(config_from_args(args), store)
     position = [r.id for r in store.queue()].index(run.id) + 1 if run.status.value == "queued" else None
-    status = jobs.worker_status(store)
+    status = worker_status(store)
     if not args.json:
         print(run.id)
         print(f"Queued {run.name} (position {position}).", file=sys.stderr)
@@ -621,10 +622,10 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_sweeps(args) -> int:
-    from tlcore.queue import jobs, sweeps
+    from tlcore.queue import leases, sweeps
 
     store = _store()
-    jobs.reap(store)
+    leases.reap(store)
     if args.action == "list":
         found = sweeps.list_sweeps(store)
         text = _table(["sweep", "configurations", "runs", "status", "best mean accuracy"],
@@ -654,19 +655,14 @@ def _mean_std(mean: float | None, std: float | None) -> str:
 
 
 def cmd_worker(args) -> int:
-    from tlcore.queue import jobs
+    from tlcore.queue import worker
 
     cluster = args.cluster or os.environ.get("TLCORE_CLUSTER")
     if not cluster and (args.gpus_per_run is not None or args.cpus_per_run is not None):
         raise InvalidInput("`--gpus-per-run` and `--cpus-per-run` apply to a cluster: pass --cluster ADDRESS "
                            "(or set TLCORE_CLUSTER). The local worker trains one run at a time with what it has.")
-    if cluster:
-        from tlcore.queue import cluster as ray_cluster
-
-        runs = ray_cluster.serve_forever(cluster, once=args.once, gpus_per_run=args.gpus_per_run,
-                                         cpus_per_run=args.cpus_per_run)
-    else:
-        runs = jobs.serve_forever(once=args.once, process_per_job=args.process_per_job)
+    runs = worker.serve_forever(cluster=cluster, once=args.once, process_per_job=args.process_per_job,
+                                gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run)
     failed = [r for r in runs if r.status.value == "failed"]
     return 1 if args.once and failed else 0
 
@@ -694,10 +690,10 @@ def cmd_resume(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from tlcore.queue import jobs
+    from tlcore.queue import leases
 
     store = _store()
-    jobs.reap(store)  # a dead worker's run shows as failed, not running forever
+    leases.reap(store)  # a dead worker's run shows as failed, not running forever
     if args.action == "list":
         runs = store.list_runs(limit=args.limit)
         text = _table(["id", "name", "status", "backbone", "weights", "accuracy", "created"],

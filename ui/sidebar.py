@@ -11,7 +11,7 @@ import os
 
 import streamlit as st
 
-from tlcore.queue import jobs
+from tlcore.queue import leases, worker
 from tlcore.records import home
 from tlcore.records.store import RunStatus
 from ui import format as fmt
@@ -21,9 +21,9 @@ POLL_S = 3
 
 
 def worker_status():
-    """`tlcore.queue.jobs.worker_status()`, or None when it fails."""
+    """`tlcore.queue.worker.worker_status()`, or None when it fails."""
     try:
-        return jobs.worker_status()
+        return worker.worker_status()
     except Exception:  # noqa: BLE001 - the sidebar must never break a page
         return None
 
@@ -31,7 +31,7 @@ def worker_status():
 def reap() -> None:
     """Mark runs whose worker died as failed (the engine's reaper; cheap, safe to repeat)."""
     try:
-        jobs.reap(state.store())
+        leases.reap(state.store())
     except Exception:  # noqa: BLE001 - a busy store just means: next poll
         pass
 
@@ -44,7 +44,7 @@ def cluster_setting() -> str | None:
 
 def start_worker_process() -> int:
     """Start the worker: the local one, or the dispatcher to the cluster set in the sidebar."""
-    return jobs.start_worker_process(cluster=cluster_setting())
+    return worker.start_worker_process(cluster=cluster_setting())
 
 
 def start_worker(key: str) -> None:

@@ -1,8 +1,9 @@
-"""The queue on a Ray cluster: a dispatcher that trains each queued run as a Ray task.
+"""The queue on a Ray cluster: `RayExecutor`, the worker's executor that trains each run as a Ray task.
 
-`python -m tlcore worker --cluster ADDRESS` runs `serve_forever` on the host that owns the data
-home. It claims queued runs and starts each as the task `train_on_node`, with a resource request
-(one GPU per run when the cluster has GPUs, else CPUs), as many at once as the cluster fits.
+`python -m tlcore worker --cluster ADDRESS` runs the worker loop (`worker.work`) on the host that
+owns the data home with this executor (the dispatcher): each claimed run starts as the task
+`train_on_node`, with a resource request (one GPU per run when the cluster has GPUs, else CPUs),
+as many at once as the cluster fits.
 
 No filesystem is shared, and nothing the size of the dataset travels as one object. A run's task
 gets references: the run and dataset records, the manifest (content hashes, labels, splits), a
@@ -15,11 +16,12 @@ later runs and sweeps reuse. It trains in a private data home over that cache wi
 `training.execute_run`, reporting through a `RunSink` that pushes log lines, epochs, progress and
 each checkpoint to a `RunChannel` actor on the dispatcher's node.
 
-The dispatcher prepares each claimed run in a thread (its loop never blocks on it) and renews
-the lease of every run it holds. It drains the channel into the store (it alone writes the
+The dispatcher prepares each claimed run in a thread (the loop never blocks on it); the loop
+renews the lease of every run it holds. It drains the channel into the store (it alone writes the
 store); a checkpoint is acknowledged to the node only once it is written on the dispatcher's
 disk. When the task returns, the dispatcher writes the run folder's files (model, labels,
-predictions, checkpoint, TensorBoard logs) into the run folder here. A cancel is passed back
+predictions, checkpoint, TensorBoard logs) into the run folder here, and the loop concludes the
+run from the task's `Outcome`. A cancel is passed back
 through the channel's answer to the next heartbeat, so the run stops between batches; a lost
 node or killed task fails the run with the node named, keeping its epochs and the last durable
 checkpoint, which `resume` continues from. A dispatcher that starts finds the runs a previous one
@@ -40,19 +42,20 @@ import socket
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from tlcore.backbones import get_backbone, resolve_weights
 from tlcore.data.manifest import ManifestEntry, load_manifest
 from tlcore.errors import InvalidInput, RunCancelled, plain_message
-from tlcore.queue import jobs
+from tlcore.queue.executors import release_models
+from tlcore.queue.outcome import CANCELLED_BEFORE_START, WORKER_SHUT_DOWN, Outcome, conclude
+from tlcore.queue.worker import say, worker_status
 from tlcore.records import home
 from tlcore.records.atomic import write_bytes_atomically, write_json_atomically, write_text_atomically
 from tlcore.records.config import TrainConfig
 from tlcore.records.run_folder import RunFolder
-from tlcore.records.run_record import Executor, RunProgress, RunSummary
+from tlcore.records.run_record import Executor, RunProgress
 from tlcore.records.store import Dataset, EpochRecord, Run, RunStatus, Store
 
 POLL_S = 0.5
@@ -82,13 +85,10 @@ class RunInputs:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunOutcome:
-    """What a task sends back: its final status and the run folder's files."""
+class TaskResult:
+    """What a task sends back: how the run ended there, and the run folder's files."""
 
-    status: RunStatus
-    summary: dict[str, Any] | None
-    error: str | None
-    trace: str | None
+    outcome: Outcome
     files: dict[str, bytes]
 
 
@@ -199,7 +199,7 @@ def fetch_blobs(entries: list[ManifestEntry], source: Callable[[list[str]], dict
     return Fetched(len(missing), len(names), total_bytes, shards, described_as)
 
 
-def train_on_node(inputs: RunInputs, blob_server, channel) -> RunOutcome:
+def train_on_node(inputs: RunInputs, blob_server, channel) -> TaskResult:
     """The Ray task: train `inputs.run` in a private data home over this node's cache; return its outcome."""
     import ray
 
@@ -211,7 +211,6 @@ def train_on_node(inputs: RunInputs, blob_server, channel) -> RunOutcome:
         channel.push.remote(run.id, "started", Executor(
             kind="ray", host=socket.gethostname(), node_id=ray.get_runtime_context().get_node_id(),
             gpus=len(ray.get_gpu_ids()), cpus=inputs.cpus, began_at=time.time()).to_dict())
-        summary, status, error, trace = None, RunStatus.SUCCEEDED, None, None
         originals: dict[str, str] = {}
         try:
             from tlcore.train import devices, training
@@ -219,26 +218,25 @@ def train_on_node(inputs: RunInputs, blob_server, channel) -> RunOutcome:
             devices.declare_process("ray_task")
             sink = ChannelSink(channel, run.id)
             store, originals = _lay_out_inputs(inputs, blob_server, sink)
-            summary = training.execute_run(run.id, store, sink=sink)
-        except RunCancelled as exc:
-            status, error = RunStatus.CANCELLED, str(exc)
+            outcome = Outcome.succeeded(training.execute_run(run.id, store, sink=sink))
+        except RunCancelled:
+            outcome = Outcome.cancelled()
         except Exception as exc:  # noqa: BLE001 - the dispatcher records every way out
-            status, error = RunStatus.FAILED, jobs.error_line(exc)
-            trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            outcome = Outcome.from_exception(exc)
         folder = RunFolder(run.id)
         _restore_paths(folder.predictions, originals)
         files = {str(p.relative_to(folder.path)): p.read_bytes()
                  for p in sorted(folder.path.rglob("*")) if p.is_file()}
-        # Calls from one caller run in order: once this returns, every event above is in the channel.
-        ray.get(channel.push.remote(run.id, "returning", None))
-        return RunOutcome(status, summary.to_dict() if summary else None, error, trace, files)
+        # Calls from one caller run in order: once this returns, every event pushed above is in the channel.
+        ray.get(channel.flush.remote())
+        return TaskResult(outcome, files)
     finally:
         if previous_home is None:
             os.environ.pop("TLCORE_HOME", None)
         else:
             os.environ["TLCORE_HOME"] = previous_home
         shutil.rmtree(private, ignore_errors=True)
-        jobs.release_models()
+        release_models()
 
 
 def remote_training(cpus: float, gpus: float):
@@ -355,6 +353,9 @@ class RunChannel:
         """How many of `run_id`'s checkpoints are written on the dispatcher's disk."""
         return self.written.get(run_id, 0)
 
+    def flush(self) -> None:
+        """Nothing: returns once every earlier call of its caller has run."""
+
     def drain(self) -> list[tuple[str, str, Any]]:
         events, self.events = self.events, []
         return events
@@ -409,7 +410,7 @@ class ClusterStatus:
 
 def cluster_status() -> ClusterStatus | None:
     """The cluster the live dispatcher of this data home serves, or None (no cluster worker)."""
-    if jobs.worker_status().cluster is None:
+    if worker_status().cluster is None:
         return None
     try:
         return ClusterStatus.from_dict(json.loads((home.data_home() / CLUSTER_FILE).read_text()))
@@ -427,7 +428,7 @@ def connect(address: str) -> None:
 
     if ray.is_initialized():
         return
-    _check_reachable(address)
+    check_reachable(address)
     try:
         ray.init(address=None if address == "local" else address, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -436,7 +437,7 @@ def connect(address: str) -> None:
                            "The queued runs stay queued.") from None
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     # ray.init waits minutes for an address where nothing listens; a plain TCP connect says so at once.
     if address in ("auto", "local"):
         return
@@ -530,13 +531,9 @@ def fail_orphaned_runs(store: Store) -> list[Run]:
     Called while holding the data home's worker lock, so no live worker owns them. Each keeps its
     epochs and the last checkpoint written here, and its error says whether `resume` can continue it.
     """
-    failed = []
-    for run in store.list_runs({RunStatus.RUNNING}):
-        reason = (f"The dispatcher that sent it to the cluster ({run.worker}) stopped, and its task on the "
-                  f"cluster ended with it. {_what_is_kept(run.id)}")
-        store.log(run.id, f"Run failed: {reason}")
-        failed.append(jobs.record_end(store, run.id, RunStatus.FAILED, error=reason))
-    return failed
+    return [conclude(store, run.id, Outcome.failed(
+        f"The dispatcher that sent it to the cluster ({run.worker}) stopped, and its task on the cluster "
+        f"ended with it. {_what_is_kept(run.id)}")) for run in store.list_runs({RunStatus.RUNNING})]
 
 
 def _what_is_kept(run_id: str) -> str:
@@ -559,18 +556,42 @@ def write_checkpoint(channel, run_id: str, payload: tuple[int, str, int, bytes, 
     channel.acknowledge.remote(run_id, sequence)
 
 
-class Dispatcher:
-    """Claims queued runs and trains them as Ray tasks, as many at once as the cluster fits."""
+class RayExecutor:
+    """The worker's executor for a Ray cluster: each claimed run a Ray task, as many at once as the cluster fits.
 
-    def __init__(self, address: str, store: Store, *, gpus_per_run: float | None = None,
-                 cpus_per_run: float | None = None, lease_s: float = jobs.LEASE_S):
+    A claimed run's inputs are read in a thread (`prepare`), so the worker's loop never waits on them;
+    the loop renews the leases of the runs being prepared and trained (a lost task is noticed by
+    `ray.wait`, not by its lease). Each `poll` writes what the tasks reported into the store (only
+    the dispatcher writes it), records the tasks that returned and starts those whose inputs are ready.
+    """
+
+    renews_own_leases = False
+
+    def __init__(self, address: str, *, gpus_per_run: float | None = None, cpus_per_run: float | None = None):
+        """Raises `InvalidInput` when nothing answers at `address` (before the worker takes the data home)."""
+        check_reachable(address)
+        self.address, self.gpus_per_run, self.cpus_per_run = address, gpus_per_run, cpus_per_run
+        self.described = {"cluster": address}
+        self.flights: dict[Any, _InFlight] = {}  # task ref -> run
+        self.preparing: dict[concurrent.futures.Future, Run] = {}  # runs claimed, their inputs being read
+        self.shutdown_reason: str | None = None
+
+    def open(self, store: Store, shutdown: threading.Event) -> None:
+        """Fail the runs a previous dispatcher left running, join the cluster and check it can train.
+
+        Raises:
+            InvalidInput: the cluster cannot be reached or cannot train (before any run is claimed).
+        """
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.address, self.store, self.lease_s = address, store, lease_s
-        connect(address)
+
+        self.store = store
+        for orphan in fail_orphaned_runs(store):
+            say(f"marked {orphan.id} failed: {orphan.error}")
+        connect(self.address)
         nodes = alive_nodes()
-        self.cpus, self.gpus = plan_resources(nodes, gpus_per_run, cpus_per_run)
+        self.cpus, self.gpus = plan_resources(nodes, self.gpus_per_run, self.cpus_per_run)
         check_nodes_can_train(nodes)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         # The channel and the blob server live on the dispatcher's node, so losing any other node
@@ -579,54 +600,53 @@ class Dispatcher:
         self.blobs = ray.remote(num_cpus=0, max_concurrency=4)(BlobServer).options(
             scheduling_strategy=here).remote(str(home.blobs_dir()))
         self.task = remote_training(self.cpus, self.gpus)
-        self.me = jobs.worker_id()
-        self.flights: dict[Any, _InFlight] = {}  # task ref -> run
-        self.preparing: dict[concurrent.futures.Future, Run] = {}  # runs claimed, their inputs being read
         self.prepare_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="prepare")
-        self.beaten_at = 0.0
-        self.finished: list[Run] = []
-        self.shutdown_reason: str | None = None
-
-    # one turn of the loop: leases renewed, events in, cancels out, finished tasks recorded, free slots filled
-
-    def turn(self) -> None:
-        import ray
-
-        self.keep_leases()
-        for dead in jobs.reap(self.store, self.lease_s):
-            jobs.say(f"marked {dead.id} failed: {dead.error}")
-        self.pump()
-        self.pass_cancels()
-        if self.flights:
-            ready, _ = ray.wait(list(self.flights), num_returns=len(self.flights), timeout=0)
-            if ready:
-                self.pump()
-            for ref in ready:
-                self.finish(ref)
-        self.launch_prepared()
-        self.fill()
-        self.write_status()
+        say(f"dispatching to the Ray cluster at {self.address}: {self.cpus:g} CPU and {self.gpus:g} GPU per run, "
+            f"{self.capacity()} runs at once")
 
     def capacity(self) -> int:
         """Runs the cluster's live nodes hold at once."""
         return sum(n.fits(self.cpus, self.gpus) for n in alive_nodes())
 
-    def idle(self) -> bool:
-        return not self.flights and not self.preparing and not self.store.queue()
+    def room(self) -> int:
+        if self.shutdown_reason:
+            return 0
+        return self.capacity() - len(self.flights) - len(self.preparing)
 
-    def keep_leases(self) -> None:
-        """Renew the lease of every run this dispatcher holds: being prepared or training (alive as far as
-        Ray knows; a lost task is noticed by `ray.wait`, not by its lease)."""
-        now = time.monotonic()
-        if now - self.beaten_at < jobs.HEARTBEAT_S:
-            return
-        for run in [*self.preparing.values(), *(f.run for f in self.flights.values())]:
-            self.store.heartbeat(run.id)
-        self.beaten_at = now
+    def start(self, run: Run) -> None:
+        self.preparing[self.prepare_pool.submit(self.prepare, run)] = run
+
+    def held(self) -> list[Run]:
+        return [*self.preparing.values(), *(f.run for f in self.flights.values())]
+
+    def stop_run(self, run_id: str) -> None:
+        for flight in self.flights.values():
+            if flight.run.id == run_id and not flight.cancel_sent:
+                self.channel.cancel.remote(run_id)
+                flight.cancel_sent = True
+
+    def idle(self) -> bool:
+        return not self.flights and not self.preparing
+
+    def poll(self) -> list[tuple[Run, Outcome]]:
+        """Events in, returned tasks recorded, prepared runs started; the cluster's view written for the dashboard."""
+        import ray
+
+        self.pump()
+        ended = []
+        if self.flights:
+            ready, _ = ray.wait(list(self.flights), num_returns=len(self.flights), timeout=0)
+            if ready:
+                self.pump()
+            ended += [self.finish(ref) for ref in ready]
+        ended += self.launch_prepared()
+        self.write_status()
+        return ended
 
     def pump(self) -> None:
         """Write what running tasks reported (log lines, epochs, progress, checkpoints) into the store."""
         import ray
+
 
         by_run = {f.run.id: f for f in self.flights.values()}
         for run_id, kind, payload in ray.get(self.channel.drain.remote()):
@@ -641,44 +661,27 @@ class Dispatcher:
                 write_checkpoint(self.channel, run_id, payload)
             elif kind == "started" and flight is not None:
                 flight.executor = Executor.from_dict(payload)
-                self.store.update_run(run_id, executor=flight.executor)
-                jobs.say(f"{run_id} training on {flight.executor.describe()}")
+                self.store.set_executor(run_id, flight.executor)
+                say(f"{run_id} training on {flight.executor.describe()}")
 
-    def pass_cancels(self) -> None:
-        for flight in self.flights.values():
-            run = self.store.get_run(flight.run.id)
-            if (run.cancel_requested or self.shutdown_reason) and not flight.cancel_sent:
-                self.channel.cancel.remote(run.id)
-                flight.cancel_sent = True
-
-    def fill(self) -> None:
-        """Claim queued runs while the cluster has room for more; their inputs are read in a thread."""
-        if self.shutdown_reason:
-            return
-        while len(self.flights) + len(self.preparing) < self.capacity():
-            run = self.store.claim_next(self.me)
-            if run is None:
-                break
-            self.preparing[self.prepare_pool.submit(self.prepare, run)] = run
-
-    def launch_prepared(self) -> None:
+    def launch_prepared(self) -> list[tuple[Run, Outcome]]:
         """Start the task of each run whose inputs are ready; a run whose inputs could not be read fails."""
+
+        ended = []
         for future in [f for f in self.preparing if f.done()]:
             run = self.preparing.pop(future)
             try:
                 inputs = future.result()
             except Exception as exc:  # noqa: BLE001 - a run that cannot start fails, the next one may
-                self.store.log(run.id, "Run failed:\n" + "".join(traceback.format_exception(exc)))
-                self.finished.append(jobs.record_end(self.store, run.id, RunStatus.FAILED,
-                                                     error=jobs.error_line(exc)))
+                ended.append((run, Outcome.from_exception(exc)))
                 continue
             if self.shutdown_reason or self.store.get_run(run.id).cancel_requested:
-                reason = self.shutdown_reason or "Cancelled before it started."
-                self.finished.append(jobs.record_end(self.store, run.id, RunStatus.CANCELLED, error=reason))
+                ended.append((run, Outcome.cancelled(self.shutdown_reason or CANCELLED_BEFORE_START, started=False)))
                 continue
             ref = self.task.remote(inputs, self.blobs, self.channel)
             self.flights[ref] = _InFlight(run)
-            jobs.say(f"dispatched {run.id} ({run.name})")
+            say(f"dispatched {run.id} ({run.name})")
+        return ended
 
     def prepare(self, run: Run) -> RunInputs:
         """What `run` needs on a node: the manifest (references to its images, never their bytes), the
@@ -705,38 +708,27 @@ class Dispatcher:
                                f"{self.gpus:g} GPU); sent " + ", ".join(shipped) + ".")
         return RunInputs(run, dataset, entries, weights_file, resume_files, resume_epochs, self.cpus, self.gpus)
 
-    def finish(self, ref) -> None:
-        """Record a returned (or lost) task: its files into the run folder, its final status."""
+    def finish(self, ref) -> tuple[Run, Outcome]:
+        """A returned (or lost) task: its files into the run folder here, and how it ended."""
         import ray
 
         flight = self.flights.pop(ref)
         run = flight.run
         try:
-            outcome: RunOutcome = ray.get(ref)
+            result: TaskResult = ray.get(ref)
         except ray.exceptions.RayError as exc:
-            reason = self.lost_reason(flight, exc)
-            self.store.log(run.id, f"Run failed: {reason}\n{plain_message(exc)[:2000]}")
-            done = jobs.record_end(self.store, run.id, RunStatus.FAILED, error=reason)
-        else:
-            folder = RunFolder(run.id).created()
-            for name, data in outcome.files.items():
-                (folder.path / name).parent.mkdir(parents=True, exist_ok=True)
-                write_bytes_atomically(folder.path / name, data)
-            summary = None
-            if outcome.summary is not None:
-                summary = dataclasses.replace(RunSummary.from_dict(outcome.summary), model_path=str(folder.model),
-                                              dataset=self.store.get_dataset(run.dataset_id).label)
-            error = outcome.error
-            if outcome.status is RunStatus.CANCELLED:
-                if self.shutdown_reason and not self.store.get_run(run.id).cancel_requested:
-                    error = self.shutdown_reason
-                self.store.log(run.id, f"Run cancelled: {error}")
-            elif outcome.trace:
-                self.store.log(run.id, "Run failed:\n" + outcome.trace)
-            done = jobs.record_end(self.store, run.id, outcome.status, error=error, summary=summary)
-        self.finished.append(done)
-        jobs.say(f"{done.id} {done.status.value}" + (f": {done.error}" if done.error else ""))
-        jobs.keep_caches_in_budget(self.store)
+            return run, Outcome.failed(self.lost_reason(flight, exc), plain_message(exc)[:2000])
+        folder = RunFolder(run.id).created()
+        for name, data in result.files.items():
+            (folder.path / name).parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomically(folder.path / name, data)
+        outcome = result.outcome
+        if outcome.summary is not None:
+            outcome = dataclasses.replace(outcome, summary=dataclasses.replace(
+                outcome.summary, model_path=str(folder.model), dataset=self.store.get_dataset(run.dataset_id).label))
+        if outcome.status is RunStatus.CANCELLED:
+            outcome = Outcome.cancelled(self.shutdown_reason)
+        return run, outcome
 
     def lost_reason(self, flight: _InFlight, exc: BaseException) -> str:
         import ray
@@ -761,62 +753,24 @@ class Dispatcher:
             updated_at=time.time())
         write_json_atomically(home.data_home() / CLUSTER_FILE, status.to_dict())
 
-    def stop(self, reason: str, wait_s: float = 60.0) -> None:
-        """Cancel every running task (they stop between batches) and record them; then leave the cluster."""
+    def shut_down(self) -> None:
+        """Ask every task to stop between batches; runs still being prepared end cancelled when ready."""
+        self.shutdown_reason = WORKER_SHUT_DOWN
+        for flight in self.flights.values():
+            self.stop_run(flight.run.id)
+
+    def close(self) -> list[tuple[Run, Outcome]]:
+        """Cancel the tasks still running and the runs still being prepared; then leave the cluster."""
         import ray
 
-        self.shutdown_reason = reason
-        deadline = time.monotonic() + wait_s
-        while (self.flights or self.preparing) and time.monotonic() < deadline:
-            self.turn()
-            time.sleep(POLL_S)
+        ended = []
         for ref, flight in list(self.flights.items()):
             ray.cancel(ref, force=True)
             self.flights.pop(ref)
-            self.finished.append(jobs.record_end(self.store, flight.run.id, RunStatus.CANCELLED, error=reason))
+            ended.append((flight.run, Outcome.cancelled(WORKER_SHUT_DOWN)))
         self.prepare_pool.shutdown(wait=False, cancel_futures=True)
-        for run in self.preparing.values():
-            self.finished.append(jobs.record_end(self.store, run.id, RunStatus.CANCELLED, error=reason))
+        ended += [(run, Outcome.cancelled(WORKER_SHUT_DOWN, started=False)) for run in self.preparing.values()]
+        self.preparing.clear()
         (home.data_home() / CLUSTER_FILE).unlink(missing_ok=True)
         ray.shutdown()
-
-
-def worker_loop(address: str, store: Store | None = None, *, once: bool = False, poll_s: float = POLL_S,
-                gpus_per_run: float | None = None, cpus_per_run: float | None = None,
-                lease_s: float = jobs.LEASE_S, shutdown: threading.Event | None = None) -> list[Run]:
-    """Dispatch queued runs to the Ray cluster at `address` until `shutdown` is set.
-
-    With `once` it returns when the queue is empty and every dispatched run has finished.
-    Returns the runs it finished.
-
-    Raises:
-        InvalidInput: the cluster cannot be reached or cannot train (before any run is claimed).
-        WorkerBusy: another worker already serves this data home.
-    """
-    store = store or Store()
-    shutdown = shutdown or threading.Event()
-    with jobs.serving_data_home(store, cluster=address):
-        for orphan in fail_orphaned_runs(store):
-            jobs.say(f"marked {orphan.id} failed: {orphan.error}")
-        dispatcher = Dispatcher(address, store, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run,
-                                lease_s=lease_s)
-        jobs.say(f"dispatching to the Ray cluster at {address}: {dispatcher.cpus:g} CPU and "
-                 f"{dispatcher.gpus:g} GPU per run, {dispatcher.capacity()} runs at once")
-        try:
-            while not shutdown.is_set():
-                dispatcher.turn()
-                if once and dispatcher.idle():
-                    break
-                shutdown.wait(poll_s)
-        finally:
-            dispatcher.stop("The worker was shut down; epochs logged so far are kept. Resume the run if it saved "
-                            "a checkpoint, or submit it again.")
-    return dispatcher.finished
-
-
-def serve_forever(address: str, *, once: bool = False, gpus_per_run: float | None = None,
-                  cpus_per_run: float | None = None) -> list[Run]:
-    """`python -m tlcore worker --cluster ADDRESS`: SIGTERM/SIGINT stop it after cancelling its runs."""
-    _check_reachable(address)
-    return jobs.until_signalled(lambda shutdown: worker_loop(
-        address, once=once, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, shutdown=shutdown))
+        return ended

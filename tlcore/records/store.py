@@ -44,8 +44,8 @@ TERMINAL_STATES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CA
 # The statuses a run may move to from each status. A finished run never changes status again, so a
 # late "succeeded" cannot overwrite the "failed" a reaper wrote (nor clear its error).
 ALLOWED_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
-    RunStatus.QUEUED: TERMINAL_STATES | {RunStatus.QUEUED, RunStatus.RUNNING},
-    RunStatus.RUNNING: TERMINAL_STATES | {RunStatus.RUNNING},
+    RunStatus.QUEUED: TERMINAL_STATES | {RunStatus.RUNNING},
+    RunStatus.RUNNING: TERMINAL_STATES,
     **{status: frozenset() for status in TERMINAL_STATES},
 }
 
@@ -176,9 +176,6 @@ CREATE TABLE IF NOT EXISTS logs (
 );
 CREATE INDEX IF NOT EXISTS logs_run ON logs (run_id, id);
 """
-
-_RUN_JSON_FIELDS = ("config", "progress", "summary", "tags", "executor")
-
 
 def _migrate_1_typed_run_records(db: sqlite3.Connection) -> None:
     """Version 0 (no version) -> 1: progress and summary rewritten in the typed contract."""
@@ -339,14 +336,20 @@ class Store:
         status: RunStatus = RunStatus.QUEUED,
         run_id: str | None = None,
         sweep_id: str | None = None,
+        worker: str | None = None,
     ) -> Run:
+        """A new run; with `worker`, created running for that worker (its lease starts now)."""
         run_id = run_id or new_id("run")
+        now = time.time()
+        status = RunStatus(status)
+        if worker is not None and status is not RunStatus.RUNNING:
+            raise ValueError(f"Only a running run has a worker. Received: status={status.value!r}, worker={worker!r}")
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO runs (id, name, status, dataset_id, backbone, weights, config, created_at, sweep_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, name, RunStatus(status).value, dataset_id, backbone, weights,
-                 json.dumps(config), time.time(), sweep_id),
+                "INSERT INTO runs (id, name, status, dataset_id, backbone, weights, config, created_at, sweep_id,"
+                " worker, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, name, status.value, dataset_id, backbone, weights, json.dumps(config), now, sweep_id,
+                 worker, *((now, now) if worker else (None, None))),
             )
         return self.get_run(run_id)
 
@@ -388,57 +391,60 @@ class Store:
             return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
 
     def queue(self) -> list[Run]:
-        """Queued runs in the order the worker takes them (oldest first)."""
+        """Queued runs, oldest first."""
         return list(reversed(self.list_runs({RunStatus.QUEUED})))
 
-    def claim_next(self, worker: str) -> Run | None:
-        """Atomically move the oldest queued run to running for `worker`; None if the queue is empty."""
-        now = time.time()
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT id FROM runs WHERE status = 'queued' ORDER BY seq LIMIT 1"
-            ).fetchone()
-            if row is None:
-                return None
-            db.execute(
-                "UPDATE runs SET status = 'running', worker = ?, started_at = ?, heartbeat_at = ?"
-                " WHERE id = ?",
-                (worker, now, now, row["id"]),
-            )
-        return self.get_run(row["id"])
+    # Typed transitions. Each moves a run only from the statuses `ALLOWED_TRANSITIONS` permits, inside
+    # one UPDATE, so two processes racing on one run get one winner and the loser a `TransitionRefused`.
 
-    def update_run(self, run_id: str, **fields: Any) -> Run:
-        """Set columns of a run: JSON fields take Python objects or records, status takes a RunStatus."""
-        if not fields:
-            return self.get_run(run_id)
-        sets, args = [], []
-        for key, value in fields.items():
-            if key in _RUN_JSON_FIELDS:
-                value = json.dumps(value.to_dict() if hasattr(value, "to_dict") else value)
-            elif key == "status":
-                value = RunStatus(value).value
-            elif key == "cancel_requested":
-                value = int(bool(value))
-            sets.append(f"{key} = ?")
-            args.append(value)
-        where, where_args = "id = ?", [run_id]
-        if "status" in fields:
-            target = RunStatus(fields["status"])
-            sources = [s.value for s, targets in ALLOWED_TRANSITIONS.items() if target in targets]
-            where += f" AND status IN ({', '.join('?' * len(sources))})" if sources else " AND 0"
-            where_args += sources
+    def start_run(self, run_id: str, worker: str, at: float | None = None) -> Run:
+        """Move a queued run to running for `worker`; its lease starts now (or at `at`).
+
+        Raises:
+            TransitionRefused: the run is no longer queued (another worker took it, or it was cancelled).
+        """
+        now = time.time() if at is None else at
+        return self._move(run_id, RunStatus.RUNNING, {"worker": worker, "started_at": now, "heartbeat_at": now})
+
+    def finish_run(self, run_id: str, status: RunStatus, *, error: str | None = None,
+                   summary: RunSummary | None = None, only_if: RunStatus | None = None,
+                   at: float | None = None) -> Run:
+        """Move a queued or running run (only an `only_if` one, when given) to the final `status`.
+
+        Raises:
+            TransitionRefused: the run already finished (a reaper marked it failed, say), or is not
+                `only_if`; nothing changes.
+        """
+        status = RunStatus(status)
+        if not status.is_terminal:
+            raise ValueError(f"`status` must be a final status ({', '.join(s.value for s in TERMINAL_STATES)}). "
+                             f"Received: status={status.value!r}")
+        fields: dict[str, Any] = {"finished_at": time.time() if at is None else at, "error": error}
+        if summary is not None:
+            fields["summary"] = json.dumps(summary.to_dict())
+        return self._move(run_id, status, fields, sources={only_if} if only_if else None)
+
+    def _move(self, run_id: str, target: RunStatus, fields: dict[str, Any],
+              sources: set[RunStatus] | None = None) -> Run:
+        # Column names come from the fixed keys of the callers above, never from a caller's keywords.
+        allowed = {s for s, targets in ALLOWED_TRANSITIONS.items() if target in targets}
+        if sources is not None:
+            allowed &= sources
+        sets = ", ".join(f"{column} = ?" for column in ("status", *fields))
+        where = "id = ? AND " + (f"status IN ({', '.join('?' * len(allowed))})" if allowed else "0")
         with self._transaction() as db:
-            changed = db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE {where}", (*args, *where_args)).rowcount
+            changed = db.execute(f"UPDATE runs SET {sets} WHERE {where}",
+                                 (target.value, *fields.values(), run_id, *(s.value for s in allowed))).rowcount
         run = self.get_run(run_id)
-        if not changed and "status" in fields:
+        if not changed:
             raise TransitionRefused(
                 f"Run {run.name} ({run.id}) is {run.status.value}"
                 + (f" ({run.error})" if run.error else "")
-                + f"; it cannot become {RunStatus(fields['status']).value}, so its record stays as it is.")
+                + f"; it cannot become {target.value}, so its record stays as it is.")
         return run
 
     def heartbeat(self, run_id: str, progress: RunProgress | None = None) -> bool:
-        """Renew a running run's lease; returns True if a cancel was requested."""
+        """Renew a run's lease (and record its progress); returns True if a cancel was requested."""
         with self._transaction() as db:
             if progress is None:
                 db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", (time.time(), run_id))
@@ -448,54 +454,26 @@ class Store:
             row = db.execute("SELECT cancel_requested FROM runs WHERE id = ?", (run_id,)).fetchone()
         return bool(row and row[0])
 
-    def finish_run(self, run_id: str, status: RunStatus, error: str | None = None,
-                   summary: RunSummary | None = None) -> Run:
-        """Move a queued or running run to a final `status`.
-
-        Raises:
-            TransitionRefused: the run already finished (a reaper marked it failed, say); nothing changes.
-        """
-        fields: dict[str, Any] = {"status": status, "finished_at": time.time(), "error": error}
-        if summary is not None:
-            fields["summary"] = summary
-        return self.update_run(run_id, **fields)
-
     def request_cancel(self, run_id: str) -> Run:
-        """Cancel a queued run at once; ask a running one to stop between batches."""
-        run = self.get_run(run_id)
-        with self._transaction() as db:
-            db.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", (run.id,))
-            db.execute(
-                "UPDATE runs SET status = 'cancelled', finished_at = ?, error = 'Cancelled before it started.'"
-                " WHERE id = ? AND status = 'queued'",
-                (time.time(), run.id),
-            )
-        return self.get_run(run.id)
+        """Record that someone asked `run_id` to stop (what that means is the queue's rule)."""
+        return self._set(run_id, "cancel_requested = 1")
 
-    def reap_stale(self, lease_s: float, is_alive=None) -> list[Run]:
-        """Mark running runs failed whose heartbeat is older than `lease_s` seconds, or whose
-        worker `is_alive(worker)` says is gone. Returns the runs it marked."""
-        now = time.time()
-        reaped = []
-        for run in self.list_runs({RunStatus.RUNNING}):
-            beat = run.heartbeat_at or run.started_at or run.created_at
-            if now - beat > lease_s:
-                reason = (f"The worker stopped responding (no heartbeat for {now - beat:.0f} s). "
-                          "Epochs logged so far are kept; resume or relaunch the run.")
-            elif is_alive is not None and run.worker and not is_alive(run.worker):
-                reason = (f"The worker process ({run.worker}) is gone. "
-                          "Epochs logged so far are kept; resume or relaunch the run.")
-            else:
-                continue
-            with self._transaction() as db:
-                changed = db.execute(
-                    "UPDATE runs SET status = 'failed', finished_at = ?, error = ?"
-                    " WHERE id = ? AND status = 'running'",
-                    (now, reason, run.id),
-                ).rowcount
-            if changed:
-                reaped.append(self.get_run(run.id))
-        return reaped
+    def set_executor(self, run_id: str, executor: Executor) -> Run:
+        """Where the run trains, once an executor took it."""
+        return self._set(run_id, "executor = ?", json.dumps(executor.to_dict()))
+
+    def set_summary(self, run_id: str, summary: RunSummary) -> Run:
+        """Replace a finished run's summary (a later calibration, say)."""
+        return self._set(run_id, "summary = ?", json.dumps(summary.to_dict()))
+
+    def annotate(self, run_id: str, tags: list[str], note: str) -> Run:
+        """The team's tags and note on a run."""
+        return self._set(run_id, "tags = ?, note = ?", json.dumps(list(tags)), note)
+
+    def _set(self, run_id: str, assignments: str, *values: Any) -> Run:
+        with self._transaction() as db:
+            db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*values, run_id))
+        return self.get_run(run_id)
 
     # ---------------------------------------------------------- epochs and logs
 
