@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     _json(sshow)
 
     worker = sub.add_parser("worker", help="run queued jobs one at a time (or on a Ray cluster)")
-    worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    worker.add_argument("--once", action="store_true",
+                        help="run at most one job, then exit (with --cluster: until the queue is empty)")
     worker.add_argument("--process-per-job", action="store_true",
                         help="train each job in its own process, so a finished job returns its GPU memory "
                              "(also: TLCORE_PROCESS_PER_JOB=1)")

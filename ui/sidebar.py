@@ -11,7 +11,7 @@ import os
 
 import streamlit as st
 
-from tlcore.queue import leases, worker
+from tlcore.queue import jobs, leases, worker
 from tlcore.records import home
 from tlcore.records.store import RunStatus
 from ui import format as fmt
@@ -44,7 +44,7 @@ def cluster_setting() -> str | None:
 
 def start_worker_process() -> int:
     """Start the worker: the local one, or the dispatcher to the cluster set in the sidebar."""
-    return worker.start_worker_process(cluster=cluster_setting())
+    return jobs.start_worker_process(cluster=cluster_setting())
 
 
 def start_worker(key: str) -> None:
