@@ -149,6 +149,25 @@ def test_process_per_job_trains_each_run_in_a_child_that_exits(store, dataset):
     assert child_pid != os.getpid() and not leases.pid_alive(child_pid)
 
 
+def test_a_stopped_run_says_why_whichever_executor_stopped_it(store):
+    from tlcore.queue.outcome import CANCELLED_BY_REQUEST, WORKER_SHUT_DOWN, Outcome, conclude
+
+    asked, shut_down, broken = (store.create_run(name, "ds", "efficientnet_lite0", "none", {})
+                                for name in ("asked", "shut down", "broken"))
+    for _ in range(3):
+        leases.claim_next(store, "worker-host:1")
+    jobs.cancel(asked.id, store)
+    # A cancel request racing the worker's shutdown: the user's request is what the run says.
+    assert conclude(store, asked.id, Outcome.cancelled(WORKER_SHUT_DOWN)).error == CANCELLED_BY_REQUEST
+    assert conclude(store, shut_down.id, Outcome.cancelled(WORKER_SHUT_DOWN)).error == WORKER_SHUT_DOWN
+    try:
+        raise RuntimeError("the disk\nis full")
+    except RuntimeError as exc:
+        failed = conclude(store, broken.id, Outcome.from_exception(exc))
+    assert failed.status is RunStatus.FAILED and failed.error == "RuntimeError: the disk is full"
+    assert "Traceback" in store.logs(broken.id)[-1].message
+
+
 def test_resume_needs_a_stopped_run_with_a_checkpoint(store, dataset):
     run = jobs.submit(tiny(dataset.name), store)
     with pytest.raises(ValueError, match="Only failed or cancelled"):

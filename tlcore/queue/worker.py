@@ -102,7 +102,7 @@ def work(executor: RunExecutor, store: Store | None = None, *, once: bool = Fals
                     break
                 shutdown.wait(poll_s)
         finally:
-            finished += _stop(executor, store, lease_s)
+            finished += _stop(executor, store)
     return finished
 
 
@@ -126,7 +126,7 @@ def _conclude_ended(executor: RunExecutor, store: Store) -> list[Run]:
     return done
 
 
-def _stop(executor: RunExecutor, store: Store, lease_s: float) -> list[Run]:
+def _stop(executor: RunExecutor, store: Store) -> list[Run]:
     """Stop the executor's runs between batches, waiting `SHUTDOWN_GRACE_S` at most, then end the rest."""
     finished = []
     executor.shut_down()
