@@ -28,6 +28,8 @@ from tlcore.records import home
 from tlcore.records.run_record import Executor, RunSummary
 from tlcore.records.store import Run, RunStatus, Store
 
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `tlcore`, put on a child's PYTHONPATH
+
 
 class RunExecutor(Protocol):
     """What the worker loop needs of an executor."""
@@ -191,8 +193,7 @@ class ProcessPerJobExecutor:
         outcome_file = Path(tempfile.mkdtemp(prefix="tlcore-job-")) / "outcome.json"
         code = ("from tlcore.queue.executors import execute_in_child as job; "
                 f"job({run.id!r}, {str(outcome_file)!r})")
-        env = devices.worker_environment(dict(os.environ), str(home.data_home()),
-                                         str(Path(__file__).resolve().parents[2]))
+        env = devices.worker_environment(dict(os.environ), str(home.data_home()), str(PACKAGE_ROOT))
         proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL)
         self.child = (run, proc, outcome_file)
 

@@ -31,14 +31,13 @@ from typing import Any, Callable
 
 from tlcore.errors import WorkerBusy
 from tlcore.queue import leases
-from tlcore.queue.executors import InProcessExecutor, ProcessPerJobExecutor, RunExecutor
+from tlcore.queue.executors import PACKAGE_ROOT, InProcessExecutor, ProcessPerJobExecutor, RunExecutor
 from tlcore.queue.outcome import Outcome, conclude, error_line
 from tlcore.records import home
 from tlcore.records.atomic import write_json_atomically
 from tlcore.records.store import Run, Store
 
 SHUTDOWN_GRACE_S = 60.0  # how long a stopping worker waits for its runs to stop between batches
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `tlcore`, for processes started here
 
 
 @dataclasses.dataclass(frozen=True)
