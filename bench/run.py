@@ -538,7 +538,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.image_size, args.head_epochs, args.finetune_epochs = 32, 1, 1
         args.limit_per_class = args.limit_per_class or 8
-        args.scale = "0.5"
+        args.scale = ""  # the scale section then holds the main run; tests/test_bench_smoke.py checks the rest
     return args
 
 

@@ -4,6 +4,7 @@ not a test; this only checks the machinery."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -34,9 +35,10 @@ def _section(report: str, title: str) -> str:
 
 
 def test_bench_smoke_writes_every_section_with_numbers(tmp_path):
-    out = tmp_path / "BENCH.md"
+    out, results = tmp_path / "BENCH.md", tmp_path / "results.json"
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "bench/run.py", "--data", str(FLOWERS), "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "bench/run.py", "--data", str(FLOWERS), "--smoke", "--out", str(out),
+                           "--results", str(results)],
                           cwd=REPO, capture_output=True, text=True, timeout=540)
     # The time is for the reader of the test log; how fast it ran is judged in bench/, not here.
     print(f"smoke bench took {time.monotonic() - started:.0f} s")
@@ -75,8 +77,18 @@ def test_bench_smoke_writes_every_section_with_numbers(tmp_path):
     assert len(cells) == 5 and all(NUMBER.fullmatch(c) for c in cells), cells  # load, cold, p50, p95, n
 
     scale = _section(report, "Scale")
+    assert all(NUMBER.search(c) for c in _row(scale, "1")), _row(scale, "1")
+    # The smoke run measures no fraction of the data (each would be one more training process); a
+    # fraction's row is the same measurement on a subset, so the report is built again from this run's
+    # results with its run standing in for half the data.
+    sys.path.insert(0, str(REPO))
+    from bench.run import build_report
+
+    measured = json.loads(results.read_text())
+    half = {**measured["scale"][-1], "fraction": "0.5", "images": measured["scale"][-1]["images"] // 2}
+    rebuilt = _section(build_report({**measured, "scale": [half, *measured["scale"]]}), "Scale")
     for fraction in ("0.5", "1"):
-        cells = _row(scale, fraction)
+        cells = _row(rebuilt, fraction)
         assert all(NUMBER.search(c) for c in cells), cells
 
     capped = scale.split("### Under a memory limit", 1)[1]
@@ -119,3 +131,25 @@ def test_the_memory_cap_kills_a_process_over_its_limit_and_spares_one_under_it()
             cap.close()
     assert outcomes[16][0] == 0 and outcomes[16][1]["oom_kills"] == 0
     assert outcomes[200][0] == -9 and outcomes[200][1]["oom_kills"] >= 1, outcomes[200]
+
+
+def test_the_scale_runs_take_each_class_s_share_and_reuse_the_converted_weights(tmp_path):
+    """`bench/run.py`'s scale side: a fraction keeps that share of every class (rounded up, first by name), and a
+    fraction's data home gets the main home's converted weights instead of converting them again."""
+    sys.path.insert(0, str(REPO))
+    from bench.run import prepare_weights, subset_copy
+
+    source = tmp_path / "source"
+    for label, count in (("a", 5), ("b", 2)):
+        (source / label).mkdir(parents=True)
+        for i in range(count):
+            (source / label / f"{i}.jpg").write_bytes(b"x")
+    (source / "a" / "notes.txt").write_text("not an image")
+    half = subset_copy(source, tmp_path / "half", fraction=0.5)
+    assert {p.name: sorted(f.name for f in p.iterdir()) for p in half.iterdir()} == {"a": ["0.jpg", "1.jpg", "2.jpg"],
+                                                                                     "b": ["0.jpg"]}
+    template = tmp_path / "home-main"
+    (template / "weights" / "lite").mkdir(parents=True)
+    (template / "weights" / "lite" / "lite0.npz").write_bytes(b"converted")
+    copied = prepare_weights(tmp_path / "home-0.5", template=template)
+    assert (copied / "lite" / "lite0.npz").read_bytes() == b"converted"
