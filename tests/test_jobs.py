@@ -199,7 +199,7 @@ def test_cancel_running_job_stops_between_batches(store, dataset, monkeypatch):
         # A second worker on the same data home is refused while this one holds the lock.
         with pytest.raises(WorkerBusy, match="already running"):
             work_once(store)
-        asked = time.monotonic()
+        asked, epochs_when_asked = time.monotonic(), len(store.epochs(run.id))
         assert jobs.cancel(run.id, store).cancel_requested
         loop.join(timeout=60)
         stopped_after = time.monotonic() - asked
@@ -210,9 +210,9 @@ def test_cancel_running_job_stops_between_batches(store, dataset, monkeypatch):
     done = store.get_run(run.id)
     assert done.status is RunStatus.CANCELLED, done.error
     assert "Cancelled" in done.error
-    print(f"cancel -> worker stopped in {stopped_after:.2f} s")
-    assert stopped_after < 15, stopped_after
-    assert len(store.epochs(run.id)) >= 1 and len(store.epochs(run.id)) < 50
+    print(f"cancel -> worker stopped in {stopped_after:.2f} s")  # judged in bench/, never here
+    # Stopped between batches: at most the epoch under way when the cancel came is logged after it.
+    assert len(store.epochs(run.id)) - epochs_when_asked <= 1, (epochs_when_asked, len(store.epochs(run.id)))
     assert finished and finished[0].id == run.id
 
 
