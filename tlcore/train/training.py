@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tlcore.backbones import get_backbone, resolve_weights
-from tlcore.backbones.classifier import build_classifier, unfreeze_top
+from tlcore.backbones.classifier import build_classifier, compile_classifier, unfreeze_top
 from tlcore.backbones.features import cached_features, feature_cache
 from tlcore.backbones.folding import fold_batchnorm
 from tlcore.data import pipeline
@@ -214,8 +214,9 @@ class _Training:
         self.log(f"Backbone {self.spec.display_name}, weights: "
                  f"{'ImageNet' if weights_path else 'none (random initialisation, no transfer)'}.")
         with self.strategy.scope():
-            self.model, self.base = build_classifier(self.spec, self.size, weights_path, len(self.labels),
-                                                     self.config.dropout)
+            self.classifier = build_classifier(self.spec, self.size, weights_path, len(self.labels),
+                                               self.config.dropout)
+        self.model = self.classifier.model
 
     def restore_checkpoint(self) -> Checkpoint | None:
         """Load the checkpoint of the run this one resumes, if it resumes one."""
@@ -268,7 +269,7 @@ class _Training:
     def fine_tune(self, resume: Checkpoint | None) -> None:
         """Phase 2: the top layers of the backbone unfrozen, a lower rate, warm-up and cosine decay."""
         config = self.config
-        unfrozen = unfreeze_top(self.base, config.finetune_layers)
+        unfrozen = unfreeze_top(self.classifier.backbone, config.finetune_layers)
         if self.head_val_accuracy is not None:
             # What the fine-tune can change (BatchNorm stays frozen), as the head left it.
             self.head_weights = [(v, np.array(v.numpy())) for v in self.model.trainable_weights]
@@ -359,7 +360,7 @@ class _Training:
     def fit_head_on_features(self):
         config, splits = self.config, self.splits
         with self.strategy.scope():
-            feature_model = fold_batchnorm(keras.Model(self.model.input, self.model.get_layer("pool").output))
+            feature_model = fold_batchnorm(self.classifier.features_model())
         extractor = self.feature_extraction = _FeatureExtraction(self, feature_model)
         features, reused, seconds = extractor.features()
         self.timings["features_s"] = seconds
@@ -376,12 +377,9 @@ class _Training:
         search = config.head_search == "auto"
         if self.choose_on_val and (search or config.class_weight == "auto"):
             self.search_head(x_train, y_train, features[val], self.y_all[val], search)
-        # The head model shares its layers with the classifier, so training it trains the classifier.
         with self.strategy.scope():
-            feat_in = keras.Input(features.shape[1:], name="features")
-            out = self.model.get_layer("head")(self.model.get_layer("head_dropout")(feat_in))
-            head = keras.Model(feat_in, out, name="head_only")
-            _compile(head, config.lr * self.lr_scale, xla=False)
+            head = self.classifier.head_on_features()  # training it trains the classifier's head
+            compile_classifier(head, config.lr * self.lr_scale, xla=False)
         if self.head_search is not None:
             return head, features
         if self.settings.class_weight == "auto":
@@ -432,8 +430,7 @@ class _Training:
             self.step += 1
             self.sink.log_epoch("head", epoch, self.step, metrics)
         _write_tensorboard(self.folder.tensorboard("head"), history)
-        self.model.get_layer("head").set_weights(fitted.chosen_weights())
-        self.model.get_layer("head_dropout").rate = chosen.dropout
+        self.classifier.set_head(fitted.chosen_weights(), chosen.dropout)
         if chosen.class_weight != self.settings.class_weight:
             self.use_class_weight(chosen.class_weight)
         self.settings = TrialSettings(chosen.lr, chosen.dropout, chosen.label_smoothing, chosen.class_weight)
@@ -455,7 +452,8 @@ class _Training:
         with self.strategy.scope():
             # The twin shares every trainable weight with `model`: training it trains `model`.
             trainer = self.trainer = fold_batchnorm(self.model)
-            _compile(trainer, learning_rate, self.device_plan.xla, label_smoothing=self.settings.label_smoothing)
+            compile_classifier(trainer, learning_rate, xla=self.device_plan.xla,
+                               label_smoothing=self.settings.label_smoothing)
         callbacks = self.callbacks(phase, epochs, checkpoint=phase == "finetune")
         if initial_epoch:
             with self.strategy.scope():
@@ -548,55 +546,6 @@ def execute_run(run_id: str, store: Store, *, should_stop: Callable[[], bool] = 
     stops it. The caller sets the final status.
     """
     return _Training(run_id, store, should_stop, progress_bar, sink).execute()
-
-
-def _compile(model, learning_rate, xla: bool, label_smoothing: float = 0.0) -> None:
-    """Adam, sparse cross-entropy (labels smoothed by `label_smoothing`) and accuracy; XLA when
-    `xla` (never over several replicas: `devices.plan` sees to that); under mixed precision a
-    loss-scale optimizer that skips a step on every replica when any replica's gradients overflow."""
-    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
-    if model.dtype_policy.name == "mixed_float16":
-        optimizer = _ReplicaSafeLossScaleOptimizer(optimizer)
-    # Keras 3 compile takes keywords: a positional list would land in the wrong parameter.
-    model.compile(
-        optimizer=optimizer,
-        loss=_SmoothedSparseCrossentropy(label_smoothing) if label_smoothing else
-        keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=xla,
-    )
-
-
-class _SmoothedSparseCrossentropy(keras.losses.Loss):
-    """Sparse categorical cross-entropy with label smoothing (Keras' sparse loss has none)."""
-
-    def __init__(self, label_smoothing: float, name: str = "smoothed_sparse_crossentropy"):
-        super().__init__(name=name)
-        self.label_smoothing = label_smoothing
-
-    def call(self, y_true, y_pred):
-        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
-        one_hot = keras.ops.one_hot(labels, keras.ops.shape(y_pred)[-1], dtype=y_pred.dtype)
-        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
-
-
-class _ReplicaSafeLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
-    """Keras' loss-scale optimizer, with the inf/NaN check agreed across replicas.
-
-    Under MirroredStrategy Keras checks each replica's own gradients before they are summed:
-    one replica can skip the step while the others apply it, so an overflow on one device
-    can reach the weights. Here a step is skipped everywhere when any replica saw inf/NaN.
-    """
-
-    def check_finite(self, grads):
-        import tensorflow as tf
-
-        finite = super().check_finite(grads)
-        context = tf.distribute.get_replica_context()
-        if context is None or context.num_replicas_in_sync == 1:
-            return finite
-        overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
-        return tf.equal(overflowed, 0.0)
 
 
 class _EpochTensorBoard(keras.callbacks.TensorBoard):
