@@ -84,10 +84,10 @@ class _Training:
         self.sink = sink or StoreSink(store, run_id)
         self.config = TrainConfig.from_dict(self.run.config)
         self.folder = RunFolder(run_id).created()
-        self.should_stop, self.progress_bar = should_stop, progress_bar
+        self.progress_bar = progress_bar
+        self.reporter = _RunReporter(self.sink, should_stop, echo=progress_bar)
         self.step = 0  # epochs finished across phases: the x axis of the curves
-        self.last_beat = 0.0
-        self.timings: dict[str, float] = {}
+        self.times = _StepTimes()
         self.head_on_features: tuple[Any, np.ndarray] | None = None
         self.predictor = None  # the saved model with BatchNorm folded, made once for evaluation
         self.feature_extraction: _FeatureExtraction | None = None
@@ -101,22 +101,13 @@ class _Training:
         self.finetune_decision: FinetuneDecision | None = None
 
     def log(self, message: str) -> None:
-        self.sink.log(message)
-        if self.progress_bar:
-            print(message, flush=True)
+        self.reporter.log(message)
 
     def beat(self, progress: RunProgress, force: bool = False) -> bool:
-        """Write progress at most once a second; True when the run should stop."""
-        now = time.monotonic()
-        cancel = False
-        if force or now - self.last_beat > 1.0:
-            self.last_beat = now
-            cancel = self.sink.heartbeat(progress)
-        return cancel or self.should_stop()
+        return self.reporter.beat(progress, force)
 
     def raise_if_cancelled(self) -> None:
-        if self.beat(RunProgress(phase="stopping"), force=True):
-            raise RunCancelled("Cancelled by request; the epochs logged so far are kept.")
+        self.reporter.raise_if_cancelled()
 
     def execute(self) -> RunSummary:
         started = time.perf_counter()
@@ -126,30 +117,24 @@ class _Training:
         self.build_model()
         resume = self.restore_checkpoint()
         if self.config.head_epochs and not resume:
-            self.timed("head_s", self.fit_head)
+            self.times.timed("head_s", self.fit_head)
         if self.settings.class_weight == "auto":
             self.log("Class weighting auto: no head was fitted both ways here (resumed, head augmented, or no "
                      "validation split apart from the evaluation split), so it trains unweighted.")
             self.use_class_weight("none")
         if self.config.finetune_epochs:
-            self.timed("finetune_s", lambda: self.fine_tune(resume))
+            self.times.timed("finetune_s", lambda: self.fine_tune(resume))
             self.keep_better_of_head_and_finetune()
         with self.strategy.scope():
             # What is saved and evaluated computes in float32: a mixed-precision model would
             # reload as float16 on a CPU host and could not be converted to TFLite.
             self.final_model = devices.float32_model(self.model)
-        report = self.timed("eval_s", self.evaluate)
+        report = self.times.timed("eval_s", self.evaluate)
         model_path = save_model_atomically(self.final_model, self.folder.model)
-        self.timings["total_s"] = time.perf_counter() - started
+        total = self.times.add("total_s", time.perf_counter() - started)
         self.log(f"Done: {self.eval_split} accuracy {report.accuracy:.4f}, macro F1 {report.macro_f1:.4f} "
-                 f"in {self.timings['total_s']:.1f} s.")
+                 f"in {total:.1f} s.")
         return self.summary(report, model_path)
-
-    def timed(self, key: str, step: Callable[[], Any]) -> Any:
-        t = time.perf_counter()
-        result = step()
-        self.timings[key] = time.perf_counter() - t
-        return result
 
     # ------------------------------------------------------------------ steps
 
@@ -205,9 +190,9 @@ class _Training:
             self.entries, self.size,
             on_progress=lambda done, total: self.beat(
                 RunProgress(phase="preparing", message=f"Decoded {done}/{total} images")))
-        self.timings["pixels_s"] = time.perf_counter() - t
+        seconds = self.times.add("pixels_s", time.perf_counter() - t)
         self.log(f"Pixel cache: {reused} of {len(self.pixels)} images at {self.size} px reused, the rest decoded "
-                 f"({self.timings['pixels_s']:.1f} s).")
+                 f"({seconds:.1f} s).")
 
     def build_model(self) -> None:
         weights_path = resolve_weights(self.spec, self.config.weights)
@@ -334,7 +319,6 @@ class _Training:
         self.log(f"Calibration: ECE {self.calibration.ece_before:.3f} before, {after}.")
 
     def summary(self, report: EvalReport, model_path: Path) -> RunSummary:
-        timings = {k: round(v, 3) for k, v in self.timings.items() if k != "features_reused"}
         return RunSummary(
             backbone=self.spec.name,
             weights=self.config.weights,
@@ -344,7 +328,7 @@ class _Training:
             eval_split=self.eval_split,
             eval_images=int(len(self.splits[self.eval_split])),
             metrics=report.metrics(tta=self.config.tta),
-            timings=Timings(**timings, features_reused=bool(self.timings.get("features_reused"))),
+            timings=self.times.record(),
             device=self.device_plan.describe(),
             device_record=self.device_record,
             model_path=str(model_path),
@@ -363,14 +347,14 @@ class _Training:
             feature_model = fold_batchnorm(self.classifier.features_model())
         extractor = self.feature_extraction = _FeatureExtraction(self, feature_model)
         features, reused, seconds = extractor.features()
-        self.timings["features_s"] = seconds
-        self.timings["features_reused"] = float(reused)
+        self.times.add("features_s", seconds)
+        self.times.features_reused = reused
         train = splits["train"]
         x_train, y_train = features[train], self.y_all[train]
         if "flip" in config.augment:
             # Flip augmentation without giving up the cache: the head also sees each training image mirrored.
             mirrored, _, seconds = extractor.features(train, mirror=True)
-            self.timings["features_s"] += seconds
+            self.times.add("features_s", seconds)
             x_train, y_train = np.concatenate([x_train, mirrored]), np.concatenate([y_train, y_train])
 
         val = splits["val"]
@@ -535,6 +519,59 @@ class _FeatureExtraction:
         t.log(f"{what}: {found.reused} of {len(found.array)} images reused from the cache, the rest computed "
               f"({seconds:.1f} s).")
         return found.array, found.all_reused, seconds
+
+
+class _RunReporter:
+    """What a run says while it trains: log lines into its sink (echoed to the terminal with
+    `echo`), and progress at most once a second, each write renewing the run's lease and
+    bringing back whether it was cancelled."""
+
+    def __init__(self, sink: RunSink, should_stop: Callable[[], bool], *, echo: bool,
+                 clock: Callable[[], float] = time.monotonic):
+        self.sink, self.should_stop, self.echo, self.clock = sink, should_stop, echo, clock
+        self.last_beat = 0.0
+
+    def log(self, message: str) -> None:
+        self.sink.log(message)
+        if self.echo:
+            print(message, flush=True)
+
+    def beat(self, progress: RunProgress, force: bool = False) -> bool:
+        """Write progress at most once a second (always with `force`); True when the run should stop."""
+        now = self.clock()
+        cancel = False
+        if force or now - self.last_beat > 1.0:
+            self.last_beat = now
+            cancel = self.sink.heartbeat(progress)
+        return cancel or self.should_stop()
+
+    def raise_if_cancelled(self) -> None:
+        if self.beat(RunProgress(phase="stopping"), force=True):
+            raise RunCancelled("Cancelled by request; the epochs logged so far are kept.")
+
+
+class _StepTimes:
+    """Seconds each step of a run took, for its summary's `Timings`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.features_reused = False  # every backbone feature came from the cache
+
+    def add(self, key: str, seconds: float) -> float:
+        """Add `seconds` to step `key`; its seconds so far."""
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+        return self.seconds[key]
+
+    def timed(self, key: str, step: Callable[[], Any]) -> Any:
+        """`step()`, its seconds added to `key`."""
+        started = time.perf_counter()
+        result = step()
+        self.add(key, time.perf_counter() - started)
+        return result
+
+    def record(self) -> Timings:
+        return Timings(**{key: round(seconds, 3) for key, seconds in self.seconds.items()},
+                       features_reused=self.features_reused)
 
 
 def execute_run(run_id: str, store: Store, *, should_stop: Callable[[], bool] = lambda: False,
