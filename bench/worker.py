@@ -112,25 +112,24 @@ def task_probe(args: dict) -> dict:
     # Raw backbone pace on tensors already in memory (the ceiling a pipeline can reach), for the
     # stock Keras model and for the BatchNorm-folded twin tlcore actually runs.
     from tlcore.backbones import get_backbone, resolve_weights
-    from tlcore.backbones.classifier import build_classifier, unfreeze_top
+    from tlcore.backbones.classifier import build_classifier, compile_classifier, unfreeze_top
     from tlcore.backbones.folding import fold_batchnorm
-    from tlcore.train.training import _compile
 
     size, batch, classes = args["size"], args["batch_size"], args["num_classes"]
     spec = get_backbone("efficientnet_lite0")
-    model, base = build_classifier(spec, size, resolve_weights(spec, "imagenet"), classes, 0.2)
+    classifier = build_classifier(spec, size, resolve_weights(spec, "imagenet"), classes, 0.2)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.integers(0, 256, (batch, size, size, 3)).astype("float32"))
     y = tf.constant(rng.integers(0, classes, batch).astype("int32"))
-    feature_model = keras.Model(model.input, model.get_layer("pool").output)
+    feature_model = classifier.features_model()
     for key, features in (("fwd", feature_model), ("fwd_folded", fold_batchnorm(feature_model))):
         forward = tf.function(lambda images, features=features: features(images, training=False))
         seconds, n = _pace(lambda forward=forward: forward(x).numpy(), args.get("min_seconds", 10))
         out[f"{key}_img_s"], out[f"{key}_batches"] = batch / seconds, n
 
-    unfreeze_top(base, args["finetune_layers"])
-    for key, trainer in (("fwdbwd", model), ("fwdbwd_folded", fold_batchnorm(model))):
-        _compile(trainer, 1e-4, xla=False)  # tlcore's own compile for the fine-tune phase
+    unfreeze_top(classifier.backbone, args["finetune_layers"])
+    for key, trainer in (("fwdbwd", classifier.model), ("fwdbwd_folded", fold_batchnorm(classifier.model))):
+        compile_classifier(trainer, 1e-4)  # tlcore's own compile for the fine-tune phase
         seconds, n = _pace(lambda trainer=trainer: trainer.train_on_batch(x, y), args.get("min_seconds", 10))
         out[f"{key}_img_s"], out[f"{key}_batches"] = batch / seconds, n
     out["batch_size"] = batch

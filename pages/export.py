@@ -16,25 +16,6 @@ from ui import frame, state
 
 frame.require()
 
-# (format, title, what it is for, file name suffix, MIME type)
-FORMATS = [
-    ("keras", "Keras", "the run's `.keras` file, for Keras 3 with Transfer Lab installed", ".keras",
-     "application/octet-stream"),
-    ("savedmodel", "SavedModel (zip)", "for TensorFlow Serving and TensorFlow converters", "-savedmodel.zip",
-     "application/zip"),
-    ("tflite", "TFLite float32", "for phones and edge devices, same answers as Keras", ".tflite",
-     "application/octet-stream"),
-    ("tflite-int8", "TFLite int8",
-     "about 4x smaller, uint8 pixels in; accuracy and speed checked on the {split} images", "-int8.tflite",
-     "application/octet-stream"),
-    ("onnx", "ONNX", "for ONNX Runtime in any language, checked against Keras on the {split} images", ".onnx",
-     "application/octet-stream"),
-    ("bundle", "Bundle (zip)", "Keras and ONNX models, labels, preprocessing, calibration and threshold if "
-     "any, and the model card", "-bundle.zip", "application/zip"),
-    ("card", "Model card", "what the model is for, its data, recipe, test metrics and limits (Markdown)",
-     "-model-card.md", "text/markdown"),
-]
-
 store = state.store()
 st.title("Export")
 finished = store.list_runs({RunStatus.SUCCEEDED})
@@ -79,19 +60,21 @@ try:
                f"{read_operating_point(folder).describe_calibration()}")
 except TransferLabError as exc:
     st.warning(plain_message(exc))
-for key, title, what, suffix, mime in FORMATS:
+for form in export.FORMATS:
+    key = form.name
     left, right = st.columns([4, 1], vertical_alignment="center")
-    left.markdown(f"**{title}** · {what.format(split=split_words)}")
+    left.markdown(f"**{form.title}** · {form.describe(split_words)}")
     path = export.cached_download(run.id, key)
     if path is None:
         if right.button("Prepare", key=f"export.make.{key}", width="stretch"):
-            prepare(key, title)
+            prepare(key, form.title)
         failure = st.session_state.get("export.failures", {}).get((run.id, key))
         if failure:
             left.error(failure)
         continue
-    right.download_button("Download", data=lambda p=path: p.read_bytes(), file_name=fmt.file_name(run.name, suffix),
-                          mime=mime, key=f"export.download.{key}", on_click="ignore", width="stretch",
+    right.download_button("Download", data=lambda p=path: p.read_bytes(),
+                          file_name=fmt.file_name(run.name, form.download_suffix), mime=form.mime,
+                          key=f"export.download.{key}", on_click="ignore", width="stretch",
                           icon=":material/download:")
     report = export.read_report(path)
     for line in export.describe_report(report) if report else []:

@@ -22,12 +22,13 @@ tf.config.set_logical_device_configuration(
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tlcore.backbones.classifier import compile_classifier  # noqa: E402
 from tlcore.errors import RunCancelled  # noqa: E402
 from tlcore.records.config import TrainConfig  # noqa: E402
 from tlcore.records.run_folder import RunFolder  # noqa: E402
 from tlcore.records.store import RunStatus, Store  # noqa: E402
 from tlcore.train import devices  # noqa: E402
-from tlcore.train.training import _compile, execute_run  # noqa: E402
+from tlcore.train.training import execute_run  # noqa: E402
 
 TWO_REPLICAS = "/cpu:0,/cpu:1"
 ONE_DEVICE = "/cpu:0"  # OneDeviceStrategy, the one-GPU path
@@ -124,7 +125,7 @@ def overflow_on_one_replica() -> dict:
     with strategy.scope():
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4),
                                   keras.layers.Dense(2, activation="softmax", dtype="float32")])
-        _compile(model, 0.1, xla=False)
+        compile_classifier(model, 0.1)
     before = [w.copy() for w in model.get_weights()]
     x = np.array([[1, 2], [3, 4], [1e5, 1e5], [1e5, 1e5]], np.float32)  # 1e5 > float16's max (65504)
     model.fit(x, np.array([0, 1, 0, 1]), batch_size=4, epochs=1, shuffle=False, verbose=0)

@@ -32,10 +32,6 @@ def _batchnorms(model) -> int:
                for layer in model.layers)
 
 
-def _features(model):
-    return keras.Model(model.input, model.get_layer("pool").output)
-
-
 @pytest.mark.parametrize("backbone, size", [
     ("efficientnet_lite0", 64),  # ImageNet weights: depthwise convs, conv without bias
     ("efficientnet_lite2", 64),  # the widest offline Lite: widths rounded to multiples of 8
@@ -46,10 +42,10 @@ def _features(model):
 ])
 def test_folded_features_equal_the_models_features(backbone, size):
     spec = get_backbone(backbone)
-    model, _ = build_classifier(spec, size, spec.weights_path() if spec.offline else None, 3, 0.2)
+    classifier = build_classifier(spec, size, spec.weights_path() if spec.offline else None, 3, 0.2)
     if not spec.offline:
-        _randomise_batchnorm(model)
-    features = _features(model)
+        _randomise_batchnorm(classifier.model)
+    features = classifier.features_model()
     twin = fold_batchnorm(features)
     x = RNG.integers(0, 256, (4, size, size, 3)).astype("float32")
 
@@ -81,8 +77,9 @@ def test_depthwise_multiplier_and_shared_outputs():
 
 def test_training_the_twin_trains_the_model_and_keeps_trainable_layers_unfolded():
     spec = get_backbone("efficientnet_lite0")
-    model, base = build_classifier(spec, 64, spec.weights_path(), 3, 0.0)
-    unfreeze_top(base, 10)
+    classifier = build_classifier(spec, 64, spec.weights_path(), 3, 0.0)
+    model = classifier.model
+    unfreeze_top(classifier.backbone, 10)
     twin = fold_batchnorm(model)
     assert {id(w) for w in twin.trainable_weights} == {id(w) for w in model.trainable_weights}
     assert 0 < _batchnorms(twin) < _batchnorms(model)

@@ -107,7 +107,7 @@ def test_fine_tune_phase_trains_top_layers_with_batchnorm_frozen(store, ants_bee
     assert json.loads(RunFolder(run.id).checkpoint_state.read_text()) == {"phase": "finetune", "epoch": 1}
 
     spec = get_backbone("efficientnet_lite0")
-    _, base = build_classifier(spec, SIZE, None, 2, 0.2)
+    base = build_classifier(spec, SIZE, None, 2, 0.2).backbone
     assert unfreeze_top(base, 10) > 0
     trainable = [layer for layer in base.layers if layer.trainable]
     assert trainable and not any(isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, Sequence
 
+from tlcore.deploy.export import FORMAT_NAMES as EXPORT_FORMATS
 from tlcore.errors import InvalidInput, TransferLabError, plain_message
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -144,8 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a run's model")
     export.add_argument("--run", required=True, help="run id or name")
-    export.add_argument("--format", required=True,
-                        choices=("keras", "savedmodel", "tflite", "tflite-int8", "onnx", "card", "bundle"))
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     export.add_argument("--out", help="file (folder for savedmodel); default: export/ in the run folder")
     _json(export)
 

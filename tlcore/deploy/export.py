@@ -25,10 +25,48 @@ from tlcore.errors import InvalidInput, NotFound
 from tlcore.records.atomic import write_atomically, write_bytes_atomically, write_json_atomically
 from tlcore.records.run_folder import LABELS_FILE, MODEL_FILE, RunFolder
 
-FORMATS = ("keras", "savedmodel", "tflite", "tflite-int8", "onnx", "card", "bundle")
-_DEFAULT_NAMES = {"keras": MODEL_FILE, "savedmodel": "savedmodel", "tflite": "model.tflite",
-                  "tflite-int8": "model_int8.tflite", "onnx": "model.onnx", "card": "model_card.md",
-                  "bundle": "bundle.zip"}
+
+@dataclasses.dataclass(frozen=True)
+class ExportFormat:
+    """One export format. `FORMATS` is the only table of them: the CLI's choices and the Export
+    page read it."""
+
+    name: str  # the `--format` value
+    title: str  # as the Export page lists it
+    file: str  # the default file in the run folder's `export/` (a folder for savedmodel)
+    description: str  # what it is for
+    download_suffix: str  # a download's file name is the run's name, then this
+    check: str | None = None  # what its `<file>.report.json` checks, on the "{split}" images; None: no check
+    mime: str = "application/octet-stream"
+    with_operating_point: bool = False  # holds the calibration and threshold: made again when they change
+
+    def describe(self, split: str = "evaluation") -> str:
+        """What the format is for, and what its export is checked against on the `split` images."""
+        return f"{self.description}; {self.check.format(split=split)}" if self.check else self.description
+
+
+FORMATS = (
+    ExportFormat(name="keras", title="Keras", file=MODEL_FILE, download_suffix=".keras",
+                 description="the run's `.keras` file, for Keras 3 with Transfer Lab installed"),
+    ExportFormat(name="savedmodel", title="SavedModel (zip)", file="savedmodel", download_suffix="-savedmodel.zip",
+                 description="for TensorFlow Serving and TensorFlow converters", mime="application/zip"),
+    ExportFormat(name="tflite", title="TFLite float32", file="model.tflite", download_suffix=".tflite",
+                 description="for phones and edge devices, same answers as Keras"),
+    ExportFormat(name="tflite-int8", title="TFLite int8", file="model_int8.tflite", download_suffix="-int8.tflite",
+                 description="about 4x smaller, uint8 pixels in",
+                 check="accuracy and speed checked on the {split} images"),
+    ExportFormat(name="onnx", title="ONNX", file="model.onnx", download_suffix=".onnx",
+                 description="for ONNX Runtime in any language", check="checked against Keras on the {split} images"),
+    ExportFormat(name="bundle", title="Bundle (zip)", file="bundle.zip", download_suffix="-bundle.zip",
+                 description="Keras and ONNX models, labels, preprocessing, calibration and threshold if any, "
+                 "and the model card", mime="application/zip", with_operating_point=True),
+    ExportFormat(name="card", title="Model card", file="model_card.md", download_suffix="-model-card.md",
+                 description="what the model is for, its data, recipe, test metrics and limits (Markdown)",
+                 mime="text/markdown", with_operating_point=True),
+)
+FORMAT_NAMES = tuple(f.name for f in FORMATS)
+_BY_NAME = {f.name: f for f in FORMATS}
+_SAVEDMODEL_DOWNLOAD = "savedmodel.zip"  # the SavedModel folder, zipped for a browser
 # int8 may lose this many accuracy points against float32 before the export warns.
 INT8_TOLERANCE_POINTS = 1.0
 # Training images the int8 quantizer sees to choose its value ranges.
@@ -47,7 +85,7 @@ def export_run(run_id: str, fmt: str, out: str | Path | None = None, *, progress
 
     Args:
         run_id: the run's id or name.
-        fmt: one of `FORMATS`: "keras" (a copy of the saved file), "savedmodel" (a folder for
+        fmt: one of `FORMAT_NAMES`: "keras" (a copy of the saved file), "savedmodel" (a folder for
             TF Serving), "tflite" (float32), "tflite-int8" (full-integer, uint8 in and out),
             "onnx", "card" (Markdown and JSON) or "bundle" (a zip of the Keras and ONNX models,
             labels, preprocessing facts, calibration and threshold if any, and the card).
@@ -67,16 +105,16 @@ def export_run(run_id: str, fmt: str, out: str | Path | None = None, *, progress
     report = progress or (lambda fraction, message: None)
     folder = inference.run_model_folder(run_id)[0]
     if out is None:
-        target = folder.export_dir / _DEFAULT_NAMES[fmt]
+        target = folder.export_dir / _BY_NAME[fmt].file
         if is_fresh(target, folder, fmt):
             report(1.0, "Already exported")
             return target.resolve()
     else:
         target = Path(out).expanduser()
         if target.is_dir() and fmt != "savedmodel":
-            target = target / _DEFAULT_NAMES[fmt]
+            target = target / _BY_NAME[fmt].file
         elif fmt == "savedmodel" and target.is_dir() and any(target.iterdir()):
-            target = target / _DEFAULT_NAMES[fmt]
+            target = target / _BY_NAME[fmt].file
     if fmt == "keras" and target.suffix != ".keras":
         target = target.with_name(target.name + ".keras")  # Keras loads only `.keras` files
     target = target.resolve()
@@ -136,7 +174,7 @@ def download_file(run_id: str, fmt: str, *, progress: Progress | None = None) ->
     path = export_run(run_id, fmt, progress=progress)
     if fmt != "savedmodel":
         return path
-    archive = path.with_name("savedmodel.zip")
+    archive = path.with_name(_SAVEDMODEL_DOWNLOAD)
     with _EXPORT_LOCK:
         if archive.is_file() and archive.stat().st_mtime >= path.stat().st_mtime:
             return archive
@@ -153,7 +191,7 @@ def cached_download(run_id: str, fmt: str) -> Path | None:
     folder = inference.run_model_folder(run_id)[0]
     if fmt == "keras":
         return folder.model
-    name = "savedmodel.zip" if fmt == "savedmodel" else _DEFAULT_NAMES[fmt]
+    name = _SAVEDMODEL_DOWNLOAD if fmt == "savedmodel" else _BY_NAME[fmt].file
     path = folder.path / "export" / name
     return path if is_fresh(path, folder, fmt) else None
 
@@ -165,7 +203,7 @@ def is_fresh(path: Path, folder: RunFolder, fmt: str) -> bool:
         return False
     made = path.stat().st_mtime
     inputs = [folder.model, folder.labels_file, folder.predictions]
-    if fmt in ("card", "bundle"):
+    if _BY_NAME[fmt].with_operating_point:
         inputs += [folder.calibration_file, folder.threshold_file]
     return all(not p.exists() or p.stat().st_mtime <= made for p in inputs)
 
@@ -204,8 +242,8 @@ def describe_report(report: dict[str, Any]) -> list[str]:
 
 def _check_format(fmt: str) -> str:
     fmt = str(fmt).strip().lower()
-    if fmt not in FORMATS:
-        raise InvalidInput(f"`format` must be one of {', '.join(FORMATS)}. Received: format={fmt!r}")
+    if fmt not in _BY_NAME:
+        raise InvalidInput(f"`format` must be one of {', '.join(FORMAT_NAMES)}. Received: format={fmt!r}")
     return fmt
 
 
@@ -398,7 +436,7 @@ def _export_int8(loaded, folder: RunFolder, target: Path, report: Progress) -> N
     representative = _representative_pixels(folder, loaded.image_size)
     report(0.1, f"Quantizing to int8 with {len(representative)} training images")
     targets = {target: representative}
-    float_path = folder.export_dir / _DEFAULT_NAMES["tflite"]  # the float32 model to compare with
+    float_path = folder.export_dir / _BY_NAME["tflite"].file  # the float32 model to compare with
     if not is_fresh(float_path, folder, "tflite"):
         targets[float_path] = None
     _write_tflite(loaded.model, targets)

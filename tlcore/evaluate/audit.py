@@ -260,8 +260,8 @@ def dataset_features(entries: Sequence[ManifestEntry], backbone: str, size: int,
 
     spec = get_backbone(backbone)
     keras.utils.set_random_seed(seed)
-    model, _ = build_classifier(spec, size, resolve_weights(spec, weights), 2, 0.0)
-    feature_model = fold_batchnorm(keras.Model(model.input, model.get_layer("pool").output))
+    classifier = build_classifier(spec, size, resolve_weights(spec, weights), 2, 0.0)
+    feature_model = fold_batchnorm(classifier.features_model())
     pixels, _ = pixel_cache(entries, size)
     found, _ = cached_features(cache, shas, feature_model, pixels.images, 32)
     return found.array

@@ -143,10 +143,10 @@ class _Data:
         keras.utils.set_random_seed(config.seed)
         say(f"Decoding {len(entries)} images at {size} px")
         self.pixels, _ = pipeline.pixel_cache(entries, size)
-        self.model, self.base = build_classifier(spec, size, resolve_weights(spec, config.weights), len(labels),
-                                                 config.dropout)
+        self.classifier = build_classifier(spec, size, resolve_weights(spec, config.weights), len(labels),
+                                           config.dropout)
         say("Backbone features (cached after the first time)")
-        feature_model = fold_batchnorm(keras.Model(self.model.input, self.model.get_layer("pool").output))
+        feature_model = fold_batchnorm(self.classifier.features_model())
         cache = feature_cache(spec.name, size, config.weights, config.seed)
         found, _ = cached_features(cache, [e.sha256 for e in entries], feature_model, self.pixels.images,
                                    max(config.batch_size, 32))
@@ -154,11 +154,10 @@ class _Data:
 
     def head_model(self, learning_rate: float):
         """The classifier's head (its own layers) on feature vectors, compiled at `learning_rate`."""
-        import keras
+        from tlcore.backbones.classifier import compile_classifier
 
-        inputs = keras.Input(self.features.shape[1:])
-        head = keras.Model(inputs, self.model.get_layer("head")(self.model.get_layer("head_dropout")(inputs)))
-        _compile(head, learning_rate)
+        head = self.classifier.head_on_features()
+        compile_classifier(head, learning_rate)
         return head
 
     def batches(self, source_rows: Callable[[np.ndarray], np.ndarray]):
@@ -170,13 +169,6 @@ class _Data:
             for start in range(0, len(order) - size + 1, size):
                 positions = np.sort(order[start:start + size])
                 yield source_rows(positions), self.y_train[positions]
-
-
-def _compile(model, learning_rate: float) -> None:
-    import keras
-
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy())
 
 
 def _stepper(model, batches, class_weight):
@@ -194,7 +186,7 @@ def _head_range_test(data: _Data, rates: np.ndarray) -> list[tuple[float, float]
 
 
 def _finetune_range_test(data: _Data, rates: np.ndarray, say) -> list[tuple[float, float]]:
-    from tlcore.backbones.classifier import unfreeze_top
+    from tlcore.backbones.classifier import compile_classifier, unfreeze_top
     from tlcore.backbones.folding import fold_batchnorm
 
     config = data.config
@@ -202,9 +194,9 @@ def _finetune_range_test(data: _Data, rates: np.ndarray, say) -> list[tuple[floa
     head = data.head_model(config.lr)
     head.fit(data.features, data.y_train, batch_size=data.batch_size, epochs=max(1, min(config.head_epochs, 10)),
              class_weight=data.class_weight, verbose=0)
-    unfreeze_top(data.base, config.finetune_layers)
-    trainer = fold_batchnorm(data.model)  # shares the trainable weights, as phase 2 trains
-    _compile(trainer, float(rates[0]))
+    unfreeze_top(data.classifier.backbone, config.finetune_layers)
+    trainer = fold_batchnorm(data.classifier.model)  # shares the trainable weights, as phase 2 trains
+    compile_classifier(trainer, float(rates[0]))
     say(f"Range test through the top {config.finetune_layers} layers ({len(rates)} steps)")
     images = data.pixels.images
     pixels = data.batches(lambda p: np.asarray(images[data.train[p]], dtype=np.float32))

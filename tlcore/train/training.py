@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tlcore.backbones import get_backbone, resolve_weights
-from tlcore.backbones.classifier import build_classifier, unfreeze_top
+from tlcore.backbones.classifier import build_classifier, compile_classifier, unfreeze_top
 from tlcore.backbones.features import cached_features, feature_cache
 from tlcore.backbones.folding import fold_batchnorm
 from tlcore.data import pipeline
@@ -84,10 +84,10 @@ class _Training:
         self.sink = sink or StoreSink(store, run_id)
         self.config = TrainConfig.from_dict(self.run.config)
         self.folder = RunFolder(run_id).created()
-        self.should_stop, self.progress_bar = should_stop, progress_bar
+        self.progress_bar = progress_bar
+        self.reporter = _RunReporter(self.sink, should_stop, echo=progress_bar)
         self.step = 0  # epochs finished across phases: the x axis of the curves
-        self.last_beat = 0.0
-        self.timings: dict[str, float] = {}
+        self.times = _StepTimes()
         self.head_on_features: tuple[Any, np.ndarray] | None = None
         self.predictor = None  # the saved model with BatchNorm folded, made once for evaluation
         self.feature_extraction: _FeatureExtraction | None = None
@@ -101,22 +101,13 @@ class _Training:
         self.finetune_decision: FinetuneDecision | None = None
 
     def log(self, message: str) -> None:
-        self.sink.log(message)
-        if self.progress_bar:
-            print(message, flush=True)
+        self.reporter.log(message)
 
     def beat(self, progress: RunProgress, force: bool = False) -> bool:
-        """Write progress at most once a second; True when the run should stop."""
-        now = time.monotonic()
-        cancel = False
-        if force or now - self.last_beat > 1.0:
-            self.last_beat = now
-            cancel = self.sink.heartbeat(progress)
-        return cancel or self.should_stop()
+        return self.reporter.beat(progress, force)
 
     def raise_if_cancelled(self) -> None:
-        if self.beat(RunProgress(phase="stopping"), force=True):
-            raise RunCancelled("Cancelled by request; the epochs logged so far are kept.")
+        self.reporter.raise_if_cancelled()
 
     def execute(self) -> RunSummary:
         started = time.perf_counter()
@@ -126,30 +117,24 @@ class _Training:
         self.build_model()
         resume = self.restore_checkpoint()
         if self.config.head_epochs and not resume:
-            self.timed("head_s", self.fit_head)
+            self.times.timed("head_s", self.fit_head)
         if self.settings.class_weight == "auto":
             self.log("Class weighting auto: no head was fitted both ways here (resumed, head augmented, or no "
                      "validation split apart from the evaluation split), so it trains unweighted.")
             self.use_class_weight("none")
         if self.config.finetune_epochs:
-            self.timed("finetune_s", lambda: self.fine_tune(resume))
+            self.times.timed("finetune_s", lambda: self.fine_tune(resume))
             self.keep_better_of_head_and_finetune()
         with self.strategy.scope():
             # What is saved and evaluated computes in float32: a mixed-precision model would
             # reload as float16 on a CPU host and could not be converted to TFLite.
             self.final_model = devices.float32_model(self.model)
-        report = self.timed("eval_s", self.evaluate)
+        report = self.times.timed("eval_s", self.evaluate)
         model_path = save_model_atomically(self.final_model, self.folder.model)
-        self.timings["total_s"] = time.perf_counter() - started
+        total = self.times.add("total_s", time.perf_counter() - started)
         self.log(f"Done: {self.eval_split} accuracy {report.accuracy:.4f}, macro F1 {report.macro_f1:.4f} "
-                 f"in {self.timings['total_s']:.1f} s.")
+                 f"in {total:.1f} s.")
         return self.summary(report, model_path)
-
-    def timed(self, key: str, step: Callable[[], Any]) -> Any:
-        t = time.perf_counter()
-        result = step()
-        self.timings[key] = time.perf_counter() - t
-        return result
 
     # ------------------------------------------------------------------ steps
 
@@ -205,17 +190,18 @@ class _Training:
             self.entries, self.size,
             on_progress=lambda done, total: self.beat(
                 RunProgress(phase="preparing", message=f"Decoded {done}/{total} images")))
-        self.timings["pixels_s"] = time.perf_counter() - t
+        seconds = self.times.add("pixels_s", time.perf_counter() - t)
         self.log(f"Pixel cache: {reused} of {len(self.pixels)} images at {self.size} px reused, the rest decoded "
-                 f"({self.timings['pixels_s']:.1f} s).")
+                 f"({seconds:.1f} s).")
 
     def build_model(self) -> None:
         weights_path = resolve_weights(self.spec, self.config.weights)
         self.log(f"Backbone {self.spec.display_name}, weights: "
                  f"{'ImageNet' if weights_path else 'none (random initialisation, no transfer)'}.")
         with self.strategy.scope():
-            self.model, self.base = build_classifier(self.spec, self.size, weights_path, len(self.labels),
-                                                     self.config.dropout)
+            self.classifier = build_classifier(self.spec, self.size, weights_path, len(self.labels),
+                                               self.config.dropout)
+        self.model = self.classifier.model
 
     def restore_checkpoint(self) -> Checkpoint | None:
         """Load the checkpoint of the run this one resumes, if it resumes one."""
@@ -268,7 +254,7 @@ class _Training:
     def fine_tune(self, resume: Checkpoint | None) -> None:
         """Phase 2: the top layers of the backbone unfrozen, a lower rate, warm-up and cosine decay."""
         config = self.config
-        unfrozen = unfreeze_top(self.base, config.finetune_layers)
+        unfrozen = unfreeze_top(self.classifier.backbone, config.finetune_layers)
         if self.head_val_accuracy is not None:
             # What the fine-tune can change (BatchNorm stays frozen), as the head left it.
             self.head_weights = [(v, np.array(v.numpy())) for v in self.model.trainable_weights]
@@ -333,7 +319,6 @@ class _Training:
         self.log(f"Calibration: ECE {self.calibration.ece_before:.3f} before, {after}.")
 
     def summary(self, report: EvalReport, model_path: Path) -> RunSummary:
-        timings = {k: round(v, 3) for k, v in self.timings.items() if k != "features_reused"}
         return RunSummary(
             backbone=self.spec.name,
             weights=self.config.weights,
@@ -343,7 +328,7 @@ class _Training:
             eval_split=self.eval_split,
             eval_images=int(len(self.splits[self.eval_split])),
             metrics=report.metrics(tta=self.config.tta),
-            timings=Timings(**timings, features_reused=bool(self.timings.get("features_reused"))),
+            timings=self.times.record(),
             device=self.device_plan.describe(),
             device_record=self.device_record,
             model_path=str(model_path),
@@ -359,29 +344,26 @@ class _Training:
     def fit_head_on_features(self):
         config, splits = self.config, self.splits
         with self.strategy.scope():
-            feature_model = fold_batchnorm(keras.Model(self.model.input, self.model.get_layer("pool").output))
+            feature_model = fold_batchnorm(self.classifier.features_model())
         extractor = self.feature_extraction = _FeatureExtraction(self, feature_model)
         features, reused, seconds = extractor.features()
-        self.timings["features_s"] = seconds
-        self.timings["features_reused"] = float(reused)
+        self.times.add("features_s", seconds)
+        self.times.features_reused = reused
         train = splits["train"]
         x_train, y_train = features[train], self.y_all[train]
         if "flip" in config.augment:
             # Flip augmentation without giving up the cache: the head also sees each training image mirrored.
             mirrored, _, seconds = extractor.features(train, mirror=True)
-            self.timings["features_s"] += seconds
+            self.times.add("features_s", seconds)
             x_train, y_train = np.concatenate([x_train, mirrored]), np.concatenate([y_train, y_train])
 
         val = splits["val"]
         search = config.head_search == "auto"
         if self.choose_on_val and (search or config.class_weight == "auto"):
             self.search_head(x_train, y_train, features[val], self.y_all[val], search)
-        # The head model shares its layers with the classifier, so training it trains the classifier.
         with self.strategy.scope():
-            feat_in = keras.Input(features.shape[1:], name="features")
-            out = self.model.get_layer("head")(self.model.get_layer("head_dropout")(feat_in))
-            head = keras.Model(feat_in, out, name="head_only")
-            _compile(head, config.lr * self.lr_scale, xla=False)
+            head = self.classifier.head_on_features()  # training it trains the classifier's head
+            compile_classifier(head, config.lr * self.lr_scale, xla=False)
         if self.head_search is not None:
             return head, features
         if self.settings.class_weight == "auto":
@@ -432,8 +414,7 @@ class _Training:
             self.step += 1
             self.sink.log_epoch("head", epoch, self.step, metrics)
         _write_tensorboard(self.folder.tensorboard("head"), history)
-        self.model.get_layer("head").set_weights(fitted.chosen_weights())
-        self.model.get_layer("head_dropout").rate = chosen.dropout
+        self.classifier.set_head(fitted.chosen_weights(), chosen.dropout)
         if chosen.class_weight != self.settings.class_weight:
             self.use_class_weight(chosen.class_weight)
         self.settings = TrialSettings(chosen.lr, chosen.dropout, chosen.label_smoothing, chosen.class_weight)
@@ -455,7 +436,8 @@ class _Training:
         with self.strategy.scope():
             # The twin shares every trainable weight with `model`: training it trains `model`.
             trainer = self.trainer = fold_batchnorm(self.model)
-            _compile(trainer, learning_rate, self.device_plan.xla, label_smoothing=self.settings.label_smoothing)
+            compile_classifier(trainer, learning_rate, xla=self.device_plan.xla,
+                               label_smoothing=self.settings.label_smoothing)
         callbacks = self.callbacks(phase, epochs, checkpoint=phase == "finetune")
         if initial_epoch:
             with self.strategy.scope():
@@ -539,6 +521,59 @@ class _FeatureExtraction:
         return found.array, found.all_reused, seconds
 
 
+class _RunReporter:
+    """What a run says while it trains: log lines into its sink (echoed to the terminal with
+    `echo`), and progress at most once a second, each write renewing the run's lease and
+    bringing back whether it was cancelled."""
+
+    def __init__(self, sink: RunSink, should_stop: Callable[[], bool], *, echo: bool,
+                 clock: Callable[[], float] = time.monotonic):
+        self.sink, self.should_stop, self.echo, self.clock = sink, should_stop, echo, clock
+        self.last_beat = 0.0
+
+    def log(self, message: str) -> None:
+        self.sink.log(message)
+        if self.echo:
+            print(message, flush=True)
+
+    def beat(self, progress: RunProgress, force: bool = False) -> bool:
+        """Write progress at most once a second (always with `force`); True when the run should stop."""
+        now = self.clock()
+        cancel = False
+        if force or now - self.last_beat > 1.0:
+            self.last_beat = now
+            cancel = self.sink.heartbeat(progress)
+        return cancel or self.should_stop()
+
+    def raise_if_cancelled(self) -> None:
+        if self.beat(RunProgress(phase="stopping"), force=True):
+            raise RunCancelled("Cancelled by request; the epochs logged so far are kept.")
+
+
+class _StepTimes:
+    """Seconds each step of a run took, for its summary's `Timings`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.features_reused = False  # every backbone feature came from the cache
+
+    def add(self, key: str, seconds: float) -> float:
+        """Add `seconds` to step `key`; its seconds so far."""
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+        return self.seconds[key]
+
+    def timed(self, key: str, step: Callable[[], Any]) -> Any:
+        """`step()`, its seconds added to `key`."""
+        started = time.perf_counter()
+        result = step()
+        self.add(key, time.perf_counter() - started)
+        return result
+
+    def record(self) -> Timings:
+        return Timings(**{key: round(seconds, 3) for key, seconds in self.seconds.items()},
+                       features_reused=self.features_reused)
+
+
 def execute_run(run_id: str, store: Store, *, should_stop: Callable[[], bool] = lambda: False,
                 progress_bar: bool = False, sink: RunSink | None = None) -> RunSummary:
     """Train, evaluate and save run `run_id` from its stored config; return its summary.
@@ -548,55 +583,6 @@ def execute_run(run_id: str, store: Store, *, should_stop: Callable[[], bool] = 
     stops it. The caller sets the final status.
     """
     return _Training(run_id, store, should_stop, progress_bar, sink).execute()
-
-
-def _compile(model, learning_rate, xla: bool, label_smoothing: float = 0.0) -> None:
-    """Adam, sparse cross-entropy (labels smoothed by `label_smoothing`) and accuracy; XLA when
-    `xla` (never over several replicas: `devices.plan` sees to that); under mixed precision a
-    loss-scale optimizer that skips a step on every replica when any replica's gradients overflow."""
-    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
-    if model.dtype_policy.name == "mixed_float16":
-        optimizer = _ReplicaSafeLossScaleOptimizer(optimizer)
-    # Keras 3 compile takes keywords: a positional list would land in the wrong parameter.
-    model.compile(
-        optimizer=optimizer,
-        loss=_SmoothedSparseCrossentropy(label_smoothing) if label_smoothing else
-        keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=xla,
-    )
-
-
-class _SmoothedSparseCrossentropy(keras.losses.Loss):
-    """Sparse categorical cross-entropy with label smoothing (Keras' sparse loss has none)."""
-
-    def __init__(self, label_smoothing: float, name: str = "smoothed_sparse_crossentropy"):
-        super().__init__(name=name)
-        self.label_smoothing = label_smoothing
-
-    def call(self, y_true, y_pred):
-        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
-        one_hot = keras.ops.one_hot(labels, keras.ops.shape(y_pred)[-1], dtype=y_pred.dtype)
-        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
-
-
-class _ReplicaSafeLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
-    """Keras' loss-scale optimizer, with the inf/NaN check agreed across replicas.
-
-    Under MirroredStrategy Keras checks each replica's own gradients before they are summed:
-    one replica can skip the step while the others apply it, so an overflow on one device
-    can reach the weights. Here a step is skipped everywhere when any replica saw inf/NaN.
-    """
-
-    def check_finite(self, grads):
-        import tensorflow as tf
-
-        finite = super().check_finite(grads)
-        context = tf.distribute.get_replica_context()
-        if context is None or context.num_replicas_in_sync == 1:
-            return finite
-        overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
-        return tf.equal(overflowed, 0.0)
 
 
 class _EpochTensorBoard(keras.callbacks.TensorBoard):
