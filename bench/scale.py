@@ -10,7 +10,8 @@ pixel cache, features, head, evaluation, calibration; the run's own timings spli
 (on the features the run cached), `export` (ONNX with its check on the evaluation split, which
 streams in batches). A sampler thread in each step's process reads /proc/self/status every
 50 ms: "peak anon" is the largest RssAnon + RssShmem seen (resident memory minus file-backed
-pages such as the memory-mapped pixel cache), "peak RSS" the kernel's VmHWM. The growth ratio
+pages such as the memory-mapped pixel cache), "peak RSS" the kernel's VmHWM, "CPU s" the step's
+process CPU time (user + system, with the children it waited for). The growth ratio
 divides the largest set's figures by the smallest's. Results go to a JSON file (a set already in
 it is not measured again unless `--again`) and a Markdown table on stdout. With `--ray-runs N`,
 N head-only runs of the largest set then go to a fresh 2-node local Ray cluster (`python -m tlcore
@@ -109,6 +110,8 @@ def child(argv: list[str]) -> None:
     started = time.perf_counter()
     result = run_step(step, folder, int(image_size), json.loads(Path(state_file).read_text()))
     result["seconds"] = round(time.perf_counter() - started, 2)
+    cpu = os.times()  # this process and the children it waited for: the figure load on a shared machine bends least
+    result["cpu_s"] = round(cpu.user + cpu.system + cpu.children_user + cpu.children_system, 2)
     result.update(sampler.stop())
     Path(result_file).write_text(json.dumps(result))
 
@@ -156,7 +159,7 @@ def measure_ray(result: dict, image_size: int, runs: int) -> dict:
     dispatcher = subprocess.Popen([sys.executable, "-m", "tlcore", "worker", "--cluster", cluster.address],
                                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
                                   stderr=subprocess.STDOUT)
-    peak = {"rss_mb": 0.0, "anon_mb": 0.0}
+    peak = {"rss_mb": 0.0, "anon_mb": 0.0, "cpu_s": 0.0}
     done = threading.Event()
 
     def sample() -> None:
@@ -168,6 +171,8 @@ def measure_ray(result: dict, image_size: int, runs: int) -> dict:
                 return
             peak["rss_mb"] = max(peak["rss_mb"], info.rss / 2**20)
             peak["anon_mb"] = max(peak["anon_mb"], (info.rss - info.shared) / 2**20)
+            cpu = proc.cpu_times()
+            peak["cpu_s"] = cpu.user + cpu.system
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -194,21 +199,25 @@ def measure_ray(result: dict, image_size: int, runs: int) -> dict:
         stop(dispatcher)
         cluster.shutdown()
     return {"images": result["images"], "runs": out, "dispatcher_peak_rss_mb": round(peak["rss_mb"], 1),
-            "dispatcher_peak_rss_minus_shared_mb": round(peak["anon_mb"], 1)}
+            "dispatcher_peak_rss_minus_shared_mb": round(peak["anon_mb"], 1),
+            "dispatcher_cpu_s": round(peak["cpu_s"], 1)}
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| step | " + " | ".join(f"{r['images']:,} photos: s / img/s / peak anon MB / peak RSS MB"
+    lines = ["| step | " + " | ".join(f"{r['images']:,} photos: s / CPU s / img/s / peak anon MB / peak RSS MB"
                                         for r in results) + " | growth (largest/smallest): time per photo, peak anon |",
              "|---|" + "---|" * (len(results) + 1)]
     small, large = results[0], results[-1]
     for step in STEPS:
-        cells = [f"{r['steps'][step]['seconds']:.1f} / {r['steps'][step]['img_per_s']:.1f} / "
+        cells = [f"{r['steps'][step]['seconds']:.1f} / {r['steps'][step].get('cpu_s', float('nan')):.1f} / "
+                 f"{r['steps'][step]['img_per_s']:.1f} / "
                  f"{r['steps'][step]['peak_anon_mb']:.0f} / {r['steps'][step]['peak_rss_mb']:.0f}" for r in results]
         a, b = small["steps"][step], large["steps"][step]
         per_photo = (b["seconds"] / b["images"]) / (a["seconds"] / a["images"])
+        cpu_per_photo = (b.get("cpu_s", float("nan")) / b["images"]) / (a.get("cpu_s", float("nan")) / a["images"])
         growth = b["peak_anon_mb"] / a["peak_anon_mb"]
-        lines.append(f"| {step} | " + " | ".join(cells) + f" | {per_photo:.2f}x, {growth:.2f}x |")
+        lines.append(f"| {step} | " + " | ".join(cells)
+                     + f" | {per_photo:.2f}x (CPU {cpu_per_photo:.2f}x), {growth:.2f}x |")
     return "\n".join(lines)
 
 
@@ -240,7 +249,9 @@ def main() -> None:
     if args.ray_runs:
         ray = measure_ray(results[-1], args.image_size, args.ray_runs)
         data = json.loads(args.out.read_text())
-        data["ray"] = ray
+        earlier = data.get("ray") or []
+        earlier = earlier if isinstance(earlier, list) else [earlier]  # one size only before the 10k/30k runs
+        data["ray"] = sorted([r for r in earlier if r["images"] != ray["images"]] + [ray], key=lambda r: r["images"])
         args.out.write_text(json.dumps(data, indent=1))
         print(json.dumps(ray, indent=1))
 
