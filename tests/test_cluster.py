@@ -334,3 +334,49 @@ def test_a_node_copies_only_the_images_it_lacks_from_a_shared_folder_and_refuses
     (node / entries[1].sha256[:2] / entries[1].path.name).unlink()
     with pytest.raises(RuntimeError, match="arrived damaged from the shared folder"):
         tlcluster.fetch_blobs(entries, source, node, described_as)
+
+
+def test_a_node_fetches_from_a_shared_store_url_through_fsspec_and_says_when_it_cannot(tmp_path, monkeypatch):
+    import hashlib
+
+    import fsspec
+
+    from tlcore.data.manifest import ManifestEntry
+    from tlcore.errors import InvalidInput
+
+    store = fsspec.filesystem("memory")
+    entries = []
+    for i in range(3):
+        data = f"image {i}".encode()
+        sha = hashlib.sha256(data).hexdigest()
+        store.pipe(f"/team-blobs/{sha[:2]}/{sha}.jpg", data)
+        entries.append(ManifestEntry(path=Path("/dispatcher/blobs") / sha[:2] / f"{sha}.jpg", label="a",
+                                     split="train", sha256=sha, source=f"a/{i}.jpg", width=32, height=32))
+    node = tmp_path / "node"
+    monkeypatch.setenv(tlcluster.SHARED_BLOBS, "memory://team-blobs")
+    try:
+        source, described_as = tlcluster.blob_source(None)
+        fetched = tlcluster.fetch_blobs(entries, source, node, described_as)
+        assert fetched.describe().startswith("Fetched 3 of 3 images (0.0 MB in 1 shards) from the shared store "
+                                             "memory://team-blobs")
+        assert all((node / e.sha256[:2] / e.path.name).read_bytes() == f"image {i}".encode()
+                   for i, e in enumerate(entries))
+        store.rm(f"/team-blobs/{entries[2].sha256[:2]}/{entries[2].path.name}")
+        (node / entries[2].sha256[:2] / entries[2].path.name).unlink()
+        with pytest.raises(RuntimeError, match=f"The shared store memory://team-blobs has no file for image "
+                                               f"{entries[2].sha256}"):
+            tlcluster.fetch_blobs(entries, source, node, described_as)
+    finally:
+        store.rm("/team-blobs", recursive=True)
+
+    # Each way a URL cannot be used is one sentence naming the variable and what to do.
+    fsspec.register_implementation("tlmissing", "tl_no_such_package.FileSystem", clobber=True,
+                                   errtxt="Install tl-no-such-package to read tlmissing:// URLs")
+    for url, said in (("tlmissing://bucket/blobs", "(Install tl-no-such-package to read tlmissing:// URLs): install "
+                                                   "that package on every node"),
+                      (f"file://{tmp_path}/nowhere", "has no folder there"),
+                      ("nosuchscheme://bucket/blobs", "This node cannot read the shared store")):
+        monkeypatch.setenv(tlcluster.SHARED_BLOBS, url)
+        with pytest.raises(InvalidInput, match=re.escape(said)) as raised:
+            tlcluster.blob_source(None)
+        assert f"TLCORE_SHARED_BLOBS={url}" in str(raised.value) and "unset `TLCORE_SHARED_BLOBS`" in str(raised.value)

@@ -8,8 +8,9 @@ No filesystem is shared, and nothing the size of the dataset travels as one obje
 gets references: the run and dataset records, the manifest (content hashes, labels, splits), a
 downloaded backbone weights file and, for a resumed run, its checkpoint. On the node the task
 fetches the image files its node lacks by content hash, in shards, from a `BlobServer` actor on
-the dispatcher's node (which reads the data home's blob store; or from a folder every node mounts,
-`$TLCORE_SHARED_BLOBS`, when a team has one), into a persistent node-local
+the dispatcher's node (which reads the data home's blob store; or from a store every node reads,
+`$TLCORE_SHARED_BLOBS`, when a team has one: a folder they mount or an fsspec URL such as
+s3://bucket/blobs), into a persistent node-local
 cache (`$TLCORE_NODE_CACHE`, default `~/.tlcore-node`) whose blobs, pixel and feature caches
 later runs and sweeps reuse. It trains in a private data home over that cache with
 `training.execute_run`, reporting through a `RunSink` that pushes log lines, epochs, progress and
@@ -156,13 +157,20 @@ class Fetched:
                 f"shards) from {self.source}; {self.total - self.images} were already on this node.")
 
 
-SHARED_BLOBS = "TLCORE_SHARED_BLOBS"  # a folder every node mounts, in the data home's blobs/ layout
+SHARED_BLOBS = "TLCORE_SHARED_BLOBS"  # a store every node reads, in the data home's blobs/ layout: path or URL
 
 
 def blob_source(server) -> tuple[Callable[[list[str]], dict[str, bytes]], str]:
-    """Where this node gets image files: `$TLCORE_SHARED_BLOBS` when a team has a shared folder, else the
-    dispatcher's `BlobServer` actor `server`. Returns (names -> {name: bytes} for a shard, its description)."""
+    """Where this node gets image files: `$TLCORE_SHARED_BLOBS` when a team has a shared store (a folder
+    every node mounts, or an fsspec URL such as s3://bucket/blobs), else the dispatcher's `BlobServer`
+    actor `server`. Returns (names -> {name: bytes} for a shard, its description).
+
+    Raises:
+        InvalidInput: the URL's filesystem package is not installed here, or the store cannot be read.
+    """
     shared = os.environ.get(SHARED_BLOBS)
+    if shared and "://" in shared:
+        return UrlBlobStore(shared).shard, f"the shared store {shared}"
     if shared:
         return BlobServer(shared).shard, f"the shared folder {shared}"
     import ray
@@ -318,6 +326,58 @@ class BlobServer:
                 break
             out[name] = path.read_bytes()
             size += len(out[name])
+        return out
+
+
+class UrlBlobStore:
+    """Image files under an fsspec URL (s3://, gs://, file://, memory://...) in the blobs/ layout, read in
+    groups (an object store's filesystem fetches a group's files concurrently)."""
+
+    GROUP = 16  # files asked for at once: a shard overshoots `SHARD_BYTES` by at most one group
+
+    def __init__(self, url: str):
+        self.url = url
+        unset = f"unset `{SHARED_BLOBS}` to fetch the images from the dispatcher"
+        try:
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as exc:
+            missing = ("the fsspec package is not installed" if isinstance(exc, ImportError) and exc.name == "fsspec"
+                       else str(exc))
+            raise InvalidInput(f"This node cannot read the shared store `{SHARED_BLOBS}={url}` ({missing}): "
+                               f"install that package on every node, or {unset}.") from None
+        try:
+            found = self.fs.isdir(self.root)
+        except Exception as exc:  # noqa: BLE001 - each filesystem fails its own way (credentials, network...)
+            reason = plain_message(exc)[:200]
+            raise InvalidInput(f"The shared store `{SHARED_BLOBS}={url}` cannot be reached from this node "
+                               f"({reason}): check its address and credentials, or {unset}.") from None
+        if not found:
+            raise InvalidInput(f"The shared store `{SHARED_BLOBS}={url}` has no folder there: point it at the "
+                               f"folder that holds the blobs' two-letter folders, or {unset}.")
+
+    def shard(self, names: list[str]) -> dict[str, bytes]:
+        """The bytes of the first of `names` up to about `SHARD_BYTES`; files the store lacks are left out.
+
+        Raises:
+            RuntimeError: the store failed to give a file it has (network, permissions).
+        """
+        names = [name for name in names if _BLOB_NAME.match(name)]
+        out, size = {}, 0
+        for start in range(0, len(names), self.GROUP):
+            if out and size >= SHARD_BYTES:
+                break
+            paths = [f"{self.root.rstrip('/')}/{name[:2]}/{name}" for name in names[start:start + self.GROUP]]
+            for path, data in self.fs.cat(paths, on_error="return").items():
+                if isinstance(data, FileNotFoundError):
+                    continue
+                name = path.rsplit("/", 1)[-1]
+                if isinstance(data, BaseException):
+                    raise RuntimeError(f"Could not read image {name} from the shared store {self.url}: "
+                                       f"{plain_message(data)[:200]}")
+                out[name] = data
+                size += len(data)
         return out
 
 
