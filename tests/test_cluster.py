@@ -10,6 +10,7 @@ each Ray worker imports TensorFlow once, and a new dispatcher would mean new wor
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -380,3 +381,44 @@ def test_a_node_fetches_from_a_shared_store_url_through_fsspec_and_says_when_it_
         with pytest.raises(InvalidInput, match=re.escape(said)) as raised:
             tlcluster.blob_source(None)
         assert f"TLCORE_SHARED_BLOBS={url}" in str(raised.value) and "unset `TLCORE_SHARED_BLOBS`" in str(raised.value)
+
+
+def test_a_node_cache_over_its_budget_loses_its_oldest_files_but_never_what_a_live_task_trains_on(tmp_path,
+                                                                                                 monkeypatch):
+    from tlcore.data.manifest import ManifestEntry
+
+    cache = tmp_path / "node-cache"
+    monkeypatch.setenv("TLCORE_NODE_CACHE", str(cache))
+    blobs = {}
+    for age, name in enumerate(["oldest", "needed", "left-by-a-dead-task", "newest"]):
+        sha = f"{age:x}" * 64
+        blobs[name] = cache / "blobs" / sha[:2] / f"{sha}.jpg"
+        blobs[name].parent.mkdir(parents=True, exist_ok=True)
+        blobs[name].write_bytes(b"x" * 1000)
+        os.utime(blobs[name], (1000 + age, 1000 + age))
+    features = cache / "cache" / "features-1.npy"
+    features.parent.mkdir()
+    features.write_bytes(b"f" * 1000)
+    features.with_suffix(".keys").write_text(blobs["newest"].stem + "\n")
+    os.utime(features.with_suffix(".keys"), (999, 999))  # older than every image, but holds one a task needs
+
+    def entry(name):
+        return ManifestEntry(path=blobs[name], label="a", split="train", sha256=blobs[name].stem, source=name,
+                             width=32, height=32)
+
+    tlcluster.register_running("run-live", [entry("needed"), entry("newest")])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tlcluster.write_json_atomically(cache / "running" / "run-dead.json",
+                                    {"pid": int(dead.stdout), "images": [blobs["left-by-a-dead-task"].stem]})
+    monkeypatch.delenv(tlcluster.NODE_CACHE_BUDGET, raising=False)
+    assert tlcluster.keep_node_cache_in_budget() is None  # no budget: nothing removed
+
+    monkeypatch.setenv(tlcluster.NODE_CACHE_BUDGET, str(2500 / 1e9))
+    pruned = tlcluster.keep_node_cache_in_budget()
+
+    assert (pruned.removed, pruned.kept_for_runs) == (2, 3)  # over the budget still: the rest is in use
+    assert not blobs["oldest"].exists() and not blobs["left-by-a-dead-task"].exists()
+    assert blobs["needed"].exists() and blobs["newest"].exists() and features.exists()
+    # A fetch touches the images already there: in use again, they are the newest.
+    fetched = tlcluster.fetch_blobs([entry("needed")], lambda names: {}, cache / "blobs", "the dispatcher")
+    assert fetched.images == 0 and blobs["needed"].stat().st_mtime > blobs["newest"].stat().st_mtime

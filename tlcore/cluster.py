@@ -14,7 +14,10 @@ s3://bucket/blobs), into a persistent node-local
 cache (`$TLCORE_NODE_CACHE`, default `~/.tlcore-node`) whose blobs, pixel and feature caches
 later runs and sweeps reuse. It trains in a private data home over that cache with
 `training.execute_run`, reporting through a `RunSink` that pushes log lines, epochs, progress and
-each checkpoint to a `RunChannel` actor on the dispatcher's node.
+each checkpoint to a `RunChannel` actor on the dispatcher's node. With `$TLCORE_NODE_CACHE_GB`
+set, each task that ends removes the node cache's least recently used files (`cache_budget.prune`)
+until it fits, never one a live task on that node trains on (each notes its images in the cache's
+running/ folder while it runs).
 
 The dispatcher prepares each claimed run in a thread (its loop never blocks on it) and renews
 the lease of every run it holds. It drains the channel into the store (it alone writes the
@@ -45,7 +48,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from tlcore import home, jobs
+from tlcore import cache_budget, home, jobs
 from tlcore.atomic import write_bytes_atomically, write_json_atomically, write_text_atomically
 from tlcore.backbones import get_backbone, resolve_weights
 from tlcore.config import TrainConfig
@@ -142,6 +145,54 @@ def node_cache_dir() -> Path:
     return path
 
 
+NODE_CACHE_BUDGET = "TLCORE_NODE_CACHE_GB"  # bounds a node cache's image files, pixel and feature caches
+
+
+def _running_file(run_id: str) -> Path:
+    return node_cache_dir() / "running" / f"{run_id}.json"
+
+
+def register_running(run_id: str, entries: list[ManifestEntry]) -> None:
+    """Note in the node cache that this process trains on `entries`: the budget never removes them meanwhile."""
+    note = _running_file(run_id)
+    note.parent.mkdir(exist_ok=True)
+    write_json_atomically(note, {"pid": os.getpid(), "images": [e.sha256 for e in entries]})
+
+
+def images_needed_on_node(cache: Path) -> set[str]:
+    """Content hashes of the images the node's live tasks train on (a task that died no longer counts)."""
+    needed: set[str] = set()
+    for path in (cache / "running").glob("*.json"):
+        try:
+            note = json.loads(path.read_text())
+            os.kill(note["pid"], 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:  # alive, run by another user
+            pass
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        needed.update(note["images"])
+    return needed
+
+
+def keep_node_cache_in_budget() -> cache_budget.Pruned | None:
+    """Remove the node cache's least recently used image files and cache files until it fits
+    `$TLCORE_NODE_CACHE_GB`, never one a live task on this node trains on. None without a budget."""
+    budget = cache_budget.budget_bytes(NODE_CACHE_BUDGET)
+    if budget is None:
+        return None
+    cache = node_cache_dir()
+    items = cache_budget.cache_files(cache / "cache")
+    for blob in (cache / "blobs").glob("*/*.*"):
+        try:
+            stat = blob.stat()
+        except FileNotFoundError:
+            continue
+        items.append(cache_budget.Cached((blob,), stat.st_size, stat.st_mtime, lambda sha=blob.stem: [sha]))
+    return cache_budget.prune(items, budget, lambda: images_needed_on_node(cache))
+
+
 @dataclasses.dataclass(frozen=True)
 class Fetched:
     """What a node fetched for a run's manifest."""
@@ -186,7 +237,7 @@ def fetch_blobs(entries: list[ManifestEntry], source: Callable[[list[str]], dict
         RuntimeError: the source lacks a file, or sent bytes that do not match their content hash.
     """
     names = {e.sha256: e.path.name for e in entries}
-    missing = [sha for sha, name in names.items() if not (blobs / sha[:2] / name).is_file()]
+    missing = [sha for sha, name in names.items() if not _touch(blobs / sha[:2] / name)]
     total_bytes, shards, remaining = 0, 0, list(missing)
     while remaining:
         shard = source([names[sha] for sha in remaining[:SHARD_FILES]])
@@ -204,6 +255,15 @@ def fetch_blobs(entries: list[ManifestEntry], source: Callable[[list[str]], dict
         got = {name.split(".")[0] for name in shard}
         remaining = [sha for sha in remaining if sha not in got]
     return Fetched(len(missing), len(names), total_bytes, shards, described_as)
+
+
+def _touch(blob: Path) -> bool:
+    """Whether `blob` is here; its time becomes now (the node cache's budget removes the oldest first)."""
+    try:
+        os.utime(blob)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def train_on_node(inputs: RunInputs, blob_server, channel) -> RunOutcome:
@@ -236,16 +296,33 @@ def train_on_node(inputs: RunInputs, blob_server, channel) -> RunOutcome:
         _restore_paths(folder.predictions, originals)
         files = {str(p.relative_to(folder.path)): p.read_bytes()
                  for p in sorted(folder.path.rglob("*")) if p.is_file()}
+        _leave_node_cache_in_budget(channel, run.id)
         # Calls from one caller run in order: once this returns, every event above is in the channel.
         ray.get(channel.push.remote(run.id, "returning", None))
         return RunOutcome(status, summary.to_dict() if summary else None, error, trace, files)
     finally:
+        _running_file(run.id).unlink(missing_ok=True)
         if previous_home is None:
             os.environ.pop("TLCORE_HOME", None)
         else:
             os.environ["TLCORE_HOME"] = previous_home
         shutil.rmtree(private, ignore_errors=True)
         jobs.release_models()
+
+
+def _leave_node_cache_in_budget(channel, run_id: str) -> None:
+    # The run is trained: whatever the budget does, it is said in the run's log, never a failure.
+    _running_file(run_id).unlink(missing_ok=True)  # its images are free to go now, the oldest first
+    try:
+        pruned = keep_node_cache_in_budget()
+    except Exception as exc:  # noqa: BLE001 - a bad budget or a failed removal must not lose the run
+        channel.push.remote(run_id, "log", f"Could not keep this node's cache in its budget: {jobs.error_line(exc)}")
+        return
+    if pruned and (pruned.removed or pruned.kept_for_runs):
+        channel.push.remote(run_id, "log", (
+            f"Node cache budget ({NODE_CACHE_BUDGET}): removed {pruned.removed} least recently used file(s) "
+            f"({pruned.freed / 1e9:.2f} GB)" + (f"; kept {pruned.kept_for_runs} that runs on this node still need"
+                                                if pruned.kept_for_runs else "") + "."))
 
 
 def remote_training(cpus: float, gpus: float):
@@ -275,6 +352,7 @@ def _lay_out_inputs(inputs: RunInputs, blob_server, sink: ChannelSink) -> tuple[
     store.create_run(run.name, run.dataset_id, run.backbone, run.weights, run.config,
                      status=RunStatus.RUNNING, run_id=run.id)
     blobs = home.blobs_dir()
+    register_running(run.id, inputs.entries)
     source, described_as = blob_source(blob_server)
     sink.log(fetch_blobs(inputs.entries, source, blobs, described_as).describe())
     here = [dataclasses.replace(e, path=blobs / e.sha256[:2] / e.path.name) for e in inputs.entries]
