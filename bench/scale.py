@@ -15,8 +15,9 @@ process CPU time (user + system, with the children it waited for). The growth ra
 divides the largest set's figures by the smallest's. Results go to a JSON file (a set already in
 it is not measured again unless `--again`) and a Markdown table on stdout. With `--ray-runs N`,
 N head-only runs of the largest set then go to a fresh 2-node local Ray cluster (`python -m tlcore
-worker --cluster`), one after the other: the dispatcher's peak RSS, what the nodes fetched into
-their (fresh) node cache and reused, and what came back.
+worker --cluster`), one after the other (`--ray-client`: joined through a Ray client server,
+ray://): the dispatcher's peak RSS, what the nodes fetched into their (fresh) node cache and
+reused, and what came back.
 """
 
 from __future__ import annotations
@@ -139,9 +140,31 @@ def measure_set(folder: Path, image_size: int) -> dict:
     return {"set": str(folder), "images": state["images"], "home": str(home), "steps": steps}
 
 
-def measure_ray(result: dict, image_size: int, runs: int) -> dict:
-    """`runs` head-only runs of a measured set dispatched to a fresh 2-node local Ray cluster: the
-    dispatcher's peak memory (sampled every 50 ms), what the nodes fetched, what came back."""
+def client_server(cluster) -> tuple[subprocess.Popen, str]:
+    """A Ray client server on `cluster` (one client at a time) and its ray:// address."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ray.util.client.server", f"--address={cluster.address}",
+                             "--host=127.0.0.1", f"--port={port}", "--mode=specific-server"], cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"ray://127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the Ray client server did not start") from None
+            time.sleep(0.2)
+
+
+def measure_ray(result: dict, image_size: int, runs: int, through_client: bool = False) -> dict:
+    """`runs` head-only runs of a measured set dispatched to a fresh 2-node local Ray cluster (joined
+    through a Ray client server, ray://, with `through_client`: the dispatcher then sends the image
+    files itself, by way of the relay actor): the dispatcher's peak memory (sampled every 50 ms),
+    what the nodes fetched, what came back."""
     import psutil
 
     sys.path.insert(0, str(ROOT))
@@ -155,8 +178,9 @@ def measure_ray(result: dict, image_size: int, runs: int) -> dict:
     node_cache = Path(tempfile.mkdtemp(prefix="tl-node-", dir="/work/wt/data"))
     os.environ["TLCORE_NODE_CACHE"] = str(node_cache)  # the nodes inherit it from this process
     cluster = ray_cluster(2)
+    server, address = client_server(cluster) if through_client else (None, cluster.address)
     log = open(Path(result["home"]) / "dispatcher.out", "ab")
-    dispatcher = subprocess.Popen([sys.executable, "-m", "tlcore", "worker", "--cluster", cluster.address],
+    dispatcher = subprocess.Popen([sys.executable, "-m", "tlcore", "worker", "--cluster", address],
                                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
                                   stderr=subprocess.STDOUT)
     peak = {"rss_mb": 0.0, "anon_mb": 0.0, "cpu_s": 0.0}
@@ -197,8 +221,11 @@ def measure_ray(result: dict, image_size: int, runs: int) -> dict:
     finally:
         done.set()
         stop(dispatcher)
+        if server is not None:
+            stop(server)
         cluster.shutdown()
-    return {"images": result["images"], "runs": out, "dispatcher_peak_rss_mb": round(peak["rss_mb"], 1),
+    return {"images": result["images"], "address": "ray://" if through_client else "GCS", "runs": out,
+            "dispatcher_peak_rss_mb": round(peak["rss_mb"], 1),
             "dispatcher_peak_rss_minus_shared_mb": round(peak["anon_mb"], 1),
             "dispatcher_cpu_s": round(peak["cpu_s"], 1)}
 
@@ -233,6 +260,8 @@ def main() -> None:
     parser.add_argument("--again", action="store_true", help="measure sets the results file already holds again")
     parser.add_argument("--ray-runs", type=int, default=0,
                         help="then dispatch this many head-only runs of the largest set to a 2-node local Ray cluster")
+    parser.add_argument("--ray-client", action="store_true",
+                        help="the dispatcher joins that cluster through a Ray client server (ray://)")
     args = parser.parse_args()
     done = {}
     if args.out.is_file():  # sets measured by an earlier call at this size are kept, not measured again
@@ -247,11 +276,13 @@ def main() -> None:
     results = sorted((done[str(folder)] for folder in args.sets), key=lambda r: r["images"])
     print(table(results))
     if args.ray_runs:
-        ray = measure_ray(results[-1], args.image_size, args.ray_runs)
+        ray = measure_ray(results[-1], args.image_size, args.ray_runs, args.ray_client)
+        ray.setdefault("address", "GCS")
         data = json.loads(args.out.read_text())
         earlier = data.get("ray") or []
-        earlier = earlier if isinstance(earlier, list) else [earlier]  # one size only before the 10k/30k runs
-        data["ray"] = sorted([r for r in earlier if r["images"] != ray["images"]] + [ray], key=lambda r: r["images"])
+        earlier = earlier if isinstance(earlier, list) else [{**earlier, "address": "GCS"}]  # before 10k/30k
+        data["ray"] = sorted([r for r in earlier if (r["images"], r["address"]) != (ray["images"], ray["address"])]
+                             + [ray], key=lambda r: (r["images"], r["address"]))
         args.out.write_text(json.dumps(data, indent=1))
         print(json.dumps(ray, indent=1))
 

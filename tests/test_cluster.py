@@ -2,8 +2,9 @@
 images fetched by content into the node cache, durable checkpoints, cancel, a killed node, resume,
 a restarted dispatcher, and the plain sentences for a cluster that cannot be used.
 
-One cluster (`ray.cluster_utils.Cluster`, two nodes of 1 CPU) and one dispatcher process
-(`python -m tlcore worker --cluster ADDRESS`) serve every test of this module, in one data home:
+One cluster (`ray.cluster_utils.Cluster`, two nodes of 1 CPU), a Ray client server on it and one
+dispatcher process joined through it (`python -m tlcore worker --cluster ray://127.0.0.1:PORT`, as
+the README says) serve every test of this module, in one data home:
 each Ray worker imports TensorFlow once, and a new dispatcher would mean new workers.
 """
 
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -65,22 +67,59 @@ def shared_home(tmp_path_factory):
     return tmp_path_factory.mktemp("cluster_home")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @pytest.fixture(scope="module")
-def dispatcher(ray_cluster, shared_home):
-    """`python -m tlcore worker --cluster ADDRESS` on the shared data home, for the whole module."""
+def client_address(ray_cluster):
+    """A Ray client server on the cluster: the dispatcher joins it as the README says, through ray://."""
     cluster, _, temp = ray_cluster
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    started = time.monotonic()
+    log = open(Path(temp) / "client-server.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "ray.util.client.server", f"--address={cluster.address}",
+                             "--host=127.0.0.1", f"--port={port}", "--mode=specific-server"],
+                            cwd=ROOT, env={**os.environ, "RAY_TMPDIR": temp}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, (Path(temp) / "client-server.log").read_text()[-3000:]
+            return _listening(port)
+
+        wait_for(up, 120, "the Ray client server")
+        print(f"[cluster] Ray client server up in {time.monotonic() - started:.1f} s")
+        yield f"ray://127.0.0.1:{port}"
+    finally:
+        stop_process(proc, 30)
+        log.close()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def dispatcher(ray_cluster, client_address, shared_home):
+    """`python -m tlcore worker --cluster ray://...` on the shared data home, for the whole module."""
+    _, _, temp = ray_cluster
     log = open(shared_home / "dispatcher.log", "ab")
     env = {**worker_env(shared_home), "RAY_TMPDIR": temp}
-    proc = subprocess.Popen([sys.executable, "-m", "tlcore", "worker", "--cluster", cluster.address],
+    proc = subprocess.Popen([sys.executable, "-m", "tlcore", "worker", "--cluster", client_address],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 120)
         log.close()
         print((shared_home / "dispatcher.log").read_text()[-3000:])
 
@@ -172,8 +211,10 @@ def test_two_runs_train_at_once_on_two_nodes_and_match_a_local_run(home, colours
         assert all(Path(row["path"]).is_file() for row in predictions(run.id))  # paths on this host
     for run in (first, second):  # references crossed the cluster; each node fetched the files it lacked
         fetched = [line.message for line in store.logs(run.id) if line.message.startswith("Fetched ")]
-        assert len(fetched) == 1 and re.match(r"Fetched \d+ of 12 images", fetched[0]), fetched
-        assert any("sent the manifest of 12 images" in line.message for line in store.logs(run.id))
+        assert len(fetched) == 1 and re.match(r"Fetched \d+ of 12 images .* from the dispatcher", fetched[0]), fetched
+        # through ray://, so the files came from the dispatcher's disk by way of the relay actor
+        assert any(re.search(r"Dispatched to the Ray cluster at ray://127\.0\.0\.1:\d+ .*sent the manifest of 12 "
+                             "images", line.message) for line in store.logs(run.id))
     shown = subprocess.run([sys.executable, "-m", "tlcore", "runs", "show", first.id], env=worker_env(home),
                            cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
     assert f"ran on: ray on node {first.executor.node_id[:8]}" in shown

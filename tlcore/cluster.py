@@ -7,12 +7,13 @@ home. It claims queued runs and starts each as the task `train_on_node`, with a 
 No filesystem is shared, and nothing the size of the dataset travels as one object. A run's task
 gets references: the run and dataset records, the manifest (content hashes, labels, splits), a
 downloaded backbone weights file and, for a resumed run, its checkpoint. On the node the task
-fetches the image files its node lacks by content hash, in shards, from a `BlobServer` actor on
-the dispatcher's node (which reads the data home's blob store; or from a store every node reads,
-`$TLCORE_SHARED_BLOBS`, when a team has one: a folder they mount or an fsspec URL such as
-s3://bucket/blobs), into a persistent node-local
-cache (`$TLCORE_NODE_CACHE`, default `~/.tlcore-node`) whose blobs, pixel and feature caches
-later runs and sweeps reuse. It trains in a private data home over that cache with
+fetches the image files its node lacks by content hash, in shards: from a `BlobServer` actor on
+the dispatcher's node, which reads the data home's blob store; through ray:// (the dispatcher is
+then outside the cluster) from the dispatcher itself, by way of a `BlobRelay` actor on the head;
+or from a store every node reads, `$TLCORE_SHARED_BLOBS`, when a team has one (a folder they
+mount, or an fsspec URL such as s3://bucket/blobs). They go into a persistent node-local cache
+(`$TLCORE_NODE_CACHE`, default `~/.tlcore-node`) whose blobs, pixel and feature caches later
+runs and sweeps reuse. It trains in a private data home over that cache with
 `training.execute_run`, reporting through a `RunSink` that pushes log lines, epochs, progress and
 each checkpoint to a `RunChannel` actor on the dispatcher's node. With `$TLCORE_NODE_CACHE_GB`
 set, each task that ends removes the node cache's least recently used files (`cache_budget.prune`)
@@ -459,6 +460,43 @@ class UrlBlobStore:
         return out
 
 
+RELAY_WAIT_S = 300.0  # how long a node waits for the dispatcher to answer a request for image files
+
+
+class BlobRelay:
+    """An actor for a dispatcher connected through ray:// (outside the cluster, so no actor reads its disk):
+    it holds the nodes' requests for image files until the dispatcher answers them (`Dispatcher.serve_blobs`),
+    one shard at a time. An async actor: a node's waiting request holds no thread."""
+
+    def __init__(self):
+        self.asked: list[tuple[int, list[str]]] = []
+        self.waiting: dict[int, Any] = {}  # request id -> asyncio future of its shard
+        self.last_id = 0
+
+    async def shard(self, names: list[str]) -> dict[str, bytes]:
+        import asyncio
+
+        self.last_id += 1
+        request = self.last_id
+        self.waiting[request] = asyncio.get_running_loop().create_future()
+        self.asked.append((request, names))
+        try:
+            return await asyncio.wait_for(self.waiting[request], RELAY_WAIT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"The dispatcher sent no image files within {RELAY_WAIT_S:.0f} s of asking.") from None
+        finally:
+            self.waiting.pop(request, None)
+
+    async def requests(self) -> list[tuple[int, list[str]]]:
+        asked, self.asked = self.asked, []
+        return asked
+
+    async def answer(self, request: int, shard: dict[str, bytes]) -> None:
+        future = self.waiting.get(request)
+        if future is not None and not future.done():
+            future.set_result(shard)
+
+
 # ------------------------------------------------------------ the channel
 
 
@@ -565,8 +603,14 @@ def connect(address: str) -> None:
     if ray.is_initialized():
         return
     _check_reachable(address)
+    extra = {}
+    if address.startswith("ray://"):
+        # Ray puts a driver's working directory on its workers' path, but not a ray:// client's: passed here,
+        # nodes with Transfer Lab's checkout in the same place import tlcore either way.
+        extra["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join((os.getcwd(), "${PYTHONPATH}"))}}
     try:
-        ray.init(address=None if address == "local" else address, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=None if address == "local" else address, log_to_driver=False, logging_level="ERROR",
+                 **extra)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise InvalidInput(f"Could not join a Ray cluster at {address!r}: {plain_message(exc)[:300]}. Start one "
                            "with `ray start --head` and pass its address (ray://HEAD:10001). "
@@ -713,13 +757,21 @@ class Dispatcher:
         # The channel and the blob server live on the dispatcher's node, so losing any other node
         # loses no events, and the blob server reads this data home's files.
         self.channel = ray.remote(num_cpus=0)(RunChannel).options(scheduling_strategy=here).remote()
-        self.blobs = ray.remote(num_cpus=0, max_concurrency=4)(BlobServer).options(
-            scheduling_strategy=here).remote(str(home.blobs_dir()))
+        # Through ray:// "here" is the head, not this machine: the nodes' requests for image files go
+        # through a relay actor to this process, which reads them (`serve_blobs`).
+        self.relayed = ray.util.client.ray.is_connected()
+        if self.relayed:
+            self.blob_files = BlobServer(str(home.blobs_dir()))
+            self.blobs = ray.remote(num_cpus=0)(BlobRelay).options(scheduling_strategy=here).remote()
+        else:
+            self.blobs = ray.remote(num_cpus=0, max_concurrency=4)(BlobServer).options(
+                scheduling_strategy=here).remote(str(home.blobs_dir()))
+        self.serving: concurrent.futures.Future | None = None
         self.task = remote_training(self.cpus, self.gpus)
         self.me = jobs.worker_id()
         self.flights: dict[Any, _InFlight] = {}  # task ref -> run
         self.preparing: dict[concurrent.futures.Future, Run] = {}  # runs claimed, their inputs being read
-        self.prepare_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="prepare")
+        self.prepare_pool = concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix="prepare")
         self.beaten_at = 0.0
         self.finished: list[Run] = []
         self.shutdown_reason: str | None = None
@@ -742,6 +794,7 @@ class Dispatcher:
                 self.finish(ref)
         self.launch_prepared()
         self.fill()
+        self.serve_blobs()
         self.write_status()
 
     def capacity(self) -> int:
@@ -787,6 +840,22 @@ class Dispatcher:
             if (run.cancel_requested or self.shutdown_reason) and not flight.cancel_sent:
                 self.channel.cancel.remote(run.id)
                 flight.cancel_sent = True
+
+    def serve_blobs(self) -> None:
+        """Through ray://, answer the nodes' requests for image files in a thread (one shard in flight at a
+        time, so at most one shard is in this process's memory)."""
+        if not self.relayed or (self.serving is not None and not self.serving.done()):
+            return
+        if self.serving is not None and self.serving.exception() is not None:
+            jobs.say(f"could not send image files to the nodes: {jobs.error_line(self.serving.exception())}")
+        self.serving = self.prepare_pool.submit(self._answer_requests)
+
+    def _answer_requests(self) -> None:
+        import ray
+
+        while asked := ray.get(self.blobs.requests.remote()):
+            for request, names in asked:
+                ray.get(self.blobs.answer.remote(request, self.blob_files.shard(names)))
 
     def fill(self) -> None:
         """Claim queued runs while the cluster has room for more; their inputs are read in a thread."""
