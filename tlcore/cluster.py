@@ -755,10 +755,10 @@ class Dispatcher:
         check_nodes_can_train(nodes)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         # The channel and the blob server live on the dispatcher's node, so losing any other node
-        # loses no events, and the blob server reads this data home's files.
+        # loses no events, and the blob server reads this data home's files. Through ray:// "here" is
+        # the head, not this machine: the nodes' requests for image files then go through a relay
+        # actor to this process, which reads them (`serve_blobs`).
         self.channel = ray.remote(num_cpus=0)(RunChannel).options(scheduling_strategy=here).remote()
-        # Through ray:// "here" is the head, not this machine: the nodes' requests for image files go
-        # through a relay actor to this process, which reads them (`serve_blobs`).
         self.relayed = ray.util.client.ray.is_connected()
         if self.relayed:
             self.blob_files = BlobServer(str(home.blobs_dir()))
