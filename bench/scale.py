@@ -271,7 +271,8 @@ def main() -> None:
     for folder in args.sets:
         if str(folder) not in done or args.again:
             done[str(folder)] = measure_set(folder, args.image_size)
-            args.out.write_text(json.dumps({"image_size": args.image_size, "results": list(done.values()),
+            kept = json.loads(args.out.read_text()) if args.out.is_file() else {}  # the Ray figures stay
+            args.out.write_text(json.dumps({**kept, "image_size": args.image_size, "results": list(done.values()),
                                             "machine": f"{os.cpu_count()} cores, shared"}, indent=1))
     results = sorted((done[str(folder)] for folder in args.sets), key=lambda r: r["images"])
     print(table(results))
