@@ -10,12 +10,14 @@ pixel cache, features, head, evaluation, calibration; the run's own timings spli
 (on the features the run cached), `export` (ONNX with its check on the evaluation split, which
 streams in batches). A sampler thread in each step's process reads /proc/self/status every
 50 ms: "peak anon" is the largest RssAnon + RssShmem seen (resident memory minus file-backed
-pages such as the memory-mapped pixel cache), "peak RSS" the kernel's VmHWM. The growth ratio
+pages such as the memory-mapped pixel cache), "peak RSS" the kernel's VmHWM, "CPU s" the step's
+process CPU time (user + system, with the children it waited for). The growth ratio
 divides the largest set's figures by the smallest's. Results go to a JSON file (a set already in
 it is not measured again unless `--again`) and a Markdown table on stdout. With `--ray-runs N`,
 N head-only runs of the largest set then go to a fresh 2-node local Ray cluster (`python -m tlcore
-worker --cluster`), one after the other: the dispatcher's peak RSS, what the nodes fetched into
-their (fresh) node cache and reused, and what came back.
+worker --cluster`), one after the other (`--ray-client`: joined through a Ray client server,
+ray://): the dispatcher's peak RSS, what the nodes fetched into their (fresh) node cache and
+reused, and what came back.
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ def child(argv: list[str]) -> None:
     started = time.perf_counter()
     result = run_step(step, folder, int(image_size), json.loads(Path(state_file).read_text()))
     result["seconds"] = round(time.perf_counter() - started, 2)
+    cpu = os.times()  # this process and the children it waited for: the figure load on a shared machine bends least
+    result["cpu_s"] = round(cpu.user + cpu.system + cpu.children_user + cpu.children_system, 2)
     result.update(sampler.stop())
     Path(result_file).write_text(json.dumps(result))
 
@@ -136,9 +140,31 @@ def measure_set(folder: Path, image_size: int) -> dict:
     return {"set": str(folder), "images": state["images"], "home": str(home), "steps": steps}
 
 
-def measure_ray(result: dict, image_size: int, runs: int) -> dict:
-    """`runs` head-only runs of a measured set dispatched to a fresh 2-node local Ray cluster: the
-    dispatcher's peak memory (sampled every 50 ms), what the nodes fetched, what came back."""
+def client_server(cluster) -> tuple[subprocess.Popen, str]:
+    """A Ray client server on `cluster` (one client at a time) and its ray:// address."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ray.util.client.server", f"--address={cluster.address}",
+                             "--host=127.0.0.1", f"--port={port}", "--mode=specific-server"], cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"ray://127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the Ray client server did not start") from None
+            time.sleep(0.2)
+
+
+def measure_ray(result: dict, image_size: int, runs: int, through_client: bool = False) -> dict:
+    """`runs` head-only runs of a measured set dispatched to a fresh 2-node local Ray cluster (joined
+    through a Ray client server, ray://, with `through_client`: the dispatcher then sends the image
+    files itself, by way of the relay actor): the dispatcher's peak memory (sampled every 50 ms),
+    what the nodes fetched, what came back."""
     import psutil
 
     sys.path.insert(0, str(ROOT))
@@ -152,11 +178,12 @@ def measure_ray(result: dict, image_size: int, runs: int) -> dict:
     node_cache = Path(tempfile.mkdtemp(prefix="tl-node-", dir="/work/wt/data"))
     os.environ["TLCORE_NODE_CACHE"] = str(node_cache)  # the nodes inherit it from this process
     cluster = ray_cluster(2)
+    server, address = client_server(cluster) if through_client else (None, cluster.address)
     log = open(Path(result["home"]) / "dispatcher.out", "ab")
-    dispatcher = subprocess.Popen([sys.executable, "-m", "tlcore", "worker", "--cluster", cluster.address],
+    dispatcher = subprocess.Popen([sys.executable, "-m", "tlcore", "worker", "--cluster", address],
                                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
                                   stderr=subprocess.STDOUT)
-    peak = {"rss_mb": 0.0, "anon_mb": 0.0}
+    peak = {"rss_mb": 0.0, "anon_mb": 0.0, "cpu_s": 0.0}
     done = threading.Event()
 
     def sample() -> None:
@@ -168,6 +195,8 @@ def measure_ray(result: dict, image_size: int, runs: int) -> dict:
                 return
             peak["rss_mb"] = max(peak["rss_mb"], info.rss / 2**20)
             peak["anon_mb"] = max(peak["anon_mb"], (info.rss - info.shared) / 2**20)
+            cpu = proc.cpu_times()
+            peak["cpu_s"] = cpu.user + cpu.system
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -192,23 +221,30 @@ def measure_ray(result: dict, image_size: int, runs: int) -> dict:
     finally:
         done.set()
         stop(dispatcher)
+        if server is not None:
+            stop(server)
         cluster.shutdown()
-    return {"images": result["images"], "runs": out, "dispatcher_peak_rss_mb": round(peak["rss_mb"], 1),
-            "dispatcher_peak_rss_minus_shared_mb": round(peak["anon_mb"], 1)}
+    return {"images": result["images"], "address": "ray://" if through_client else "GCS", "runs": out,
+            "dispatcher_peak_rss_mb": round(peak["rss_mb"], 1),
+            "dispatcher_peak_rss_minus_shared_mb": round(peak["anon_mb"], 1),
+            "dispatcher_cpu_s": round(peak["cpu_s"], 1)}
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| step | " + " | ".join(f"{r['images']:,} photos: s / img/s / peak anon MB / peak RSS MB"
+    lines = ["| step | " + " | ".join(f"{r['images']:,} photos: s / CPU s / img/s / peak anon MB / peak RSS MB"
                                         for r in results) + " | growth (largest/smallest): time per photo, peak anon |",
              "|---|" + "---|" * (len(results) + 1)]
     small, large = results[0], results[-1]
     for step in STEPS:
-        cells = [f"{r['steps'][step]['seconds']:.1f} / {r['steps'][step]['img_per_s']:.1f} / "
+        cells = [f"{r['steps'][step]['seconds']:.1f} / {r['steps'][step].get('cpu_s', float('nan')):.1f} / "
+                 f"{r['steps'][step]['img_per_s']:.1f} / "
                  f"{r['steps'][step]['peak_anon_mb']:.0f} / {r['steps'][step]['peak_rss_mb']:.0f}" for r in results]
         a, b = small["steps"][step], large["steps"][step]
         per_photo = (b["seconds"] / b["images"]) / (a["seconds"] / a["images"])
+        cpu_per_photo = (b.get("cpu_s", float("nan")) / b["images"]) / (a.get("cpu_s", float("nan")) / a["images"])
         growth = b["peak_anon_mb"] / a["peak_anon_mb"]
-        lines.append(f"| {step} | " + " | ".join(cells) + f" | {per_photo:.2f}x, {growth:.2f}x |")
+        lines.append(f"| {step} | " + " | ".join(cells)
+                     + f" | {per_photo:.2f}x (CPU {cpu_per_photo:.2f}x), {growth:.2f}x |")
     return "\n".join(lines)
 
 
@@ -224,6 +260,8 @@ def main() -> None:
     parser.add_argument("--again", action="store_true", help="measure sets the results file already holds again")
     parser.add_argument("--ray-runs", type=int, default=0,
                         help="then dispatch this many head-only runs of the largest set to a 2-node local Ray cluster")
+    parser.add_argument("--ray-client", action="store_true",
+                        help="the dispatcher joins that cluster through a Ray client server (ray://)")
     args = parser.parse_args()
     done = {}
     if args.out.is_file():  # sets measured by an earlier call at this size are kept, not measured again
@@ -233,14 +271,19 @@ def main() -> None:
     for folder in args.sets:
         if str(folder) not in done or args.again:
             done[str(folder)] = measure_set(folder, args.image_size)
-            args.out.write_text(json.dumps({"image_size": args.image_size, "results": list(done.values()),
+            kept = json.loads(args.out.read_text()) if args.out.is_file() else {}  # the Ray figures stay
+            args.out.write_text(json.dumps({**kept, "image_size": args.image_size, "results": list(done.values()),
                                             "machine": f"{os.cpu_count()} cores, shared"}, indent=1))
     results = sorted((done[str(folder)] for folder in args.sets), key=lambda r: r["images"])
     print(table(results))
     if args.ray_runs:
-        ray = measure_ray(results[-1], args.image_size, args.ray_runs)
+        ray = measure_ray(results[-1], args.image_size, args.ray_runs, args.ray_client)
+        ray.setdefault("address", "GCS")
         data = json.loads(args.out.read_text())
-        data["ray"] = ray
+        earlier = data.get("ray") or []
+        earlier = earlier if isinstance(earlier, list) else [{**earlier, "address": "GCS"}]  # before 10k/30k
+        data["ray"] = sorted([r for r in earlier if (r["images"], r["address"]) != (ray["images"], ray["address"])]
+                             + [ray], key=lambda r: (r["images"], r["address"]))
         args.out.write_text(json.dumps(data, indent=1))
         print(json.dumps(ray, indent=1))
 

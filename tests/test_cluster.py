@@ -2,17 +2,20 @@
 images fetched by content into the node cache, durable checkpoints, cancel, a killed node, resume,
 a restarted dispatcher, and the plain sentences for a cluster that cannot be used.
 
-One cluster (`ray.cluster_utils.Cluster`, two nodes of 1 CPU) and one dispatcher process
-(`python -m tlcore worker --cluster ADDRESS`) serve every test of this module, in one data home:
+One cluster (`ray.cluster_utils.Cluster`, two nodes of 1 CPU), a Ray client server on it and one
+dispatcher process joined through it (`python -m tlcore worker --cluster ray://127.0.0.1:PORT`, as
+the README says) serve every test of this module, in one data home:
 each Ray worker imports TensorFlow once, and a new dispatcher would mean new workers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,22 +67,59 @@ def shared_home(tmp_path_factory):
     return tmp_path_factory.mktemp("cluster_home")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @pytest.fixture(scope="module")
-def dispatcher(ray_cluster, shared_home):
-    """`python -m tlcore worker --cluster ADDRESS` on the shared data home, for the whole module."""
+def client_address(ray_cluster):
+    """A Ray client server on the cluster: the dispatcher joins it as the README says, through ray://."""
     cluster, _, temp = ray_cluster
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    started = time.monotonic()
+    log = open(Path(temp) / "client-server.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "ray.util.client.server", f"--address={cluster.address}",
+                             "--host=127.0.0.1", f"--port={port}", "--mode=specific-server"],
+                            cwd=ROOT, env={**os.environ, "RAY_TMPDIR": temp}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, (Path(temp) / "client-server.log").read_text()[-3000:]
+            return _listening(port)
+
+        wait_for(up, 120, "the Ray client server")
+        print(f"[cluster] Ray client server up in {time.monotonic() - started:.1f} s")
+        yield f"ray://127.0.0.1:{port}"
+    finally:
+        stop_process(proc, 30)
+        log.close()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def dispatcher(ray_cluster, client_address, shared_home):
+    """`python -m tlcore worker --cluster ray://...` on the shared data home, for the whole module."""
+    _, _, temp = ray_cluster
     log = open(shared_home / "dispatcher.log", "ab")
     env = {**worker_env(shared_home), "RAY_TMPDIR": temp}
-    proc = subprocess.Popen([sys.executable, "-m", "tlcore", "worker", "--cluster", cluster.address],
+    proc = subprocess.Popen([sys.executable, "-m", "tlcore", "worker", "--cluster", client_address],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 120)
         log.close()
         print((shared_home / "dispatcher.log").read_text()[-3000:])
 
@@ -171,8 +211,10 @@ def test_two_runs_train_at_once_on_two_nodes_and_match_a_local_run(home, colours
         assert all(Path(row["path"]).is_file() for row in predictions(run.id))  # paths on this host
     for run in (first, second):  # references crossed the cluster; each node fetched the files it lacked
         fetched = [line.message for line in store.logs(run.id) if line.message.startswith("Fetched ")]
-        assert len(fetched) == 1 and re.match(r"Fetched \d+ of 12 images", fetched[0]), fetched
-        assert any("sent the manifest of 12 images" in line.message for line in store.logs(run.id))
+        assert len(fetched) == 1 and re.match(r"Fetched \d+ of 12 images .* from the dispatcher", fetched[0]), fetched
+        # through ray://, so the files came from the dispatcher's disk by way of the relay actor
+        assert any(re.search(r"Dispatched to the Ray cluster at ray://127\.0\.0\.1:\d+ .*sent the manifest of 12 "
+                             "images", line.message) for line in store.logs(run.id))
     shown = subprocess.run([sys.executable, "-m", "tlcore", "runs", "show", first.id], env=worker_env(home),
                            cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
     assert f"ran on: ray on node {first.executor.node_id[:8]}" in shown
@@ -334,3 +376,90 @@ def test_a_node_copies_only_the_images_it_lacks_from_a_shared_folder_and_refuses
     (node / entries[1].sha256[:2] / entries[1].path.name).unlink()
     with pytest.raises(RuntimeError, match="arrived damaged from the shared folder"):
         tlcluster.fetch_blobs(entries, source, node, described_as)
+
+
+def test_a_node_fetches_from_a_shared_store_url_through_fsspec_and_says_when_it_cannot(tmp_path, monkeypatch):
+    import hashlib
+
+    import fsspec
+
+    from tlcore.data.manifest import ManifestEntry
+    from tlcore.errors import InvalidInput
+
+    store = fsspec.filesystem("memory")
+    entries = []
+    for i in range(3):
+        data = f"image {i}".encode()
+        sha = hashlib.sha256(data).hexdigest()
+        store.pipe(f"/team-blobs/{sha[:2]}/{sha}.jpg", data)
+        entries.append(ManifestEntry(path=Path("/dispatcher/blobs") / sha[:2] / f"{sha}.jpg", label="a",
+                                     split="train", sha256=sha, source=f"a/{i}.jpg", width=32, height=32))
+    node = tmp_path / "node"
+    monkeypatch.setenv(tlcluster.SHARED_BLOBS, "memory://team-blobs")
+    try:
+        source, described_as = tlcluster.blob_source(None)
+        fetched = tlcluster.fetch_blobs(entries, source, node, described_as)
+        assert fetched.describe().startswith("Fetched 3 of 3 images (0.0 MB in 1 shards) from the shared store "
+                                             "memory://team-blobs")
+        assert all((node / e.sha256[:2] / e.path.name).read_bytes() == f"image {i}".encode()
+                   for i, e in enumerate(entries))
+        store.rm(f"/team-blobs/{entries[2].sha256[:2]}/{entries[2].path.name}")
+        (node / entries[2].sha256[:2] / entries[2].path.name).unlink()
+        with pytest.raises(RuntimeError, match=f"The shared store memory://team-blobs has no file for image "
+                                               f"{entries[2].sha256}"):
+            tlcluster.fetch_blobs(entries, source, node, described_as)
+    finally:
+        store.rm("/team-blobs", recursive=True)
+
+    # Each way a URL cannot be used is one sentence naming the variable and what to do.
+    fsspec.register_implementation("tlmissing", "tl_no_such_package.FileSystem", clobber=True,
+                                   errtxt="Install tl-no-such-package to read tlmissing:// URLs")
+    for url, said in (("tlmissing://bucket/blobs", "(Install tl-no-such-package to read tlmissing:// URLs): install "
+                                                   "that package on every node"),
+                      (f"file://{tmp_path}/nowhere", "has no folder there"),
+                      ("nosuchscheme://bucket/blobs", "This node cannot read the shared store")):
+        monkeypatch.setenv(tlcluster.SHARED_BLOBS, url)
+        with pytest.raises(InvalidInput, match=re.escape(said)) as raised:
+            tlcluster.blob_source(None)
+        assert f"TLCORE_SHARED_BLOBS={url}" in str(raised.value) and "unset `TLCORE_SHARED_BLOBS`" in str(raised.value)
+
+
+def test_a_node_cache_over_its_budget_loses_its_oldest_files_but_never_what_a_live_task_trains_on(tmp_path,
+                                                                                                 monkeypatch):
+    from tlcore.data.manifest import ManifestEntry
+
+    cache = tmp_path / "node-cache"
+    monkeypatch.setenv("TLCORE_NODE_CACHE", str(cache))
+    blobs = {}
+    for age, name in enumerate(["oldest", "needed", "left-by-a-dead-task", "newest"]):
+        sha = f"{age:x}" * 64
+        blobs[name] = cache / "blobs" / sha[:2] / f"{sha}.jpg"
+        blobs[name].parent.mkdir(parents=True, exist_ok=True)
+        blobs[name].write_bytes(b"x" * 1000)
+        os.utime(blobs[name], (1000 + age, 1000 + age))
+    features = cache / "cache" / "features-1.npy"
+    features.parent.mkdir()
+    features.write_bytes(b"f" * 1000)
+    features.with_suffix(".keys").write_text(blobs["newest"].stem + "\n")
+    os.utime(features.with_suffix(".keys"), (999, 999))  # older than every image, but holds one a task needs
+
+    def entry(name):
+        return ManifestEntry(path=blobs[name], label="a", split="train", sha256=blobs[name].stem, source=name,
+                             width=32, height=32)
+
+    tlcluster.register_running("run-live", [entry("needed"), entry("newest")])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tlcluster.write_json_atomically(cache / "running" / "run-dead.json",
+                                    {"pid": int(dead.stdout), "images": [blobs["left-by-a-dead-task"].stem]})
+    monkeypatch.delenv(tlcluster.NODE_CACHE_BUDGET, raising=False)
+    assert tlcluster.keep_node_cache_in_budget() is None  # no budget: nothing removed
+
+    monkeypatch.setenv(tlcluster.NODE_CACHE_BUDGET, str(2500 / 1e9))
+    pruned = tlcluster.keep_node_cache_in_budget()
+
+    assert (pruned.removed, pruned.kept_for_runs) == (2, 3)  # over the budget still: the rest is in use
+    assert not blobs["oldest"].exists() and not blobs["left-by-a-dead-task"].exists()
+    assert blobs["needed"].exists() and blobs["newest"].exists() and features.exists()
+    # A fetch touches the images already there: in use again, they are the newest.
+    fetched = tlcluster.fetch_blobs([entry("needed")], lambda names: {}, cache / "blobs", "the dispatcher")
+    assert fetched.images == 0 and blobs["needed"].stat().st_mtime > blobs["newest"].stat().st_mtime

@@ -4,6 +4,8 @@ The caches (`tlcore.data.content_cache`) grow with every dataset version and ima
 set, `enforce` removes whole cache files, least recently used first (a file's `.keys` time is
 touched each time it is read), until the caches fit, but never a file holding an image a queued
 or running run trains on. Without a budget nothing is removed; `usage` still reports the size.
+`prune` is that rule over any list of cached things (a Ray node's cache uses it for its image
+files and caches, `tlcore.cluster`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Callable
 
 from tlcore.data.manifest import load_manifest
 from tlcore.errors import InvalidInput
@@ -40,13 +43,13 @@ class Pruned:
     kept_for_runs: int  # files over the budget kept because a queued or running run needs them
 
 
-def budget_bytes() -> int | None:
-    """The budget from `$TLCORE_CACHE_GB` in bytes, or None when unset.
+def budget_bytes(env: str = ENV) -> int | None:
+    """The budget from the variable `env` (`$TLCORE_CACHE_GB`) in bytes, or None when unset.
 
     Raises:
         InvalidInput: the variable is not a non-negative number.
     """
-    raw = os.environ.get(ENV, "").strip()
+    raw = os.environ.get(env, "").strip()
     if not raw:
         return None
     try:
@@ -54,25 +57,36 @@ def budget_bytes() -> int | None:
     except ValueError:
         gigabytes = -1.0
     if not gigabytes >= 0:
-        raise InvalidInput(f"`{ENV}` must be a number of gigabytes (0 or more), such as 20. Received: {raw!r}")
+        raise InvalidInput(f"`{env}` must be a number of gigabytes (0 or more), such as 20. Received: {raw!r}")
     return int(gigabytes * 1e9)
 
 
-def _cache_files() -> list[tuple[Path, Path, int, float]]:
-    """(array, keys, bytes, last used) of every complete cache file."""
+@dataclasses.dataclass(frozen=True)
+class Cached:
+    """One removable thing in a cache: its files (removed in this order), size, last use, its images."""
+
+    files: tuple[Path, ...]
+    bytes: int
+    used_at: float
+    images: Callable[[], list[str]]  # content hashes of the images it holds, read only when needed
+
+
+def cache_files(folder: Path) -> list[Cached]:
+    """Every complete pixel or feature cache file under `folder` (the keys first: a listed file is complete)."""
     files = []
-    for keys in (home.data_home() / "cache").rglob("*.keys"):
+    for keys in folder.rglob("*.keys"):
         array = keys.with_suffix(".npy")
         try:
-            files.append((array, keys, array.stat().st_size + keys.stat().st_size, keys.stat().st_mtime))
+            files.append(Cached((keys, array), array.stat().st_size + keys.stat().st_size, keys.stat().st_mtime,
+                                lambda keys=keys: keys.read_text().split()))
         except FileNotFoundError:  # removed meanwhile, or an array without its keys yet
             continue
     return files
 
 
 def usage() -> CacheUsage:
-    files = _cache_files()
-    return CacheUsage(sum(f[2] for f in files), len(files), budget_bytes())
+    files = cache_files(home.data_home() / "cache")
+    return CacheUsage(sum(f.bytes for f in files), len(files), budget_bytes())
 
 
 def needed_images(store: Store) -> set[str]:
@@ -86,24 +100,30 @@ def needed_images(store: Store) -> set[str]:
     return needed
 
 
-def enforce(store: Store | None = None) -> Pruned:
-    """Remove least recently used cache files until the caches fit the budget; see the module doc."""
-    budget = budget_bytes()
-    files = sorted(_cache_files(), key=lambda f: f[3])
-    total = sum(f[2] for f in files)
+def prune(items: list[Cached], budget: int | None, needed: Callable[[], set[str]]) -> Pruned:
+    """Remove the least recently used of `items` until they fit `budget` bytes, never one holding an
+    image of `needed()` (asked only when something must go)."""
+    items = sorted(items, key=lambda item: item.used_at)
+    total = sum(item.bytes for item in items)
     if budget is None or total <= budget:
         return Pruned(0, 0, 0)
-    needed = needed_images(store or Store())
+    keep = needed()
     removed = freed = kept = 0
-    for array, keys, size, _ in files:
+    for item in items:
         if total <= budget:
             break
-        if needed and not needed.isdisjoint(keys.read_text().split()):
+        if keep and not keep.isdisjoint(item.images()):
             kept += 1
             continue
-        keys.unlink(missing_ok=True)  # the keys first: a listed file is always complete
-        array.unlink(missing_ok=True)
-        total -= size
-        freed += size
+        for path in item.files:
+            path.unlink(missing_ok=True)
+        total -= item.bytes
+        freed += item.bytes
         removed += 1
     return Pruned(removed, freed, kept)
+
+
+def enforce(store: Store | None = None) -> Pruned:
+    """Remove least recently used cache files until the caches fit the budget; see the module doc."""
+    return prune(cache_files(home.data_home() / "cache"), budget_bytes(),
+                 lambda: needed_images(store or Store()))

@@ -8,13 +8,18 @@ as many at once as the cluster fits.
 No filesystem is shared, and nothing the size of the dataset travels as one object. A run's task
 gets references: the run and dataset records, the manifest (content hashes, labels, splits), a
 downloaded backbone weights file and, for a resumed run, its checkpoint. On the node the task
-fetches the image files its node lacks by content hash, in shards, from a `BlobServer` actor on
-the dispatcher's node (which reads the data home's blob store; or from a folder every node mounts,
-`$TLCORE_SHARED_BLOBS`, when a team has one), into a persistent node-local
-cache (`$TLCORE_NODE_CACHE`, default `~/.tlcore-node`) whose blobs, pixel and feature caches
-later runs and sweeps reuse. It trains in a private data home over that cache with
+fetches the image files its node lacks by content hash, in shards: from a `BlobServer` actor on
+the dispatcher's node, which reads the data home's blob store; through ray:// (the dispatcher is
+then outside the cluster) from the dispatcher itself, by way of a `BlobRelay` actor on the head;
+or from a store every node reads, `$TLCORE_SHARED_BLOBS`, when a team has one (a folder they
+mount, or an fsspec URL such as s3://bucket/blobs). They go into a persistent node-local cache
+(`$TLCORE_NODE_CACHE`, default `~/.tlcore-node`) whose blobs, pixel and feature caches later
+runs and sweeps reuse. It trains in a private data home over that cache with
 `training.execute_run`, reporting through a `RunSink` that pushes log lines, epochs, progress and
-each checkpoint to a `RunChannel` actor on the dispatcher's node.
+each checkpoint to a `RunChannel` actor on the dispatcher's node. With `$TLCORE_NODE_CACHE_GB`
+set, each task that ends removes the node cache's least recently used files (`cache_budget.prune`)
+until it fits, never one a live task on that node trains on (each notes its images in the cache's
+running/ folder while it runs).
 
 The dispatcher prepares each claimed run in a thread (the loop never blocks on it); the loop
 renews the lease of every run it holds. It drains the channel into the store (it alone writes the
@@ -46,10 +51,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tlcore.backbones import get_backbone, resolve_weights
+from tlcore.data import cache_budget
 from tlcore.data.manifest import ManifestEntry, load_manifest
 from tlcore.errors import InvalidInput, RunCancelled, plain_message
 from tlcore.queue.executors import release_models
-from tlcore.queue.outcome import CANCELLED_BEFORE_START, WORKER_SHUT_DOWN, Outcome, conclude
+from tlcore.queue.outcome import CANCELLED_BEFORE_START, WORKER_SHUT_DOWN, Outcome, conclude, error_line
 from tlcore.queue.worker import say, worker_status
 from tlcore.records import home
 from tlcore.records.atomic import write_bytes_atomically, write_json_atomically, write_text_atomically
@@ -142,6 +148,54 @@ def node_cache_dir() -> Path:
     return path
 
 
+NODE_CACHE_BUDGET = "TLCORE_NODE_CACHE_GB"  # bounds a node cache's image files, pixel and feature caches
+
+
+def _running_file(run_id: str) -> Path:
+    return node_cache_dir() / "running" / f"{run_id}.json"
+
+
+def register_running(run_id: str, entries: list[ManifestEntry]) -> None:
+    """Note in the node cache that this process trains on `entries`: the budget never removes them meanwhile."""
+    note = _running_file(run_id)
+    note.parent.mkdir(exist_ok=True)
+    write_json_atomically(note, {"pid": os.getpid(), "images": [e.sha256 for e in entries]})
+
+
+def images_needed_on_node(cache: Path) -> set[str]:
+    """Content hashes of the images the node's live tasks train on (a task that died no longer counts)."""
+    needed: set[str] = set()
+    for path in (cache / "running").glob("*.json"):
+        try:
+            note = json.loads(path.read_text())
+            os.kill(note["pid"], 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:  # alive, run by another user
+            pass
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        needed.update(note["images"])
+    return needed
+
+
+def keep_node_cache_in_budget() -> cache_budget.Pruned | None:
+    """Remove the node cache's least recently used image files and cache files until it fits
+    `$TLCORE_NODE_CACHE_GB`, never one a live task on this node trains on. None without a budget."""
+    budget = cache_budget.budget_bytes(NODE_CACHE_BUDGET)
+    if budget is None:
+        return None
+    cache = node_cache_dir()
+    items = cache_budget.cache_files(cache / "cache")
+    for blob in (cache / "blobs").glob("*/*.*"):
+        try:
+            stat = blob.stat()
+        except FileNotFoundError:
+            continue
+        items.append(cache_budget.Cached((blob,), stat.st_size, stat.st_mtime, lambda sha=blob.stem: [sha]))
+    return cache_budget.prune(items, budget, lambda: images_needed_on_node(cache))
+
+
 @dataclasses.dataclass(frozen=True)
 class Fetched:
     """What a node fetched for a run's manifest."""
@@ -157,13 +211,20 @@ class Fetched:
                 f"shards) from {self.source}; {self.total - self.images} were already on this node.")
 
 
-SHARED_BLOBS = "TLCORE_SHARED_BLOBS"  # a folder every node mounts, in the data home's blobs/ layout
+SHARED_BLOBS = "TLCORE_SHARED_BLOBS"  # a store every node reads, in the data home's blobs/ layout: path or URL
 
 
 def blob_source(server) -> tuple[Callable[[list[str]], dict[str, bytes]], str]:
-    """Where this node gets image files: `$TLCORE_SHARED_BLOBS` when a team has a shared folder, else the
-    dispatcher's `BlobServer` actor `server`. Returns (names -> {name: bytes} for a shard, its description)."""
+    """Where this node gets image files: `$TLCORE_SHARED_BLOBS` when a team has a shared store (a folder
+    every node mounts, or an fsspec URL such as s3://bucket/blobs), else the dispatcher's `BlobServer`
+    actor `server`. Returns (names -> {name: bytes} for a shard, its description).
+
+    Raises:
+        InvalidInput: the URL's filesystem package is not installed here, or the store cannot be read.
+    """
     shared = os.environ.get(SHARED_BLOBS)
+    if shared and "://" in shared:
+        return UrlBlobStore(shared).shard, f"the shared store {shared}"
     if shared:
         return BlobServer(shared).shard, f"the shared folder {shared}"
     import ray
@@ -179,7 +240,7 @@ def fetch_blobs(entries: list[ManifestEntry], source: Callable[[list[str]], dict
         RuntimeError: the source lacks a file, or sent bytes that do not match their content hash.
     """
     names = {e.sha256: e.path.name for e in entries}
-    missing = [sha for sha, name in names.items() if not (blobs / sha[:2] / name).is_file()]
+    missing = [sha for sha, name in names.items() if not _touch(blobs / sha[:2] / name)]
     total_bytes, shards, remaining = 0, 0, list(missing)
     while remaining:
         shard = source([names[sha] for sha in remaining[:SHARD_FILES]])
@@ -197,6 +258,15 @@ def fetch_blobs(entries: list[ManifestEntry], source: Callable[[list[str]], dict
         got = {name.split(".")[0] for name in shard}
         remaining = [sha for sha in remaining if sha not in got]
     return Fetched(len(missing), len(names), total_bytes, shards, described_as)
+
+
+def _touch(blob: Path) -> bool:
+    """Whether `blob` is here; its time becomes now (the node cache's budget removes the oldest first)."""
+    try:
+        os.utime(blob)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def train_on_node(inputs: RunInputs, blob_server, channel) -> TaskResult:
@@ -227,16 +297,33 @@ def train_on_node(inputs: RunInputs, blob_server, channel) -> TaskResult:
         _restore_paths(folder.predictions, originals)
         files = {str(p.relative_to(folder.path)): p.read_bytes()
                  for p in sorted(folder.path.rglob("*")) if p.is_file()}
+        _leave_node_cache_in_budget(channel, run.id)
         # Calls from one caller run in order: once this returns, every event pushed above is in the channel.
         ray.get(channel.flush.remote())
         return TaskResult(outcome, files)
     finally:
+        _running_file(run.id).unlink(missing_ok=True)
         if previous_home is None:
             os.environ.pop("TLCORE_HOME", None)
         else:
             os.environ["TLCORE_HOME"] = previous_home
         shutil.rmtree(private, ignore_errors=True)
         release_models()
+
+
+def _leave_node_cache_in_budget(channel, run_id: str) -> None:
+    # The run is trained: whatever the budget does, it is said in the run's log, never a failure.
+    _running_file(run_id).unlink(missing_ok=True)  # its images are free to go now, the oldest first
+    try:
+        pruned = keep_node_cache_in_budget()
+    except Exception as exc:  # noqa: BLE001 - a bad budget or a failed removal must not lose the run
+        channel.push.remote(run_id, "log", f"Could not keep this node's cache in its budget: {error_line(exc)}")
+        return
+    if pruned and (pruned.removed or pruned.kept_for_runs):
+        channel.push.remote(run_id, "log", (
+            f"Node cache budget ({NODE_CACHE_BUDGET}): removed {pruned.removed} least recently used file(s) "
+            f"({pruned.freed / 1e9:.2f} GB)" + (f"; kept {pruned.kept_for_runs} that runs on this node still need"
+                                                if pruned.kept_for_runs else "") + "."))
 
 
 def remote_training(cpus: float, gpus: float):
@@ -266,6 +353,7 @@ def _lay_out_inputs(inputs: RunInputs, blob_server, sink: ChannelSink) -> tuple[
     store.create_run(run.name, run.dataset_id, run.backbone, run.weights, run.config,
                      status=RunStatus.RUNNING, run_id=run.id)
     blobs = home.blobs_dir()
+    register_running(run.id, inputs.entries)
     source, described_as = blob_source(blob_server)
     sink.log(fetch_blobs(inputs.entries, source, blobs, described_as).describe())
     here = [dataclasses.replace(e, path=blobs / e.sha256[:2] / e.path.name) for e in inputs.entries]
@@ -318,6 +406,95 @@ class BlobServer:
             out[name] = path.read_bytes()
             size += len(out[name])
         return out
+
+
+class UrlBlobStore:
+    """Image files under an fsspec URL (s3://, gs://, file://, memory://...) in the blobs/ layout, read in
+    groups (an object store's filesystem fetches a group's files concurrently)."""
+
+    GROUP = 16  # files asked for at once: a shard overshoots `SHARD_BYTES` by at most one group
+
+    def __init__(self, url: str):
+        self.url = url
+        unset = f"unset `{SHARED_BLOBS}` to fetch the images from the dispatcher"
+        try:
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as exc:
+            missing = ("the fsspec package is not installed" if isinstance(exc, ImportError) and exc.name == "fsspec"
+                       else str(exc))
+            raise InvalidInput(f"This node cannot read the shared store `{SHARED_BLOBS}={url}` ({missing}): "
+                               f"install that package on every node, or {unset}.") from None
+        try:
+            found = self.fs.isdir(self.root)
+        except Exception as exc:  # noqa: BLE001 - each filesystem fails its own way (credentials, network...)
+            reason = plain_message(exc)[:200]
+            raise InvalidInput(f"The shared store `{SHARED_BLOBS}={url}` cannot be reached from this node "
+                               f"({reason}): check its address and credentials, or {unset}.") from None
+        if not found:
+            raise InvalidInput(f"The shared store `{SHARED_BLOBS}={url}` has no folder there: point it at the "
+                               f"folder that holds the blobs' two-letter folders, or {unset}.")
+
+    def shard(self, names: list[str]) -> dict[str, bytes]:
+        """The bytes of the first of `names` up to about `SHARD_BYTES`; files the store lacks are left out.
+
+        Raises:
+            RuntimeError: the store failed to give a file it has (network, permissions).
+        """
+        names = [name for name in names if _BLOB_NAME.match(name)]
+        out, size = {}, 0
+        for start in range(0, len(names), self.GROUP):
+            if out and size >= SHARD_BYTES:
+                break
+            paths = [f"{self.root.rstrip('/')}/{name[:2]}/{name}" for name in names[start:start + self.GROUP]]
+            for path, data in self.fs.cat(paths, on_error="return").items():
+                if isinstance(data, FileNotFoundError):
+                    continue
+                name = path.rsplit("/", 1)[-1]
+                if isinstance(data, BaseException):
+                    raise RuntimeError(f"Could not read image {name} from the shared store {self.url}: "
+                                       f"{plain_message(data)[:200]}")
+                out[name] = data
+                size += len(data)
+        return out
+
+
+RELAY_WAIT_S = 300.0  # how long a node waits for the dispatcher to answer a request for image files
+
+
+class BlobRelay:
+    """An actor for a dispatcher connected through ray:// (outside the cluster, so no actor reads its disk):
+    it holds the nodes' requests for image files until the dispatcher answers them (`Dispatcher.serve_blobs`),
+    one shard at a time. An async actor: a node's waiting request holds no thread."""
+
+    def __init__(self):
+        self.asked: list[tuple[int, list[str]]] = []
+        self.waiting: dict[int, Any] = {}  # request id -> asyncio future of its shard
+        self.last_id = 0
+
+    async def shard(self, names: list[str]) -> dict[str, bytes]:
+        import asyncio
+
+        self.last_id += 1
+        request = self.last_id
+        self.waiting[request] = asyncio.get_running_loop().create_future()
+        self.asked.append((request, names))
+        try:
+            return await asyncio.wait_for(self.waiting[request], RELAY_WAIT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"The dispatcher sent no image files within {RELAY_WAIT_S:.0f} s of asking.") from None
+        finally:
+            self.waiting.pop(request, None)
+
+    async def requests(self) -> list[tuple[int, list[str]]]:
+        asked, self.asked = self.asked, []
+        return asked
+
+    async def answer(self, request: int, shard: dict[str, bytes]) -> None:
+        future = self.waiting.get(request)
+        if future is not None and not future.done():
+            future.set_result(shard)
 
 
 # ------------------------------------------------------------ the channel
@@ -429,8 +606,14 @@ def connect(address: str) -> None:
     if ray.is_initialized():
         return
     check_reachable(address)
+    extra = {}
+    if address.startswith("ray://"):
+        # Ray puts a driver's working directory on its workers' path, but not a ray:// client's: passed here,
+        # nodes with Transfer Lab's checkout in the same place import tlcore either way.
+        extra["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join((os.getcwd(), "${PYTHONPATH}"))}}
     try:
-        ray.init(address=None if address == "local" else address, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=None if address == "local" else address, log_to_driver=False, logging_level="ERROR",
+                 **extra)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise InvalidInput(f"Could not join a Ray cluster at {address!r}: {plain_message(exc)[:300]}. Start one "
                            "with `ray start --head` and pass its address (ray://HEAD:10001). "
@@ -595,12 +778,21 @@ class RayExecutor:
         check_nodes_can_train(nodes)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         # The channel and the blob server live on the dispatcher's node, so losing any other node
-        # loses no events, and the blob server reads this data home's files.
+        # loses no events, and the blob server reads this data home's files. Through ray:// "here" is
+        # the head, not this machine: the nodes' requests for image files then go through a relay
+        # actor to this process, which reads them (`serve_blobs`).
         self.channel = ray.remote(num_cpus=0)(RunChannel).options(scheduling_strategy=here).remote()
-        self.blobs = ray.remote(num_cpus=0, max_concurrency=4)(BlobServer).options(
-            scheduling_strategy=here).remote(str(home.blobs_dir()))
+        self.relayed = ray.util.client.ray.is_connected()
+        if self.relayed:
+            self.blob_files = BlobServer(str(home.blobs_dir()))
+            self.blobs = ray.remote(num_cpus=0)(BlobRelay).options(scheduling_strategy=here).remote()
+        else:
+            self.blobs = ray.remote(num_cpus=0, max_concurrency=4)(BlobServer).options(
+                scheduling_strategy=here).remote(str(home.blobs_dir()))
+        self.serving: concurrent.futures.Future | None = None
         self.task = remote_training(self.cpus, self.gpus)
-        self.prepare_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="prepare")
+        # Three threads: two read runs' inputs, one answers the nodes' requests for image files through ray://.
+        self.prepare_pool = concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix="prepare")
         say(f"dispatching to the Ray cluster at {self.address}: {self.cpus:g} CPU and {self.gpus:g} GPU per run, "
             f"{self.capacity()} runs at once")
 
@@ -640,6 +832,7 @@ class RayExecutor:
                 self.pump()
             ended += [self.finish(ref) for ref in ready]
         ended += self.launch_prepared()
+        self.serve_blobs()
         self.write_status()
         return ended
 
@@ -663,6 +856,22 @@ class RayExecutor:
                 flight.executor = Executor.from_dict(payload)
                 self.store.set_executor(run_id, flight.executor)
                 say(f"{run_id} training on {flight.executor.describe()}")
+
+    def serve_blobs(self) -> None:
+        """Through ray://, answer the nodes' requests for image files in a thread (one shard in flight at a
+        time, so at most one shard is in this process's memory)."""
+        if not self.relayed or (self.serving is not None and not self.serving.done()):
+            return
+        if self.serving is not None and self.serving.exception() is not None:
+            say(f"could not send image files to the nodes: {error_line(self.serving.exception())}")
+        self.serving = self.prepare_pool.submit(self._answer_requests)
+
+    def _answer_requests(self) -> None:
+        import ray
+
+        while asked := ray.get(self.blobs.requests.remote()):
+            for request, names in asked:
+                ray.get(self.blobs.answer.remote(request, self.blob_files.shard(names)))
 
     def launch_prepared(self) -> list[tuple[Run, Outcome]]:
         """Start the task of each run whose inputs are ready; a run whose inputs could not be read fails."""
