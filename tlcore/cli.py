@@ -27,6 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tlcore.records.config import recipe_field_named
+
     parser = argparse.ArgumentParser(
         prog="python -m tlcore",
         description="Transfer Lab: import image datasets, fine-tune ImageNet backbones, keep every run.",
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a built-in dataset made offline instead of SOURCE (`datasets builtin` lists them)")
     imp.add_argument("--name", help="dataset name (default: the folder or zip name, or the built-in's)")
     imp.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
-    imp.add_argument("--split", type=_split_arg, help="train,val,test fractions (default 0.7,0.15,0.15)")
+    imp.add_argument("--split", type=_option_type(recipe_field_named("split")), metavar="F1,F2,F3",
+                     help="train,val,test fractions (default 0.7,0.15,0.15)")
     imp.add_argument("--new-version", action="store_true",
                      help="record a new version even if the latest one holds exactly these images")
     _json(imp)
@@ -75,18 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     lr_find = sub.add_parser("lr-find", help="suggest a learning rate: an exponential LR range test "
                                              "(seconds on cached features for the head)")
-    lr_find.add_argument("--data", required=True, metavar="DATASET_OR_FOLDER", help="dataset name or id, or a folder")
-    lr_find.add_argument("--backbone", help="backbone name; default efficientnet_lite0")
-    lr_find.add_argument("--weights", choices=("imagenet", "none"))
-    lr_find.add_argument("--image-size", type=int, help="input size in px (default: the backbone's)")
-    lr_find.add_argument("--batch-size", type=int)
-    lr_find.add_argument("--finetune-layers", type=int, help="for --phase finetune: layers unfrozen from the top")
-    lr_find.add_argument("--class-weight", choices=("balanced", "none"))
-    lr_find.add_argument("--seed", type=int)
+    _train_options(lr_find)
     lr_find.add_argument("--phase", choices=("head", "finetune"), default="head",
                          help="head (on cached features, default) or finetune (through the top layers, slower)")
-    lr_find.add_argument("--preset", help="a named recipe; explicit options override it")
-    _json(lr_find)
 
     sweep = sub.add_parser("sweep", help="queue a grid of recipes x seeds as one sweep")
     _sweep_options(sweep)
@@ -232,72 +226,78 @@ def _json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
-def _train_options(p: argparse.ArgumentParser) -> None:
+def _data_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="DATASET_OR_FOLDER",
                    help="dataset name or id, or a folder / .zip to import first")
-    p.add_argument("--backbone", help="backbone name (`python -m tlcore backbones`); default efficientnet_lite0")
-    p.add_argument("--weights", choices=("imagenet", "none"), help="ImageNet weights or random init")
-    p.add_argument("--image-size", type=int, help="input size in px (default: the backbone's)")
-    p.add_argument("--head-epochs", type=int)
-    p.add_argument("--finetune-epochs", type=int)
-    p.add_argument("--finetune-layers", type=int)
-    p.add_argument("--augment", type=_augment_arg, help="comma list of flip,rotate,zoom,contrast,translate or none")
-    p.add_argument("--lr", type=float, help="head learning rate")
-    p.add_argument("--batch-size", type=int, help="images per replica (per GPU) and step; default 32")
-    p.add_argument("--batch-scope", choices=("replica", "global"),
-                   help="replica (default): --batch-size per replica, the global batch grows with the GPUs; "
-                        "global: --batch-size split across them")
-    p.add_argument("--lr-scaling", choices=("sqrt", "linear", "none"),
-                   help="how the learning rates follow a global batch larger than --batch-size "
-                        "(sqrt, the default: by the square root of the ratio; see the README)")
-    p.add_argument("--mixed-precision", choices=("auto", "on", "off"),
-                   help="float16 compute (auto: on with a GPU, off on the CPU)")
-    p.add_argument("--xla", choices=("auto", "on", "off"), help="XLA compilation (auto: on with exactly one GPU)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--split", type=_split_arg, help="train,val,test fractions, e.g. 0.8,0.1,0.1")
-    p.add_argument("--class-weight", choices=("auto", "balanced", "none"),
-                   help="weight each class's loss by its rarity in both phases; auto (default): the head is "
-                        "fitted both ways on the cached features and the better validation macro F1 is kept")
-    p.add_argument("--head-search", choices=("auto", "off"),
-                   help="auto (default): with a validation split, the head tries a small fixed grid (learning "
-                        "rate, dropout, label smoothing, class weighting) on the cached features and keeps the "
-                        "best on validation macro F1; off: the recipe's own settings only")
-    p.add_argument("--tta", choices=("none", "flip"),
-                   help="evaluate with test-time augmentation: each image and its mirror averaged; predict "
-                        "and the Demo then do the same for this run (default none)")
+
+
+def _preset_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a named recipe; explicit options override it")
-    p.add_argument("--name", help="run name")
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    """--data, one option per recipe field (`TrainConfig`), --preset and --json."""
+    from tlcore.records.config import recipe_fields
+
+    _data_option(p)
+    for field in recipe_fields():
+        _recipe_option(p, field)
+    _preset_option(p)
     _json(p)
 
 
 def _sweep_options(p: argparse.ArgumentParser) -> None:
-    from tlcore.queue.sweeps import SWEEPABLE
+    """As `_train_options`, but a field with one number or word per run takes a comma list."""
+    from tlcore.records.config import recipe_fields
 
-    p.add_argument("--data", required=True, metavar="DATASET_OR_FOLDER",
-                   help="dataset name or id, or a folder / .zip to import first")
-    for option in SWEEPABLE:
-        p.add_argument(f"--{option.replace('_', '-')}", metavar="A,B,...", help="one value or a comma list")
+    _data_option(p)
+    for field in recipe_fields():
+        if field.name in ("seed", "name"):  # --seeds below; the sweep names its runs
+            continue
+        if field.sweepable:
+            p.add_argument(field.flag, *field.aliases, dest=field.name, metavar="A,B,...",
+                           help=_option_help(field) + "; one value or a comma list")
+        else:
+            _recipe_option(p, field)
     p.add_argument("--seeds", default="0", metavar="S1,S2,...", help="comma list of seeds (default 0)")
-    p.add_argument("--augment", type=_augment_arg, help="comma list of flip,rotate,zoom,contrast,translate or none")
-    p.add_argument("--split", type=_split_arg, help="train,val,test fractions, e.g. 0.8,0.1,0.1")
-    p.add_argument("--preset", help="a named recipe; explicit options override it")
+    _preset_option(p)
     _json(p)
 
 
-def _split_arg(text: str) -> tuple[float, float, float]:
-    try:
-        parts = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be three fractions like 0.8,0.1,0.1; received {text!r}") from None
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"must be three fractions like 0.8,0.1,0.1; received {text!r}")
-    return parts  # type: ignore[return-value]
+def _recipe_option(p: argparse.ArgumentParser, field) -> None:
+    """Recipe field `field` as an option; left out, it is None (the preset's or TrainConfig's value)."""
+    names = (field.flag, *field.aliases)
+    if field.kind is bool:
+        p.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                       help=_option_help(field))
+    elif field.choices and field.kind is str:
+        p.add_argument(*names, dest=field.name, choices=field.choices, help=_option_help(field))
+    else:
+        p.add_argument(*names, dest=field.name, type=_option_type(field), help=_option_help(field),
+                       metavar="A,B,..." if field.kind is tuple else "F1,F2,F3" if field.kind == "fractions"
+                       else None)
 
 
-def _augment_arg(text: str) -> tuple[str, ...]:
-    if text.strip().lower() in ("", "none"):
-        return ()
-    return tuple(x.strip().lower() for x in text.split(",") if x.strip())
+def _option_help(field) -> str:
+    text = field.help.rstrip(".").replace("%", "%%")
+    if field.kind is tuple:
+        text += f" (comma list of {','.join(field.choices)}, or none)"
+    elif field.choices and field.kind is not str:
+        text += f" (one of {', '.join(field.choices)})"
+    if field.default not in (None, ()):
+        text += f"; default {field.default}"
+    return text
+
+
+def _option_type(field):
+    def parse(text: str):
+        try:
+            return field.parse(text)
+        except InvalidInput as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = field.name
+    return parse
 
 
 def config_from_args(args: argparse.Namespace):
@@ -315,10 +315,9 @@ def config_from_args(args: argparse.Namespace):
 
 def _explicit_options(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe options given on the command line (those left out are None)."""
-    options = ("backbone", "weights", "image_size", "head_epochs", "finetune_epochs", "finetune_layers",
-               "augment", "lr", "batch_size", "batch_scope", "lr_scaling", "mixed_precision", "xla", "seed", "split",
-               "name", "class_weight", "head_search", "tta")
-    return {option: getattr(args, option) for option in options if getattr(args, option, None) is not None}
+    from tlcore.records.config import recipe_fields
+
+    return {f.name: getattr(args, f.name) for f in recipe_fields() if getattr(args, f.name, None) is not None}
 
 
 # ----------------------------------------------------------------- commands
@@ -607,11 +606,12 @@ def _summary_text(run) -> str:
 
 
 def cmd_sweep(args) -> int:
-    from tlcore.queue.sweeps import SWEEPABLE, parse_values, submit_sweep
+    from tlcore.queue.sweeps import parse_values, submit_sweep
+    from tlcore.records.config import recipe_field_named
 
-    swept = {option: parse_values(option, getattr(args, option))
-             for option in SWEEPABLE if getattr(args, option) is not None}
-    fixed = {option: getattr(args, option) for option in ("augment", "split") if getattr(args, option) is not None}
+    given = _explicit_options(args)
+    swept = {name: parse_values(name, text) for name, text in given.items() if recipe_field_named(name).sweepable}
+    fixed = {name: value for name, value in given.items() if name not in swept}
     queued = submit_sweep(args.data, swept, parse_values("seed", args.seeds), preset=args.preset, fixed=fixed,
                           store=_store())
     text = (f"{queued.sweep_id}\nQueued {len(queued.runs)} runs. `python -m tlcore sweeps show "

@@ -15,14 +15,11 @@ import statistics
 from typing import Any, Sequence
 
 from tlcore.errors import InvalidInput, NotFound
-from tlcore.records.config import PRESETS, TrainConfig, recipe_labels, short_value
+from tlcore.records.config import PRESETS, TrainConfig, recipe_field_named, recipe_fields, recipe_labels, short_value
 from tlcore.records.store import Run, Store, new_id
 
-# Recipe fields a sweep may list several values for, with the type of one value.
-SWEEPABLE: dict[str, type] = {
-    "backbone": str, "weights": str, "image_size": int, "head_epochs": int, "finetune_epochs": int,
-    "finetune_layers": int, "lr": float, "batch_size": int, "dropout": float,
-}
+# Recipe fields a sweep may list several values for: those with one number or word per run.
+SWEEPABLE = tuple(f.name for f in recipe_fields() if f.sweepable)
 # Fields that never tell two configurations apart.
 _NOT_CONFIGURATION = ("seed", "name", "resume_from")
 
@@ -88,19 +85,19 @@ def parse_values(option: str, text: str) -> list:
     Raises:
         InvalidInput: an empty list, an empty item or a value of the wrong type.
     """
-    kind = SWEEPABLE.get(option, int if option == "seed" else None)
-    if kind is None:
+    if option not in (*SWEEPABLE, "seed"):
         raise InvalidInput(f"`{_flag(option)}` cannot be swept; sweepable options are "
                            f"{', '.join('--' + k.replace('_', '-') for k in SWEEPABLE)} and --seeds.")
+    field = recipe_field_named(option)
     items = [item.strip() for item in str(text).split(",")]
     if not text or not str(text).strip() or any(not item for item in items):
         raise InvalidInput(f"`{_flag(option)}` must be a comma list of one or more values, "
                            f"such as 1,2. Received: {text!r}")
     try:
-        return [kind(item) for item in items]
-    except ValueError:
+        return [field.parse(item) for item in items]
+    except InvalidInput:
         raise InvalidInput(f"`{_flag(option)}` must be a comma list of "
-                           f"{'numbers' if kind is not str else 'names'}. Received: {text!r}") from None
+                           f"{'numbers' if field.kind is not str else 'names'}. Received: {text!r}") from None
 
 
 def _flag(option: str) -> str:
