@@ -246,9 +246,10 @@ def test_stale_lease_is_reaped_even_if_the_pid_looks_alive(store, dataset):
 _WRITER = """
 import sys, time
 from tlcore.records.run_record import RunProgress
+from tlcore.records.config import RunSpec
 from tlcore.records.store import Store, RunStatus
 store = Store()
-run = store.create_run("writer", "ds-x", "efficientnet_lite0", "none", {}, status=RunStatus.RUNNING)
+run = store.create_run("writer", RunSpec.from_dict({"weights": "none"}, dataset_id="ds-x"), status=RunStatus.RUNNING)
 print(run.id, flush=True)
 end = time.time() + float(sys.argv[1])
 step = 0

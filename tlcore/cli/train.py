@@ -182,8 +182,8 @@ def cmd_resume(args) -> int:
 
     run = jobs.resume(args.run, open_store())
     emit(args, {"run_id": run.id, "name": run.name, "status": run.status.value,
-                 "resume_from": run.config.get("resume_from")},
-          None if args.json else f"{run.id}\nQueued {run.name}, resuming from {run.config['resume_from']}.")
+                 "resume_from": run.spec.resume_from},
+          None if args.json else f"{run.id}\nQueued {run.name}, resuming from {run.spec.resume_from}.")
     return 0
 
 

@@ -33,7 +33,7 @@ from tlcore.data.importer import resolve_dataset
 from tlcore.errors import InvalidInput, RunCancelled, TransitionRefused, WorkerBusy, plain_message
 from tlcore.records import home
 from tlcore.records.atomic import write_json_atomically
-from tlcore.records.config import TrainConfig
+from tlcore.records.config import RunSpec, TrainConfig
 from tlcore.records.run_folder import RunFolder
 from tlcore.records.run_record import Executor
 from tlcore.records.store import Run, RunStatus, Store
@@ -70,32 +70,30 @@ def submit(config: TrainConfig, store: Store | None = None) -> Run:
             take, or a dataset that does not exist (or a folder that cannot be imported).
     """
     store = store or Store()
-    config_dict, dataset = prepare(config, store)
-    return _create_run(store, config, config_dict, dataset, RunStatus.QUEUED)
+    spec, dataset = prepare(config, store)
+    return _create_run(store, spec, dataset, RunStatus.QUEUED)
 
 
-def prepare(config: TrainConfig, store: Store) -> tuple[dict[str, Any], Any]:
-    """Validate `config` against the registry and resolve its dataset; returns (config dict, Dataset)."""
+def prepare(config: TrainConfig, store: Store, sweep_id: str | None = None) -> tuple[RunSpec, Any]:
+    """Validate `config` against the registry and resolve its dataset; returns (the run's spec, Dataset).
+
+    The spec's recipe names the backbone by its registry name and the dataset by the version's id.
+    """
     if not isinstance(config, TrainConfig):
         raise InvalidInput(f"`config` must be a TrainConfig. Received: {type(config).__name__}")
     spec = get_backbone(config.backbone)
     config.resolved_image_size(spec)
     dataset = resolve_dataset(config.dataset, store, seed=config.seed, split=config.split)
-    config_dict = config.to_dict()
-    config_dict["backbone"] = spec.name
-    config_dict["dataset"] = dataset.id
-    return config_dict, dataset
+    return RunSpec(dataclasses.replace(config, backbone=spec.name, dataset=dataset.id), sweep_id=sweep_id), dataset
 
 
-def _create_run(store: Store, config: TrainConfig, config_dict: dict[str, Any], dataset,
-                status: RunStatus) -> Run:
+def _create_run(store: Store, spec: RunSpec, dataset, status: RunStatus) -> Run:
     # The default name counts existing runs; a file lock (across processes) and a thread lock
     # (flock is per open file, so threads of one process need their own) keep two
     # simultaneous submits from picking the same number.
     with _submit_lock, _file_lock(home.data_home() / "submit.lock"):
-        name = config.name or _default_name(store, config_dict["backbone"], dataset.name)
-        return store.create_run(name, dataset.id, config_dict["backbone"], config_dict["weights"],
-                                config_dict, status=status)
+        name = spec.recipe.name or _default_name(store, spec.recipe.backbone, dataset.name)
+        return store.create_run(name, spec, status=status)
 
 
 def _default_name(store: Store, backbone: str, dataset_name: str) -> str:
@@ -151,10 +149,9 @@ def resume(run_ref: str, store: Store | None = None) -> Run:
     if RunFolder(old.id).checkpoint() is None:
         raise InvalidInput(f"Run {old.name} ({old.id}) left no checkpoint (it stopped before its first "
                          "epoch finished), so there is nothing to resume; submit it again instead.")
-    config = {**old.config, "resume_from": old.id}
     base = old.name.split(" (resumed")[0]
     name = f"{base} (resumed from {old.id})"
-    return store.create_run(name, old.dataset_id, old.backbone, old.weights, config)
+    return store.create_run(name, dataclasses.replace(old.spec, resume_from=old.id, sweep_id=None))
 
 
 def retrain_on(run_ref: str, dataset_ref: str, store: Store | None = None) -> Run:
@@ -171,9 +168,8 @@ def retrain_on(run_ref: str, dataset_ref: str, store: Store | None = None) -> Ru
     if dataset.name != original.name:
         raise InvalidInput(f"{dataset.label} is not a version of {original.label}, the dataset run {old.name} "
                            "trained on; retrain on one of its versions.")
-    recipe = {k: v for k, v in old.config.items() if k != "resume_from"}
-    config = TrainConfig.from_dict({**recipe, "dataset": dataset.id, "name": f"{old.name} on {dataset.label}"})
-    return submit(config, store)
+    return submit(dataclasses.replace(old.spec.recipe, dataset=dataset.id, name=f"{old.name} on {dataset.label}"),
+                  store)
 
 
 # --------------------------------------------------------------- the reaper
@@ -343,8 +339,8 @@ def run_foreground(config: TrainConfig, store: Store | None = None, *, progress_
                    stop: threading.Event | None = None) -> Run:
     """Create a run and train it in this process (the CLI's `train`); returns the finished run."""
     store = store or Store()
-    config_dict, dataset = prepare(config, store)
-    run = _create_run(store, config, config_dict, dataset, RunStatus.RUNNING)
+    spec, dataset = prepare(config, store)
+    run = _create_run(store, spec, dataset, RunStatus.RUNNING)
     now = time.time()
     run = store.update_run(run.id, worker=worker_id(), started_at=now, heartbeat_at=now)
     return execute_claimed(run, store, stop=stop, progress_bar=progress_bar,

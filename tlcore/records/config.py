@@ -1,4 +1,6 @@
-"""A run's full recipe: one frozen dataclass that the CLI, the dashboard and the worker share.
+"""A run's full recipe (`TrainConfig`) and what a run is (`RunSpec`: the recipe, the run it resumes, its
+sweep), shared by the CLI, the dashboard, the store and the worker; `RunSpec.to_dict` is the one shape a
+run's spec is stored in (the store and the run folder's `config.json`).
 
 Each field is declared once, with its default, label, help and allowed values (`recipe_field`);
 the CLI's options (`train`, `submit`, `sweep`, `lr-find`), the Train form and the presets'
@@ -139,8 +141,8 @@ class TrainConfig:
                              f"Received: split={self.split}")
         if not 0 < self.lr < 1:
             raise InvalidInput(f"`lr` must be between 0 and 1. Received: lr={self.lr}")
-        if not 0 < self.finetune_lr_scale <= 1:
-            raise InvalidInput(f"`finetune_lr_scale` must be above 0 and at most 1. "
+        if not self.finetune_lr_scale > 0:
+            raise InvalidInput(f"`finetune_lr_scale` must be above 0. "
                                f"Received: finetune_lr_scale={self.finetune_lr_scale}")
         if not 0 <= self.dropout < 1:
             raise InvalidInput(f"`dropout` must be at least 0 and below 1. Received: dropout={self.dropout}")
@@ -203,6 +205,43 @@ class TrainConfig:
                 # Configs written before the switches were words: None (auto), True, False.
                 kwargs[switch] = {None: "auto", True: "on", False: "off"}[kwargs[switch]]
         return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What a run is, typed, from the form or the CLI through the store to training: its recipe (whose
+    `dataset` is the dataset version's id and `backbone` the registry's name), the run whose checkpoint it
+    starts from, and the sweep that queued it.
+
+    `to_dict` is its one stored shape, in the store and in the run folder's `config.json`: the recipe's
+    fields, `resume_from` and `sweep_id`. `from_dict` reads that and every shape written before it.
+    """
+
+    recipe: TrainConfig
+    resume_from: str | None = None  # a failed or cancelled run's id
+    sweep_id: str | None = None
+
+    @property
+    def dataset_id(self) -> str:
+        return self.recipe.dataset
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.recipe.to_dict(), "resume_from": self.resume_from, "sweep_id": self.sweep_id}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, dataset_id: str | None = None,
+                  sweep_id: str | None = None) -> "RunSpec":
+        """The spec stored as `data`, in any shape a Transfer Lab wrote.
+
+        Earlier shapes: the store held the recipe with `resume_from` only when resumed, and no sweep;
+        a run folder's `config.json` added `dataset_id` and the image size the run trained at.
+        `dataset_id` and `sweep_id` (the store's columns) win over what `data` says.
+        """
+        dataset = dataset_id or data.get("dataset_id") or data.get("dataset")
+        if not dataset:
+            raise InvalidInput("A run spec must name its dataset. Received: no `dataset` or `dataset_id`.")
+        recipe = TrainConfig.from_dict({**data, "dataset": dataset})
+        return cls(recipe, data.get("resume_from") or None, sweep_id or data.get("sweep_id") or None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,7 +396,7 @@ def comparison_configs(name: str, dataset: str, **overrides: Any) -> list[TrainC
 
 
 # Recipe fields that never tell two recipes apart in a name.
-_NOT_NAMED = ("seed", "name", "resume_from")
+_NOT_NAMED = ("seed", "name", "resume_from", "sweep_id")
 
 
 def short_value(value: Any) -> str:

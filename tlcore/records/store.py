@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 from tlcore.errors import NotFound, TransitionRefused
 from tlcore.records import home
+from tlcore.records.config import RunSpec
 from tlcore.records.run_record import Executor, RunProgress, RunSummary
 
 
@@ -76,7 +77,7 @@ class Run:
     dataset_id: str
     backbone: str
     weights: str
-    config: dict[str, Any]
+    spec: RunSpec  # its recipe, the run it resumes, its sweep
     created_at: float
     started_at: float | None
     finished_at: float | None
@@ -90,6 +91,11 @@ class Run:
     note: str
     sweep_id: str | None = None  # the sweep that queued this run, if one did
     executor: Executor | None = None  # where it trains or trained, once claimed
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The spec as one flat dict (its stored shape): for tables and diffs of recipes."""
+        return self.spec.to_dict()
 
     @property
     def accuracy(self) -> float | None:
@@ -329,24 +335,17 @@ class Store:
 
     # -------------------------------------------------------------------- runs
 
-    def create_run(
-        self,
-        name: str,
-        dataset_id: str,
-        backbone: str,
-        weights: str,
-        config: dict[str, Any],
-        status: RunStatus = RunStatus.QUEUED,
-        run_id: str | None = None,
-        sweep_id: str | None = None,
-    ) -> Run:
+    def create_run(self, name: str, spec: RunSpec, status: RunStatus = RunStatus.QUEUED,
+                   run_id: str | None = None) -> Run:
+        """Record run `name` of `spec` (its dataset, backbone, weights and sweep become columns too)."""
         run_id = run_id or new_id("run")
+        recipe = spec.recipe
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO runs (id, name, status, dataset_id, backbone, weights, config, created_at, sweep_id)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, name, RunStatus(status).value, dataset_id, backbone, weights,
-                 json.dumps(config), time.time(), sweep_id),
+                (run_id, name, RunStatus(status).value, spec.dataset_id, recipe.backbone, recipe.weights,
+                 json.dumps(spec.to_dict()), time.time(), spec.sweep_id),
             )
         return self.get_run(run_id)
 
@@ -560,7 +559,7 @@ def _run_from_row(row: sqlite3.Row) -> Run:
         dataset_id=row["dataset_id"],
         backbone=row["backbone"],
         weights=row["weights"],
-        config=json.loads(row["config"]),
+        spec=RunSpec.from_dict(json.loads(row["config"]), dataset_id=row["dataset_id"], sweep_id=row["sweep_id"]),
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
