@@ -40,7 +40,8 @@ def sweep_options(p: argparse.ArgumentParser) -> None:
             continue
         if field.sweepable:
             p.add_argument(field.flag, *field.aliases, dest=field.name, metavar="A,B,...",
-                           help=_option_help(field) + "; one value or a comma list")
+                           help=_option_help(field) + "; one value or a comma list"
+                           + (f" of {', '.join(field.choices)}" if field.choices else ""))
         else:
             _recipe_option(p, field)
     p.add_argument("--seeds", default="0", metavar="S1,S2,...", help="comma list of seeds (default 0)")
@@ -68,7 +69,9 @@ def _option_help(field) -> str:
         text += f" (comma list of {','.join(field.choices)}, or none)"
     elif field.choices and field.kind is not str:
         text += f" (one of {', '.join(field.choices)})"
-    if field.default not in (None, ()):
+    if field.kind is bool:
+        text += f"; default {'on' if field.default else 'off'}"
+    elif field.default not in (None, ()):
         text += f"; default {field.default}"
     return text
 

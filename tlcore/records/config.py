@@ -83,7 +83,8 @@ class TrainConfig:
         "sqrt", "LR scaling", "How the learning rates follow a global batch larger than the batch size: by the "
                               "square root of the ratio, linearly, or not at all (`TrainConfig.lr_scale`).",
         LR_SCALINGS)
-    dropout: float = recipe_field(0.2, "Dropout", "Dropout before the classifier head, 0 to 0.8.")
+    dropout: float = recipe_field(0.2, "Dropout", "The fraction of features dropped before the classifier head "
+                                                  "while it trains (0 to below 1).")
     early_stopping_patience: int = recipe_field(
         3, "Early-stopping patience (epochs)", "Epochs without a better validation score before a phase stops "
                                                "(the best epoch's weights are kept).", aliases=("--patience",))
@@ -101,7 +102,8 @@ class TrainConfig:
     xla: str = recipe_field(
         "auto", "XLA compilation", "auto: on with exactly one GPU; off with several (it does not work under "
                                    "MirroredStrategy) and on the CPU.", SWITCHES)
-    # "auto" without cached features or a validation split apart from the evaluation split trains unweighted.
+    # "balanced" weighs each class's loss by n / (classes * its count). "auto" without cached features or a
+    # validation split apart from the evaluation split trains unweighted.
     class_weight: str = recipe_field(
         "auto", "Class weighting", "auto: the head is fitted both ways on the cached features and the better "
                                    "validation macro F1 is kept (a tie keeps none). balanced: a rare class's images "
