@@ -50,20 +50,23 @@ def add_commands(sub) -> None:
 
 
 def cmd_datasets(args) -> int:
+    actions = {"import": _import, "list": _list, "builtin": _list_builtin, "fix": _fix}
+    return actions[args.action](args)
+
+
+def _list(args) -> int:
+    rows = open_store().list_datasets()
+    text = "No datasets yet. `python -m tlcore datasets import FOLDER` adds one."
+    if rows:
+        text = table(["name", "version", "id", "images", "classes", "test split"],
+                     [[d.name, d.version, d.id, d.num_images, len(d.classes), "yes" if d.has_test else "no"]
+                      for d in rows])
+    emit(args, {"datasets": [dataset_dict(d) for d in rows]}, None if args.json else text)
+    return 0
+
+
+def _import(args) -> int:
     store = open_store()
-    if args.action == "fix":
-        return cmd_fix(args)
-    if args.action == "list":
-        rows = store.list_datasets()
-        text = "No datasets yet. `python -m tlcore datasets import FOLDER` adds one."
-        if rows:
-            text = table(["name", "version", "id", "images", "classes", "test split"],
-                          [[d.name, d.version, d.id, d.num_images, len(d.classes), "yes" if d.has_test else "no"]
-                           for d in rows])
-        emit(args, {"datasets": [dataset_dict(d) for d in rows]}, None if args.json else text)
-        return 0
-    if args.action == "builtin":
-        return _list_builtin(args, store)
     kwargs: dict[str, Any] = {"store": store, "seed": args.seed, "new_version": args.new_version}
     if args.split:
         kwargs["split"] = args.split
@@ -104,12 +107,12 @@ def cmd_datasets(args) -> int:
     return 0
 
 
-def _list_builtin(args, store) -> int:
+def _list_builtin(args) -> int:
     """The built-in datasets, one line each, and the newest version already imported of each."""
     from tlcore.data.builtin import BUILTIN
 
     imported: dict[str, str] = {}
-    for d in store.list_datasets():  # newest first
+    for d in open_store().list_datasets():  # newest first
         imported.setdefault(d.source, d.label)
     rows = [{"name": name, "description": text, "imported": imported.get(f"builtin:{name}")}
             for name, text in BUILTIN.items()]
@@ -127,7 +130,7 @@ def _relabel_arg(text: str) -> tuple[str, str]:
     return source, label
 
 
-def cmd_fix(args) -> int:
+def _fix(args) -> int:
     from tlcore.data.fixes import fix_dataset
 
     store = open_store()
