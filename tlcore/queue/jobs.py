@@ -56,6 +56,8 @@ class WorkerStatus:
 # ------------------------------------------------------------------ submit
 
 _submit_lock = threading.Lock()
+# The folder holding the `tlcore` package, put on a worker's PYTHONPATH.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def submit(config: TrainConfig, store: Store | None = None) -> Run:
@@ -477,7 +479,7 @@ def _execute_in_child(run: Run, store: Store, shutdown: threading.Event) -> Run:
     """Train a claimed run in a child process (`execute_claimed_in_this_process`); a shutdown
     is passed on as SIGTERM. A child that dies without a final status leaves the run failed."""
     code = f"from tlcore.queue.jobs import execute_claimed_in_this_process as job; job({run.id!r})"
-    env = devices.worker_environment(dict(os.environ), str(home.data_home()), str(Path(__file__).resolve().parents[1]))
+    env = devices.worker_environment(dict(os.environ), str(home.data_home()), _PACKAGE_ROOT)
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL)
     signalled = False
     while proc.poll() is None:
@@ -553,7 +555,7 @@ def start_worker_process(cluster: str | None = None) -> int:
         if status.alive:
             return status.pid
         env = devices.worker_environment(dict(os.environ), str(home.data_home()),
-                                         str(Path(__file__).resolve().parents[1]))
+                                         _PACKAGE_ROOT)
         env.pop("TLCORE_CLUSTER", None)  # `cluster` alone decides where this worker trains
         with open(worker_log_path(), "ab") as log:
             proc = subprocess.Popen(
