@@ -192,9 +192,8 @@ def check_two_replicas(env: dict[str, str], dataset: str, gpus: int) -> bool:
         store = Store()
         args = build_parser().parse_args(["train", "--data", {dataset!r}, *{RECIPE!r}, "--finetune-epochs", "3"])
         config = config_from_args(args)
-        config_dict, ds = jobs.prepare(config, store)
-        first = store.create_run("2 replicas, stopped", ds.id, config.backbone, config.weights, config_dict,
-                                 status=jobs.RunStatus.RUNNING)
+        spec, ds = jobs.prepare(config, store)
+        first = store.create_run("2 replicas, stopped", spec, status=jobs.RunStatus.RUNNING)
         try:
             execute_run(first.id, store, should_stop=lambda: len(store.epochs(first.id)) >= 5)
         except RunCancelled:

@@ -31,15 +31,14 @@ def task_baseline(args: dict) -> dict:
 
 
 def task_tlcore(args: dict) -> dict:
-    from tlcore.records.config import TrainConfig
+    from tlcore.records.config import RunSpec, TrainConfig
     from tlcore.records.store import RunStatus, Store
     from tlcore.train.training import execute_run
 
     wall0, t0 = time.time(), time.perf_counter()
     store = Store()
     config = TrainConfig(**args["config"])
-    run = store.create_run("bench", config.dataset, config.backbone, config.weights, config.to_dict(),
-                           status=RunStatus.RUNNING)
+    run = store.create_run("bench", RunSpec(config), status=RunStatus.RUNNING)
     summary = execute_run(run.id, store)
     total = time.perf_counter() - t0
     store.finish_run(run.id, RunStatus.SUCCEEDED, summary=summary)

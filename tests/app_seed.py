@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from tlcore.records import home
+from tlcore.records.config import RunSpec
 from tlcore.records.run_folder import RunFolder
 from tlcore.records.run_record import Metrics, RunProgress, RunSummary
 from tlcore.records.store import Dataset, Run, RunStatus, Store
@@ -75,7 +76,7 @@ def run(store: Store, ds: Dataset, name: str, status: RunStatus = RunStatus.SUCC
            "head_epochs": epochs, "finetune_epochs": 0, "lr": 0.001, "batch_size": 32, "seed": 0,
            "augment": []}
     cfg.update(config or {})
-    r = store.create_run(name, ds.id, backbone, "imagenet", cfg, sweep_id=sweep_id)
+    r = store.create_run(name, RunSpec.from_dict(cfg, dataset_id=ds.id, sweep_id=sweep_id))
     for step in range(1, epochs + 1):
         f = step / epochs
         store.log_epoch(r.id, "head", step, step, {

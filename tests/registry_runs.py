@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from tlcore.evaluate.evaluation import read_predictions, write_predictions
+from tlcore.records.config import RunSpec
 from tlcore.records.run_folder import RunFolder
 from tlcore.records.store import RunStatus, Store
 
@@ -27,7 +28,7 @@ def copy_run(run_id: str, name: str, *, wrong: int = 0, config: dict | None = No
     wrong, its recipe changed by `config`; `reverse_labels` makes its model answer the other class."""
     store = Store()
     run = store.get_run(run_id)
-    new = store.create_run(name, run.dataset_id, run.backbone, run.weights, {**run.config, **(config or {})})
+    new = store.create_run(name, RunSpec.from_dict({**run.config, **(config or {})}, dataset_id=run.dataset_id))
     shutil.copytree(RunFolder(run_id).path, RunFolder(new.id).path, ignore=shutil.ignore_patterns("export"))
     folder = RunFolder(new.id)
     (folder.path / "fixed_set_predictions.jsonl").unlink(missing_ok=True)

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 from tlcore.backbones.classifier import compile_classifier  # noqa: E402
 from tlcore.errors import RunCancelled  # noqa: E402
-from tlcore.records.config import TrainConfig  # noqa: E402
+from tlcore.records.config import RunSpec, TrainConfig  # noqa: E402
 from tlcore.records.run_folder import RunFolder  # noqa: E402
 from tlcore.records.store import RunStatus, Store  # noqa: E402
 from tlcore.train import devices  # noqa: E402
@@ -43,7 +43,7 @@ RECIPE = dict(backbone="mobilenet_v2", weights="none", image_size=32, batch_size
 
 
 def _create(store: Store, dataset_id: str, name: str, config: TrainConfig, extra=None):
-    return store.create_run(name, dataset_id, config.backbone, config.weights, {**config.to_dict(), **(extra or {})},
+    return store.create_run(name, RunSpec.from_dict({**config.to_dict(), **(extra or {})}, dataset_id=dataset_id),
                             status=RunStatus.RUNNING)
 
 

@@ -7,6 +7,7 @@ import time
 import app_seed as seed
 import pytest
 
+from tlcore.records.config import RunSpec
 from tlcore.records.store import RunStatus
 
 
@@ -34,7 +35,7 @@ def test_home_shows_training_now_queue_and_recent_runs(store):
     seed.run(store, ds, "broken", RunStatus.FAILED, error="Out of memory.")
     live = seed.run(store, ds, "live-run", RunStatus.RUNNING, epochs=2, config={"head_epochs": 5},
                     progress={"phase": "head", "epoch": 3, "epochs": 5, "batch": 4, "batches": 8, "eta_s": 75})
-    store.create_run("waiting-run", ds.id, "vgg16", "imagenet", {"head_epochs": 3})
+    store.create_run("waiting-run", RunSpec.from_dict({"backbone": "vgg16", "head_epochs": 3}, dataset_id=ds.id))
 
     at = seed.app().run()
     assert not at.exception
@@ -61,7 +62,7 @@ def test_home_shows_the_caches_against_their_budget_and_a_bad_budget_in_a_senten
 
 def test_queue_without_worker_offers_to_start_it(store):
     ds = seed.dataset(store)
-    store.create_run("waiting-run", ds.id, "efficientnet_lite0", "imagenet", {"head_epochs": 3})
+    store.create_run("waiting-run", RunSpec.from_dict({"head_epochs": 3}, dataset_id=ds.id))
     at = seed.app().run()
     assert not at.exception
     assert "queued but the worker is not running" in seed.texts(at)

@@ -243,3 +243,27 @@ def test_run_view_shows_the_heads_choice_its_trials_and_a_fine_tune_that_was_not
     assert "so the head's weights were kept" in text
     table = at.dataframe[0].value
     assert len(table) == 3 and list(table["val macro F1"])[0] == 0.86 and list(table["kept"])[0] == "✓"
+
+
+WIDGET_KINDS = ("selectbox", "number_input", "checkbox", "radio", "multiselect", "select_slider", "slider",
+                "text_input")
+
+
+def test_every_recipe_field_has_a_widget_and_a_non_default_recipe_reaches_the_queued_run(store, _no_processes):
+    from tests.test_cli import other_recipe_values
+    from tlcore.records.config import TrainConfig
+    from ui import train_form
+
+    ds = seed.dataset(store)
+    wanted = TrainConfig(dataset=ds.id, **{name: value for name, (_, value) in other_recipe_values().items()})
+    at = seed.app("pages/train.py", timeout=120)
+    for key, value in train_form.widget_values(wanted.to_dict()).items():
+        at.session_state[key] = value
+    at.run()
+    assert not at.exception
+    drawn = {w.key for kind in WIDGET_KINDS for w in getattr(at, kind)}
+    assert set(train_form.widget_keys()) - drawn == set()
+    at.button(key="train.launch").click().run()
+    assert not at.exception, at.exception
+    [run] = store.list_runs()
+    assert TrainConfig.from_dict(run.config) == wanted

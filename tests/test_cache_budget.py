@@ -13,6 +13,7 @@ from tlcore.data.content_cache import ContentCache
 from tlcore.data.manifest import ManifestEntry, write_manifest
 from tlcore.errors import InvalidInput
 from tlcore.records import home
+from tlcore.records.config import RunSpec
 
 ROW = (32, 32, 3)  # 3 KB a row
 
@@ -35,7 +36,7 @@ def test_the_least_recently_used_files_go_until_the_caches_fit_but_not_what_a_qu
     dataset = store.add_dataset("d", "x", ["a"], {"train": {"a": 1}}, {})
     write_manifest(dataset.id, [ManifestEntry(path=home.blobs_dir() / "x.jpg", label="a", split="train",
                                               sha256=f"{15:064x}", source="a/x.jpg", width=32, height=32)])
-    store.create_run("queued", dataset.id, "efficientnet_lite0", "imagenet", {})
+    store.create_run("queued", RunSpec.from_dict({}, dataset_id=dataset.id))
 
     monkeypatch.delenv(cache_budget.ENV, raising=False)
     assert cache_budget.enforce(store).removed == 0  # no budget: nothing removed

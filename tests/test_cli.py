@@ -203,6 +203,60 @@ def test_precision_xla_and_batch_scope_options_reach_the_config_over_a_preset():
         cli.build_parser().parse_args(["train", "--data", "d", "--mixed-precision", "maybe"])
 
 
+def other_recipe_values() -> dict[str, tuple[list[str], object]]:
+    """For every recipe field: CLI arguments giving it a value other than its default, and that value.
+
+    A field of a type not handled here fails the tests that use this: give it a value below."""
+    from tlcore.records.config import recipe_fields
+
+    out = {}
+    for field in recipe_fields():
+        if field.name == "backbone":
+            value, text = "efficientnet_lite1", "efficientnet_lite1"
+        elif field.kind is bool:
+            value, text = not field.default, None
+        elif field.kind is tuple:
+            value = tuple(c for c in field.choices if c not in field.default)[:2]
+            text = ",".join(value)
+        elif field.kind == "fractions":
+            value, text = (0.8, 0.1, 0.1), "0.8,0.1,0.1"
+        elif field.choices:
+            value = text = next(c for c in field.choices if c != field.default)
+        elif field.kind is int:
+            value = 64 if field.default is None else field.default + 1
+            text = str(value)
+        elif field.kind is float:
+            value = field.default / 2
+            text = repr(value)
+        elif field.kind is str:
+            value = text = f"my-{field.name}"
+        else:
+            raise AssertionError(f"no test value for recipe field {field.name} of kind {field.kind}")
+        flag = field.flag if text is not None else (field.flag if value else f"--no-{field.flag[2:]}")
+        out[field.name] = ([flag] if text is None else [flag, text], value)
+    return out
+
+
+def test_every_recipe_field_is_an_option_of_train_submit_and_lr_find_and_a_swept_or_fixed_one_of_sweep():
+    from tlcore.records.config import recipe_field_named
+
+    others = other_recipe_values()
+    argv = [arg for args, _ in others.values() for arg in args]
+    for command in ("train", "submit", "lr-find"):
+        config = cli.config_from_args(cli.build_parser().parse_args([command, "--data", "d", *argv]))
+        assert {name: getattr(config, name) for name in others} == {n: v for n, (_, v) in others.items()}, command
+    sweep = cli.build_parser().parse_args(["sweep", "--data", "d", *[
+        arg for name, (args, _) in others.items() if name not in ("seed", "name") for arg in args]])
+    for name, (_, value) in others.items():
+        if name in ("seed", "name"):  # --seeds; a sweep names its runs
+            continue
+        given = getattr(sweep, name)
+        assert (recipe_field_named(name).parse(given) if recipe_field_named(name).sweepable else given) == value
+    # The options that existed before every field was one keep working (users' scripts).
+    old = cli.build_parser().parse_args(["train", "--data", "d", "--patience", "7", "--image-size", "96"])
+    assert (old.early_stopping_patience, old.image_size) == (7, 96)
+
+
 def test_submit_compare_queues_the_three_lite_backbones(tmp_path, capsys, store):
     folder = make_image_folder(tmp_path / "colours", per_class=4)
     code, out, err = run_cli(capsys, "submit", "--data", str(folder), "--compare", "lite-family",

@@ -28,6 +28,7 @@ import pytest
 from tests.test_jobs import ROOT, make_image_folder, tiny, wait_for, worker_env
 from tlcore.queue import cluster as tlcluster
 from tlcore.queue import jobs, leases
+from tlcore.records.config import RunSpec
 from tlcore.records.run_folder import RunFolder
 from tlcore.records.run_record import Executor
 from tlcore.records.store import RunStatus, Store
@@ -280,8 +281,8 @@ def test_a_checkpoint_is_acknowledged_only_once_written_on_the_dispatchers_disk(
 
 
 def test_a_restarted_dispatcher_fails_the_runs_it_left_running_and_resume_continues_them(store):
-    with_checkpoint = store.create_run("kept", "ds-1", "efficientnet_lite0", "imagenet", {"dataset": "ds-1"})
-    without = store.create_run("early", "ds-1", "efficientnet_lite0", "imagenet", {"dataset": "ds-1"})
+    with_checkpoint = store.create_run("kept", RunSpec.from_dict({"dataset": "ds-1"}))
+    without = store.create_run("early", RunSpec.from_dict({"dataset": "ds-1"}))
     for run in (with_checkpoint, without):
         leases.claim_next(store, "old-host:4242")
         store.set_executor(run.id, Executor(kind="ray", host="gpu-1", node_id="abc"))

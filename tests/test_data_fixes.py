@@ -14,7 +14,7 @@ from tlcore.data.importer import import_dataset
 from tlcore.data.manifest import load_manifest
 from tlcore.errors import InvalidInput
 from tlcore.evaluate.evaluation import compare_before_after
-from tlcore.records.config import TrainConfig
+from tlcore.records.config import RunSpec, TrainConfig
 from tlcore.records.store import RunStatus
 from tlcore.train.training import execute_run
 
@@ -73,8 +73,7 @@ def test_excluding_a_whole_class_that_leaves_one_is_refused(store, flowers):
 
 def test_retraining_on_the_fixed_version_reuses_features_and_is_judged_on_the_same_images(store, flowers, capsys):
     config = TrainConfig(dataset=flowers.id, image_size=64, batch_size=4, head_epochs=2, seed=3)
-    original = store.create_run("original", flowers.id, config.backbone, config.weights, config.to_dict(),
-                                status=RunStatus.RUNNING)
+    original = store.create_run("original", RunSpec(config), status=RunStatus.RUNNING)
     execute_run(original.id, store)
 
     assert cli.main(["datasets", "fix", "flowers", "--relabel", f"{MISFILED}=daisy", "--reason", "audit",

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 
+from tlcore.records.config import RunSpec
 from tlcore.records.run_record import HeadTrial, RunSummary
 from tlcore.train import head_search
 from tlcore.train.head_search import TrialSettings
@@ -121,7 +122,7 @@ def test_a_fine_tune_that_ends_below_the_head_gives_the_heads_weights_back(store
     monkeypatch.setattr(_Training, "keep_better_of_head_and_finetune", fine_tune_scores_zero)
     config = dict(dataset=dataset.id, weights="imagenet", image_size=32, batch_size=4, head_epochs=2,
                   finetune_epochs=1, finetune_layers=4, lr=0.01, finetune_lr_scale=10.0)
-    run = store.create_run("ft", dataset.id, "efficientnet_lite0", "imagenet", config, status=RunStatus.RUNNING)
+    run = store.create_run("ft", RunSpec.from_dict(config), status=RunStatus.RUNNING)
     summary = execute_run(run.id, store)
 
     assert summary.finetune.kept == "head" and summary.finetune.finetune_val_accuracy == 0.0

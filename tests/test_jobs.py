@@ -17,7 +17,7 @@ from PIL import Image
 from tlcore.errors import NotFound, WorkerBusy
 from tlcore.queue import jobs, leases, worker
 from tlcore.queue.executors import InProcessExecutor, ProcessPerJobExecutor
-from tlcore.records.config import TrainConfig
+from tlcore.records.config import RunSpec, TrainConfig
 from tlcore.records.run_folder import RunFolder
 from tlcore.records.store import RunStatus
 
@@ -152,7 +152,7 @@ def test_process_per_job_trains_each_run_in_a_child_that_exits(store, dataset):
 def test_a_stopped_run_says_why_whichever_executor_stopped_it(store):
     from tlcore.queue.outcome import CANCELLED_BY_REQUEST, WORKER_SHUT_DOWN, Outcome, conclude
 
-    asked, shut_down, broken = (store.create_run(name, "ds", "efficientnet_lite0", "none", {})
+    asked, shut_down, broken = (store.create_run(name, RunSpec.from_dict({"weights": "none"}, dataset_id="ds"))
                                 for name in ("asked", "shut down", "broken"))
     for _ in range(3):
         leases.claim_next(store, "worker-host:1")
@@ -270,9 +270,10 @@ def test_stale_lease_is_reaped_even_if_the_pid_looks_alive(store, dataset):
 _WRITER = """
 import sys, time
 from tlcore.records.run_record import Executor, RunProgress
+from tlcore.records.config import RunSpec
 from tlcore.records.store import Store, RunStatus
 store = Store()
-run = store.create_run("writer", "ds-x", "efficientnet_lite0", "none", {}, status=RunStatus.RUNNING)
+run = store.create_run("writer", RunSpec.from_dict({"weights": "none"}, dataset_id="ds-x"), status=RunStatus.RUNNING)
 print(run.id, flush=True)
 end = time.time() + float(sys.argv[1])
 step = 0

@@ -22,6 +22,7 @@ from tlcore.deploy.review import GatePolicy, judge
 from tlcore.errors import InvalidInput, NotFound
 from tlcore.evaluate.comparison import compare_predictions
 from tlcore.evaluate.evaluation import read_predictions, write_predictions
+from tlcore.records.config import RunSpec
 from tlcore.records.run_folder import RunFolder
 from tlcore.records.store import ModelTables, RunStatus, Store
 
@@ -146,7 +147,7 @@ def test_bad_input_gets_one_sentence_and_changes_nothing(home, trained_run, name
         model_registry.register(name, "nope", "ana")
     with pytest.raises(InvalidInput, match="letters, digits"):
         model_registry.register("no spaces", trained_run.run_id, "ana")
-    failed = store.create_run("broken", "ds", "efficientnet_lite0", "imagenet", {})
+    failed = store.create_run("broken", RunSpec.from_dict({}, dataset_id="ds"))
     store.finish_run(failed.id, RunStatus.FAILED, error="Out of memory.")
     with pytest.raises(InvalidInput, match=r"cannot be a model version: it failed \(Out of memory.\)"):
         model_registry.register(name, failed.id, "ana")
@@ -160,7 +161,7 @@ def test_bad_input_gets_one_sentence_and_changes_nothing(home, trained_run, name
         model_registry.promote("rev-x", "ana")
     # A run on another label set.
     three = store.add_dataset("three", "test", ["blue", "green", "red"], {"train": {"green": 1}}, {})
-    other = store.create_run("three-classes", three.id, "efficientnet_lite0", "imagenet", {})
+    other = store.create_run("three-classes", RunSpec.from_dict({}, dataset_id=three.id))
     store.finish_run(other.id, RunStatus.SUCCEEDED)
     other = other.id
     with pytest.raises(InvalidInput, match=f"predicts blue, green, red, but model {name} is judged on blue, red"):

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tlcore.records.config import RunSpec
 from tlcore.records.run_record import Executor, Metrics, RunProgress, RunSummary, Timings
 from tlcore.records.store import SCHEMA_VERSION, RunStatus, Store
 
@@ -91,7 +92,7 @@ def test_a_store_from_a_newer_version_is_refused_with_a_plain_sentence(tmp_path)
 
 
 def test_summary_and_progress_round_trip_through_the_store(store):
-    run = store.create_run("r", "ds", "efficientnet_lite0", "imagenet", {})
+    run = store.create_run("r", RunSpec.from_dict({}, dataset_id="ds"))
     summary = RunSummary(backbone="efficientnet_lite0", weights="imagenet", dataset="d v2", dataset_id="ds",
                          image_size=96, eval_split="val", eval_images=12,
                          metrics=Metrics(accuracy=0.75, macro_f1=0.7),
@@ -116,7 +117,7 @@ def test_a_version_1_store_gains_sweep_ids_and_executors_and_keeps_its_runs(tmp_
     old = store.get_run("run-old")
     assert old.sweep_id is None and old.executor is None and old.accuracy == 0.925
     assert store.sweep_ids() == []
-    swept = store.create_run("s", "ds-old", "efficientnet_lite0", "imagenet", {}, sweep_id="sweep-1")
+    swept = store.create_run("s", RunSpec.from_dict({}, dataset_id="ds-old", sweep_id="sweep-1"))
     store.set_executor(swept.id, Executor(kind="ray", host="gpu-box", node_id="abc123", gpus=1))
     assert store.sweep_ids() == ["sweep-1"]
     assert [r.id for r in store.list_runs(sweep_id="sweep-1")] == [swept.id]
@@ -153,7 +154,7 @@ def test_a_run_the_reaper_failed_stays_failed_when_its_late_success_arrives(stor
     from tlcore.queue import jobs, leases
     from tlcore.queue.outcome import Outcome, conclude
 
-    run = store.create_run("r", "ds", "efficientnet_lite0", "imagenet", {})
+    run = store.create_run("r", RunSpec.from_dict({}, dataset_id="ds"))
     leases.claim_next(store, "dispatcher:1")
     # Its lease ran out while it was being shipped.
     (reaped,) = leases.reap(store, lease_s=30, now=time.time() + 31)
@@ -169,3 +170,38 @@ def test_a_run_the_reaper_failed_stays_failed_when_its_late_success_arrives(stor
     with pytest.raises(InvalidInput, match="already finished"):
         jobs.cancel(run.id, store)
     assert store.get_run(run.id).status is RunStatus.FAILED and leases.claim_next(store, "another-worker:2") is None
+
+
+def test_runs_and_run_folders_in_the_previous_shape_read_as_one_typed_spec(store):
+    import dataclasses
+
+    from tlcore.records.config import TrainConfig
+    from tlcore.records.run_folder import RunFolder
+
+    recipe = TrainConfig(dataset="ds-1", lr=3e-4, augment=("flip",), split=(0.8, 0.1, 0.1), seed=2)
+    # As `resume` stored a resumed sweep run before: the flat recipe plus `resume_from`, the sweep in its
+    # column only, and precision switches from before they were words.
+    old_config = {**recipe.to_dict(), "resume_from": "run-a", "mixed_precision": None, "xla": False}
+    with sqlite3.connect(store.path) as db:
+        db.execute("INSERT INTO runs (id, name, status, dataset_id, backbone, weights, config, created_at, sweep_id)"
+                   " VALUES ('run-old', 'old', 'failed', 'ds-1', 'efficientnet_lite0', 'imagenet', ?, 1.0,"
+                   " 'sweep-1')", (json.dumps(old_config),))
+    run = store.get_run("run-old")
+    expected = RunSpec(dataclasses.replace(recipe, mixed_precision="auto", xla="off"), resume_from="run-a",
+                       sweep_id="sweep-1")
+    assert run.spec == expected and run.spec.dataset_id == "ds-1"
+
+    # Stored again, a spec has one shape: the recipe's fields, resume_from and sweep_id.
+    again = store.create_run("again", run.spec)
+    with sqlite3.connect(store.path) as db:
+        (raw,) = db.execute("SELECT config FROM runs WHERE id = ?", (again.id,)).fetchone()
+    assert json.loads(raw) == expected.to_dict() and store.get_run(again.id).spec == expected
+    assert set(json.loads(raw)) == {f.name for f in dataclasses.fields(TrainConfig)} | {"resume_from", "sweep_id"}
+
+    # A run folder's config.json as training wrote it before: the recipe, `dataset_id` and the size it trained at.
+    folder = RunFolder("run-old").created()
+    assert folder.spec() is None  # no config.json: nothing to read
+    folder.config_file.write_text(json.dumps({**recipe.to_dict(), "dataset_id": "ds-1", "image_size": 224}))
+    assert folder.spec() == RunSpec(dataclasses.replace(recipe, image_size=224))
+    folder.write_spec(expected)
+    assert json.loads(folder.config_file.read_text()) == json.loads(raw) and folder.spec() == expected

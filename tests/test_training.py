@@ -15,7 +15,7 @@ from tlcore.backbones.classifier import build_classifier, unfreeze_top
 from tlcore.data.images import load_resized
 from tlcore.data.importer import import_dataset
 from tlcore.data.manifest import load_manifest
-from tlcore.records.config import TrainConfig
+from tlcore.records.config import RunSpec, TrainConfig
 from tlcore.records.run_folder import RunFolder
 from tlcore.records.store import RunStatus
 from tlcore.train.training import RunCancelled, execute_run
@@ -40,8 +40,7 @@ def ants_bees(tmp_path, store):
 def _running(store, dataset, name="test", extra=None, **overrides):
     """A stored run in state `running` for `TrainConfig(**overrides)` (tiny images by default)."""
     config = TrainConfig(**{"dataset": dataset.id, "image_size": SIZE, "batch_size": 4, **overrides})
-    return store.create_run(name, dataset.id, config.backbone, config.weights, {**config.to_dict(), **(extra or {})},
-                            status=RunStatus.RUNNING)
+    return store.create_run(name, RunSpec.from_dict({**config.to_dict(), **(extra or {})}), status=RunStatus.RUNNING)
 
 
 def _run(store, dataset, **overrides):

@@ -68,8 +68,7 @@ def run_duration(run: Run, now: float | None = None) -> float | None:
 
 
 def total_epochs(run: Run) -> int:
-    cfg = run.config or {}
-    return int(cfg.get("head_epochs") or 0) + int(cfg.get("finetune_epochs") or 0)
+    return run.spec.recipe.head_epochs + run.spec.recipe.finetune_epochs
 
 
 def progress_fraction(run: Run) -> float:
@@ -84,7 +83,7 @@ def progress_fraction(run: Run) -> float:
     if p.step is not None:
         done = p.step
     else:
-        offset = int((run.config or {}).get("head_epochs") or 0) if p.phase == "finetune" else 0
+        offset = run.spec.recipe.head_epochs if p.phase == "finetune" else 0
         done = offset + max(0, int(p.epoch or 0) - 1)
     within = (p.batch or 0) / p.batches if p.batches else 0.0
     return float(min(1.0, max(0.0, (done + within) / total)))
@@ -139,8 +138,8 @@ def runs_frame(runs: Iterable[Run], datasets: dict[str, Dataset] | None = None) 
             "backbone": run.backbone,
             "weights": run.weights,
             "epochs": total_epochs(run),
-            "image size": (run.config or {}).get("image_size"),
-            "lr": (run.config or {}).get("lr"),
+            "image size": run.spec.recipe.image_size,
+            "lr": run.spec.recipe.lr,
             "duration": duration(run_duration(run)),
             "created": pd.Timestamp(run.created_at, unit="s").floor("s"),
             "tags": ", ".join(run.tags),

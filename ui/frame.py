@@ -17,7 +17,7 @@ from typing import Iterator
 
 import streamlit as st
 
-from ui import gate, sidebar, state
+from ui import gate, sidebar, train_form
 
 _local = threading.local()  # each session's script runs in its own thread
 
@@ -49,7 +49,7 @@ def _running() -> Iterator[None]:
 def run() -> None:
     """Run the frame and, inside it, the page the visitor asked for (URL path and query kept)."""
     st.set_page_config(page_title="Transfer Lab", page_icon=":material/model_training:", layout="wide")
-    state.keep_train_form()  # before st.navigation, which drops the widget state of the page left
+    train_form.keep_values()  # before st.navigation, which drops the widget state of the page left
     # Before the gate: a visitor who is not in gets no page list, and the gate's widgets get the
     # same ids whether or not Streamlit ran a page file first (ids drawn before st.navigation
     # differ), so a password typed on a deep link is not lost on submit.

@@ -31,34 +31,6 @@ T = TypeVar("T")
 
 # ------------------------------------------------------------------- the store
 
-# The Train form's value widgets. Streamlit forgets a widget's value after a run that does not
-# draw it (any other page); re-assigning the keys on every page keeps the user's recipe, and a
-# copy under a non-widget key restores them when a page switch cleared them before this ran.
-TRAIN_FORM_KEYS = (
-    "train.dataset", "train.preset", "train.backbone", "train.weights", "train.size_default",
-    "train.image_size", "train.head_epochs", "train.finetune_epochs", "train.finetune_layers",
-    "train.lr", "train.batch_size", "train.augment", "train.head_augment", "train.dropout",
-    "train.patience", "train.finetune_lr_scale", "train.seed", "train.resplit",
-    "train.split_train", "train.split_val", "train.name", "train.batch_scope", "train.mixed_precision",
-    "train.xla",
-    "train.split_train", "train.split_val", "train.name", "train.class_weight", "train.tta",
-    "train.head_search", "train.lr_find_finetune",
-)
-
-
-_SAVED_TRAIN_FORM = "saved.train_form"
-
-
-def keep_train_form() -> None:
-    """Keep the Train form's values while the user is on other pages."""
-    saved = st.session_state.setdefault(_SAVED_TRAIN_FORM, {})
-    for key in TRAIN_FORM_KEYS:
-        if key in st.session_state:
-            saved[key] = st.session_state[key]
-        if key in saved:
-            st.session_state[key] = saved[key]
-
-
 def keep_choice(key: str, options: Iterable[Hashable], default: Hashable | None = None) -> None:
     """Before drawing the select widget `key`: keep the user's choice while it is one of `options`.
 

@@ -324,14 +324,12 @@ def _representative_pixels(folder: RunFolder, size: int) -> np.ndarray:
     from tlcore.data.manifest import run_entries
     from tlcore.records.store import Store
 
-    config = folder.config()
-    if "dataset_id" not in config:
+    spec = folder.spec()
+    if spec is None:
         raise InvalidInput(f"The run folder {folder.path} has no config.json naming its dataset; int8 "
                            "quantization needs the run's training images. Retrain the run.")
-    dataset = Store().get_dataset(config["dataset_id"])
-    split = config.get("split")
-    train = [e for e in run_entries(dataset, tuple(split) if split else None, int(config.get("seed", 0)))
-             if e.split == "train"]
+    dataset = Store().get_dataset(spec.dataset_id)
+    train = [e for e in run_entries(dataset, spec.recipe.split, spec.recipe.seed) if e.split == "train"]
     rng = np.random.default_rng(0)
     by_class: dict[str, list] = {}
     for entry in train:

@@ -17,7 +17,6 @@ from typing import Any
 
 from tlcore.data.manifest import run_entries
 from tlcore.errors import InvalidInput, NotFound
-from tlcore.records.config import TrainConfig
 from tlcore.records.store import (
     AuditEntry,
     ModelRecord,
@@ -92,7 +91,7 @@ def finished_run(run_ref: str, store: Store | None = None) -> Run:
 def run_split_entries(run: Run, store: Store | None = None):
     """The manifest entries of `run`'s dataset with the splits it trained on."""
     store = store or Store()
-    config = TrainConfig.from_dict({**run.config, "dataset": run.dataset_id})
+    config = run.spec.recipe
     return run_entries(store.get_dataset(run.dataset_id), config.split, config.seed)
 
 

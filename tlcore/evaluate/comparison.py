@@ -32,7 +32,7 @@ CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Config keys that do not change what a recipe trains: runs that differ only in these are seeds of one recipe.
-_NOT_RECIPE = ("seed", "name", "resume_from")
+_NOT_RECIPE = ("seed", "name", "resume_from", "sweep_id")
 
 
 # ------------------------------------------------------------------ statistics

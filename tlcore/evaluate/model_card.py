@@ -69,14 +69,13 @@ def build_card(run_ref: str, store=None) -> dict[str, Any]:
     store = store or Store()
     run, folder = find_run(run_ref, store)
     dataset = store.get_dataset(run.dataset_id)
-    config = folder.config() or dict(run.config)
+    recipe = (folder.spec() or run.spec).recipe
     spec = get_backbone(run.backbone)
     report = evaluate_run(run.id)
     labels = list(report.labels)
-    image_size = int(config.get("image_size") or spec.default_size)
-    split = config.get("split")
+    image_size = recipe.image_size or spec.default_size
     counts: dict[str, Counter] = {s: Counter() for s in ("train", "val", "test")}
-    for entry in run_entries(dataset, tuple(split) if split else None, int(config.get("seed", 0))):
+    for entry in run_entries(dataset, recipe.split, recipe.seed):
         counts[entry.split][entry.label] += 1
     eval_split = run.summary.eval_split if run.summary else ("test" if sum(counts["test"].values()) else "val")
     point = read_operating_point(folder)
@@ -100,7 +99,7 @@ def build_card(run_ref: str, store=None) -> dict[str, Any]:
             "source": dataset.source, "classes": labels,
             "counts": {s: {label: int(counts[s][label]) for label in labels} for s in counts},
         },
-        "recipe": {k: v for k, v in config.items() if k not in ("dataset",)},
+        "recipe": {k: v for k, v in recipe.to_dict().items() if k != "dataset"},
         "evaluation": {
             "split": eval_split,
             "images": int(len(report.predictions)),

@@ -59,7 +59,6 @@ from tlcore.queue.outcome import CANCELLED_BEFORE_START, WORKER_SHUT_DOWN, Outco
 from tlcore.queue.worker import say, worker_status
 from tlcore.records import home
 from tlcore.records.atomic import write_bytes_atomically, write_json_atomically, write_text_atomically
-from tlcore.records.config import TrainConfig
 from tlcore.records.run_folder import RunFolder
 from tlcore.records.run_record import Executor, RunProgress
 from tlcore.records.store import Dataset, EpochRecord, Run, RunStatus, Store
@@ -350,8 +349,7 @@ def _lay_out_inputs(inputs: RunInputs, blob_server, sink: ChannelSink) -> tuple[
     store = Store()
     store.add_dataset(dataset.name, dataset.source, dataset.classes, dataset.counts, dataset.report,
                       dataset_id=dataset.id)
-    store.create_run(run.name, run.dataset_id, run.backbone, run.weights, run.config,
-                     status=RunStatus.RUNNING, run_id=run.id)
+    store.create_run(run.name, run.spec, status=RunStatus.RUNNING, run_id=run.id)
     blobs = home.blobs_dir()
     register_running(run.id, inputs.entries)
     source, described_as = blob_source(blob_server)
@@ -361,7 +359,7 @@ def _lay_out_inputs(inputs: RunInputs, blob_server, sink: ChannelSink) -> tuple[
     if inputs.weights_file is not None:
         name, data = inputs.weights_file
         write_bytes_atomically(home.weights_dir() / name, data)
-    resume_from = run.config.get("resume_from")
+    resume_from = run.spec.resume_from
     if resume_from:
         folder = RunFolder(resume_from).created()
         for name, data in inputs.resume_files.items():
@@ -895,7 +893,7 @@ class RayExecutor:
     def prepare(self, run: Run) -> RunInputs:
         """What `run` needs on a node: the manifest (references to its images, never their bytes), the
         weights file and, for a resumed run, its checkpoint."""
-        config = TrainConfig.from_dict(run.config)
+        config = run.spec.recipe
         dataset = self.store.get_dataset(run.dataset_id)
         entries = load_manifest(dataset.id)
         spec = get_backbone(config.backbone)
@@ -906,7 +904,7 @@ class RayExecutor:
             weights_file = (path.name, path.read_bytes())
             shipped.append(f"weights {len(weights_file[1]) / 1e6:.1f} MB")
         resume_files, resume_epochs = {}, []
-        resume_from = run.config.get("resume_from")
+        resume_from = run.spec.resume_from
         if resume_from:
             old = RunFolder(resume_from)
             resume_files = {p.name: p.read_bytes() for p in (old.checkpoint_weights, old.checkpoint_state,

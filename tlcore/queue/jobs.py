@@ -8,6 +8,7 @@ created running for this process and trained here, ending the way a worker's run
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import threading
 from pathlib import Path
@@ -21,7 +22,7 @@ from tlcore.queue.executors import execute_here
 from tlcore.queue.outcome import CANCELLED_BEFORE_START, INTERRUPTED, conclude
 from tlcore.queue.worker import start_worker_process as start_worker_process  # the dashboard's "start a worker"
 from tlcore.records import home
-from tlcore.records.config import TrainConfig
+from tlcore.records.config import RunSpec, TrainConfig
 from tlcore.records.run_folder import RunFolder
 from tlcore.records.store import Run, RunStatus, Store
 
@@ -42,32 +43,30 @@ def submit(config: TrainConfig, store: Store | None = None) -> Run:
             take, or a dataset that does not exist (or a folder that cannot be imported).
     """
     store = store or Store()
-    config_dict, dataset = prepare(config, store)
-    return _create_run(store, config, config_dict, dataset)
+    spec, dataset = prepare(config, store)
+    return _create_run(store, spec, dataset)
 
 
-def prepare(config: TrainConfig, store: Store) -> tuple[dict[str, Any], Any]:
-    """Validate `config` against the registry and resolve its dataset; returns (config dict, Dataset)."""
+def prepare(config: TrainConfig, store: Store, sweep_id: str | None = None) -> tuple[RunSpec, Any]:
+    """Validate `config` against the registry and resolve its dataset; returns (the run's spec, Dataset).
+
+    The spec's recipe names the backbone by its registry name and the dataset by the version's id.
+    """
     if not isinstance(config, TrainConfig):
         raise InvalidInput(f"`config` must be a TrainConfig. Received: {type(config).__name__}")
     spec = get_backbone(config.backbone)
     config.resolved_image_size(spec)
     dataset = resolve_dataset(config.dataset, store, seed=config.seed, split=config.split)
-    config_dict = config.to_dict()
-    config_dict["backbone"] = spec.name
-    config_dict["dataset"] = dataset.id
-    return config_dict, dataset
+    return RunSpec(dataclasses.replace(config, backbone=spec.name, dataset=dataset.id), sweep_id=sweep_id), dataset
 
 
-def _create_run(store: Store, config: TrainConfig, config_dict: dict[str, Any], dataset,
-                worker: str | None = None) -> Run:
+def _create_run(store: Store, spec: RunSpec, dataset, worker: str | None = None) -> Run:
     # The default name counts existing runs; a file lock (across processes) and a thread lock
     # (flock is per open file, so threads of one process need their own) keep two
     # simultaneous submits from picking the same number.
     with _submit_lock, _file_lock(home.data_home() / "submit.lock"):
-        name = config.name or _default_name(store, config_dict["backbone"], dataset.name)
-        return store.create_run(name, dataset.id, config_dict["backbone"], config_dict["weights"],
-                                config_dict, status=RunStatus.RUNNING if worker else RunStatus.QUEUED,
+        name = spec.recipe.name or _default_name(store, spec.recipe.backbone, dataset.name)
+        return store.create_run(name, spec, status=RunStatus.RUNNING if worker else RunStatus.QUEUED,
                                 worker=worker)
 
 
@@ -129,10 +128,9 @@ def resume(run_ref: str, store: Store | None = None) -> Run:
     if RunFolder(old.id).checkpoint() is None:
         raise InvalidInput(f"Run {old.name} ({old.id}) left no checkpoint (it stopped before its first "
                          "epoch finished), so there is nothing to resume; submit it again instead.")
-    config = {**old.config, "resume_from": old.id}
     base = old.name.split(" (resumed")[0]
     name = f"{base} (resumed from {old.id})"
-    return store.create_run(name, old.dataset_id, old.backbone, old.weights, config)
+    return store.create_run(name, dataclasses.replace(old.spec, resume_from=old.id, sweep_id=None))
 
 
 def retrain_on(run_ref: str, dataset_ref: str, store: Store | None = None) -> Run:
@@ -149,9 +147,8 @@ def retrain_on(run_ref: str, dataset_ref: str, store: Store | None = None) -> Ru
     if dataset.name != original.name:
         raise InvalidInput(f"{dataset.label} is not a version of {original.label}, the dataset run {old.name} "
                            "trained on; retrain on one of its versions.")
-    recipe = {k: v for k, v in old.config.items() if k != "resume_from"}
-    config = TrainConfig.from_dict({**recipe, "dataset": dataset.id, "name": f"{old.name} on {dataset.label}"})
-    return submit(config, store)
+    return submit(dataclasses.replace(old.spec.recipe, dataset=dataset.id, name=f"{old.name} on {dataset.label}"),
+                  store)
 
 
 # ------------------------------------------------------------ in the foreground
@@ -164,8 +161,8 @@ def run_foreground(config: TrainConfig, store: Store | None = None, *, progress_
     `stop` (Ctrl-C in the CLI) stops it between batches; it ends cancelled, its epochs kept.
     """
     store = store or Store()
-    config_dict, dataset = prepare(config, store)
-    run = _create_run(store, config, config_dict, dataset, worker=leases.worker_id())
+    spec, dataset = prepare(config, store)
+    run = _create_run(store, spec, dataset, worker=leases.worker_id())
     outcome = execute_here(run, store, stop=stop or threading.Event(), stop_reason=INTERRUPTED,
                            progress_bar=progress_bar)
     return conclude(store, run.id, outcome)

@@ -15,16 +15,13 @@ import statistics
 from typing import Any, Sequence
 
 from tlcore.errors import InvalidInput, NotFound
-from tlcore.records.config import PRESETS, TrainConfig, recipe_labels, short_value
+from tlcore.records.config import PRESETS, TrainConfig, recipe_field_named, recipe_fields, recipe_labels, short_value
 from tlcore.records.store import Run, Store, new_id
 
-# Recipe fields a sweep may list several values for, with the type of one value.
-SWEEPABLE: dict[str, type] = {
-    "backbone": str, "weights": str, "image_size": int, "head_epochs": int, "finetune_epochs": int,
-    "finetune_layers": int, "lr": float, "batch_size": int, "dropout": float,
-}
+# Recipe fields a sweep may list several values for: those with one number or word per run.
+SWEEPABLE = tuple(f.name for f in recipe_fields() if f.sweepable)
 # Fields that never tell two configurations apart.
-_NOT_CONFIGURATION = ("seed", "name", "resume_from")
+_NOT_CONFIGURATION = ("seed", "name", "resume_from", "sweep_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,19 +85,19 @@ def parse_values(option: str, text: str) -> list:
     Raises:
         InvalidInput: an empty list, an empty item or a value of the wrong type.
     """
-    kind = SWEEPABLE.get(option, int if option == "seed" else None)
-    if kind is None:
+    if option not in (*SWEEPABLE, "seed"):
         raise InvalidInput(f"`{_flag(option)}` cannot be swept; sweepable options are "
                            f"{', '.join('--' + k.replace('_', '-') for k in SWEEPABLE)} and --seeds.")
+    field = recipe_field_named(option)
     items = [item.strip() for item in str(text).split(",")]
     if not text or not str(text).strip() or any(not item for item in items):
         raise InvalidInput(f"`{_flag(option)}` must be a comma list of one or more values, "
                            f"such as 1,2. Received: {text!r}")
     try:
-        return [kind(item) for item in items]
-    except ValueError:
+        return [field.parse(item) for item in items]
+    except InvalidInput:
         raise InvalidInput(f"`{_flag(option)}` must be a comma list of "
-                           f"{'numbers' if kind is not str else 'names'}. Received: {text!r}") from None
+                           f"{'numbers' if field.kind is not str else 'names'}. Received: {text!r}") from None
 
 
 def _flag(option: str) -> str:
@@ -141,18 +138,17 @@ def submit_sweep(dataset: str, swept: dict[str, Sequence], seeds: Sequence[int],
                                f"{','.join(map(str, values))}")
     base = {**(PRESETS[preset] if preset else {}), **(fixed or {})}
     resolved = resolve_dataset(dataset, store, seed=seeds[0], split=base.get("split"))
+    sweep_id = new_id("sweep")
     prepared = []
     for point in grid(swept, seeds):
         config = TrainConfig(dataset=resolved.id, **{**base, **point, "name": None})
-        prepared.append((point, jobs.prepare(config, store)[0]))
-    sweep_id = new_id("sweep")
+        prepared.append((point, jobs.prepare(config, store, sweep_id=sweep_id)[0]))
     runs = []
-    for point, config_dict in prepared:
+    for point, spec in prepared:
         varied = [f"{k}={short_value(v)}" for k, v in point.items() if k != "seed" and len(swept[k]) > 1]
         name = f"{' · '.join(varied) or resolved.name} · seed {point['seed']} ({sweep_id[-6:]})"
-        config_dict["name"] = name
-        runs.append(store.create_run(name, resolved.id, config_dict["backbone"], config_dict["weights"],
-                                     config_dict, sweep_id=sweep_id))
+        named = dataclasses.replace(spec, recipe=dataclasses.replace(spec.recipe, name=name))
+        runs.append(store.create_run(name, named))
     return QueuedSweep(sweep_id, runs)
 
 
@@ -167,7 +163,7 @@ def sweep_report(sweep_id: str, store: Store | None = None) -> SweepReport:
     if not runs:
         known = ", ".join(store.sweep_ids()[:10]) or "none yet"
         raise NotFound(f"No sweep {sweep_id!r}. Known sweeps: {known}.")
-    recipes = [{k: v for k, v in r.config.items() if k not in _NOT_CONFIGURATION} for r in runs]
+    recipes = [{k: v for k, v in r.spec.recipe.to_dict().items() if k not in _NOT_CONFIGURATION} for r in runs]
     varying = [k for k in recipes[0] if any(recipe.get(k) != recipes[0][k] for recipe in recipes)]
     shown = ["backbone"] + [k for k in varying if k != "backbone"]
     groups: dict[str, tuple[dict[str, Any], list[Run]]] = {}
@@ -185,7 +181,7 @@ def _configuration(config: dict[str, Any], label: str, runs: list[Run]) -> Sweep
     macro_f1 = [r.macro_f1 for r in runs if r.macro_f1 is not None]
     return SweepConfiguration(
         config=config, label=label,
-        runs=[SweepRun(r.id, int(r.config.get("seed", 0)), r.status.value, r.accuracy, r.macro_f1) for r in runs],
+        runs=[SweepRun(r.id, r.spec.recipe.seed, r.status.value, r.accuracy, r.macro_f1) for r in runs],
         mean_accuracy=_mean(accuracy), std_accuracy=_std(accuracy),
         mean_macro_f1=_mean(macro_f1), std_macro_f1=_std(macro_f1),
     )

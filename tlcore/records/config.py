@@ -1,16 +1,23 @@
-"""A run's full recipe: one frozen dataclass that the CLI, the dashboard and the worker share.
+"""A run's full recipe (`TrainConfig`) and what a run is (`RunSpec`: the recipe, the run it resumes, its
+sweep), shared by the CLI, the dashboard, the store and the worker; `RunSpec.to_dict` is the one shape a
+run's spec is stored in (the store and the run folder's `config.json`).
 
-`config.json` in a run folder is `asdict(TrainConfig)`; it reproduces the run.
+Each field is declared once, with its default, label, help and allowed values (`recipe_field`);
+the CLI's options (`train`, `submit`, `sweep`, `lr-find`), the Train form and the presets'
+check are made from these declarations (`recipe_fields`), so a new field is one edit here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, Sequence
 
 from tlcore.errors import InvalidInput
 
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast", "translate")
+WEIGHTS = ("imagenet", "none")
 BATCH_SCOPES = ("replica", "global")
 # How the learning rate follows the global batch (images per optimizer step) when it differs from
 # `batch_size`, the batch the rate was chosen for on one device (see `TrainConfig.lr_scale`).
@@ -29,57 +36,101 @@ HEAD_SEARCH_MODES = ("auto", "off")
 TTA_MODES = ("none", "flip")
 
 
+def recipe_field(default: Any, label: str, help: str, choices: Sequence[str] | None = None,
+                 aliases: Sequence[str] = ()) -> Any:
+    """A `TrainConfig` field with what the CLI and the form show for it: `label` (the form's),
+    `help` (one or two sentences, both), `choices` (the allowed values, if a fixed list) and
+    `aliases` (further CLI spellings)."""
+    return dataclasses.field(default=default, metadata={
+        "label": label, "help": help, "choices": tuple(choices) if choices else None, "aliases": tuple(aliases)})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """What to train and how. Defaults are the fast offline recipe (EfficientNet-Lite0, head only)."""
 
     dataset: str  # dataset id or name
-    backbone: str = "efficientnet_lite0"
-    weights: str = "imagenet"  # "imagenet" or "none"
-    image_size: int | None = None  # None: the backbone's default size
-    head_epochs: int = 20
-    finetune_epochs: int = 0
-    finetune_layers: int = 20  # trainable layers from the top of the backbone in phase 2
-    augment: tuple[str, ...] = ()  # used by the fine-tune phase (and head phase if head_augment)
-    head_augment: bool = False  # augment in phase 1 too: features can then not be cached
-    lr: float = 1e-3  # head learning rate; fine-tuning uses lr * finetune_lr_scale
-    finetune_lr_scale: float = 0.1
-    batch_size: int = 32  # per replica (batch_scope "replica") or split across replicas ("global")
-    batch_scope: str = "replica"  # "replica": the global batch grows with the replicas
-    lr_scaling: str = "sqrt"  # the rule in `lr_scale`
-    dropout: float = 0.2
-    early_stopping_patience: int = 3
-    seed: int = 0
+    backbone: str = recipe_field(
+        "efficientnet_lite0", "Backbone", "The pretrained network (`python -m tlcore backbones` lists them).")
+    weights: str = recipe_field(
+        "imagenet", "Weights", "imagenet: start from the ImageNet weights (transfer); none: random initialisation.",
+        WEIGHTS)
+    image_size: int | None = recipe_field(
+        None, "Image size (px)", "Input size in pixels; by default the backbone's own.")
+    head_epochs: int = recipe_field(
+        20, "Head epochs", "Phase 1: backbone frozen, only the new classifier head trains.")
+    finetune_epochs: int = recipe_field(
+        0, "Fine-tune epochs", "Phase 2: the top of the backbone trains too, at a lower learning rate.")
+    finetune_layers: int = recipe_field(
+        20, "Fine-tune depth", "Layers from the top of the backbone unfrozen in phase 2.")
+    augment: tuple[str, ...] = recipe_field(
+        (), "Augmentation", "Random transforms of training images in the fine-tune phase. A flip also reaches "
+                            "the cached head phase: the mirrored images' features are cached too.", AUGMENTATIONS)
+    head_augment: bool = recipe_field(
+        False, "Augment in the head phase too (features then cannot be cached; slower)",
+        "Augment in phase 1 too; its backbone features can then not be cached.")
+    lr: float = recipe_field(
+        1e-3, "Learning rate", "The head's learning rate; the fine-tune uses it times the fine-tune LR scale.")
+    finetune_lr_scale: float = recipe_field(
+        0.1, "Fine-tune LR scale", "The fine-tune's learning rate as a fraction of the head's.")
+    batch_size: int = recipe_field(
+        32, "Batch size", "Images per training step on each GPU (replica): with 4 GPUs a step sees 4 × this "
+                          "many; with batch scope global, the step's images split across the GPUs.")
+    batch_scope: str = recipe_field(
+        "replica", "Batch size counts", "replica: the batch size is per GPU, the global batch grows with the "
+                                        "GPUs; global: the batch size is split across them.", BATCH_SCOPES)
+    lr_scaling: str = recipe_field(
+        "sqrt", "LR scaling", "How the learning rates follow a global batch larger than the batch size: by the "
+                              "square root of the ratio, linearly, or not at all (`TrainConfig.lr_scale`).",
+        LR_SCALINGS)
+    dropout: float = recipe_field(0.2, "Dropout", "The fraction of features dropped before the classifier head "
+                                                  "while it trains (0 to below 1).")
+    early_stopping_patience: int = recipe_field(
+        3, "Early-stopping patience (epochs)", "Epochs without a better validation score before a phase stops "
+                                               "(the best epoch's weights are kept).", aliases=("--patience",))
+    seed: int = recipe_field(0, "Seed", "Seeds the initialisation, the batch order and the augmentation.")
     # (train, val, test) fractions to re-split a dataset imported without given splits;
     # None keeps the dataset's own split. Given splits are always kept.
-    split: tuple[float, float, float] | None = None
-    name: str | None = None
-    mixed_precision: str = "auto"  # auto, on, off; the rule for auto is in `devices.plan`
-    xla: str = "auto"  # auto, on, off
-    # "balanced": each class's loss weighted by n / (classes * its count) in both phases, so a
-    # small class counts as much as a large one; "none": every image weighs the same; "auto": the
-    # head is fitted both ways on the cached features and the better validation macro F1 is kept
-    # (ties: none); without cached features or a validation split apart from the evaluation
-    # split, "auto" trains unweighted.
-    class_weight: str = "auto"
-    # "auto": with a validation split (apart from the evaluation split) and cached features, the
-    # head fits a small fixed grid (learning rate, dropout, label smoothing, class weighting;
-    # `tlcore.train.head_search`) and keeps the best on validation macro F1, and the fine-tune continues
-    # with its settings. "off": the recipe's own settings only.
-    head_search: str = "auto"
-    # Evaluation with test-time augmentation: "flip" averages each image and its mirror (twice
-    # the evaluation cost); predict and the Demo then do the same for this run's model.
-    tta: str = "none"
+    split: tuple[float, float, float] | None = recipe_field(
+        None, "Re-split the dataset (train / val / test)", "Train, val and test fractions to re-split a dataset "
+                                                           "imported without given splits, e.g. 0.8,0.1,0.1; a "
+                                                           "given layout is always kept.")
+    name: str | None = recipe_field(None, "Run name (optional)", "The run's name; one is made when left out.")
+    mixed_precision: str = recipe_field(
+        "auto", "Mixed precision", "float16 compute with float32 weights. auto: on with a GPU, off on the CPU. "
+                                   "The saved model always computes in float32.", SWITCHES)
+    xla: str = recipe_field(
+        "auto", "XLA compilation", "auto: on with exactly one GPU; off with several (it does not work under "
+                                   "MirroredStrategy) and on the CPU.", SWITCHES)
+    # "balanced" weighs each class's loss by n / (classes * its count). "auto" without cached features or a
+    # validation split apart from the evaluation split trains unweighted.
+    class_weight: str = recipe_field(
+        "auto", "Class weighting", "auto: the head is fitted both ways on the cached features and the better "
+                                   "validation macro F1 is kept (a tie keeps none). balanced: a rare class's images "
+                                   "weigh more in the loss (both phases), so a small class is not ignored. none: "
+                                   "every image weighs the same.", CLASS_WEIGHTS)
+    # The grid is in `tlcore.train.head_search`.
+    head_search: str = recipe_field(
+        "auto", "Head search", "auto: with a validation split, the head tries a small fixed grid (learning rate, "
+                               "dropout, label smoothing, class weighting) on the cached features, keeps the best "
+                               "on validation macro F1 and fine-tunes with its settings. off: the recipe's own "
+                               "settings only.", HEAD_SEARCH_MODES)
+    tta: str = recipe_field(
+        "none", "Evaluation TTA", "Test-time augmentation: flip averages each image and its mirror (twice the "
+                                  "prediction cost); the Demo and predict then do the same for this run.", TTA_MODES)
 
     def __post_init__(self):
+        for field in recipe_fields():
+            value = getattr(self, field.name)
+            if field.choices and field.kind is not tuple and value not in field.choices:
+                raise InvalidInput(f"`{field.name}` must be one of {', '.join(field.choices)}. "
+                                   f"Received: {field.name}={value!r}")
         bad = [a for a in self.augment if a not in AUGMENTATIONS]
         if bad:
             raise InvalidInput(f"`augment` entries must be among {', '.join(AUGMENTATIONS)}. Received: {bad}")
-        if self.weights not in ("imagenet", "none"):
-            raise InvalidInput(f"`weights` must be 'imagenet' or 'none'. Received: weights={self.weights!r}")
         if self.image_size is not None and not 32 <= self.image_size <= 1024:
             raise InvalidInput(f"`image_size` must be between 32 and 1024. Received: image_size={self.image_size}")
-        for field in ("head_epochs", "finetune_epochs", "finetune_layers"):
+        for field in ("head_epochs", "finetune_epochs", "finetune_layers", "early_stopping_patience"):
             if getattr(self, field) < 0:
                 raise InvalidInput(f"`{field}` must be 0 or more. Received: {field}={getattr(self, field)}")
         if self.head_epochs + self.finetune_epochs == 0:
@@ -90,24 +141,13 @@ class TrainConfig:
                                        or min(self.split) < 0 or self.split[0] == 0):
             raise InvalidInput(f"`split` must be three fractions (train, val, test) summing to 1. "
                              f"Received: split={self.split}")
-        if self.batch_scope not in BATCH_SCOPES:
-            raise InvalidInput(f"`batch_scope` must be one of {', '.join(BATCH_SCOPES)}. "
-                               f"Received: batch_scope={self.batch_scope!r}")
-        if self.lr_scaling not in LR_SCALINGS:
-            raise InvalidInput(f"`lr_scaling` must be one of {', '.join(LR_SCALINGS)}. "
-                               f"Received: lr_scaling={self.lr_scaling!r}")
-        check_switch("mixed_precision", self.mixed_precision)
-        check_switch("xla", self.xla)
-        if self.class_weight not in CLASS_WEIGHTS:
-            raise InvalidInput(f"`class_weight` must be one of {', '.join(CLASS_WEIGHTS)}. "
-                               f"Received: class_weight={self.class_weight!r}")
-        if self.head_search not in HEAD_SEARCH_MODES:
-            raise InvalidInput(f"`head_search` must be one of {', '.join(HEAD_SEARCH_MODES)}. "
-                               f"Received: head_search={self.head_search!r}")
-        if self.tta not in TTA_MODES:
-            raise InvalidInput(f"`tta` must be one of {', '.join(TTA_MODES)}. Received: tta={self.tta!r}")
         if not 0 < self.lr < 1:
             raise InvalidInput(f"`lr` must be between 0 and 1. Received: lr={self.lr}")
+        if not self.finetune_lr_scale > 0:
+            raise InvalidInput(f"`finetune_lr_scale` must be above 0. "
+                               f"Received: finetune_lr_scale={self.finetune_lr_scale}")
+        if not 0 <= self.dropout < 1:
+            raise InvalidInput(f"`dropout` must be at least 0 and below 1. Received: dropout={self.dropout}")
 
     def batch_sizes(self, replicas: int) -> tuple[int, int]:
         """(per-replica batch, global batch) on `replicas` replicas.
@@ -169,6 +209,148 @@ class TrainConfig:
         return cls(**kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What a run is, typed, from the form or the CLI through the store to training: its recipe (whose
+    `dataset` is the dataset version's id and `backbone` the registry's name), the run whose checkpoint it
+    starts from, and the sweep that queued it.
+
+    `to_dict` is its one stored shape, in the store and in the run folder's `config.json`: the recipe's
+    fields, `resume_from` and `sweep_id`. `from_dict` reads that and every shape written before it.
+    """
+
+    recipe: TrainConfig
+    resume_from: str | None = None  # a failed or cancelled run's id
+    sweep_id: str | None = None
+
+    @property
+    def dataset_id(self) -> str:
+        return self.recipe.dataset
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.recipe.to_dict(), "resume_from": self.resume_from, "sweep_id": self.sweep_id}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, dataset_id: str | None = None,
+                  sweep_id: str | None = None) -> "RunSpec":
+        """The spec stored as `data`, in any shape a Transfer Lab wrote.
+
+        Earlier shapes: the store held the recipe with `resume_from` only when resumed, and no sweep;
+        a run folder's `config.json` added `dataset_id` and the image size the run trained at.
+        `dataset_id` and `sweep_id` (the store's columns) win over what `data` says.
+        """
+        dataset = dataset_id or data.get("dataset_id") or data.get("dataset")
+        if not dataset:
+            raise InvalidInput("A run spec must name its dataset. Received: no `dataset` or `dataset_id`.")
+        recipe = TrainConfig.from_dict({**data, "dataset": dataset})
+        return cls(recipe, data.get("resume_from") or None, sweep_id or data.get("sweep_id") or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeField:
+    """One `TrainConfig` field as the CLI and the form see it (made from its declaration).
+
+    `kind` is the value's type: int, float, str, bool, or tuple (a list of names from `choices`,
+    `augment`) or "fractions" (three numbers, `split`); `optional` says None is allowed.
+    """
+
+    name: str
+    kind: Any
+    optional: bool
+    default: Any
+    label: str
+    help: str
+    choices: tuple[str, ...] | None
+    aliases: tuple[str, ...]
+
+    @property
+    def flag(self) -> str:
+        """Its CLI option: `--finetune-lr-scale` for `finetune_lr_scale`."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def sweepable(self) -> bool:
+        """Whether a sweep may list several values (one number or word per run)."""
+        return self.kind in (int, float, str) and self.name not in ("name", "seed")
+
+    def parse(self, text: str) -> Any:
+        """The value `text` stands for (as typed on the command line or in a form's text box).
+
+        Raises:
+            InvalidInput: `text` is not a value of this field's type.
+        """
+        text = str(text).strip()
+        if self.kind is tuple:
+            if text.lower() in ("", "none"):
+                return ()
+            return tuple(item.strip().lower() for item in text.split(",") if item.strip())
+        if self.kind == "fractions":
+            try:
+                parts = tuple(float(item) for item in text.split(","))
+            except ValueError:
+                parts = ()
+            if len(parts) != 3:
+                raise InvalidInput(f"`{self.name}` must be three fractions like 0.8,0.1,0.1. Received: {text!r}")
+            return parts
+        if self.kind is bool:
+            if text.lower() not in ("true", "false", "on", "off", "yes", "no", "1", "0"):
+                raise InvalidInput(f"`{self.name}` must be on or off. Received: {text!r}")
+            return text.lower() in ("true", "on", "yes", "1")
+        try:
+            return self.kind(text)
+        except ValueError:
+            raise InvalidInput(f"`{self.name}` must be {_KIND_WORDS[self.kind]}. Received: {text!r}") from None
+
+
+_KIND_WORDS = {int: "a whole number", float: "a number", str: "a word"}
+
+
+def _kind(annotation: Any) -> tuple[Any, bool]:
+    """(kind, optional) of a field's type annotation."""
+    args = typing.get_args(annotation)
+    optional = isinstance(annotation, types.UnionType) and type(None) in args
+    if optional:
+        (annotation,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple:
+        return (tuple if args[-1] is Ellipsis else "fractions"), optional
+    return annotation, optional
+
+
+def recipe_fields() -> tuple[RecipeField, ...]:
+    """Every field of the recipe but `dataset`, in declaration order."""
+    return _RECIPE_FIELDS
+
+
+def recipe_field_named(name: str) -> RecipeField:
+    """The recipe field `name`.
+
+    Raises:
+        InvalidInput: the recipe has no such field.
+    """
+    for field in _RECIPE_FIELDS:
+        if field.name == name:
+            return field
+    raise InvalidInput(f"The recipe has no field `{name}`; its fields are "
+                       f"{', '.join(f.name for f in _RECIPE_FIELDS)}.")
+
+
+def _describe_fields() -> tuple[RecipeField, ...]:
+    hints = typing.get_type_hints(TrainConfig)
+    fields = []
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "dataset":
+            continue
+        kind, optional = _kind(hints[field.name])
+        meta = field.metadata
+        fields.append(RecipeField(field.name, kind, optional, field.default, meta["label"], meta["help"],
+                                  meta["choices"], meta["aliases"]))
+    return tuple(fields)
+
+
+_RECIPE_FIELDS = _describe_fields()
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "fast-offline": dict(backbone="efficientnet_lite0", weights="imagenet", head_epochs=20,
                          finetune_epochs=0, lr=1e-3, batch_size=32, mixed_precision="auto", xla="auto"),
@@ -181,6 +363,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                        head_augment=True, split=(0.8, 0.1, 0.1), lr=1e-4, finetune_lr_scale=0.1, batch_size=32,
                        mixed_precision="off", xla="auto"),
 }
+
+
+def check_recipe(name: str, values: dict[str, Any]) -> None:
+    """Raise InvalidInput when recipe `name` (a preset's values) names a field TrainConfig lacks or a
+    value it refuses."""
+    unknown = sorted(set(values) - {f.name for f in _RECIPE_FIELDS})
+    if unknown:
+        raise InvalidInput(f"Recipe {name!r} sets {', '.join(unknown)}, which the recipe does not have.")
+    TrainConfig(dataset="-", **values)
+
+
+for _preset, _values in PRESETS.items():
+    check_recipe(_preset, _values)
 
 # Comparisons: one recipe queued once per backbone, so their runs line up on the Compare page.
 COMPARISONS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -203,7 +398,7 @@ def comparison_configs(name: str, dataset: str, **overrides: Any) -> list[TrainC
 
 
 # Recipe fields that never tell two recipes apart in a name.
-_NOT_NAMED = ("seed", "name", "resume_from")
+_NOT_NAMED = ("seed", "name", "resume_from", "sweep_id")
 
 
 def short_value(value: Any) -> str:

@@ -1,6 +1,6 @@
 """One run's folder: the only place that knows its layout and file names.
 
-    runs/<id>/config.json              the recipe as run (TrainConfig + dataset id + image size)
+    runs/<id>/config.json              the run's spec (`RunSpec.to_dict`: recipe, resume_from, sweep_id)
     runs/<id>/labels.json              class names, in the model's output order
     runs/<id>/model.keras              the saved classifier (preprocessing inside)
     runs/<id>/predictions.jsonl        one object per evaluation image
@@ -22,9 +22,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tlcore.errors import NotFound
+from tlcore.errors import InvalidInput, NotFound
 from tlcore.records import home
 from tlcore.records.atomic import write_json_atomically
+from tlcore.records.config import RunSpec
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
@@ -131,14 +132,22 @@ class RunFolder:
             return {}
         return data if isinstance(data, dict) else {}
 
+    def spec(self) -> RunSpec | None:
+        """The run's spec from config.json (in any shape a Transfer Lab wrote); None when the folder has
+        none, or one that does not read as a spec."""
+        try:
+            return RunSpec.from_dict(self.config())
+        except (InvalidInput, TypeError, ValueError):
+            return None
+
     def tta(self) -> str:
         """How the run's evaluation predicted: "flip" (each image and its mirror averaged) or "none"
         (also for runs from before TTA). Predictions with its model do the same, so they match what
         the evaluation measured."""
         return "flip" if self.config().get("tta") == "flip" else "none"
 
-    def write_config(self, config: dict[str, Any]) -> None:
-        write_json_atomically(self.config_file, config, indent=2)
+    def write_spec(self, spec: RunSpec) -> None:
+        write_json_atomically(self.config_file, spec.to_dict(), indent=2)
 
     def write_checkpoint_state(self, phase: str, epoch: int) -> None:
         write_json_atomically(self.checkpoint_state, {"phase": phase, "epoch": epoch})

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 from tlcore.errors import NotFound, TransitionRefused
 from tlcore.records import home
+from tlcore.records.config import RunSpec
 from tlcore.records.run_record import Executor, RunProgress, RunSummary
 
 
@@ -76,7 +77,7 @@ class Run:
     dataset_id: str
     backbone: str
     weights: str
-    config: dict[str, Any]
+    spec: RunSpec  # its recipe, the run it resumes, its sweep
     created_at: float
     started_at: float | None
     finished_at: float | None
@@ -90,6 +91,11 @@ class Run:
     note: str
     sweep_id: str | None = None  # the sweep that queued this run, if one did
     executor: Executor | None = None  # where it trains or trained, once claimed
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The spec as one flat dict (its stored shape): for tables and diffs of recipes."""
+        return self.spec.to_dict()
 
     @property
     def accuracy(self) -> float | None:
@@ -326,20 +332,12 @@ class Store:
 
     # -------------------------------------------------------------------- runs
 
-    def create_run(
-        self,
-        name: str,
-        dataset_id: str,
-        backbone: str,
-        weights: str,
-        config: dict[str, Any],
-        status: RunStatus = RunStatus.QUEUED,
-        run_id: str | None = None,
-        sweep_id: str | None = None,
-        worker: str | None = None,
-    ) -> Run:
-        """A new run; with `worker`, created running for that worker (its lease starts now)."""
+    def create_run(self, name: str, spec: RunSpec, status: RunStatus = RunStatus.QUEUED,
+                   run_id: str | None = None, worker: str | None = None) -> Run:
+        """Record run `name` of `spec` (its dataset, backbone, weights and sweep become columns too);
+        with `worker`, created running for that worker (its lease starts now)."""
         run_id = run_id or new_id("run")
+        recipe = spec.recipe
         now = time.time()
         status = RunStatus(status)
         if worker is not None and status is not RunStatus.RUNNING:
@@ -348,8 +346,8 @@ class Store:
             db.execute(
                 "INSERT INTO runs (id, name, status, dataset_id, backbone, weights, config, created_at, sweep_id,"
                 " worker, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, name, status.value, dataset_id, backbone, weights, json.dumps(config), now, sweep_id,
-                 worker, *((now, now) if worker else (None, None))),
+                (run_id, name, status.value, spec.dataset_id, recipe.backbone, recipe.weights,
+                 json.dumps(spec.to_dict()), now, spec.sweep_id, worker, *((now, now) if worker else (None, None))),
             )
         return self.get_run(run_id)
 
@@ -538,7 +536,7 @@ def _run_from_row(row: sqlite3.Row) -> Run:
         dataset_id=row["dataset_id"],
         backbone=row["backbone"],
         weights=row["weights"],
-        config=json.loads(row["config"]),
+        spec=RunSpec.from_dict(json.loads(row["config"]), dataset_id=row["dataset_id"], sweep_id=row["sweep_id"]),
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],

@@ -28,7 +28,6 @@ from tlcore.errors import InvalidInput, RunCancelled
 from tlcore.evaluate import calibration
 from tlcore.evaluate.evaluation import EvalReport, compute_report, write_predictions
 from tlcore.records.atomic import write_atomically
-from tlcore.records.config import TrainConfig
 from tlcore.records.run_folder import Checkpoint, RunFolder
 from tlcore.records.run_record import DeviceRecord, FinetuneDecision, HeadSearch, RunProgress, RunSummary, Timings
 from tlcore.records.store import Store
@@ -82,7 +81,7 @@ class _Training:
         self.run = store.get_run(run_id)
         self.run_id, self.store = run_id, store
         self.sink = sink or StoreSink(store, run_id)
-        self.config = TrainConfig.from_dict(self.run.config)
+        self.config = self.run.spec.recipe
         self.folder = RunFolder(run_id).created()
         self.progress_bar = progress_bar
         self.reporter = _RunReporter(self.sink, should_stop, echo=progress_bar)
@@ -158,7 +157,7 @@ class _Training:
         # Choosing on validation (head search, class weighting auto, keeping the fine-tune) needs a
         # validation split that is not also the evaluation split: it would grade its own choice.
         self.choose_on_val = bool(len(self.splits["val"])) and self.eval_split != "val"
-        self.folder.write_config({**config.to_dict(), "dataset_id": self.dataset.id, "image_size": self.size})
+        self.folder.write_spec(self.run.spec)
         self.folder.write_labels(self.labels)
 
     def use_class_weight(self, mode: str) -> None:
@@ -205,7 +204,7 @@ class _Training:
 
     def restore_checkpoint(self) -> Checkpoint | None:
         """Load the checkpoint of the run this one resumes, if it resumes one."""
-        resume_from = self.run.config.get("resume_from")
+        resume_from = self.run.spec.resume_from
         if not resume_from:
             return None
         checkpoint = RunFolder(resume_from).checkpoint()
@@ -459,7 +458,7 @@ class _Training:
     def restore_training_state(self, trainer) -> None:
         """The stopped run's optimizer moments and step (hence the schedule's step) and early-stopping
         state, when its checkpoint holds them (`tlcore.train.training_state`); else the weights alone."""
-        path = RunFolder(self.run.config["resume_from"]).checkpoint_training_state
+        path = RunFolder(self.run.spec.resume_from).checkpoint_training_state
         if training_state.restore(path, trainer.optimizer, trainer.trainable_variables, self.early_stopping,
                                   epoch=self.resumed.epoch):
             step = int(np.asarray(trainer.optimizer.iterations))
