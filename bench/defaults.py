@@ -2,7 +2,7 @@
 
     python bench/defaults.py DATA_FOLDER [DATA_FOLDER ...] [--seeds 0,1,2] [--image-size 128]
         [--head-epochs 5] [--finetune-epochs 2] [--max-images 240]
-    python bench/defaults.py --report      # the BENCHMARKS.md section from bench/results/defaults.json
+    python bench/defaults.py --report [--results A.json,B.json]   # the BENCHMARKS.md section from results files
 
 Each folder is a photo set, one sub-folder per class; a set laid out as `train/` and `val/`
 (hymenoptera) is pooled first (split folders named train, val, valid or test; another top-level
