@@ -2,12 +2,14 @@
 
     python bench/defaults.py DATA_FOLDER [DATA_FOLDER ...] [--seeds 0,1,2] [--image-size 128]
         [--head-epochs 5] [--finetune-epochs 2] [--max-images 240]
-    python bench/defaults.py --report      # the BENCHMARKS.md section from bench/results/defaults.json
+    python bench/defaults.py --report [--results A.json,B.json]   # the BENCHMARKS.md section from results files
 
 Each folder is a photo set, one sub-folder per class; a set laid out as `train/` and `val/`
-(hymenoptera) is pooled first. With `--max-images` each class keeps the same share of its images
-(a seeded sample), so a set's natural imbalance stays. The set is imported once (tlcore's
-stratified 70/15/15 split) into its own data home; both recipes train on that split:
+(hymenoptera) is pooled first (split folders named train, val, valid or test; another top-level
+folder, such as the clothing set's `validation/`, is left out, as in every measurement so far). With
+`--max-images` each class keeps the same share of its images (a seeded sample), so a set's natural
+imbalance stays. The set is imported once (tlcore's stratified 70/15/15 split) into its own data
+home; both recipes train on that split:
 
 - "default": `TrainConfig`'s defaults (class weighting auto, head search auto, the fine-tune kept
   only when it beats the head on validation) with the bench's epochs, size, batch 32, lr 1e-3,
@@ -15,10 +17,13 @@ stratified 70/15/15 split) into its own data home; both recipes train on that sp
 - "tutorial": `bench/baseline.py` (the Keras transfer-learning tutorial), same epochs, size,
   batch, lr, dropout and augmentation.
 
-Every run is its own process (`bench/run.py`'s `measure`). The seed changes initialisation, batch
-order and augmentation, not the split. Per set: mean ± std over seeds of test accuracy, macro F1
-and seconds end to end; the paired verdict (`tlcore.evaluate.comparison.compare_predictions`) pools the
-seeds' test predictions (each image once per seed). One more default run per set with
+Every run is its own process (`bench/run.py`'s `measure`), whose wall and CPU time (user + system
+of the process and the processes it waited for) are kept with its result in the workdir. The seed
+changes initialisation, batch order and augmentation, not the split. Per set: mean ± std over seeds
+of test accuracy and macro F1, wall and CPU seconds of each side's whole process (CPU time is the
+figure other load on a shared machine disturbs least) and where each side's time went; the paired
+verdict (`tlcore.evaluate.comparison.compare_predictions`) pools the seeds' test predictions (each image
+once per seed). One more default run per set with
 `--head-search off --class-weight none`, head only, times the single head fit the search is
 held against (both on warm feature caches: `head_s - features_s`).
 """
@@ -113,10 +118,14 @@ def run_set(source: Path, args, workdir: Path) -> dict:
 
     def run(task: str, task_args: dict, label: str) -> dict | None:
         """A finished measurement from this workdir, else measured now (None with --finished-only)."""
-        done = workdir / f"{label}.result.json"
+        done = _measured(workdir, label)
         if done.exists():
             return json.loads(done.read_text())
-        return None if args.finished_only else measure(task, task_args, home, workdir, label)
+        if args.finished_only:
+            return None
+        result = measure(task, task_args, home, workdir, label)
+        done.write_text(json.dumps(result))  # with the process's wall and CPU time, which the worker cannot know
+        return result
 
     common = dict(head_epochs=args.head_epochs, finetune_epochs=args.finetune_epochs, finetune_layers=20,
                   batch_size=32, lr=1e-3, dropout=0.2)
@@ -144,10 +153,14 @@ def run_set(source: Path, args, workdir: Path) -> dict:
                                  name_a="tutorial", name_b="default")
     return {"name": name, "source": str(source), "images": len(entries), "class_counts": counts,
             "splits": {s: sum(e.split == s for e in entries) for s in ("train", "val", "test")},
-            "seeds": [seed for seed in args.seeds if (workdir / f"{name}-default-{seed}.result.json").exists()
-                      and (workdir / f"{name}-tutorial-{seed}.result.json").exists()],
+            "seeds": [seed for seed in args.seeds if _measured(workdir, f"{name}-default-{seed}").exists()
+                      and _measured(workdir, f"{name}-tutorial-{seed}").exists()],
             "runs": sides, "single_head": _row("default", reference) if reference else None,
             "paired": paired.to_json()}
+
+
+def _measured(workdir: Path, label: str) -> Path:
+    return workdir / f"{label}.measured.json"
 
 
 def _imported(home: Path, name: str):
@@ -161,16 +174,20 @@ def _imported(home: Path, name: str):
 
 
 def _row(side: str, result: dict) -> dict:
+    # cpu_s: user + system seconds of the side's process and the processes it waited for (`measure`'s wait4).
     if side == "tutorial":
         return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
-                "total_s": result["timings"]["total_s"], "process_s": result.get("process_wall_s")}
+                "total_s": result["timings"]["total_s"], "process_s": result.get("process_wall_s"),
+                "cpu_s": result.get("cpu_s"), "others_cpu_share": result.get("others_cpu_share"),
+                "timings": result["timings"]}
     summary = result["summary"]
     timings = summary["timings"]
     search = summary.get("head_search") or {}
     trials = search.get("trials") or []
     chosen = trials[search["chosen"]] if trials else None
     return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "total_s": timings["total_s"],
-            "process_s": result.get("process_wall_s"),
+            "process_s": result.get("process_wall_s"), "cpu_s": result.get("cpu_s"),
+            "others_cpu_share": result.get("others_cpu_share"), "timings": timings,
             "head_fit_s": (timings.get("head_s") or 0) - (timings.get("features_s") or 0),
             "features_reused": timings.get("features_reused"), "chosen": chosen, "trials": len(trials),
             "class_weight": summary.get("class_weight"), "class_weight_scores": search.get("class_weight"),
@@ -184,36 +201,80 @@ def _ms(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
+def _speedups(s: dict, key: str) -> str:
+    """Tutorial / default of `key` (seconds): the ratio of the means, then per seed."""
+    tutorial, default = s["runs"]["tutorial"], s["runs"]["default"]
+    if any(r.get(key) is None for r in tutorial + default):
+        return "not measured"
+    means = statistics.fmean(r[key] for r in tutorial) / statistics.fmean(r[key] for r in default)
+    return f"**{means:.1f}×**; " + ", ".join(f"{t[key] / d[key]:.1f}×" for t, d in zip(tutorial, default))
+
+
+def _steps(row: dict, side: str) -> dict[str, float]:
+    """Where one run's wall time went: start-up outside the timed run, then the run's own steps."""
+    t = row["timings"]
+    outside = (row["process_s"] or t["total_s"]) - t["total_s"]
+    if side == "tutorial":  # setup_s: TensorFlow import, datasets, model build
+        steps = {"start-up": outside, "setup": t["setup_s"], "head": t["head_s"], "fine-tune": t["finetune_s"],
+                 "eval": t["eval_s"]}
+    else:  # head_s holds the features (when not reused) and the head search
+        get = {k: t.get(k) or 0.0 for k in ("pixels_s", "features_s", "head_s", "finetune_s", "eval_s")}
+        steps = {"start-up": outside, "decode": get["pixels_s"], "features": get["features_s"],
+                 "head": get["head_s"] - get["features_s"], "fine-tune": get["finetune_s"], "eval": get["eval_s"]}
+    steps["other"] = (row["process_s"] or t["total_s"]) - sum(steps.values())
+    return steps
+
+
 def report(results: dict) -> str:
     cfg = results["config"]
     lines = [TITLE, "",
              f"Measured {results['date']} with `{results['command']}` (the machine was shared with other sessions"
-             + (f": load average {results['load_average']:.0f} on {os.cpu_count()} cores when the command started"
-                if results.get("load_average") else "") +
-             "; this ran at `nice -n 15`, so seconds are noisy; in each seed the two recipes ran one after the "
+             + (f": load average {results['load_average']:.1f} on {os.cpu_count()} cores when the command started"
+                if results.get("load_average") is not None else "") +
+             "; this ran at `nice -n 15`, so wall seconds are noisy; in each seed the two recipes ran one after the "
              "other, and the load changed between seeds, so the speed-up is given per seed as well).",
              f"Scale: {cfg['image_size']} px, head {cfg['head_epochs']} + fine-tune {cfg['finetune_epochs']} epochs "
              f"for both recipes, at most {cfg['max_images']} images per set (each class the same share of its "
              f"images, so the natural imbalance stays), seeds {', '.join(map(str, cfg['seeds']))}; test split of "
-             "tlcore's stratified 70/15/15 split, the same images for both recipes.", "",
+             "tlcore's stratified 70/15/15 split, the same images for both recipes. Seconds are each side's whole "
+             "process, start-up included: wall, and CPU (user + system of the process and the processes it "
+             "waited for, from `wait4`), the figure other sessions' load disturbs least. Speed-up = tutorial / "
+             "default, bold: of the means over seeds.", "",
              "| set | images (classes, largest:smallest) | tutorial accuracy | default accuracy | tutorial macro F1 "
-             "| default macro F1 | tutorial s | default s | speed-up (of the means; per seed) "
-             "| paired verdict (seeds pooled) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| default macro F1 | wall s tutorial / default | CPU s tutorial / default | speed-up, wall "
+             "| speed-up, CPU | paired verdict (seeds pooled) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in results["sets"]:
-        stats = {side: {k: mean_std(r[k] for r in runs) for k in ("accuracy", "macro_f1", "total_s")}
+        stats = {side: {k: mean_std(r[k] for r in runs) for k in ("accuracy", "macro_f1")}
                  for side, runs in s["runs"].items()}
+        mean = {side: {k: statistics.fmean(r.get(k) or 0.0 for r in runs) for k in ("process_s", "cpu_s")}
+                for side, runs in s["runs"].items()}
         counts = s["class_counts"]
         lines.append(
             f"| {s['name']} (seeds {', '.join(map(str, s.get('seeds', cfg['seeds'])))}) "
             f"| {s['images']} ({len(counts)}, {max(counts.values())}:{min(counts.values())}) "
             f"| {_ms(stats['tutorial']['accuracy'])} | {_ms(stats['default']['accuracy'])} "
             f"| {_ms(stats['tutorial']['macro_f1'])} | {_ms(stats['default']['macro_f1'])} "
-            f"| {stats['tutorial']['total_s']['mean']:.0f} | {stats['default']['total_s']['mean']:.0f} "
-            f"| {stats['tutorial']['total_s']['mean'] / stats['default']['total_s']['mean']:.1f}×; "
-            + ", ".join(f"{t['total_s'] / d['total_s']:.1f}×"
-                        for t, d in zip(s["runs"]["tutorial"], s["runs"]["default"])) + " "
-            f"| {s['paired']['verdict']} |")
+            f"| {mean['tutorial']['process_s']:.0f} / {mean['default']['process_s']:.0f} "
+            f"| {mean['tutorial']['cpu_s']:.0f} / {mean['default']['cpu_s']:.0f} "
+            f"| {_speedups(s, 'process_s')} | {_speedups(s, 'cpu_s')} | {s['paired']['verdict']} |")
+    lines += ["", "Where each side's wall time went (seconds, mean over seeds; start-up: process start and imports "
+              "before the timed run; other processes' CPU: the share of the machine's cores other processes used "
+              "while the side ran, mean over seeds):", "",
+              "| set | side | start-up | tutorial setup | decode | features | head | fine-tune | eval | other "
+              "| whole process | other processes' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in results["sets"]:
+        for side in ("tutorial", "default"):
+            runs = [r for r in s["runs"][side] if r.get("timings")]
+            if not runs:
+                continue
+            steps = [_steps(r, side) for r in runs]
+            shown = [f"{statistics.fmean(st[k] for st in steps):.0f}" if k in steps[0] else "-" for k in
+                     ("start-up", "setup", "decode", "features", "head", "fine-tune", "eval", "other")]
+            others = [r["others_cpu_share"] for r in runs if r.get("others_cpu_share") is not None]
+            lines.append(f"| {s['name']} | {side} | " + " | ".join(shown) +
+                         f" | {statistics.fmean(r['process_s'] or 0.0 for r in runs):.0f} | "
+                         + (f"{statistics.fmean(others):.0%}" if others else "-") + " |")
     lines += ["", "What the default recipe chose per run (head search on cached features, class weighting auto, "
               "fine-tune kept only when it beat the head on validation), and its head phase against one plain "
               "head fit on the same warm feature cache:", "",
@@ -260,7 +321,8 @@ def main(argv=None) -> None:
     if args.report:  # several results files (comma list): their sets in one table
         parts = [json.loads(Path(f).read_text()) for f in args.results.split(",")]
         merged = {**parts[0], "sets": [s for part in parts for s in part["sets"]],
-                  "command": " & ".join(part["command"] for part in parts)}
+                  "command": " & ".join(part["command"] for part in parts),
+                  "date": " and ".join(dict.fromkeys(part["date"] for part in parts))}
         _write_section(Path(args.out), report(merged))
         return
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -270,8 +332,10 @@ def main(argv=None) -> None:
     print(f"[defaults] working in {workdir}", flush=True)
     config = {"seeds": args.seeds, "image_size": args.image_size, "head_epochs": args.head_epochs,
               "finetune_epochs": args.finetune_epochs, "max_images": args.max_images}
-    results = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "command": command,
-               "machine": machine(), "sets": [], "config": config, "load_average": os.getloadavg()[1]}
+    results = {"date": _now(), "command": command, "machine": machine(), "sets": [], "config": config,
+               "load_average": os.getloadavg()[1]}
+    if args.finished_only:  # the runs were measured earlier: when, not the load now
+        results["date"], results["load_average"] = _span(workdir), None
     results_path = Path(args.results)
     if results_path.exists():
         # Sets measured earlier at the same scale stay; a set measured again replaces its row.
@@ -289,6 +353,19 @@ def main(argv=None) -> None:
         print(f"[defaults] {folder}: done", flush=True)
     _write_section(Path(args.out), report(results))
     print(report(results), flush=True)
+
+
+def _now(when: datetime.datetime | None = None) -> str:
+    return (when or datetime.datetime.now()).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _span(workdir: Path) -> str:
+    """From the first to the last run finished in `workdir`."""
+    ends = sorted(p.stat().st_mtime for p in workdir.glob("*.measured.json"))
+    if not ends:
+        return _now()
+    first, last = (datetime.datetime.fromtimestamp(t) for t in (ends[0], ends[-1]))
+    return f"{_now(first)} to {last.astimezone().strftime('%H:%M %Z')} (runs finished)"
 
 
 def _write_section(out: Path, section: str) -> None:

@@ -68,8 +68,8 @@ def main(argv=None) -> dict:
                   callbacks=[keras.callbacks.EarlyStopping(patience=3, restore_best_weights=True)])
         single.append(time.perf_counter() - t)
         t = time.perf_counter()
-        fitted = head_search.fit_heads(x, y, xv, yv, args.classes, trials, batch_size=32, max_epochs=args.epochs,
-                                       patience=3, seed=repeat)
+        fitted = head_search.fit_heads(x, y, xv, yv, args.classes, trials, lr_scale=1.0, batch_size=32,
+                                       max_epochs=args.epochs, patience=3, seed=repeat)
         search.append(time.perf_counter() - t)
         chosen = fitted.chosen
     out = {"single_fit_s": statistics.median(single), "search_s": statistics.median(search),

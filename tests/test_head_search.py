@@ -37,8 +37,8 @@ def test_auto_class_weight_fits_both_ways_and_keeps_the_better_validation_macro_
     trials = head_search.trial_grid(1e-2, 0.2, "auto", search=False)
     assert [t.class_weight for t in trials] == ["none", "balanced"]
 
-    fitted = head_search.fit_heads(x_train, y_train, x_val, y_val, 2, trials, batch_size=16, max_epochs=6,
-                                   patience=3, seed=0)
+    fitted = head_search.fit_heads(x_train, y_train, x_val, y_val, 2, trials, lr_scale=1.0, batch_size=16,
+                                   max_epochs=6, patience=3, seed=0)
 
     none, balanced = fitted.record.trials
     choice = fitted.record.class_weight
@@ -52,17 +52,22 @@ def test_auto_class_weight_fits_both_ways_and_keeps_the_better_validation_macro_
     assert np.mean(pred == y_val) == pytest.approx(fitted.chosen.val_accuracy)
 
 
-def test_a_heads_training_matches_keras_dense_softmax_with_adam():
+@pytest.mark.parametrize("lr_scale", [1.0, 2.0])
+def test_a_heads_training_matches_keras_dense_softmax_with_adam_at_the_runs_scaled_rate(lr_scale):
+    """The search trains at the trial's rate times the run's `lr_scale` (its global batch's factor),
+    as the single Keras head fit does; the record keeps the recipe's unscaled rate."""
     rng = np.random.default_rng(0)
     x, y = rng.random((8, 5)).astype(np.float32), np.array([0, 1, 2, 0, 1, 2, 0, 1])
     trial = TrialSettings(lr=0.05, dropout=0.0, label_smoothing=0.0, class_weight="none")
     # One full batch for one epoch: no shuffling or dropout can differ between the two.
-    fitted = head_search.fit_heads(x, y, x, y, 3, [trial], batch_size=8, max_epochs=1, patience=5, seed=3)
+    fitted = head_search.fit_heads(x, y, x, y, 3, [trial], lr_scale=lr_scale, batch_size=8, max_epochs=1,
+                                   patience=5, seed=3)
+    assert fitted.chosen.lr == 0.05
     init_kernel = np.random.default_rng(3).uniform(-np.sqrt(6 / 8), np.sqrt(6 / 8), (1, 5, 3)).astype(np.float32)[0]
     dense = keras.layers.Dense(3, activation="softmax")
     model = keras.Sequential([keras.Input((5,)), dense])
     dense.set_weights([init_kernel, np.zeros(3, np.float32)])
-    model.compile(optimizer=keras.optimizers.Adam(0.05), loss=keras.losses.SparseCategoricalCrossentropy())
+    model.compile(optimizer=keras.optimizers.Adam(0.05 * lr_scale), loss=keras.losses.SparseCategoricalCrossentropy())
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     kernel, bias = fitted.chosen_weights()
     np.testing.assert_allclose(kernel, dense.get_weights()[0], atol=1e-5)

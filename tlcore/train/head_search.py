@@ -94,33 +94,38 @@ def trial_grid(lr: float, dropout: float, class_weight: str, search: bool) -> li
 
 
 def fit_heads(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, num_classes: int,
-              trials: list[TrialSettings], *, batch_size: int, max_epochs: int, patience: int, seed: int,
-              on_epoch: Callable[[int], bool] | None = None) -> FittedHeads:
+              trials: list[TrialSettings], *, lr_scale: float, batch_size: int, max_epochs: int, patience: int,
+              seed: int, on_epoch: Callable[[int], bool] | None = None) -> FittedHeads:
     """Fit one softmax head per trial on features `x_train`, choose on `x_val` (validation macro F1,
     then accuracy, then no class weighting, then the earlier trial). `on_epoch(epoch)` (1-based)
     is called after each epoch; True stops every trial.
+
+    Each trial trains at its `lr` times `lr_scale`, the run's factor for its global batch
+    (`TrainConfig.lr_scale`), as the single head fit and the fine-tune do; the record keeps the
+    unscaled `lr`, which is what the fine-tune scales again.
 
     Successive halving keeps the cost near a few single fits: after every `rung` epochs the
     worse half of the trials still training stops (ranked by their best validation macro F1,
     then loss), until `KEEP` remain; each trial also stops after `patience` epochs without
     improving."""
     with threadpool_limits(1):  # tiny matrix products: BLAS threads only contend on a shared machine
-        return _fit_heads(x_train, y_train, x_val, y_val, num_classes, trials, batch_size=batch_size,
-                          max_epochs=max_epochs, patience=patience, seed=seed, on_epoch=on_epoch)
+        return _fit_heads(x_train, y_train, x_val, y_val, num_classes, trials, lr_scale=lr_scale,
+                          batch_size=batch_size, max_epochs=max_epochs, patience=patience, seed=seed,
+                          on_epoch=on_epoch)
 
 
 KEEP = 3  # trials that train to the end (or to their own early stop)
 
 
-def _fit_heads(x_train, y_train, x_val, y_val, num_classes, trials, *, batch_size, max_epochs, patience, seed,
-               on_epoch) -> FittedHeads:
+def _fit_heads(x_train, y_train, x_val, y_val, num_classes, trials, *, lr_scale, batch_size, max_epochs, patience,
+               seed, on_epoch) -> FittedHeads:
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     x_train, x_val = np.asarray(x_train, np.float32), np.asarray(x_val, np.float32)
     n_trials, dim, n = len(trials), x_train.shape[1], len(x_train)
     limit = np.sqrt(6.0 / (dim + num_classes))
     init = rng.uniform(-limit, limit, (1, dim, num_classes)).astype(np.float32)
-    live = _LiveTrials(trials, init.repeat(n_trials, axis=0), y_train, num_classes)
+    live = _LiveTrials(trials, lr_scale, init.repeat(n_trials, axis=0), y_train, num_classes)
     rung = max(2, max_epochs // 6)
 
     best = {"f1": np.full(n_trials, -1.0), "loss": np.full(n_trials, np.inf), "epoch": np.zeros(n_trials, int)}
@@ -180,12 +185,13 @@ def _fit_heads(x_train, y_train, x_val, y_val, num_classes, trials, *, batch_siz
 class _LiveTrials:
     """The trials still training: their weights, Adam state and settings, compacted as trials stop."""
 
-    def __init__(self, trials: list[TrialSettings], kernel: np.ndarray, y_train: np.ndarray, num_classes: int):
+    def __init__(self, trials: list[TrialSettings], lr_scale: float, kernel: np.ndarray, y_train: np.ndarray,
+                 num_classes: int):
         n_trials = len(trials)
         self.ids = np.arange(n_trials)
         self.kernel, self.bias = kernel, np.zeros((n_trials, num_classes), np.float32)
         self.adam = [_Adam(self.kernel.shape), _Adam(self.bias.shape)]
-        self.lrs = np.array([t.lr for t in trials], np.float32)
+        self.lrs = np.array([t.lr * lr_scale for t in trials], np.float32)
         self.smoothing = np.array([t.label_smoothing for t in trials], np.float32)[:, None, None]
         self.rates = np.array([t.dropout for t in trials], np.float32)
         self.class_weights = np.stack([_weight_row(t.class_weight, y_train, num_classes) for t in trials])

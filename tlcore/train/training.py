@@ -393,11 +393,14 @@ class _Training:
         validation macro F1 becomes the classifier's head; its settings carry into the fine-tune."""
         config = self.config
         trials = head_search.trial_grid(config.lr, config.dropout, config.class_weight, search)
+        scaled = f", each trial's lr x {self.lr_scale:g} for the global batch" if self.lr_scale != 1 else ""
         self.log(f"Head search: {len(trials)} heads fitted at once on the cached features, chosen on validation "
-                 f"macro F1 ({len(x_val)} images), early stopping after {config.early_stopping_patience} epochs.")
+                 f"macro F1 ({len(x_val)} images), early stopping after {config.early_stopping_patience} epochs"
+                 f"{scaled}.")
         fitted = head_search.fit_heads(
-            x_train, y_train, x_val, y_val, len(self.labels), trials, batch_size=self.global_batch,
-            max_epochs=config.head_epochs, patience=config.early_stopping_patience, seed=config.seed,
+            x_train, y_train, x_val, y_val, len(self.labels), trials, lr_scale=self.lr_scale,
+            batch_size=self.global_batch, max_epochs=config.head_epochs, patience=config.early_stopping_patience,
+            seed=config.seed,
             on_epoch=lambda epoch: self.beat(RunProgress(phase="head", epoch=epoch, epochs=config.head_epochs,
                                                          step=self.step, message=f"Head search, {len(trials)} heads")))
         self.raise_if_cancelled()
