@@ -393,7 +393,7 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="tlab-gpu-acceptance-"))
     env = {**os.environ, "TLCORE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
     env.pop("TLCORE_TRAIN_DEVICES", None)
-    probe = python(env, "import json; from tlcore import devices; print(json.dumps(devices.describe()))")
+    probe = python(env, "import json; from tlcore.train import devices; print(json.dumps(devices.describe()))")
     ok = verdict("error" not in probe and probe.get("kind") == "GPU", "TensorFlow sees the GPUs",
                  f"nvidia-smi: {len(names)} x {names[0]}; TensorFlow: {probe.get('summary') or probe.get('error')}")
     dataset = "textures"
