@@ -240,17 +240,6 @@ def choose(trials: list[HeadTrial]) -> int:
                                                   trials[k].class_weight == "none", -k))
 
 
-def _side_by_side(kernels: np.ndarray) -> np.ndarray:
-    """(g, dim, classes) kernels as one (dim, g * classes) matrix."""
-    g, dim, classes = kernels.shape
-    return kernels.transpose(1, 0, 2).reshape(dim, g * classes)
-
-
-def _per_trial(logits: np.ndarray, g: int) -> np.ndarray:
-    """(b, g * classes) logits of side-by-side kernels as (g, b, classes)."""
-    return logits.reshape(len(logits), g, -1).transpose(1, 0, 2)
-
-
 def _weight_row(mode: str, y_train: np.ndarray, num_classes: int) -> np.ndarray:
     weights = class_weights(mode, y_train, num_classes)
     return np.ones(num_classes, np.float32) if weights is None else \
