@@ -31,7 +31,7 @@ def train_options(p: argparse.ArgumentParser) -> None:
 
 
 def sweep_options(p: argparse.ArgumentParser) -> None:
-    """As `_train_options`, but a field with one number or word per run takes a comma list."""
+    """As `train_options`, but a field with one number or word per run takes a comma list."""
     from tlcore.records.config import recipe_fields
 
     _data_option(p)
