@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import SHARED_DATASETS
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `bench` is imported by the tests below
 FLOWERS = SHARED_DATASETS / "flowers"
 NUMBER = re.compile(r"\d+(\.\d+)?")
 
@@ -84,7 +85,6 @@ def test_bench_smoke_writes_every_section_with_numbers(tmp_path):
     # The smoke run measures no fraction of the data (each would be one more training process); a
     # fraction's row is the same measurement on a subset, so the report is built again from this run's
     # results with its run standing in for half the data.
-    sys.path.insert(0, str(REPO))
     from bench.run import build_report
 
     measured = json.loads(results.read_text())
@@ -120,7 +120,6 @@ def test_the_memory_cap_kills_a_process_over_its_limit_and_spares_one_under_it()
     """`bench.memcap.MemoryCap`, the limit the full benchmark's capped side runs under (the smoke run skips
     that side): a child that fills 200 MB of anonymous memory under a 96 MB cap is killed, one filling 16 MB
     is not, and the cgroup reports the kill."""
-    sys.path.insert(0, str(REPO))
     from bench.memcap import MemoryCap
 
     fill = "import sys; block = bytearray(int(sys.argv[1]) * 2**20); block[::4096] = b'x' * len(block[::4096])"
@@ -139,7 +138,6 @@ def test_the_memory_cap_kills_a_process_over_its_limit_and_spares_one_under_it()
 def test_the_scale_runs_take_each_class_s_share_and_reuse_the_converted_weights(tmp_path):
     """`bench/run.py`'s scale side: a fraction keeps that share of every class (rounded up, first by name), and a
     fraction's data home gets the main home's converted weights instead of converting them again."""
-    sys.path.insert(0, str(REPO))
     from bench.run import prepare_weights, subset_copy
 
     source = tmp_path / "source"
