@@ -8,7 +8,9 @@ built once. Modules known to be long go first, so that the two workers end toget
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,43 +55,68 @@ class TrainedRun:
     run_id: str
 
 
+def _built_once_per_session(tmp_path_factory, worker_id: str, name: str, build) -> TrainedRun:
+    """`build(data_home) -> run id`, done once per test session and shared by the xdist workers: the
+    first worker to ask trains it (the others wait on a lock), and each worker gets its own copy of
+    the data home, since tests write exports and runs into it."""
+    own = tmp_path_factory.mktemp(name)
+    if worker_id == "master":  # not under xdist
+        return TrainedRun(own, build(own))
+    shared = tmp_path_factory.getbasetemp().parent  # one folder per session, above each worker's own
+    built, done = shared / f"{name}-built", shared / f"{name}-built.run_id"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(built, ignore_errors=True)
+            built.mkdir()
+            done.write_text(build(built))
+    shutil.copytree(built, own, dirs_exist_ok=True)
+    return TrainedRun(own, done.read_text())
+
+
+def _train_into(data_home: Path, folder: Path, config) -> str:
+    from tlcore.queue import jobs
+    from tlcore.records.store import Store
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TLCORE_HOME", str(data_home))
+        run = jobs.run_foreground(config, Store())
+    assert run.status.value == "succeeded", run.error
+    return run.id
+
+
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> TrainedRun:
+def trained_run(tmp_path_factory, worker_id) -> TrainedRun:
     """One small real run for the export, serving and dashboard tests: EfficientNet-Lite0 with
     ImageNet weights, head only, 48 px, two colour classes (20 photos each). Trained once per
     session in its own data home; tests point `$TLCORE_HOME` at it (exports made there are reused)."""
     from tests.test_jobs import make_image_folder, tiny
-    from tlcore.queue import jobs
-    from tlcore.records.store import Store
 
-    data_home = tmp_path_factory.mktemp("trained_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TLCORE_HOME", str(data_home))
-        folder = make_image_folder(tmp_path_factory.mktemp("colours") / "colours", per_class=20, size=48)
-        run = jobs.run_foreground(tiny(str(folder), weights="imagenet", image_size=48, head_epochs=8, lr=0.01),
-                                  Store())
-    assert run.status.value == "succeeded", run.error
-    return TrainedRun(data_home, run.id)
+    def build(data_home: Path) -> str:
+        folder = make_image_folder(data_home.parent / f"{data_home.name}-colours" / "colours", per_class=20, size=48)
+        return _train_into(data_home, folder, tiny(str(folder), weights="imagenet", image_size=48, head_epochs=8,
+                                                   lr=0.01))
+
+    return _built_once_per_session(tmp_path_factory, worker_id, "trained_home", build)
 
 
 @pytest.fixture(scope="session")
-def trainval_run(tmp_path_factory) -> TrainedRun:
+def trainval_run(tmp_path_factory, worker_id) -> TrainedRun:
     """One small real run on the commonest folder shape, `train/` and `val/` only: it is evaluated on
     val, so it has no fitted temperature (its calibration.json says why) and no threshold. Like
     `trained_run` (EfficientNet-Lite0, ImageNet weights, head only, 48 px, two colour classes) with
     12 photos per class in train/ and 6 in val/, 4 epochs, in a data home of its own."""
     from tests.test_jobs import make_image_folder, tiny
-    from tlcore.queue import jobs
     from tlcore.records.store import Store
 
-    data_home = tmp_path_factory.mktemp("trainval_home")
-    folder = tmp_path_factory.mktemp("trainval") / "colours"
-    make_image_folder(folder / "train", per_class=12, size=48, seed=1)
-    make_image_folder(folder / "val", per_class=6, size=48, seed=2)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TLCORE_HOME", str(data_home))
-        run = jobs.run_foreground(tiny(str(folder), weights="imagenet", image_size=48, head_epochs=4, lr=0.01),
-                                  Store())
-    assert run.status.value == "succeeded", run.error
-    assert run.summary.eval_split == "val" and run.summary.calibration.temperature is None
-    return TrainedRun(data_home, run.id)
+    def build(data_home: Path) -> str:
+        folder = data_home.parent / f"{data_home.name}-trainval" / "colours"
+        make_image_folder(folder / "train", per_class=12, size=48, seed=1)
+        make_image_folder(folder / "val", per_class=6, size=48, seed=2)
+        run_id = _train_into(data_home, folder, tiny(str(folder), weights="imagenet", image_size=48, head_epochs=4,
+                                                     lr=0.01))
+        run = Store(data_home / "store.db").get_run(run_id)
+        assert run.summary.eval_split == "val" and run.summary.calibration.temperature is None
+        return run_id
+
+    return _built_once_per_session(tmp_path_factory, worker_id, "trainval_home", build)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from tlcore.errors import NotFound, WorkerBusy
 from tlcore.queue import jobs, leases, worker
-from tlcore.queue.executors import InProcessExecutor, ProcessPerJobExecutor
+from tlcore.queue.executors import InProcessExecutor
 from tlcore.records.config import RunSpec, TrainConfig
 from tlcore.records.run_folder import RunFolder
 from tlcore.records.store import RunStatus
@@ -140,15 +140,6 @@ def test_failure_is_one_plain_line_with_traceback_in_log(store, dataset, monkeyp
     assert not worker.worker_status(store).alive  # the worker left
 
 
-def test_process_per_job_trains_each_run_in_a_child_that_exits(store, dataset):
-    run = jobs.submit(tiny(dataset.name), store)
-    (done,) = work_once(store, ProcessPerJobExecutor())
-    assert done.id == run.id and done.status is RunStatus.SUCCEEDED, done.error
-    [line] = [line.message for line in store.logs(run.id) if line.message.startswith("Training in job process")]
-    child_pid = int(line.split()[4].rstrip(";"))
-    assert child_pid != os.getpid() and not leases.pid_alive(child_pid)
-
-
 def test_a_stopped_run_says_why_whichever_executor_stopped_it(store):
     from tlcore.queue.outcome import CANCELLED_BY_REQUEST, WORKER_SHUT_DOWN, Outcome, conclude
 
@@ -243,12 +234,15 @@ def test_killed_worker_is_reaped_and_the_queue_goes_on(tlcore_home, store, datas
         assert RunFolder(doomed.id).checkpoint_weights.is_file()
         assert store.get_run(nxt.id).status is RunStatus.QUEUED  # untouched
 
-        # A new worker takes the next job.
-        out = subprocess.run([sys.executable, "-m", "tlcore", "worker", "--once"], env=worker_env(tlcore_home),
-                             capture_output=True, text=True, timeout=180)
+        # A new worker takes the next job, training it in a child process that exits when it is done.
+        out = subprocess.run([sys.executable, "-m", "tlcore", "worker", "--once", "--process-per-job"],
+                             env=worker_env(tlcore_home), capture_output=True, text=True, timeout=180)
         assert out.returncode == 0, out.stdout + out.stderr
         assert store.get_run(nxt.id).status is RunStatus.SUCCEEDED
         assert "Traceback" not in out.stderr
+        [line] = [line.message for line in store.logs(nxt.id) if line.message.startswith("Training in job process")]
+        child_pid = int(line.split()[4].rstrip(";"))
+        assert child_pid not in (os.getpid(), pid) and not leases.pid_alive(child_pid)
         resumed = jobs.resume(doomed.id, store)
         assert resumed.config["resume_from"] == doomed.id
     finally:
