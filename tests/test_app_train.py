@@ -233,7 +233,8 @@ def test_run_view_shows_the_heads_choice_its_trials_and_a_fine_tune_that_was_not
         store.get_run(run.id).summary, class_weight="none",
         head_search=HeadSearch(trials=trials, chosen=2, seconds=4.2, class_weight=ClassWeightChoice(
             chosen="none", none_val_macro_f1=0.86, balanced_val_macro_f1=0.81)),
-        finetune=FinetuneDecision(head_val_accuracy=0.866, finetune_val_accuracy=0.858, kept="head"))
+        finetune=FinetuneDecision(head_val_accuracy=0.866, finetune_val_accuracy=0.858, kept="head"),
+        finetune_inputs="cached")
     store.set_summary(run.id, summary)
 
     at = seed.app("pages/train.py", run=run.id, timeout=120).run()
@@ -241,6 +242,7 @@ def test_run_view_shows_the_heads_choice_its_trials_and_a_fine_tune_that_was_not
     text = seed.texts(at)
     assert "Class weighting auto: none kept (best validation macro F1: none 0.8600, balanced 0.8100)." in text
     assert "so the head's weights were kept" in text
+    assert "The fine-tune trained the top layers on cached activations" in text
     table = at.dataframe[0].value
     assert len(table) == 3 and list(table["val macro F1"])[0] == 0.86 and list(table["kept"])[0] == "✓"
 

@@ -42,3 +42,25 @@ def test_a_head_trained_on_features_is_the_saved_models_head(tmp_path):
     assert [layer.name for layer in saved.layers][-3:] == ["pool", "head_dropout", "head"]
     assert saved.layers[-2].rate == 0.5
     np.testing.assert_allclose(saved(x).numpy(), 1 / 3, atol=1e-6)
+
+
+def test_the_fine_tune_cut_splits_the_classifier_where_nothing_below_trains():
+    from tlcore.backbones.classifier import unfreeze_top
+
+    classifier = build_classifier(get_backbone("efficientnet_lite0"), 32, None, 3, 0.2)
+    x = RNG.integers(0, 256, (4, 32, 32, 3)).astype("float32")
+    whole, features = classifier.model(x).numpy(), classifier.features_model()(x).numpy()
+    # The top 20 weighted layers begin at a block's start; 22 begin inside the block before, whose
+    # skip connection needs that block's input: the cut moves down to it.
+    for layers, at in ((20, "block6b_add"), (22, "block6a_project_bn")):
+        cut = classifier.fine_tune_cut(layers)
+        assert cut.layer == at
+        activations = cut.prefix(x).numpy()
+        assert activations.shape[1:] == cut.activation_shape
+        np.testing.assert_allclose(cut.top()(activations).numpy(), whole, atol=1e-5)
+        np.testing.assert_allclose(cut.features(activations).numpy(), features, atol=1e-4)
+
+    assert unfreeze_top(classifier.backbone, 22) > 0
+    assert not cut.prefix.trainable_weights  # everything that trains is above the cut
+    assert {v.path for v in cut.top().trainable_weights} == {v.path for v in classifier.model.trainable_weights}
+    assert classifier.fine_tune_cut(0) is None and classifier.fine_tune_cut(10_000) is None

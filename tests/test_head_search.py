@@ -121,7 +121,7 @@ def test_a_fine_tune_that_ends_below_the_head_gives_the_heads_weights_back(store
 
     def fine_tune_scores_zero(self):
         snapshots.append({v.path: np.array(v.numpy()) for v in self.model.weights})
-        monkeypatch.setattr(_Training, "val_accuracy_on_pixels", lambda self: 0.0)
+        monkeypatch.setattr(_Training, "val_accuracy", lambda self: 0.0)
         real_decision(self)
 
     monkeypatch.setattr(_Training, "keep_better_of_head_and_finetune", fine_tune_scores_zero)

@@ -108,3 +108,24 @@ def test_the_same_seed_trains_on_the_same_batches_on_the_default_and_a_one_devic
                      - _fit_tiny_model(one_device, *reshuffling())[0])
     print(f"default vs one-device weight gap: {gap.max():.1e} now, {old_gap.max():.1e} with reshuffling")
     assert old_gap.max() > 1e-3
+
+
+def test_mirrored_batches_take_each_row_or_its_mirrored_twin_the_same_way_every_time():
+    rows = np.arange(10 * 4, dtype=np.float32).reshape(10, 2, 2, 1)
+    indices = np.array([1, 3, 5, 7, 9])
+    mirrored = -rows[indices] - 1  # the twins, in the order of `indices`, told apart by their sign
+
+    def drawn():
+        data, steps = pipeline.mirrored_batches(rows, indices, mirrored, np.arange(5), 5, seed=0, epochs=4)
+        assert steps == 1
+        return [(x.numpy(), y.numpy()) for x, y in data]
+
+    picks = []
+    for x, positions in drawn():
+        for item, p in zip(x, positions):
+            plain = np.array_equal(item, rows[indices[p]])
+            assert plain or np.array_equal(item, mirrored[p])
+            picks.append(plain)
+    assert 0 < sum(picks) < len(picks)  # both, at random
+    for first, second in zip(drawn(), drawn()):
+        np.testing.assert_array_equal(np.concatenate(first, axis=None), np.concatenate(second, axis=None))

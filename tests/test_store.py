@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -102,6 +103,24 @@ def test_summary_and_progress_round_trip_through_the_store(store):
     store.finish_run(run.id, RunStatus.SUCCEEDED, summary=summary)
     assert store.get_run(run.id).summary == summary
     assert RunSummary.from_dict(json.loads(json.dumps(summary.to_dict()))) == summary
+
+
+def test_what_the_fine_tune_trained_on_names_only_the_augmentations_the_recipe_has():
+    summary = RunSummary(backbone="efficientnet_lite0", weights="imagenet", dataset="d v1", dataset_id="ds",
+                         image_size=96, eval_split="test", eval_images=12, metrics=Metrics(accuracy=0.75, macro_f1=0.7))
+    cached = dataclasses.replace(summary, finetune_inputs="cached")
+    assert cached.describe_finetune_inputs(()) == ("The fine-tune trained the top layers on cached activations (the "
+                                                   "backbone below them ran once per image).")
+    assert cached.describe_finetune_inputs(("flip",)).endswith(": flip reached it as the mirrored images' activations.")
+    both = cached.describe_finetune_inputs(("flip", "rotate", "zoom"))
+    assert "flip reached it" in both and "; rotate, zoom did not (fine-tune inputs \"pixels\"" in both
+    assert "): rotate did not" in cached.describe_finetune_inputs(("rotate",)) and "flip" not in \
+        cached.describe_finetune_inputs(("rotate",))
+    pixels = dataclasses.replace(summary, finetune_inputs="pixels")
+    assert pixels.describe_finetune_inputs(("flip",)) == ("The fine-tune trained on augmented pixels through the "
+                                                          "whole backbone.")
+    assert pixels.describe_finetune_inputs(()) == "The fine-tune trained on pixels through the whole backbone."
+    assert summary.describe_finetune_inputs(("flip",)) is None  # no fine-tune, or a run from before it was recorded
 
 
 def test_a_version_1_store_gains_sweep_ids_and_executors_and_keeps_its_runs(tmp_path):

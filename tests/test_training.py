@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import keras
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATASETS
 
-from tlcore.backbones import get_backbone
+from tlcore.backbones import get_backbone, resolve_weights
 from tlcore.backbones.classifier import build_classifier, unfreeze_top
 from tlcore.data.images import load_resized
 from tlcore.data.importer import import_dataset
@@ -52,7 +53,7 @@ def _log_text(store, run_id):
     return "\n".join(line.message for line in store.logs(run_id))
 
 
-def test_head_phase_caches_backbone_features_and_a_second_run_reuses_them(store, ants_bees):
+def test_head_phase_caches_features_the_model_predicts_as_evaluated_and_a_second_run_reuses_them(store, ants_bees):
     first, summary = _run(store, ants_bees, head_epochs=2)
 
     assert summary.eval_split == "val" and summary.eval_images == 8
@@ -72,9 +73,42 @@ def test_head_phase_caches_backbone_features_and_a_second_run_reuses_them(store,
     assert summary.calibration.temperature is None and "no test split" in summary.calibration.reason
     assert 0 <= summary.calibration.ece_before <= 1 and summary.threshold is None
 
-    second, summary2 = _run(store, ants_bees, head_epochs=1)
+    # The saved model, loaded and given the raw files, predicts exactly what the evaluation recorded.
+    model = keras.saving.load_model(summary.model_path, safe_mode=True)
+    labels = json.loads(RunFolder(first.id).labels_file.read_text())
+    rows = [json.loads(line) for line in RunFolder(first.id).predictions.read_text().splitlines()]
+    assert len(rows) == 8
+    probs = model.predict(np.stack([load_resized(r["path"], SIZE) for r in rows]).astype("float32"), verbose=0)
+    for row, p in zip(rows, probs):
+        assert labels[int(np.argmax(p))] == row["pred"]
+        assert abs(float(p.max()) - row["confidence"]) < 1e-4
+
+    # The second run also averages each evaluated image with its mirror (checked in `_assert_flip_tta`).
+    second, summary2 = _run(store, ants_bees, head_epochs=1, tta="flip")
     assert "Backbone features: 20 of 20 images reused" in _log_text(store, second.id)
     assert summary2.timings.features_reused and not summary.timings.features_reused
+    _assert_flip_tta_averages_each_image_with_its_mirror_in_evaluation_and_prediction(second, summary2)
+
+
+def _assert_flip_tta_averages_each_image_with_its_mirror_in_evaluation_and_prediction(run, summary):
+    from tlcore.deploy.inference import load_run_model
+
+    assert summary.metrics.tta == "flip"
+    rows = [json.loads(line) for line in RunFolder(run.id).predictions.read_text().splitlines()]
+    model = keras.saving.load_model(summary.model_path, safe_mode=True)
+    pixels = np.stack([load_resized(r["path"], SIZE) for r in rows]).astype("float32")
+    plain = model.predict(pixels, verbose=0)
+    mirrored = model.predict(pixels[:, :, ::-1], verbose=0)  # left-right: the width axis of (n, h, w, 3)
+    expected = (plain + mirrored) / 2
+    assert np.abs(plain - expected).max() > 1e-4  # the mirror changes the answer, so the test can tell
+    np.testing.assert_allclose([r["confidence"] for r in rows], expected.max(axis=1), atol=1e-4)
+
+    loaded = load_run_model(run.id)
+    assert loaded.tta == "flip"
+    predictions = loaded.predict_files([r["path"] for r in rows])
+    np.testing.assert_allclose([p.confidence for p in predictions], expected.max(axis=1), atol=1e-4)
+    single = loaded.probabilities(pixels[0].astype(np.uint8))  # one (h, w, 3) image: a batch of one
+    np.testing.assert_allclose(single[0], expected[0], atol=1e-4)
 
 
 def test_a_new_dataset_version_computes_only_the_images_it_has_not_seen(store, ants_bees, tmp_path):
@@ -97,14 +131,7 @@ def test_a_new_dataset_version_computes_only_the_images_it_has_not_seen(store, a
     assert not summary.timings.features_reused
 
 
-def test_fine_tune_phase_trains_top_layers_with_batchnorm_frozen(store, ants_bees):
-    run, summary = _run(store, ants_bees, head_epochs=1, finetune_epochs=1, finetune_layers=10,
-                        augment=("flip", "zoom"))
-    assert [e.phase for e in store.epochs(run.id)] == ["head", "finetune"]
-    assert summary.timings.finetune_s is not None
-    assert "Mirrored training-image features: 0 of 12 images reused" in _log_text(store, run.id)
-    assert json.loads(RunFolder(run.id).checkpoint_state.read_text()) == {"phase": "finetune", "epoch": 1}
-
+def test_fine_tune_unfreezes_top_layers_but_never_batchnorm():
     spec = get_backbone("efficientnet_lite0")
     base = build_classifier(spec, SIZE, None, 2, 0.2).backbone
     assert unfreeze_top(base, 10) > 0
@@ -113,23 +140,46 @@ def test_fine_tune_phase_trains_top_layers_with_batchnorm_frozen(store, ants_bee
     assert not any(layer.trainable for layer in base.layers[:10])
 
 
-def test_saved_model_predicts_raw_files_exactly_as_evaluation_saw_them(store, ants_bees):
-    run, summary = _run(store, ants_bees, head_epochs=1)
+def test_the_default_fine_tune_trains_on_cached_activations_and_saves_the_whole_tuned_model(store, ants_bees):
+    run, summary = _run(store, ants_bees, head_epochs=1, finetune_epochs=1, finetune_layers=10, lr=0.01,
+                        augment=("flip", "rotate"), tta="flip")
+    assert summary.finetune_inputs == "cached"
+    log = _log_text(store, run.id)
+    assert "The fine-tune trains on the activations of block" in log and "it does without rotate" in log
+    assert "Backbone activations at block" in log and "0 of 20 images reused" in log
+
+    # Evaluation ran the tuned top layers on the cached activations; the saved model, preprocessing
+    # inside, gives the same answers on the raw files (with the flip TTA of the recipe).
     model = keras.saving.load_model(summary.model_path, safe_mode=True)
-    labels = json.loads(RunFolder(run.id).labels_file.read_text())
     rows = [json.loads(line) for line in RunFolder(run.id).predictions.read_text().splitlines()]
-    assert len(rows) == 8
-    probs = model.predict(np.stack([load_resized(r["path"], SIZE) for r in rows]).astype("float32"), verbose=0)
-    for row, p in zip(rows, probs):
-        assert labels[int(np.argmax(p))] == row["pred"]
-        assert abs(float(p.max()) - row["confidence"]) < 1e-4
+    pixels = np.stack([load_resized(r["path"], SIZE) for r in rows]).astype("float32")
+    expected = (model.predict(pixels, verbose=0) + model.predict(pixels[:, :, ::-1], verbose=0)) / 2
+    np.testing.assert_allclose([r["confidence"] for r in rows], expected.max(axis=1), atol=1e-4)
+    # ... and holds the fine-tuned top layers, not ImageNet's.
+    imagenet = build_classifier(get_backbone("efficientnet_lite0"), SIZE, resolve_weights(
+        get_backbone("efficientnet_lite0"), "imagenet"), 2, 0.2).backbone
+    unfreeze_top(imagenet, 10)
+    saved = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    tuned = [layer.name for layer in imagenet.layers if layer.trainable]
+    assert all(not np.allclose(saved.get_layer(name).get_weights()[0], imagenet.get_layer(name).get_weights()[0])
+               for name in tuned)
+    frozen = [layer.name for layer in imagenet.layers if layer.weights and not layer.trainable]
+    assert all(np.allclose(saved.get_layer(name).get_weights()[0], imagenet.get_layer(name).get_weights()[0])
+               for name in frozen)
+
+    # A fine-tune alone (no head phase) on the same images reads every activation from the cache.
+    again, _ = _run(store, ants_bees, head_epochs=0, finetune_epochs=1, finetune_layers=10)
+    assert re.search(r"Backbone activations at block\w+: 20 of 20 images reused", _log_text(store, again.id))
 
 
-def test_cancel_stops_between_batches_and_keeps_logged_epochs(store, ants_bees):
-    run = _running(store, ants_bees, "cancel-me", batch_size=2, head_epochs=1, finetune_epochs=5)
+def test_fine_tune_checkpoints_each_epoch_and_a_cancel_stops_between_batches_keeping_logged_epochs(store, ants_bees):
+    run = _running(store, ants_bees, "cancel-me", batch_size=2, head_epochs=1, finetune_epochs=5, finetune_layers=10,
+                   augment=("flip", "zoom"))
     with pytest.raises(RunCancelled):
         execute_run(run.id, store, should_stop=lambda: len(store.epochs(run.id)) >= 2)
     assert [e.phase for e in store.epochs(run.id)] == ["head", "finetune"]
+    assert "Mirrored training-image features: 0 of 12 images reused" in _log_text(store, run.id)  # flip: the head
+    assert json.loads(RunFolder(run.id).checkpoint_state.read_text()) == {"phase": "finetune", "epoch": 1}
     assert not RunFolder(run.id).model.exists()
 
 
@@ -203,10 +253,13 @@ def test_balanced_class_weights_reach_both_phases_and_the_small_class_is_reporte
         return fit(self, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "fit", recording_fit)
+    # The fine-tune on pixels (the path mixed precision and several devices take) to its end.
     run, summary = _run(store, few_bees, head_epochs=1, finetune_epochs=1, finetune_layers=4, class_weight="balanced",
-                        head_search="off")
+                        head_search="off", finetune_inputs="pixels")
     # n / (classes * count): 8 / (2 * 6) for ants, 8 / (2 * 2) for bees.
     assert seen == [pytest.approx({0: 8 / 12, 1: 2.0})] * 2
+    assert [e.phase for e in store.epochs(run.id)] == ["head", "finetune"] and summary.timings.finetune_s is not None
+    assert summary.finetune_inputs == "pixels"
     assert "Class weights (balanced, both phases): ants 0.67, bees 2.00." in _log_text(store, run.id)
     metrics = summary.metrics
     assert metrics.smallest_class == min(("ants", "bees"), key=lambda c: metrics.per_class[c].recall)  # a 2-2 tie
@@ -215,25 +268,3 @@ def test_balanced_class_weights_reach_both_phases_and_the_small_class_is_reporte
     seen.clear()
     _run(store, few_bees, head_epochs=1, class_weight="none", head_search="off")
     assert seen == [None]
-
-
-def test_flip_tta_averages_each_image_with_its_mirror_in_evaluation_and_prediction(store, ants_bees):
-    from tlcore.deploy.inference import load_run_model
-
-    run, summary = _run(store, ants_bees, head_epochs=1, tta="flip")
-    assert summary.metrics.tta == "flip"
-    rows = [json.loads(line) for line in RunFolder(run.id).predictions.read_text().splitlines()]
-    model = keras.saving.load_model(summary.model_path, safe_mode=True)
-    pixels = np.stack([load_resized(r["path"], SIZE) for r in rows]).astype("float32")
-    plain = model.predict(pixels, verbose=0)
-    mirrored = model.predict(pixels[:, :, ::-1], verbose=0)  # left-right: the width axis of (n, h, w, 3)
-    expected = (plain + mirrored) / 2
-    assert np.abs(plain - expected).max() > 1e-4  # the mirror changes the answer, so the test can tell
-    np.testing.assert_allclose([r["confidence"] for r in rows], expected.max(axis=1), atol=1e-4)
-
-    loaded = load_run_model(run.id)
-    assert loaded.tta == "flip"
-    predictions = loaded.predict_files([r["path"] for r in rows])
-    np.testing.assert_allclose([p.confidence for p in predictions], expected.max(axis=1), atol=1e-4)
-    single = loaded.probabilities(pixels[0].astype(np.uint8))  # one (h, w, 3) image: a batch of one
-    np.testing.assert_allclose(single[0], expected[0], atol=1e-4)

@@ -92,7 +92,7 @@ def _run_panel(run_id: str, live: bool = False) -> None:
             st.caption(f"Evaluated with {metrics.tta} TTA; the Demo and predict use it too.")
         if run.summary.device_record:
             st.caption(f"Trained on {run.summary.device_record.describe()}.")
-        _head_choice(run.summary)
+        _head_choice(run.summary, run.spec.recipe.augment)
         l1, l2 = st.columns(2)
         l1.page_link("pages/errors.py", label="See its errors", icon=":material/error:", query_params={"run": run.id})
         l2.page_link("pages/demo.py", label="Try it in the demo", icon=":material/photo_camera:",
@@ -127,9 +127,9 @@ def _run_panel(run_id: str, live: bool = False) -> None:
             st.code("\n".join(line.message for line in logs), language=None)
 
 
-def _head_choice(summary) -> None:
-    """What the head chose on the cached features (class weighting, search trials) and whether the
-    fine-tune was kept."""
+def _head_choice(summary, augment) -> None:
+    """What the head chose on the cached features (class weighting, search trials), whether the
+    fine-tune was kept and what it trained on (for a recipe with augmentations `augment`)."""
     search = summary.head_search
     if search and search.class_weight:
         st.caption(search.class_weight.describe())
@@ -138,6 +138,8 @@ def _head_choice(summary) -> None:
     if summary.finetune:
         caption = st.warning if summary.finetune.kept == "head" else st.caption
         caption(summary.finetune.describe())
+    if summary.describe_finetune_inputs(augment):
+        st.caption(summary.describe_finetune_inputs(augment))
     if search and len(search.trials) > 2:
         chosen = search.trials[search.chosen]
         with st.expander(f"Head search: {len(search.trials)} trials, kept {chosen.settings()}"):

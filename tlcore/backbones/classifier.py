@@ -22,6 +22,7 @@ class Classifier:
     """A classifier and its parts; every part shares its weights with `model`."""
 
     model: keras.Model  # RGB 0-255 in, class probabilities out: what a run saves
+    preprocessing: keras.layers.Layer
     backbone: keras.Model  # frozen until `unfreeze_top`; always called with training=False
     pool: keras.layers.GlobalAveragePooling2D
     dropout: keras.layers.Dropout
@@ -37,16 +38,71 @@ class Classifier:
         features = keras.Input(self.pool.output.shape[1:], name="features")
         return keras.Model(features, self.head(self.dropout(features)), name="head_only")
 
+    def fine_tune_cut(self, n_layers: int) -> FineTuneCut | None:
+        """The classifier cut where the fine-tune of the top `n_layers` (`unfreeze_top`) begins: the
+        last backbone activation every unfrozen layer depends on only through. Below it nothing
+        trains and everything runs in inference mode, so its output for an image never changes.
+        None when the backbone is not a functional graph or no single activation separates the two
+        parts (then the fine-tune runs on pixels)."""
+        base = self.backbone
+        top = set(id(layer) for layer in _top_layers(base, n_layers))
+        if not top or not getattr(base, "_nodes_by_depth", None):
+            return None
+        order = list(base.layers)
+        first_top = min(i for i, layer in enumerate(order) if id(layer) in top)
+        # From the layer just below the first unfrozen one downwards, the first output from which the
+        # backbone's output can be computed alone.
+        for layer in reversed(order[:first_top]):
+            if isinstance(layer, keras.layers.InputLayer) or len(layer._inbound_nodes) != 1:
+                continue
+            if not _needs_more_than(base.outputs, layer.output):
+                upper = keras.Model(layer.output, base.output, name="backbone_top")
+                lower = keras.Model(base.input, layer.output, name="backbone_bottom")
+                return self._cut(lower, upper, layer.name)
+        return None
+
+    def _cut(self, lower: keras.Model, upper: keras.Model, name: str) -> FineTuneCut:
+        image = keras.Input(self.model.input.shape[1:], name="image")
+        prefix = keras.Model(image, lower(self.preprocessing(image), training=False), name="activations")
+        activations = keras.Input(upper.input.shape[1:], name="activations")
+        pooled = self.pool(upper(activations, training=False))
+        return FineTuneCut(layer=name, prefix=prefix,
+                           features=keras.Model(activations, pooled, name="features_on_activations"),
+                           top_input=activations, top_output=self.head(self.dropout(pooled)))
+
     def set_head(self, weights: list, dropout: float) -> None:
         """Give the head `weights` ([kernel, bias]) and its dropout the rate `dropout`."""
         self.head.set_weights(weights)
         self.dropout.rate = dropout
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class FineTuneCut:
+    """The classifier in two parts at the activation below the fine-tuned layers (`Classifier.fine_tune_cut`);
+    every part shares its weights with the classifier."""
+
+    layer: str  # the backbone layer whose output is the cut
+    prefix: keras.Model  # RGB 0-255 in, the activation at the cut out: never trains
+    features: keras.Model  # activation at the cut -> pooled features (what the feature cache holds)
+    top_input: keras.KerasTensor
+    top_output: keras.KerasTensor
+
+    def top(self) -> keras.Model:
+        """Activation at the cut -> class probabilities: training it trains the fine-tune's layers and
+        the head. A new model on each call, so compiling one (for the fine-tune) leaves the next
+        (for evaluation) uncompiled."""
+        return keras.Model(self.top_input, self.top_output, name="top_on_activations")
+
+    @property
+    def activation_shape(self) -> tuple[int, ...]:
+        return tuple(self.prefix.output.shape[1:])
+
+
 def build_classifier(spec, size: int, weights_path: str | None, num_classes: int, dropout: float) -> Classifier:
     """RGB 0-255 in, class probabilities out, preprocessing inside; the backbone frozen."""
     inputs = keras.Input((size, size, 3), name="image")
-    x = BackbonePreprocessing(spec.preprocessing, name="preprocessing")(inputs)
+    preprocessing = BackbonePreprocessing(spec.preprocessing, name="preprocessing")
+    x = preprocessing(inputs)
     base = spec.build(size, weights_path)
     base.trainable = False
     # training=False keeps BatchNorm in inference mode even after the top layers are unfrozen.
@@ -56,17 +112,40 @@ def build_classifier(spec, size: int, weights_path: str | None, num_classes: int
     head = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="head")
     outputs = head(head_dropout(pool(x)))
     model = keras.Model(inputs, outputs, name=f"{spec.name}_classifier")
-    return Classifier(model=model, backbone=base, pool=pool, dropout=head_dropout, head=head)
+    return Classifier(model=model, preprocessing=preprocessing, backbone=base, pool=pool, dropout=head_dropout,
+                      head=head)
+
+
+def _needs_more_than(outputs, tensor) -> bool:
+    """Whether computing `outputs` needs a model input other than through `tensor` (walking the graph
+    back; trying `keras.Model(tensor, outputs)` instead would leave nodes behind when it fails)."""
+    stack, seen = list(outputs), set()
+    while stack:
+        t = stack.pop()
+        if t is tensor or id(t) in seen:
+            continue
+        seen.add(id(t))
+        operation, node_index, _ = t._keras_history
+        if isinstance(operation, keras.layers.InputLayer):
+            return True
+        stack.extend(operation._inbound_nodes[node_index].input_tensors)
+    return False
+
+
+def _top_layers(base, n_layers: int) -> list:
+    """The layers `unfreeze_top(base, n_layers)` makes trainable."""
+    weighted = [layer for layer in base.layers if layer.weights]
+    top = weighted[-n_layers:] if n_layers else []
+    return [layer for layer in top if not isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def unfreeze_top(base, n_layers: int) -> int:
     """Make the top `n_layers` weighted layers of `base` trainable, BatchNorm excluded."""
     base.trainable = True
-    weighted = [layer for layer in base.layers if layer.weights]
-    top = set(id(layer) for layer in weighted[-n_layers:]) if n_layers else set()
+    top = set(id(layer) for layer in _top_layers(base, n_layers))
     count = 0
     for layer in base.layers:
-        layer.trainable = id(layer) in top and not isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = id(layer) in top
         count += layer.trainable
     return count
 

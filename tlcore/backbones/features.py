@@ -31,6 +31,18 @@ def feature_cache(backbone: str, size: int, weights: str, seed: int, *, mirror: 
     return ContentCache(home.cache_dir("features") / f"{backbone}-{size}-{weights_key}{variant}")
 
 
+def activation_cache(backbone: str, size: int, weights: str, seed: int, layer: str, *,
+                     mirror: bool = False) -> ContentCache:
+    """The content-addressed cache of one backbone's activations at `layer` (`FineTuneCut`), float32.
+
+    The fine-tune trains only the layers above the cut, so these are the same for every epoch and
+    every run that cuts there: computed once per image, like the pooled features.
+    """
+    weights_key = weights if weights == "imagenet" else f"{weights}-seed{seed}"
+    return ContentCache(home.cache_dir("activations") / f"{backbone}-{size}-{weights_key}-{layer}"
+                        f"{'-mirror' if mirror else ''}")
+
+
 def pad_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
     """Pad a short last batch with zeros so a compiled forward pass keeps one input shape."""
     if len(x) == batch_size:
@@ -40,7 +52,8 @@ def pad_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
 
 def extract_features(feature_model, images: np.ndarray, batch_size: int, *, rows: np.ndarray | None = None,
                      mirror: bool = False, on_batch=None, strategy=None) -> np.ndarray:
-    """Run `feature_model` (RGB 0-255 in, pooled vector out) over a uint8 array, batch by batch.
+    """Run `feature_model` (RGB 0-255 in, or the activations `FineTuneCut.features` takes; pooled
+    vectors or activations out) over an array, batch by batch.
 
     `rows` picks (sorted) rows of `images`, default all; `mirror` flips each image left-right.
     `on_batch(done, total)` is called after every batch; an exception it raises stops the pass.
@@ -69,7 +82,7 @@ def extract_features(feature_model, images: np.ndarray, batch_size: int, *, rows
         count = len(batch)
         chunk = np.asarray(forward(pad_batch(batch, batch_size)))[:count]
         if out is None:
-            out = np.empty((total, chunk.shape[-1]), np.float32)
+            out = np.empty((total, *chunk.shape[1:]), np.float32)
         out[start:start + count] = chunk
         if on_batch is not None:
             on_batch(min(start + batch_size, total), total)
@@ -96,17 +109,18 @@ def _across_replicas(feature_model, strategy, per_replica: int):
 
 def cached_features(cache: ContentCache, shas: Sequence[str], feature_model, images: np.ndarray,
                     batch_size: int, *, rows: np.ndarray | None = None, mirror: bool = False,
-                    on_batch=None, strategy=None) -> tuple[CachedRows, float]:
+                    on_batch=None, strategy=None, mmap: bool = False) -> tuple[CachedRows, float]:
     """Features of `images` (or their `rows`, optionally mirrored), whose contents are `shas`
     (one per image of `images`), from `cache` where known, the rest extracted and cached.
-    Returns (cached rows, seconds); `on_batch` sees only the batches actually extracted."""
+    Returns (cached rows, memory-mapped with `mmap`, and seconds); `on_batch` sees only the
+    batches actually extracted."""
     started = time.perf_counter()
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
-    width = int(feature_model.output.shape[-1])
+    row_shape = tuple(int(d) for d in feature_model.output.shape[1:])
 
     def compute(positions: np.ndarray, out: np.ndarray) -> None:
         out[positions] = extract_features(feature_model, images, batch_size, rows=rows[positions],
                                           mirror=mirror, on_batch=on_batch, strategy=strategy)
 
-    found = cache.rows([shas[r] for r in rows], (width,), np.float32, compute)
+    found = cache.rows([shas[r] for r in rows], row_shape, np.float32, compute, mmap=mmap)
     return found, time.perf_counter() - started

@@ -65,7 +65,7 @@ def cmd_runs(args) -> int:
         if run.summary.device_record:
             lines.append(f"  trained on {run.summary.device_record.describe()}")
     if run.summary:
-        lines += _head_choice_lines(run.summary)
+        lines += _head_choice_lines(run.summary, run.spec.recipe.augment)
     calibration = run.summary.calibration if run.summary else None
     if calibration and calibration.temperature:
         lines.append(f"  calibrated: temperature {calibration.temperature:.2f} (fitted on {calibration.fitted_on} "
@@ -92,8 +92,9 @@ def cmd_runs(args) -> int:
     return 0
 
 
-def _head_choice_lines(summary) -> list[str]:
-    """What the head phase chose (search, class weighting auto) and whether the fine-tune was kept."""
+def _head_choice_lines(summary, augment) -> list[str]:
+    """What the head phase chose (search, class weighting auto), whether the fine-tune was kept and what
+    it trained on (for a recipe with augmentations `augment`)."""
     lines = []
     search = summary.head_search
     if search and search.trials:
@@ -107,6 +108,8 @@ def _head_choice_lines(summary) -> list[str]:
         lines.append(f"  class weighting: {summary.class_weight}")
     if summary.finetune:
         lines.append(f"  fine-tune: {summary.finetune.describe()}")
+    if summary.describe_finetune_inputs(augment):
+        lines.append(f"  fine-tune inputs: {summary.describe_finetune_inputs(augment)}")
     return lines
 
 

@@ -96,6 +96,25 @@ def epoch_batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, b
                             seed=seed, epochs=epochs, initial_epoch=initial_epoch)
 
 
+def mirrored_batches(rows: np.ndarray, indices: np.ndarray, mirrored: np.ndarray | None, labels: np.ndarray,
+                     batch_size: int, *, seed: int, epochs: int, initial_epoch: int = 0):
+    """Shuffled training batches of precomputed per-image arrays (the fine-tune's cached activations):
+    rows `indices` of `rows`, each taken from `mirrored` (the same images mirrored, in the order of
+    `indices`) instead with probability 1/2 when it is given, the flip augmentation of pixels.
+    Batches as `shuffled_batches` makes them; returns (dataset, steps per epoch)."""
+    in_order = np.arange(len(indices))
+
+    def gather(epoch, step, positions):
+        x = _gather(rows, indices, positions)
+        if mirrored is not None:
+            flip = batch_rng(seed, epoch, step).random(len(positions)) < 0.5
+            x[flip] = _gather(mirrored, in_order, positions[flip])
+        return x, labels[positions].astype(np.int32)
+
+    return shuffled_batches(len(indices), batch_size, gather, rows.shape[1:], str(rows.dtype),
+                            seed=seed, epochs=epochs, initial_epoch=initial_epoch)
+
+
 def shuffled_batches(count: int, batch_size: int, gather, x_shape: tuple, x_dtype: str, *,
                      seed: int, epochs: int, initial_epoch: int = 0):
     """Batches for epochs `initial_epoch`..`epochs - 1`, one after the other, in `epoch_order`.
@@ -127,7 +146,8 @@ def shuffled_batches(count: int, batch_size: int, gather, x_shape: tuple, x_dtyp
 
 def batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, batch_size: int, *,
             seed: int = 0, augment: Sequence[str] = ()):
-    """A `tf.data.Dataset` of (float32 RGB 0-255 images, int labels) in the order of `indices`.
+    """A `tf.data.Dataset` of (float32 RGB 0-255 images, int labels) in the order of `indices`
+    (`images` may hold other per-image arrays, such as cached activations, without `augment`).
 
     Batches are gathered from the memory map by index, so only one batch at a time is in
     memory, then augmented (`augment` names, see `tlcore.data.augment`) with draws that depend
@@ -136,7 +156,6 @@ def batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, batch_s
     """
     import tensorflow as tf
 
-    size = images.shape[1]
     order = tf.data.Dataset.from_tensor_slices(np.arange(len(indices), dtype=np.int64)).batch(batch_size)
 
     def gather(step, positions):
@@ -146,17 +165,17 @@ def batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, batch_s
         return x, labels[positions].astype(np.int32)
 
     def load(step, positions):
-        x, y = tf.numpy_function(gather, [step, positions], (tf.uint8, tf.int32))
-        x = tf.cast(tf.ensure_shape(x, (None, size, size, 3)), tf.float32)
+        x, y = tf.numpy_function(gather, [step, positions], (tf.as_dtype(images.dtype), tf.int32))
+        x = tf.cast(tf.ensure_shape(x, (None, *images.shape[1:])), tf.float32)
         return x, tf.ensure_shape(y, (None,))
 
     return order.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def _gather(images: np.ndarray, indices: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """The cached pixels of training rows `indices[positions]`, read in row order (sequential on disk)."""
+    """The cached rows `indices[positions]` of `images`, read in row order (sequential on disk)."""
     rows = indices[positions]
     sort = np.argsort(rows)
-    x = np.empty((len(rows), *images.shape[1:]), np.uint8)
+    x = np.empty((len(rows), *images.shape[1:]), images.dtype)
     x[sort] = images[rows[sort]]
     return x

@@ -34,6 +34,7 @@ def check_switch(name: str, value: str) -> str:
 CLASS_WEIGHTS = ("auto", "balanced", "none")
 HEAD_SEARCH_MODES = ("auto", "off")
 TTA_MODES = ("none", "flip")
+FINETUNE_INPUTS = ("cached", "pixels")
 
 
 def recipe_field(default: Any, label: str, help: str, choices: Sequence[str] | None = None,
@@ -66,6 +67,12 @@ class TrainConfig:
     augment: tuple[str, ...] = recipe_field(
         (), "Augmentation", "Random transforms of training images in the fine-tune phase. A flip also reaches "
                             "the cached head phase: the mirrored images' features are cached too.", AUGMENTATIONS)
+    finetune_inputs: str = recipe_field(
+        "cached", "Fine-tune inputs",
+        "cached: the backbone below the fine-tuned layers never trains, so its output per image is computed once "
+        "and cached, and the fine-tune trains the top layers on it, several times faster; a flip still reaches it "
+        "(the mirrored images' outputs), rotate, zoom, translate and contrast do not. pixels: every fine-tune "
+        "epoch runs the augmented images through the whole backbone.", FINETUNE_INPUTS)
     head_augment: bool = recipe_field(
         False, "Augment in the head phase too (features then cannot be cached; slower)",
         "Augment in phase 1 too; its backbone features can then not be cached.")
@@ -360,8 +367,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The seed project's recipe: VGG16, ImageNet weights, flip/rotate/zoom, Adam 1e-4, float32.
     "seed-vgg16": dict(backbone="vgg16", weights="imagenet", image_size=224, head_epochs=10,
                        finetune_epochs=5, finetune_layers=4, augment=("flip", "rotate", "zoom"),
-                       head_augment=True, split=(0.8, 0.1, 0.1), lr=1e-4, finetune_lr_scale=0.1, batch_size=32,
-                       mixed_precision="off", xla="auto"),
+                       head_augment=True, finetune_inputs="pixels", split=(0.8, 0.1, 0.1), lr=1e-4,
+                       finetune_lr_scale=0.1, batch_size=32, mixed_precision="off", xla="auto"),
 }
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 T = TypeVar("T", bound="Record")
 
@@ -317,7 +317,24 @@ class RunSummary(Record):
     head_search: HeadSearch | None = None
     class_weight: str | None = None  # the weighting the run trained with ("none"/"balanced"); None: not recorded
     finetune: FinetuneDecision | None = None  # None: no fine-tune, or a run from before the decision
+    # What the fine-tune trained on: "cached" activations below its layers, or "pixels"; None: no
+    # fine-tune, or a run from before it was recorded (pixels).
+    finetune_inputs: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def describe_finetune_inputs(self, augment: Sequence[str] = ()) -> str | None:
+        """What the fine-tune trained on, in one sentence, for a recipe with augmentations `augment`
+        (None: no fine-tune, or not recorded)."""
+        if self.finetune_inputs == "cached":
+            lost = [a for a in augment if a != "flip"]
+            clauses = (["flip reached it as the mirrored images' activations"] if "flip" in augment else []) + \
+                ([f"{', '.join(lost)} did not (fine-tune inputs \"pixels\" applies every augmentation, slower)"]
+                 if lost else [])
+            return ("The fine-tune trained the top layers on cached activations (the backbone below them ran once "
+                    "per image)" + (": " + "; ".join(clauses) if clauses else "") + ".")
+        if self.finetune_inputs == "pixels":
+            return f"The fine-tune trained on {'augmented ' if augment else ''}pixels through the whole backbone."
+        return None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "RunSummary":

@@ -3,8 +3,11 @@
 Phase 1 (head): the backbone is frozen. Without augmentation its pooled features are
 computed once and cached, and a new softmax head trains on them in seconds.
 Phase 2 (fine-tune): the top layers of the backbone are unfrozen (BatchNorm stays in inference
-mode), the whole model trains on augmented pixels with a warm-up + cosine learning rate,
-early stopping and best-epoch weights restored.
+mode) and train with the head, with a warm-up + cosine learning rate, early stopping and
+best-epoch weights restored. By default (`finetune_inputs="cached"`) they train on the
+backbone's activations just below them, cached per image like the features (the part below
+never trains, so its output never changes; a flip is the mirrored images' activations, the
+other augmentations are not applied); with "pixels", on augmented images through the whole model.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from tlcore.backbones import get_backbone, resolve_weights
-from tlcore.backbones.classifier import build_classifier, compile_classifier, unfreeze_top
-from tlcore.backbones.features import cached_features, feature_cache
+from tlcore.backbones.classifier import FineTuneCut, build_classifier, compile_classifier, unfreeze_top
+from tlcore.backbones.features import activation_cache, cached_features, feature_cache
 from tlcore.backbones.folding import fold_batchnorm
 from tlcore.data import pipeline
 from tlcore.data.manifest import run_entries
@@ -90,6 +93,9 @@ class _Training:
         self.head_on_features: tuple[Any, np.ndarray] | None = None
         self.predictor = None  # the saved model with BatchNorm folded, made once for evaluation
         self.feature_extraction: _FeatureExtraction | None = None
+        self.cut: FineTuneCut | None = None  # where the fine-tune's cached activations come from, if it uses them
+        self.top_trainer = None  # the top on activations with the frozen BatchNorm folded, made for the fine-tune
+        self.top_predictor = None  # the top on activations with BatchNorm folded, made once for evaluation
         self.resumed: Checkpoint | None = None
         self.trainer = self.early_stopping = None  # of the phase training now, for its checkpoints
         # What the head phase settled on, carried into the fine-tune (the search may change it).
@@ -201,6 +207,26 @@ class _Training:
             self.classifier = build_classifier(self.spec, self.size, weights_path, len(self.labels),
                                                self.config.dropout)
         self.model = self.classifier.model
+        if self.config.finetune_epochs and self.config.finetune_inputs == "cached":
+            self.cut = self.fine_tune_cut()
+
+    def fine_tune_cut(self) -> FineTuneCut | None:
+        """Where the fine-tune's cached activations are taken, or None (with the reason logged) when
+        it must run on pixels."""
+        plan = self.device_plan
+        if plan.mixed_precision or plan.replicas > 1:
+            self.log("The fine-tune runs on pixels: cached activations are used on one device in float32 only.")
+            return None
+        cut = self.classifier.fine_tune_cut(self.config.finetune_layers)
+        if cut is None:
+            self.log(f"The fine-tune runs on pixels: no single activation of {self.spec.display_name} separates "
+                     f"its top {self.config.finetune_layers} layers from the frozen ones.")
+            return None
+        if np.prod(cut.activation_shape) * 4 > self.size * self.size * 3:
+            self.log(f"The fine-tune runs on pixels: the activations below its layers ({cut.layer}, "
+                     f"{'x'.join(map(str, cut.activation_shape))} floats) would take more room than the images.")
+            return None
+        return cut
 
     def restore_checkpoint(self) -> Checkpoint | None:
         """Load the checkpoint of the run this one resumes, if it resumes one."""
@@ -224,7 +250,7 @@ class _Training:
                 self.use_class_weight("none")
             self.fit_pixels("head", config.head_epochs, config.lr * self.lr_scale)
             if config.finetune_epochs and self.choose_on_val:
-                self.head_val_accuracy = self.val_accuracy_on_pixels()
+                self.head_val_accuracy = self.val_accuracy()
         else:
             self.head_on_features = self.fit_head_on_features()
         self.save_checkpoint("head", config.head_epochs)
@@ -234,7 +260,7 @@ class _Training:
         a lower validation accuracy than the head had."""
         if self.head_weights is None:
             return
-        tuned = self.val_accuracy_on_pixels()
+        tuned = self.val_accuracy()
         kept = "head" if tuned < self.head_val_accuracy else "finetune"
         if kept == "head":
             for variable, value in self.head_weights:
@@ -244,10 +270,17 @@ class _Training:
                                                   finetune_val_accuracy=round(tuned, 6), kept=kept)
         self.log(self.finetune_decision.describe())
 
-    def val_accuracy_on_pixels(self) -> float:
-        """The classifier's accuracy on the validation split, through the backbone."""
+    def val_accuracy(self) -> float:
+        """The classifier's accuracy on the validation split, through the backbone (or the top layers
+        on the cached activations, when the fine-tune trained on them)."""
         val = np.sort(self.splits["val"])
-        probs = model_probabilities(self.model, self.pixels.images, val, self.global_batch)
+        if self.cut is not None:
+            if self.top_trainer is None:  # the head phase trained on pixels (`head_augment`)
+                with self.strategy.scope():
+                    self.top_trainer = fold_batchnorm(self.cut.top())
+            probs = model_probabilities(self.top_trainer, self.extraction().activations(), val, self.global_batch)
+        else:
+            probs = model_probabilities(self.model, self.pixels.images, val, self.global_batch)
         return float((probs.argmax(axis=1) == self.y_all[val]).mean())
 
     def fine_tune(self, resume: Checkpoint | None) -> None:
@@ -262,7 +295,16 @@ class _Training:
         self.log(f"Fine-tuning the top {unfrozen} layers of {self.spec.display_name} (BatchNorm frozen), "
                  f"lr {learning_rate:g} with warm-up and cosine decay{smoothing}.")
         initial = resume.epoch if resume and resume.phase == "finetune" else 0
-        self.fit_pixels("finetune", config.finetune_epochs, learning_rate, initial_epoch=initial, schedule=True)
+        if self.cut is None:
+            self.fit_pixels("finetune", config.finetune_epochs, learning_rate, initial_epoch=initial, schedule=True)
+            return
+        lost = [a for a in config.augment if a != "flip"]
+        self.log(f"The fine-tune trains on the activations of {self.cut.layer} "
+                 f"({'x'.join(map(str, self.cut.activation_shape))} per image), computed once and cached"
+                 + (", a flip as the mirrored images' activations" if "flip" in config.augment else "")
+                 + (f"; it does without {', '.join(lost)} (fine-tune inputs \"pixels\" applies them)" if lost else "")
+                 + ".")
+        self.fit_activations(config.finetune_epochs, learning_rate, initial_epoch=initial)
 
     def evaluate(self) -> EvalReport:
         """Predictions on the evaluation split, written to the run folder, and their report."""
@@ -287,6 +329,18 @@ class _Training:
             if flip:
                 mirrored, _, _ = self.feature_extraction.features(rows, mirror=True)
                 probs = (probs + head.predict(mirrored, batch_size=256, verbose=0)) / 2
+            return probs
+        if self.cut is not None:
+            # The top layers on the cached activations are the saved model on the pixels (float32, one device).
+            if self.top_predictor is None:
+                with self.strategy.scope():
+                    self.top_predictor = fold_batchnorm(self.cut.top(), only_frozen=False)
+            extraction = self.extraction()
+            probs = model_probabilities(self.top_predictor, extraction.activations(), rows, self.global_batch)
+            if flip:
+                mirrored = extraction.activations(rows, mirror=True)
+                probs = (probs + model_probabilities(self.top_predictor, mirrored, np.arange(len(rows)),
+                                                     self.global_batch)) / 2
             return probs
         if self.predictor is None:
             with self.strategy.scope():
@@ -336,15 +390,14 @@ class _Training:
             head_search=self.head_search,
             class_weight=self.settings.class_weight,
             finetune=self.finetune_decision,
+            finetune_inputs=("cached" if self.cut is not None else "pixels") if self.config.finetune_epochs else None,
         )
 
     # ---------------------------------------------------------------- fitting
 
     def fit_head_on_features(self):
         config, splits = self.config, self.splits
-        with self.strategy.scope():
-            feature_model = fold_batchnorm(self.classifier.features_model())
-        extractor = self.feature_extraction = _FeatureExtraction(self, feature_model)
+        extractor = self.extraction()
         features, reused, seconds = extractor.features()
         self.times.add("features_s", seconds)
         self.times.features_reused = reused
@@ -386,6 +439,11 @@ class _Training:
             probs = head.predict(features[val], batch_size=256, verbose=0)
             self.head_val_accuracy = float((probs.argmax(axis=1) == self.y_all[val]).mean())
         return head, features
+
+    def extraction(self) -> _FeatureExtraction:
+        if self.feature_extraction is None:
+            self.feature_extraction = _FeatureExtraction(self)
+        return self.feature_extraction
 
     def search_head(self, x_train, y_train, x_val, y_val, search: bool) -> None:
         """Heads fitted at once on the cached features (`tlcore.train.head_search`): the recipe's own
@@ -431,10 +489,7 @@ class _Training:
                                                    seed=config.seed, epochs=epochs, initial_epoch=initial_epoch,
                                                    augment=config.augment)
         if schedule:
-            warmup = min(steps, max(1, steps * epochs // 10))
-            learning_rate = keras.optimizers.schedules.CosineDecay(
-                initial_learning_rate=learning_rate * 0.1, decay_steps=max(1, steps * epochs - warmup),
-                warmup_target=learning_rate, warmup_steps=warmup)
+            learning_rate = warmup_cosine(learning_rate, steps, epochs)
         with self.strategy.scope():
             # The twin shares every trainable weight with `model`: training it trains `model`.
             trainer = self.trainer = fold_batchnorm(self.model)
@@ -456,6 +511,31 @@ class _Training:
             verbose=1 if self.progress_bar else 0,
             callbacks=callbacks,
         )
+        self.raise_if_cancelled()
+
+    def fit_activations(self, epochs: int, learning_rate: float, *, initial_epoch: int) -> None:
+        """The fine-tune on cached activations: the top layers and the head (`FineTuneCut.top`) trained
+        as `fit_pixels` trains the whole model, with its schedule, callbacks and checkpoints."""
+        config, extraction = self.config, self.extraction()
+        train, val = self.splits["train"], np.sort(self.splits["val"])
+        activations = extraction.activations()
+        mirrored = extraction.activations(train, mirror=True) if "flip" in config.augment else None
+        train_data, steps = pipeline.mirrored_batches(activations, train, mirrored, self.y_all[train],
+                                                      self.global_batch, seed=config.seed, epochs=epochs,
+                                                      initial_epoch=initial_epoch)
+        with self.strategy.scope():
+            # Shares the trainable layers with `model`: training it trains `model`.
+            trainer = self.trainer = self.top_trainer = fold_batchnorm(self.cut.top())
+            compile_classifier(trainer, warmup_cosine(learning_rate, steps, epochs), xla=self.device_plan.xla,
+                               label_smoothing=self.settings.label_smoothing)
+        callbacks = self.callbacks("finetune", epochs, checkpoint=True)
+        if initial_epoch:
+            with self.strategy.scope():
+                self.restore_training_state(trainer)
+        val_data = pipeline.batches(activations, val, self.y_all[val], self.global_batch) if len(val) else None
+        trainer.fit(train_data, steps_per_epoch=steps, epochs=epochs, class_weight=self.class_weight,
+                    initial_epoch=initial_epoch, validation_data=val_data, shuffle=False,
+                    verbose=1 if self.progress_bar else 0, callbacks=callbacks)
         self.raise_if_cancelled()
 
     def restore_training_state(self, trainer) -> None:
@@ -492,35 +572,89 @@ class _Training:
 
 
 class _FeatureExtraction:
-    """Backbone features of a run's images, from the feature cache or computed into it."""
+    """Backbone features of a run's images, from the feature cache or computed into it; with a
+    fine-tune cut, through the activations at the cut (cached too, for the fine-tune)."""
 
-    def __init__(self, training: _Training, feature_model):
-        self.training, self.feature_model = training, feature_model
+    def __init__(self, training: _Training):
+        self.training = training
         self.batch_size = max(training.global_batch, 32)
+        self.models: dict[str, Any] = {}  # folded twins, made when first needed
+        self.found: dict[tuple, np.ndarray] = {}  # activations already opened, by (rows, mirror)
+
+    def model(self, part: str):
+        if part not in self.models:
+            t = self.training
+            source = {"features": t.classifier.features_model, "prefix": lambda: t.cut.prefix,
+                      "features_on_activations": lambda: t.cut.features}[part]
+            with t.strategy.scope():
+                self.models[part] = fold_batchnorm(source())
+        return self.models[part]
 
     def features(self, rows: np.ndarray | None = None, mirror: bool = False) -> tuple[np.ndarray, bool, float]:
         t, config = self.training, self.training.config
-        images = t.pixels.images
         cache = feature_cache(t.spec.name, t.size, config.weights, config.seed, mirror=mirror,
                               mixed_precision=t.device_plan.mixed_precision)
-        bar = None
+        shas = [e.sha256 for e in t.entries]
+        started = time.perf_counter()
+        found = self.all_cached(cache, shas, rows)
+        if found is not None:
+            seconds = time.perf_counter() - started
+        elif t.cut is None:
+            found, seconds = cached_features(cache, shas, self.model("features"), t.pixels.images, self.batch_size,
+                                             rows=rows, mirror=mirror, on_batch=self.on_batch("Backbone features"),
+                                             strategy=t.strategy)
+        else:  # features = the top of the backbone on the activations at the cut, which the fine-tune needs too
+            activations = self.activations(rows, mirror)
+            picked = np.arange(len(shas)) if rows is None else np.asarray(rows)
+            found, _ = cached_features(cache, [shas[r] for r in picked], self.model("features_on_activations"),
+                                       activations, self.batch_size, on_batch=self.on_batch("Backbone features"),
+                                       strategy=t.strategy)
+            seconds = time.perf_counter() - started
+        what = "Mirrored training-image features" if mirror else "Backbone features"
+        t.log(f"{what}: {found.reused} of {len(found.array)} images reused from the cache, the rest computed "
+              f"({seconds:.1f} s).")
+        return found.array, found.all_reused, seconds
+
+    def activations(self, rows: np.ndarray | None = None, mirror: bool = False) -> np.ndarray:
+        """The activations at the fine-tune's cut of the images `rows` (default all, in dataset order),
+        mirrored with `mirror`: from the activation cache (memory-mapped), the rest computed into it."""
+        key = (None if rows is None else np.asarray(rows).tobytes(), mirror)
+        if key in self.found:
+            return self.found[key]
+        t, config = self.training, self.training.config
+        cache = activation_cache(t.spec.name, t.size, config.weights, config.seed, t.cut.layer, mirror=mirror)
+        shas = [e.sha256 for e in t.entries]
+        started = time.perf_counter()
+        found = self.all_cached(cache, shas, rows, mmap=True)
+        seconds = time.perf_counter() - started
+        if found is None:
+            found, seconds = cached_features(cache, shas, self.model("prefix"), t.pixels.images, self.batch_size,
+                                             rows=rows, mirror=mirror, on_batch=self.on_batch("Backbone activations"),
+                                             strategy=t.strategy, mmap=True)
+        what = "Mirrored images' activations" if mirror else "Backbone activations"
+        t.log(f"{what} at {t.cut.layer}: {found.reused} of {len(found.array)} images reused from the cache, the rest "
+              f"computed ({seconds:.1f} s).")
+        self.found[key] = found.array
+        return found.array
+
+    @staticmethod
+    def all_cached(cache, shas: list[str], rows: np.ndarray | None, *, mmap: bool = False):
+        """The cached rows of images `rows` (default all) when every one is cached already, else None:
+        then no model needs building."""
+        return cache.complete(shas if rows is None else [shas[r] for r in rows], mmap=mmap)
+
+    def on_batch(self, what: str):
+        t, bar = self.training, None
 
         def on_batch(done, total):  # total: the images not cached yet
             nonlocal bar
             if t.progress_bar:
                 bar = bar or keras.utils.Progbar(total, unit_name="image")
                 bar.update(done)
-            if t.beat(RunProgress(phase="features", message=f"Backbone features {done}/{total}",
-                                  batch=done, batches=total)):
+            if t.beat(RunProgress(phase="features", message=f"{what} {done}/{total}", batch=done, batches=total)):
                 raise RunCancelled("Cancelled during feature extraction; the epochs logged so far are kept.")
 
-        found, seconds = cached_features(cache, [e.sha256 for e in t.entries], self.feature_model, images,
-                                         self.batch_size, rows=rows, mirror=mirror, on_batch=on_batch,
-                                         strategy=t.strategy)
-        what = "Mirrored training-image features" if mirror else "Backbone features"
-        t.log(f"{what}: {found.reused} of {len(found.array)} images reused from the cache, the rest computed "
-              f"({seconds:.1f} s).")
-        return found.array, found.all_reused, seconds
+        return on_batch
 
 
 class _RunReporter:
@@ -675,6 +809,15 @@ def _write_tensorboard(folder: Path, history: list[dict[str, float]]) -> None:
                     if name.startswith(prefix) and (prefix or not name.startswith("val_")):
                         tf.summary.scalar(f"epoch_{name[len(prefix):]}", value, step=epoch)
         writer.close()
+
+
+def warmup_cosine(learning_rate: float, steps: int, epochs: int):
+    """The fine-tune's schedule: a linear warm-up from a tenth of `learning_rate` over the first tenth of
+    the steps (at least one, at most an epoch), then cosine decay over the rest."""
+    warmup = min(steps, max(1, steps * epochs // 10))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=learning_rate * 0.1, decay_steps=max(1, steps * epochs - warmup),
+        warmup_target=learning_rate, warmup_steps=warmup)
 
 
 def model_probabilities(model, images: np.ndarray, indices: np.ndarray, batch_size: int, *,
