@@ -11,9 +11,10 @@ folder, such as the clothing set's `validation/`, is left out, as in every measu
 imbalance stays. The set is imported once (tlcore's stratified 70/15/15 split) into its own data
 home; both recipes train on that split:
 
-- "default": `TrainConfig`'s defaults (class weighting auto, head search auto, the fine-tune kept
-  only when it beats the head on validation) with the bench's epochs, size, batch 32, lr 1e-3,
-  dropout 0.2, flip/rotate/zoom in the fine-tune;
+- "default": `TrainConfig`'s defaults (class weighting auto, head search auto, the fine-tune on
+  cached activations, kept only when it beats the head on validation) with the bench's epochs,
+  size, batch 32, lr 1e-3, dropout 0.2, flip/rotate/zoom asked for in the fine-tune (on cached
+  activations only the flip reaches it);
 - "tutorial": `bench/baseline.py` (the Keras transfer-learning tutorial), same epochs, size,
   batch, lr, dropout and augmentation.
 
@@ -151,12 +152,38 @@ def run_set(source: Path, args, workdir: Path) -> dict:
                                               **{**common, "finetune_epochs": 0})}, f"{name}-single-head")
     paired = compare_predictions(pd.concat(preds["tutorial"]), pd.concat(preds["default"]), labels,
                                  name_a="tutorial", name_b="default")
+    against = _against(Path(args.against), name, args.seeds, pd.concat(preds["default"]), labels) \
+        if args.against else None
     return {"name": name, "source": str(source), "images": len(entries), "class_counts": counts,
             "splits": {s: sum(e.split == s for e in entries) for s in ("train", "val", "test")},
             "seeds": [seed for seed in args.seeds if _measured(workdir, f"{name}-default-{seed}").exists()
                       and _measured(workdir, f"{name}-tutorial-{seed}").exists()],
             "runs": sides, "single_head": _row("default", reference) if reference else None,
-            "paired": paired.to_json()}
+            "paired": paired.to_json(), "against": against}
+
+
+def _against(earlier: Path, name: str, seeds, predictions, labels) -> dict | None:
+    """This set's default runs in the workdir `earlier` (same split, an earlier default recipe), and the
+    paired verdict of this workdir's default against them, seeds pooled."""
+    import pandas as pd
+
+    from tlcore.evaluate.comparison import compare_predictions
+    from tlcore.evaluate.evaluation import read_predictions
+
+    rows, tables = [], []
+    for seed in seeds:
+        done = _measured(earlier, f"{name}-default-{seed}")
+        if not done.exists():
+            continue
+        result = json.loads(done.read_text())
+        table = read_predictions(earlier / f"home-{name}" / "runs" / result["run_id"] / "predictions.jsonl")
+        table["path"] = [f"seed{seed}:{Path(p).stem}" for p in table["path"]]
+        rows.append(_row("default", result))
+        tables.append(table)
+    if not rows:
+        return None
+    paired = compare_predictions(pd.concat(tables), predictions, labels, name_a="earlier default", name_b="default")
+    return {"workdir": str(earlier), "runs": rows, "paired": paired.to_json()}
 
 
 def _measured(workdir: Path, label: str) -> Path:
@@ -191,7 +218,7 @@ def _row(side: str, result: dict) -> dict:
             "head_fit_s": (timings.get("head_s") or 0) - (timings.get("features_s") or 0),
             "features_reused": timings.get("features_reused"), "chosen": chosen, "trials": len(trials),
             "class_weight": summary.get("class_weight"), "class_weight_scores": search.get("class_weight"),
-            "finetune": summary.get("finetune")}
+            "finetune": summary.get("finetune"), "finetune_inputs": summary.get("finetune_inputs")}
 
 
 # ---------------------------------------------------------------- report
@@ -231,8 +258,8 @@ def report(results: dict) -> str:
              f"Measured {results['date']} with `{results['command']}` (the machine was shared with other sessions"
              + (f": load average {results['load_average']:.1f} on {os.cpu_count()} cores when the command started"
                 if results.get("load_average") is not None else "") +
-             "; this ran at `nice -n 15`, so wall seconds are noisy; in each seed the two recipes ran one after the "
-             "other, and the load changed between seeds, so the speed-up is given per seed as well).",
+             "; this ran at low priority (`nice`), so wall seconds are noisy; in each seed the two recipes ran one "
+             "after the other, and the load changed between seeds, so the speed-up is given per seed as well).",
              f"Scale: {cfg['image_size']} px, head {cfg['head_epochs']} + fine-tune {cfg['finetune_epochs']} epochs "
              f"for both recipes, at most {cfg['max_images']} images per set (each class the same share of its "
              f"images, so the natural imbalance stays), seeds {', '.join(map(str, cfg['seeds']))}; test split of "
@@ -287,10 +314,26 @@ def report(results: dict) -> str:
                     f"(of {r['trials']})") if c else "-"
             ft = r.get("finetune") or {}
             ft_text = (f"kept {ft['kept']} (val acc {ft['head_val_accuracy']:.3f} → {ft['finetune_val_accuracy']:.3f})"
-                       if ft else "-")
+                       if ft else "-") + (", on cached activations" if r.get("finetune_inputs") == "cached" else "")
             single = f"{s['single_head']['head_fit_s']:.1f}" if s.get("single_head") else "not run"
             lines.append(f"| {s['name']} | {seed} | {head} | {_cw_scores(r)} | {ft_text} | "
                          f"{r['head_fit_s']:.1f}{'' if r['features_reused'] else ' (features computed)'} | {single} |")
+    against = [s for s in results["sets"] if s.get("against")]
+    if against:
+        lines += ["", "The default recipe against the earlier default measured on the same splits and seeds (its "
+                  f"runs in `{against[0]['against']['workdir']}` and the like; `--against`), paired verdict seeds "
+                  "pooled:", "",
+                  "| set | earlier default accuracy | default accuracy | earlier macro F1 | default macro F1 "
+                  "| CPU s earlier / default | paired verdict (seeds pooled) |", "|---|---|---|---|---|---|---|"]
+        for s in against:
+            earlier, now = s["against"]["runs"], s["runs"]["default"]
+            stat = {(side, k): mean_std(r[k] for r in runs) for side, runs in (("earlier", earlier), ("now", now))
+                    for k in ("accuracy", "macro_f1")}
+            cpu = {side: statistics.fmean(r.get("cpu_s") or 0.0 for r in runs)
+                   for side, runs in (("earlier", earlier), ("now", now))}
+            lines.append(f"| {s['name']} | {_ms(stat['earlier', 'accuracy'])} | {_ms(stat['now', 'accuracy'])} "
+                         f"| {_ms(stat['earlier', 'macro_f1'])} | {_ms(stat['now', 'macro_f1'])} "
+                         f"| {cpu['earlier']:.0f} / {cpu['now']:.0f} | {s['against']['paired']['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -313,6 +356,8 @@ def main(argv=None) -> None:
                                      "folder); a run whose result is already there is not run again")
     p.add_argument("--finished-only", action="store_true",
                    help="start no run: report the runs already finished in --workdir")
+    p.add_argument("--against", help="an earlier workdir of the same sets: its default runs are compared with "
+                                      "this one's (paired, seeds pooled)")
     p.add_argument("--report", action="store_true", help="write the BENCHMARKS.md section from the results file")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     p.add_argument("--results", default=str(RESULTS), help="the results file (sets already in it at the same "

@@ -144,7 +144,7 @@ def _fit_heads(x_train, y_train, x_val, y_val, num_classes, trials, *, lr_scale,
             loss_sum += batch_loss
             correct += batch_correct
         ids = live.ids
-        val_loss, val_acc, val_f1 = _evaluate(live.kernel, live.bias, x_val, y_val, num_classes)
+        val_loss, val_acc, val_f1 = evaluate_heads(live.kernel, live.bias, x_val, y_val, num_classes)
         seconds = time.perf_counter() - epoch_started  # the epoch of every trial still live, fitted together
         for name, values in zip(names, (loss_sum / n, correct / n, val_loss, val_acc, val_f1, seconds)):
             history[name][epoch, ids] = values
@@ -165,7 +165,7 @@ def _fit_heads(x_train, y_train, x_val, y_val, num_classes, trials, *, lr_scale,
         if (on_epoch is not None and on_epoch(epoch + 1)) or not len(live.ids):
             break
 
-    _, best_acc, best_f1 = _evaluate(best_kernel, best_bias, x_val, y_val, num_classes)
+    _, best_acc, best_f1 = evaluate_heads(best_kernel, best_bias, x_val, y_val, num_classes)
     records = [HeadTrial(lr=float(t.lr), dropout=float(t.dropout), label_smoothing=float(t.label_smoothing),
                          class_weight=t.class_weight, val_macro_f1=float(best_f1[k]), val_accuracy=float(best_acc[k]),
                          best_epoch=int(best["epoch"][k]), epochs=int(ran[k]))
@@ -236,8 +236,14 @@ class _LiveTrials:
 def choose(trials: list[HeadTrial]) -> int:
     """Index of the trial to keep: best validation macro F1, then accuracy; ties go to no class
     weighting, then to the earlier trial (the recipe's own settings come first)."""
-    return max(range(len(trials)), key=lambda k: (round(trials[k].val_macro_f1, 9), round(trials[k].val_accuracy, 9),
-                                                  trials[k].class_weight == "none", -k))
+    return ranking(trials)[0]
+
+
+def ranking(trials: list[HeadTrial]) -> list[int]:
+    """Indices of `trials`, best first, by the order `choose` keeps."""
+    return sorted(range(len(trials)), key=lambda k: (-round(trials[k].val_macro_f1, 9),
+                                                     -round(trials[k].val_accuracy, 9),
+                                                     trials[k].class_weight != "none", k))
 
 
 def _weight_row(mode: str, y_train: np.ndarray, num_classes: int) -> np.ndarray:
@@ -257,7 +263,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(-1, keepdims=True)
 
 
-def _evaluate(kernel, bias, x, y, num_classes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def evaluate_heads(kernel, bias, x, y, num_classes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per trial: validation loss (unweighted, unsmoothed), accuracy and macro F1 (over the classes
     present in `y`, as `tlcore.evaluate.evaluation` computes it)."""
     probs = _softmax(x[None] @ kernel + bias[:, None, :])
