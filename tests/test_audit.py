@@ -14,7 +14,7 @@ from tlcore import cli
 from tlcore.data.importer import import_dataset
 from tlcore.data.manifest import ManifestEntry, write_manifest
 from tlcore.errors import InvalidInput
-from tlcore.evaluate.audit import audit_dataset, embedding_map, near_duplicates, saved_audit
+from tlcore.evaluate.audit import _reduce, audit_dataset, audit_features, embedding_map, near_duplicates, saved_audit
 from tlcore.records.store import Store
 
 SIZE = 96
@@ -148,6 +148,54 @@ def test_the_embedding_map_draws_a_sample_of_a_large_set():
     points = embedding_map(entries, features, labels, points=50)
     assert len(points) == 50 and len({p.source for p in points}) == 50
     assert embedding_map(entries, features, labels, points=50) == points  # the same sample each time
+
+
+def _small_features():
+    """90 images of 3 classes (24 features): one mislabelled, a photo with 3 copies across splits, one outlier."""
+    rng = np.random.default_rng(2)
+    centres = rng.normal(scale=1.5, size=(3, 24))
+    labels = np.arange(90) % 3
+    features = centres[labels] + rng.normal(size=(90, 24))
+    features[[10, 40, 70]] = features[1] + rng.normal(scale=0.02, size=(3, 24))  # copies of image 1 (class 1)
+    labels[[10, 40, 70]] = 1
+    labels[5] = 0  # an image of class 2 labelled class 0
+    features[88] = rng.normal(scale=12.0, size=24)
+    entries = [_entry(i, "test" if i % 5 == 0 else "train", "abc"[labels[i]]) for i in range(90)]
+    return entries, features.astype(np.float32)
+
+
+def test_the_audit_held_a_few_rows_at_a_time_finds_what_it_finds_holding_them_all():
+    entries, features = _small_features()
+    whole = audit_features(entries, ["a", "b", "c"], features, 3, chunk=10**6, cells=10**9)
+    chunked = audit_features(entries, ["a", "b", "c"], features, 3, chunk=7, cells=100)  # 1 similarity row at a time
+
+    assert [(i.source, i.suggested, i.score) for i in chunked["label_issues"]] == \
+        [(i.source, i.suggested, i.score) for i in whole["label_issues"]]
+    assert [(i.source, i.given, i.suggested) for i in chunked["label_issues"]] == [("test/5.jpg", "a", "c")]
+    assert chunked["duplicate_pairs"] == whole["duplicate_pairs"] == 6  # the 4 copies of image 1, each pair once
+    assert chunked["near_duplicates"] == whole["near_duplicates"]
+    assert chunked["duplicate_groups"] == whole["duplicate_groups"]
+    assert [o.source for o in chunked["outliers"]] == [o.source for o in whole["outliers"]]
+    assert chunked["outliers"][0].source.endswith("/88.jpg")
+    assert [p.source for p in chunked["embedding_map"]] == [p.source for p in whole["embedding_map"]]
+    np.testing.assert_allclose([(p.x, p.y) for p in chunked["embedding_map"]],
+                               [(p.x, p.y) for p in whole["embedding_map"]], atol=1e-3)
+
+
+def test_the_streamed_reduction_is_the_principal_components_of_a_memory_mapped_matrix(tmp_path, monkeypatch):
+    from sklearn.decomposition import PCA
+
+    from tlcore.evaluate import audit
+
+    monkeypatch.setattr(audit, "PCA_DIMS", 5)
+    _, features = _small_features()
+    mapped = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float32, shape=features.shape)
+    mapped[:] = features
+    reduced, uncentred = _reduce(mapped, chunk=7)
+    pca = PCA(5, svd_solver="full").fit(features.astype(np.float64))
+    np.testing.assert_allclose(np.abs(reduced), np.abs(pca.transform(features)), rtol=1e-3, atol=1e-3)
+    span, _ = np.linalg.qr(np.column_stack([pca.components_.T, pca.mean_]))  # the components and the mean
+    np.testing.assert_allclose(np.linalg.norm(uncentred, axis=1), np.linalg.norm(features @ span, axis=1), rtol=1e-4)
 
 
 def test_too_few_images_in_a_class_or_a_single_class_is_refused_in_a_sentence(store, tmp_path, capsys):

@@ -13,12 +13,16 @@ feature cache: a dataset a run has trained on audits without a backbone pass):
 - outliers: images whose nearest neighbours are far less similar than a typical image's, on
   uncentred features (centring removes what all photos of a dataset share, and with it the
   difference between a flower and a page of text);
-- an embedding map: a 2-D projection for a scatter coloured by class (fitted on every image, drawn
-  for a seeded sample of at most `MAP_POINTS`). Linear discriminant
+- an embedding map: a 2-D projection for a scatter coloured by class (fitted on a seeded sample of
+  at most `MAP_FIT` images, drawn for one of at most `MAP_POINTS`). Linear discriminant
   analysis on a PCA of the features, chosen over UMAP and t-SNE for speed: on the 2 shared
   cores, umap-learn took 20-116 s to import (numba) and 60-120 s to fit 3,300 points, sklearn's
   t-SNE 93 s; LDA takes well under a second and still pulls classes apart (a mislabelled image
   sits among the class it looks like, in the other class's colour).
+
+Memory: the feature matrix is memory-mapped from the feature cache and reduced a chunk of rows at
+a time; what the steps hold beyond the reduced features (128 float32 per image) is bounded by
+`CHUNK`, `BLOCK_CELLS` and `MAP_FIT`, not by the dataset's size (bench/audit_memory.py measures it).
 
 The report is saved beside the dataset (`audit-<backbone>.json`) so the dashboard shows it
 without recomputing.
@@ -51,10 +55,13 @@ OUTLIER_NEIGHBOURS = 5
 OUTLIER_SPREAD = 4.0  # robust z-score (median/MAD) below which an image is an outlier
 PCA_DIMS = 128
 HEAD_C = 10.0  # inverse L2 strength of the out-of-fold heads, on unit-length features
-BLOCK = 1024  # rows of the similarity matrix held at once
+BLOCK = 1024  # rows of the similarity matrix held at once, fewer when a row is longer than BLOCK_CELLS / BLOCK
+BLOCK_CELLS = 8 * 2**20  # similarities held at once (32 MB of float32), whatever the dataset's size
+CHUNK = 8192  # feature rows reduced at once
 MAX_PAIRS = 1000  # near-duplicate pairs a report keeps (cross-split first, then most similar); groups count all
 GROUP_MEMBERS = 50  # images a near-duplicate group lists by name (its size counts them all)
 MAP_POINTS = 5000  # images drawn on the embedding map
+MAP_FIT = 20000  # images the map's projection is fitted on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +172,6 @@ def audit_dataset(ref: str, backbone: str = DEFAULT_BACKBONE, *, store: Store | 
     store = store or Store()
     dataset = store.get_dataset(ref)
     entries = load_manifest(dataset.id)
-    labels = np.array([dataset.classes.index(e.label) for e in entries])
     folds = _check_enough_images(dataset, entries, folds)
     spec = get_backbone(backbone)
     size = image_size or spec.default_size
@@ -179,24 +185,40 @@ def audit_dataset(ref: str, backbone: str = DEFAULT_BACKBONE, *, store: Store | 
         return result
 
     features = timed("features_s", "Backbone features", lambda: dataset_features(entries, spec.name, size, weights))
-    with timed("imports_s", "Loading the audit's libraries", _one_blas_thread):
-        reduced, uncentred = timed("pca_s", "Reducing features", lambda: _reduce(features))
-        unit = _unit(reduced)
-        probs = timed("heads_s", f"{folds}-fold heads", lambda: out_of_fold_probabilities(reduced, labels, folds))
-        issues = timed("label_issues_s", "Ranking label issues",
-                       lambda: rank_label_issues(entries, dataset.classes, labels, probs))
-        duplicates, groups, pair_count = timed("duplicates_s", "Near-duplicates",
-                                               lambda: near_duplicates(entries, unit, duplicate_similarity))
-        outliers = timed("outliers_s", "Outliers", lambda: find_outliers(entries, _unit(uncentred)))
-        points = timed("map_s", "Embedding map", lambda: embedding_map(entries, reduced, labels))
+    findings = audit_features(entries, dataset.classes, features, folds, duplicate_similarity, timed)
     timings["total_s"] = round(time.perf_counter() - started, 3)
     report = AuditReport(
         dataset_id=dataset.id, dataset=dataset.label, backbone=spec.name, image_size=size, images=len(entries),
-        label_issues=issues, near_duplicates=duplicates, outliers=outliers,
-        class_balance=class_balance(dataset), embedding_map=points, timings=timings,
-        duplicate_groups=groups, duplicate_pairs=pair_count)
+        class_balance=class_balance(dataset), timings=timings, **findings)
     write_json_atomically(audit_path(dataset.id, spec.name), report.to_dict())
     return report
+
+
+def audit_features(entries: Sequence[ManifestEntry], classes: Sequence[str], features: np.ndarray, folds: int,
+                   duplicate_similarity: float = DUPLICATE_SIMILARITY,
+                   timed: Callable[[str, str, Callable[[], Any]], Any] = lambda key, message, step: step(),
+                   *, chunk: int = CHUNK, cells: int = BLOCK_CELLS) -> dict[str, Any]:
+    """The audit's findings from the features of `entries` (one row each): the AuditReport fields
+    label_issues, near_duplicates, duplicate_groups, duplicate_pairs, outliers and embedding_map.
+
+    `timed(key, message, step)` runs each step (to time it and say what is happening); `chunk`
+    feature rows and `cells` similarities are held at once."""
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.array([index[e.label] for e in entries])
+    with timed("imports_s", "Loading the audit's libraries", _one_blas_thread):
+        reduced, uncentred = timed("pca_s", "Reducing features", lambda: _reduce(features, chunk))
+        probs = timed("heads_s", f"{folds}-fold heads", lambda: out_of_fold_probabilities(reduced, labels, folds))
+        issues = timed("label_issues_s", "Ranking label issues",
+                       lambda: rank_label_issues(entries, classes, labels, probs))
+        points = timed("map_s", "Embedding map", lambda: embedding_map(entries, reduced, labels))
+        unit = _unit(reduced, in_place=True)  # nothing needs the unscaled rows any more: no copy
+        duplicates, groups, pair_count = timed("duplicates_s", "Near-duplicates",
+                                               lambda: near_duplicates(entries, unit, duplicate_similarity,
+                                                                       cells=cells))
+        outliers = timed("outliers_s", "Outliers", lambda: find_outliers(entries, _unit(uncentred, in_place=True),
+                                                                           cells))
+    return {"label_issues": issues, "near_duplicates": duplicates, "duplicate_groups": groups,
+            "duplicate_pairs": pair_count, "outliers": outliers, "embedding_map": points}
 
 
 def _one_blas_thread():
@@ -247,7 +269,7 @@ def dataset_features(entries: Sequence[ManifestEntry], backbone: str, size: int,
     backbone (the same features a head-only training run caches and reuses)."""
     cache = feature_cache(backbone, size, weights, seed)
     shas = [e.sha256 for e in entries]
-    found = cache.complete(shas)
+    found = cache.complete(shas, mmap=True)
     if found is not None:
         return found.array
     import keras
@@ -267,20 +289,36 @@ def dataset_features(entries: Sequence[ManifestEntry], backbone: str, size: int,
     return found.array
 
 
-def _reduce(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _reduce(features: np.ndarray, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """(centred features on their top principal components, the uncentred features in the span of
     those components and the mean): the heads, duplicates and map use the first; the outliers the
-    second, where what every photo of the dataset shares still counts."""
-    from sklearn.utils.extmath import randomized_svd
+    second, where what every photo of the dataset shares still counts.
 
-    features = features.astype(np.float32)
-    mean = features.mean(axis=0)
-    centred = features - mean
-    dims = min(PCA_DIMS, centred.shape[0] - 1, centred.shape[1])
-    # A randomized SVD: a few matrix products, where a full eigendecomposition took 25 s on 2 busy cores.
-    _, _, components = randomized_svd(centred, dims, n_iter=4, random_state=0)
-    basis, _ = np.linalg.qr(np.column_stack([components.T, mean]))
-    return centred @ components.T, features @ basis
+    Streams `chunk` rows at a time (two passes: the mean and covariance, then the projections), so
+    the feature matrix can stay a memory map and no copy of it is ever made."""
+    from scipy.linalg import eigh
+
+    n, width = features.shape
+    mean = np.zeros(width, np.float64)
+    for start in range(0, n, chunk):
+        mean += features[start:start + chunk].sum(axis=0, dtype=np.float64)
+    mean = (mean / n).astype(np.float32)
+    covariance = np.zeros((width, width), np.float64)
+    for start in range(0, n, chunk):
+        centred = np.asarray(features[start:start + chunk], np.float32) - mean
+        covariance += centred.T @ centred
+    dims = min(PCA_DIMS, n - 1, width)
+    # The top eigenvectors of the (width x width) covariance: 0.3 s for 1280 features on one core.
+    _, components = eigh(covariance, subset_by_index=[width - dims, width - 1])
+    components = components[:, ::-1].astype(np.float32)  # the largest component first
+    components *= np.sign(components[np.abs(components).argmax(axis=0), np.arange(dims)])  # one sign, every time
+    basis, _ = np.linalg.qr(np.column_stack([components, mean]))
+    reduced, uncentred = np.empty((n, dims), np.float32), np.empty((n, basis.shape[1]), np.float32)
+    for start in range(0, n, chunk):
+        rows = np.asarray(features[start:start + chunk], np.float32)
+        reduced[start:start + len(rows)] = (rows - mean) @ components
+        uncentred[start:start + len(rows)] = rows @ basis
+    return reduced, uncentred
 
 
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
@@ -313,22 +351,37 @@ def rank_label_issues(entries: Sequence[ManifestEntry], classes: Sequence[str], 
             for i in flagged]
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+def _unit(x: np.ndarray, in_place: bool = False) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    if in_place:
+        x /= norms
+        return x
+    return x / norms
 
 
-def _blocks(unit: np.ndarray):
-    """(first row, cosine similarities of a block of rows with every row), self-similarity -inf."""
-    for start in range(0, len(unit), BLOCK):
-        sims = unit[start:start + BLOCK] @ unit.T
+def _blocks(unit: np.ndarray, *, later_only: bool = False, cells: int = BLOCK_CELLS):
+    """(first row, cosine similarities of a block of rows with every row), self-similarity -inf;
+    with `later_only`, with the rows from the block's first row on (column j is row start + j).
+
+    A block holds at most `cells` similarities (at least one row), so its memory does not grow
+    with the dataset; every block is written into one buffer (blocks of ever-changing sizes, each
+    allocated afresh, left the allocator's heap growing), so a block is valid until the next."""
+    step = max(1, min(BLOCK, cells // max(1, len(unit))))
+    buffer = np.empty(step * len(unit), unit.dtype)
+    for start in range(0, len(unit), step):
+        block, others = unit[start:start + step], unit[start if later_only else 0:]
+        sims = buffer[:len(block) * len(others)].reshape(len(block), len(others))
+        np.matmul(block, others.T, out=sims)
         rows = np.arange(len(sims))
-        sims[rows, start + rows] = -np.inf
+        sims[rows, rows if later_only else start + rows] = -np.inf
         yield start, sims
 
 
 def near_duplicates(entries: Sequence[ManifestEntry], unit: np.ndarray, threshold: float,
-                    max_pairs: int = MAX_PAIRS) -> tuple[list[NearDuplicate], list[DuplicateGroup], int]:
-    """Images with cosine similarity >= `threshold`, a block of rows at a time.
+                    max_pairs: int = MAX_PAIRS, cells: int = BLOCK_CELLS
+                    ) -> tuple[list[NearDuplicate], list[DuplicateGroup], int]:
+    """Images with cosine similarity >= `threshold`, a block of rows at a time (each row with the
+    rows after it: each pair is computed once).
 
     Returns (at most `max_pairs` pairs, cross-split first, then most similar; the groups the pairs
     link, cross-split first, then largest; how many pairs there are in all). Memory holds one block
@@ -347,13 +400,14 @@ def near_duplicates(entries: Sequence[ManifestEntry], unit: np.ndarray, threshol
     kept: list[tuple[bool, float, int, int]] = []  # a min-heap: the weakest kept pair on top
     best: dict[int, float] = {}
     total = 0
-    for start, sims in _blocks(unit):
+    for start, sims in _blocks(unit, later_only=True, cells=cells):
         rows, cols = np.nonzero(sims >= threshold)
-        for i, j in zip((rows + start).tolist(), cols.tolist()):
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            i, j = start + r, start + c
             if i >= j:
                 continue
             total += 1
-            similarity = float(sims[i - start, j])
+            similarity = float(sims[r, c])
             a, b = root(i), root(j)
             if a != b:
                 parent[b] = a
@@ -379,13 +433,14 @@ def near_duplicates(entries: Sequence[ManifestEntry], unit: np.ndarray, threshol
     return duplicates, groups, total
 
 
-def find_outliers(entries: Sequence[ManifestEntry], unit: np.ndarray) -> list[Outlier]:
+def find_outliers(entries: Sequence[ManifestEntry], unit: np.ndarray, cells: int = BLOCK_CELLS) -> list[Outlier]:
     """Images whose nearest neighbours are far less similar than a typical image's (robust z-score
     below -OUTLIER_SPREAD), least similar first."""
     k = min(OUTLIER_NEIGHBOURS, len(unit) - 1)
     neighbour_similarity = np.empty(len(unit), np.float32)
-    for start, sims in _blocks(unit):
-        neighbour_similarity[start:start + len(sims)] = np.partition(sims, -k, axis=1)[:, -k:].mean(axis=1)
+    for start, sims in _blocks(unit, cells=cells):
+        sims.partition(-k, axis=1)  # in place: the block is not needed after this
+        neighbour_similarity[start:start + len(sims)] = sims[:, -k:].mean(axis=1)
     median = np.median(neighbour_similarity)
     spread = 1.4826 * np.median(np.abs(neighbour_similarity - median)) or 1e-6
     z = (neighbour_similarity - median) / spread
@@ -403,18 +458,26 @@ def class_balance(dataset: Dataset) -> dict[str, Any]:
 
 
 def embedding_map(entries: Sequence[ManifestEntry], features: np.ndarray, labels: np.ndarray,
-                  points: int = MAP_POINTS) -> list[MapPoint]:
+                  points: int = MAP_POINTS, fit_on: int = MAP_FIT) -> list[MapPoint]:
     """A 2-D projection of the features (LDA; with two classes, LDA's axis and the first principal one),
-    fitted on every image and drawn for a seeded sample of at most `points` of them."""
+    fitted on a seeded sample of at most `fit_on` images (with one of each class at least) and drawn
+    for a seeded sample of at most `points` of them."""
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
     n_classes = int(labels.max()) + 1
-    lda = LinearDiscriminantAnalysis(n_components=min(2, n_classes - 1)).fit(features, labels)
-    shown = np.arange(len(entries))
-    if len(shown) > points:
-        shown = np.sort(np.random.default_rng(0).choice(len(shown), points, replace=False))
+    fitted = _sample(len(entries), fit_on, seed=1)
+    fitted = np.union1d(fitted, np.unique(labels, return_index=True)[1])
+    lda = LinearDiscriminantAnalysis(n_components=min(2, n_classes - 1)).fit(features[fitted], labels[fitted])
+    shown = _sample(len(entries), points, seed=0)
     xy = lda.transform(features[shown])
     if xy.shape[1] == 1:
         xy = np.column_stack([xy[:, 0], features[shown, 0]])
     return [MapPoint(source=entries[i].source, split=entries[i].split, label=entries[i].label,
                      x=round(float(x), 4), y=round(float(y), 4)) for i, (x, y) in zip(shown.tolist(), xy)]
+
+
+def _sample(n: int, at_most: int, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded sample of at most `at_most` of `n` rows (all of them if fewer)."""
+    if n <= at_most:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, at_most, replace=False))
