@@ -464,3 +464,56 @@ def test_a_node_cache_over_its_budget_loses_its_oldest_files_but_never_what_a_li
     # A fetch touches the images already there: in use again, they are the newest.
     fetched = tlcluster.fetch_blobs([entry("needed")], lambda names: {}, cache / "blobs", "the dispatcher")
     assert fetched.images == 0 and blobs["needed"].stat().st_mtime > blobs["newest"].stat().st_mtime
+
+
+def test_a_node_makes_room_in_its_cache_budget_before_each_shard_it_fetches(tmp_path, monkeypatch):
+    import hashlib
+
+    from tlcore.data.manifest import ManifestEntry
+
+    cache, shared = tmp_path / "node-cache", tmp_path / "shared"
+    monkeypatch.setenv("TLCORE_NODE_CACHE", str(cache))
+    monkeypatch.setenv(tlcluster.SHARED_BLOBS, str(shared))
+    monkeypatch.setattr(tlcluster, "SHARD_FILES", 2)
+
+    def blob(folder: Path, data: bytes) -> ManifestEntry:
+        sha = hashlib.sha256(data).hexdigest()
+        path = folder / sha[:2] / f"{sha}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return ManifestEntry(path=path, label="a", split="train", sha256=sha, source=f"a/{sha[:6]}.jpg",
+                             width=32, height=32)
+
+    old = [blob(cache / "blobs", f"old {i}".encode().ljust(1000, b".")) for i in range(4)]  # 4,000 bytes
+    for age, e in enumerate(old):
+        os.utime(e.path, (1000 + age, 1000 + age))
+    new = [blob(shared, f"new {i}".encode().ljust(1000, b".")) for i in range(3)]  # 3,000 bytes to fetch
+    tlcluster.register_running("run-fetching", [old[1], *new])  # this run trains on one old image and the new
+    monkeypatch.setenv(tlcluster.NODE_CACHE_BUDGET, str(5000 / 1e9))
+
+    def cache_bytes() -> int:
+        return sum(p.stat().st_size for p in (cache / "blobs").rglob("*.jpg"))
+
+    source, described_as = tlcluster.blob_source(None)
+    sizes_when_asked = []
+
+    def watched(names):
+        sizes_when_asked.append(cache_bytes())
+        return source(names)
+
+    room = tlcluster.NodeCacheRoom()
+    fetched = tlcluster.fetch_blobs(old[1:2] + new, watched, cache / "blobs", described_as, room.make)
+
+    assert (fetched.images, fetched.shards) == (3, 2)
+    assert max(sizes_when_asked + [cache_bytes()]) <= 5000  # 7,000 bytes without making room
+    assert [e.path.exists() for e in old] == [False, True, False, True]  # the oldest two not in use went
+    assert all((cache / "blobs" / e.sha256[:2] / e.path.name).exists() for e in new)
+    assert room.describe() == (f"Node cache budget ({tlcluster.NODE_CACHE_BUDGET}): removed 2 least recently used "
+                               "file(s) (0.00 GB) to make room for this run's images")
+
+    # A budget it cannot read is said, and the fetch still happens.
+    monkeypatch.setenv(tlcluster.NODE_CACHE_BUDGET, "lots")
+    (cache / "blobs" / new[0].sha256[:2] / new[0].path.name).unlink()
+    room = tlcluster.NodeCacheRoom()
+    assert tlcluster.fetch_blobs(new, source, cache / "blobs", described_as, room.make).images == 1
+    assert room.describe().startswith("Could not keep this node's cache in its budget: `TLCORE_NODE_CACHE_GB` must be")

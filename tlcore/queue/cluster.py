@@ -17,9 +17,9 @@ mount, or an fsspec URL such as s3://bucket/blobs). They go into a persistent no
 runs and sweeps reuse. It trains in a private data home over that cache with
 `training.execute_run`, reporting through a `RunSink` that pushes log lines, epochs, progress and
 each checkpoint to a `RunChannel` actor on the dispatcher's node. With `$TLCORE_NODE_CACHE_GB`
-set, each task that ends removes the node cache's least recently used files (`cache_budget.prune`)
-until it fits, never one a live task on that node trains on (each notes its images in the cache's
-running/ folder while it runs).
+set, each task removes the node cache's least recently used files (`cache_budget.prune`) until it
+fits before it fetches, again before a shard would take it over, and when it ends; never one a live
+task on that node trains on (each notes its images in the cache's running/ folder while it runs).
 
 The dispatcher prepares each claimed run in a thread (the loop never blocks on it); the loop
 renews the lease of every run it holds. It drains the channel into the store (it alone writes the
@@ -178,13 +178,8 @@ def images_needed_on_node(cache: Path) -> set[str]:
     return needed
 
 
-def keep_node_cache_in_budget() -> cache_budget.Pruned | None:
-    """Remove the node cache's least recently used image files and cache files until it fits
-    `$TLCORE_NODE_CACHE_GB`, never one a live task on this node trains on. None without a budget."""
-    budget = cache_budget.budget_bytes(NODE_CACHE_BUDGET)
-    if budget is None:
-        return None
-    cache = node_cache_dir()
+def _node_cache_items(cache: Path) -> list[cache_budget.Cached]:
+    """Everything the node cache's budget may remove: its pixel and feature cache files, its image files."""
     items = cache_budget.cache_files(cache / "cache")
     for blob in (cache / "blobs").glob("*/*.*"):
         try:
@@ -192,7 +187,74 @@ def keep_node_cache_in_budget() -> cache_budget.Pruned | None:
         except FileNotFoundError:
             continue
         items.append(cache_budget.Cached((blob,), stat.st_size, stat.st_mtime, lambda sha=blob.stem: [sha]))
-    return cache_budget.prune(items, budget, lambda: images_needed_on_node(cache))
+    return items
+
+
+def keep_node_cache_in_budget() -> cache_budget.Pruned | None:
+    """Remove the node cache's least recently used image files and cache files until it fits
+    `$TLCORE_NODE_CACHE_GB`, never one a live task on this node trains on. None without a budget."""
+    budget = cache_budget.budget_bytes(NODE_CACHE_BUDGET)
+    if budget is None:
+        return None
+    cache = node_cache_dir()
+    return cache_budget.prune(_node_cache_items(cache), budget, lambda: images_needed_on_node(cache))
+
+
+class NodeCacheRoom:
+    """Keeps the node cache in `$TLCORE_NODE_CACHE_GB` while a fetch adds image files to it.
+
+    `make(incoming)` is called before the fetch (0 bytes) and before each shard is written: the first
+    call, and any that would take the cache over its budget, look at the cache and remove its least
+    recently used files to leave room for the shard (the budget's rule: never a file a live task on
+    this node trains on, this run's own images included) and for `SLACK` of the budget more, so a
+    long fetch looks at the cache once per tenth of the budget it writes, not once per shard.
+    Between looks it counts the bytes written (another task's writes meanwhile show at the next
+    look, or when a run ends); once what is left is all in use, it stops looking. A bad budget or a
+    failed removal never stops the fetch: `problem` says what went wrong.
+    """
+
+    SLACK = 0.1
+
+    def __init__(self):
+        self.used: int | None = None  # bytes in the node cache at the last look, plus those written since
+        self.removed = self.freed = self.kept_for_runs = 0
+        self.all_in_use = False
+        self.problem: str | None = None
+
+    def make(self, incoming: int) -> None:
+        if self.problem is not None:
+            return
+        try:
+            budget = cache_budget.budget_bytes(NODE_CACHE_BUDGET)
+            if budget is None:
+                return
+            if self.used is None or (self.used + incoming > budget and not self.all_in_use):
+                self._look(budget, incoming)
+            self.used += incoming
+        except Exception as exc:  # noqa: BLE001 - the budget must never cost a run its images
+            self.problem = error_line(exc)
+
+    def _look(self, budget: int, incoming: int) -> None:
+        cache = node_cache_dir()
+        items = _node_cache_items(cache)
+        self.used = sum(item.bytes for item in items)
+        if self.used + incoming <= budget:
+            return
+        target = max(0, budget - incoming - int(budget * self.SLACK))
+        pruned = cache_budget.prune(items, target, lambda: images_needed_on_node(cache))
+        self.used -= pruned.freed
+        self.removed, self.freed = self.removed + pruned.removed, self.freed + pruned.freed
+        self.kept_for_runs = pruned.kept_for_runs
+        self.all_in_use = self.used > target
+
+    def describe(self) -> str | None:
+        """A log line for what it did, or None when there is nothing to say."""
+        if self.problem is not None:
+            return f"Could not keep this node's cache in its budget: {self.problem}"
+        if self.removed or self.kept_for_runs:
+            return _pruned_line(cache_budget.Pruned(self.removed, self.freed, self.kept_for_runs)) + \
+                " to make room for this run's images"
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +294,11 @@ def blob_source(server) -> tuple[Callable[[list[str]], dict[str, bytes]], str]:
 
 
 def fetch_blobs(entries: list[ManifestEntry], source: Callable[[list[str]], dict[str, bytes]], blobs: Path,
-                described_as: str) -> Fetched:
+                described_as: str, make_room: Callable[[int], None] = lambda incoming: None) -> Fetched:
     """Copy the image files of `entries` that `blobs` lacks from `source` (see `blob_source`), shard by shard.
+
+    `make_room(bytes)` is called before the fetch (with 0) and before each shard is written (with its
+    size): `NodeCacheRoom.make` keeps the node cache in its budget.
 
     Raises:
         RuntimeError: the source lacks a file, or sent bytes that do not match their content hash.
@@ -241,10 +306,12 @@ def fetch_blobs(entries: list[ManifestEntry], source: Callable[[list[str]], dict
     names = {e.sha256: e.path.name for e in entries}
     missing = [sha for sha, name in names.items() if not _touch(blobs / sha[:2] / name)]
     total_bytes, shards, remaining = 0, 0, list(missing)
+    make_room(0)
     while remaining:
         shard = source([names[sha] for sha in remaining[:SHARD_FILES]])
         if not shard:
             raise RuntimeError(f"{described_as[0].upper() + described_as[1:]} has no file for image {remaining[0]}.")
+        make_room(sum(len(data) for data in shard.values()))
         for name, data in shard.items():
             sha = name.split(".")[0]
             if hashlib.sha256(data).hexdigest() != sha:
@@ -319,10 +386,13 @@ def _leave_node_cache_in_budget(channel, run_id: str) -> None:
         channel.push.remote(run_id, "log", f"Could not keep this node's cache in its budget: {error_line(exc)}")
         return
     if pruned and (pruned.removed or pruned.kept_for_runs):
-        channel.push.remote(run_id, "log", (
-            f"Node cache budget ({NODE_CACHE_BUDGET}): removed {pruned.removed} least recently used file(s) "
+        channel.push.remote(run_id, "log", _pruned_line(pruned) + ".")
+
+
+def _pruned_line(pruned: cache_budget.Pruned) -> str:
+    return (f"Node cache budget ({NODE_CACHE_BUDGET}): removed {pruned.removed} least recently used file(s) "
             f"({pruned.freed / 1e9:.2f} GB)" + (f"; kept {pruned.kept_for_runs} that runs on this node still need"
-                                                if pruned.kept_for_runs else "") + "."))
+                                                if pruned.kept_for_runs else ""))
 
 
 def remote_training(cpus: float, gpus: float):
@@ -353,7 +423,11 @@ def _lay_out_inputs(inputs: RunInputs, blob_server, sink: ChannelSink) -> tuple[
     blobs = home.blobs_dir()
     register_running(run.id, inputs.entries)
     source, described_as = blob_source(blob_server)
-    sink.log(fetch_blobs(inputs.entries, source, blobs, described_as).describe())
+    room = NodeCacheRoom()
+    fetched = fetch_blobs(inputs.entries, source, blobs, described_as, room.make)
+    if room.describe():
+        sink.log(room.describe() + ".")
+    sink.log(fetched.describe())
     here = [dataclasses.replace(e, path=blobs / e.sha256[:2] / e.path.name) for e in inputs.entries]
     write_manifest(dataset.id, here)
     if inputs.weights_file is not None:
