@@ -12,8 +12,10 @@ streams in batches). A sampler thread in each step's process reads /proc/self/st
 50 ms: "peak anon" is the largest RssAnon + RssShmem seen (resident memory minus file-backed
 pages such as the memory-mapped pixel cache), "peak RSS" the kernel's VmHWM, "CPU s" the step's
 process CPU time (user + system, with the children it waited for). The growth ratio
-divides the largest set's figures by the smallest's. Results go to a JSON file (a set already in
-it is not measured again unless `--again`) and a Markdown table on stdout. With `--ray-runs N`,
+divides the largest set's figures by the smallest's (pass the 10,000 set with the 100,000 one for
+100k/10k). Results go to a JSON file after every step (a set already in it is not measured again
+unless `--again`; a set cut off part way continues in its data home from the first step it lacks)
+and a Markdown table on stdout. With `--ray-runs N`,
 N head-only runs of the largest set then go to a fresh 2-node local Ray cluster (`python -m tlcore
 worker --cluster`), one after the other (`--ray-client`: joined through a Ray client server,
 ray://): the dispatcher's peak RSS, what the nodes fetched into their (fresh) node cache and
@@ -31,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("import", "train", "audit", "export")
@@ -120,13 +123,23 @@ def child(argv: list[str]) -> None:
 # ----------------------------------------------------------------- the driver
 
 
-def measure_set(folder: Path, image_size: int) -> dict:
-    home = Path(tempfile.mkdtemp(prefix="tl-scale-", dir="/work/wt/data"))
+def measure_set(folder: Path, image_size: int, on_step: Callable[[dict], None] = lambda result: None,
+                earlier: dict | None = None) -> dict:
+    """Each step of `folder` in its own process; `on_step(result so far)` after each. With `earlier`
+    (a result cut off part way), its data home is reused and only the steps it lacks run."""
+    if earlier and Path(earlier["home"]).is_dir():
+        home, steps = Path(earlier["home"]), dict(earlier["steps"])
+    else:
+        home, steps = Path(tempfile.mkdtemp(prefix="tl-scale-", dir="/work/wt/data")), {}
     env = {**os.environ, "TLCORE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     state: dict = {}
-    steps = {}
+    for result in steps.values():
+        state.update({k: result[k] for k in ("dataset_id", "run_id") if k in result})
+        state.setdefault("images", result["images"])
     for step in STEPS:
+        if step in steps:
+            continue
         state_file, result_file = home / "state.json", home / f"{step}.json"
         state_file.write_text(json.dumps(state))
         subprocess.run([sys.executable, __file__, "--child", step, str(folder), str(image_size), str(state_file),
@@ -135,8 +148,10 @@ def measure_set(folder: Path, image_size: int) -> dict:
         result["img_per_s"] = round(result["images"] / result["seconds"], 1)
         state.update({k: result[k] for k in ("dataset_id", "run_id") if k in result})
         state.setdefault("images", result["images"])
+        result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         steps[step] = result
         print(f"{folder.name} {step}: {json.dumps(result)}", flush=True)
+        on_step({"set": str(folder), "images": state["images"], "home": str(home), "steps": steps})
     return {"set": str(folder), "images": state["images"], "home": str(home), "steps": steps}
 
 
@@ -238,7 +253,11 @@ def table(results: list[dict]) -> str:
     for step in STEPS:
         cells = [f"{r['steps'][step]['seconds']:.1f} / {r['steps'][step].get('cpu_s', float('nan')):.1f} / "
                  f"{r['steps'][step]['img_per_s']:.1f} / "
-                 f"{r['steps'][step]['peak_anon_mb']:.0f} / {r['steps'][step]['peak_rss_mb']:.0f}" for r in results]
+                 f"{r['steps'][step]['peak_anon_mb']:.0f} / {r['steps'][step]['peak_rss_mb']:.0f}"
+                 if step in r["steps"] else "not measured" for r in results]
+        if step not in small["steps"] or step not in large["steps"]:
+            lines.append(f"| {step} | " + " | ".join(cells) + " | — |")
+            continue
         a, b = small["steps"][step], large["steps"][step]
         per_photo = (b["seconds"] / b["images"]) / (a["seconds"] / a["images"])
         cpu_per_photo = (b.get("cpu_s", float("nan")) / b["images"]) / (a.get("cpu_s", float("nan")) / a["images"])
@@ -268,12 +287,19 @@ def main() -> None:
         earlier = json.loads(args.out.read_text())
         if earlier["image_size"] == args.image_size:
             done = {r["set"]: r for r in earlier["results"]}
+
+    def save(result: dict) -> None:
+        done[result["set"]] = result
+        kept = json.loads(args.out.read_text()) if args.out.is_file() else {}  # the Ray figures stay
+        args.out.write_text(json.dumps({**kept, "image_size": args.image_size, "results": list(done.values()),
+                                        "machine": f"{os.cpu_count()} cores, shared"}, indent=1))
+
     for folder in args.sets:
-        if str(folder) not in done or args.again:
-            done[str(folder)] = measure_set(folder, args.image_size)
-            kept = json.loads(args.out.read_text()) if args.out.is_file() else {}  # the Ray figures stay
-            args.out.write_text(json.dumps({**kept, "image_size": args.image_size, "results": list(done.values()),
-                                            "machine": f"{os.cpu_count()} cores, shared"}, indent=1))
+        earlier = done.get(str(folder))
+        if earlier is None or args.again:
+            save(measure_set(folder, args.image_size, save))
+        elif len(earlier["steps"]) < len(STEPS):  # cut off part way: continue in its data home
+            save(measure_set(folder, args.image_size, save, earlier))
     results = sorted((done[str(folder)] for folder in args.sets), key=lambda r: r["images"])
     print(table(results))
     if args.ray_runs:
