@@ -8,8 +8,10 @@ feature cache: a dataset a run has trained on audits without a backbone pass):
   confident-learning filter;
 - near-duplicates: pairs whose centred, normalised features have cosine similarity above a
   threshold, cross-split pairs first (a copy of a test image in train inflates test accuracy),
-  found a block of rows at a time; copies of one photo are grouped into clusters (so a photo with
-  30 variants is one finding, not 435 pairs) and the report keeps at most `MAX_PAIRS` pairs;
+  found with a nearest-neighbour index (`tlcore.evaluate.neighbours`: every pair up to 20,000
+  images, an inverted-file index above, so the time per photo does not grow with the set); copies
+  of one photo are grouped into clusters (so a photo with 30 variants is one finding, not 435
+  pairs) and the report keeps at most `MAX_PAIRS` pairs;
 - outliers: images whose nearest neighbours are far less similar than a typical image's, on
   uncentred features (centring removes what all photos of a dataset share, and with it the
   difference between a flower and a page of text);
@@ -21,8 +23,9 @@ feature cache: a dataset a run has trained on audits without a backbone pass):
   sits among the class it looks like, in the other class's colour).
 
 Memory: the feature matrix is memory-mapped from the feature cache and reduced a chunk of rows at
-a time; what the steps hold beyond the reduced features (128 float32 per image) is bounded by
-`CHUNK`, `BLOCK_CELLS` and `MAP_FIT`, not by the dataset's size (bench/audit_memory.py measures it).
+a time; what the steps hold beyond the reduced features (128 float32 per image, and the
+neighbour index's copy of them) is bounded by `CHUNK`, the index's batch of queries and `MAP_FIT`,
+not by the dataset's size (bench/audit_memory.py measures it).
 
 The report is saved beside the dataset (`audit-<backbone>.json`) so the dashboard shows it
 without recomputing.
@@ -43,6 +46,7 @@ from tlcore.backbones import get_backbone
 from tlcore.backbones.features import feature_cache
 from tlcore.data.manifest import ManifestEntry, load_manifest
 from tlcore.errors import InvalidInput
+from tlcore.evaluate.neighbours import EXACT_UP_TO, QUERY_ROWS, NeighbourIndex
 from tlcore.records import home
 from tlcore.records.atomic import write_json_atomically
 from tlcore.records.store import Dataset, Store
@@ -55,8 +59,6 @@ OUTLIER_NEIGHBOURS = 5
 OUTLIER_SPREAD = 4.0  # robust z-score (median/MAD) below which an image is an outlier
 PCA_DIMS = 128
 HEAD_C = 10.0  # inverse L2 strength of the out-of-fold heads, on unit-length features
-BLOCK = 1024  # rows of the similarity matrix held at once, fewer when a row is longer than BLOCK_CELLS / BLOCK
-BLOCK_CELLS = 8 * 2**20  # similarities held at once (32 MB of float32), whatever the dataset's size
 CHUNK = 8192  # feature rows reduced at once
 MAX_PAIRS = 1000  # near-duplicate pairs a report keeps (cross-split first, then most similar); groups count all
 GROUP_MEMBERS = 50  # images a near-duplicate group lists by name (its size counts them all)
@@ -197,12 +199,14 @@ def audit_dataset(ref: str, backbone: str = DEFAULT_BACKBONE, *, store: Store | 
 def audit_features(entries: Sequence[ManifestEntry], classes: Sequence[str], features: np.ndarray, folds: int,
                    duplicate_similarity: float = DUPLICATE_SIMILARITY,
                    timed: Callable[[str, str, Callable[[], Any]], Any] = lambda key, message, step: step(),
-                   *, chunk: int = CHUNK, cells: int = BLOCK_CELLS) -> dict[str, Any]:
+                   *, chunk: int = CHUNK, query_rows: int = QUERY_ROWS, exact_up_to: int = EXACT_UP_TO
+                   ) -> dict[str, Any]:
     """The audit's findings from the features of `entries` (one row each): the AuditReport fields
     label_issues, near_duplicates, duplicate_groups, duplicate_pairs, outliers and embedding_map.
 
     `timed(key, message, step)` runs each step (to time it and say what is happening); `chunk`
-    feature rows and `cells` similarities are held at once."""
+    feature rows are reduced at once and `query_rows` images searched for neighbours at once; above
+    `exact_up_to` images the neighbour search is approximate (see `tlcore.evaluate.neighbours`)."""
     index = {name: i for i, name in enumerate(classes)}
     labels = np.array([index[e.label] for e in entries])
     with timed("imports_s", "Loading the audit's libraries", _one_blas_thread):
@@ -211,12 +215,14 @@ def audit_features(entries: Sequence[ManifestEntry], classes: Sequence[str], fea
         issues = timed("label_issues_s", "Ranking label issues",
                        lambda: rank_label_issues(entries, classes, labels, probs))
         points = timed("map_s", "Embedding map", lambda: embedding_map(entries, reduced, labels))
-        unit = _unit(reduced, in_place=True)  # nothing needs the unscaled rows any more: no copy
+
+        def index(rows: np.ndarray) -> NeighbourIndex:
+            # In place: nothing needs the unscaled rows any more.
+            return NeighbourIndex(_unit(rows, in_place=True), exact_up_to=exact_up_to, query_rows=query_rows)
+
         duplicates, groups, pair_count = timed("duplicates_s", "Near-duplicates",
-                                               lambda: near_duplicates(entries, unit, duplicate_similarity,
-                                                                       cells=cells))
-        outliers = timed("outliers_s", "Outliers", lambda: find_outliers(entries, _unit(uncentred, in_place=True),
-                                                                           cells))
+                                               lambda: near_duplicates(entries, index(reduced), duplicate_similarity))
+        outliers = timed("outliers_s", "Outliers", lambda: find_outliers(entries, index(uncentred)))
     return {"label_issues": issues, "near_duplicates": duplicates, "duplicate_groups": groups,
             "duplicate_pairs": pair_count, "outliers": outliers, "embedding_map": points}
 
@@ -229,6 +235,7 @@ def _one_blas_thread():
     the 2 shared cores a QR took 10.5 s with two threads and 0.55 s with one.
     """
     import cleanlab.filter  # noqa: F401 - loaded now so the limit covers its BLAS too
+    import faiss  # noqa: F401 - and its OpenMP
     import sklearn.discriminant_analysis  # noqa: F401
     import sklearn.linear_model  # noqa: F401
     import sklearn.utils.extmath  # noqa: F401
@@ -359,88 +366,53 @@ def _unit(x: np.ndarray, in_place: bool = False) -> np.ndarray:
     return x / norms
 
 
-def _blocks(unit: np.ndarray, *, later_only: bool = False, cells: int = BLOCK_CELLS):
-    """(first row, cosine similarities of a block of rows with every row), self-similarity -inf;
-    with `later_only`, with the rows from the block's first row on (column j is row start + j).
-
-    A block holds at most `cells` similarities (at least one row), so its memory does not grow
-    with the dataset; every block is written into one buffer (blocks of ever-changing sizes, each
-    allocated afresh, left the allocator's heap growing), so a block is valid until the next."""
-    step = max(1, min(BLOCK, cells // max(1, len(unit))))
-    buffer = np.empty(step * len(unit), unit.dtype)
-    for start in range(0, len(unit), step):
-        block, others = unit[start:start + step], unit[start if later_only else 0:]
-        sims = buffer[:len(block) * len(others)].reshape(len(block), len(others))
-        np.matmul(block, others.T, out=sims)
-        rows = np.arange(len(sims))
-        sims[rows, rows if later_only else start + rows] = -np.inf
-        yield start, sims
-
-
-def near_duplicates(entries: Sequence[ManifestEntry], unit: np.ndarray, threshold: float,
-                    max_pairs: int = MAX_PAIRS, cells: int = BLOCK_CELLS
-                    ) -> tuple[list[NearDuplicate], list[DuplicateGroup], int]:
-    """Images with cosine similarity >= `threshold`, a block of rows at a time (each row with the
-    rows after it: each pair is computed once).
+def near_duplicates(entries: Sequence[ManifestEntry], index: NeighbourIndex, threshold: float,
+                    max_pairs: int = MAX_PAIRS) -> tuple[list[NearDuplicate], list[DuplicateGroup], int]:
+    """Images with cosine similarity >= `threshold` in `index` (rows in the order of `entries`).
 
     Returns (at most `max_pairs` pairs, cross-split first, then most similar; the groups the pairs
-    link, cross-split first, then largest; how many pairs there are in all). Memory holds one block
-    of similarities, the kept pairs and one group id per image, never every pair.
+    link, cross-split first, then largest; how many pairs there are in all). Memory holds one batch
+    of the index's answers, the kept pairs and a group id and a similarity per image, never every pair.
     """
-    import heapq
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    parent = np.arange(len(unit))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    kept: list[tuple[bool, float, int, int]] = []  # a min-heap: the weakest kept pair on top
-    best: dict[int, float] = {}
+    n = len(entries)
+    split = np.unique([e.split for e in entries], return_inverse=True)[1]
+    group = np.arange(n)  # a group id per image: the groups the pairs so far link
+    best = np.zeros(n, np.float32)  # per image, the similarity of its most similar pair
+    kept = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
     total = 0
-    for start, sims in _blocks(unit, later_only=True, cells=cells):
-        rows, cols = np.nonzero(sims >= threshold)
-        for r, c in zip(rows.tolist(), cols.tolist()):
-            i, j = start + r, start + c
-            if i >= j:
-                continue
-            total += 1
-            similarity = float(sims[r, c])
-            a, b = root(i), root(j)
-            if a != b:
-                parent[b] = a
-            best[a] = max(best.get(a, 0.0), best.pop(b, 0.0) if a != b else 0.0, similarity)
-            pair = (entries[i].split != entries[j].split, similarity, i, j)
-            if len(kept) < max_pairs:
-                heapq.heappush(kept, pair)
-            elif pair > kept[0]:
-                heapq.heapreplace(kept, pair)
-    duplicates = [NearDuplicate(a=entries[i].source, b=entries[j].source, similarity=round(s, 4),
+    for rows, cols, sims in index.pairs_at_least(threshold):
+        total += len(rows)
+        np.maximum.at(best, rows, sims)
+        np.maximum.at(best, cols, sims)
+        links = coo_matrix((np.ones(len(rows), np.int8), (group[rows], group[cols])), shape=(n, n))
+        group = connected_components(links, directed=False)[1][group]
+        i, j, similarity = (np.concatenate(pair) for pair in zip(kept, (rows, cols, sims)))
+        # Cross-split first, then most similar, then later images first (a stable order for ties).
+        order = np.lexsort((-j, -i, -similarity, split[i] == split[j]))[:max_pairs]
+        kept = (i[order], j[order], similarity[order])
+    duplicates = [NearDuplicate(a=entries[i].source, b=entries[j].source, similarity=round(float(s), 4),
                                 splits=(entries[i].split, entries[j].split))
-                  for _, s, i, j in sorted(kept, reverse=True)]
-    members: dict[int, list[int]] = {}
-    for i in range(len(unit)):
-        if parent[i] != i or i in best:
-            members.setdefault(root(i), []).append(i)
-    groups = [DuplicateGroup(size=len(group), members=[entries[i].source for i in group[:GROUP_MEMBERS]],
-                             splits=sorted({entries[i].split for i in group}),
-                             labels=sorted({entries[i].label for i in group}),
-                             similarity=round(best.get(r, 0.0), 4))
-              for r, group in members.items() if len(group) > 1]
+                  for i, j, s in zip(*(column.tolist() for column in kept))]
+    by_group = np.argsort(group, kind="stable")  # each group's images in the order of `entries`
+    starts = np.flatnonzero(np.r_[True, np.diff(group[by_group]) != 0])
+    members = [m for m in np.split(by_group, starts[1:]) if len(m) > 1]
+    members.sort(key=lambda m: m[0])
+    groups = [DuplicateGroup(size=len(m), members=[entries[i].source for i in m[:GROUP_MEMBERS].tolist()],
+                             splits=sorted({entries[i].split for i in m.tolist()}),
+                             labels=sorted({entries[i].label for i in m.tolist()}),
+                             similarity=round(float(best[m].max()), 4))
+              for m in members]
     groups.sort(key=lambda g: (not g.cross_split, -g.size, -g.similarity))
     return duplicates, groups, total
 
 
-def find_outliers(entries: Sequence[ManifestEntry], unit: np.ndarray, cells: int = BLOCK_CELLS) -> list[Outlier]:
-    """Images whose nearest neighbours are far less similar than a typical image's (robust z-score
-    below -OUTLIER_SPREAD), least similar first."""
-    k = min(OUTLIER_NEIGHBOURS, len(unit) - 1)
-    neighbour_similarity = np.empty(len(unit), np.float32)
-    for start, sims in _blocks(unit, cells=cells):
-        sims.partition(-k, axis=1)  # in place: the block is not needed after this
-        neighbour_similarity[start:start + len(sims)] = sims[:, -k:].mean(axis=1)
+def find_outliers(entries: Sequence[ManifestEntry], index: NeighbourIndex) -> list[Outlier]:
+    """Images whose nearest neighbours in `index` are far less similar than a typical image's (robust
+    z-score below -OUTLIER_SPREAD), least similar first."""
+    neighbour_similarity = index.mean_nearest_similarity(min(OUTLIER_NEIGHBOURS, len(entries) - 1))
     median = np.median(neighbour_similarity)
     spread = 1.4826 * np.median(np.abs(neighbour_similarity - median)) or 1e-6
     z = (neighbour_similarity - median) / spread
