@@ -129,3 +129,19 @@ def test_mirrored_batches_take_each_row_or_its_mirrored_twin_the_same_way_every_
     assert 0 < sum(picks) < len(picks)  # both, at random
     for first, second in zip(drawn(), drawn()):
         np.testing.assert_array_equal(np.concatenate(first, axis=None), np.concatenate(second, axis=None))
+
+
+def test_stacked_rows_read_like_the_stacked_arrays_from_memory_maps(tmp_path):
+    """The head's training rows (features of the training images, then their mirrored features) are
+    read batch by batch from the memory-mapped caches, and are the rows a stacked copy would hold."""
+    rng = np.random.default_rng(0)
+    features, mirrored = rng.normal(size=(20, 3)).astype(np.float32), rng.normal(size=(6, 3)).astype(np.float32)
+    np.save(tmp_path / "f.npy", features)
+    np.save(tmp_path / "m.npy", mirrored)
+    train = np.array([17, 2, 9, 4, 11, 0])
+    stacked = pipeline.StackedRows((np.load(tmp_path / "f.npy", mmap_mode="r"), train),
+                                   (np.load(tmp_path / "m.npy", mmap_mode="r"), np.arange(6)))
+    copy = np.concatenate([features[train], mirrored])
+    assert len(stacked) == 12 and stacked.shape == copy.shape
+    for positions in (np.array([11, 0, 6, 5, 3]), rng.permutation(12), np.array([], int)):
+        np.testing.assert_array_equal(stacked[positions], copy[positions])

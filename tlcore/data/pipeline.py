@@ -172,6 +172,32 @@ def batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, batch_s
     return order.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
+class StackedRows:
+    """Rows of cached arrays stacked as one array, without a copy: `x[positions]` gathers just those
+    rows, each array's in file order (they may be memory maps). The head trains on the training
+    images' features followed by their mirrored features; at 100,000 images, stacking them in
+    memory would take 0.7 GB beside the feature matrix."""
+
+    def __init__(self, *parts: tuple[np.ndarray, np.ndarray]):
+        self.parts = parts  # (array, the rows of it to take), stacked in this order
+        self.starts = np.cumsum([0] + [len(rows) for _, rows in parts])
+        self.shape = (int(self.starts[-1]), *parts[0][0].shape[1:])
+        self.dtype = parts[0][0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions)
+        part = np.searchsorted(self.starts, positions, side="right") - 1
+        x = np.empty((len(positions), *self.shape[1:]), self.dtype)
+        for k, (array, rows) in enumerate(self.parts):
+            mine = np.flatnonzero(part == k)
+            if len(mine):
+                x[mine] = _gather(array, rows, positions[mine] - self.starts[k])
+        return x
+
+
 def _gather(images: np.ndarray, indices: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """The cached rows `indices[positions]` of `images`, read in row order (sequential on disk)."""
     rows = indices[positions]

@@ -96,7 +96,8 @@ def trial_grid(lr: float, dropout: float, class_weight: str, search: bool) -> li
 def fit_heads(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, num_classes: int,
               trials: list[TrialSettings], *, lr_scale: float, batch_size: int, max_epochs: int, patience: int,
               seed: int, on_epoch: Callable[[int], bool] | None = None) -> FittedHeads:
-    """Fit one softmax head per trial on features `x_train`, choose on `x_val` (validation macro F1,
+    """Fit one softmax head per trial on features `x_train` (an array, or rows gathered by index such as
+    `tlcore.data.pipeline.StackedRows`), choose on `x_val` (validation macro F1,
     then accuracy, then no class weighting, then the earlier trial). `on_epoch(epoch)` (1-based)
     is called after each epoch; True stops every trial.
 
@@ -121,7 +122,7 @@ def _fit_heads(x_train, y_train, x_val, y_val, num_classes, trials, *, lr_scale,
                seed, on_epoch) -> FittedHeads:
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
-    x_train, x_val = np.asarray(x_train, np.float32), np.asarray(x_val, np.float32)
+    x_val = np.asarray(x_val, np.float32)  # x_train is read a batch at a time (it may be `pipeline.StackedRows`)
     n_trials, dim, n = len(trials), x_train.shape[1], len(x_train)
     limit = np.sqrt(6.0 / (dim + num_classes))
     init = rng.uniform(-limit, limit, (1, dim, num_classes)).astype(np.float32)
@@ -140,7 +141,7 @@ def _fit_heads(x_train, y_train, x_val, y_val, num_classes, trials, *, lr_scale,
         loss_sum, correct = np.zeros(len(live.ids)), np.zeros(len(live.ids))
         for start in range(0, n, batch_size):
             rows = order[start:start + batch_size]
-            batch_loss, batch_correct = live.step(x_train[rows], y_train[rows], rng)
+            batch_loss, batch_correct = live.step(np.asarray(x_train[rows], np.float32), y_train[rows], rng)
             loss_sum += batch_loss
             correct += batch_correct
         ids = live.ids

@@ -402,12 +402,14 @@ class _Training:
         self.times.add("features_s", seconds)
         self.times.features_reused = reused
         train = splits["train"]
-        x_train, y_train = features[train], self.y_all[train]
+        parts, y_train = [(features, train)], self.y_all[train]
         if "flip" in config.augment:
             # Flip augmentation without giving up the cache: the head also sees each training image mirrored.
             mirrored, _, seconds = extractor.features(train, mirror=True)
             self.times.add("features_s", seconds)
-            x_train, y_train = np.concatenate([x_train, mirrored]), np.concatenate([y_train, y_train])
+            parts.append((mirrored, np.arange(len(train))))
+            y_train = np.concatenate([y_train, y_train])
+        x_train = pipeline.StackedRows(*parts)  # batches read from the memory-mapped caches
 
         val = splits["val"]
         search = config.head_search == "auto"
@@ -596,19 +598,20 @@ class _FeatureExtraction:
                               mixed_precision=t.device_plan.mixed_precision)
         shas = [e.sha256 for e in t.entries]
         started = time.perf_counter()
-        found = self.all_cached(cache, shas, rows)
+        # Memory-mapped: a large set's feature matrix stays in the page cache, outside the heap.
+        found = self.all_cached(cache, shas, rows, mmap=True)
         if found is not None:
             seconds = time.perf_counter() - started
         elif t.cut is None:
             found, seconds = cached_features(cache, shas, self.model("features"), t.pixels.images, self.batch_size,
                                              rows=rows, mirror=mirror, on_batch=self.on_batch("Backbone features"),
-                                             strategy=t.strategy)
+                                             strategy=t.strategy, mmap=True)
         else:  # features = the top of the backbone on the activations at the cut, which the fine-tune needs too
             activations = self.activations(rows, mirror)
             picked = np.arange(len(shas)) if rows is None else np.asarray(rows)
             found, _ = cached_features(cache, [shas[r] for r in picked], self.model("features_on_activations"),
                                        activations, self.batch_size, on_batch=self.on_batch("Backbone features"),
-                                       strategy=t.strategy)
+                                       strategy=t.strategy, mmap=True)
             seconds = time.perf_counter() - started
         what = "Mirrored training-image features" if mirror else "Backbone features"
         t.log(f"{what}: {found.reused} of {len(found.array)} images reused from the cache, the rest computed "
