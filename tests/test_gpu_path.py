@@ -265,5 +265,5 @@ def test_the_worker_declares_its_policy_before_training(trained_run, monkeypatch
 
     monkeypatch.setenv("TLCORE_HOME", str(trained_run.home))
     log = [line.message for line in Store().logs(trained_run.run_id)]
+    # The run's own log, not this process's roles: another xdist worker may have trained the shared run.
     assert any("Process device policy: " in m and "none declared" not in m for m in log)
-    assert "worker" in devices.declared_roles()
