@@ -1,6 +1,6 @@
 """Scale with the data: each step's wall time, images/s and peak memory at growing dataset sizes.
 
-    nice -n 15 python bench/scale.py --sets /work/wt/data/large-2000 /work/wt/data/large-6000 \
+    nice -n 15 python bench/scale.py --sets /work/wt/data/large-2000 /work/wt/data/large-6000 [--workdir DIR] \
         [--image-size 96] [--out bench/results/scale.json]
 
 Make the sets first with `bench/make_large_set.py`. For each set, in a fresh data home, each step
@@ -124,13 +124,14 @@ def child(argv: list[str]) -> None:
 
 
 def measure_set(folder: Path, image_size: int, on_step: Callable[[dict], None] = lambda result: None,
-                earlier: dict | None = None) -> dict:
+                earlier: dict | None = None, workdir: Path | None = None) -> dict:
     """Each step of `folder` in its own process; `on_step(result so far)` after each. With `earlier`
-    (a result cut off part way), its data home is reused and only the steps it lacks run."""
+    (a result cut off part way), its data home is reused and only the steps it lacks run. A new data
+    home goes in `workdir` (default: the system's temporary folder)."""
     if earlier and Path(earlier["home"]).is_dir():
         home, steps = Path(earlier["home"]), dict(earlier["steps"])
     else:
-        home, steps = Path(tempfile.mkdtemp(prefix="tl-scale-", dir="/work/wt/data")), {}
+        home, steps = Path(tempfile.mkdtemp(prefix="tl-scale-", dir=workdir)), {}
     env = {**os.environ, "TLCORE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     state: dict = {}
@@ -175,7 +176,8 @@ def client_server(cluster) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
 
 
-def measure_ray(result: dict, image_size: int, runs: int, through_client: bool = False) -> dict:
+def measure_ray(result: dict, image_size: int, runs: int, through_client: bool = False,
+                workdir: Path | None = None) -> dict:
     """`runs` head-only runs of a measured set dispatched to a fresh 2-node local Ray cluster (joined
     through a Ray client server, ray://, with `through_client`: the dispatcher then sends the image
     files itself, by way of the relay actor): the dispatcher's peak memory (sampled every 50 ms),
@@ -190,7 +192,7 @@ def measure_ray(result: dict, image_size: int, runs: int, through_client: bool =
     from tlcore.records.store import Store
 
     os.environ["TLCORE_HOME"] = result["home"]
-    node_cache = Path(tempfile.mkdtemp(prefix="tl-node-", dir="/work/wt/data"))
+    node_cache = Path(tempfile.mkdtemp(prefix="tl-node-", dir=workdir))
     os.environ["TLCORE_NODE_CACHE"] = str(node_cache)  # the nodes inherit it from this process
     cluster = ray_cluster(2)
     server, address = client_server(cluster) if through_client else (None, cluster.address)
@@ -277,6 +279,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
     parser.add_argument("--again", action="store_true", help="measure sets the results file already holds again")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the data homes and node caches go (default: the system's temporary folder)")
     parser.add_argument("--ray-runs", type=int, default=0,
                         help="then dispatch this many head-only runs of the largest set to a 2-node local Ray cluster")
     parser.add_argument("--ray-client", action="store_true",
@@ -297,13 +301,13 @@ def main() -> None:
     for folder in args.sets:
         earlier = done.get(str(folder))
         if earlier is None or args.again:
-            save(measure_set(folder, args.image_size, save))
+            save(measure_set(folder, args.image_size, save, workdir=args.workdir))
         elif len(earlier["steps"]) < len(STEPS):  # cut off part way: continue in its data home
-            save(measure_set(folder, args.image_size, save, earlier))
+            save(measure_set(folder, args.image_size, save, earlier, workdir=args.workdir))
     results = sorted((done[str(folder)] for folder in args.sets), key=lambda r: r["images"])
     print(table(results))
     if args.ray_runs:
-        ray = measure_ray(results[-1], args.image_size, args.ray_runs, args.ray_client)
+        ray = measure_ray(results[-1], args.image_size, args.ray_runs, args.ray_client, args.workdir)
         ray.setdefault("address", "GCS")
         data = json.loads(args.out.read_text())
         earlier = data.get("ray") or []
