@@ -138,8 +138,8 @@ def _head_choice(summary, augment) -> None:
     if summary.finetune:
         caption = st.warning if summary.finetune.kept == "head" else st.caption
         caption(summary.finetune.describe())
-    if summary.describe_finetune_inputs(augment):
-        st.caption(summary.describe_finetune_inputs(augment))
+    if inputs := summary.describe_finetune_inputs(augment):
+        st.caption(inputs)
     if search and len(search.trials) > 2:
         chosen = search.trials[search.chosen]
         with st.expander(f"Head search: {len(search.trials)} trials, kept {chosen.settings()}"):

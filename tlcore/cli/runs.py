@@ -108,8 +108,8 @@ def _head_choice_lines(summary, augment) -> list[str]:
         lines.append(f"  class weighting: {summary.class_weight}")
     if summary.finetune:
         lines.append(f"  fine-tune: {summary.finetune.describe()}")
-    if summary.describe_finetune_inputs(augment):
-        lines.append(f"  fine-tune inputs: {summary.describe_finetune_inputs(augment)}")
+    if inputs := summary.describe_finetune_inputs(augment):
+        lines.append(f"  fine-tune inputs: {inputs}")
     return lines
 
 

@@ -425,8 +425,8 @@ def _lay_out_inputs(inputs: RunInputs, blob_server, sink: ChannelSink) -> tuple[
     source, described_as = blob_source(blob_server)
     room = NodeCacheRoom()
     fetched = fetch_blobs(inputs.entries, source, blobs, described_as, room.make)
-    if room.describe():
-        sink.log(room.describe() + ".")
+    if pruned := room.describe():
+        sink.log(pruned + ".")
     sink.log(fetched.describe())
     here = [dataclasses.replace(e, path=blobs / e.sha256[:2] / e.path.name) for e in inputs.entries]
     write_manifest(dataset.id, here)
