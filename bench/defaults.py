@@ -1,7 +1,8 @@
 """Issue 21: the default recipe vs the Keras tutorial recipe on several real photo sets, 3 seeds.
 
     python bench/defaults.py DATA_FOLDER [DATA_FOLDER ...] [--seeds 0,1,2] [--image-size 128]
-        [--head-epochs 5] [--finetune-epochs 2] [--max-images 240]
+        [--head-epochs 5] [--finetune-epochs 2] [--max-images 240] [--recipes tutorial,default]
+        [--set FIELD=VALUE ...] [--against EARLIER_WORKDIR]
     python bench/defaults.py --report [--results A.json,B.json]   # the BENCHMARKS.md section from results files
 
 Each folder is a photo set, one sub-folder per class; a set laid out as `train/` and `val/`
@@ -122,7 +123,7 @@ def run_set(source: Path, args, workdir: Path) -> dict:
         done = _measured(workdir, label)
         if done.exists():
             return json.loads(done.read_text())
-        if args.finished_only:
+        if args.finished_only or task_recipe(task) not in args.recipes:
             return None
         result = measure(task, task_args, home, workdir, label)
         done.write_text(json.dumps(result))  # with the process's wall and CPU time, which the worker cannot know
@@ -136,7 +137,7 @@ def run_set(source: Path, args, workdir: Path) -> dict:
         tutorial = run("baseline", dict(split_dir=str(split_dir), labels=labels, size=args.image_size,
                                         seed=seed, eval_split="test", **common), f"{name}-tutorial-{seed}")
         default = run("tlcore", {"config": dict(dataset=dataset.id, image_size=args.image_size, seed=seed,
-                                                augment=list(AUGMENT), **common)}, f"{name}-default-{seed}")
+                                                augment=list(AUGMENT), **common, **args.set)}, f"{name}-default-{seed}")
         if tutorial is None or default is None:
             continue
         for side, result, table in (
@@ -160,6 +161,19 @@ def run_set(source: Path, args, workdir: Path) -> dict:
                       and _measured(workdir, f"{name}-tutorial-{seed}").exists()],
             "runs": sides, "single_head": _row("default", reference) if reference else None,
             "paired": paired.to_json(), "against": against}
+
+
+def _setting(value: str):
+    """A `--set` value: a number, list or boolean as JSON reads it, else the text itself."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def task_recipe(task: str) -> str:
+    """The recipe a `bench/run.py` task measures."""
+    return {"baseline": "tutorial", "tlcore": "default"}[task]
 
 
 def _against(earlier: Path, name: str, seeds, predictions, labels) -> dict | None:
@@ -354,6 +368,12 @@ def main(argv=None) -> None:
     p.add_argument("--max-images", type=int, default=240)
     p.add_argument("--workdir", help="where the data homes and each run's result go (default: a new temporary "
                                      "folder); a run whose result is already there is not run again")
+    p.add_argument("--recipes", default="tutorial,default",
+                   help="the recipes to run now (a run of another recipe is only read back when finished), e.g. "
+                        "tutorial: its runs, which no change to tlcore alters, first")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a recipe field over TrainConfig's default on the default side, e.g. finetune_views=0, to "
+                        "measure a candidate default against the current one (with --against); repeatable")
     p.add_argument("--finished-only", action="store_true",
                    help="start no run: report the runs already finished in --workdir")
     p.add_argument("--against", help="an earlier workdir of the same sets: its default runs are compared with "
@@ -371,6 +391,8 @@ def main(argv=None) -> None:
         _write_section(Path(args.out), report(merged))
         return
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.recipes = args.recipes.split(",")
+    args.set = {field: _setting(value) for field, value in (item.split("=", 1) for item in args.set)}
     args.weights_home = None
     command = "python bench/defaults.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tldefaults-"))
