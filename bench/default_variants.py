@@ -7,9 +7,11 @@ The set is sampled and imported as `bench/defaults.py` does (the same seeded sam
 stratified split, so the default side reproduces that bench's default runs and its tutorial
 numbers in bench/results/ apply), then each variant trains once per seed, each run in its own
 process. Prints test accuracy, macro F1 and CPU seconds per run; a run already in the workdir is
-read back, not run again. Variants: "default" (TrainConfig's defaults with the bench's recipe) and
+read back, not run again. Variants: "default" (TrainConfig's defaults with the bench's recipe),
 "single-head" (the head search and class weighting off: one head at the recipe's own settings,
-then the same fine-tune).
+then the same fine-tune), "finetune-lr-0.2" / "-0.3" (the fine-tune at that fraction of the head's
+rate, not 0.1), "views-4" (rotate and zoom reach the cached fine-tune as 4 augmented views per
+training image) and "views-4-lr-0.2" (both).
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ sys.path.insert(0, str(REPO))
 from bench.defaults import sampled_copy  # noqa: E402
 from bench.run import AUGMENT, import_into, measure, prepare_weights  # noqa: E402
 
-VARIANTS = {"default": {}, "single-head": {"head_search": "off", "class_weight": "none"}}
+VARIANTS = {
+    "default": {},
+    "single-head": {"head_search": "off", "class_weight": "none"},
+    "finetune-lr-0.2": {"finetune_lr_scale": 0.2},
+    "finetune-lr-0.3": {"finetune_lr_scale": 0.3},
+    "views-4": {"finetune_views": 4},
+    "views-4-lr-0.2": {"finetune_views": 4, "finetune_lr_scale": 0.2},
+}
 
 
 def main() -> None:

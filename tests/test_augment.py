@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from tlcore.data.augment import augment_batch, batch_rng
+from tlcore.data.augment import AugmentedView, augment_batch, batch_rng
 
 RNG = np.random.default_rng(0)
 
@@ -63,3 +63,16 @@ def test_draws_repeat_for_the_same_batch_and_change_with_the_epoch_or_the_step()
     next_step = augment_batch(images, ["flip", "rotate", "zoom"], batch_rng(5, 2, 4))
     assert np.array_equal(first, again)
     assert not np.array_equal(first, next_epoch) and not np.array_equal(first, next_step)
+
+
+def test_an_augmented_view_of_an_image_depends_on_its_content_and_the_view_alone():
+    images = RNG.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+    shas = [f"{i:064x}" for i in (11, 22, 33, 44)]
+    first = AugmentedView(("rotate", "zoom"), 0)
+    out = first.apply(images, shas)
+    assert all(not np.array_equal(o, i) for o, i in zip(out, images))
+    # The same image is the same view in any batch, in any order (so its activations can be cached) ...
+    np.testing.assert_array_equal(first.apply(images[[2, 0]], [shas[2], shas[0]]), out[[2, 0]])
+    # ... and another view index draws another transform.
+    assert not np.array_equal(AugmentedView(("rotate", "zoom"), 1).apply(images, shas), out)
+    assert first.key == "view0-rotate-zoom" == AugmentedView(("zoom", "rotate"), 0).key

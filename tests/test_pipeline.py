@@ -110,25 +110,30 @@ def test_the_same_seed_trains_on_the_same_batches_on_the_default_and_a_one_devic
     assert old_gap.max() > 1e-3
 
 
-def test_mirrored_batches_take_each_row_or_its_mirrored_twin_the_same_way_every_time():
+def test_view_batches_take_each_row_or_one_of_its_views_the_same_way_every_time():
     rows = np.arange(10 * 4, dtype=np.float32).reshape(10, 2, 2, 1)
     indices = np.array([1, 3, 5, 7, 9])
-    mirrored = -rows[indices] - 1  # the twins, in the order of `indices`, told apart by their sign
+    # Two views of the images, in the order of `indices`, told apart from the rows by sign and size.
+    views = [-rows[indices] - 1, rows[indices] + 1000]
 
     def drawn():
-        data, steps = pipeline.mirrored_batches(rows, indices, mirrored, np.arange(5), 5, seed=0, epochs=4)
+        data, steps = pipeline.view_batches(rows, indices, views, np.arange(5), 5, seed=0, epochs=8)
         assert steps == 1
         return [(x.numpy(), y.numpy()) for x, y in data]
 
     picks = []
     for x, positions in drawn():
         for item, p in zip(x, positions):
-            plain = np.array_equal(item, rows[indices[p]])
-            assert plain or np.array_equal(item, mirrored[p])
-            picks.append(plain)
-    assert 0 < sum(picks) < len(picks)  # both, at random
+            candidates = [rows[indices[p]], *(view[p] for view in views)]
+            matches = [number for number, c in enumerate(candidates) if np.array_equal(item, c)]
+            assert len(matches) == 1
+            picks.append(matches[0])
+    assert set(picks) == {0, 1, 2}  # the plain row and every view, at random
     for first, second in zip(drawn(), drawn()):
         np.testing.assert_array_equal(np.concatenate(first, axis=None), np.concatenate(second, axis=None))
+    plain_only, _ = pipeline.view_batches(rows, indices, [], np.arange(5), 5, seed=0, epochs=1)
+    x, y = next(iter(plain_only))
+    np.testing.assert_array_equal(x.numpy(), rows[indices[y.numpy()]])
 
 
 def test_stacked_rows_read_like_the_stacked_arrays_from_memory_maps(tmp_path):

@@ -111,11 +111,15 @@ def test_what_the_fine_tune_trained_on_names_only_the_augmentations_the_recipe_h
     cached = dataclasses.replace(summary, finetune_inputs="cached")
     assert cached.describe_finetune_inputs(()) == ("The fine-tune trained the top layers on cached activations (the "
                                                    "backbone below them ran once per image).")
-    assert cached.describe_finetune_inputs(("flip",)).endswith(": flip reached it as the mirrored images' activations.")
+    assert cached.describe_finetune_inputs(("flip",)).endswith(": flip as the mirrored images' activations.")
+    # A run from before augmented views (none recorded): rotate and zoom never reached its fine-tune.
     both = cached.describe_finetune_inputs(("flip", "rotate", "zoom"))
-    assert "flip reached it" in both and "; rotate, zoom did not (fine-tune inputs \"pixels\"" in both
-    assert "): rotate did not" in cached.describe_finetune_inputs(("rotate",)) and "flip" not in \
-        cached.describe_finetune_inputs(("rotate",))
+    assert "flip as the mirrored" in both and "; rotate, zoom not at all (augmented views 0; fine-tune inputs" in both
+    viewed = dataclasses.replace(cached, finetune_views=4).describe_finetune_inputs(("flip", "rotate", "zoom"))
+    assert viewed.endswith(": flip as the mirrored images' activations; rotate, zoom as 4 augmented views of each "
+                           "training image, drawn once.")
+    rotate_only = dataclasses.replace(cached, finetune_views=1).describe_finetune_inputs(("rotate",))
+    assert rotate_only.endswith("): rotate as 1 augmented view of each training image, drawn once.")
     pixels = dataclasses.replace(summary, finetune_inputs="pixels")
     assert pixels.describe_finetune_inputs(("flip",)) == ("The fine-tune trained on augmented pixels through the "
                                                           "whole backbone.")

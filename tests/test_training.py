@@ -142,11 +142,13 @@ def test_fine_tune_unfreezes_top_layers_but_never_batchnorm():
 
 def test_the_default_fine_tune_trains_on_cached_activations_and_saves_the_whole_tuned_model(store, ants_bees):
     run, summary = _run(store, ants_bees, head_epochs=1, finetune_epochs=1, finetune_layers=10, lr=0.01,
-                        augment=("flip", "rotate"), tta="flip")
+                        augment=("flip", "rotate"), finetune_views=4, tta="flip")
     assert summary.finetune_inputs == "cached"
     log = _log_text(store, run.id)
-    assert "The fine-tune trains on the activations of block" in log and "it does without rotate" in log
+    assert "The fine-tune trains on the activations of block" in log
+    assert "rotate as 4 augmented views of each training image, drawn once" in log
     assert "Backbone activations at block" in log and "0 of 20 images reused" in log
+    assert "Augmented view 4's activations at block" in log and summary.finetune_views == 4
 
     # Evaluation ran the tuned top layers on the cached activations; the saved model, preprocessing
     # inside, gives the same answers on the raw files (with the flip TTA of the recipe).
@@ -167,9 +169,13 @@ def test_the_default_fine_tune_trains_on_cached_activations_and_saves_the_whole_
     assert all(np.allclose(saved.get_layer(name).get_weights()[0], imagenet.get_layer(name).get_weights()[0])
                for name in frozen)
 
-    # A fine-tune alone (no head phase) on the same images reads every activation from the cache.
-    again, _ = _run(store, ants_bees, head_epochs=0, finetune_epochs=1, finetune_layers=10)
-    assert re.search(r"Backbone activations at block\w+: 20 of 20 images reused", _log_text(store, again.id))
+    # A fine-tune alone (no head phase) on the same images reads every activation from the cache, the
+    # augmented views' too: a view is a function of the image's content, not of the run's seed.
+    again, _ = _run(store, ants_bees, head_epochs=0, finetune_epochs=1, finetune_layers=10, augment=("flip", "rotate"),
+                    finetune_views=4, seed=7)
+    log = _log_text(store, again.id)
+    assert re.search(r"Backbone activations at block\w+: 20 of 20 images reused", log)
+    assert len(re.findall(r"Augmented view \d's activations at block\w+: (\d+) of \1 images reused", log)) == 4
 
 
 def test_fine_tune_checkpoints_each_epoch_and_a_cancel_stops_between_batches_keeping_logged_epochs(store, ants_bees):
@@ -178,7 +184,9 @@ def test_fine_tune_checkpoints_each_epoch_and_a_cancel_stops_between_batches_kee
     with pytest.raises(RunCancelled):
         execute_run(run.id, store, should_stop=lambda: len(store.epochs(run.id)) >= 2)
     assert [e.phase for e in store.epochs(run.id)] == ["head", "finetune"]
-    assert "Mirrored training-image features: 0 of 12 images reused" in _log_text(store, run.id)  # flip: the head
+    log = _log_text(store, run.id)
+    assert "Mirrored training-image features: 0 of 12 images reused" in log  # flip: the head
+    assert "zoom not at all (augmented views 0; fine-tune inputs \"pixels\" applies every augmentation" in log
     assert json.loads(RunFolder(run.id).checkpoint_state.read_text()) == {"phase": "finetune", "epoch": 1}
     assert not RunFolder(run.id).model.exists()
 

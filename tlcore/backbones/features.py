@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from tlcore.data.augment import AugmentedView
 from tlcore.data.content_cache import CachedRows, ContentCache
 from tlcore.records import home
 
@@ -32,15 +33,16 @@ def feature_cache(backbone: str, size: int, weights: str, seed: int, *, mirror: 
 
 
 def activation_cache(backbone: str, size: int, weights: str, seed: int, layer: str, *,
-                     mirror: bool = False) -> ContentCache:
-    """The content-addressed cache of one backbone's activations at `layer` (`FineTuneCut`), float32.
+                     mirror: bool = False, view: AugmentedView | None = None) -> ContentCache:
+    """The content-addressed cache of one backbone's activations at `layer` (`FineTuneCut`), float32,
+    of the images, their mirrored twins (`mirror`) or one augmented `view` of them.
 
     The fine-tune trains only the layers above the cut, so these are the same for every epoch and
     every run that cuts there: computed once per image, like the pooled features.
     """
     weights_key = weights if weights == "imagenet" else f"{weights}-seed{seed}"
-    return ContentCache(home.cache_dir("activations") / f"{backbone}-{size}-{weights_key}-{layer}"
-                        f"{'-mirror' if mirror else ''}")
+    variant = ("-mirror" if mirror else "") + (f"-{view.key}" if view is not None else "")
+    return ContentCache(home.cache_dir("activations") / f"{backbone}-{size}-{weights_key}-{layer}{variant}")
 
 
 def pad_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -51,11 +53,12 @@ def pad_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def extract_features(feature_model, images: np.ndarray, batch_size: int, *, rows: np.ndarray | None = None,
-                     mirror: bool = False, on_batch=None, strategy=None) -> np.ndarray:
+                     mirror: bool = False, transform=None, on_batch=None, strategy=None) -> np.ndarray:
     """Run `feature_model` (RGB 0-255 in, or the activations `FineTuneCut.features` takes; pooled
     vectors or activations out) over an array, batch by batch.
 
-    `rows` picks (sorted) rows of `images`, default all; `mirror` flips each image left-right.
+    `rows` picks (sorted) rows of `images`, default all; `mirror` flips each image left-right;
+    `transform(batch, batch_rows)` returns a new batch of those rows of `images` (an augmented view).
     `on_batch(done, total)` is called after every batch; an exception it raises stops the pass.
     With a multi-replica `strategy` (the model built in its scope) each batch is split evenly
     across its replicas (`batch_size` is rounded up to a multiple of them).
@@ -79,6 +82,8 @@ def extract_features(feature_model, images: np.ndarray, batch_size: int, *, rows
         batch = np.asarray(images[rows[start:start + batch_size]])
         if mirror:
             batch = batch[:, :, ::-1]
+        if transform is not None:
+            batch = transform(batch, rows[start:start + batch_size])
         count = len(batch)
         chunk = np.asarray(forward(pad_batch(batch, batch_size)))[:count]
         if out is None:
@@ -109,8 +114,9 @@ def _across_replicas(feature_model, strategy, per_replica: int):
 
 def cached_features(cache: ContentCache, shas: Sequence[str], feature_model, images: np.ndarray,
                     batch_size: int, *, rows: np.ndarray | None = None, mirror: bool = False,
-                    on_batch=None, strategy=None, mmap: bool = False) -> tuple[CachedRows, float]:
-    """Features of `images` (or their `rows`, optionally mirrored), whose contents are `shas`
+                    view: AugmentedView | None = None, on_batch=None, strategy=None,
+                    mmap: bool = False) -> tuple[CachedRows, float]:
+    """Features of `images` (or their `rows`, optionally mirrored or an augmented `view`), whose contents are `shas`
     (one per image of `images`), from `cache` where known, the rest extracted and cached.
     Returns (cached rows, memory-mapped with `mmap`, and seconds); `on_batch` sees only the
     batches actually extracted."""
@@ -118,9 +124,11 @@ def cached_features(cache: ContentCache, shas: Sequence[str], feature_model, ima
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     row_shape = tuple(int(d) for d in feature_model.output.shape[1:])
 
+    transform = None if view is None else lambda batch, batch_rows: view.apply(batch, [shas[r] for r in batch_rows])
+
     def compute(positions: np.ndarray, out: np.ndarray) -> None:
         out[positions] = extract_features(feature_model, images, batch_size, rows=rows[positions],
-                                          mirror=mirror, on_batch=on_batch, strategy=strategy)
+                                          mirror=mirror, transform=transform, on_batch=on_batch, strategy=strategy)
 
     found = cache.rows([shas[r] for r in rows], row_shape, np.float32, compute, mmap=mmap)
     return found, time.perf_counter() - started

@@ -13,6 +13,7 @@ out, aspect kept), `RandomTranslation(0.1, 0.1)` and `RandomContrast(0.2)`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -46,6 +47,27 @@ def augment_batch(images: np.ndarray, augment: Sequence[str], rng: np.random.Gen
         if "contrast" in augment:
             out[i] = _contrast(out[i], rng.uniform(1 - CONTRAST, 1 + CONTRAST))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentedView:
+    """View `index` of every image: the augmentations `augment` drawn from the image's content hash
+    and the index alone, so an image's view is the same in every run, epoch and process, and what
+    the backbone makes of it can be cached (`tlcore.backbones.features.activation_cache`)."""
+
+    augment: tuple[str, ...]
+    index: int
+
+    @property
+    def key(self) -> str:
+        """The view's name in cache keys: the index and the augmentations, in a fixed order."""
+        return f"view{self.index}-" + "-".join(sorted(self.augment))
+
+    def apply(self, images: np.ndarray, shas: Sequence[str]) -> np.ndarray:
+        """This view of each uint8 image of `images`, whose contents are `shas`."""
+        return np.concatenate([augment_batch(image[None], self.augment,
+                                             np.random.default_rng([self.index, int(sha[:16], 16)]))
+                               for image, sha in zip(images, shas)])
 
 
 def random_affine(width: int, height: int, augment: Sequence[str], rng: np.random.Generator) -> np.ndarray | None:

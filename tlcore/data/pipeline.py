@@ -96,19 +96,20 @@ def epoch_batches(images: np.ndarray, indices: np.ndarray, labels: np.ndarray, b
                             seed=seed, epochs=epochs, initial_epoch=initial_epoch)
 
 
-def mirrored_batches(rows: np.ndarray, indices: np.ndarray, mirrored: np.ndarray | None, labels: np.ndarray,
-                     batch_size: int, *, seed: int, epochs: int, initial_epoch: int = 0):
+def view_batches(rows: np.ndarray, indices: np.ndarray, views: Sequence[np.ndarray], labels: np.ndarray,
+                 batch_size: int, *, seed: int, epochs: int, initial_epoch: int = 0):
     """Shuffled training batches of precomputed per-image arrays (the fine-tune's cached activations):
-    rows `indices` of `rows`, each taken from `mirrored` (the same images mirrored, in the order of
-    `indices`) instead with probability 1/2 when it is given, the flip augmentation of pixels.
-    Batches as `shuffled_batches` makes them; returns (dataset, steps per epoch)."""
+    rows `indices` of `rows`, or, with `views` (other arrays of the same images, in the order of
+    `indices`: mirrored, augmented), each image's row drawn at random among its plain row and its
+    views, anew per epoch. Batches as `shuffled_batches` makes them; returns (dataset, steps per epoch)."""
     in_order = np.arange(len(indices))
 
     def gather(epoch, step, positions):
         x = _gather(rows, indices, positions)
-        if mirrored is not None:
-            flip = batch_rng(seed, epoch, step).random(len(positions)) < 0.5
-            x[flip] = _gather(mirrored, in_order, positions[flip])
+        if views:
+            drawn = batch_rng(seed, epoch, step).integers(0, len(views) + 1, len(positions))
+            for number, view in enumerate(views, 1):
+                x[drawn == number] = _gather(view, in_order, positions[drawn == number])
         return x, labels[positions].astype(np.int32)
 
     return shuffled_batches(len(indices), batch_size, gather, rows.shape[1:], str(rows.dtype),

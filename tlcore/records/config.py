@@ -73,6 +73,13 @@ class TrainConfig:
         "and cached, and the fine-tune trains the top layers on it, several times faster; a flip still reaches it "
         "(the mirrored images' outputs), rotate, zoom, translate and contrast do not. pixels: every fine-tune "
         "epoch runs the augmented images through the whole backbone.", FINETUNE_INPUTS)
+    # 0 by default: 4 views added one test image in 59 on two of four photo sets and a third to the first
+    # run's time (BENCHMARKS.md, issue 21).
+    finetune_views: int = recipe_field(
+        0, "Augmented views (cached fine-tune)",
+        "With cached fine-tune inputs, the augmentations besides a flip (rotate, zoom, translate, contrast) reach "
+        "the fine-tune as this many augmented views of each training image, whose activations are computed once "
+        "and cached; each epoch draws one of an image's plain, mirrored and augmented inputs. 0: a flip only.")
     head_augment: bool = recipe_field(
         False, "Augment in the head phase too (features then cannot be cached; slower)",
         "Augment in phase 1 too; its backbone features can then not be cached.")
@@ -137,7 +144,7 @@ class TrainConfig:
             raise InvalidInput(f"`augment` entries must be among {', '.join(AUGMENTATIONS)}. Received: {bad}")
         if self.image_size is not None and not 32 <= self.image_size <= 1024:
             raise InvalidInput(f"`image_size` must be between 32 and 1024. Received: image_size={self.image_size}")
-        for field in ("head_epochs", "finetune_epochs", "finetune_layers", "early_stopping_patience"):
+        for field in ("head_epochs", "finetune_epochs", "finetune_layers", "finetune_views", "early_stopping_patience"):
             if getattr(self, field) < 0:
                 raise InvalidInput(f"`{field}` must be 0 or more. Received: {field}={getattr(self, field)}")
         if self.head_epochs + self.finetune_epochs == 0:

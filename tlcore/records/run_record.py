@@ -295,6 +295,20 @@ class FinetuneDecision(Record):
                 f"{self.finetune_val_accuracy:.3f} after the fine-tune.")
 
 
+def describe_cached_augmentation(augment: Sequence[str], views: int) -> str:
+    """How the recipe's augmentations `augment` reach a fine-tune on cached activations with `views`
+    augmented views per training image: clauses after a colon, or "" when it asks for none."""
+    others = [a for a in augment if a != "flip"]
+    clauses = ["flip as the mirrored images' activations"] if "flip" in augment else []
+    if others and views:
+        clauses.append(f"{', '.join(others)} as {views} augmented view{'s' if views > 1 else ''} of each training "
+                       "image, drawn once")
+    elif others:
+        clauses.append(f"{', '.join(others)} not at all (augmented views 0; fine-tune inputs \"pixels\" applies "
+                       "every augmentation, slower)")
+    return ": " + "; ".join(clauses) if clauses else ""
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSummary(Record):
     """What a finished run produced and how good it is."""
@@ -320,18 +334,16 @@ class RunSummary(Record):
     # What the fine-tune trained on: "cached" activations below its layers, or "pixels"; None: no
     # fine-tune, or a run from before it was recorded (pixels).
     finetune_inputs: str | None = None
+    # Augmented views per training image the cached fine-tune drew from; None: none (runs before them).
+    finetune_views: int | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def describe_finetune_inputs(self, augment: Sequence[str] = ()) -> str | None:
         """What the fine-tune trained on, in one sentence, for a recipe with augmentations `augment`
         (None: no fine-tune, or not recorded)."""
         if self.finetune_inputs == "cached":
-            lost = [a for a in augment if a != "flip"]
-            clauses = (["flip reached it as the mirrored images' activations"] if "flip" in augment else []) + \
-                ([f"{', '.join(lost)} did not (fine-tune inputs \"pixels\" applies every augmentation, slower)"]
-                 if lost else [])
             return ("The fine-tune trained the top layers on cached activations (the backbone below them ran once "
-                    "per image)" + (": " + "; ".join(clauses) if clauses else "") + ".")
+                    "per image)" + describe_cached_augmentation(augment, self.finetune_views or 0) + ".")
         if self.finetune_inputs == "pixels":
             return f"The fine-tune trained on {'augmented ' if augment else ''}pixels through the whole backbone."
         return None

@@ -26,13 +26,22 @@ from tlcore.backbones.classifier import FineTuneCut, build_classifier, compile_c
 from tlcore.backbones.features import activation_cache, cached_features, feature_cache
 from tlcore.backbones.folding import fold_batchnorm
 from tlcore.data import pipeline
+from tlcore.data.augment import AugmentedView
 from tlcore.data.manifest import run_entries
 from tlcore.errors import InvalidInput, RunCancelled
 from tlcore.evaluate import calibration
 from tlcore.evaluate.evaluation import EvalReport, compute_report, write_predictions
 from tlcore.records.atomic import write_atomically
 from tlcore.records.run_folder import Checkpoint, RunFolder
-from tlcore.records.run_record import DeviceRecord, FinetuneDecision, HeadSearch, RunProgress, RunSummary, Timings
+from tlcore.records.run_record import (
+    DeviceRecord,
+    FinetuneDecision,
+    HeadSearch,
+    RunProgress,
+    RunSummary,
+    Timings,
+    describe_cached_augmentation,
+)
 from tlcore.records.store import Store
 from tlcore.train import devices, head_search, training_state
 from tlcore.train.head_search import TrialSettings, class_weights
@@ -298,13 +307,18 @@ class _Training:
         if self.cut is None:
             self.fit_pixels("finetune", config.finetune_epochs, learning_rate, initial_epoch=initial, schedule=True)
             return
-        lost = [a for a in config.augment if a != "flip"]
         self.log(f"The fine-tune trains on the activations of {self.cut.layer} "
                  f"({'x'.join(map(str, self.cut.activation_shape))} per image), computed once and cached"
-                 + (", a flip as the mirrored images' activations" if "flip" in config.augment else "")
-                 + (f"; it does without {', '.join(lost)} (fine-tune inputs \"pixels\" applies them)" if lost else "")
-                 + ".")
+                 + describe_cached_augmentation(config.augment, len(self.augmented_views())) + ".")
         self.fit_activations(config.finetune_epochs, learning_rate, initial_epoch=initial)
+
+    def augmented_views(self) -> list[AugmentedView]:
+        """The augmented views of the training images the fine-tune on cached activations draws from:
+        `finetune_views` of them when the recipe asks for an augmentation besides a flip."""
+        config = self.config
+        if not any(a != "flip" for a in config.augment):
+            return []
+        return [AugmentedView(tuple(config.augment), index) for index in range(config.finetune_views)]
 
     def evaluate(self) -> EvalReport:
         """Predictions on the evaluation split, written to the run folder, and their report."""
@@ -391,6 +405,8 @@ class _Training:
             class_weight=self.settings.class_weight,
             finetune=self.finetune_decision,
             finetune_inputs=("cached" if self.cut is not None else "pixels") if self.config.finetune_epochs else None,
+            finetune_views=len(self.augmented_views())
+            if self.cut is not None and self.config.finetune_epochs else None,
         )
 
     # ---------------------------------------------------------------- fitting
@@ -521,10 +537,10 @@ class _Training:
         config, extraction = self.config, self.extraction()
         train, val = self.splits["train"], np.sort(self.splits["val"])
         activations = extraction.activations()
-        mirrored = extraction.activations(train, mirror=True) if "flip" in config.augment else None
-        train_data, steps = pipeline.mirrored_batches(activations, train, mirrored, self.y_all[train],
-                                                      self.global_batch, seed=config.seed, epochs=epochs,
-                                                      initial_epoch=initial_epoch)
+        views = [extraction.activations(train, mirror=True)] if "flip" in config.augment else []
+        views += [extraction.activations(train, view=view) for view in self.augmented_views()]
+        train_data, steps = pipeline.view_batches(activations, train, views, self.y_all[train], self.global_batch,
+                                                  seed=config.seed, epochs=epochs, initial_epoch=initial_epoch)
         with self.strategy.scope():
             # Shares the trainable layers with `model`: training it trains `model`.
             trainer = self.trainer = self.top_trainer = fold_batchnorm(self.cut.top())
@@ -581,7 +597,7 @@ class _FeatureExtraction:
         self.training = training
         self.batch_size = max(training.global_batch, 32)
         self.models: dict[str, Any] = {}  # folded twins, made when first needed
-        self.found: dict[tuple, np.ndarray] = {}  # activations already opened, by (rows, mirror)
+        self.found: dict[tuple, np.ndarray] = {}  # activations already opened, by (rows, mirror, view)
 
     def model(self, part: str):
         if part not in self.models:
@@ -618,23 +634,27 @@ class _FeatureExtraction:
               f"({seconds:.1f} s).")
         return found.array, found.all_reused, seconds
 
-    def activations(self, rows: np.ndarray | None = None, mirror: bool = False) -> np.ndarray:
+    def activations(self, rows: np.ndarray | None = None, mirror: bool = False,
+                    view: AugmentedView | None = None) -> np.ndarray:
         """The activations at the fine-tune's cut of the images `rows` (default all, in dataset order),
-        mirrored with `mirror`: from the activation cache (memory-mapped), the rest computed into it."""
-        key = (None if rows is None else np.asarray(rows).tobytes(), mirror)
+        mirrored with `mirror` or an augmented `view`: from the activation cache (memory-mapped), the
+        rest computed into it."""
+        key = (None if rows is None else np.asarray(rows).tobytes(), mirror, view)
         if key in self.found:
             return self.found[key]
         t, config = self.training, self.training.config
-        cache = activation_cache(t.spec.name, t.size, config.weights, config.seed, t.cut.layer, mirror=mirror)
+        cache = activation_cache(t.spec.name, t.size, config.weights, config.seed, t.cut.layer, mirror=mirror,
+                                 view=view)
         shas = [e.sha256 for e in t.entries]
         started = time.perf_counter()
         found = self.all_cached(cache, shas, rows, mmap=True)
         seconds = time.perf_counter() - started
+        what = ("Mirrored images' activations" if mirror else
+                f"Augmented view {view.index + 1}'s activations" if view is not None else "Backbone activations")
         if found is None:
             found, seconds = cached_features(cache, shas, self.model("prefix"), t.pixels.images, self.batch_size,
-                                             rows=rows, mirror=mirror, on_batch=self.on_batch("Backbone activations"),
+                                             rows=rows, mirror=mirror, view=view, on_batch=self.on_batch(what),
                                              strategy=t.strategy, mmap=True)
-        what = "Mirrored images' activations" if mirror else "Backbone activations"
         t.log(f"{what} at {t.cut.layer}: {found.reused} of {len(found.array)} images reused from the cache, the rest "
               f"computed ({seconds:.1f} s).")
         self.found[key] = found.array
