@@ -269,11 +269,12 @@ def _steps(row: dict, side: str) -> dict[str, float]:
 def report(results: dict) -> str:
     cfg = results["config"]
     lines = [TITLE, "",
-             f"Measured {results['date']} with `{results['command']}` (the machine was shared with other sessions"
-             + (f": load average {results['load_average']:.1f} on {os.cpu_count()} cores when the command started"
+             f"Measured {results['date']} with `{results['command']}` ("
+             + (f"load average {results['load_average']:.1f} on {os.cpu_count()} cores when the command started; "
                 if results.get("load_average") is not None else "") +
-             "; this ran at low priority (`nice`), so wall seconds are noisy; in each seed the two recipes ran one "
-             "after the other, and the load changed between seeds, so the speed-up is given per seed as well).",
+             "how much of the cores other processes used while each side ran is in the second table: where it is "
+             "high, wall seconds say more about the load than the recipe; in each seed the two recipes ran one "
+             "after the other, so the speed-up is given per seed as well).",
              f"Scale: {cfg['image_size']} px, head {cfg['head_epochs']} + fine-tune {cfg['finetune_epochs']} epochs "
              f"for both recipes, at most {cfg['max_images']} images per set (each class the same share of its "
              f"images, so the natural imbalance stays), seeds {', '.join(map(str, cfg['seeds']))}; test split of "
