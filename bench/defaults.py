@@ -373,7 +373,7 @@ def main(argv=None) -> None:
                    help="the recipes to run now (a run of another recipe is only read back when finished), e.g. "
                         "tutorial: its runs, which no change to tlcore alters, first")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a recipe field over TrainConfig's default on the default side, e.g. finetune_views=0, to "
+                   help="a recipe field over TrainConfig's default on the default side, e.g. finetune_views=4, to "
                         "measure a candidate default against the current one (with --against); repeatable")
     p.add_argument("--finished-only", action="store_true",
                    help="start no run: report the runs already finished in --workdir")

@@ -71,10 +71,11 @@ class TrainConfig:
         "cached", "Fine-tune inputs",
         "cached: the backbone below the fine-tuned layers never trains, so its output per image is computed once "
         "and cached, and the fine-tune trains the top layers on it, several times faster; a flip still reaches it "
-        "(the mirrored images' outputs), rotate, zoom, translate and contrast do not. pixels: every fine-tune "
-        "epoch runs the augmented images through the whole backbone.", FINETUNE_INPUTS)
-    # 0 by default: 4 views added one test image in 59 on two of four photo sets and a third to the first
-    # run's time (BENCHMARKS.md, issue 21).
+        "(the mirrored images' outputs), rotate, zoom, translate and contrast only as augmented views (see "
+        "Augmented views). pixels: every fine-tune epoch runs freshly augmented images through the whole "
+        "backbone.", FINETUNE_INPUTS)
+    # 0 by default: on the two photo sets measured, 4 views changed one test image in 59 and added a third to
+    # the first run's time (BENCHMARKS.md, issue 21).
     finetune_views: int = recipe_field(
         0, "Augmented views (cached fine-tune)",
         "With cached fine-tune inputs, the augmentations besides a flip (rotate, zoom, translate, contrast) reach "
