@@ -17,7 +17,6 @@ training image) and "views-4-lr-0.2" (both).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,8 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.defaults import sampled_copy  # noqa: E402
-from bench.run import AUGMENT, import_into, measure, prepare_weights  # noqa: E402
+from bench.defaults import default_config, sampled_copy  # noqa: E402
+from bench.run import import_into, measure_once, prepare_weights  # noqa: E402
 
 VARIANTS = {
     "default": {},
@@ -60,18 +59,11 @@ def main() -> None:
         sampled_copy(args.data, sample, args.max_images)
         dataset, _, _ = import_into(home, sample, name)
         prepare_weights(home)
-    common = dict(dataset=dataset.id, image_size=args.image_size, augment=list(AUGMENT), head_epochs=args.head_epochs,
-                  finetune_epochs=args.finetune_epochs, finetune_layers=20, batch_size=32, lr=1e-3, dropout=0.2)
     for variant in args.variants.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            label = f"{name}-{variant}-{seed}"
-            done = args.workdir / f"{label}.done.json"
-            if done.exists():
-                result = json.loads(done.read_text())
-            else:
-                result = measure("tlcore", {"config": {**common, "seed": seed, **VARIANTS[variant]}}, home,
-                                 args.workdir, label)
-                done.write_text(json.dumps(result))
+            config = default_config(dataset.id, seed=seed, image_size=args.image_size, head_epochs=args.head_epochs,
+                                    finetune_epochs=args.finetune_epochs, **VARIANTS[variant])
+            result = measure_once("tlcore", {"config": config}, home, args.workdir, f"{name}-{variant}-{seed}")
             print(f"{name} {variant} seed {seed}: test accuracy {result['accuracy']:.3f}, macro F1 "
                   f"{result['macro_f1']:.3f}, CPU {result.get('cpu_s', 0):.1f} s", flush=True)
 

@@ -59,6 +59,8 @@ from bench.run import (  # noqa: E402
 )
 
 RESULTS = REPO / "bench" / "results" / "defaults.json"
+# Both recipes' settings besides size, epochs and augmentation.
+RECIPE = dict(finetune_layers=20, batch_size=32, lr=1e-3, dropout=0.2)
 TITLE = "## Defaults vs the tutorial recipe on several photo sets (issue 21)"
 
 
@@ -129,15 +131,16 @@ def run_set(source: Path, args, workdir: Path) -> dict:
         done.write_text(json.dumps(result))  # with the process's wall and CPU time, which the worker cannot know
         return result
 
-    common = dict(head_epochs=args.head_epochs, finetune_epochs=args.finetune_epochs, finetune_layers=20,
-                  batch_size=32, lr=1e-3, dropout=0.2)
+    common = dict(head_epochs=args.head_epochs, finetune_epochs=args.finetune_epochs, **RECIPE)
     sides: dict[str, list[dict]] = {"tutorial": [], "default": []}
     preds: dict[str, list[pd.DataFrame]] = {"tutorial": [], "default": []}
     for seed in args.seeds:
         tutorial = run("baseline", dict(split_dir=str(split_dir), labels=labels, size=args.image_size,
                                         seed=seed, eval_split="test", **common), f"{name}-tutorial-{seed}")
-        default = run("tlcore", {"config": dict(dataset=dataset.id, image_size=args.image_size, seed=seed,
-                                                augment=list(AUGMENT), **common, **args.set)}, f"{name}-default-{seed}")
+        default = run("tlcore", {"config": default_config(dataset.id, seed=seed, image_size=args.image_size,
+                                                          head_epochs=args.head_epochs,
+                                                          finetune_epochs=args.finetune_epochs, **args.set)},
+                      f"{name}-default-{seed}")
         if tutorial is None or default is None:
             continue
         for side, result, table in (
@@ -163,12 +166,25 @@ def run_set(source: Path, args, workdir: Path) -> dict:
             "paired": paired.to_json(), "against": against}
 
 
-def _setting(value: str):
-    """A `--set` value: a number, list or boolean as JSON reads it, else the text itself."""
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
+def default_config(dataset_id: str, *, seed: int, image_size: int, head_epochs: int, finetune_epochs: int,
+                   **overrides) -> dict:
+    """The default side's recipe: TrainConfig's defaults with the bench's size, epochs, `RECIPE` and
+    augmentation (what the tutorial side does too), `overrides` over them."""
+    return {**dict(dataset=dataset_id, image_size=image_size, seed=seed, augment=list(AUGMENT),
+                   head_epochs=head_epochs, finetune_epochs=finetune_epochs, **RECIPE), **overrides}
+
+
+def recipe_settings(items: list[str]) -> dict:
+    """`--set FIELD=VALUE` items as recipe fields: a number, list or boolean as JSON reads it, else the
+    text itself."""
+    settings = {}
+    for item in items:
+        field, value = item.split("=", 1)
+        try:
+            settings[field] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[field] = value
+    return settings
 
 
 def task_recipe(task: str) -> str:
@@ -393,7 +409,7 @@ def main(argv=None) -> None:
         return
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.recipes = args.recipes.split(",")
-    args.set = {field: _setting(value) for field, value in (item.split("=", 1) for item in args.set)}
+    args.set = recipe_settings(args.set)
     args.weights_home = None
     command = "python bench/defaults.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tldefaults-"))

@@ -19,11 +19,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.defaults import default_config, recipe_settings  # noqa: E402
 
 
 def one_run(home: str, name: str, seed: int, overrides: dict) -> dict:
     os.environ["TLCORE_HOME"] = home
-    sys.path.insert(0, str(REPO))
     from tlcore.records.config import RunSpec, TrainConfig
     from tlcore.records.store import RunStatus, Store
     from tlcore.train import training
@@ -37,9 +39,8 @@ def one_run(home: str, name: str, seed: int, overrides: dict) -> dict:
     training._Training.keep_better_of_head_and_finetune = keep_finetune
     store = Store()
     dataset = next(d for d in store.list_datasets() if d.name == name)
-    config = TrainConfig(**{**dict(dataset=dataset.id, image_size=160, seed=seed, augment=("flip", "rotate", "zoom"),
-                                   head_epochs=10, finetune_epochs=2, finetune_layers=20, batch_size=32, lr=1e-3,
-                                   dropout=0.2), **overrides})
+    config = TrainConfig(**default_config(dataset.id, seed=seed, image_size=160, head_epochs=10, finetune_epochs=2,
+                                          **overrides))
     run = store.create_run("finetune-kept", RunSpec(config), status=RunStatus.RUNNING)
     summary = training.execute_run(run.id, store)
     store.finish_run(run.id, RunStatus.SUCCEEDED, summary=summary)
@@ -54,13 +55,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one seed's run, in its own process
     args = p.parse_args()
-    overrides = {}
-    for item in args.set:
-        field, value = item.split("=", 1)
-        try:
-            overrides[field] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[field] = value
+    overrides = recipe_settings(args.set)
     home = str(args.workdir / f"home-{args.name}")
     if args.one is not None:
         print(json.dumps(one_run(home, args.name, int(args.one), overrides)))

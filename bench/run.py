@@ -96,6 +96,17 @@ def measure(task: str, args: dict, home: Path, workdir: Path, label: str, memory
     return result
 
 
+def measure_once(task: str, args: dict, home: Path, workdir: Path, label: str) -> dict:
+    """`measure`, unless `workdir` holds this label's result already (`LABEL.done.json`): then that result,
+    read back, so a bench stopped part way goes on where it stopped."""
+    done = workdir / f"{label}.done.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    result = measure(task, args, home, workdir, label)
+    done.write_text(json.dumps(result))
+    return result
+
+
 def measure_capped(tl: dict, pixel_cache_mb: float, source: Path, home: Path, workdir: Path, tl_config,
                    skip: str | None = None) -> dict:
     """The whole job again, cold, under a memory limit that leaves room for only a quarter of its

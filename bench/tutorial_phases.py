@@ -13,14 +13,14 @@ augmentation the final accuracies reproduce that bench's tutorial runs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.run import measure  # noqa: E402
+from bench.defaults import RECIPE  # noqa: E402
+from bench.run import measure_once  # noqa: E402
 
 
 def main() -> None:
@@ -38,17 +38,10 @@ def main() -> None:
     augment = tuple(a for a in args.augment.split(",") if a)
     for seed in (int(s) for s in args.seeds.split(",")):
         label = f"{args.name}-phases-{'-'.join(augment) or 'none'}-{seed}"
-        done = args.workdir / f"{label}.done.json"
-        if done.exists():
-            result = json.loads(done.read_text())
-        else:
-            result = measure("baseline", dict(
-                split_dir=str(split_dir), labels=labels, size=args.image_size, head_epochs=args.head_epochs,
-                finetune_epochs=args.finetune_epochs, finetune_layers=20, batch_size=32, lr=1e-3, dropout=0.2,
-                seed=seed, eval_split="test", augment=augment, head_eval=True), args.workdir / f"home-{args.name}",
-                args.workdir, label)
-            result.pop("predictions", None)
-            done.write_text(json.dumps(result))
+        result = measure_once("baseline", dict(
+            split_dir=str(split_dir), labels=labels, size=args.image_size, head_epochs=args.head_epochs,
+            finetune_epochs=args.finetune_epochs, seed=seed, eval_split="test", augment=augment, head_eval=True,
+            **RECIPE), args.workdir / f"home-{args.name}", args.workdir, label)
         print(f"{args.name} tutorial, augment {','.join(augment) or 'none'}, seed {seed}: test accuracy "
               f"{result['head_accuracy']:.3f} after the head, {result['accuracy']:.3f} after the fine-tune "
               f"(CPU {result.get('cpu_s', 0):.0f} s)", flush=True)
