@@ -107,7 +107,12 @@ def test_a_default_run_logs_every_head_trial_and_records_the_choice(trained_run,
     assert search.class_weight.describe() in shown
 
 
-def test_a_fine_tune_that_ends_below_the_head_gives_the_heads_weights_back(store, monkeypatch, tmp_path):
+@pytest.mark.parametrize("fine_tune_score, verdict", [
+    (lambda training: 0.0, "ended below"),
+    (lambda training: training.head_val_accuracy, "did not beat"),  # a tie shows no help: the head stays
+], ids=["below", "tie"])
+def test_a_fine_tune_that_does_not_beat_the_head_gives_the_heads_weights_back(store, monkeypatch, tmp_path,
+                                                                              fine_tune_score, verdict):
     from tests.test_jobs import make_image_folder
     from tlcore.data.importer import import_dataset
     from tlcore.deploy.inference import load_run_model
@@ -119,21 +124,20 @@ def test_a_fine_tune_that_ends_below_the_head_gives_the_heads_weights_back(store
     snapshots = []
     real_decision = _Training.keep_better_of_head_and_finetune
 
-    def fine_tune_scores_zero(self):
+    def fine_tune_scores(self):
         snapshots.append({v.path: np.array(v.numpy()) for v in self.model.weights})
-        monkeypatch.setattr(_Training, "val_accuracy", lambda self: 0.0)
+        monkeypatch.setattr(_Training, "val_accuracy", fine_tune_score)
         real_decision(self)
 
-    monkeypatch.setattr(_Training, "keep_better_of_head_and_finetune", fine_tune_scores_zero)
+    monkeypatch.setattr(_Training, "keep_better_of_head_and_finetune", fine_tune_scores)
     config = dict(dataset=dataset.id, weights="imagenet", image_size=32, batch_size=4, head_epochs=2,
                   finetune_epochs=1, finetune_layers=4, lr=0.01, finetune_lr_scale=10.0)
     run = store.create_run("ft", RunSpec.from_dict(config), status=RunStatus.RUNNING)
     summary = execute_run(run.id, store)
 
-    assert summary.finetune.kept == "head" and summary.finetune.finetune_val_accuracy == 0.0
-    assert summary.finetune.head_val_accuracy > 0.0
+    assert summary.finetune.kept == "head" and summary.finetune.head_val_accuracy > 0.0
     log = "\n".join(line.message for line in store.logs(run.id))
-    assert "so the head's weights were kept" in log
+    assert f"The fine-tune {verdict} the head on validation" in log and "so the head's weights were kept" in log
     saved = {v.path: v.numpy() for v in load_run_model(run.id).model.weights}
     tuned = snapshots[0]
     changed = [p for p in saved if p in tuned and not np.allclose(saved[p], tuned[p])]

@@ -285,11 +285,12 @@ class FinetuneDecision(Record):
 
     head_val_accuracy: float
     finetune_val_accuracy: float
-    kept: str  # "finetune", or "head" when the fine-tune ended below the head
+    kept: str  # "finetune", or "head" when the fine-tune did not end above the head
 
     def describe(self) -> str:
         if self.kept == "head":
-            return (f"The fine-tune ended below the head on validation (accuracy {self.finetune_val_accuracy:.3f} vs "
+            verb = "ended below" if self.finetune_val_accuracy < self.head_val_accuracy else "did not beat"
+            return (f"The fine-tune {verb} the head on validation (accuracy {self.finetune_val_accuracy:.3f} vs "
                     f"{self.head_val_accuracy:.3f}), so the head's weights were kept.")
         return (f"Fine-tuned weights kept: validation accuracy {self.head_val_accuracy:.3f} after the head, "
                 f"{self.finetune_val_accuracy:.3f} after the fine-tune.")

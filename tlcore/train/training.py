@@ -265,12 +265,12 @@ class _Training:
         self.save_checkpoint("head", config.head_epochs)
 
     def keep_better_of_head_and_finetune(self) -> None:
-        """Fine-tune only when it helps: the head's weights come back when the fine-tune ends with
-        a lower validation accuracy than the head had."""
+        """Fine-tune only when it helps: the head's weights come back unless the fine-tune ends with
+        a higher validation accuracy than the head had (on a tie nothing shows the fine-tune helped)."""
         if self.head_weights is None:
             return
         tuned = self.val_accuracy()
-        kept = "head" if tuned < self.head_val_accuracy else "finetune"
+        kept = "finetune" if tuned > self.head_val_accuracy else "head"
         if kept == "head":
             for variable, value in self.head_weights:
                 variable.assign(value)
