@@ -87,10 +87,13 @@ def test_head_phase_caches_features_the_model_predicts_as_evaluated_and_a_second
     second, summary2 = _run(store, ants_bees, head_epochs=1, tta="flip")
     assert "Backbone features: 20 of 20 images reused" in _log_text(store, second.id)
     assert summary2.timings.features_reused and not summary.timings.features_reused
-    _assert_flip_tta_averages_each_image_with_its_mirror_in_evaluation_and_prediction(second, summary2)
+    _assert_flip_tta_averages_each_image_with_its_mirror_in_evaluation_prediction_and_export(second, summary2)
 
 
-def _assert_flip_tta_averages_each_image_with_its_mirror_in_evaluation_and_prediction(run, summary):
+def _assert_flip_tta_averages_each_image_with_its_mirror_in_evaluation_prediction_and_export(run, summary):
+    import tensorflow as tf
+
+    from tlcore.deploy.export import export_run
     from tlcore.deploy.inference import load_run_model
 
     assert summary.metrics.tta == "flip"
@@ -109,6 +112,10 @@ def _assert_flip_tta_averages_each_image_with_its_mirror_in_evaluation_and_predi
     np.testing.assert_allclose([p.confidence for p in predictions], expected.max(axis=1), atol=1e-4)
     single = loaded.probabilities(pixels[0].astype(np.uint8))  # one (h, w, 3) image: a batch of one
     np.testing.assert_allclose(single[0], expected[0], atol=1e-4)
+
+    # An exported file answers as the evaluation did: the mirror average is inside it.
+    exported = tf.saved_model.load(str(export_run(run.id, "savedmodel")))
+    np.testing.assert_allclose(np.asarray(exported.serve(pixels)), expected, atol=1e-4)
 
 
 def test_a_new_dataset_version_computes_only_the_images_it_has_not_seen(store, ants_bees, tmp_path):

@@ -1,7 +1,8 @@
 """Exporting a run's model: `.keras`, SavedModel, TFLite (float32 or int8), ONNX, a model card, a bundle.
 
 Every exported model takes RGB 0-255 images at the run's image size (preprocessing is inside
-the model) and has the run's `labels.json` written next to it. ONNX and int8 exports are checked
+the model, and so is a run's flip TTA in SavedModel, TFLite and ONNX files) and has the run's
+`labels.json` written next to it. ONNX and int8 exports are checked
 on the run's evaluation images; what the check found is written beside the file
 (`<file>.report.json`, see `read_report`). Exports into the run folder's `export/` are made
 once and reused until the model, its predictions or its operating point change.
@@ -142,9 +143,9 @@ def _make(run_id: str, fmt: str, folder: RunFolder, target: Path, report: Progre
         if target != Path(loaded.path).resolve():
             write_atomically(target, lambda tmp: shutil.copyfile(loaded.path, tmp))
     elif fmt == "savedmodel":
-        _export_savedmodel(loaded.model, target)
+        _export_savedmodel(answering_model(loaded), target)
     elif fmt == "tflite":
-        _write_tflite(loaded.model, {target: None})
+        _write_tflite(answering_model(loaded), {target: None})
     elif fmt == "tflite-int8":
         _export_int8(loaded, folder, target, report)
     elif fmt == "onnx":
@@ -153,6 +154,21 @@ def _make(run_id: str, fmt: str, folder: RunFolder, target: Path, report: Progre
         _export_bundle(run_id, loaded, folder, target, report)
     if fmt != "bundle":
         _write_labels(target, fmt, loaded.labels)
+
+
+def answering_model(loaded) -> Any:
+    """The model a SavedModel, TFLite or ONNX file holds: the run's model, or for a run evaluated with
+    flip TTA that model on the image and on its mirror, probabilities averaged, so the file answers as
+    the run's evaluation, the Demo and predict do (at twice the forward cost). The `.keras` file stays
+    the single-view model that training saved."""
+    if loaded.tta != "flip":
+        return loaded.model
+    import keras
+
+    image = keras.Input(shape=loaded.model.input_shape[1:], name="image")
+    mirrored = keras.ops.flip(image, axis=2)  # left-right: the width axis of (n, h, w, 3)
+    averaged = keras.layers.Average(name="flip_tta")([loaded.model(image), loaded.model(mirrored)])
+    return keras.Model(image, averaged, name=f"{loaded.model.name}_flip_tta")
 
 
 def _write_labels(target: Path, fmt: str, labels: list[str]) -> None:
@@ -437,7 +453,7 @@ def _export_int8(loaded, folder: RunFolder, target: Path, report: Progress) -> N
     float_path = folder.export_dir / _BY_NAME["tflite"].file  # the float32 model to compare with
     if not is_fresh(float_path, folder, "tflite"):
         targets[float_path] = None
-    _write_tflite(loaded.model, targets)
+    _write_tflite(answering_model(loaded), targets)
     _write_labels(float_path, "tflite", loaded.labels)
     report(0.6, "Measuring int8 and float32 accuracy on the evaluation images")
     images = _eval_set(folder, loaded.image_size)
@@ -461,10 +477,11 @@ def _export_onnx(loaded, folder: RunFolder, target: Path, report: Progress) -> N
 
     size = loaded.image_size
     report(0.1, "Converting to ONNX")
-    loaded.model(np.zeros((1, size, size, 3), "float32"))  # Keras exports only a model that has been called
+    model = answering_model(loaded)
+    model(np.zeros((1, size, size, 3), "float32"))  # Keras exports only a model that has been called
     spec = tf.TensorSpec((None, size, size, 3), tf.float32, name="image")
-    write_atomically(target, lambda tmp: loaded.model.export(str(tmp), format="onnx", input_signature=[spec],
-                                                             verbose=False))
+    write_atomically(target, lambda tmp: model.export(str(tmp), format="onnx", input_signature=[spec],
+                                                      verbose=False))
     report(0.5, "Checking ONNX Runtime against Keras on the evaluation images")
     images = _eval_set(folder, size)
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
@@ -473,7 +490,7 @@ def _export_onnx(loaded, folder: RunFolder, target: Path, report: Progress) -> N
     for batch in images.batches():
         x = batch.astype("float32")
         onnx_probs = session.run(None, {name: x})[0]
-        keras_probs = np.asarray(loaded.model.predict_on_batch(x))
+        keras_probs = np.asarray(model.predict_on_batch(x))
         disagreements += int((onnx_probs.argmax(-1) != keras_probs.argmax(-1)).sum())
         largest_difference = max(largest_difference, float(np.abs(onnx_probs - keras_probs).max()))
     write_json_atomically(_report_path(target), {
@@ -489,7 +506,7 @@ def _export_onnx(loaded, folder: RunFolder, target: Path, report: Progress) -> N
 
 
 def _export_bundle(run_id: str, loaded, folder: RunFolder, target: Path, report: Progress) -> None:
-    from tlcore.evaluate.model_card import build_card, card_markdown, preprocessing_facts
+    from tlcore.evaluate.model_card import build_card, card_markdown
     from tlcore.evaluate.operating_point import read_operating_point
 
     report(0.05, "Making the ONNX model")
@@ -500,8 +517,7 @@ def _export_bundle(run_id: str, loaded, folder: RunFolder, target: Path, report:
         MODEL_FILE: Path(loaded.path),
         "model.onnx": onnx_path,
         LABELS_FILE: json.dumps(loaded.labels),
-        "preprocessing.json": json.dumps(preprocessing_facts(card["model"]["backbone_name"],
-                                                             loaded.image_size, loaded.labels), indent=2),
+        "preprocessing.json": json.dumps(card["model"]["preprocessing"], indent=2),
         "model_card.md": card_markdown(card),
         "model_card.json": json.dumps(card, indent=2),
     }

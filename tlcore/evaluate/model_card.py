@@ -35,9 +35,15 @@ def find_run(run_ref: str, store=None):
     return run, RunFolder(run.id)
 
 
-def preprocessing_facts(backbone: str, image_size: int, labels: list[str]) -> dict[str, Any]:
+FLIP_TTA = ("flip: the SavedModel, TFLite and ONNX files average each image's probabilities with those of its "
+            "mirror (width axis flipped) inside the model, as the evaluation did; the .keras file is the single-view "
+            "model, so average its outputs on the image and its mirror to get the evaluated answers.")
+
+
+def preprocessing_facts(backbone: str, image_size: int, labels: list[str], tta: str = "none") -> dict[str, Any]:
     """What a caller must do to the pixels, and what the model does itself: the bundle's
-    `preprocessing.json` and the card's input section."""
+    `preprocessing.json` and the card's input section. `tta`: the run's evaluation TTA, which the
+    SavedModel, TFLite and ONNX exports carry inside (`tlcore.deploy.export.answering_model`)."""
     from tlcore.backbones import get_backbone
     from tlcore.backbones.preprocessing import MODES
 
@@ -52,6 +58,7 @@ def preprocessing_facts(backbone: str, image_size: int, labels: list[str]) -> di
         "output": {"shape": [None, len(labels)], "dtype": "float32",
                    "meaning": "softmax probabilities, one per label in labels.json order"},
         "labels": list(labels),
+        **({"test_time_augmentation": FLIP_TTA} if tta == "flip" else {}),
     }
 
 
@@ -92,7 +99,7 @@ def build_card(run_ref: str, store=None) -> dict[str, Any]:
             "weights_origin": spec.weights_origin if pretrained else None,
             "weights_license": spec.license if pretrained else None,
             "image_size": image_size,
-            "preprocessing": preprocessing_facts(spec.name, image_size, labels),
+            "preprocessing": preprocessing_facts(spec.name, image_size, labels, folder.tta()),
         },
         "dataset": {
             "id": dataset.id, "name": dataset.name, "version": dataset.version, "label": dataset.label,
@@ -169,7 +176,9 @@ def card_markdown(card: dict[str, Any]) -> str:
         lines.append(f"- Weights from {model['weights_origin']}; licence: {model['weights_license']}")
     prep = model["preprocessing"]
     lines += [f"- Input: RGB 0-255 float32, {model['image_size']}x{model['image_size']} px. {prep['resize']}",
-              f"- Inside the model: {prep['inside_model']['description']}", "",
+              f"- Inside the model: {prep['inside_model']['description']}",
+              *([f"- Test-time augmentation: {prep['test_time_augmentation']}"]
+                if "test_time_augmentation" in prep else []), "",
               "## Data", "", f"{data['label']} (`{data['id']}`), from {data['source']}", "",
               "| class | " + " | ".join(data["counts"]) + " |",
               "|---|" + "---:|" * len(data["counts"])]
