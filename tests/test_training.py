@@ -116,6 +116,8 @@ def _assert_flip_tta_averages_each_image_with_its_mirror_in_evaluation_predictio
     # An exported file answers as the evaluation did: the mirror average is inside it.
     exported = tf.saved_model.load(str(export_run(run.id, "savedmodel")))
     np.testing.assert_allclose(np.asarray(exported.serve(pixels)), expected, atol=1e-4)
+    assert "- Test-time augmentation: flip: the SavedModel, TFLite and ONNX files average" in \
+        export_run(run.id, "card").read_text()
 
 
 def test_a_new_dataset_version_computes_only_the_images_it_has_not_seen(store, ants_bees, tmp_path):
