@@ -9,6 +9,7 @@ import streamlit as st
 
 from tlcore.deploy import export, inference
 from tlcore.errors import TransferLabError, plain_message
+from tlcore.evaluate.model_card import FLIP_TTA
 from tlcore.evaluate.operating_point import read_operating_point
 from tlcore.records.store import RunStatus
 from ui import format as fmt
@@ -37,6 +38,8 @@ if not folder.has_model():
 
 st.caption("Every model takes RGB 0-255 pixels at the run's image size: the preprocessing is inside it. "
            f"Files are kept in {folder.path / 'export'}.")
+if folder.tta() == "flip":
+    st.caption(f"This run was evaluated with test-time augmentation {FLIP_TTA}")
 def prepare(key: str, title: str) -> None:
     """Make one format; its failure is kept for the session, so every rerun (the first included)
     shows it until the next attempt."""

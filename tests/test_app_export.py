@@ -119,3 +119,19 @@ def test_a_run_on_train_val_folders_says_its_exports_are_uncalibrated_and_makes_
     assert not at.error and set(_downloads(at)) == {"keras", "card"}
     card = (data_home / "runs" / trainval_run.run_id / "export" / "model_card.md").read_text()
     assert "- Calibration: none (unscaled softmax probabilities)." in card
+
+
+def test_a_flip_tta_run_says_its_exports_carry_the_mirror_average(copied_run):
+    import json
+
+    from tlcore.records.run_folder import RunFolder
+
+    plain = seed.app("pages/export.py", run=copied_run).run()
+    assert "test-time augmentation" not in seed.texts(plain)
+
+    config_file = RunFolder(copied_run).config_file
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "tta": "flip"}))
+    at = seed.app("pages/export.py", run=copied_run).run()
+    assert not at.exception, at.exception
+    assert ("This run was evaluated with test-time augmentation flip: the SavedModel, TFLite and ONNX files average "
+            "each image's probabilities with those of its mirror") in seed.texts(at)
