@@ -26,7 +26,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SIDES = ("chosen on validation", "chosen on training folds", "one plain head")
-ONE_FIT = dict(lr_scale=1.0, batch_size=32, max_epochs=10, patience=3)  # the default search's, as `default_search`
 
 
 def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -42,16 +41,17 @@ def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
 def choose_on_folds(x: np.ndarray, x_mirror: np.ndarray, y: np.ndarray, classes: int, folds: int, seed: int):
     """The grid's trial with the best mean held-out macro F1 over `folds` folds of training images `x`
     (their mirrored features `x_mirror` train beside them)."""
+    from bench.head_topk import SEARCH_FIT, default_trials, with_mirrored
     from tlcore.records.run_record import HeadTrial
     from tlcore.train import head_search
 
-    trials = head_search.trial_grid(1e-3, 0.2, "auto", True)
+    trials = default_trials()
     fold = stratified_folds(y, folds, seed)
     f1, accuracy = np.zeros(len(trials)), np.zeros(len(trials))
     for f in range(folds):
         fit, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        fitted = head_search.fit_heads(np.concatenate([x[fit], x_mirror[fit]]), np.concatenate([y[fit], y[fit]]),
-                                       x[held], y[held], classes, trials, **ONE_FIT, seed=seed)
+        fitted = head_search.fit_heads(*with_mirrored(x, x_mirror[fit], y, fit), x[held], y[held], classes, trials,
+                                       **SEARCH_FIT, seed=seed)
         f1 += [t.val_macro_f1 for t in fitted.record.trials]
         accuracy += [t.val_accuracy for t in fitted.record.trials]
     means = [HeadTrial(lr=t.lr, dropout=t.dropout, label_smoothing=t.label_smoothing, class_weight=t.class_weight,
@@ -71,7 +71,7 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> None:
-    from bench.head_topk import cached_set, default_search, finish, parse, parser, score
+    from bench.head_topk import SEARCH_FIT, cached_set, default_search, finish, parse, parser, score, with_mirrored
     from tlcore.train import head_search
 
     p = parser(__doc__)
@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     for home in args.homes.split(","):
         name, classes, x, x_mirror, y, split, train = cached_set(Path(home), args.image_size)
         val, test = np.flatnonzero(split == "val"), np.flatnonzero(split == "test")
-        x_train, y_train = np.concatenate([x[train], x_mirror]), np.concatenate([y[train], y[train]])
+        x_train, y_train = with_mirrored(x, x_mirror, y, train)
         scores = {side: {"accuracy": [], "macro_f1": []} for side in SIDES}
         optimism: dict[str, list[float]] = {side: [] for side in SIDES}
 
@@ -91,9 +91,9 @@ def main(argv=None) -> None:
         for seed in seeds:
             on_folds = choose_on_folds(x[train], x_mirror, y[train], classes, args.folds, seed)
             heads = {SIDES[0]: default_search(*data, seed),
-                     SIDES[1]: head_search.fit_heads(*data, [on_folds], **ONE_FIT, seed=seed),
+                     SIDES[1]: head_search.fit_heads(*data, [on_folds], **SEARCH_FIT, seed=seed),
                      SIDES[2]: head_search.fit_heads(*data, [head_search.TrialSettings(1e-3, 0.2, 0.0, "none")],
-                                                     **ONE_FIT, seed=seed)}
+                                                     **SEARCH_FIT, seed=seed)}
             for side, fitted in heads.items():
                 score(*fitted.chosen_weights(), x[test], y[test], classes, scores[side])
                 optimism[side].append(fitted.chosen.val_accuracy - scores[side]["accuracy"][-1])

@@ -71,13 +71,28 @@ def sd(values) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+# How a run at the bench's scale fits its heads (`head_search.fit_heads`' settings besides the trials).
+SEARCH_FIT = dict(lr_scale=1.0, batch_size=32, max_epochs=10, patience=3)
+
+
+def default_trials():
+    """The default grid as the bench's recipe makes it (lr 1e-3, dropout 0.2, class weighting auto): 24 trials."""
+    from tlcore.train import head_search
+
+    return head_search.trial_grid(1e-3, 0.2, "auto", True)
+
+
 def default_search(x_train, y_train, x_val, y_val, classes: int, seed: int):
     """The default head search as a run at the bench's scale makes it: 24 trials, 10 epochs, patience 3, batch 32."""
     from tlcore.train import head_search
 
-    trials = head_search.trial_grid(1e-3, 0.2, "auto", True)
-    return head_search.fit_heads(x_train, y_train, x_val, y_val, classes, trials, lr_scale=1.0, batch_size=32,
-                                 max_epochs=10, patience=3, seed=seed)
+    return head_search.fit_heads(x_train, y_train, x_val, y_val, classes, default_trials(), **SEARCH_FIT, seed=seed)
+
+
+def with_mirrored(x: np.ndarray, x_mirror: np.ndarray, y: np.ndarray, rows: np.ndarray):
+    """What a head trains on: the features of images `rows` of `x`, then their mirrored features `x_mirror`
+    (in the order of `rows`), and the labels of both."""
+    return np.concatenate([x[rows], x_mirror]), np.concatenate([y[rows], y[rows]])
 
 
 def score(kernel, bias, x, y, classes: int, into: dict) -> None:
@@ -130,7 +145,7 @@ def main(argv=None) -> None:
     for home in args.homes.split(","):
         name, classes, x, x_mirror, y, split, train = cached_set(Path(home), args.image_size)
         val, test = np.flatnonzero(split == "val"), np.flatnonzero(split == "test")
-        x_train, y_train = np.concatenate([x[train], x_mirror]), np.concatenate([y[train], y[train]])
+        x_train, y_train = with_mirrored(x, x_mirror, y, train)
         scores = {k: {"accuracy": [], "macro_f1": []} for k in ks}
         for seed in seeds:
             fitted = default_search(x_train, y_train, x[val], y[val], classes, seed)

@@ -61,7 +61,7 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> None:
-    from bench.head_topk import default_search, finish, parse, parser, score
+    from bench.head_topk import default_search, finish, parse, parser, score, with_mirrored
 
     p = parser(__doc__)
     p.add_argument("--views", type=int, default=4)
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     for home in args.homes.split(","):
         name, classes, x, x_mirror, x_views, y, split, train, seconds = _set(Path(home), args.image_size, args.views)
         val, test = np.flatnonzero(split == "val"), np.flatnonzero(split == "test")
-        plain_x, plain_y = np.concatenate([x[train], x_mirror]), np.concatenate([y[train], y[train]])
+        plain_x, plain_y = with_mirrored(x, x_mirror, y, train)
         inputs = {SIDES[0]: (plain_x, plain_y),
                   SIDES[1]: (np.concatenate([plain_x, *x_views]), np.concatenate([plain_y] + [y[train]] * args.views))}
         scores = {side: {"accuracy": [], "macro_f1": []} for side in SIDES}
