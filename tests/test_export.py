@@ -78,6 +78,29 @@ def test_download_files_are_made_once_and_savedmodel_comes_zipped():
     assert cached_download("run-fake", "savedmodel") is None
 
 
+def test_an_export_made_by_an_older_version_is_made_again():
+    """Files in `export/` made before `EXPORT_VERSION` (a flip-TTA run's SavedModel without the mirror
+    average, say) are not handed out as they are: the next download makes them again."""
+    from tlcore.deploy.export import EXPORT_VERSION, cached_download, download_file
+
+    _, folder = save_fake_run()
+    archive = download_file("run-fake", "savedmodel")
+    versions = folder / "export" / "versions.json"
+    assert json.loads(versions.read_text()) == {"savedmodel": EXPORT_VERSION}
+    assert cached_download("run-fake", "savedmodel") == archive
+
+    versions.unlink()  # as a run exported before versions were recorded
+    assert cached_download("run-fake", "savedmodel") is None
+    saved_model = folder / "export" / "savedmodel" / "saved_model.pb"
+    made = saved_model.stat().st_mtime_ns
+    assert download_file("run-fake", "savedmodel") == archive
+    assert saved_model.stat().st_mtime_ns > made
+    assert cached_download("run-fake", "savedmodel") == archive
+
+    versions.write_text(json.dumps({"savedmodel": EXPORT_VERSION - 1}))
+    assert cached_download("run-fake", "savedmodel") is None
+
+
 def test_an_export_report_from_another_version_or_damaged_loses_only_what_it_lacks(tmp_path):
     from tlcore.deploy.export import describe_report, read_report
 

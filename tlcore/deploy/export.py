@@ -5,7 +5,8 @@ the model, and so is a run's flip TTA in SavedModel, TFLite and ONNX files) and 
 `labels.json` written next to it. ONNX and int8 exports are checked
 on the run's evaluation images; what the check found is written beside the file
 (`<file>.report.json`, see `read_report`). Exports into the run folder's `export/` are made
-once and reused until the model, its predictions or its operating point change.
+once and reused until the model, its predictions or its operating point change, or until
+`EXPORT_VERSION` says they were made by code that wrote something else into them.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ REPRESENTATIVE_IMAGES = 100
 LATENCY_IMAGES = 50
 # Evaluation images decoded at once by the export checks: memory stays flat however large the split.
 EVAL_BATCH = 32
+# What the files in `export/` hold, by the code that made them; raised when that changes, so that files
+# made before are made again (2: a flip-TTA run's SavedModel, TFLite and ONNX files carry the mirror
+# average, and its card says so). `export/versions.json` records it per file; files from before it
+# existed count as version 1.
+EXPORT_VERSION = 2
+_VERSIONS_FILE = "versions.json"
 
 Progress = Callable[[float, str], None]  # (fraction done 0-1, what is happening)
 _EXPORT_LOCK = threading.RLock()  # re-entrant: int8 and bundle exports make other formats first
@@ -125,6 +132,8 @@ def export_run(run_id: str, fmt: str, out: str | Path | None = None, *, progress
         if out is None and is_fresh(target, folder, fmt):
             return target
         _make(run_id, fmt, folder, target, report)
+        if out is None:
+            _record_version(folder, fmt)
     report(1.0, "Done")
     return target
 
@@ -221,7 +230,25 @@ def is_fresh(path: Path, folder: RunFolder, fmt: str) -> bool:
     inputs = [folder.model, folder.labels_file, folder.predictions]
     if _BY_NAME[fmt].with_operating_point:
         inputs += [folder.calibration_file, folder.threshold_file]
+    if _versions(folder).get(_BY_NAME[fmt].file, 1) != EXPORT_VERSION:
+        return False
     return all(not p.exists() or p.stat().st_mtime <= made for p in inputs)
+
+
+def _versions(folder: RunFolder) -> dict[str, int]:
+    """`EXPORT_VERSION` of each file in the run's `export/` when it was made (none recorded: {})."""
+    try:
+        versions = json.loads((folder.export_dir / _VERSIONS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return versions if isinstance(versions, dict) else {}
+
+
+def _record_version(folder: RunFolder, fmt: str) -> None:
+    """Record that `fmt`'s default file in `export/` was just made by this `EXPORT_VERSION`."""
+    with _EXPORT_LOCK:
+        write_json_atomically(folder.export_dir / _VERSIONS_FILE,
+                              {**_versions(folder), _BY_NAME[fmt].file: EXPORT_VERSION}, indent=2)
 
 
 def read_report(path: str | Path) -> dict[str, Any] | None:
@@ -455,6 +482,8 @@ def _export_int8(loaded, folder: RunFolder, target: Path, report: Progress) -> N
         targets[float_path] = None
     _write_tflite(answering_model(loaded), targets)
     _write_labels(float_path, "tflite", loaded.labels)
+    if float_path in targets:
+        _record_version(folder, "tflite")
     report(0.6, "Measuring int8 and float32 accuracy on the evaluation images")
     images = _eval_set(folder, loaded.image_size)
     int8, float32 = _tflite_scores([target, float_path], images, loaded.labels)
