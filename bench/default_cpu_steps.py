@@ -23,7 +23,7 @@ CPU0, WALL0 = time.process_time(), time.perf_counter()
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STEPS = ("build_model", "fit_head", "search_head", "fine_tune", "keep_better_of_head_and_finetune", "evaluate",
+STEPS = ("build_model", "fit_head", "search_head", "fine_tune", "choose_finetune_result", "evaluate",
          "calibrate")
 
 

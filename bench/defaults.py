@@ -344,8 +344,10 @@ def report(results: dict) -> str:
             head = (f"{c['lr']:g}, {c['dropout']:g}, {c['label_smoothing']:g}, {c['class_weight']} "
                     f"(of {r['trials']})") if c else "-"
             ft = r.get("finetune") or {}
-            ft_text = (f"kept {ft['kept']} (val acc {ft['head_val_accuracy']:.3f} → {ft['finetune_val_accuracy']:.3f})"
-                       if ft else "-") + (", on cached activations" if r.get("finetune_inputs") == "cached" else "")
+            averaged = f", averaged {ft['averaged_val_accuracy']:.3f}" if ft.get("averaged_val_accuracy") else ""
+            ft_text = (f"kept {ft['kept']} (val acc {ft['head_val_accuracy']:.3f} → {ft['finetune_val_accuracy']:.3f}"
+                       f"{averaged})" if ft else "-")
+            ft_text += ", on cached activations" if r.get("finetune_inputs") == "cached" else ""
             single = f"{s['single_head']['head_fit_s']:.1f}" if s.get("single_head") else "not run"
             lines.append(f"| {s['name']} | {seed} | {head} | {_cw_scores(r)} | {ft_text} | "
                          f"{r['head_fit_s']:.1f}{'' if r['features_reused'] else ' (features computed)'} | {single} |")

@@ -33,10 +33,11 @@ def one_run(home: str, name: str, seed: int, overrides: dict) -> dict:
     compared = {}
 
     def keep_finetune(self):
-        compared.update(head_val_accuracy=self.head_val_accuracy, finetune_val_accuracy=self.val_accuracy())
+        compared.update(head_val_accuracy=float(self.head_val_correct.mean()),
+                        finetune_val_accuracy=float(self.val_correct().mean()))
         self.head_weights = None
 
-    training._Training.keep_better_of_head_and_finetune = keep_finetune
+    training._Training.choose_finetune_result = keep_finetune
     store = Store()
     dataset = next(d for d in store.list_datasets() if d.name == name)
     config = TrainConfig(**default_config(dataset.id, seed=seed, image_size=160, head_epochs=10, finetune_epochs=2,

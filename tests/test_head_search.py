@@ -107,54 +107,83 @@ def test_a_default_run_logs_every_head_trial_and_records_the_choice(trained_run,
     assert search.class_weight.describe() in shown
 
 
-def test_a_fine_tune_that_ends_below_the_head_gives_the_heads_weights_back(store, monkeypatch, tmp_path):
+def test_the_saved_model_holds_the_mean_of_the_heads_and_the_fine_tuned_weights(store, monkeypatch, tmp_path):
+    """The default `finetune_result` "average", through a real run: the layers the fine-tune trained end
+    halfway between their weights after the head phase and after the fine-tune, and that is what is saved."""
     from tests.test_jobs import make_image_folder
     from tlcore.data.importer import import_dataset
     from tlcore.deploy.inference import load_run_model
+    from tlcore.records.run_folder import RunFolder
     from tlcore.records.store import RunStatus
     from tlcore.train.training import _Training, execute_run
 
     folder = make_image_folder(tmp_path / "colours", per_class=8, size=32)
     dataset = import_dataset(folder, name="colours", store=store).dataset
-    snapshots = []
-    real_decision = _Training.keep_better_of_head_and_finetune
+    ends = {}
+    real_choice = _Training.choose_finetune_result
 
-    def fine_tune_scores(self):
-        snapshots.append({v.path: np.array(v.numpy()) for v in self.model.weights})
-        monkeypatch.setattr(_Training, "val_accuracy", lambda self: 0.0)
-        real_decision(self)
+    def choose(self):
+        ends.update(head={v.path: value for v, value in self.head_weights},
+                    tuned={v.path: np.array(v.numpy()) for v, _ in self.head_weights})
+        real_choice(self)
 
-    monkeypatch.setattr(_Training, "keep_better_of_head_and_finetune", fine_tune_scores)
+    monkeypatch.setattr(_Training, "choose_finetune_result", choose)
     config = dict(dataset=dataset.id, weights="imagenet", image_size=32, batch_size=4, head_epochs=2,
                   finetune_epochs=1, finetune_layers=4, lr=0.01, finetune_lr_scale=10.0)
     run = store.create_run("ft", RunSpec.from_dict(config), status=RunStatus.RUNNING)
     summary = execute_run(run.id, store)
 
-    assert summary.finetune.kept == "head" and summary.finetune.finetune_val_accuracy == 0.0
-    assert summary.finetune.head_val_accuracy > 0.0
+    decision = summary.finetune
+    assert decision.kept == "average" and 0.0 <= decision.averaged_val_accuracy <= 1.0
     log = "\n".join(line.message for line in store.logs(run.id))
-    assert "The fine-tune ended below the head on validation" in log and "so the head's weights were kept" in log
+    assert "The fine-tuned weights were averaged with the head's" in log
     saved = {v.path: v.numpy() for v in load_run_model(run.id).model.weights}
-    tuned = snapshots[0]
-    changed = [p for p in saved if p in tuned and not np.allclose(saved[p], tuned[p])]
-    assert changed, "the saved model should not be the fine-tuned one"
+    moved = [path for path in ends["head"] if not np.allclose(ends["head"][path], ends["tuned"][path])]
+    assert moved, "the fine-tune should have changed the layers it trains"
+    for path in ends["head"]:
+        np.testing.assert_allclose(saved[path], (ends["head"][path] + ends["tuned"][path]) / 2, atol=1e-6)
+    assert RunFolder(run.id).checkpoint_head.is_file()  # for a run that resumes this one in the fine-tune
 
 
-@pytest.mark.parametrize("tuned, kept, said", [(0.9, "head", "The fine-tune did not beat the head"),
-                                               (0.95, "finetune", "Fine-tuned weights kept")], ids=["tie", "above"])
-def test_the_fine_tune_is_kept_only_when_it_ends_above_the_head(tuned, kept, said):
-    """The rule alone, on one variable (the run above shows the head's weights reach the saved model):
-    a tie shows no help, so the head stays."""
+def _decide(mode: str, head_correct: list[bool], after: list[list[bool]]):
+    """`_Training.choose_finetune_result` alone, on one variable: the head phase left zeros, the fine-tune
+    ones; `after` is what the validation images say after the fine-tune (then of the average)."""
     from types import SimpleNamespace
 
     from tlcore.train.training import _Training
 
-    weight = keras.Variable(np.ones(3, "float32"))  # the fine-tune left ones
-    head = np.zeros(3, "float32")  # the head phase had left zeros
+    weight = keras.Variable(np.ones(3, "float32"))
+    answers = iter(np.array(a) for a in after)
     lines = []
-    training = SimpleNamespace(head_weights=[(weight, head)], head_val_accuracy=0.9, val_accuracy=lambda: tuned,
+    training = SimpleNamespace(head_weights=[(weight, np.zeros(3, "float32"))], head_val_correct=np.array(head_correct),
+                               val_correct=lambda: next(answers), config=SimpleNamespace(finetune_result=mode),
                                log=lines.append)
-    _Training.keep_better_of_head_and_finetune(training)
+    _Training.choose_finetune_result(training)
+    return training.finetune_decision, weight.numpy(), lines[0]
 
-    assert training.finetune_decision.kept == kept and lines[0].startswith(said)
-    np.testing.assert_array_equal(weight.numpy(), head if kept == "head" else np.ones(3))
+
+@pytest.mark.parametrize("tuned, kept, said", [([True] * 9 + [False], "head", "The fine-tune did not beat the head"),
+                                               ([True] * 10, "finetune", "Fine-tuned weights kept")],
+                         ids=["tie", "above"])
+def test_best_keeps_the_fine_tune_only_when_it_ends_above_the_head(tuned, kept, said):
+    """`finetune_result` "best": a tie shows no help, so the head stays."""
+    decision, weight, line = _decide("best", [False] + [True] * 9, [tuned])
+    assert decision.kept == kept and line.startswith(said)
+    np.testing.assert_array_equal(weight, np.zeros(3) if kept == "head" else np.ones(3))
+
+
+def test_average_stays_unless_validation_shows_it_clearly_worse_than_the_head():
+    """`finetune_result` "average": a few images either way is chance and the average stays; the head comes
+    back only when many more images are lost than won (McNemar's test)."""
+    head = [True] * 40
+    level = [True] * 37 + [False] * 3  # 3 images lost, none won: p = 0.25
+    decision, weight, line = _decide("average", head, [level, level])
+    assert decision.kept == "average" and decision.averaged_val_accuracy == pytest.approx(0.925)
+    np.testing.assert_allclose(weight, np.full(3, 0.5))
+    assert line.startswith("The fine-tuned weights were averaged with the head's")
+
+    worse = [True] * 30 + [False] * 10  # 10 lost, none won: p = 0.002
+    decision, weight, line = _decide("average", head, [worse, worse])
+    assert decision.kept == "head" and decision.averaged_val_accuracy == pytest.approx(0.75)
+    np.testing.assert_array_equal(weight, np.zeros(3))
+    assert "clearly worse on validation" in line and "so the head's weights were kept" in line

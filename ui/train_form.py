@@ -143,8 +143,8 @@ def _widget(draw, name: str, *args, **kwargs):
 # The fields the layout places; every other field is drawn by `_by_type` under More settings.
 PLACED = ("backbone", "weights", "image_size", "head_epochs", "finetune_epochs", "finetune_layers", "lr",
           "batch_size", "augment", "head_augment", "dropout", "early_stopping_patience", "finetune_lr_scale",
-          "finetune_views", "seed", "batch_scope", "mixed_precision", "xla", "class_weight", "head_search", "tta",
-          "split", "name")
+          "finetune_views", "finetune_result", "seed", "batch_scope", "mixed_precision", "xla", "class_weight",
+          "head_search", "tta", "split", "name")
 
 
 def draw_start(datasets: list, specs: dict[str, dict]) -> str:
@@ -214,6 +214,7 @@ def draw_rest() -> None:
         _widget(c1.number_input, "early_stopping_patience", 0, 100)
         _widget(c2.number_input, "finetune_lr_scale", 0.001, 1.0, step=0.05, format="%.3f")
         _widget(c2.number_input, "finetune_views", 0, 16)
+        _widget(c1.radio, "finetune_result", _field("finetune_result").choices, horizontal=True)
         _widget(c1.number_input, "seed", 0, 2**31 - 1, help=None)
         _widget(c2.radio, "batch_scope", _field("batch_scope").choices, horizontal=True,
                 format_func=lambda v: "per GPU (replica)" if v == "replica" else "globally")

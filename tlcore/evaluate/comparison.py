@@ -51,6 +51,15 @@ def mcnemar_exact_p(fixed: int, broken: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def clearly_worse(candidate: np.ndarray, reference: np.ndarray) -> bool:
+    """True when per-image correctness on the same images shows `candidate` worse than `reference`: more
+    images that only the reference gets right than only the candidate does, and McNemar's exact test
+    says that is not chance (p < `SIGNIFICANCE`)."""
+    broken = int(np.sum(reference & ~candidate))
+    fixed = int(np.sum(candidate & ~reference))
+    return broken > fixed and mcnemar_exact_p(fixed, broken) < SIGNIFICANCE
+
+
 def bootstrap_counts(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> np.ndarray:
     """How often each of `n` items is drawn in each of `resamples` resamples with replacement, `(resamples, n)`."""
     if n < 1:

@@ -128,10 +128,11 @@ class ChannelSink:
 
         checkpoint = folder.checkpoint()
         self.checkpoints_sent += 1
-        state = folder.checkpoint_training_state  # optimizer and early stopping (fine-tune only)
+        # The fine-tune's optimizer and early-stopping state, and the head's weights it is chosen against.
+        extras = [folder.checkpoint_training_state, folder.checkpoint_head]
         ray.get(self.channel.push.remote(self.run_id, "checkpoint", (
             self.checkpoints_sent, checkpoint.phase, checkpoint.epoch, checkpoint.weights.read_bytes(),
-            state.read_bytes() if checkpoint.phase == "finetune" and state.is_file() else None)))
+            *(p.read_bytes() if checkpoint.phase == "finetune" and p.is_file() else None for p in extras))))
         deadline = time.monotonic() + CHECKPOINT_ACK_S
         while ray.get(self.channel.durable.remote(self.run_id)) < self.checkpoints_sent:
             if time.monotonic() > deadline:
@@ -799,13 +800,15 @@ def _what_is_kept(run_id: str) -> str:
             f"kept: `python -m tlcore resume {run_id}` continues it.")
 
 
-def write_checkpoint(channel, run_id: str, payload: tuple[int, str, int, bytes, bytes | None]) -> None:
-    """Write a checkpoint a task sent (weights, and the fine-tune's optimizer and early-stopping state)
-    into the run folder here, then tell the task it is durable."""
-    sequence, phase, epoch, weights, state = payload
+def write_checkpoint(channel, run_id: str,
+                     payload: tuple[int, str, int, bytes, bytes | None, bytes | None]) -> None:
+    """Write a checkpoint a task sent (weights; in the fine-tune also the optimizer and early-stopping
+    state, and the head's weights) into the run folder here, then tell the task it is durable."""
+    sequence, phase, epoch, weights, state, head = payload
     folder = RunFolder(run_id).created()
-    if state is not None:
-        write_bytes_atomically(folder.checkpoint_training_state, state)
+    for path, data in ((folder.checkpoint_training_state, state), (folder.checkpoint_head, head)):
+        if data is not None:
+            write_bytes_atomically(path, data)
     write_bytes_atomically(folder.checkpoint_weights, weights)
     folder.write_checkpoint_state(phase, epoch)
     channel.acknowledge.remote(run_id, sequence)
@@ -982,7 +985,8 @@ class RayExecutor:
         if resume_from:
             old = RunFolder(resume_from)
             resume_files = {p.name: p.read_bytes() for p in (old.checkpoint_weights, old.checkpoint_state,
-                                                             old.checkpoint_training_state) if p.is_file()}
+                                                             old.checkpoint_training_state, old.checkpoint_head)
+                            if p.is_file()}
             resume_epochs = self.store.epochs(resume_from)
             shipped.append(f"checkpoint {sum(map(len, resume_files.values())) / 1e6:.1f} MB")
         self.store.log(run.id, f"Dispatched to the Ray cluster at {self.address} ({self.cpus:g} CPU, "

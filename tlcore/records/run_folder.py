@@ -8,6 +8,8 @@
     runs/<id>/checkpoint.json          which phase and epoch that checkpoint is after
     runs/<id>/checkpoint.state.npz     optimizer and early-stopping state of a fine-tune checkpoint
                                        (optional: older checkpoints resume from the weights alone)
+    runs/<id>/checkpoint.head.npz      the fine-tuned layers' weights after the head phase, and which
+                                       validation images the head got right (optional, as above)
     runs/<id>/tensorboard/<phase>/     TensorBoard logs
     runs/<id>/calibration.json         temperature scaling fitted on validation, ECE before/after
                                        (optional: runs from before calibration have none)
@@ -34,6 +36,7 @@ PREDICTIONS_FILE = "predictions.jsonl"
 CHECKPOINT_WEIGHTS_FILE = "checkpoint.weights.h5"
 CHECKPOINT_STATE_FILE = "checkpoint.json"
 CHECKPOINT_TRAINING_STATE_FILE = "checkpoint.state.npz"
+CHECKPOINT_HEAD_FILE = "checkpoint.head.npz"
 CALIBRATION_FILE = "calibration.json"
 THRESHOLD_FILE = "threshold.json"
 
@@ -89,6 +92,10 @@ class RunFolder:
     @property
     def checkpoint_training_state(self) -> Path:
         return self.path / CHECKPOINT_TRAINING_STATE_FILE
+
+    @property
+    def checkpoint_head(self) -> Path:
+        return self.path / CHECKPOINT_HEAD_FILE
 
     @property
     def calibration_file(self) -> Path:

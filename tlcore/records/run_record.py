@@ -281,19 +281,29 @@ class HeadSearch(Record):
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneDecision(Record):
-    """Whether the fine-tuned weights were kept: validation accuracy after the head and after the fine-tune."""
+    """What the fine-tune ended with: validation accuracy after the head, after the fine-tune and, with
+    `finetune_result` "average", of the averaged weights; and which weights were kept."""
 
     head_val_accuracy: float
     finetune_val_accuracy: float
-    kept: str  # "finetune", or "head" when the fine-tune did not end above the head
+    kept: str  # "average", "finetune" (`finetune_result` "best"), or "head" when the fine-tune did not help
+    averaged_val_accuracy: float | None = None  # None: "best", or a run from before averaging
 
     def describe(self) -> str:
+        head, tuned, averaged = self.head_val_accuracy, self.finetune_val_accuracy, self.averaged_val_accuracy
+        if self.kept == "average":
+            return (f"The fine-tuned weights were averaged with the head's: validation accuracy {averaged:.3f} "
+                    f"(head {head:.3f}, fine-tune alone {tuned:.3f}).")
+        if self.kept == "head" and averaged is not None:
+            return (f"The fine-tune did not help: the average of its weights and the head's is clearly worse on "
+                    f"validation (accuracy {averaged:.3f} vs {head:.3f}; fine-tune alone {tuned:.3f}), so the "
+                    "head's weights were kept.")
         if self.kept == "head":
-            verb = "ended below" if self.finetune_val_accuracy < self.head_val_accuracy else "did not beat"
-            return (f"The fine-tune {verb} the head on validation (accuracy {self.finetune_val_accuracy:.3f} vs "
-                    f"{self.head_val_accuracy:.3f}), so the head's weights were kept.")
-        return (f"Fine-tuned weights kept: validation accuracy {self.head_val_accuracy:.3f} after the head, "
-                f"{self.finetune_val_accuracy:.3f} after the fine-tune.")
+            verb = "ended below" if tuned < head else "did not beat"
+            return (f"The fine-tune {verb} the head on validation (accuracy {tuned:.3f} vs "
+                    f"{head:.3f}), so the head's weights were kept.")
+        return (f"Fine-tuned weights kept: validation accuracy {head:.3f} after the head, "
+                f"{tuned:.3f} after the fine-tune.")
 
 
 def describe_cached_augmentation(augment: Sequence[str], views: int) -> str:

@@ -30,6 +30,7 @@ from tlcore.data.augment import AugmentedView
 from tlcore.data.manifest import run_entries
 from tlcore.errors import InvalidInput, RunCancelled
 from tlcore.evaluate import calibration
+from tlcore.evaluate.comparison import clearly_worse
 from tlcore.evaluate.evaluation import EvalReport, compute_report, write_predictions
 from tlcore.records.atomic import write_atomically
 from tlcore.records.run_folder import Checkpoint, RunFolder
@@ -110,8 +111,8 @@ class _Training:
         # What the head phase settled on, carried into the fine-tune (the search may change it).
         self.settings = TrialSettings(self.config.lr, self.config.dropout, 0.0, self.config.class_weight)
         self.head_search: HeadSearch | None = None
-        self.head_val_accuracy: float | None = None  # the head's, for the fine-tune decision
-        self.head_weights: list | None = None
+        self.head_weights: list | None = None  # (variable, value after the head phase), during the fine-tune
+        self.head_val_correct: np.ndarray | None = None  # which validation images the head got right
         self.finetune_decision: FinetuneDecision | None = None
 
     def log(self, message: str) -> None:
@@ -138,7 +139,7 @@ class _Training:
             self.use_class_weight("none")
         if self.config.finetune_epochs:
             self.times.timed("finetune_s", lambda: self.fine_tune(resume))
-            self.keep_better_of_head_and_finetune()
+            self.choose_finetune_result()
         with self.strategy.scope():
             # What is saved and evaluated computes in float32: a mixed-precision model would
             # reload as float16 on a CPU host and could not be converted to TFLite.
@@ -258,30 +259,40 @@ class _Training:
             if self.settings.class_weight == "auto":
                 self.use_class_weight("none")
             self.fit_pixels("head", config.head_epochs, config.lr * self.lr_scale)
-            if config.finetune_epochs and self.choose_on_val:
-                self.head_val_accuracy = self.val_accuracy()
         else:
             self.head_on_features = self.fit_head_on_features()
         self.save_checkpoint("head", config.head_epochs)
 
-    def keep_better_of_head_and_finetune(self) -> None:
-        """Fine-tune only when it helps: the head's weights come back unless the fine-tune ends with
-        a higher validation accuracy than the head had (on a tie nothing shows the fine-tune helped)."""
+    def choose_finetune_result(self) -> None:
+        """Fine-tune only when it helps. `finetune_result` "average": the fine-tuned layers and the head end
+        at the mean of their weights after the head phase and after the fine-tune (weight averaging, as in
+        WiSE-FT), unless the validation images show that average clearly worse than the head
+        (`clearly_worse`); "best": the fine-tuned weights only when they end above the head's validation
+        accuracy (a tie shows no help). When the head wins, its weights come back."""
         if self.head_weights is None:
             return
-        tuned = self.val_accuracy()
-        kept = "finetune" if tuned > self.head_val_accuracy else "head"
+        tuned_correct = self.val_correct()
+        averaged = None
+        if self.config.finetune_result == "average":
+            for variable, value in self.head_weights:
+                variable.assign((value + np.asarray(variable.numpy())) / 2)
+            averaged_correct = self.val_correct()
+            averaged = round(float(averaged_correct.mean()), 6)
+            kept = "head" if clearly_worse(averaged_correct, self.head_val_correct) else "average"
+        else:
+            kept = "finetune" if tuned_correct.mean() > self.head_val_correct.mean() else "head"
         if kept == "head":
             for variable, value in self.head_weights:
                 variable.assign(value)
         self.head_weights = None
-        self.finetune_decision = FinetuneDecision(head_val_accuracy=round(self.head_val_accuracy, 6),
-                                                  finetune_val_accuracy=round(tuned, 6), kept=kept)
+        self.finetune_decision = FinetuneDecision(head_val_accuracy=round(float(self.head_val_correct.mean()), 6),
+                                                  finetune_val_accuracy=round(float(tuned_correct.mean()), 6),
+                                                  kept=kept, averaged_val_accuracy=averaged)
         self.log(self.finetune_decision.describe())
 
-    def val_accuracy(self) -> float:
-        """The classifier's accuracy on the validation split, through the backbone (or the top layers
-        on the cached activations, when the fine-tune trained on them)."""
+    def val_correct(self) -> np.ndarray:
+        """Which validation images (sorted rows) the classifier gets right, through the backbone (or the
+        top layers on the cached activations, when the fine-tune trained on them)."""
         val = np.sort(self.splits["val"])
         if self.cut is not None:
             if self.top_trainer is None:  # the head phase trained on pixels (`head_augment`)
@@ -290,15 +301,34 @@ class _Training:
             probs = model_probabilities(self.top_trainer, self.extraction().activations(), val, self.global_batch)
         else:
             probs = model_probabilities(self.model, self.pixels.images, val, self.global_batch)
-        return float((probs.argmax(axis=1) == self.y_all[val]).mean())
+        return probs.argmax(axis=1) == self.y_all[val]
+
+    def head_snapshot(self, resume: Checkpoint | None) -> list | None:
+        """(variable, value) of what the fine-tune can change (BatchNorm stays frozen) as the head left it,
+        with `head_val_correct`, for `choose_finetune_result`; None when there is nothing to choose between
+        (no head phase, or no validation split apart from the evaluation split). Saved beside the
+        checkpoint and read back by a run resumed in the fine-tune, so that it ends as an uninterrupted run."""
+        config = self.config
+        if not (config.head_epochs and self.choose_on_val):
+            return None
+        variables = self.model.trainable_weights
+        if resume is not None and resume.phase == "finetune":
+            saved = training_state.load_head(RunFolder(self.run.spec.resume_from).checkpoint_head, variables)
+            if saved is None:
+                self.log("The checkpoint resumed from holds no head weights (an older version made it), so the "
+                         "fine-tuned weights are kept as they end.")
+                return None
+            values, self.head_val_correct = saved
+        else:  # the model holds the head's weights: fitted here, or resumed after the head phase
+            values, self.head_val_correct = [np.array(v.numpy()) for v in variables], self.val_correct()
+        training_state.save_head(self.folder.checkpoint_head, values, self.head_val_correct)
+        return list(zip(variables, values))
 
     def fine_tune(self, resume: Checkpoint | None) -> None:
         """Phase 2: the top layers of the backbone unfrozen, a lower rate, warm-up and cosine decay."""
         config = self.config
         unfrozen = unfreeze_top(self.classifier.backbone, config.finetune_layers)
-        if self.head_val_accuracy is not None:
-            # What the fine-tune can change (BatchNorm stays frozen), as the head left it.
-            self.head_weights = [(v, np.array(v.numpy())) for v in self.model.trainable_weights]
+        self.head_weights = self.head_snapshot(resume)
         learning_rate = self.settings.lr * config.finetune_lr_scale * self.lr_scale
         smoothing = f", label smoothing {self.settings.label_smoothing:g}" if self.settings.label_smoothing else ""
         self.log(f"Fine-tuning the top {unfrozen} layers of {self.spec.display_name} (BatchNorm frozen), "
@@ -453,9 +483,6 @@ class _Training:
             callbacks=self.callbacks("head", config.head_epochs),
         )
         self.raise_if_cancelled()
-        if self.choose_on_val and config.finetune_epochs:
-            probs = head.predict(features[val], batch_size=256, verbose=0)
-            self.head_val_accuracy = float((probs.argmax(axis=1) == self.y_all[val]).mean())
         return head, features
 
     def extraction(self) -> _FeatureExtraction:
@@ -497,7 +524,6 @@ class _Training:
             self.use_class_weight(chosen.class_weight)
         self.settings = TrialSettings(chosen.lr, chosen.dropout, chosen.label_smoothing, chosen.class_weight)
         self.head_search = record
-        self.head_val_accuracy = chosen.val_accuracy
 
     def fit_pixels(self, phase: str, epochs: int, learning_rate: float, *, initial_epoch: int = 0,
                    schedule: bool = False) -> None:

@@ -5,7 +5,9 @@ optimizer's variables; early stopping keeps the best loss so far, its epoch, the
 and the best weights it restores at the end. Without them a resumed run would restart the
 warm-up from step 0 with empty moments and might end on other weights than the same run
 without a stop. Saved as one `.npz` beside the checkpoint's weights; a checkpoint without it
-(written before it existed) still resumes, from the weights alone.
+(written before it existed) still resumes, from the weights alone. The head phase's weights of the
+fine-tuned layers, which the fine-tune's result is chosen against (and averaged with), are saved
+once beside them when the fine-tune starts (`save_head`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,36 @@ import numpy as np
 from tlcore.records.atomic import write_atomically
 
 
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    def write(tmp: Path) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        tmp.write_bytes(buffer.getvalue())
+
+    write_atomically(path, write)
+
+
+def save_head(path: Path, values: list[np.ndarray], val_correct: np.ndarray) -> None:
+    """Write what the fine-tune's trainable variables held after the head phase, and which validation
+    images the head got right (the fine-tune's result is chosen against them), to `path`."""
+    _write_npz(path, {"val_correct": np.asarray(val_correct, bool),
+                      **{f"head/{i}": np.asarray(v) for i, v in enumerate(values)}})
+
+
+def load_head(path: Path, variables) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """What `save_head` wrote, if it fits `variables` (the fine-tune's trainable variables); else None
+    (no file: a checkpoint from before it existed)."""
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        arrays = dict(saved)
+    values = [arrays.get(f"head/{i}") for i in range(len(variables))]
+    if any(a is None or tuple(a.shape) != tuple(v.shape) for a, v in zip(values, variables)) \
+            or f"head/{len(variables)}" in arrays or "val_correct" not in arrays:
+        return None
+    return values, arrays["val_correct"].astype(bool)
+
+
 def save(path: Path, optimizer, early_stopping: "ResumableEarlyStopping", *, epoch: int) -> None:
     """Write `optimizer`'s variables and `early_stopping`'s state after fine-tune epoch `epoch` to `path`."""
     arrays = {"epoch": np.array(epoch)}
@@ -28,13 +60,7 @@ def save(path: Path, optimizer, early_stopping: "ResumableEarlyStopping", *, epo
     arrays["early_stopping"] = np.array([
         early_stopping.wait, early_stopping.best_epoch,
         np.nan if early_stopping.best is None else float(early_stopping.best)], np.float64)
-
-    def write(tmp: Path) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        tmp.write_bytes(buffer.getvalue())
-
-    write_atomically(path, write)
+    _write_npz(path, arrays)
 
 
 def restore(path: Path, optimizer, trainable_variables, early_stopping: "ResumableEarlyStopping", *,
