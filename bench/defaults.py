@@ -13,7 +13,7 @@ imbalance stays. The set is imported once (tlcore's stratified 70/15/15 split) i
 home; both recipes train on that split:
 
 - "default": `TrainConfig`'s defaults (class weighting auto, head search auto, the fine-tune on
-  cached activations, kept only when it beats the head on validation) with the bench's epochs,
+  cached activations, its result the head's and the fine-tuned weights averaged) with the bench's epochs,
   size, batch 32, lr 1e-3, dropout 0.2, flip/rotate/zoom asked for in the fine-tune (on cached
   activations only the flip reaches it);
 - "tutorial": `bench/baseline.py` (the Keras transfer-learning tutorial), same epochs, size,
@@ -334,8 +334,8 @@ def report(results: dict) -> str:
                          f" | {statistics.fmean(r['process_s'] or 0.0 for r in runs):.0f} | "
                          + (f"{statistics.fmean(others):.0%}" if others else "-") + " |")
     lines += ["", "What the default recipe chose per run (head search on cached features, class weighting auto, "
-              "fine-tune kept only when it beat the head on validation), and its head phase against one plain "
-              "head fit on the same warm feature cache:", "",
+              "the fine-tune's result: average, finetune or head as the run's `finetune_result` chose), and its head "
+              "phase against one plain head fit on the same warm feature cache:", "",
               "| set | seed | chosen head (lr, dropout, smoothing, class weight) | val macro F1 none / balanced "
               "| fine-tune | head phase s (search) | single head fit s |", "|---|---|---|---|---|---|---|"]
     for s in results["sets"]:

@@ -39,9 +39,13 @@ DEFAULT = ""  # no devices named and no GPU: the default strategy
 # MobileNetV2 from random weights because it needs nothing downloaded.
 # The fine-tune on pixels, the path several replicas take, so that every strategy trains the same way
 # (on one device the default would train on cached activations, without the zoom).
+# The dataset has a validation split apart from the test split, so each run ends with the average of its
+# head's and its fine-tuned weights: a resumed run must read the head's from the stopped run's checkpoint.
+# One head (no search, no class weighting), as a run on several GPUs would fit it.
 RECIPE = dict(backbone="mobilenet_v2", weights="none", image_size=32, batch_size=4, batch_scope="global",
               head_epochs=1, finetune_epochs=2, finetune_layers=10, finetune_inputs="pixels", augment=("flip", "zoom"),
-              dropout=0.0, lr=0.05)  # a rate that moves the outputs well away from uniform in a few steps
+              dropout=0.0, lr=0.05,  # a rate that moves the outputs well away from uniform in a few steps
+              head_search="off", class_weight="none")
 
 
 def _create(store: Store, dataset_id: str, name: str, config: TrainConfig, extra=None):
@@ -56,6 +60,7 @@ def _result(store: Store, run_id: str, summary) -> dict:
             "losses": [e.metrics["loss"] for e in store.epochs(run_id)],
             "epochs": [(e.phase, e.epoch, e.step) for e in store.epochs(run_id)],
             "has_model": RunFolder(run_id).model.exists(),
+            "finetune": summary.finetune.to_dict() if summary.finetune else None,
             "log": "\n".join(line.message for line in store.logs(run_id))}
 
 

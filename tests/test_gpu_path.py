@@ -43,11 +43,11 @@ def replica_runs(tmp_path_factory) -> dict:
     home = tmp_path_factory.mktemp("gpu_path_home")
     slice_root = tmp_path_factory.mktemp("ants_bees")
     src = SHARED_DATASETS / "hymenoptera"
-    for split, n in (("train", 4), ("val", 2)):
+    for split, source, first, n in (("train", "train", 0, 4), ("val", "val", 0, 2), ("test", "val", 2, 2)):
         for label in ("ants", "bees"):
             dest = slice_root / split / label
             dest.mkdir(parents=True)
-            for photo in sorted((src / split / label).iterdir())[:n]:
+            for photo in sorted((src / source / label).iterdir())[first:first + n]:
                 shutil.copy(photo, dest / photo.name)
     env = {**os.environ, "TLCORE_HOME": str(home), "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop(devices.TRAIN_DEVICES_ENV, None)
@@ -95,6 +95,10 @@ def test_a_run_stopped_on_one_device_and_resumed_on_two_replicas_ends_where_the_
     assert "finetune epoch 1/2" not in resumed["log"]  # it did not train the first epoch again
     assert resumed["epochs"] == [["finetune", 2, 3]]  # its steps go on from the stopped run's (head 1, finetune 2)
     assert "Optimizer and early-stopping state restored: step 2." in resumed["log"]  # 2 steps per epoch
+    # Both end with the average of the head's and the fine-tuned weights; the resumed run read the head's
+    # from the stopped run's checkpoint (the probabilities below would differ by the whole fine-tune without it).
+    assert default["finetune"]["kept"] == "average" and resumed["finetune"] == default["finetune"]
+    assert "The fine-tuned weights were averaged with the head's" in resumed["log"]
     assert np.isfinite(resumed["losses"]).all()
     assert resumed["losses"] == pytest.approx(default["losses"][-1:], abs=1e-4)
     print(f"largest probability gap, resumed on 2 replicas vs uninterrupted default: {_gap(default, resumed):.1e}")

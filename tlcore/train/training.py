@@ -295,7 +295,7 @@ class _Training:
         top layers on the cached activations, when the fine-tune trained on them)."""
         val = np.sort(self.splits["val"])
         if self.cut is not None:
-            if self.top_trainer is None:  # the head phase trained on pixels (`head_augment`)
+            if self.top_trainer is None:  # the head's answers, asked before the fine-tune trains it
                 with self.strategy.scope():
                     self.top_trainer = fold_batchnorm(self.cut.top())
             probs = model_probabilities(self.top_trainer, self.extraction().activations(), val, self.global_batch)
@@ -568,8 +568,10 @@ class _Training:
         train_data, steps = pipeline.view_batches(activations, train, views, self.y_all[train], self.global_batch,
                                                   seed=config.seed, epochs=epochs, initial_epoch=initial_epoch)
         with self.strategy.scope():
-            # Shares the trainable layers with `model`: training it trains `model`.
-            trainer = self.trainer = self.top_trainer = fold_batchnorm(self.cut.top())
+            # Shares the trainable layers with `model`: training it trains `model`. (Made already when the
+            # head's validation answers were taken, after the same layers were unfrozen.)
+            self.top_trainer = self.top_trainer or fold_batchnorm(self.cut.top())
+            trainer = self.trainer = self.top_trainer
             compile_classifier(trainer, warmup_cosine(learning_rate, steps, epochs), xla=self.device_plan.xla,
                                label_smoothing=self.settings.label_smoothing)
         callbacks = self.callbacks("finetune", epochs, checkpoint=True)
