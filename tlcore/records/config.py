@@ -89,8 +89,9 @@ class TrainConfig:
         1e-3, "Learning rate", "The head's learning rate; the fine-tune uses it times the fine-tune LR scale.")
     finetune_lr_scale: float = recipe_field(
         0.1, "Fine-tune LR scale", "The fine-tune's learning rate as a fraction of the head's.")
-    # "average" by default: on the four photo sets of bench/defaults.py (six seeds) it scored above the head
-    # the "best" rule kept there on three and level on one (BENCHMARKS.md, issue 21).
+    # "average" by default: on the four photo sets of bench/defaults.py (six seeds) it scored +1.1, +0.0, +2.2
+    # and -0.3 points against the head the "best" rule kept there, never below the fine-tune alone
+    # (BENCHMARKS.md, issue 21).
     finetune_result: str = recipe_field(
         "average", "Fine-tune result",
         "What the model ends with after the fine-tune, when there is a validation split apart from the "
