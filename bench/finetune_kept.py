@@ -44,11 +44,7 @@ def one_run(home: str, name: str, seed: int, overrides: dict) -> dict:
         rows = {split: np.sort(self.splits[split]) for split in ("val", self.eval_split)}
 
         def probabilities() -> dict[str, np.ndarray]:
-            if self.cut is not None:  # the top layers on the cached activations, sharing the model's weights
-                return {s: training.model_probabilities(self.top_trainer, self.extraction().activations(), r,
-                                                        self.global_batch) for s, r in rows.items()}
-            return {s: training.model_probabilities(self.model, self.pixels.images, r, self.global_batch)
-                    for s, r in rows.items()}
+            return {s: self.training_probabilities(r) for s, r in rows.items()}
 
         def keep(result: str, probs: dict[str, np.ndarray]) -> None:
             val, test = probs["val"], probs[self.eval_split]

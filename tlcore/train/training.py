@@ -104,7 +104,7 @@ class _Training:
         self.predictor = None  # the saved model with BatchNorm folded, made once for evaluation
         self.feature_extraction: _FeatureExtraction | None = None
         self.cut: FineTuneCut | None = None  # where the fine-tune's cached activations come from, if it uses them
-        self.top_trainer = None  # the top on activations with the frozen BatchNorm folded, made for the fine-tune
+        self.top_trainer = None  # the top on activations with the frozen BatchNorm folded (`top_layers`)
         self.top_predictor = None  # the top on activations with BatchNorm folded, made once for evaluation
         self.resumed: Checkpoint | None = None
         self.trainer = self.early_stopping = None  # of the phase training now, for its checkpoints
@@ -291,17 +291,25 @@ class _Training:
         self.log(self.finetune_decision.describe())
 
     def val_correct(self) -> np.ndarray:
-        """Which validation images (sorted rows) the classifier gets right, through the backbone (or the
-        top layers on the cached activations, when the fine-tune trained on them)."""
+        """Which validation images (sorted rows) the classifier gets right."""
         val = np.sort(self.splits["val"])
+        return self.training_probabilities(val).argmax(axis=1) == self.y_all[val]
+
+    def training_probabilities(self, rows: np.ndarray) -> np.ndarray:
+        """The model's probabilities for images `rows` as it stands in training: through the backbone, or
+        the top layers on the cached activations when the fine-tune trains on them."""
         if self.cut is not None:
-            if self.top_trainer is None:  # the head's answers, asked before the fine-tune trains it
-                with self.strategy.scope():
-                    self.top_trainer = fold_batchnorm(self.cut.top())
-            probs = model_probabilities(self.top_trainer, self.extraction().activations(), val, self.global_batch)
-        else:
-            probs = model_probabilities(self.model, self.pixels.images, val, self.global_batch)
-        return probs.argmax(axis=1) == self.y_all[val]
+            return model_probabilities(self.top_layers(), self.extraction().activations(), rows, self.global_batch)
+        return model_probabilities(self.model, self.pixels.images, rows, self.global_batch)
+
+    def top_layers(self):
+        """The top layers on the cached activations with the frozen BatchNorm folded, made once (the head's
+        validation answers may ask for them before the fine-tune trains them). They share the trainable
+        layers with `model`: training them trains `model`."""
+        if self.top_trainer is None:
+            with self.strategy.scope():
+                self.top_trainer = fold_batchnorm(self.cut.top())
+        return self.top_trainer
 
     def head_snapshot(self, resume: Checkpoint | None) -> list | None:
         """(variable, value) of what the fine-tune can change (BatchNorm stays frozen) as the head left it,
@@ -567,11 +575,8 @@ class _Training:
         views += [extraction.activations(train, view=view) for view in self.augmented_views()]
         train_data, steps = pipeline.view_batches(activations, train, views, self.y_all[train], self.global_batch,
                                                   seed=config.seed, epochs=epochs, initial_epoch=initial_epoch)
+        trainer = self.trainer = self.top_layers()
         with self.strategy.scope():
-            # Shares the trainable layers with `model`: training it trains `model`. (Made already when the
-            # head's validation answers were taken, after the same layers were unfrozen.)
-            self.top_trainer = self.top_trainer or fold_batchnorm(self.cut.top())
-            trainer = self.trainer = self.top_trainer
             compile_classifier(trainer, warmup_cosine(learning_rate, steps, epochs), xla=self.device_plan.xla,
                                label_smoothing=self.settings.label_smoothing)
         callbacks = self.callbacks("finetune", epochs, checkpoint=True)
